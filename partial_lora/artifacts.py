@@ -1,0 +1,148 @@
+"""The only module that knows the run dir's file names and formats.
+
+Tensors go to `.safetensors`, everything else to JSON; no pickle is ever loaded. Every write
+is atomic (temporary file in the same directory, then `os.replace`), and a stage counts as
+finished only once its `done` marker exists, so a killed run never leaves a half-written
+artifact that a rerun would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from partial_lora.errors import PlrError
+
+STAGES = ("probe", "allocate", "extract", "retrain", "evaluate")
+
+ADAPTER = "adapter.safetensors"  # LoRA factors, compact shapes, keyed `{layer_id}.lora_A/B`
+HEAD = "head.safetensors"        # classification head, keyed by its module names
+METRICS = "metrics.json"         # the numbers a stage returns
+CURVE = "metrics.jsonl"          # per-step / per-epoch log
+DONE = "done"                    # marker: the stage finished and all its files are complete
+RESULTS = "results.json"         # everything the report needs, at the run dir's top
+GIT, ENV = "git.json", "env.json"
+
+VERSIONED = ("plr", "torch", "torchvision", "transformers", "datasets", "timm", "peft", "hydra-core",
+             "omegaconf", "safetensors", "accelerate", "wandb", "numpy", "scikit-learn")
+
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    return run_dir / stage
+
+
+def is_done(run_dir: Path, stage: str) -> bool:
+    return (stage_dir(run_dir, stage) / DONE).exists()
+
+
+def mark_done(run_dir: Path, stage: str, metrics: Mapping[str, Any]) -> None:
+    """Write the stage's metrics, then its marker (the marker is always last)."""
+    write_json(stage_dir(run_dir, stage) / METRICS, metrics)
+    _atomic_write_bytes(stage_dir(run_dir, stage) / DONE, b"")
+
+
+def clear_done(run_dir: Path, stage: str) -> None:
+    (stage_dir(run_dir, stage) / DONE).unlink(missing_ok=True)
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _atomic(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: Path) -> Any:
+    if not path.exists():
+        raise PlrError(f"missing artifact {path}; rerun the stage that writes it")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PlrError(f"corrupt artifact {path} ({e.msg if hasattr(e, 'msg') else e}); delete it and rerun its stage") from None
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    with _atomic(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata=dict(metadata or {}))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise PlrError(f"missing artifact {path}; rerun the stage that writes it")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PlrError(f"corrupt artifact {path} ({str(e).splitlines()[0]}); delete it and rerun its stage") from None
+
+
+def git_info() -> dict[str, Any]:
+    """Commit and dirty flag of the code that runs (None outside a git checkout)."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain") if sha else None
+    return {"sha": sha, "dirty": bool(status) if status is not None else None}
+
+
+def env_info() -> dict[str, Any]:
+    versions = {}
+    for pkg in VERSIONED:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "python": sys.version.split()[0], "platform": platform.platform(), "argv": sys.argv,
+        "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "packages": versions,
+    }
+
+
+def write_run_info(run_dir: Path) -> None:
+    """git.json and env.json, written before any work starts."""
+    write_json(run_dir / GIT, git_info())
+    write_json(run_dir / ENV, env_info())

@@ -1,0 +1,81 @@
+"""Task and preprocessing specs shared by every loader (plain dataclasses, no Hydra)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import datasets
+
+Kind = Literal["text", "image"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything a task YAML says about where the data is and how it is shaped.
+
+    Attributes:
+        name: the task's name (e.g. `bbc-news`), used in run dirs and reports.
+        loader: key into `TASKS` (`bbc-news`, `digits`, `hf-text`, `hf-image`).
+        kind: `text` or `image`.
+        path: hub dataset id or local path (file or directory) for the generic loaders.
+        data_format: for local paths: `parquet`, `csv`, `json` or `imagefolder`; None infers it.
+        subset: dataset config name (e.g. `sst2` of `nyu-mll/glue`).
+        revision: hub revision (e.g. `refs/convert/parquet`).
+        text_column / text_pair_column / image_column / label_column: source column names.
+        train_split / val_split / test_split: source split names; a None val/test split is
+            carved from train with a stratified, seeded split of `val_fraction`/`test_fraction`.
+        split_seed: seed of that carving (fixed per task so runs with different seeds share it).
+        max_train_samples / max_eval_samples: seeded subsample after splitting (None: all).
+    """
+
+    name: str
+    loader: str
+    kind: Kind = "text"
+    path: str | None = None
+    data_format: str | None = None
+    subset: str | None = None
+    revision: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    image_column: str = "image"
+    label_column: str = "label"
+    train_split: str = "train"
+    val_split: str | None = None
+    test_split: str | None = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+@dataclass
+class TaskData:
+    """A loaded task with standardised columns.
+
+    Every split has `label` (int in [0, num_labels)) and either `text` (plus `text_pair` for
+    sentence pairs) or `image` (a PIL image).
+    """
+
+    name: str
+    kind: Kind
+    train: datasets.Dataset
+    val: datasets.Dataset
+    test: datasets.Dataset
+    label_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """How a model wants its images: taken from the model's own processor / timm config."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0  # eval: resize to size / crop_pct, then center-crop to size

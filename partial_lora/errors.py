@@ -1,0 +1,10 @@
+"""The one exception type users see.
+
+A `PlrError` carries a one-line message that names the problem and the fix. The CLI prints
+it without a traceback (unless HYDRA_FULL_ERROR=1) and exits non-zero; the core raises it
+for every bad input a user can type.
+"""
+
+
+class PlrError(Exception):
+    """A user-facing error: one line, says what is wrong and how to fix it."""

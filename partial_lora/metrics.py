@@ -1,0 +1,46 @@
+"""Task metrics from scikit-learn and SciPy (never hand-written).
+
+Every metric takes (logits, labels) as numpy arrays and returns a float where higher is better.
+Classification metrics use argmax predictions; regression metrics (a single-logit head) use the
+raw outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from scipy import stats
+from sklearn import metrics as skm
+
+from partial_lora.errors import PlrError
+
+
+def _pred(logits: np.ndarray) -> np.ndarray:
+    return logits.argmax(-1)
+
+
+def _f1(logits: np.ndarray, labels: np.ndarray) -> float:
+    # Binary tasks (MRPC, QQP) report F1 of the positive class; multi-class uses macro F1.
+    average = "binary" if logits.shape[-1] == 2 else "macro"
+    return float(skm.f1_score(labels, _pred(logits), average=average))
+
+
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "accuracy": lambda lo, la: float(skm.accuracy_score(la, _pred(lo))),
+    "f1": _f1,
+    "macro_f1": lambda lo, la: float(skm.f1_score(la, _pred(lo), average="macro")),
+    "mcc": lambda lo, la: float(skm.matthews_corrcoef(la, _pred(lo))),
+    "pearson": lambda lo, la: float(stats.pearsonr(lo.reshape(len(la), -1)[:, 0], la).statistic),
+    "spearman": lambda lo, la: float(stats.spearmanr(lo.reshape(len(la), -1)[:, 0], la).statistic),
+}
+
+
+def compute_metrics(logits: np.ndarray, labels: np.ndarray, names: Iterable[str]) -> dict[str, float]:
+    """The named metrics of one evaluation."""
+    out = {}
+    for name in names:
+        if name not in METRICS:
+            raise PlrError(f"unknown metric '{name}'; set task.metrics to names from: {', '.join(METRICS)}")
+        out[name] = METRICS[name](logits, labels)
+    return out

@@ -1,0 +1,70 @@
+"""What every stage builds from the config: the task's data, the model with its adapter, loaders.
+
+Stages call these with the composed config; the functions hand plain dataclasses to the core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import datasets
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from partial_lora import config as C
+from partial_lora.data import TaskData, load_task, make_collate
+from partial_lora.errors import PlrError
+from partial_lora.lora import LoRABranch, freeze_for_adapter, inject_lora
+from partial_lora.models import Built, build_model
+from partial_lora.train import TrainConfig, resolve_device
+
+
+@dataclass
+class Setup:
+    """A stage's working set."""
+
+    data: TaskData
+    built: Built
+    branches: dict[str, LoRABranch]
+    device: torch.device
+    metrics: list[str]
+    main_metric: str
+
+
+def load_data(cfg: DictConfig) -> TaskData:
+    data = load_task(C.task_spec(cfg))
+    expected = cfg.task.get("num_labels")
+    if expected is not None and int(expected) != data.num_labels:
+        raise PlrError(f"task.num_labels={expected} but the data has {data.num_labels} labels "
+                       f"({data.label_names[:5]}...); fix task.num_labels or task.label_column")
+    return data
+
+
+def setup(cfg: DictConfig, keep: Mapping[str, tuple[Tensor | None, Tensor | None]] | None = None,
+          data: TaskData | None = None) -> Setup:
+    """Load data, build the model with a fresh head, inject LoRA (kept rows/cols from `keep`), freeze.
+
+    The caller seeds the RNGs first, so the head and adapter initialisation follow the seed.
+    """
+    data = data or load_data(cfg)
+    spec = C.model_spec(cfg)
+    num_labels = 1 if cfg.task.get("regression", False) else data.num_labels
+    built = build_model(spec, num_labels)
+    branches = inject_lora(built.model.net, C.lora_config(cfg, spec), keep)
+    freeze_for_adapter(built.model.net, spec.head_modules)
+    metrics, main = C.task_metrics(cfg)
+    device = resolve_device(str(cfg.trainer.device))
+    return Setup(data, built, branches, device, metrics, main)
+
+
+def loader(s: Setup, split: datasets.Dataset, tc: TrainConfig, *, train: bool, seed: int = 0) -> DataLoader:
+    """A DataLoader that tokenises / transforms on the fly with the model's own processor."""
+    collate = make_collate(s.data.kind, tokenizer=s.built.tokenizer, max_length=s.built.max_length,
+                           image=s.built.image, train=train)
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(split, batch_size=tc.batch_size if train else tc.eval_batch_size, shuffle=train,
+                      collate_fn=collate, generator=gen, num_workers=tc.num_workers,
+                      pin_memory=s.device.type == "cuda", drop_last=False)

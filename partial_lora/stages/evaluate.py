@@ -1,0 +1,42 @@
+"""evaluate: task metrics of the retrained adapter on the validation and test splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from partial_lora import artifacts as A
+from partial_lora import config as C
+from partial_lora.lora import count_adapter_parameters, load_adapter_state_dict
+from partial_lora.stages.base import loader, setup
+from partial_lora.tracking import Tracker
+from partial_lora.train import autocast_dtype, evaluate, set_seed
+
+NAME = "evaluate"
+
+
+def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
+    set_seed(int(cfg.seed))
+    s = setup(cfg)
+    src = A.stage_dir(run_dir, "retrain")
+    load_adapter_state_dict(s.built.model.net, A.load_tensors(src / A.ADAPTER), source=str(src / A.ADAPTER))
+    s.built.model.load_head_state_dict(A.load_tensors(src / A.HEAD), source=str(src / A.HEAD))
+    tc = C.train_config(cfg)
+    model = s.built.model.to(s.device)
+    dtype = autocast_dtype(tc, s.device)
+    if s.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(s.device)
+    out: dict[str, Any] = {}
+    for split_name, split in (("val", s.data.val), ("test", s.data.test)):
+        for k, v in evaluate(model, loader(s, split, tc, train=False), s.device, dtype, s.metrics).items():
+            out[f"{split_name}_{k}"] = v
+    params = count_adapter_parameters(s.built.model.net)
+    out.update(adapter_params=params["adapter"], dense_lora_params=params["dense_lora"],
+               head_params=sum(p.numel() for p in s.built.model.head_parameters()),
+               test_examples=len(s.data.test))
+    if tracker is not None:
+        tracker.log({f"{NAME}/{k}": v for k, v in out.items()})
+    return out

@@ -1,0 +1,283 @@
+"""The one training loop, shared by the probe and the retrain stage.
+
+`fit()` trains the adapter and head of a `Classifier` with AdamW (separate head learning rate),
+linear warmup then cosine or linear decay, gradient accumulation and clipping, bf16 autocast
+on CUDA; it evaluates on the validation split after every epoch and keeps the best adapter +
+head in memory (they are small), restoring them at the end. Everything it logs also goes, line
+by line, to `metrics.jsonl` so a crashed run still leaves its curve behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from partial_lora.errors import PlrError
+from partial_lora.lora import adapter_parameters, adapter_state_dict, load_adapter_state_dict
+from partial_lora.metrics import compute_metrics
+from partial_lora.models import Classifier
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation recipe (the `trainer` config group).
+
+    Attributes:
+        epochs: passes over the training split.
+        max_steps: optimizer steps cap (None: epochs decide).
+        batch_size / eval_batch_size: examples per forward pass.
+        grad_accum: forward passes per optimizer step.
+        lr: adapter learning rate; head_lr: head learning rate (None: same as lr).
+        adapter_lr_scale: multiplies `lr` for the adapter only (sparse adapters want more).
+        weight_decay: AdamW decoupled weight decay (adapter and head alike).
+        warmup_ratio: share of the steps with linear warmup from 0.
+        schedule: `cosine`, `linear` or `constant` decay after warmup.
+        max_grad_norm: clip the global gradient norm (<= 0: off).
+        precision: `auto` (bf16 autocast on CUDA, fp32 elsewhere), `bf16` or `fp32`.
+        metric: the validation metric that selects the best epoch (higher is better).
+        eval_every_epochs: evaluate every N epochs (the last epoch always).
+        progress: show a tqdm bar.
+        num_workers: DataLoader workers.
+        device: `auto`, `cpu`, `cuda`, `cuda:1`...
+    """
+
+    epochs: float = 3
+    max_steps: int | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-3
+    head_lr: float | None = None
+    adapter_lr_scale: float = 1.0
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    precision: str = "auto"
+    metric: str = "accuracy"
+    eval_every_epochs: int = 1
+    progress: bool = True
+    num_workers: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.batch_size >= 1, f"trainer.batch_size must be at least 1, got {self.batch_size}"),
+            (self.eval_batch_size >= 1, f"trainer.eval_batch_size must be at least 1, got {self.eval_batch_size}"),
+            (self.grad_accum >= 1, f"trainer.grad_accum must be at least 1, got {self.grad_accum}"),
+            (self.lr > 0, f"trainer.lr must be positive, got {self.lr}"),
+            (self.head_lr is None or self.head_lr >= 0, f"trainer.head_lr must be >= 0, got {self.head_lr}"),
+            (self.adapter_lr_scale > 0, f"adapter_lr_scale must be positive, got {self.adapter_lr_scale}"),
+            (self.epochs > 0 or (self.max_steps or 0) > 0, "trainer.epochs (or trainer.max_steps) must be positive"),
+            (0 <= self.warmup_ratio < 1, f"trainer.warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (self.schedule in SCHEDULES, f"trainer.schedule '{self.schedule}' is unknown; use one of {list(SCHEDULES)}"),
+            (self.precision in ("auto", "bf16", "fp32"), f"trainer.precision '{self.precision}' must be auto, bf16 or fp32"),
+            (self.weight_decay >= 0, f"trainer.weight_decay must be >= 0, got {self.weight_decay}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise PlrError(msg + "; fix that override")
+
+
+SCHEDULES: dict[str, Callable[[float], float]] = {
+    "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p)),
+    "linear": lambda p: 1.0 - p,
+    "constant": lambda p: 1.0,
+}
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at a step: linear warmup, then the decay."""
+    warmup = int(round(warmup_ratio * total_steps))
+    decay = SCHEDULES[schedule]
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, decay((step - warmup) / max(1, total_steps - warmup)))
+
+    return f
+
+
+def set_seed(seed: int) -> None:
+    """Seed every RNG a run touches; call before any model is built."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PlrError(f"device '{name}' asked for but CUDA is not available; set trainer.device=cpu or auto")
+    return torch.device(name)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def _to(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def loss_fn(logits: Tensor, labels: Tensor) -> Tensor:
+    if logits.shape[-1] == 1:  # regression head (STS-B)
+        return nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
+    return nn.functional.cross_entropy(logits.float(), labels)
+
+
+@torch.no_grad()
+def predict(model: Classifier, loader: Iterable[Mapping[str, Tensor]], device: torch.device,
+            dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Logits, labels and mean loss over a loader (model put in eval mode, then restored)."""
+    was_training = model.training
+    model.eval()
+    all_logits, all_labels, loss_sum, n = [], [], 0.0, 0
+    for batch in loader:
+        batch = _to(batch, device)
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            logits = model(batch)
+        loss_sum += loss_fn(logits, batch["labels"]).item() * len(batch["labels"])
+        n += len(batch["labels"])
+        all_logits.append(logits.float().cpu())
+        all_labels.append(batch["labels"].cpu())
+    model.train(was_training)
+    if n == 0:
+        raise PlrError("evaluation split is empty; check task.val_split / task.test_split / max_eval_samples")
+    return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy(), loss_sum / n
+
+
+def evaluate(model: Classifier, loader: Iterable[Mapping[str, Tensor]], device: torch.device,
+             dtype: torch.dtype | None = None, metrics: Iterable[str] = ("accuracy",)) -> dict[str, float]:
+    """Task metrics and mean loss on a loader."""
+    logits, labels, loss = predict(model, loader, device, dtype)
+    out = compute_metrics(logits, labels, metrics)
+    out["loss"] = loss
+    return out
+
+
+@dataclass
+class FitResult:
+    best_metric: float
+    best_epoch: int
+    steps: int
+    wall_s: float
+    history: list[dict[str, Any]]
+
+
+class JsonlLog:
+    """Append-only metrics log, flushed per line, optionally mirrored to a tracker."""
+
+    def __init__(self, path: Path | None, tracker: Any | None = None, prefix: str = "") -> None:
+        self.path, self.tracker, self.prefix = path, tracker, prefix
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")  # a rerun of a stage starts a fresh curve
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            step = record.get("step")
+            self.tracker.log({f"{self.prefix}{k}": v for k, v in record.items() if k != "step"}, step=step)
+
+
+def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | None, cfg: TrainConfig, *,
+        device: torch.device, log: Callable[[dict[str, Any]], None] = lambda r: None,
+        metrics: Iterable[str] = ("accuracy",), desc: str = "train") -> FitResult:
+    """Train adapter + head; keep the state with the best validation `cfg.metric`.
+
+    The model must already be frozen except for its adapter and head (see
+    `lora.freeze_for_adapter`).
+    """
+    metrics = tuple(dict.fromkeys([cfg.metric, *metrics]))
+    dtype = autocast_dtype(cfg, device)
+    model.to(device)
+    adapter = [p for p in adapter_parameters(model.net) if p.requires_grad]
+    head = [p for p in model.head_parameters() if p.requires_grad]
+    groups = [{"params": adapter, "lr": cfg.lr * cfg.adapter_lr_scale, "name": "adapter"},
+              {"params": head, "lr": cfg.lr if cfg.head_lr is None else cfg.head_lr, "name": "head"}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise PlrError("nothing to train: no adapter or head parameters require gradients")
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+    batches_per_epoch = len(train_loader)
+    if batches_per_epoch == 0:
+        raise PlrError("the training split is empty; check the task's split settings")
+    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
+    total = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
+    n_epochs = max(1, math.ceil(total / steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup_ratio, cfg.schedule))
+
+    def snapshot() -> dict[str, Tensor]:
+        return {**{"a." + k: v for k, v in adapter_state_dict(model.net).items()},
+                **{"h." + k: v for k, v in model.head_state_dict().items()}}
+
+    best, best_epoch, best_state = -math.inf, -1, snapshot()
+    history: list[dict[str, Any]] = []
+    step, t0 = 0, time.perf_counter()
+    bar = tqdm(total=total, desc=desc, disable=not cfg.progress, dynamic_ncols=True, leave=False)
+    model.train()
+    for epoch in range(n_epochs):
+        seen, t_epoch, run_loss = 0, time.perf_counter(), 0.0
+        for i, batch in enumerate(train_loader):
+            batch = _to(batch, device)
+            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                loss = loss_fn(model(batch), batch["labels"])
+            (loss / cfg.grad_accum).backward()
+            seen += len(batch["labels"])
+            run_loss = loss.item() if i == 0 and epoch == 0 else 0.9 * run_loss + 0.1 * loss.item()
+            if (i + 1) % cfg.grad_accum:
+                continue
+            grad_norm = (torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
+                         if cfg.max_grad_norm > 0 else None)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            rate = seen / max(1e-9, time.perf_counter() - t_epoch)
+            bar.update(1)
+            bar.set_postfix(loss=f"{run_loss:.3f}", ex_s=f"{rate:.0f}")
+            rec = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
+            if grad_norm is not None:
+                rec["grad_norm"] = float(grad_norm)
+            log(rec)
+            if step >= total:
+                break
+        last = step >= total or epoch == n_epochs - 1
+        if val_loader is not None and ((epoch + 1) % cfg.eval_every_epochs == 0 or last):
+            val = evaluate(model, val_loader, device, dtype, metrics)
+            if cfg.metric not in val:
+                raise PlrError(f"trainer.metric '{cfg.metric}' is not computed for this task; use one of {sorted(val)}")
+            rec = {"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in val.items()}}
+            history.append(rec)
+            log(rec)
+            if val[cfg.metric] > best:
+                best, best_epoch, best_state = val[cfg.metric], epoch, snapshot()
+        if step >= total:
+            break
+    bar.close()
+    if val_loader is None:  # nothing to select on: keep the last state
+        best_state, best_epoch = snapshot(), n_epochs - 1
+    load_adapter_state_dict(model.net, {k[2:]: v for k, v in best_state.items() if k.startswith("a.")})
+    model.load_head_state_dict({k[2:]: v for k, v in best_state.items() if k.startswith("h.")})
+    return FitResult(best_metric=best, best_epoch=best_epoch, steps=step,
+                     wall_s=time.perf_counter() - t0, history=history)
