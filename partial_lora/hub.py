@@ -85,6 +85,6 @@ def load_from_hub(load: Callable[[bool], T], name: str, *, what: str, key: str) 
                            f"{str(e).splitlines()[0] if str(e) else ''}); check the name or set {key}=<local dir>") from e
         raise PlrError(
             f"{what} '{name}' is not in the local cache and the Hugging Face Hub cannot be reached; "
-            f"download it where there is internet (`hf download {name} --local-dir DIR`"
-            f"{' --repo-type dataset' if what == 'dataset' else ''}) and set {key}=DIR"
+            f"download it where there is internet (`hf download {name}"
+            f"{' --repo-type dataset' if what == 'dataset' else ''} --local-dir DIR`) and set {key}=DIR"
         ) from e

@@ -72,7 +72,7 @@ def collect_results(cfg: DictConfig, run_dir: Path, stages: dict[str, dict[str, 
         "status": "complete" if all(s in stages for s in plan(cfg)) else "incomplete",
         "run_dir": str(run_dir), "name": str(cfg.name), "seed": int(cfg.seed),
         "model": str(cfg.model.name), "task": str(cfg.task.name), "adapter": adapter,
-        "main_metric": main, "metrics": {k: v for k, v in ev.items() if k.startswith(("val_", "test_"))},
+        "main_metric": main, "task_metrics": metrics, "metrics": {k: v for k, v in ev.items() if k.startswith(("val_", "test_"))},
         "params": {"adapter": sparse, "dense_lora_same_rank": dense, "head": ev.get("head_params"),
                    "reduction_pct": 100.0 * (1 - sparse / dense) if dense and sparse is not None else None},
         "wall_s": {s: m.get("wall_s") for s, m in stages.items()},
@@ -83,7 +83,7 @@ def collect_results(cfg: DictConfig, run_dir: Path, stages: dict[str, dict[str, 
 def format_results(r: dict[str, Any]) -> str:
     """The short table printed at the end of `plr train`."""
     a = r["adapter"]
-    names = sorted({k.split("_", 1)[1] for k in r["metrics"]} - {"loss"}, key=lambda m: (m != r["main_metric"], m))
+    names = [r["main_metric"], *[m for m in r["task_metrics"] if m != r["main_metric"]]]
     lines = [f"plr results  {r['task']} · {r['model']} · {a.get('name', a.get('method'))} (r={a.get('r')}) · seed {r['seed']}",
              f"  {'metric':<14}{'val':>9}{'test':>9}"]
     for m in names:

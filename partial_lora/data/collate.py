@@ -1,0 +1,96 @@
+"""Batch builders for `DataLoader`: tokenise text or transform images, plus `labels`.
+
+They are top-level classes (not closures) so DataLoader worker processes can pickle them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+from partial_lora.data.base import ImagePreprocess, Kind
+from partial_lora.errors import PlrError
+
+Batch = dict[str, torch.Tensor]
+
+
+class TextCollate:
+    """Tokenise `text` (and `text_pair` when present) with dynamic padding.
+
+    Args:
+        tokenizer: a `transformers` tokenizer.
+        max_length: longer inputs are truncated to this many tokens.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int = 128):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, rows: list[dict[str, Any]]) -> Batch:
+        texts = [r["text"] for r in rows]
+        pairs = [r["text_pair"] for r in rows] if "text_pair" in rows[0] else None
+        enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding=True,
+                             return_tensors="pt")
+        return {**enc, "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}
+
+
+class ImageCollate:
+    """Turn PIL images into a normalised `pixel_values` batch of shape (B, 3, size, size).
+
+    Eval follows the timm convention: resize the shorter side to `size / crop_pct`, then
+    center-crop `size`. Training replaces both with a random resized crop and a horizontal flip.
+
+    Args:
+        preprocess: the model's size, normalisation and interpolation.
+        train: use the training augmentation.
+    """
+
+    def __init__(self, preprocess: ImagePreprocess, train: bool = False):
+        self.preprocess = preprocess
+        self.train = train
+        try:
+            interpolation = InterpolationMode(preprocess.interpolation.lower())
+        except ValueError:
+            choices = ", ".join(m.value for m in InterpolationMode)
+            raise PlrError(f"image interpolation '{preprocess.interpolation}' is unknown; "
+                           f"use one of: {choices}") from None
+        size = preprocess.size
+        if train:
+            geometry = [v2.RandomResizedCrop(size, interpolation=interpolation), v2.RandomHorizontalFlip()]
+        else:
+            geometry = [v2.Resize(int(size / preprocess.crop_pct), interpolation=interpolation), v2.CenterCrop(size)]
+        # Geometry runs on the PIL image: every interpolation mode (lanczos too) is available there.
+        self.transform = v2.Compose([
+            *geometry,
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(preprocess.mean), list(preprocess.std)),
+        ])
+
+    def __call__(self, rows: list[dict[str, Any]]) -> Batch:
+        # Grayscale (digits), palette or RGBA images all become 3-channel RGB first.
+        pixels = torch.stack([self.transform(r["image"].convert("RGB")) for r in rows])
+        return {"pixel_values": pixels, "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}
+
+
+def make_collate(kind: Kind, *, tokenizer: Any = None, max_length: int = 128, image: ImagePreprocess | None = None,
+                 train: bool = False) -> Callable[[list[dict[str, Any]]], Batch]:
+    """The collate function for a task kind.
+
+    Args:
+        kind: `text` or `image`.
+        tokenizer: required for text.
+        max_length: text truncation length.
+        image: image preprocessing; defaults to `ImagePreprocess()` (224 px, 0.5 mean/std).
+        train: image training augmentation (ignored for text).
+    """
+    if kind == "text":
+        if tokenizer is None:
+            raise ValueError("make_collate('text') needs a tokenizer")
+        return TextCollate(tokenizer, max_length)
+    if kind == "image":
+        return ImageCollate(image or ImagePreprocess(), train)
+    raise ValueError(f"unknown collate kind {kind!r}; expected 'text' or 'image'")

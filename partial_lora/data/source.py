@@ -1,0 +1,98 @@
+"""Open the raw splits of a generic task: a Hugging Face Hub id or a local file/directory.
+
+`datasets` already infers a local directory's format (parquet, csv, json, image folder) and its
+splits (files or subfolders named `train*`, `validation*`/`val*`/`dev*`, `test*`), so a local
+directory is handed to it as is; we only resolve the path, pick a config subfolder, and turn
+its failures into one-line `PlrError`s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants
+
+from partial_lora.data.base import TaskSpec
+from partial_lora.errors import PlrError
+from partial_lora.hub import check_local_path, load_from_hub, looks_local
+
+FORMATS = ("parquet", "csv", "json", "imagefolder")
+_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+def load_source(spec: TaskSpec) -> datasets.DatasetDict:
+    """All splits of `spec.path`, with the source's own column names and features.
+
+    Raises:
+        PlrError: no `task.path`, a missing local path, an unreadable local dataset, or a hub
+            id that is neither cached nor reachable.
+    """
+    if not spec.path:
+        raise PlrError(f"task '{spec.name}' (loader {spec.loader}) needs a dataset; "
+                       f"set task.path=<hub id or local path>")
+    if spec.data_format is not None and spec.data_format not in FORMATS:
+        raise PlrError(f"task.data_format='{spec.data_format}' is not supported; set task.data_format=<one of: "
+                       f"{', '.join(FORMATS)}> or null to infer it")
+    if looks_local(spec.path):
+        return _load_local(spec, check_local_path(spec.path, what="dataset", key="task.path"))
+    path = spec.path
+
+    def load(local_files_only: bool) -> datasets.DatasetDict:
+        with _hub_offline(local_files_only):
+            return datasets.load_dataset(path, spec.subset, revision=spec.revision)
+
+    return load_from_hub(load, path, what="dataset", key="task.path")
+
+
+@contextlib.contextmanager
+def _hub_offline(enabled: bool) -> Iterator[None]:
+    """Force cache-only loading while the Hub is unreachable.
+
+    `datasets` has no `local_files_only` switch for `load_dataset`; it reads the offline flag
+    (normally from HF_HUB_OFFLINE at import) at call time. Without it an unreachable Hub costs
+    tens of seconds of retries before the cache fallback.
+    """
+    if not enabled:
+        yield
+        return
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+def _load_local(spec: TaskSpec, path: Path) -> datasets.DatasetDict:
+    """Load a local file (one `train` split) or directory (splits inferred by `datasets`)."""
+    fmt = spec.data_format
+    try:
+        if path.is_file():
+            if fmt == "imagefolder":
+                raise PlrError(f"task.data_format=imagefolder needs a folder, but task.path='{spec.path}' is a file; "
+                               f"set task.path=<the folder holding train/, test/ ...>")
+            fmt = fmt or _EXTENSIONS.get(path.suffix.lower())
+            if fmt is None:
+                raise PlrError(f"task.path='{spec.path}' is a file of unknown format; use a "
+                               f"{'/'.join(_EXTENSIONS)} file or set task.data_format=<one of: parquet, csv, json>")
+            return datasets.load_dataset(fmt, data_files=str(path))
+        name = spec.subset
+        if name and (path / name).is_dir():
+            # `hf download ... --local-dir DIR` keeps one subfolder per config (e.g. glue/sst2/).
+            path, name = path / name, None
+        if fmt is None:
+            return datasets.load_dataset(str(path), name)
+        if name:
+            raise PlrError(f"task.subset='{name}' is not a subfolder of '{path}'; set task.subset=null or "
+                           f"task.path=<the folder holding that config's files>")
+        return datasets.load_dataset(fmt, data_dir=str(path))
+    except PlrError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets raises FileNotFoundError, ValueError, ArrowInvalid...
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise PlrError(f"could not read the dataset at task.path='{spec.path}' ({type(e).__name__}: {first}); "
+                       f"point task.path at a parquet/csv/json file or a folder of them (or an image folder), "
+                       f"and set task.data_format if the format cannot be inferred") from e

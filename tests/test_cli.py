@@ -1,0 +1,128 @@
+"""The `plr` command end to end, in subprocesses, on tiny configs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from partial_lora.cli import CONF_DIR
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+
+def plr(*args, cwd, env=ENV, timeout=300):
+    return subprocess.run([sys.executable, "-m", "partial_lora.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("cli")
+    run_dir = cwd / "run"
+    res = plr("train", "experiment=smoke", f"run_dir={run_dir}", cwd=cwd)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return cwd, run_dir, res
+
+
+def test_train_writes_the_run_dir_contract(smoke_run):
+    _, run_dir, res = smoke_run
+    for rel in [".hydra/config.yaml", "git.json", "env.json", "retrain/adapter.safetensors", "retrain/head.safetensors",
+                "retrain/metrics.jsonl", "retrain/metrics.json", "retrain/done", "evaluate/metrics.json",
+                "evaluate/done", "results.json"]:
+        assert (run_dir / rel).is_file(), rel
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["packages"]["torch"] and env["packages"]["transformers"]
+    assert "sha" in json.loads((run_dir / "git.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "complete"
+    assert results["model"] == "tiny-bert" and results["task"] == "bbc-news"
+    assert 0 <= results["metrics"]["test_accuracy"] <= 1
+    assert results["params"]["adapter"] == results["params"]["dense_lora_same_rank"] == 2 * 2 * 8 * (32 + 32)
+    curve = [json.loads(line) for line in (run_dir / "retrain/metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in curve) and any("val_accuracy" in r for r in curve)
+    assert "plr results" in res.stdout and "trainable parameters: adapter 2,048" in res.stdout
+
+
+def test_rerun_in_same_dir_skips_finished_stages(smoke_run):
+    cwd, run_dir, _ = smoke_run
+    before = (run_dir / "retrain/adapter.safetensors").stat().st_mtime_ns
+    res = plr("train", "experiment=smoke", f"run_dir={run_dir}", cwd=cwd)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "retrain: done already, skipped" in res.stdout and "evaluate: done already, skipped" in res.stdout
+    assert (run_dir / "retrain/adapter.safetensors").stat().st_mtime_ns == before
+
+
+def test_multirun_over_seeds(tmp_path):
+    res = plr("train", "-m", "experiment=smoke", "seed=0,1", f"out_root={tmp_path}", "task.max_train_samples=16",
+              cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    results = sorted(tmp_path.glob("multirun/*/*/*/results.json"))
+    assert len(results) == 2
+    assert sorted(json.loads(p.read_text())["seed"] for p in results) == [0, 1]
+
+
+def test_help_lists_groups_and_options(tmp_path):
+    res = plr("train", "--help", cwd=tmp_path)
+    assert res.returncode == 0
+    for group in ("model", "task", "adapter", "trainer", "logger", "experiment"):
+        assert f"{group}:" in res.stdout
+    assert "minilm" in res.stdout and "bbc-news" in res.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model=nope"], "unknown model 'nope'; choose one of:"),
+    (["task=nope"], "unknown task 'nope'"),
+    (["adapter.r=0"], "adapter.r must be a positive rank"),
+    (["adapter.sparsity=1.0"], "adapter.sparsity must be in [0, 1)"),
+    (["adapter.targets=[q_proj]"], "match no nn.Linear"),
+    (["trainer.batch_size=0"], "trainer.batch_size must be at least 1"),
+    (["trainer.lr=-1"], "trainer.lr must be positive"),
+    (["task=hf-text"], "task.path is required"),
+    (["task=hf-text", "task.path=/does/not/exist"], "does not exist; set task.path"),
+    (["model=roberta-base"], "cannot be reached"),
+])
+def test_bad_input_one_line_error_and_no_run_dir(tmp_path, args, message):
+    run_dir = tmp_path / "run"
+    res = plr("train", "experiment=smoke", f"run_dir={run_dir}", *args, cwd=tmp_path)
+    assert res.returncode != 0
+    err = res.stderr.strip()
+    assert err.startswith("plr: error:") and "\n" not in err, err
+    assert message in err
+    assert "Traceback" not in res.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_every_experiment_config_composes(experiment):
+    from partial_lora import config as C
+
+    with initialize_config_module("partial_lora.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={experiment}"])
+    C.validate(cfg)
+
+
+def test_every_model_and_task_config_composes():
+    from partial_lora import config as C
+
+    with initialize_config_module("partial_lora.conf", version_base="1.3"):
+        for model in sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")):
+            C.lora_config(compose("config", overrides=[f"model={model}"]))
+        for task in sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml")):
+            C.task_spec(compose("config", overrides=[f"task={task}", "task.path=/x"] if task.startswith("hf-")
+                                else [f"task={task}"]))
+
+
+def test_vision_smoke_with_timm_fused_qkv(tmp_path):
+    run_dir = tmp_path / "run"
+    res = plr("train", "experiment=smoke-vision", f"run_dir={run_dir}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["model"] == "tiny-vit-timm" and results["task"] == "digits"
+    from safetensors.torch import load_file
+
+    keys = load_file(str(run_dir / "retrain/adapter.safetensors")).keys()
+    assert "blocks.0.attn.qkv.q.lora_A" in keys and "blocks.0.attn.qkv.v.lora_B" in keys
