@@ -30,6 +30,12 @@ STAGES = ("probe", "allocate", "extract", "retrain", "evaluate")
 
 ADAPTER = "adapter.safetensors"  # LoRA factors, compact shapes, keyed `{layer_id}.lora_A/B`
 HEAD = "head.safetensors"        # classification head, keyed by its module names
+INIT = "init.safetensors"        # probe: the adapter's initial values (for rewinding)
+FEWSHOT = "fewshot.json"         # probe: few-shot train/val indices into the training split
+ALLOCATION = "allocation.json"   # allocate: per-layer keep ratios and how each was found
+ALLOCATION_PNG = "allocation.png"
+MASKS = "masks.safetensors"      # extract: `{layer_id}.rows` / `.cols` (int64), element masks if any
+MASKS_JSON = "masks.json"        # extract: model, method, per-layer shapes and counts
 METRICS = "metrics.json"         # the numbers a stage returns
 CURVE = "metrics.jsonl"          # per-step / per-epoch log
 DONE = "done"                    # marker: the stage finished and all its files are complete
@@ -59,7 +65,7 @@ def clear_done(run_dir: Path, stage: str) -> None:
 
 
 @contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -71,7 +77,7 @@ def _atomic(path: Path) -> Iterator[Path]:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
@@ -97,7 +103,7 @@ def read_json(path: Path) -> Any:
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata=dict(metadata or {}))
 

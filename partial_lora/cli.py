@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -66,6 +67,10 @@ def _train(cfg: DictConfig) -> float | None:
     from partial_lora.stages import format_results, run_pipeline
     from partial_lora.tracking import make_tracker
 
+    import datasets
+
+    datasets.disable_progress_bars()  # "Map/Filter" bars on every load would drown the training bar
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     fresh = _fresh(run_dir)
     try:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from partial_lora.allocation import AllocationConfig
 from partial_lora.data.base import TaskSpec
 from partial_lora.errors import PlrError
 from partial_lora.lora import LoRAConfig
@@ -106,6 +108,102 @@ def sparsity(cfg: DictConfig) -> float | str:
     return s
 
 
+@dataclass(frozen=True)
+class ProbeConfig:
+    """`adapter.probe`: the short few-shot dense-LoRA run that the allocation reads.
+
+    Attributes:
+        shots / val_shots: examples per class in the few-shot train and (disjoint) validation sets.
+        epochs / batch_size: the probe's training length.
+        lr / head_lr: None uses the trainer's.
+    """
+
+    shots: int = 16
+    val_shots: int = 16
+    epochs: float = 10
+    batch_size: int = 16
+    lr: float | None = None
+    head_lr: float | None = None
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """`adapter.mask`: which rows/columns are kept.
+
+    Attributes:
+        method: `subspace`, `random` or `probe_magnitude`.
+        granularity: `rowcol` (structured, compact) or `element` (random entries; ablation only).
+        energy: share of W0's spectral energy defining the top-k subspace.
+        seed: seed of random masks (None: the run's seed).
+    """
+
+    method: str = "subspace"
+    granularity: str = "rowcol"
+    energy: float = 0.9
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        from partial_lora.masks import MASKERS
+
+        if self.method not in MASKERS:
+            raise PlrError(f"unknown adapter.mask.method '{self.method}'; use one of: {', '.join(MASKERS)}")
+        if self.granularity not in ("rowcol", "element"):
+            raise PlrError(f"adapter.mask.granularity must be rowcol or element, got '{self.granularity}'")
+        if self.granularity == "element" and self.method != "random":
+            raise PlrError("adapter.mask.granularity=element supports only adapter.mask.method=random")
+        if not 0 < self.energy <= 1:
+            raise PlrError(f"adapter.mask.energy must be in (0, 1], got {self.energy}")
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """`retrain`: how the sparse adapter restarts and learns.
+
+    Attributes:
+        init: `rewind` (the probe's initial values restricted to R × C) or `fresh`.
+        adapter_lr_scale: a number, or `auto` = 1/sqrt(kept density) capped at `lr_scale_cap` [ours].
+        lr_scale_cap: the cap of `auto`.
+    """
+
+    init: str = "rewind"
+    adapter_lr_scale: float | str = "auto"
+    lr_scale_cap: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.init not in ("rewind", "fresh"):
+            raise PlrError(f"retrain.init must be rewind or fresh, got '{self.init}'")
+        s = self.adapter_lr_scale
+        if s != "auto" and (isinstance(s, str) or s <= 0):
+            raise PlrError(f"retrain.adapter_lr_scale must be a positive number or auto, got '{s}'")
+
+
+def _node(cfg: DictConfig, key: str) -> dict:
+    node = OmegaConf.select(cfg, key)
+    return plain(node) if node is not None else {}
+
+
+def probe_config(cfg: DictConfig) -> ProbeConfig:
+    pc = _build(ProbeConfig, _node(cfg, "adapter.probe"), "adapter.probe")
+    if pc.shots < 1 or pc.val_shots < 1:
+        raise PlrError(f"adapter.probe.shots and val_shots must be >= 1, got {pc.shots} and {pc.val_shots}")
+    return pc
+
+
+def allocation_config(cfg: DictConfig) -> AllocationConfig:
+    values = _node(cfg, "adapter.allocation")
+    if "grid" in values:
+        values["grid"] = tuple(float(g) for g in values["grid"])
+    return _build(AllocationConfig, values, "adapter.allocation")
+
+
+def mask_config(cfg: DictConfig) -> MaskConfig:
+    return _build(MaskConfig, _node(cfg, "adapter.mask"), "adapter.mask")
+
+
+def retrain_config(cfg: DictConfig) -> RetrainConfig:
+    return _build(RetrainConfig, _node(cfg, "retrain"), "retrain")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check everything a run will read, before the run dir gets any results."""
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -119,6 +217,7 @@ def validate(cfg: DictConfig) -> None:
     sparsity(cfg)
     if int(cfg.seed) < 0:
         raise PlrError(f"seed must be >= 0, got {cfg.seed}")
-    method = cfg.adapter.get("method", "lora")
-    if method not in ("lora", "partial"):
-        raise PlrError(f"adapter.method '{method}' is unknown; use adapter=lora or adapter=partial")
+    probe_config(cfg)
+    allocation_config(cfg)
+    mask_config(cfg)
+    retrain_config(cfg)

@@ -58,6 +58,9 @@ class LoRABranch(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, len(cols)))
         self.lora_B = nn.Parameter(torch.zeros(len(rows), r))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Optional element masks (the unstructured ablation only): multiplied into B and A.
+        self.register_buffer("mask_A", None)
+        self.register_buffer("mask_B", None)
         self.reset_parameters()
 
     @property
@@ -81,20 +84,37 @@ class LoRABranch(nn.Module):
             self.lora_A.uniform_(-bound, bound, generator=generator)
             self.lora_B.zero_()
 
+    def set_element_masks(self, mask_B: Tensor, mask_A: Tensor) -> None:
+        """Keep only the masked entries of B and A (shapes of the compact factors)."""
+        if mask_B.shape != self.lora_B.shape or mask_A.shape != self.lora_A.shape:
+            raise PlrError("element masks do not fit this layer's factors (masks from another model or rank?)")
+        self.mask_B = mask_B.to(self.lora_B.device, torch.bool)
+        self.mask_A = mask_A.to(self.lora_A.device, torch.bool)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(B, A) as used in the forward: element masks applied when set."""
+        b = self.lora_B if self.mask_B is None else self.lora_B * self.mask_B
+        a = self.lora_A if self.mask_A is None else self.lora_A * self.mask_A
+        return b, a
+
     def forward(self, x: Tensor) -> Tensor:
         """The branch output at the kept rows: shape (..., |R|)."""
         x = self.dropout(x)
         if not self.all_cols:
             x = x.index_select(-1, self.cols)
-        return (x @ self.lora_A.t().to(x.dtype)) @ (self.lora_B.t().to(x.dtype) * self.scale)
+        b, a = self.factors()
+        return (x @ a.t().to(x.dtype)) @ (b.t().to(x.dtype) * self.scale)
 
     def delta_weight(self) -> Tensor:
         """The dense update of this branch's slice, (d_out × d_in), zero outside R × C."""
-        delta = torch.zeros(self.d_out, self.d_in, dtype=self.lora_A.dtype, device=self.lora_A.device)
-        delta[self.rows[:, None], self.cols[None, :]] = self.scale * (self.lora_B @ self.lora_A)
+        b, a = self.factors()
+        delta = torch.zeros(self.d_out, self.d_in, dtype=a.dtype, device=a.device)
+        delta[self.rows[:, None], self.cols[None, :]] = self.scale * (b @ a)
         return delta
 
     def num_parameters(self) -> int:
+        if self.mask_A is not None:
+            return int(self.mask_A.sum()) + int(self.mask_B.sum())
         return self.r * (len(self.rows) + len(self.cols))
 
     def dense_num_parameters(self) -> int:
@@ -161,7 +181,8 @@ class LoRALinear(nn.Module):
     def _add_delta(self, sign: float) -> None:
         w = self.base_layer.weight
         for b in self.branches.values():
-            block = (sign * b.scale) * (b.lora_B @ b.lora_A)
+            fb, fa = b.factors()
+            block = (sign * b.scale) * (fb @ fa)
             w.index_put_((b.out_index[:, None], b.cols[None, :]), block.to(w.dtype), accumulate=True)
 
 
@@ -362,3 +383,13 @@ def count_adapter_parameters(model: nn.Module) -> dict[str, int]:
     return {"adapter": sum(b.num_parameters() for b in branches),
             "dense_lora": sum(b.dense_num_parameters() for b in branches),
             "layers": len(branches)}
+
+
+def base_weights(model: nn.Module) -> dict[str, Tensor]:
+    """The frozen weight slice (d_out × d_in) each branch adapts, by layer id."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            for key, b in mod.branches.items():
+                out[layer_id(name, key)] = mod.base_layer.weight[b.offset:b.offset + b.d_out].detach()
+    return out

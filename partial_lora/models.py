@@ -134,6 +134,7 @@ def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar
 
 
 def build_hf_text(spec: ModelSpec, num_labels: int) -> Built:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -234,7 +235,10 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
     best, best_epoch, best_state = -math.inf, -1, snapshot()
     history: list[dict[str, Any]] = []
     step, t0 = 0, time.perf_counter()
-    bar = tqdm(total=total, desc=desc, disable=not cfg.progress, dynamic_ncols=True, leave=False)
+    # On a terminal the bar redraws often; in log files (sweeps, CI) only every 30 s.
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=total, desc=desc, disable=not cfg.progress, dynamic_ncols=True, leave=tty,
+               mininterval=0.1 if tty else 30.0)
     model.train()
     for epoch in range(n_epochs):
         seen, t_epoch, run_loss = 0, time.perf_counter(), 0.0

@@ -30,7 +30,9 @@ def smoke_run(tmp_path_factory):
 
 def test_train_writes_the_run_dir_contract(smoke_run):
     _, run_dir, res = smoke_run
-    for rel in [".hydra/config.yaml", "git.json", "env.json", "retrain/adapter.safetensors", "retrain/head.safetensors",
+    for rel in [".hydra/config.yaml", "git.json", "env.json", "probe/init.safetensors", "probe/adapter.safetensors",
+                "allocate/allocation.json", "allocate/allocation.png", "extract/masks.safetensors",
+                "retrain/adapter.safetensors", "retrain/head.safetensors",
                 "retrain/metrics.jsonl", "retrain/metrics.json", "retrain/done", "evaluate/metrics.json",
                 "evaluate/done", "results.json"]:
         assert (run_dir / rel).is_file(), rel
@@ -41,10 +43,12 @@ def test_train_writes_the_run_dir_contract(smoke_run):
     assert results["status"] == "complete"
     assert results["model"] == "tiny-bert" and results["task"] == "bbc-news"
     assert 0 <= results["metrics"]["test_accuracy"] <= 1
-    assert results["params"]["adapter"] == results["params"]["dense_lora_same_rank"] == 2 * 2 * 8 * (32 + 32)
+    assert results["params"]["dense_lora_same_rank"] == 2 * 2 * 8 * (32 + 32)  # 2 layers x (q, v), r=8, 32 wide
+    assert 0 < results["params"]["adapter"] < results["params"]["dense_lora_same_rank"]
     curve = [json.loads(line) for line in (run_dir / "retrain/metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in curve) and any("val_accuracy" in r for r in curve)
-    assert "plr results" in res.stdout and "trainable parameters: adapter 2,048" in res.stdout
+    assert "plr results" in res.stdout and "dense LoRA at r=8: 2,048" in res.stdout
+    assert "reduction vs dense LoRA" in res.stdout and "probe few-shot accuracy" in res.stdout
 
 
 def test_rerun_in_same_dir_skips_finished_stages(smoke_run):
@@ -52,13 +56,23 @@ def test_rerun_in_same_dir_skips_finished_stages(smoke_run):
     before = (run_dir / "retrain/adapter.safetensors").stat().st_mtime_ns
     res = plr("train", "experiment=smoke", f"run_dir={run_dir}", cwd=cwd)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "retrain: done already, skipped" in res.stdout and "evaluate: done already, skipped" in res.stdout
+    for stage in ("probe", "allocate", "extract", "retrain", "evaluate"):
+        assert f"{stage}: done already, skipped" in res.stdout
     assert (run_dir / "retrain/adapter.safetensors").stat().st_mtime_ns == before
 
 
+def test_dense_lora_runs_retrain_and_evaluate_only(tmp_path):
+    run_dir = tmp_path / "run"
+    res = plr("train", "experiment=smoke", "adapter=lora", f"run_dir={run_dir}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(p.name for p in run_dir.iterdir() if (p / "done").exists()) == ["evaluate", "retrain"]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["params"]["adapter"] == results["params"]["dense_lora_same_rank"] == 2048
+
+
 def test_multirun_over_seeds(tmp_path):
-    res = plr("train", "-m", "experiment=smoke", "seed=0,1", f"out_root={tmp_path}", "task.max_train_samples=16",
-              cwd=tmp_path)
+    res = plr("train", "-m", "experiment=smoke", "adapter=lora", "seed=0,1", f"out_root={tmp_path}",
+              "task.max_train_samples=16", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     results = sorted(tmp_path.glob("multirun/*/*/*/results.json"))
     assert len(results) == 2

@@ -107,3 +107,32 @@ def _subsample(ds: datasets.Dataset, limit: int | None, key: str, seed: int) -> 
     if limit < 1:
         raise PlrError(f"task.{key}={limit} must be a positive number of examples; set task.{key}=null to use all")
     return _carve(ds, limit, seed)[1]
+
+
+def few_shot(ds: datasets.Dataset, shots: int, val_shots: int, seed: int,
+             label_names: list[str] | None = None) -> tuple[list[int], list[int]]:
+    """Two disjoint few-shot subsets of `ds` with `shots` and `val_shots` examples per class.
+
+    Returns:
+        (train indices, validation indices) into `ds`, each sorted.
+
+    Raises:
+        PlrError: when a class has fewer than `shots + val_shots` examples.
+    """
+    if shots < 1 or val_shots < 1:
+        raise PlrError(f"adapter.probe.shots and val_shots must be >= 1, got {shots} and {val_shots}")
+    labels = _labels(ds)
+    n_classes = len(label_names) if label_names else int(labels.max()) + 1
+    rng = np.random.default_rng(seed)
+    train: list[int] = []
+    val: list[int] = []
+    for c in range(n_classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < shots + val_shots:
+            name = label_names[c] if label_names else str(c)
+            raise PlrError(f"adapter.probe.shots={shots} + val_shots={val_shots} per class is more than class "
+                           f"'{name}' has in the training split ({len(idx)}); lower adapter.probe.shots/val_shots")
+        perm = rng.permutation(idx)
+        train += perm[:shots].tolist()
+        val += perm[shots:shots + val_shots].tolist()
+    return sorted(train), sorted(val)

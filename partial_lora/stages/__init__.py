@@ -7,6 +7,7 @@ stage's `metrics.json` and `done` marker when it returns, and skips stages alrea
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,33 +18,71 @@ from omegaconf import DictConfig, OmegaConf
 from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora.errors import PlrError
-from partial_lora.stages import evaluate, retrain
+from partial_lora.stages import allocate, evaluate, extract, probe, retrain
 from partial_lora.tracking import Tracker
 
 StageFn = Callable[[DictConfig, Path, "Tracker | None"], dict[str, Any]]
 
 REGISTRY: dict[str, StageFn] = {
+    probe.NAME: probe.run,
+    allocate.NAME: allocate.run,
+    extract.NAME: extract.run,
     retrain.NAME: retrain.run,
     evaluate.NAME: evaluate.run,
 }
 
 
 def plan(cfg: DictConfig) -> list[str]:
-    """The stages a config runs, in order."""
-    method = cfg.adapter.get("method", "lora")
-    if method == "lora" and C.sparsity(cfg) == 0:
+    """The stages a config runs, in order.
+
+    Dense LoRA (sparsity 0): retrain, evaluate. Uniform sparsity (a number): allocate, extract,
+    retrain, evaluate, with no probe unless the masks need one (probe_magnitude).
+    `sparsity=auto`: all five, the probe only when the allocator or masks read it.
+    """
+    sp = C.sparsity(cfg)
+    if sp == 0:
         return ["retrain", "evaluate"]
-    stages = ["probe", "allocate", "extract", "retrain", "evaluate"]
-    missing = [s for s in stages if s not in REGISTRY]
-    if missing:
-        raise PlrError(f"stages {missing} of adapter '{method}' are not available in this version; use adapter=lora")
-    return stages
+    needs_probe = C.mask_config(cfg).method == "probe_magnitude" or (
+        sp == "auto" and C.allocation_config(cfg).allocator == "threshold")
+    return (["probe"] if needs_probe else []) + ["allocate", "extract", "retrain", "evaluate"]
+
+
+def reuse_from_run(cfg: DictConfig, run_dir: Path, stages: list[str], echo: Callable[[str], None]) -> None:
+    """Copy another run's probe (and its allocation, when the settings match) into this run dir."""
+    src = Path(str(cfg.from_run)).expanduser()
+    if not (src / ".hydra" / "config.yaml").exists() and not A.is_done(src, "probe") and not A.is_done(src, "allocate"):
+        raise PlrError(f"from_run={src} is not a plr run dir (no .hydra/config.yaml and no finished probe or "
+                       "allocate stage); point from_run at a run dir")
+    if src.resolve() == run_dir.resolve():
+        return
+    for name in ("probe", "allocate"):
+        if name not in stages or A.is_done(run_dir, name) or not A.is_done(src, name):
+            continue
+        if name == "allocate":
+            theirs = A.read_json(A.stage_dir(src, name) / A.ALLOCATION).get("settings")
+            ours = allocate.settings(cfg)
+            if theirs != ours:
+                diff = sorted(k for k in set(ours) | set(theirs or {}) if (theirs or {}).get(k) != ours.get(k))
+                echo(f"[plr] from_run: allocation settings differ ({', '.join(diff)}); allocating again")
+                continue
+        if name == "probe":
+            theirs_cfg = OmegaConf.load(src / ".hydra" / "config.yaml") if (src / ".hydra/config.yaml").exists() else None
+            if theirs_cfg is not None:
+                for key in ("model.name", "task.name", "adapter.r", "adapter.targets", "seed"):
+                    a, b = OmegaConf.select(theirs_cfg, key), OmegaConf.select(cfg, key)
+                    if C.plain(a) != C.plain(b):
+                        raise PlrError(f"from_run={src} has {key}={C.plain(a)}, this run {C.plain(b)}; its probe "
+                                       f"does not apply (use a run with the same {key})")
+        shutil.copytree(A.stage_dir(src, name), A.stage_dir(run_dir, name), dirs_exist_ok=True)
+        echo(f"[plr] from_run: reusing {name} from {src}")
 
 
 def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
                  echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the plan's stages that are not done yet; return the run's results (also in results.json)."""
     stages = plan(cfg)
+    if cfg.get("from_run"):
+        reuse_from_run(cfg, run_dir, stages, echo)
     done: dict[str, dict[str, Any]] = {}
     for name in stages:
         if A.is_done(run_dir, name):
@@ -65,6 +104,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
 def collect_results(cfg: DictConfig, run_dir: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Everything the report needs, from the stages' metrics."""
     ev = stages.get("evaluate", {})
+    al = stages.get("allocate", {})
     metrics, main = C.task_metrics(cfg)
     adapter = OmegaConf.to_container(cfg.adapter, resolve=True)
     dense, sparse = ev.get("dense_lora_params"), ev.get("adapter_params")
@@ -75,6 +115,9 @@ def collect_results(cfg: DictConfig, run_dir: Path, stages: dict[str, dict[str, 
         "main_metric": main, "task_metrics": metrics, "metrics": {k: v for k, v in ev.items() if k.startswith(("val_", "test_"))},
         "params": {"adapter": sparse, "dense_lora_same_rank": dense, "head": ev.get("head_params"),
                    "reduction_pct": 100.0 * (1 - sparse / dense) if dense and sparse is not None else None},
+        "probe_accuracy": stages.get("probe", {}).get("a_ref"),
+        "allocation": {k: al.get(k) for k in ("allocator", "ratio_min", "ratio_median", "ratio_max", "a_ref", "a_0",
+                                             "target", "joint_accuracy", "floor_share", "evaluations")} if al else None,
         "wall_s": {s: m.get("wall_s") for s, m in stages.items()},
         "stages": {s: {k: v for k, v in m.items() if k != "history"} for s, m in stages.items()},
     }
@@ -90,8 +133,17 @@ def format_results(r: dict[str, Any]) -> str:
         val, test = r["metrics"].get(f"val_{m}"), r["metrics"].get(f"test_{m}")
         lines.append(f"  {m:<14}{_num(val):>9}{_num(test):>9}")
     p = r["params"]
-    red = f" ({p['reduction_pct']:.1f}% fewer than dense LoRA r={a.get('r')})" if p.get("reduction_pct") else ""
-    lines.append(f"  trainable parameters: adapter {p['adapter']:,}{red} · head {p['head']:,}")
+    lines.append(f"  trainable parameters: adapter {p['adapter']:,} · head {p['head']:,} · "
+                 f"dense LoRA at r={a.get('r')}: {p['dense_lora_same_rank']:,}")
+    if p.get("reduction_pct"):
+        lines.append(f"  reduction vs dense LoRA: {p['reduction_pct']:.1f}%")
+    al = r.get("allocation")
+    if al:
+        lines.append(f"  keep ratio per layer ({al['allocator']}): min {al['ratio_min']:g} · median "
+                     f"{al['ratio_median']:g} · max {al['ratio_max']:g}")
+        if al.get("a_ref") is not None:
+            lines.append(f"  probe few-shot {r['main_metric']}: a_ref {al['a_ref']:.4f} · no adapter a_0 {al['a_0']:.4f}"
+                         f" · target {al['target']:.4f} · allocation {al['joint_accuracy']:.4f}")
     walls = " · ".join(f"{s} {w:.1f} s" for s, w in r["wall_s"].items() if w is not None)
     total = sum(w for w in r["wall_s"].values() if w is not None)
     lines.append(f"  wall time: {walls} · total {total:.1f} s")

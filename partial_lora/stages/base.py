@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 import torch
@@ -68,3 +69,21 @@ def loader(s: Setup, split: datasets.Dataset, tc: TrainConfig, *, train: bool, s
     return DataLoader(split, batch_size=tc.batch_size if train else tc.eval_batch_size, shuffle=train,
                       collate_fn=collate, generator=gen, num_workers=tc.num_workers,
                       pin_memory=s.device.type == "cuda", drop_last=False)
+
+
+def is_sparse(cfg: DictConfig) -> bool:
+    """Whether the run trains a masked adapter (adapter.sparsity is auto or > 0)."""
+    return C.sparsity(cfg) != 0
+
+
+def setup_run(cfg: DictConfig, run_dir: Path) -> Setup:
+    """`setup` with the run's masks (from the extract stage) when the adapter is sparse."""
+    if not is_sparse(cfg):
+        return setup(cfg)
+    from partial_lora.stages.extract import load_masks
+
+    keep, element = load_masks(run_dir, str(cfg.model.name))
+    s = setup(cfg, keep)
+    for lid, (mask_b, mask_a) in element.items():
+        s.branches[lid].set_element_masks(mask_b, mask_a)
+    return s

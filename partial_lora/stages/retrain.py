@@ -1,7 +1,10 @@
 """retrain: train the (dense or masked) adapter and the head on the full training split.
 
-Reads `extract/masks.safetensors` when the plan has an extract stage; writes the best adapter
-and head (selected on the validation split) and the training curve.
+[paper] sparse training from scratch with a fixed mask, as in the lottery ticket hypothesis.
+[ours] `retrain.init=rewind` starts the sparse factors from the probe's initial values restricted
+to R × C (A[:, C], B[R] = 0); `fresh` draws new ones. `retrain.adapter_lr_scale` multiplies the
+adapter's learning rate (`auto` = 1/sqrt(kept density), capped). Writes the best adapter and
+head (selected on the validation split) and the training curve.
 """
 
 from __future__ import annotations
@@ -9,32 +12,54 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
 from partial_lora import artifacts as A
 from partial_lora import config as C
-from partial_lora.lora import adapter_state_dict, count_adapter_parameters
-from partial_lora.stages.base import loader, setup
+from partial_lora.allocation import lr_scale_auto
+from partial_lora.lora import LoRABranch, adapter_state_dict, count_adapter_parameters
+from partial_lora.stages.base import is_sparse, loader, setup_run
 from partial_lora.tracking import Tracker
 from partial_lora.train import JsonlLog, fit, set_seed
 
 NAME = "retrain"
 
 
+def rewind(branches: dict[str, LoRABranch], init: dict[str, torch.Tensor]) -> None:
+    """Load the probe's initial factors restricted to each branch's kept rows and columns."""
+    with torch.no_grad():
+        for lid, b in branches.items():
+            b.lora_A.copy_(init[f"{lid}.lora_A"][:, b.cols.cpu()].to(b.lora_A.device))
+            b.lora_B.copy_(init[f"{lid}.lora_B"][b.rows.cpu()].to(b.lora_B.device))
+
+
 def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
     out = A.stage_dir(run_dir, NAME)
+    rc = C.retrain_config(cfg)
     set_seed(int(cfg.seed))
-    s = setup(cfg)
+    s = setup_run(cfg, run_dir)
+    init_file = A.stage_dir(run_dir, "probe") / A.INIT
+    init = "fresh"
+    if is_sparse(cfg) and rc.init == "rewind":
+        if init_file.exists():
+            rewind(s.branches, A.load_tensors(init_file))
+            init = "rewind"
+        else:  # uniform sparsity runs no probe: nothing to rewind to
+            print("[plr] retrain: no probe in this run (uniform sparsity), so retrain.init=rewind starts fresh")
+    params = count_adapter_parameters(s.built.model.net)
+    density = params["adapter"] / params["dense_lora"]
+    scale = lr_scale_auto(density, rc.lr_scale_cap) if rc.adapter_lr_scale == "auto" else float(rc.adapter_lr_scale)
     _, main = C.task_metrics(cfg)
-    tc = C.train_config(cfg, metric=main)
+    tc = C.train_config(cfg, metric=main, adapter_lr_scale=scale)
     result = fit(s.built.model, loader(s, s.data.train, tc, train=True, seed=int(cfg.seed)),
                  loader(s, s.data.val, tc, train=False), tc, device=s.device, metrics=s.metrics,
                  log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME)
     meta = {"model": str(cfg.model.name), "task": str(cfg.task.name)}
     A.save_tensors(out / A.ADAPTER, adapter_state_dict(s.built.model.net), meta)
     A.save_tensors(out / A.HEAD, s.built.model.head_state_dict(), meta)
-    params = count_adapter_parameters(s.built.model.net)
     return {f"best_val_{main}": result.best_metric, "best_epoch": result.best_epoch, "steps": result.steps,
-            "train_wall_s": result.wall_s, "adapter_params": params["adapter"],
+            "train_wall_s": result.wall_s, "adapter_params": params["adapter"], "density": density,
+            "adapter_lr_scale": scale, "init": init,
             "head_params": sum(p.numel() for p in s.built.model.head_parameters()),
             "train_examples": len(s.data.train), "history": result.history}

@@ -1,0 +1,287 @@
+"""Per-layer keep ratios: how much of each layer's rows and columns the sparse adapter keeps.
+
+The paper's point is that *how much* sparsity each layer gets matters more than which entries
+are kept. Allocators behind one interface (`ALLOCATORS`):
+
+- `threshold` (the paper's Algorithm 1, our reading; `adapter.sparsity=auto`): mask the trained
+  probe adapter at keep ratios from a grid and keep, per layer, the smallest ratio at which the
+  few-shot validation accuracy stays at or above a target. `target = τ·a_ref`
+  (`relative_to=probe`, the paper's words) or `a_0 + τ·(a_ref − a_0)` (`relative_to=gain`, ours),
+  where a_ref is the probe's accuracy and a_0 the accuracy with every adapter removed.
+  `mode=joint` (default, ours) visits layers from the least to the most sensitive and tests each
+  ratio with every other layer at its current ratio; `mode=independent` (the literal reading)
+  tests each layer alone with all others dense.
+- `spectrum` (ours): ratio = share of W0's singular values holding `energy` of its energy.
+- `uniform`: one ratio everywhere (the control; `adapter.sparsity=0.8` keeps 20%).
+- `rescale_to_budget`: scale any allocation so the total hits a parameter budget.
+
+Nothing here touches a model: the threshold allocator calls an `evaluate(ratios) -> accuracy`
+function that the allocate stage provides.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+from partial_lora.errors import PlrError
+from partial_lora.masks import count
+
+log = logging.getLogger("plr")
+
+DEFAULT_GRID = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125)
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    """The `adapter.allocation` config node.
+
+    Attributes:
+        allocator: `threshold`, `spectrum` or `uniform`.
+        tau: accuracy threshold τ in (0, 1].
+        grid: keep ratios to try, each in (0, 1].
+        mode: `joint` or `independent` (threshold allocator).
+        relative_to: `probe` or `gain` (threshold allocator).
+        ratio: the keep ratio of the uniform allocator.
+        energy: spectral energy share of the spectrum allocator.
+        budget: rescale the result to this many adapter parameters (> 1) or this share of
+            dense LoRA's parameters (in (0, 1]); None keeps the allocation as found.
+        floor_warning: warn when at least this share of layers ends at the grid's smallest ratio.
+        search_masks: how the threshold search picks rows/columns when masking the probe
+            (None: the same as `adapter.mask.method`). Setting it apart lets a run keep an
+            allocation found with subspace masks but retrain with random ones.
+    """
+
+    allocator: str = "threshold"
+    tau: float = 0.9
+    grid: Sequence[float] = DEFAULT_GRID
+    mode: str = "joint"
+    relative_to: str = "probe"
+    ratio: float | None = None
+    energy: float = 0.9
+    budget: float | None = None
+    floor_warning: float = 0.5
+    search_masks: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.allocator not in ALLOCATORS:
+            raise PlrError(f"unknown adapter.allocation.allocator '{self.allocator}'; use one of: {', '.join(ALLOCATORS)}")
+        if not 0 < self.tau <= 1:
+            raise PlrError(f"adapter.allocation.tau must be in (0, 1], got {self.tau}; the paper uses 0.9")
+        if not self.grid:
+            raise PlrError("adapter.allocation.grid is empty; give keep ratios such as [1,0.5,0.25,0.125]")
+        if any(not 0 < g <= 1 for g in self.grid):
+            raise PlrError(f"adapter.allocation.grid ratios must be in (0, 1], got {list(self.grid)}")
+        if self.mode not in ("joint", "independent"):
+            raise PlrError(f"adapter.allocation.mode must be joint or independent, got '{self.mode}'")
+        if self.relative_to not in ("probe", "gain"):
+            raise PlrError(f"adapter.allocation.relative_to must be probe or gain, got '{self.relative_to}'")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise PlrError(f"adapter.allocation.ratio must be in (0, 1], got {self.ratio}")
+        if not 0 < self.energy <= 1:
+            raise PlrError(f"adapter.allocation.energy must be in (0, 1], got {self.energy}")
+        if self.budget is not None and self.budget <= 0:
+            raise PlrError(f"adapter.allocation.budget must be positive (parameters, or a share <= 1), got {self.budget}")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """An adapted layer's shape (a branch of the adapter)."""
+
+    name: str
+    d_out: int
+    d_in: int
+
+
+@dataclass
+class LayerAllocation:
+    name: str
+    d_out: int
+    d_in: int
+    ratio: float
+    rows: int
+    cols: int
+    tried: dict[str, float] = field(default_factory=dict)  # keep ratio -> few-shot accuracy
+    sensitivity: float | None = None                        # accuracy with only this layer at the floor
+
+
+@dataclass
+class Allocation:
+    """Per-layer ratios and how they were found (written to allocation.json)."""
+
+    allocator: str
+    layers: list[LayerAllocation]
+    r: int
+    tau: float | None = None
+    a_ref: float | None = None
+    a_0: float | None = None
+    target: float | None = None
+    mode: str | None = None
+    relative_to: str | None = None
+    grid: list[float] | None = None
+    joint_accuracy: float | None = None
+    evaluations: int = 0
+    budget: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def ratios(self) -> dict[str, float]:
+        return {layer.name: layer.ratio for layer in self.layers}
+
+    def params(self) -> int:
+        return sum(self.r * (la.rows + la.cols) for la in self.layers)
+
+    def dense_params(self) -> int:
+        return sum(self.r * (la.d_out + la.d_in) for la in self.layers)
+
+    def floor_share(self) -> float:
+        if not self.grid:
+            return 0.0
+        floor = min(self.grid)
+        return sum(la.ratio <= floor for la in self.layers) / max(1, len(self.layers))
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out.update(params=self.params(), dense_params=self.dense_params(),
+                   reduction_pct=100.0 * (1 - self.params() / max(1, self.dense_params())),
+                   floor_share=self.floor_share())
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> Allocation:
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in d.items() if k in known}
+        values["layers"] = [LayerAllocation(**la) for la in d["layers"]]
+        return cls(**values)
+
+
+def _layer_alloc(layer: Layer, ratio: float) -> LayerAllocation:
+    return LayerAllocation(layer.name, layer.d_out, layer.d_in, ratio, count(ratio, layer.d_out), count(ratio, layer.d_in))
+
+
+def target_accuracy(a_ref: float, a_0: float, tau: float, relative_to: str) -> float:
+    if relative_to == "gain":
+        return a_0 + tau * (a_ref - a_0)
+    return tau * a_ref
+
+
+def threshold(layers: Sequence[Layer], r: int, cfg: AllocationConfig, *,
+              evaluate: Callable[[Mapping[str, float]], float], a_ref: float, a_0: float,
+              progress: Callable[[str], None] = lambda s: None) -> Allocation:
+    """The threshold allocator (see the module docstring).
+
+    Args:
+        layers: the adapted layers.
+        r: LoRA rank (for parameter counts).
+        cfg: τ, grid, mode, relative_to.
+        evaluate: few-shot validation accuracy of the probe with each layer masked at its ratio
+            (layers missing from the mapping are dense).
+        a_ref: the probe's few-shot validation accuracy (all dense).
+        a_0: the accuracy with every adapter removed.
+    """
+    target = target_accuracy(a_ref, a_0, cfg.tau, cfg.relative_to)
+    ascending = sorted({float(g) for g in cfg.grid if g < 1})
+    floor = ascending[0] if ascending else 1.0
+    cache: dict[tuple, float] = {}
+
+    def acc(ratios: Mapping[str, float]) -> float:
+        key = tuple(sorted((k, v) for k, v in ratios.items() if v < 1))
+        if key not in cache:
+            cache[key] = evaluate({k: v for k, v in key})
+        return cache[key]
+
+    tried: dict[str, dict[str, float]] = {la.name: {} for la in layers}
+    sensitivity: dict[str, float | None] = {la.name: None for la in layers}
+    final: dict[str, float] = {}
+    if not ascending:  # a grid of only 1.0: nothing to search
+        final = {la.name: 1.0 for la in layers}
+    elif cfg.mode == "independent":
+        for i, la in enumerate(layers):
+            final[la.name] = 1.0
+            for rho in ascending:
+                a = tried[la.name][str(rho)] = acc({la.name: rho})
+                if a >= target:
+                    final[la.name] = rho
+                    break
+            progress(f"layer {i + 1}/{len(layers)} {la.name}: keep {final[la.name]:g}")
+    else:  # joint
+        for la in layers:
+            sensitivity[la.name] = tried[la.name][str(floor)] = acc({la.name: floor})
+        order = sorted(layers, key=lambda la: -sensitivity[la.name])  # least sensitive first
+        current = {la.name: 1.0 for la in layers}
+        for i, la in enumerate(order):
+            for rho in ascending:
+                a = tried[la.name][str(rho)] = acc({**current, la.name: rho})
+                if a >= target:
+                    current[la.name] = rho
+                    break
+            progress(f"layer {i + 1}/{len(layers)} {la.name}: keep {current[la.name]:g}")
+        final = current
+    alloc = Allocation("threshold", [], r, tau=cfg.tau, a_ref=a_ref, a_0=a_0, target=target, mode=cfg.mode,
+                       relative_to=cfg.relative_to, grid=[float(g) for g in cfg.grid])
+    for la in layers:
+        la_alloc = _layer_alloc(la, final[la.name])
+        la_alloc.tried, la_alloc.sensitivity = tried[la.name], sensitivity[la.name]
+        alloc.layers.append(la_alloc)
+    alloc.joint_accuracy = acc(final)
+    alloc.evaluations = len(cache)
+    if alloc.floor_share() >= cfg.floor_warning and len(ascending) > 0:
+        msg = (f"{alloc.floor_share():.0%} of layers ended at the grid's smallest ratio {floor:g}: the grid may be "
+               f"too coarse or the few-shot set too easy (joint accuracy of the allocation {alloc.joint_accuracy:.3f} "
+               f"vs target {target:.3f}); try a finer grid, more shots, relative_to=gain or a higher tau")
+        alloc.warnings.append(msg)
+        log.warning(msg)
+    return alloc
+
+
+def uniform(layers: Sequence[Layer], r: int, ratio: float) -> Allocation:
+    return Allocation("uniform", [_layer_alloc(la, ratio) for la in layers], r)
+
+
+def spectrum(layers: Sequence[Layer], r: int, ks: Mapping[str, int]) -> Allocation:
+    """Ratio = k / min(d_out, d_in), with k the singular values holding the energy share (see masks)."""
+    return Allocation("spectrum", [_layer_alloc(la, min(1.0, ks[la.name] / min(la.d_out, la.d_in))) for la in layers], r)
+
+
+def _params_at(layers: Sequence[LayerAllocation], r: int, scale: float) -> int:
+    return sum(r * (count(min(1.0, la.ratio * scale), la.d_out) + count(min(1.0, la.ratio * scale), la.d_in))
+               for la in layers)
+
+
+def rescale_to_budget(alloc: Allocation, budget: float) -> Allocation:
+    """Scale every ratio by one factor so the adapter's parameters land on `budget`.
+
+    `budget` > 1 is a number of parameters; in (0, 1] a share of dense LoRA's parameters.
+    Ratios stay in (0, 1]; the result is within about one row or column per layer of the target
+    (the closest the rounding allows).
+    """
+    target = budget * alloc.dense_params() if budget <= 1 else budget
+    lo_bound = _params_at(alloc.layers, alloc.r, 0.0)
+    if target < lo_bound or target > alloc.dense_params():
+        raise PlrError(f"adapter.allocation.budget={budget:g} is outside what the adapter can hold "
+                       f"({lo_bound} to {alloc.dense_params()} parameters at r={alloc.r})")
+    lo, hi = 0.0, 1.0 / max(1e-12, min(la.ratio for la in alloc.layers))
+    for _ in range(60):  # bisection on the common factor; params(scale) is monotone
+        mid = (lo + hi) / 2
+        if _params_at(alloc.layers, alloc.r, mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    scale = min((lo, hi), key=lambda s: abs(_params_at(alloc.layers, alloc.r, s) - target))
+    layers = []
+    for la in alloc.layers:
+        new = _layer_alloc(Layer(la.name, la.d_out, la.d_in), min(1.0, la.ratio * scale))
+        new.tried, new.sensitivity = la.tried, la.sensitivity
+        layers.append(new)
+    out = Allocation(**{**{k: getattr(alloc, k) for k in alloc.__dataclass_fields__}, "layers": layers})
+    out.budget = float(target)
+    return out
+
+
+ALLOCATORS = ("threshold", "spectrum", "uniform")
+
+
+def lr_scale_auto(alloc_density: float, cap: float = 8.0) -> float:
+    """`retrain.adapter_lr_scale=auto` [ours]: 1/sqrt(kept density), capped."""
+    return float(min(cap, 1.0 / math.sqrt(max(alloc_density, 1e-12))))

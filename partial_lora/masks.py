@@ -1,0 +1,129 @@
+"""Which rows and columns a sparse adapter keeps (the `extract` stage's core).
+
+Every mask maker ranks a layer's rows (outputs) and columns (inputs) once; the kept set at keep
+ratio ρ is the top `count(ρ, d)` of that ranking. Masks at different ratios are therefore nested,
+which lets the allocator try a whole grid of ratios without re-ranking.
+
+- `subspace` (default, the paper's "top singular subspaces of W0"): SVD W0 = U Σ Vᵀ, k = the
+  number of top singular values holding `energy` of Σσ² [ours, default 0.9]; row i scores
+  ‖U[i,:k]·Σ[:k]‖², column j scores ‖V[j,:k]·Σ[:k]‖².
+- `random`: a seeded random permutation (the paper's control: random rows/columns at the
+  right per-layer ratio work about as well).
+- `probe_magnitude` [ours]: rows/columns with the largest norms of the probe's ΔW = s·B·A.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from partial_lora.errors import PlrError
+
+
+def count(ratio: float, d: int) -> int:
+    """Kept rows (or columns) of a d-sized side at keep ratio ρ: round(ρ·d), at least 1 [ours]."""
+    return max(1, min(d, int(round(ratio * d))))
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Rows and columns of one layer, best first."""
+
+    rows: Tensor  # permutation of range(d_out)
+    cols: Tensor  # permutation of range(d_in)
+
+    def keep(self, ratio: float) -> tuple[Tensor, Tensor]:
+        """Sorted kept (rows, cols) at a keep ratio."""
+        r = self.rows[: count(ratio, len(self.rows))]
+        c = self.cols[: count(ratio, len(self.cols))]
+        return r.sort().values, c.sort().values
+
+
+def subspace_k(s: Tensor, energy: float) -> int:
+    """Number of top singular values holding `energy` of the spectrum's energy Σσ²."""
+    e = s.double().pow(2)
+    share = e.cumsum(0) / e.sum().clamp_min(1e-30)
+    return int(torch.searchsorted(share, torch.tensor(energy, dtype=share.dtype) - 1e-12).item()) + 1
+
+
+def _order(scores: Tensor) -> Tensor:
+    # Stable descending sort: ties (e.g. all-zero scores) keep index order, so rankings are
+    # deterministic across runs and machines.
+    return torch.sort(scores.double(), descending=True, stable=True).indices
+
+
+def rank_subspace(w0: Tensor, energy: float = 0.9) -> Ranking:
+    """Rank rows/columns of W0 (d_out × d_in) by their weight in its top-k singular subspace."""
+    u, s, vh = torch.linalg.svd(w0.detach().double(), full_matrices=False)
+    k = subspace_k(s, energy)
+    row_scores = (u[:, :k] * s[:k]).pow(2).sum(1)
+    col_scores = (vh[:k].t() * s[:k]).pow(2).sum(1)
+    return Ranking(_order(row_scores), _order(col_scores))
+
+
+def layer_seed(seed: int, layer: str) -> int:
+    """A per-layer seed that does not depend on Python's hash randomisation."""
+    return (seed * 1_000_003 + zlib.crc32(layer.encode())) % 2**63
+
+
+def rank_random(d_out: int, d_in: int, seed: int, layer: str) -> Ranking:
+    g = torch.Generator().manual_seed(layer_seed(seed, layer))
+    return Ranking(torch.randperm(d_out, generator=g), torch.randperm(d_in, generator=g))
+
+
+def rank_probe_magnitude(delta: Tensor) -> Ranking:
+    """Rank by the row / column norms of the probe's update ΔW (d_out × d_in)."""
+    d = delta.detach().double()
+    return Ranking(_order(d.norm(dim=1)), _order(d.norm(dim=0)))
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What a mask maker may look at for one adapted layer."""
+
+    name: str
+    w0: Tensor                   # the frozen weight slice this branch adapts (d_out × d_in)
+    probe_delta: Tensor | None   # the probe's ΔW on that slice, if a probe ran
+
+
+Masker = Callable[[LayerInfo, int, float], Ranking]
+
+MASKERS: dict[str, Masker] = {
+    "subspace": lambda info, seed, energy: rank_subspace(info.w0, energy),
+    "random": lambda info, seed, energy: rank_random(info.w0.shape[0], info.w0.shape[1], seed, info.name),
+    "probe_magnitude": lambda info, seed, energy: rank_probe_magnitude(_need_probe(info)),
+}
+
+
+def _need_probe(info: LayerInfo) -> Tensor:
+    if info.probe_delta is None:
+        raise PlrError("adapter.mask.method=probe_magnitude needs the probe stage; use adapter.sparsity=auto "
+                       "or another mask method")
+    return info.probe_delta
+
+
+def rank_layer(method: str, info: LayerInfo, seed: int = 0, energy: float = 0.9) -> Ranking:
+    if method not in MASKERS:
+        raise PlrError(f"unknown adapter.mask.method '{method}'; use one of: {', '.join(MASKERS)}")
+    return MASKERS[method](info, seed, energy)
+
+
+def element_masks(d_out: int, d_in: int, r: int, ratio: float, seed: int, layer: str) -> tuple[Tensor, Tensor]:
+    """Random element masks of B (d_out × r) and A (r × d_in) keeping a `ratio` share of each [ours].
+
+    Only for the "are there winning tickets at all" ablation: the same parameter count as a
+    row/column mask at that ratio, but unstructured, so nothing is saved in compute.
+    """
+    g = torch.Generator().manual_seed(layer_seed(seed, layer) + 1)
+
+    def mask(shape: tuple[int, int]) -> Tensor:
+        n = shape[0] * shape[1]
+        m = torch.zeros(n, dtype=torch.bool)
+        m[torch.randperm(n, generator=g)[: max(1, int(round(ratio * n)))]] = True
+        return m.view(shape)
+
+    return mask((d_out, r)), mask((r, d_in))

@@ -1,0 +1,175 @@
+"""allocate: a keep ratio per adapted layer (see `partial_lora.allocation`).
+
+`adapter.sparsity=auto` runs the configured allocator (threshold by default, which masks the
+trained probe adapter at grid ratios and measures few-shot validation accuracy);
+`adapter.sparsity=<s>` keeps a uniform 1 − s everywhere without a probe. Writes
+`allocation.json` (ratio, rows, cols and every accuracy tried per layer; a_ref, a_0, τ, target)
+and `allocation.png`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from partial_lora import allocation as AL
+from partial_lora import artifacts as A
+from partial_lora import config as C
+from partial_lora.errors import PlrError
+from partial_lora.lora import base_weights, load_adapter_state_dict
+from partial_lora.masks import LayerInfo, Ranking, rank_layer, subspace_k
+from partial_lora.metrics import compute_metrics
+from partial_lora.stages.base import Setup, loader, setup
+from partial_lora.tracking import Tracker
+from partial_lora.train import autocast_dtype, predict, set_seed
+
+NAME = "allocate"
+
+
+def settings(cfg: DictConfig) -> dict[str, Any]:
+    """What determines an allocation: equal settings let `from_run` reuse it."""
+    allocation = {k: v for k, v in C.plain(cfg.adapter.get("allocation", {})).items() if k != "search_masks"}
+    return {"sparsity": C.sparsity(cfg), "allocation": allocation, "probe": C.plain(cfg.adapter.get("probe", {})),
+            "search_masks": search_method(cfg), "mask_energy": C.mask_config(cfg).energy,
+            "r": int(cfg.adapter.r), "targets": C.plain(cfg.adapter.targets), "model": str(cfg.model.name),
+            "task": str(cfg.task.name), "seed": int(cfg.seed)}
+
+
+def search_method(cfg: DictConfig) -> str:
+    """The mask method the threshold search uses (allocation.search_masks, else mask.method)."""
+    return C.allocation_config(cfg).search_masks or C.mask_config(cfg).method
+
+
+def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
+    out = A.stage_dir(run_dir, NAME)
+    acfg, sp = C.allocation_config(cfg), C.sparsity(cfg)
+    set_seed(int(cfg.seed))
+    s = setup(cfg)
+    r = int(cfg.adapter.r)
+    layers = [AL.Layer(lid, b.d_out, b.d_in) for lid, b in s.branches.items()]
+    t0 = time.perf_counter()
+    if sp != "auto":
+        alloc = AL.uniform(layers, r, 1.0 - float(sp))
+    elif acfg.allocator == "uniform":
+        if acfg.ratio is None:
+            raise PlrError("adapter.allocation.allocator=uniform needs adapter.allocation.ratio=<keep ratio> "
+                           "(or use adapter.sparsity=<s>)")
+        alloc = AL.uniform(layers, r, acfg.ratio)
+    elif acfg.allocator == "spectrum":
+        w = base_weights(s.built.model.net)
+        ks = {la.name: subspace_k(torch.linalg.svdvals(w[la.name].double()), acfg.energy) for la in layers}
+        alloc = AL.spectrum(layers, r, ks)
+    else:
+        alloc = _threshold(cfg, run_dir, s, layers, acfg)
+    if acfg.budget is not None:
+        alloc = AL.rescale_to_budget(alloc, acfg.budget)
+    search_s = time.perf_counter() - t0
+    A.write_json(out / A.ALLOCATION, {**alloc.to_json(), "settings": settings(cfg), "search_wall_s": search_s})
+    plot(alloc, out / A.ALLOCATION_PNG, title=f"{cfg.task.name} · {cfg.model.name} · r={r}")
+    ratios = [la.ratio for la in alloc.layers]
+    return {"allocator": alloc.allocator, "params": alloc.params(), "dense_params": alloc.dense_params(),
+            "reduction_pct": 100.0 * (1 - alloc.params() / alloc.dense_params()),
+            "ratio_min": min(ratios), "ratio_median": statistics.median(ratios), "ratio_max": max(ratios),
+            "a_ref": alloc.a_ref, "a_0": alloc.a_0, "target": alloc.target, "joint_accuracy": alloc.joint_accuracy,
+            "evaluations": alloc.evaluations, "floor_share": alloc.floor_share(), "search_wall_s": search_s}
+
+
+def _threshold(cfg: DictConfig, run_dir: Path, s: Setup, layers: list[AL.Layer],
+               acfg: AL.AllocationConfig) -> AL.Allocation:
+    probe = A.stage_dir(run_dir, "probe")
+    net, model = s.built.model.net, s.built.model
+    load_adapter_state_dict(net, A.load_tensors(probe / A.ADAPTER), source=str(probe / A.ADAPTER))
+    model.load_head_state_dict(A.load_tensors(probe / A.HEAD), source=str(probe / A.HEAD))
+    fewshot = A.read_json(probe / A.FEWSHOT)
+    tc = C.train_config(cfg)
+    model.to(s.device).eval()
+    # The few-shot validation set is tiny: collate (tokenise / transform) it once for all evaluations.
+    batches = list(loader(s, s.data.train.select(fewshot["val"]), tc, train=False))
+    dtype = autocast_dtype(tc, s.device)
+    _, main = C.task_metrics(cfg)
+    mcfg = C.mask_config(cfg)
+    method = search_method(cfg)
+    mask_seed = int(cfg.seed) if mcfg.seed is None else mcfg.seed
+    weights = base_weights(net)
+    dense = {lid: (b.lora_B.detach().clone(), b.lora_A.detach().clone()) for lid, b in s.branches.items()}
+    rankings: dict[str, Ranking] = {
+        lid: rank_layer(method, LayerInfo(lid, weights[lid], b.delta_weight()), mask_seed, mcfg.energy)
+        for lid, b in s.branches.items()}
+    cache: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def masks(lid: str, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if (lid, rho) not in cache:
+            rows, cols = rankings[lid].keep(rho)
+            b, a = dense[lid]
+            rm = torch.zeros(b.shape[0], 1, device=b.device)
+            rm[rows.to(b.device)] = 1
+            cm = torch.zeros(1, a.shape[1], device=a.device)
+            cm[:, cols.to(a.device)] = 1
+            cache[lid, rho] = rm, cm
+        return cache[lid, rho]
+
+    @torch.no_grad()
+    def set_ratios(ratios: Mapping[str, float], zero: bool = False) -> None:
+        # ΔW = s·diag(u_row)·B·A·diag(u_col): masking B's rows and A's columns is exactly that.
+        for lid, branch in s.branches.items():
+            b, a = dense[lid]
+            rho = ratios.get(lid, 1.0)
+            if zero:
+                branch.lora_B.zero_()
+            elif rho >= 1:
+                branch.lora_B.copy_(b)
+                branch.lora_A.copy_(a)
+            else:
+                rm, cm = masks(lid, rho)
+                branch.lora_B.copy_(b * rm)
+                branch.lora_A.copy_(a * cm)
+
+    def accuracy(ratios: Mapping[str, float], zero: bool = False) -> float:
+        set_ratios(ratios, zero)
+        logits, labels, _ = predict(model, batches, s.device, dtype)
+        return compute_metrics(logits, labels, [main])[main]
+
+    a_ref = accuracy({})
+    a_0 = accuracy({}, zero=True)
+    print(f"[plr] allocate: few-shot {main}: probe a_ref={a_ref:.3f}, no adapter a_0={a_0:.3f}, tau={acfg.tau}, "
+          f"relative_to={acfg.relative_to}, {len(layers)} layers, grid {list(acfg.grid)}")
+    alloc = AL.threshold(layers, int(cfg.adapter.r), acfg, evaluate=accuracy, a_ref=a_ref, a_0=a_0)
+    set_ratios({})
+    return alloc
+
+
+def plot(alloc: AL.Allocation, path: Path, title: str) -> None:
+    """Bar chart of the keep ratio per layer (log2 axis), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [la.name for la in alloc.layers]
+    ratios = [la.ratio for la in alloc.layers]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(names) + 2), 3.6))
+    ax.bar(range(len(names)), ratios, color="#3b6ea5")
+    ax.set_yscale("log", base=2)
+    floor = min(min(ratios), min(alloc.grid or [1.0]))
+    ax.set_ylim(floor / 1.5, 1.3)
+    ax.set_ylabel("keep ratio ρ (rows and columns)")
+    ax.set_xticks(range(len(names)), [_short(n) for n in names], rotation=90, fontsize=6)
+    red = 100.0 * (1 - alloc.params() / max(1, alloc.dense_params()))
+    ax.set_title(f"{title} · {alloc.allocator}: {alloc.params():,} params ({red:.1f}% fewer than dense)", fontsize=8)
+    fig.tight_layout()
+    with A.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _short(name: str) -> str:
+    """`bert.encoder.layer.3.attention.self.query` -> `3.self.query` (tick labels)."""
+    parts = name.split(".")
+    nums = [p for p in parts if p.isdigit()]
+    return ".".join(nums[:1] + parts[-2:])

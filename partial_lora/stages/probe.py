@@ -1,0 +1,46 @@
+"""probe: a short dense-LoRA run on a few-shot subset; its accuracy a_ref anchors the allocation.
+
+[paper] "a separate training phase on a few-shot subset". [ours] `adapter.probe.shots` examples
+per class for training and a disjoint `val_shots` per class for validation, both drawn from the
+training split with the run's seed. Writes the trained adapter and head, the adapter's *initial*
+values (for rewinding the sparse retrain), and the few-shot indices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from partial_lora import artifacts as A
+from partial_lora import config as C
+from partial_lora.data.split import few_shot
+from partial_lora.lora import adapter_state_dict
+from partial_lora.stages.base import loader, setup
+from partial_lora.tracking import Tracker
+from partial_lora.train import JsonlLog, fit, set_seed
+
+NAME = "probe"
+
+
+def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
+    out = A.stage_dir(run_dir, NAME)
+    pc = C.probe_config(cfg)
+    set_seed(int(cfg.seed))
+    s = setup(cfg)
+    train_idx, val_idx = few_shot(s.data.train, pc.shots, pc.val_shots, int(cfg.seed), s.data.label_names)
+    meta = {"model": str(cfg.model.name), "task": str(cfg.task.name)}
+    A.save_tensors(out / A.INIT, adapter_state_dict(s.built.model.net), meta)  # before any step
+    A.write_json(out / A.FEWSHOT, {"train": train_idx, "val": val_idx, "shots": pc.shots, "val_shots": pc.val_shots})
+    _, main = C.task_metrics(cfg)
+    tc = C.train_config(cfg, metric=main, epochs=pc.epochs, batch_size=pc.batch_size, max_steps=None,
+                        **({"lr": pc.lr} if pc.lr else {}), **({"head_lr": pc.head_lr} if pc.head_lr else {}))
+    few_train, few_val = s.data.train.select(train_idx), s.data.train.select(val_idx)
+    result = fit(s.built.model, loader(s, few_train, tc, train=True, seed=int(cfg.seed)),
+                 loader(s, few_val, tc, train=False), tc, device=s.device, metrics=s.metrics,
+                 log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME)
+    A.save_tensors(out / A.ADAPTER, adapter_state_dict(s.built.model.net), meta)
+    A.save_tensors(out / A.HEAD, s.built.model.head_state_dict(), meta)
+    return {"a_ref": result.best_metric, "metric": main, "best_epoch": result.best_epoch, "steps": result.steps,
+            "train_examples": len(train_idx), "val_examples": len(val_idx), "train_wall_s": result.wall_s}
