@@ -9,10 +9,12 @@ path instead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlparse
@@ -65,6 +67,30 @@ def check_local_path(path: str, *, what: str, key: str) -> Path:
     return p.resolve()
 
 
+@contextlib.contextmanager
+def cache_only() -> Iterator[None]:
+    """Make huggingface_hub (and datasets) cache-only for the duration of a load.
+
+    `local_files_only` alone is not enough: transformers still asks the Hub for optional files
+    (an `adapter_config.json`) and `datasets.load_dataset` has no such switch; both read the
+    offline flags at call time, and without them an unreachable Hub costs tens of seconds of
+    retries.
+    """
+    import huggingface_hub.constants as hub_constants
+
+    targets = [hub_constants]
+    if "datasets" in sys.modules:
+        targets.append(sys.modules["datasets"].config)
+    saved = [t.HF_HUB_OFFLINE for t in targets]
+    for t in targets:
+        t.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for t, v in zip(targets, saved):
+            t.HF_HUB_OFFLINE = v
+
+
 def load_from_hub(load: Callable[[bool], T], name: str, *, what: str, key: str) -> T:
     """Call `load(local_files_only)` for a hub id, explaining failures in one line.
 
@@ -76,7 +102,10 @@ def load_from_hub(load: Callable[[bool], T], name: str, *, what: str, key: str) 
     """
     online = hub_reachable()
     try:
-        return load(not online)
+        if online:
+            return load(False)
+        with cache_only():
+            return load(True)
     except PlrError:
         raise
     except Exception as e:  # noqa: BLE001 - libraries raise OSError, ValueError, HTTP errors...

@@ -110,6 +110,28 @@ def test_bad_input_one_line_error_and_no_run_dir(tmp_path, args, message):
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("model", ["vit-b", "vit-b-timm", "deberta-v3-base"])
+def test_unreachable_hub_model_fails_fast_in_one_line_without_offline_vars(tmp_path, model):
+    env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf")  # an empty cache: the name cannot be served locally
+    task = "task=bbc-news" if model.startswith("deberta") else "task=digits"
+    res = plr("train", "experiment=smoke", f"model={model}", task, f"run_dir={tmp_path / 'run'}", cwd=tmp_path, env=env)
+    err = res.stderr.strip()
+    assert res.returncode != 0 and err.startswith("plr: error:") and "\n" not in err, err
+    assert "model.source=" in err and "Traceback" not in res.stderr
+
+
+def test_wandb_without_api_key_falls_back_and_never_crashes(tmp_path):
+    env = {k: v for k, v in ENV.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    env["HOME"] = str(tmp_path)  # no ~/.netrc with a wandb login
+    run_dir = tmp_path / "run"
+    res = plr("train", "experiment=smoke", "adapter=lora", "logger=wandb", "logger.mode=online",
+              f"run_dir={run_dir}", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "no API key" in res.stderr
+    assert (run_dir / "results.json").exists() and (run_dir / "wandb").is_dir()
+
+
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
 def test_every_experiment_config_composes(experiment):
     from partial_lora import config as C

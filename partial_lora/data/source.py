@@ -8,12 +8,9 @@ its failures into one-line `PlrError`s.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
-import huggingface_hub.constants
 
 from partial_lora.data.base import TaskSpec
 from partial_lora.errors import PlrError
@@ -41,29 +38,10 @@ def load_source(spec: TaskSpec) -> datasets.DatasetDict:
     path = spec.path
 
     def load(local_files_only: bool) -> datasets.DatasetDict:
-        with _hub_offline(local_files_only):
-            return datasets.load_dataset(path, spec.subset, revision=spec.revision)
+        # Offline, `load_from_hub` makes the load cache-only (datasets has no local_files_only).
+        return datasets.load_dataset(path, spec.subset, revision=spec.revision)
 
     return load_from_hub(load, path, what="dataset", key="task.path")
-
-
-@contextlib.contextmanager
-def _hub_offline(enabled: bool) -> Iterator[None]:
-    """Force cache-only loading while the Hub is unreachable.
-
-    `datasets` has no `local_files_only` switch for `load_dataset`; it reads the offline flag
-    (normally from HF_HUB_OFFLINE at import) at call time. Without it an unreachable Hub costs
-    tens of seconds of retries before the cache fallback.
-    """
-    if not enabled:
-        yield
-        return
-    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
 def _load_local(spec: TaskSpec, path: Path) -> datasets.DatasetDict:
