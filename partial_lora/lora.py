@@ -97,13 +97,27 @@ class LoRABranch(nn.Module):
         a = self.lora_A if self.mask_A is None else self.lora_A * self.mask_A
         return b, a
 
-    def forward(self, x: Tensor) -> Tensor:
-        """The branch output at the kept rows: shape (..., |R|)."""
+    def hidden(self, x: Tensor) -> Tensor:
+        """The rank-r code of the input, (..., r): dropout, gather at the kept columns, A_C.
+
+        Only the gathered input (..., |C|) is kept for backward, so activation memory shrinks
+        with the kept column share.
+        """
         x = self.dropout(x)
         if not self.all_cols:
             x = x.index_select(-1, self.cols)
-        b, a = self.factors()
-        return (x @ a.t().to(x.dtype)) @ (b.t().to(x.dtype) * self.scale)
+        return x @ self.factors()[1].t().to(x.dtype)
+
+    def out_weight(self, out_features: int) -> Tensor:
+        """s·B placed at the kept output rows of the wrapped layer: (out_features × r).
+
+        Scattering the small factor (not the (..., |R|) output) keeps autograd from saving an
+        activation-sized tensor; the extra FLOPs are tokens·r·(out_features − |R|), negligible.
+        """
+        b = self.factors()[0] * self.scale
+        if self.all_rows and self.d_out == out_features:
+            return b
+        return b.new_zeros(out_features, self.r).index_copy(0, self.out_index, b)
 
     def delta_weight(self) -> Tensor:
         """The dense update of this branch's slice, (d_out × d_in), zero outside R × C."""
@@ -155,11 +169,8 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         for branch in self.branches.values():
-            delta = branch(x).to(y.dtype)
-            if branch.all_rows and branch.d_out == self.out_features:
-                y = y + delta
-            else:  # add the branch output at its kept rows only (out of place: autograd-safe)
-                y = y.index_add(-1, branch.out_index, delta)
+            h = branch.hidden(x)
+            y = y + (h @ branch.out_weight(self.out_features).t().to(h.dtype)).to(y.dtype)
         return y
 
     @torch.no_grad()
