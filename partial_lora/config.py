@@ -163,11 +163,14 @@ class RetrainConfig:
         init: `rewind` (the probe's initial values restricted to R × C) or `fresh`.
         adapter_lr_scale: a number, or `auto` = 1/sqrt(kept density) capped at `lr_scale_cap` [ours].
         lr_scale_cap: the cap of `auto`.
+        lr_scale_per_layer: with `auto`, use each layer's own kept density instead of the
+            adapter's overall density (a dense layer then keeps the base learning rate).
     """
 
     init: str = "rewind"
     adapter_lr_scale: float | str = "auto"
     lr_scale_cap: float = 8.0
+    lr_scale_per_layer: bool = False
 
     def __post_init__(self) -> None:
         if self.init not in ("rewind", "fresh"):

@@ -384,10 +384,6 @@ def freeze_for_adapter(model: nn.Module, head_modules: Sequence[str] = ()) -> No
             p.requires_grad_(True)
 
 
-def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for _, b in iter_branches(model) for p in (b.lora_A, b.lora_B)]
-
-
 def count_adapter_parameters(model: nn.Module) -> dict[str, int]:
     """Trainable adapter parameters and those of a dense LoRA at the same rank on the same layers."""
     branches = [b for _, b in iter_branches(model)]

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from partial_lora.errors import PlrError
-from partial_lora.lora import adapter_parameters, adapter_state_dict, load_adapter_state_dict
+from partial_lora.lora import adapter_state_dict, iter_branches, load_adapter_state_dict
 from partial_lora.metrics import compute_metrics
 from partial_lora.models import Classifier
 
@@ -202,19 +202,25 @@ class JsonlLog:
 
 def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | None, cfg: TrainConfig, *,
         device: torch.device, log: Callable[[dict[str, Any]], None] = lambda r: None,
-        metrics: Iterable[str] = ("accuracy",), desc: str = "train") -> FitResult:
+        metrics: Iterable[str] = ("accuracy",), desc: str = "train",
+        layer_lr_scales: Mapping[str, float] | None = None) -> FitResult:
     """Train adapter + head; keep the state with the best validation `cfg.metric`.
 
     The model must already be frozen except for its adapter and head (see
-    `lora.freeze_for_adapter`).
+    `lora.freeze_for_adapter`). `layer_lr_scales` (layer id -> factor) further multiplies the
+    adapter learning rate of single layers; missing layers use 1.
     """
     metrics = tuple(dict.fromkeys([cfg.metric, *metrics]))
     dtype = autocast_dtype(cfg, device)
     model.to(device)
-    adapter = [p for p in adapter_parameters(model.net) if p.requires_grad]
+    by_scale: dict[float, list[nn.Parameter]] = {}
+    for lid, branch in iter_branches(model.net):
+        scale = float((layer_lr_scales or {}).get(lid, 1.0))
+        by_scale.setdefault(scale, []).extend(p for p in (branch.lora_A, branch.lora_B) if p.requires_grad)
     head = [p for p in model.head_parameters() if p.requires_grad]
-    groups = [{"params": adapter, "lr": cfg.lr * cfg.adapter_lr_scale, "name": "adapter"},
-              {"params": head, "lr": cfg.lr if cfg.head_lr is None else cfg.head_lr, "name": "head"}]
+    groups = [{"params": ps, "lr": cfg.lr * cfg.adapter_lr_scale * sc, "name": f"adapter x{sc:g}"}
+              for sc, ps in sorted(by_scale.items())]
+    groups.append({"params": head, "lr": cfg.lr if cfg.head_lr is None else cfg.head_lr, "name": "head"})
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise PlrError("nothing to train: no adapter or head parameters require gradients")

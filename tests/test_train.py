@@ -73,6 +73,19 @@ def test_fit_trains_selects_best_and_logs(model_spec, tmp_path):
     assert again["accuracy"] == pytest.approx(res.best_metric)
 
 
+def test_layer_lr_scales_reach_single_layers(model_spec):
+    s = small_setup(model_spec, n_train=32)
+    frozen = "bert.encoder.layer.0.attention.self.query"
+    before = adapter_state_dict(s.built.model.net)
+    tc = TrainConfig(epochs=1, batch_size=8, lr=1e-2, progress=False)
+    fit(s.built.model, loader(s, s.data.train, tc, train=True), None, tc, device=s.device,
+        layer_lr_scales={frozen: 0.0})
+    after = adapter_state_dict(s.built.model.net)
+    assert torch.equal(before[f"{frozen}.lora_A"], after[f"{frozen}.lora_A"])  # learning rate 0: untouched
+    assert not torch.equal(before["bert.encoder.layer.1.attention.self.query.lora_A"],
+                           after["bert.encoder.layer.1.attention.self.query.lora_A"])
+
+
 def test_grad_accumulation_counts_optimizer_steps(model_spec):
     s = small_setup(model_spec, n_train=32)
     tc = TrainConfig(epochs=1, batch_size=8, grad_accum=2, progress=False)

@@ -49,12 +49,20 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
             print("[plr] retrain: no probe in this run (uniform sparsity), so retrain.init=rewind starts fresh")
     params = count_adapter_parameters(s.built.model.net)
     density = params["adapter"] / params["dense_lora"]
-    scale = lr_scale_auto(density, rc.lr_scale_cap) if rc.adapter_lr_scale == "auto" else float(rc.adapter_lr_scale)
+    per_layer = None
+    if rc.adapter_lr_scale != "auto":
+        scale = float(rc.adapter_lr_scale)
+    elif rc.lr_scale_per_layer:
+        scale = 1.0
+        per_layer = {lid: lr_scale_auto(b.num_parameters() / b.dense_num_parameters(), rc.lr_scale_cap)
+                     for lid, b in s.branches.items()}
+    else:
+        scale = lr_scale_auto(density, rc.lr_scale_cap)
     _, main = C.task_metrics(cfg)
     tc = C.train_config(cfg, metric=main, adapter_lr_scale=scale)
     result = fit(s.built.model, loader(s, s.data.train, tc, train=True, seed=int(cfg.seed)),
                  loader(s, s.data.val, tc, train=False), tc, device=s.device, metrics=s.metrics,
-                 log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME)
+                 log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, layer_lr_scales=per_layer)
     meta = {"model": str(cfg.model.name), "task": str(cfg.task.name)}
     A.save_tensors(out / A.ADAPTER, adapter_state_dict(s.built.model.net), meta)
     A.save_tensors(out / A.HEAD, s.built.model.head_state_dict(), meta)
