@@ -8,6 +8,7 @@ Runs, per seed (sequentially, each a `plr train` in its own run dir, rerun-safe)
   partial-rand Partial-LoRA auto, random masks, same allocation      from_run=partial, mask.method=random
   uniform      uniform random rows/cols at partial's budget          allocator=uniform, budget=<partial params>
   rank-matched dense LoRA at the rank closest to partial's budget    adapter=lora adapter.r=<r>
+and the same four Partial-LoRA rows again with adapter.allocation.relative_to=gain (probe reused),
 then prints a markdown table of test accuracy (mean ± std) and adapter parameters.
 """
 
@@ -48,6 +49,10 @@ def main() -> None:
         budget = partial["params"]["adapter"]
         per_rank = dense["params"]["adapter"] // int(dense["adapter"]["r"])
         rank = max(1, round(budget / per_rank))
+        gain_args = ("adapter.allocation.relative_to=gain", f"from_run={d / 'partial'}")
+        gain = run(d / "gain", *gain_args, *common)
+        gain_budget = gain["params"]["adapter"]
+        gain_rank = max(1, round(gain_budget / per_rank))
         out = {
             "dense LoRA r=8": dense,
             "Partial-LoRA auto (subspace masks)": partial,
@@ -58,6 +63,15 @@ def main() -> None:
                 d / "uniform", "adapter.allocation.allocator=uniform", "adapter.allocation.ratio=1",
                 f"adapter.allocation.budget={budget}", "adapter.mask.method=random", *common),
             "dense LoRA, rank-matched": run(d / "rank-matched", "adapter=lora", f"adapter.r={rank}", *common),
+            "Partial-LoRA auto, relative_to=gain (subspace masks)": gain,
+            "Partial-LoRA auto, relative_to=gain (random masks, same ratios)": run(
+                d / "gain-rand", f"from_run={d / 'gain'}", "adapter.allocation.relative_to=gain",
+                "adapter.mask.method=random", "adapter.allocation.search_masks=subspace", *common),
+            "uniform random rows/cols, gain's budget": run(
+                d / "gain-uniform", "adapter.allocation.allocator=uniform", "adapter.allocation.ratio=1",
+                f"adapter.allocation.budget={gain_budget}", "adapter.mask.method=random", *common),
+            "dense LoRA, rank-matched to gain": run(d / ("rank-matched" if gain_rank == rank else f"rank-matched-r{gain_rank}"), "adapter=lora",
+                                                    f"adapter.r={gain_rank}", *common),
         }
         for k, v in out.items():
             rows.setdefault(k, []).append(v)

@@ -229,7 +229,8 @@ def threshold(layers: Sequence[Layer], r: int, cfg: AllocationConfig, *,
     if alloc.floor_share() >= cfg.floor_warning and len(ascending) > 0:
         msg = (f"{alloc.floor_share():.0%} of layers ended at the grid's smallest ratio {floor:g}: the grid may be "
                f"too coarse or the few-shot set too easy (joint accuracy of the allocation {alloc.joint_accuracy:.3f} "
-               f"vs target {target:.3f}); try a finer grid, more shots, relative_to=gain or a higher tau")
+               f"vs target {target:.3f}); try a finer grid, more shots"
+               f"{', relative_to=gain' if cfg.relative_to == 'probe' else ''} or a higher tau")
         alloc.warnings.append(msg)
         log.warning(msg)
     return alloc
