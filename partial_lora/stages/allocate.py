@@ -22,10 +22,10 @@ from partial_lora import allocation as AL
 from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora.errors import PlrError
-from partial_lora.lora import base_weights, load_adapter_state_dict
+from partial_lora.lora import base_weights
 from partial_lora.masks import LayerInfo, Ranking, rank_layer, subspace_k
 from partial_lora.metrics import compute_metrics
-from partial_lora.stages.base import Setup, loader, setup
+from partial_lora.stages.base import Setup, load_trained, loader, setup
 from partial_lora.tracking import Tracker
 from partial_lora.train import autocast_dtype, predict, set_seed
 
@@ -84,8 +84,7 @@ def _threshold(cfg: DictConfig, run_dir: Path, s: Setup, layers: list[AL.Layer],
                acfg: AL.AllocationConfig) -> AL.Allocation:
     probe = A.stage_dir(run_dir, "probe")
     net, model = s.built.model.net, s.built.model
-    load_adapter_state_dict(net, A.load_tensors(probe / A.ADAPTER), source=str(probe / A.ADAPTER))
-    model.load_head_state_dict(A.load_tensors(probe / A.HEAD), source=str(probe / A.HEAD))
+    load_trained(s, probe)
     fewshot = A.read_json(probe / A.FEWSHOT)
     tc = C.train_config(cfg)
     model.to(s.device).eval()

@@ -15,10 +15,11 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora.data import TaskData, load_task, make_collate
 from partial_lora.errors import PlrError
-from partial_lora.lora import LoRABranch, freeze_for_adapter, inject_lora
+from partial_lora.lora import LoRABranch, adapter_state_dict, freeze_for_adapter, inject_lora, load_adapter_state_dict
 from partial_lora.models import Built, build_model
 from partial_lora.train import TrainConfig, resolve_device
 
@@ -87,3 +88,16 @@ def setup_run(cfg: DictConfig, run_dir: Path) -> Setup:
     for lid, (mask_b, mask_a) in element.items():
         s.branches[lid].set_element_masks(mask_b, mask_a)
     return s
+
+
+def save_trained(s: Setup, out: Path, cfg: DictConfig) -> None:
+    """Write a stage's trained adapter and head (probe, retrain)."""
+    meta = {"model": str(cfg.model.name), "task": str(cfg.task.name)}
+    A.save_tensors(out / A.ADAPTER, adapter_state_dict(s.built.model.net), meta)
+    A.save_tensors(out / A.HEAD, s.built.model.head_state_dict(), meta)
+
+
+def load_trained(s: Setup, src: Path) -> None:
+    """Load the adapter and head that `save_trained` wrote into `src` (allocate, evaluate)."""
+    load_adapter_state_dict(s.built.model.net, A.load_tensors(src / A.ADAPTER), source=str(src / A.ADAPTER))
+    s.built.model.load_head_state_dict(A.load_tensors(src / A.HEAD), source=str(src / A.HEAD))

@@ -10,8 +10,8 @@ from omegaconf import DictConfig
 
 from partial_lora import artifacts as A
 from partial_lora import config as C
-from partial_lora.lora import count_adapter_parameters, load_adapter_state_dict
-from partial_lora.stages.base import loader, setup_run
+from partial_lora.lora import count_adapter_parameters
+from partial_lora.stages.base import load_trained, loader, setup_run
 from partial_lora.tracking import Tracker
 from partial_lora.train import autocast_dtype, evaluate, set_seed
 
@@ -21,9 +21,7 @@ NAME = "evaluate"
 def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
     set_seed(int(cfg.seed))
     s = setup_run(cfg, run_dir)
-    src = A.stage_dir(run_dir, "retrain")
-    load_adapter_state_dict(s.built.model.net, A.load_tensors(src / A.ADAPTER), source=str(src / A.ADAPTER))
-    s.built.model.load_head_state_dict(A.load_tensors(src / A.HEAD), source=str(src / A.HEAD))
+    load_trained(s, A.stage_dir(run_dir, "retrain"))
     tc = C.train_config(cfg)
     model = s.built.model.to(s.device)
     dtype = autocast_dtype(tc, s.device)

@@ -17,7 +17,7 @@ from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora.data.split import few_shot
 from partial_lora.lora import adapter_state_dict
-from partial_lora.stages.base import loader, setup
+from partial_lora.stages.base import loader, save_trained, setup
 from partial_lora.tracking import Tracker
 from partial_lora.train import JsonlLog, fit, set_seed
 
@@ -40,7 +40,6 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
     result = fit(s.built.model, loader(s, few_train, tc, train=True, seed=int(cfg.seed)),
                  loader(s, few_val, tc, train=False), tc, device=s.device, metrics=s.metrics,
                  log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME)
-    A.save_tensors(out / A.ADAPTER, adapter_state_dict(s.built.model.net), meta)
-    A.save_tensors(out / A.HEAD, s.built.model.head_state_dict(), meta)
+    save_trained(s, out, cfg)
     return {"a_ref": result.best_metric, "metric": main, "best_epoch": result.best_epoch, "steps": result.steps,
             "train_examples": len(train_idx), "val_examples": len(val_idx), "train_wall_s": result.wall_s}

@@ -18,8 +18,8 @@ from omegaconf import DictConfig
 from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora.allocation import lr_scale_auto
-from partial_lora.lora import LoRABranch, adapter_state_dict, count_adapter_parameters
-from partial_lora.stages.base import is_sparse, loader, setup_run
+from partial_lora.lora import LoRABranch, count_adapter_parameters
+from partial_lora.stages.base import is_sparse, loader, save_trained, setup_run
 from partial_lora.tracking import Tracker
 from partial_lora.train import JsonlLog, fit, set_seed
 
@@ -63,9 +63,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
     result = fit(s.built.model, loader(s, s.data.train, tc, train=True, seed=int(cfg.seed)),
                  loader(s, s.data.val, tc, train=False), tc, device=s.device, metrics=s.metrics,
                  log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, layer_lr_scales=per_layer)
-    meta = {"model": str(cfg.model.name), "task": str(cfg.task.name)}
-    A.save_tensors(out / A.ADAPTER, adapter_state_dict(s.built.model.net), meta)
-    A.save_tensors(out / A.HEAD, s.built.model.head_state_dict(), meta)
+    save_trained(s, out, cfg)
     return {f"best_val_{main}": result.best_metric, "best_epoch": result.best_epoch, "steps": result.steps,
             "train_wall_s": result.wall_s, "adapter_params": params["adapter"], "density": density,
             "adapter_lr_scale": scale, "init": init,
