@@ -9,15 +9,29 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
+# Reproduction sweeps (see `make help` and README "Reproducing the paper's benchmarks"):
+GPUS    ?= 0                   # CUDA device ids, one sweep process each: GPUS=0,1,2,3
+DEVICE  ?= auto                # trainer.device of every run: auto | cuda | cpu
+SEEDS   ?= 0,1,2
+METHODS ?= lora,partial        # adapter configs swept
+TASKS   ?=                     # comma-separated subset of the suite's tasks (empty: all eight)
+MODEL   ?=                     # vision backbone config (empty: vit-b; e.g. MODEL=vit-b-timm)
+OUT     ?=                     # output root (empty: outputs/reproduce-<suite>)
+EXTRA   ?=                     # further Hydra overrides for every run, e.g. EXTRA="trainer.num_workers=16"
+HUB_OFFLINE ?= 0               # the sweeps download from the Hub; 1 = use the local HF cache only
+REPRO = $(BIN)/python experiments/reproduce.py --gpus $(strip $(GPUS)) --device $(strip $(DEVICE)) \
+	--seeds $(strip $(SEEDS)) --methods $(strip $(METHODS)) $(if $(strip $(TASKS)),--tasks $(strip $(TASKS))) \
+	$(if $(strip $(MODEL)),--model $(strip $(MODEL))) $(if $(strip $(OUT)),--out $(strip $(OUT)))
+
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all clean
+.PHONY: help install demo test test-all clean reproduce-vision reproduce-glue reproduce-vision-dry reproduce-glue-dry
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-22s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +51,21 @@ test: $(STAMP) ## the fast test suite (no network, CPU, a few minutes)
 
 test-all: $(STAMP) ## every test, slow ones included
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+reproduce-vision reproduce-glue: export HF_HUB_OFFLINE = $(strip $(HUB_OFFLINE))
+reproduce-vision reproduce-glue: export HF_DATASETS_OFFLINE = $(strip $(HUB_OFFLINE))
+
+reproduce-vision: $(STAMP) ## CUDA: 8 VTAB-1k tasks x {LoRA, Partial-LoRA} x 3 seeds on ViT-B/16, then plr report
+	$(REPRO) vision -- $(EXTRA)
+
+reproduce-glue: $(STAMP) ## CUDA: 8 GLUE tasks x {LoRA, Partial-LoRA} x 3 seeds on DeBERTa-v3-base, then plr report
+	$(REPRO) glue -- $(EXTRA)
+
+reproduce-vision-dry: $(STAMP) ## print the reproduce-vision commands without running them
+	$(REPRO) vision --dry-run -- $(EXTRA)
+
+reproduce-glue-dry: $(STAMP) ## print the reproduce-glue commands without running them
+	$(REPRO) glue --dry-run -- $(EXTRA)
 
 clean: ## remove outputs (not .venv)
 	rm -rf outputs multirun .pytest_cache

@@ -40,6 +40,7 @@ METRICS = "metrics.json"         # the numbers a stage returns
 CURVE = "metrics.jsonl"          # per-step / per-epoch log
 DONE = "done"                    # marker: the stage finished and all its files are complete
 RESULTS = "results.json"         # everything the report needs, at the run dir's top
+ERROR = "error.txt"              # why a job of a sweep failed (the sweep went on); removed on rerun
 GIT, ENV = "git.json", "env.json"
 
 VERSIONED = ("plr", "torch", "torchvision", "transformers", "datasets", "timm", "peft", "hydra-core",
@@ -79,6 +80,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode())
 
 
 def write_json(path: Path, obj: Any) -> None:

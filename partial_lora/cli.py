@@ -2,18 +2,23 @@
 
     plr train [overrides]        compose conf/ and run the pipeline (Hydra; -m for sweeps)
     plr train --help             config groups and the composed config
+    plr report PATH... [--out DIR] [--metric NAME]
+                                 tables and a plot over run dirs (mean ± std over seeds)
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from partial_lora import artifacts as A
@@ -28,8 +33,13 @@ commands:
   train [overrides]   run probe → allocate → extract → retrain → evaluate (Hydra overrides; -m for sweeps)
                       e.g.  plr train model=minilm task=bbc-news adapter=lora seed=1
   train --help        list config groups, their options and the composed config
+  report PATH... [--out DIR] [--metric NAME]
+                      tables (markdown, csv) and a plot over finished runs: each method's test
+                      metrics as mean ± std over seeds, per task; lists unfinished runs
+                      e.g.  plr report outputs/ --out report
+                      PATH: a run dir, a dir above run dirs (e.g. a multirun root), or a quoted glob
 
-run `plr train --help` for the config groups."""
+run `plr train --help` for the config groups, `plr report --help` for the report's options."""
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -57,6 +67,9 @@ def check_choices(overrides: list[str]) -> None:
                 fail(f"unknown {key} '{v}'; choose one of: {', '.join(group_options(key))}")
 
 
+SWEEP_FAILURES: list[str] = []  # run dirs of multirun jobs that failed (the sweep goes on)
+
+
 def _fresh(run_dir: Path) -> bool:
     return not any(A.stage_dir(run_dir, s).exists() for s in A.STAGES)
 
@@ -73,6 +86,8 @@ def _train(cfg: DictConfig) -> float | None:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     fresh = _fresh(run_dir)
+    sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
+    (run_dir / A.ERROR).unlink(missing_ok=True)
     try:
         C.validate(cfg)
         A.write_run_info(run_dir)
@@ -84,9 +99,18 @@ def _train(cfg: DictConfig) -> float | None:
         finally:
             if tracker is not None:
                 tracker.finish()
-    except PlrError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except Exception as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not (sweeping or isinstance(e, PlrError)):
             raise
+        if sweeping:
+            # One failed job must not end a sweep of many: record why in the run dir (the report
+            # lists it), say so, and go on to the next job. The sweep exits non-zero at the end.
+            message = str(e) if isinstance(e, PlrError) else f"{type(e).__name__}: {e}"
+            A.write_text(run_dir / A.ERROR, message + "\n" + ("" if isinstance(e, PlrError) else traceback.format_exc()))
+            SWEEP_FAILURES.append(str(run_dir))
+            print(f"plr: error: {message.splitlines()[0] if message else type(e).__name__} (run dir {run_dir}; "
+                  "the sweep goes on)", file=sys.stderr)
+            return None
         if fresh and not any(A.is_done(run_dir, s) for s in A.STAGES):
             # Nothing of value was written: leave no half-made run dir behind.
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -94,6 +118,44 @@ def _train(cfg: DictConfig) -> float | None:
         return None
     print(format_results(results))
     return results["metrics"].get(f"test_{results['main_metric']}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with plr's one-line errors (`plr: error: ...`, exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        fail(f"{message}; run `{self.prog} --help` for the options")
+
+
+def report_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="plr report", description="Tables (report.md, report.csv, runs.csv) and a plot "
+                     "(report.png) over plr run dirs: each method's test metrics as mean ± sample std over "
+                     "seeds, per task; unfinished runs are listed, not averaged.")
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="a run dir, a directory holding run dirs at any depth (e.g. a multirun root), "
+                             "or a glob (quote it; ** recurses)")
+    parser.add_argument("--out", type=Path, default=Path("report"), metavar="DIR",
+                        help="folder for report.md, report.csv, runs.csv, report.png (default: ./report)")
+    parser.add_argument("--metric", metavar="NAME",
+                        help="metric of the summary table, e.g. macro_f1 (default: each task's main metric)")
+    return parser
+
+
+def _report(argv: list[str]) -> int:
+    from partial_lora import report as R
+
+    args = report_parser().parse_args(argv)
+    try:
+        rep = R.build(args.paths, metric=args.metric)
+        written = R.write(rep, args.out)
+    except PlrError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        fail(str(e))
+        return 2
+    print(R.markdown(rep), end="")
+    print(f"[plr] report: wrote {args.out / written[0].name}, {', '.join(p.name for p in written[1:])}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         check_choices(rest)
         sys.argv = ["plr train", *rest]
         _train()
+        if SWEEP_FAILURES:
+            print(f"plr: error: {len(SWEEP_FAILURES)} run(s) of the sweep failed (each has {A.ERROR}): "
+                  f"{', '.join(SWEEP_FAILURES[:3])}{', ...' if len(SWEEP_FAILURES) > 3 else ''}", file=sys.stderr)
+            return 1
         return 0
+    if cmd == "report":
+        return _report(rest)
     fail(f"unknown command '{cmd}'; run `plr --help` for the commands")
     return 2
 

@@ -116,6 +116,8 @@ class ProbeConfig:
         shots / val_shots: examples per class in the few-shot train and (disjoint) validation sets.
         epochs / batch_size: the probe's training length.
         lr / head_lr: None uses the trainer's.
+        short_classes: `error` or `shrink` for classes with fewer than shots + val_shots
+            examples (see `data.split.few_shot`).
     """
 
     shots: int = 16
@@ -124,6 +126,7 @@ class ProbeConfig:
     batch_size: int = 16
     lr: float | None = None
     head_lr: float | None = None
+    short_classes: str = "shrink"
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,8 @@ def probe_config(cfg: DictConfig) -> ProbeConfig:
     pc = _build(ProbeConfig, _node(cfg, "adapter.probe"), "adapter.probe")
     if pc.shots < 1 or pc.val_shots < 1:
         raise PlrError(f"adapter.probe.shots and val_shots must be >= 1, got {pc.shots} and {pc.val_shots}")
+    if pc.short_classes not in ("error", "shrink"):
+        raise PlrError(f"adapter.probe.short_classes must be error or shrink, got '{pc.short_classes}'")
     return pc
 
 

@@ -2,12 +2,15 @@
 
 Every metric takes (logits, labels) as numpy arrays and returns a float where higher is better.
 Classification metrics use argmax predictions; regression metrics (a single-logit head) use the
-raw outputs.
+raw outputs. The GLUE metrics: CoLA `mcc`; MRPC and QQP `f1` (of the positive class) and
+`accuracy`; STS-B `pearson` and `spearman`; the rest `accuracy`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+
+import warnings
 
 import numpy as np
 from scipy import stats
@@ -26,13 +29,25 @@ def _f1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(skm.f1_score(labels, _pred(logits), average=average))
 
 
+def _correlation(fn: Callable[..., object]) -> Callable[[np.ndarray, np.ndarray], float]:
+    def metric(logits: np.ndarray, labels: np.ndarray) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", stats.ConstantInputWarning)
+            r = float(fn(logits.reshape(len(labels), -1)[:, 0], labels).statistic)
+        # A constant prediction (e.g. an untrained head) has no correlation: score it 0, not NaN,
+        # so checkpoint selection and the allocator's comparisons stay well defined.
+        return 0.0 if np.isnan(r) else r
+
+    return metric
+
+
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": lambda lo, la: float(skm.accuracy_score(la, _pred(lo))),
     "f1": _f1,
     "macro_f1": lambda lo, la: float(skm.f1_score(la, _pred(lo), average="macro")),
     "mcc": lambda lo, la: float(skm.matthews_corrcoef(la, _pred(lo))),
-    "pearson": lambda lo, la: float(stats.pearsonr(lo.reshape(len(la), -1)[:, 0], la).statistic),
-    "spearman": lambda lo, la: float(stats.spearmanr(lo.reshape(len(la), -1)[:, 0], la).statistic),
+    "pearson": _correlation(stats.pearsonr),
+    "spearman": _correlation(stats.spearmanr),
 }
 
 

@@ -44,6 +44,7 @@ class TrainConfig:
         adapter_lr_scale: multiplies `lr` for the adapter only (sparse adapters want more).
         weight_decay: AdamW decoupled weight decay (adapter and head alike).
         warmup_ratio: share of the steps with linear warmup from 0.
+        warmup_steps: a fixed number of warmup steps instead (None: use warmup_ratio).
         schedule: `cosine`, `linear` or `constant` decay after warmup.
         max_grad_norm: clip the global gradient norm (<= 0: off).
         precision: `auto` (bf16 autocast on CUDA, fp32 elsewhere), `bf16` or `fp32`.
@@ -64,6 +65,7 @@ class TrainConfig:
     adapter_lr_scale: float = 1.0
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
+    warmup_steps: int | None = None
     schedule: str = "cosine"
     max_grad_norm: float = 1.0
     precision: str = "auto"
@@ -83,6 +85,8 @@ class TrainConfig:
             (self.adapter_lr_scale > 0, f"adapter_lr_scale must be positive, got {self.adapter_lr_scale}"),
             (self.epochs > 0 or (self.max_steps or 0) > 0, "trainer.epochs (or trainer.max_steps) must be positive"),
             (0 <= self.warmup_ratio < 1, f"trainer.warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (self.warmup_steps is None or self.warmup_steps >= 0,
+             f"trainer.warmup_steps must be >= 0 (or null), got {self.warmup_steps}"),
             (self.schedule in SCHEDULES, f"trainer.schedule '{self.schedule}' is unknown; use one of {list(SCHEDULES)}"),
             (self.precision in ("auto", "bf16", "fp32"), f"trainer.precision '{self.precision}' must be auto, bf16 or fp32"),
             (self.weight_decay >= 0, f"trainer.weight_decay must be >= 0, got {self.weight_decay}"),
@@ -99,9 +103,14 @@ SCHEDULES: dict[str, Callable[[float], float]] = {
 }
 
 
-def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str) -> Callable[[int], float]:
-    """Multiplier of the base learning rate at a step: linear warmup, then the decay."""
-    warmup = int(round(warmup_ratio * total_steps))
+def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str,
+              warmup_steps: int | None = None) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at a step: linear warmup, then the decay.
+
+    `warmup_steps` (when not None) fixes the warmup length, capped at the total; otherwise
+    it is `warmup_ratio` of the total.
+    """
+    warmup = int(round(warmup_ratio * total_steps)) if warmup_steps is None else min(warmup_steps, total_steps)
     decay = SCHEDULES[schedule]
 
     def f(step: int) -> float:
@@ -232,7 +241,7 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
     steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
     total = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
     n_epochs = max(1, math.ceil(total / steps_per_epoch))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup_ratio, cfg.schedule))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup_ratio, cfg.schedule, cfg.warmup_steps))
 
     def snapshot() -> dict[str, Tensor]:
         return {**{"a." + k: v for k, v in adapter_state_dict(model.net).items()},

@@ -253,7 +253,7 @@ def test_uniform_sparsity_runs_without_probe(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["adapter.probe.shots=500"], "more than class"),
+    (["adapter.probe.shots=500", "adapter.probe.short_classes=error"], "more than class"),
     (["adapter.allocation.tau=0"], "tau must be in (0, 1]"),
     (["adapter.allocation.grid=[]"], "grid is empty"),
     (["adapter.sparsity=-0.1"], "sparsity must be in [0, 1)"),

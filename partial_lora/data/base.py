@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 import datasets
 
 Kind = Literal["text", "image"]
+PROTOCOLS = ("full", "vtab1k")
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,16 @@ class TaskSpec:
         text_column / text_pair_column / image_column / label_column: source column names.
         train_split / val_split / test_split: source split names; a None val/test split is
             carved from train with a stratified, seeded split of `val_fraction`/`test_fraction`.
+        val_max: at most this many carved validation rows (None: no cap). GLUE carves its
+            checkpoint-selection slice from train this way and keeps dev as the test split.
         split_seed: seed of that carving (fixed per task so runs with different seeds share it).
+        protocol: `full` (the splits as above) or `vtab1k`: `vtab_train` + `vtab_val` examples
+            drawn with `split_seed` from the train split (stratified when every class allows),
+            the test split kept whole.
+        vtab_train / vtab_val: the VTAB-1k sizes (800 + 200).
+        eval_splits: further evaluation sets, name -> source split (e.g. MNLI's
+            `{mismatched: validation_mismatched}`), reported as `test_<name>_<metric>`.
+        regression: the label is a float score (STS-B): a one-output head, MSE loss.
         max_train_samples / max_eval_samples: seeded subsample after splitting (None: all).
     """
 
@@ -45,7 +56,13 @@ class TaskSpec:
     test_split: str | None = None
     val_fraction: float = 0.1
     test_fraction: float = 0.2
+    val_max: int | None = None
     split_seed: int = 0
+    protocol: str = "full"
+    vtab_train: int = 800
+    vtab_val: int = 200
+    eval_splits: Mapping[str, str] = field(default_factory=dict)
+    regression: bool = False
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
 
@@ -54,8 +71,9 @@ class TaskSpec:
 class TaskData:
     """A loaded task with standardised columns.
 
-    Every split has `label` (int in [0, num_labels)) and either `text` (plus `text_pair` for
-    sentence pairs) or `image` (a PIL image).
+    Every split has `label` (int in [0, num_labels), or a float score for regression) and either
+    `text` (plus `text_pair` for sentence pairs) or `image` (a PIL image). `extra` holds further
+    evaluation sets by name (MNLI mismatched).
     """
 
     name: str
@@ -64,10 +82,13 @@ class TaskData:
     val: datasets.Dataset
     test: datasets.Dataset
     label_names: list[str] = field(default_factory=list)
+    extra: dict[str, datasets.Dataset] = field(default_factory=dict)
+    regression: bool = False
 
     @property
     def num_labels(self) -> int:
-        return len(self.label_names)
+        """Outputs of the head: the number of classes, or 1 for a regression score."""
+        return 1 if self.regression else len(self.label_names)
 
 
 @dataclass(frozen=True)

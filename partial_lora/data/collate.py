@@ -17,6 +17,14 @@ from partial_lora.errors import PlrError
 Batch = dict[str, torch.Tensor]
 
 
+def labels(rows: list[dict[str, Any]]) -> torch.Tensor:
+    """Class ids as int64, or regression scores (floats, STS-B) as float32."""
+    values = [r["label"] for r in rows]
+    if isinstance(values[0], float):
+        return torch.tensor(values, dtype=torch.float32)
+    return torch.tensor(values, dtype=torch.long)
+
+
 class TextCollate:
     """Tokenise `text` (and `text_pair` when present) with dynamic padding.
 
@@ -34,7 +42,7 @@ class TextCollate:
         pairs = [r["text_pair"] for r in rows] if "text_pair" in rows[0] else None
         enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding=True,
                              return_tensors="pt")
-        return {**enc, "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}
+        return {**enc, "labels": labels(rows)}
 
 
 class ImageCollate:
@@ -73,7 +81,7 @@ class ImageCollate:
     def __call__(self, rows: list[dict[str, Any]]) -> Batch:
         # Grayscale (digits), palette or RGBA images all become 3-channel RGB first.
         pixels = torch.stack([self.transform(r["image"].convert("RGB")) for r in rows])
-        return {"pixel_values": pixels, "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}
+        return {"pixel_values": pixels, "labels": labels(rows)}
 
 
 def make_collate(kind: Kind, *, tokenizer: Any = None, max_length: int = 128, image: ImagePreprocess | None = None,

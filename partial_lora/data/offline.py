@@ -11,7 +11,7 @@ from PIL import Image
 from sklearn.datasets import load_digits as sk_digits
 
 from partial_lora.data.base import TaskData, TaskSpec
-from partial_lora.data.split import split_task
+from partial_lora.data.split import task_data
 from partial_lora.errors import PlrError
 
 
@@ -36,8 +36,7 @@ def load_bbc_news(spec: TaskSpec) -> TaskData:
             labels.append(label)
     features = datasets.Features(text=datasets.Value("string"), label=datasets.ClassLabel(names=classes))
     ds = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
-    train, val, test = split_task(spec, {spec.train_split: ds})
-    return TaskData(spec.name, "text", train, val, test, classes)
+    return task_data(spec, "text", {spec.train_split: ds}, classes)
 
 
 def _bbc_root() -> Path:
@@ -59,5 +58,4 @@ def load_digits(spec: TaskSpec) -> TaskData:
     features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=names))
     ds = datasets.Dataset.from_dict({"image": [Image.fromarray(p) for p in pixels], "label": bunch.target.tolist()},
                                     features=features)
-    train, val, test = split_task(spec, {spec.train_split: ds})
-    return TaskData(spec.name, "image", train, val, test, names)
+    return task_data(spec, "image", {spec.train_split: ds}, names)

@@ -1,13 +1,17 @@
 """Open the raw splits of a generic task: a Hugging Face Hub id or a local file/directory.
 
-`datasets` already infers a local directory's format (parquet, csv, json, image folder) and its
-splits (files or subfolders named `train*`, `validation*`/`val*`/`dev*`, `test*`), so a local
-directory is handed to it as is; we only resolve the path, pick a config subfolder, and turn
-its failures into one-line `PlrError`s.
+A local directory in one of the Hub's own layouts keeps the Hub's split names exactly:
+`<split>-00000-of-00001.parquet` files (what `hf download --local-dir` gives, e.g. MNLI's
+`validation_matched`) or `<split>/0000.parquet` folders (the `refs/convert/parquet` branch).
+`datasets`' own inference would fold `validation_matched` and `validation_mismatched` into one
+`validation` split, so those layouts are mapped explicitly. Any other directory (e.g.
+`train.csv` + `test.csv`, or an image folder) is handed to `datasets` as is. Failures become
+one-line `PlrError`s.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import datasets
@@ -18,6 +22,36 @@ from partial_lora.hub import check_local_path, load_from_hub, looks_local
 
 FORMATS = ("parquet", "csv", "json", "imagefolder")
 _EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+_SHARD = re.compile(r"^(?P<split>\w+?)-\d{5}-of-\d{5}$")  # train-00000-of-00001
+_NUMBERED = re.compile(r"^\d+$")                           # <split>/0000.parquet
+
+
+def hub_layout_splits(path: Path) -> tuple[str, dict[str, list[str]]] | None:
+    """(format, split -> files) when every data file under `path` names its split the Hub's way.
+
+    Returns None for any other layout (then `datasets` infers the splits).
+    """
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in _EXTENSIONS
+                   and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    formats = {_EXTENSIONS[f.suffix.lower()] for f in files}
+    if not files or len(formats) != 1:
+        return None
+    splits: dict[str, list[str]] = {}
+    shard_dirs: set[Path] = set()
+    for f in files:
+        m = _SHARD.match(f.stem)
+        if m:
+            split = m["split"]
+            shard_dirs.add(f.parent)
+        elif _NUMBERED.match(f.stem) and f.parent != path:
+            split = f.parent.name
+        else:
+            return None
+        splits.setdefault(split, []).append(str(f))
+    if len(shard_dirs) > 1:  # shards in several folders: several configs (set task.subset) or a custom layout
+        return None
+    first = {"train": 0, "validation": 1, "test": 2}
+    return formats.pop(), dict(sorted(splits.items(), key=lambda kv: (first.get(kv[0], 3), kv[0])))
 
 
 def load_source(spec: TaskSpec) -> datasets.DatasetDict:
@@ -61,6 +95,9 @@ def _load_local(spec: TaskSpec, path: Path) -> datasets.DatasetDict:
         if name and (path / name).is_dir():
             # `hf download ... --local-dir DIR` keeps one subfolder per config (e.g. glue/sst2/).
             path, name = path / name, None
+        layout = hub_layout_splits(path) if fmt in (None, "parquet", "csv", "json") and not name else None
+        if layout is not None and fmt in (None, layout[0]):
+            return datasets.load_dataset(layout[0], data_files=layout[1])
         if fmt is None:
             return datasets.load_dataset(str(path), name)
         if name:

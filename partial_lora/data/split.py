@@ -3,6 +3,9 @@
 Fractions are of the source train split: with the defaults (test 0.2, val 0.1) a task without
 its own val/test splits ends up 70/10/20. Everything is seeded by `spec.split_seed`, so the
 same spec always gives identical splits, whatever the training seed.
+
+`protocol=vtab1k` draws 800 train + 200 val examples from the train split and keeps the test
+split whole. Regression labels (floats) are carved at random: there are no classes to stratify.
 """
 
 from __future__ import annotations
@@ -14,13 +17,32 @@ import datasets
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from partial_lora.data.base import TaskSpec
+from partial_lora.data.base import PROTOCOLS, Kind, TaskData, TaskSpec
 from partial_lora.errors import PlrError
 
 log = logging.getLogger(__name__)
 
 
 Splits = tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset]
+
+
+def task_data(spec: TaskSpec, kind: Kind, splits: Mapping[str, datasets.Dataset],
+              label_names: list[str]) -> TaskData:
+    """Apply the split policy to a loader's standardised source splits (the last step of every loader)."""
+    train, val, test = split_task(spec, splits)
+    return TaskData(spec.name, kind, train, val, test, label_names, extra=eval_sets(spec, splits),
+                    regression=spec.regression)
+
+
+def eval_sets(spec: TaskSpec, splits: Mapping[str, datasets.Dataset]) -> dict[str, datasets.Dataset]:
+    """The further evaluation sets of `spec.eval_splits` (name -> split), subsampled like test."""
+    out = {}
+    for name, split in spec.eval_splits.items():
+        if split == spec.train_split:
+            raise PlrError(f"task.eval_splits.{name}='{split}' is the training split; name a held-out split")
+        ds = _named(spec, splits, f"eval_splits.{name}", split)
+        out[name] = _subsample(ds, spec.max_eval_samples, "max_eval_samples", spec.split_seed)
+    return out
 
 
 def split_task(spec: TaskSpec, splits: Mapping[str, datasets.Dataset]) -> Splits:
@@ -36,6 +58,8 @@ def split_task(spec: TaskSpec, splits: Mapping[str, datasets.Dataset]) -> Splits
     Raises:
         PlrError: an unknown or empty split name, or fractions that leave no training data.
     """
+    if spec.protocol not in PROTOCOLS:
+        raise PlrError(f"task.protocol='{spec.protocol}' is unknown; set task.protocol=<one of: {', '.join(PROTOCOLS)}>")
     train = _named(spec, splits, "train_split", spec.train_split)
     for key in ("val_split", "test_split"):
         if getattr(spec, key) == spec.train_split:
@@ -44,6 +68,10 @@ def split_task(spec: TaskSpec, splits: Mapping[str, datasets.Dataset]) -> Splits
     n = len(train)
     test_n = _carved_size(spec, "test_fraction", n) if spec.test_split is None else 0
     val_n = _carved_size(spec, "val_fraction", n) if spec.val_split is None else 0
+    if spec.val_max is not None:
+        if spec.val_max < 1:
+            raise PlrError(f"task.val_max={spec.val_max} must be a positive number of examples (or null)")
+        val_n = min(val_n, spec.val_max)
     if n - test_n - val_n < 1:
         raise PlrError(f"task.val_fraction={spec.val_fraction} and task.test_fraction={spec.test_fraction} leave no "
                        f"training examples out of {n}; lower them")
@@ -51,13 +79,27 @@ def split_task(spec: TaskSpec, splits: Mapping[str, datasets.Dataset]) -> Splits
         train, test = _carve(train, test_n, spec.split_seed)
     else:
         test = _named(spec, splits, "test_split", spec.test_split)
-    if spec.val_split is None:
+    if spec.protocol == "vtab1k":
+        train, val = _vtab1k(spec, train)
+    elif spec.val_split is None:
         train, val = _carve(train, val_n, spec.split_seed)
     else:
         val = _named(spec, splits, "val_split", spec.val_split)
     return (_subsample(train, spec.max_train_samples, "max_train_samples", spec.split_seed),
             _subsample(val, spec.max_eval_samples, "max_eval_samples", spec.split_seed),
             _subsample(test, spec.max_eval_samples, "max_eval_samples", spec.split_seed))
+
+
+def _vtab1k(spec: TaskSpec, train: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """VTAB-1k: `vtab_train` + `vtab_val` examples drawn with `split_seed` from the train split."""
+    if spec.vtab_train < 1 or spec.vtab_val < 1:
+        raise PlrError(f"task.vtab_train={spec.vtab_train} and task.vtab_val={spec.vtab_val} must be >= 1")
+    want = spec.vtab_train + spec.vtab_val
+    if len(train) < want:
+        raise PlrError(f"task.protocol=vtab1k needs {want} training examples but the train split has {len(train)}; "
+                       f"set task.protocol=full (or lower task.vtab_train / task.vtab_val)")
+    _, drawn = _carve(train, want, spec.split_seed) if len(train) > want else (None, train)
+    return _carve(drawn, spec.vtab_val, spec.split_seed)
 
 
 def _named(spec: TaskSpec, splits: Mapping[str, datasets.Dataset], key: str, name: str) -> datasets.Dataset:
@@ -82,6 +124,10 @@ def _labels(ds: datasets.Dataset) -> np.ndarray:
     return np.asarray(ds["label"])
 
 
+def _is_regression(labels: np.ndarray) -> bool:
+    return labels.dtype.kind == "f"
+
+
 def _carve(ds: datasets.Dataset, size: int, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Split `size` rows off `ds`, stratified by label when every class allows it.
 
@@ -90,6 +136,9 @@ def _carve(ds: datasets.Dataset, size: int, seed: int) -> tuple[datasets.Dataset
     """
     idx = np.arange(len(ds))
     labels = _labels(ds)
+    if _is_regression(labels):
+        rest, carved = train_test_split(idx, test_size=size, random_state=seed)
+        return ds.select(np.sort(rest)), ds.select(np.sort(carved))
     try:
         rest, carved = train_test_split(idx, test_size=size, random_state=seed, stratify=labels)
     except ValueError as e:
@@ -110,29 +159,58 @@ def _subsample(ds: datasets.Dataset, limit: int | None, key: str, seed: int) -> 
 
 
 def few_shot(ds: datasets.Dataset, shots: int, val_shots: int, seed: int,
-             label_names: list[str] | None = None) -> tuple[list[int], list[int]]:
+             label_names: list[str] | None = None, short_classes: str = "shrink") -> tuple[list[int], list[int]]:
     """Two disjoint few-shot subsets of `ds` with `shots` and `val_shots` examples per class.
+
+    Regression scores (STS-B) have no classes: [ours] "per class" then means per quintile of
+    the score, so both subsets span the score range.
+
+    Args:
+        short_classes: what to do with a class that has fewer than `shots + val_shots`
+            examples (VTAB-1k's 800 training images leave CIFAR-100 about 8 per class):
+            `shrink` [ours]: split what the class has in the ratio shots : val_shots, at least
+            one example for training (a class with no example is skipped), with a warning; or
+            `error`.
 
     Returns:
         (train indices, validation indices) into `ds`, each sorted.
 
     Raises:
-        PlrError: when a class has fewer than `shots + val_shots` examples.
+        PlrError: with `short_classes=error`, when a class has fewer than `shots + val_shots`.
     """
     if shots < 1 or val_shots < 1:
         raise PlrError(f"adapter.probe.shots and val_shots must be >= 1, got {shots} and {val_shots}")
+    if short_classes not in ("error", "shrink"):
+        raise PlrError(f"adapter.probe.short_classes must be error or shrink, got '{short_classes}'")
     labels = _labels(ds)
+    if _is_regression(labels):
+        edges = np.quantile(labels, [0.2, 0.4, 0.6, 0.8])
+        labels = np.searchsorted(edges, labels, side="right")
+        label_names = [f"score quintile {q + 1}" for q in range(5)]
     n_classes = len(label_names) if label_names else int(labels.max()) + 1
     rng = np.random.default_rng(seed)
     train: list[int] = []
     val: list[int] = []
+    short = []
     for c in range(n_classes):
         idx = np.flatnonzero(labels == c)
+        n_train, n_val = shots, val_shots
         if len(idx) < shots + val_shots:
             name = label_names[c] if label_names else str(c)
-            raise PlrError(f"adapter.probe.shots={shots} + val_shots={val_shots} per class is more than class "
-                           f"'{name}' has in the training split ({len(idx)}); lower adapter.probe.shots/val_shots")
+            if short_classes == "error":
+                raise PlrError(f"adapter.probe.shots={shots} + val_shots={val_shots} per class is more than class "
+                               f"'{name}' has in the training split ({len(idx)}); lower adapter.probe.shots/"
+                               f"val_shots or set adapter.probe.short_classes=shrink")
+            short.append(name)
+            n_train = min(len(idx), max(1, round(len(idx) * shots / (shots + val_shots))))
+            n_val = len(idx) - n_train
         perm = rng.permutation(idx)
-        train += perm[:shots].tolist()
-        val += perm[shots:shots + val_shots].tolist()
+        train += perm[:n_train].tolist()
+        val += perm[n_train:n_train + n_val].tolist()
+    if short:
+        log.warning("few-shot probe: %d of %d classes have fewer than %d examples (e.g. '%s'); each was split "
+                    "%d:%d as far as it goes (adapter.probe.short_classes=shrink)", len(short), n_classes,
+                    shots + val_shots, short[0], shots, val_shots)
+    if not val:
+        raise PlrError("the few-shot validation set is empty (every class is too small); lower adapter.probe.shots")
     return sorted(train), sorted(val)

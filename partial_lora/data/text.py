@@ -5,15 +5,17 @@ from __future__ import annotations
 from partial_lora.data.base import TaskData, TaskSpec
 from partial_lora.data.columns import encode_labels, select_columns
 from partial_lora.data.source import load_source
-from partial_lora.data.split import split_task
+from partial_lora.data.split import task_data
 
 
 def load_hf_text(spec: TaskSpec) -> TaskData:
-    """Load a text task with columns `text` (+ `text_pair` for sentence pairs) and `label`."""
+    """Load a text task with columns `text` (+ `text_pair` for sentence pairs) and `label`.
+
+    GLUE (`nyu-mll/glue`, one config per task) loads this way; see `conf/task/<task>.yaml`.
+    """
     mapping = {"text": (spec.text_column, "task.text_column")}
     if spec.text_pair_column:
         mapping["text_pair"] = (spec.text_pair_column, "task.text_pair_column")
     mapping["label"] = (spec.label_column, "task.label_column")
-    dd, label_names = encode_labels(select_columns(load_source(spec), mapping))
-    train, val, test = split_task(spec, dd)
-    return TaskData(spec.name, "text", train, val, test, label_names)
+    dd, label_names = encode_labels(select_columns(load_source(spec), mapping), regression=spec.regression)
+    return task_data(spec, "text", dd, label_names)

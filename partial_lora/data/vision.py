@@ -7,7 +7,7 @@ import datasets
 from partial_lora.data.base import TaskData, TaskSpec
 from partial_lora.data.columns import encode_labels, select_columns
 from partial_lora.data.source import load_source
-from partial_lora.data.split import split_task
+from partial_lora.data.split import task_data
 from partial_lora.errors import PlrError
 
 
@@ -16,8 +16,7 @@ def load_hf_image(spec: TaskSpec) -> TaskData:
     mapping = {"image": (spec.image_column, "task.image_column"), "label": (spec.label_column, "task.label_column")}
     dd, label_names = encode_labels(select_columns(load_source(spec), mapping))
     dd = _as_images(dd, spec.image_column)
-    train, val, test = split_task(spec, dd)
-    return TaskData(spec.name, "image", train, val, test, label_names)
+    return task_data(spec, "image", dd, label_names)
 
 
 def _as_images(dd: datasets.DatasetDict, source: str) -> datasets.DatasetDict:

@@ -110,9 +110,12 @@ def collect_results(cfg: DictConfig, run_dir: Path, stages: dict[str, dict[str, 
     dense, sparse = ev.get("dense_lora_params"), ev.get("adapter_params")
     return {
         "status": "complete" if all(s in stages for s in plan(cfg)) else "incomplete",
-        "run_dir": str(run_dir), "name": str(cfg.name), "seed": int(cfg.seed),
+        "run_dir": str(run_dir), "name": str(cfg.name), "label": str(cfg.get("label") or adapter["name"]),
+        "seed": int(cfg.seed),
         "model": str(cfg.model.name), "task": str(cfg.task.name), "adapter": adapter,
-        "main_metric": main, "task_metrics": metrics, "metrics": {k: v for k, v in ev.items() if k.startswith(("val_", "test_"))},
+        "main_metric": main, "task_metrics": metrics,
+        "eval_sets": [k[5:-9] for k in ev if k.startswith("test_") and k.endswith("_examples") and k != "test_examples"],
+        "metrics": {k: v for k, v in ev.items() if k.startswith(("val_", "test_"))},
         "params": {"adapter": sparse, "dense_lora_same_rank": dense, "head": ev.get("head_params"),
                    "reduction_pct": 100.0 * (1 - sparse / dense) if dense and sparse is not None else None},
         "probe_accuracy": stages.get("probe", {}).get("a_ref"),
@@ -132,6 +135,9 @@ def format_results(r: dict[str, Any]) -> str:
     for m in names:
         val, test = r["metrics"].get(f"val_{m}"), r["metrics"].get(f"test_{m}")
         lines.append(f"  {m:<14}{_num(val):>9}{_num(test):>9}")
+    for extra in r.get("eval_sets", []):
+        for m in names:
+            lines.append(f"  {m + ' (' + extra + ')':<23}{_num(r['metrics'].get(f'test_{extra}_{m}')):>9}")
     p = r["params"]
     lines.append(f"  trainable parameters: adapter {p['adapter']:,} · head {p['head']:,} · "
                  f"dense LoRA at r={a.get('r')}: {p['dense_lora_same_rank']:,}")

@@ -53,8 +53,7 @@ def setup(cfg: DictConfig, keep: Mapping[str, tuple[Tensor | None, Tensor | None
     """
     data = data or load_data(cfg)
     spec = C.model_spec(cfg)
-    num_labels = 1 if cfg.task.get("regression", False) else data.num_labels
-    built = build_model(spec, num_labels)
+    built = build_model(spec, data.num_labels)
     branches = inject_lora(built.model.net, C.lora_config(cfg, spec), keep)
     freeze_for_adapter(built.model.net, spec.head_modules)
     metrics, main = C.task_metrics(cfg)

@@ -1,4 +1,8 @@
-"""evaluate: task metrics of the retrained adapter on the validation and test splits."""
+"""evaluate: task metrics of the retrained adapter on the validation and test splits.
+
+Metrics are keyed `val_<metric>`, `test_<metric>` and, for a task's further evaluation sets
+(`task.eval_splits`, e.g. MNLI mismatched), `test_<name>_<metric>`.
+"""
 
 from __future__ import annotations
 
@@ -28,13 +32,14 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
     if s.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(s.device)
     out: dict[str, Any] = {}
-    for split_name, split in (("val", s.data.val), ("test", s.data.test)):
+    sets = [("val", s.data.val), ("test", s.data.test), *((f"test_{n}", d) for n, d in s.data.extra.items())]
+    for split_name, split in sets:
         for k, v in evaluate(model, loader(s, split, tc, train=False), s.device, dtype, s.metrics).items():
             out[f"{split_name}_{k}"] = v
     params = count_adapter_parameters(s.built.model.net)
     out.update(adapter_params=params["adapter"], dense_lora_params=params["dense_lora"],
                head_params=sum(p.numel() for p in s.built.model.head_parameters()),
-               test_examples=len(s.data.test))
+               test_examples=len(s.data.test), **{f"test_{n}_examples": len(d) for n, d in s.data.extra.items()})
     if tracker is not None:
         tracker.log({f"{NAME}/{k}": v for k, v in out.items()})
     return out

@@ -29,7 +29,8 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
     pc = C.probe_config(cfg)
     set_seed(int(cfg.seed))
     s = setup(cfg)
-    train_idx, val_idx = few_shot(s.data.train, pc.shots, pc.val_shots, int(cfg.seed), s.data.label_names)
+    train_idx, val_idx = few_shot(s.data.train, pc.shots, pc.val_shots, int(cfg.seed), s.data.label_names,
+                                  pc.short_classes)
     meta = {"model": str(cfg.model.name), "task": str(cfg.task.name)}
     A.save_tensors(out / A.INIT, adapter_state_dict(s.built.model.net), meta)  # before any step
     A.write_json(out / A.FEWSHOT, {"train": train_idx, "val": val_idx, "shots": pc.shots, "val_shots": pc.val_shots})
