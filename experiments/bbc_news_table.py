@@ -6,8 +6,9 @@ Runs, per seed (sequentially, each a `plr train` in its own run dir, rerun-safe)
   dense        dense LoRA r=8                                        adapter=lora
   partial      Partial-LoRA auto, subspace masks                     (the default)
   partial-rand Partial-LoRA auto, random masks, same allocation      from_run=partial, mask.method=random
-  uniform      uniform random rows/cols at partial's budget          allocator=uniform, budget=<partial params>
-  rank-matched dense LoRA at the rank closest to partial's budget    adapter=lora adapter.r=<r>
+  uniform-matched  uniform random rows/cols at partial's budget      adapter=uniform adapter.match.run=partial
+  lora-matched dense LoRA at the rank closest to partial's budget    adapter=lora_matched adapter.match.run=partial
+  peft-lora    PEFT's LoRA at r=8 (a check on plr's own LoRA)         adapter=peft_lora
 and the same four Partial-LoRA rows again with adapter.allocation.relative_to=gain (probe reused),
 then prints a markdown table of test accuracy (mean ± std) and adapter parameters.
 """
@@ -46,9 +47,7 @@ def main() -> None:
         d = args.out / f"seed{seed}"
         dense = run(d / "dense", "adapter=lora", *common)
         partial = run(d / "partial", *common)
-        budget = partial["params"]["adapter"]
         per_rank = dense["params"]["adapter"] // int(dense["adapter"]["r"])
-        rank = max(1, round(budget / per_rank))
         gain_args = ("adapter.allocation.relative_to=gain", f"from_run={d / 'partial'}")
         gain = run(d / "gain", *gain_args, *common)
         gain_budget = gain["params"]["adapter"]
@@ -59,10 +58,12 @@ def main() -> None:
             "Partial-LoRA auto (random masks, same ratios)": run(
                 d / "partial-rand", f"from_run={d / 'partial'}", "adapter.mask.method=random",
                 "adapter.allocation.search_masks=subspace", *common),
-            "uniform random rows/cols, same budget": run(
-                d / "uniform", "adapter.allocation.allocator=uniform", "adapter.allocation.ratio=1",
-                f"adapter.allocation.budget={budget}", "adapter.mask.method=random", *common),
-            "dense LoRA, rank-matched": run(d / "rank-matched", "adapter=lora", f"adapter.r={rank}", *common),
+            "uniform random rows/cols, same budget (adapter=uniform)": run(
+                d / "uniform-matched", "adapter=uniform", f"adapter.match.run={d / 'partial'}", "label=uniform",
+                *common),
+            "dense LoRA, rank-matched (adapter=lora_matched)": run(
+                d / "lora-matched", "adapter=lora_matched", f"adapter.match.run={d / 'partial'}", *common),
+            "PEFT LoRA r=8 (adapter=peft_lora)": run(d / "peft-lora", "adapter=peft_lora", *common),
             "Partial-LoRA auto, relative_to=gain (subspace masks)": gain,
             "Partial-LoRA auto, relative_to=gain (random masks, same ratios)": run(
                 d / "gain-rand", f"from_run={d / 'gain'}", "adapter.allocation.relative_to=gain",
@@ -70,7 +71,7 @@ def main() -> None:
             "uniform random rows/cols, gain's budget": run(
                 d / "gain-uniform", "adapter.allocation.allocator=uniform", "adapter.allocation.ratio=1",
                 f"adapter.allocation.budget={gain_budget}", "adapter.mask.method=random", *common),
-            "dense LoRA, rank-matched to gain": run(d / ("rank-matched" if gain_rank == rank else f"rank-matched-r{gain_rank}"), "adapter=lora",
+            "dense LoRA, rank-matched to gain": run(d / f"rank-matched-r{gain_rank}", "adapter=lora",
                                                     f"adapter.r={gain_rank}", *common),
         }
         for k, v in out.items():

@@ -29,6 +29,7 @@ from partial_lora.errors import PlrError
 STAGES = ("probe", "allocate", "extract", "retrain", "evaluate")
 
 ADAPTER = "adapter.safetensors"  # LoRA factors, compact shapes, keyed `{layer_id}.lora_A/B`
+PEFT_STATE = "peft.json"         # PEFT baselines: what the adapter needs besides tensors (AdaLoRA ranks)
 HEAD = "head.safetensors"        # classification head, keyed by its module names
 INIT = "init.safetensors"        # probe: the adapter's initial values (for rewinding)
 FEWSHOT = "fewshot.json"         # probe: few-shot train/val indices into the training split
@@ -45,6 +46,10 @@ GIT, ENV = "git.json", "env.json"
 
 VERSIONED = ("plr", "torch", "torchvision", "transformers", "datasets", "timm", "peft", "hydra-core",
              "omegaconf", "safetensors", "accelerate", "wandb", "numpy", "scikit-learn")
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process umask (os.umask can only be read by setting it)
 
 
 def stage_dir(run_dir: Path, stage: str) -> Path:
@@ -70,6 +75,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; give the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)

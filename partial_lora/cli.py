@@ -4,6 +4,8 @@
     plr train --help             config groups and the composed config
     plr report PATH... [--out DIR] [--metric NAME]
                                  tables and a plot over run dirs (mean ± std over seeds)
+    plr export RUN_DIR OUT_DIR [--merged] [--force]
+                                 a finished run as a PEFT LoRA adapter (+ masks, model card)
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ commands:
                       metrics as mean ± std over seeds, per task; lists unfinished runs
                       e.g.  plr report outputs/ --out report
                       PATH: a run dir, a dir above run dirs (e.g. a multirun root), or a quoted glob
+  export RUN_DIR OUT_DIR [--merged] [--force]
+                      a finished run (retrain done) as a PEFT LoRA adapter that stock PEFT loads, with
+                      its masks, per-layer keep ratios and a model card; --merged adds OUT_DIR/merged/
+                      e.g.  plr export outputs/bbc-news-minilm-partial/<timestamp> export/minilm-bbc
 
-run `plr train --help` for the config groups, `plr report --help` for the report's options."""
+run `plr train --help` for the config groups, `plr report --help` / `plr export --help` for their options."""
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -158,6 +164,35 @@ def _report(argv: list[str]) -> int:
     return 0
 
 
+def export_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="plr export", description="Write a finished plr run (retrain stage done) as a LoRA "
+                     "adapter in PEFT's format (adapter_config.json, adapter_model.safetensors) that "
+                     "peft.PeftModel.from_pretrained loads, plus plr_masks.safetensors, plr_layers.json, "
+                     "plr_config.yaml and a model card (README.md).")
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run dir of a finished `plr train` run")
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the export folder (absent or empty)")
+    parser.add_argument("--merged", action="store_true",
+                        help="also write OUT_DIR/merged/: the base with the adapter merged in (+ tokenizer or "
+                             "image processor when the model has one)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    return parser
+
+
+def _export(argv: list[str]) -> int:
+    from partial_lora.export import export_run
+
+    args = export_parser().parse_args(argv)
+    try:
+        exported = export_run(args.run_dir, args.out_dir, merged=args.merged, force=args.force)
+    except PlrError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        fail(str(e))
+        return 2
+    print(exported.summary())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -175,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if cmd == "report":
         return _report(rest)
+    if cmd == "export":
+        return _export(rest)
     fail(f"unknown command '{cmd}'; run `plr --help` for the commands")
     return 2
 

@@ -18,6 +18,8 @@ from partial_lora.data.base import TaskSpec
 from partial_lora.errors import PlrError
 from partial_lora.lora import LoRAConfig
 from partial_lora.models import ModelSpec
+from partial_lora.peft_baselines import METHODS as PEFT_METHODS
+from partial_lora.peft_baselines import PeftSpec
 from partial_lora.train import TrainConfig
 
 
@@ -183,6 +185,61 @@ class RetrainConfig:
             raise PlrError(f"retrain.adapter_lr_scale must be a positive number or auto, got '{s}'")
 
 
+@dataclass(frozen=True)
+class MatchConfig:
+    """`adapter.match`: a parameter target for matched-budget baselines (at most one key set).
+
+    Attributes:
+        run: a finished run dir whose adapter parameter count is the target.
+        budget: a number of adapter parameters.
+        rank: the parameter count of a dense LoRA of this rank on the same layers.
+    """
+
+    run: str | None = None
+    budget: int | None = None
+    rank: int | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("run", "budget", "rank") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise PlrError(f"adapter.match takes one of run, budget or rank, got {' and '.join(given)}; keep one")
+        for key in ("budget", "rank"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise PlrError(f"adapter.match.{key} must be a positive integer, got {v!r}")
+
+    @property
+    def active(self) -> bool:
+        return any(getattr(self, k) is not None for k in ("run", "budget", "rank"))
+
+    def target(self, per_rank: int) -> int | None:
+        """The parameter target, given a dense LoRA's parameters per unit of rank on these layers."""
+        if self.budget is not None:
+            return self.budget
+        if self.rank is not None:
+            return self.rank * per_rank
+        if self.run is not None:
+            return _run_adapter_params(self.run)
+        return None
+
+
+def _run_adapter_params(run: str) -> int:
+    from pathlib import Path
+
+    from partial_lora import artifacts as A
+
+    path = Path(run).expanduser() / A.RESULTS
+    if not path.is_file():
+        raise PlrError(f"adapter.match.run={run} has no {A.RESULTS} (not a finished plr run); point it at a finished run "
+                       "or set adapter.match.budget=<parameters>")
+    results = A.read_json(path)
+    params = (results.get("params") or {}).get("adapter")
+    if results.get("status") != "complete" or not params:
+        raise PlrError(f"adapter.match.run={run} did not finish (status {results.get('status')!r}); finish it first "
+                       "or set adapter.match.budget=<parameters>")
+    return int(params)
+
+
 def _node(cfg: DictConfig, key: str) -> dict:
     node = OmegaConf.select(cfg, key)
     return plain(node) if node is not None else {}
@@ -208,6 +265,19 @@ def mask_config(cfg: DictConfig) -> MaskConfig:
     return _build(MaskConfig, _node(cfg, "adapter.mask"), "adapter.mask")
 
 
+def peft_spec(cfg: DictConfig) -> PeftSpec | None:
+    """The PEFT baseline of `adapter.method` (None for plr's own adapters)."""
+    method = str(cfg.adapter.get("method", "lora"))
+    if method not in PEFT_METHODS:
+        return None
+    a = cfg.adapter
+    return PeftSpec(method, int(a.r), float(a.alpha), float(a.dropout), _node(cfg, "adapter.peft"))
+
+
+def match_config(cfg: DictConfig) -> MatchConfig:
+    return _build(MatchConfig, _node(cfg, "adapter.match"), "adapter.match")
+
+
 def retrain_config(cfg: DictConfig) -> RetrainConfig:
     return _build(RetrainConfig, _node(cfg, "retrain"), "retrain")
 
@@ -229,3 +299,11 @@ def validate(cfg: DictConfig) -> None:
     allocation_config(cfg)
     mask_config(cfg)
     retrain_config(cfg)
+    if peft_spec(cfg) is not None and sparsity(cfg) != 0:
+        raise PlrError(f"adapter={cfg.adapter.method} is a dense PEFT baseline; set adapter.sparsity=0")
+    match = match_config(cfg)
+    if match.active and allocation_config(cfg).budget is not None and sparsity(cfg) != 0:
+        raise PlrError("adapter.match and adapter.allocation.budget both set a budget; keep one")
+    if cfg.adapter.get("method") == "lora_matched" and not match.active:
+        raise PlrError("adapter=lora_matched needs a target: adapter.match.run=<run dir>, adapter.match.budget=<params> "
+                       "or adapter.match.rank=<rank>")

@@ -190,10 +190,11 @@ def build_timm(spec: ModelSpec, num_labels: int) -> Built:
         weights = next((path / f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).exists()), None)
         if weights is None:
             raise PlrError(f"no model.safetensors in '{path}'; download the timm model with `hf download` into it")
-        # timm's push_to_hub writes `model_args` for non-default shapes; the YAML's config wins.
+        # timm's push_to_hub writes `model_args` for non-default shapes (timm >= 1.0 includes
+        # num_classes there: the task decides that); the YAML's config wins.
+        model_args = {k: v for k, v in meta.get("model_args", {}).items() if k != "num_classes"}
         net = timm.create_model(meta["architecture"], pretrained=True, num_classes=num_labels,
-                                pretrained_cfg_overlay={"file": str(weights)},
-                                **{**meta.get("model_args", {}), **kwargs})
+                                pretrained_cfg_overlay={"file": str(weights)}, **{**model_args, **kwargs})
     else:
         net = load_from_hub(lambda lfo: _timm_from_hub(arch, num_labels, lfo, kwargs), arch,
                             what="model", key="model.source")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import re
 import json
 import os
 import statistics
@@ -159,7 +160,7 @@ class Report:
 
     @property
     def labels(self) -> list[str]:
-        return sorted({g.label for g in self.groups})
+        return sorted({g.label for g in self.groups}, key=natural_key)
 
     def group(self, task: str, label: str) -> Group | None:
         return next((g for g in self.groups if g.task == task and g.label == label), None)
@@ -404,7 +405,14 @@ def group_runs(runs: Iterable[Run]) -> list[Group]:
     for run in runs:
         if run.status == "complete":
             by_key.setdefault((str(run.task), str(run.label)), []).append(run)
-    return [Group(task, label, rs) for (task, label), rs in sorted(by_key.items())]
+    return [Group(task, label, rs) for (task, label), rs in
+            sorted(by_key.items(), key=lambda kv: (kv[0][0], natural_key(kv[0][1])))]
+
+
+def natural_key(label: str) -> list[Any]:
+    """Sort `shots4` before `shots16` and `tau0.8` before `tau0.95`: numbers compare as numbers."""
+    return [(0, float(part), "") if part[:1].isdigit() else (1, 0.0, part)
+            for part in re.split(r"(\d+(?:\.\d+)?)", label) if part]
 
 
 def task_metrics(task: str, runs: Sequence[Run]) -> list[str]:

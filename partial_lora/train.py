@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from partial_lora.errors import PlrError
-from partial_lora.lora import adapter_state_dict, iter_branches, load_adapter_state_dict
+from partial_lora.lora import iter_branches
 from partial_lora.metrics import compute_metrics
 from partial_lora.models import Classifier
 
@@ -212,12 +212,16 @@ class JsonlLog:
 def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | None, cfg: TrainConfig, *,
         device: torch.device, log: Callable[[dict[str, Any]], None] = lambda r: None,
         metrics: Iterable[str] = ("accuracy",), desc: str = "train",
-        layer_lr_scales: Mapping[str, float] | None = None) -> FitResult:
+        layer_lr_scales: Mapping[str, float] | None = None, step_hook: Callable[[int], None] | None = None,
+        extra_loss: Callable[[], Tensor] | None = None) -> FitResult:
     """Train adapter + head; keep the state with the best validation `cfg.metric`.
 
     The model must already be frozen except for its adapter and head (see
-    `lora.freeze_for_adapter`). `layer_lr_scales` (layer id -> factor) further multiplies the
-    adapter learning rate of single layers; missing layers use 1.
+    `lora.freeze_for_adapter`): every other trainable parameter (plr's LoRA branches, or a PEFT
+    adapter) learns at the adapter learning rate. `layer_lr_scales` (layer id -> factor)
+    further multiplies the adapter learning rate of single plr layers; missing layers use 1.
+    `step_hook(step)` runs after each optimizer step (AdaLoRA's budget update) and
+    `extra_loss()` is added to the task loss (AdaLoRA's regulariser).
     """
     metrics = tuple(dict.fromkeys([cfg.metric, *metrics]))
     dtype = autocast_dtype(cfg, device)
@@ -227,6 +231,10 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
         scale = float((layer_lr_scales or {}).get(lid, 1.0))
         by_scale.setdefault(scale, []).extend(p for p in (branch.lora_A, branch.lora_B) if p.requires_grad)
     head = [p for p in model.head_parameters() if p.requires_grad]
+    grouped = {id(p) for p in head} | {id(p) for ps in by_scale.values() for p in ps}
+    others = [p for p in model.net.parameters() if p.requires_grad and id(p) not in grouped]
+    if others:  # a PEFT adapter
+        by_scale.setdefault(1.0, []).extend(others)
     groups = [{"params": ps, "lr": cfg.lr * cfg.adapter_lr_scale * sc, "name": f"adapter x{sc:g}"}
               for sc, ps in sorted(by_scale.items())]
     groups.append({"params": head, "lr": cfg.lr if cfg.head_lr is None else cfg.head_lr, "name": "head"})
@@ -243,9 +251,11 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
     n_epochs = max(1, math.ceil(total / steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup_ratio, cfg.schedule, cfg.warmup_steps))
 
+    trainable = {n: p for n, p in model.net.named_parameters() if p.requires_grad}
+
     def snapshot() -> dict[str, Tensor]:
-        return {**{"a." + k: v for k, v in adapter_state_dict(model.net).items()},
-                **{"h." + k: v for k, v in model.head_state_dict().items()}}
+        # Everything that learns (adapter and head, plr's or PEFT's) and nothing else: small.
+        return {n: p.detach().clone() for n, p in trainable.items()}
 
     best, best_epoch, best_state = -math.inf, -1, snapshot()
     history: list[dict[str, Any]] = []
@@ -261,6 +271,8 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
             batch = _to(batch, device)
             with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 loss = loss_fn(model(batch), batch["labels"])
+                if extra_loss is not None:
+                    loss = loss + extra_loss()
             (loss / cfg.grad_accum).backward()
             seen += len(batch["labels"])
             run_loss = loss.item() if i == 0 and epoch == 0 else 0.9 * run_loss + 0.1 * loss.item()
@@ -270,6 +282,8 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
                          if cfg.max_grad_norm > 0 else None)
             opt.step()
             sched.step()
+            if step_hook is not None:
+                step_hook(step)
             opt.zero_grad(set_to_none=True)
             step += 1
             rate = seen / max(1e-9, time.perf_counter() - t_epoch)
@@ -296,7 +310,8 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
     bar.close()
     if val_loader is None:  # nothing to select on: keep the last state
         best_state, best_epoch = snapshot(), n_epochs - 1
-    load_adapter_state_dict(model.net, {k[2:]: v for k, v in best_state.items() if k.startswith("a.")})
-    model.load_head_state_dict({k[2:]: v for k, v in best_state.items() if k.startswith("h.")})
+    with torch.no_grad():
+        for n, v in best_state.items():
+            trainable[n].copy_(v)
     return FitResult(best_metric=best, best_epoch=best_epoch, steps=step,
                      wall_s=time.perf_counter() - t0, history=history)

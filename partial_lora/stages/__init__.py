@@ -107,6 +107,8 @@ def collect_results(cfg: DictConfig, run_dir: Path, stages: dict[str, dict[str, 
     al = stages.get("allocate", {})
     metrics, main = C.task_metrics(cfg)
     adapter = OmegaConf.to_container(cfg.adapter, resolve=True)
+    if stages.get("retrain", {}).get("rank") is not None:  # lora_matched chooses its rank at run time
+        adapter["r"] = int(stages["retrain"]["rank"])
     dense, sparse = ev.get("dense_lora_params"), ev.get("adapter_params")
     return {
         "status": "complete" if all(s in stages for s in plan(cfg)) else "incomplete",

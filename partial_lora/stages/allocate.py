@@ -37,6 +37,7 @@ def settings(cfg: DictConfig) -> dict[str, Any]:
     allocation = {k: v for k, v in C.plain(cfg.adapter.get("allocation", {})).items() if k != "search_masks"}
     return {"sparsity": C.sparsity(cfg), "allocation": allocation, "probe": C.plain(cfg.adapter.get("probe", {})),
             "search_masks": search_method(cfg), "mask_energy": C.mask_config(cfg).energy,
+            "match": C.plain(cfg.adapter.get("match", {})),
             "r": int(cfg.adapter.r), "targets": C.plain(cfg.adapter.targets), "model": str(cfg.model.name),
             "task": str(cfg.task.name), "seed": int(cfg.seed)}
 
@@ -67,7 +68,10 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
         alloc = AL.spectrum(layers, r, ks)
     else:
         alloc = _threshold(cfg, run_dir, s, layers, acfg)
-    if acfg.budget is not None:
+    match = C.match_config(cfg)
+    if match.active:  # matched-budget controls: another run's parameter count, N, or dense LoRA at rank k
+        alloc = AL.rescale_to_budget(alloc, float(match.target(sum(la.d_out + la.d_in for la in layers))))
+    elif acfg.budget is not None:
         alloc = AL.rescale_to_budget(alloc, acfg.budget)
     search_s = time.perf_counter() - t0
     A.write_json(out / A.ALLOCATION, {**alloc.to_json(), "settings": settings(cfg), "search_wall_s": search_s})

@@ -14,7 +14,6 @@ from omegaconf import DictConfig
 
 from partial_lora import artifacts as A
 from partial_lora import config as C
-from partial_lora.lora import count_adapter_parameters
 from partial_lora.stages.base import load_trained, loader, setup_run
 from partial_lora.tracking import Tracker
 from partial_lora.train import autocast_dtype, evaluate, set_seed
@@ -36,8 +35,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
     for split_name, split in sets:
         for k, v in evaluate(model, loader(s, split, tc, train=False), s.device, dtype, s.metrics).items():
             out[f"{split_name}_{k}"] = v
-    params = count_adapter_parameters(s.built.model.net)
-    out.update(adapter_params=params["adapter"], dense_lora_params=params["dense_lora"],
+    out.update(adapter_params=s.adapter_params(), dense_lora_params=s.dense_lora_params,
                head_params=sum(p.numel() for p in s.built.model.head_parameters()),
                test_examples=len(s.data.test), **{f"test_{n}_examples": len(d) for n, d in s.data.extra.items()})
     if tracker is not None:

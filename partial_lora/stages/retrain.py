@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora.allocation import lr_scale_auto
-from partial_lora.lora import LoRABranch, count_adapter_parameters
+from partial_lora.lora import LoRABranch
 from partial_lora.stages.base import is_sparse, loader, save_trained, setup_run
 from partial_lora.tracking import Tracker
 from partial_lora.train import JsonlLog, fit, set_seed
@@ -47,8 +47,8 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
             init = "rewind"
         else:  # uniform sparsity runs no probe: nothing to rewind to
             print("[plr] retrain: no probe in this run (uniform sparsity), so retrain.init=rewind starts fresh")
-    params = count_adapter_parameters(s.built.model.net)
-    density = params["adapter"] / params["dense_lora"]
+    n_adapter = s.adapter_params()
+    density = n_adapter / s.dense_lora_params
     per_layer = None
     if rc.adapter_lr_scale != "auto":
         scale = float(rc.adapter_lr_scale)
@@ -62,10 +62,12 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
     tc = C.train_config(cfg, metric=main, adapter_lr_scale=scale)
     result = fit(s.built.model, loader(s, s.data.train, tc, train=True, seed=int(cfg.seed)),
                  loader(s, s.data.val, tc, train=False), tc, device=s.device, metrics=s.metrics,
-                 log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, layer_lr_scales=per_layer)
+                 log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, layer_lr_scales=per_layer,
+                 **s.train_hooks())
     save_trained(s, out, cfg)
     return {f"best_val_{main}": result.best_metric, "best_epoch": result.best_epoch, "steps": result.steps,
-            "train_wall_s": result.wall_s, "adapter_params": params["adapter"], "density": density,
+            "train_wall_s": result.wall_s, "adapter_params": n_adapter, "density": density,
             "adapter_lr_scale": scale, "init": init,
+            "rank": next(iter(s.branches.values())).r if s.branches else int(cfg.adapter.r),
             "head_params": sum(p.numel() for p in s.built.model.head_parameters()),
             "train_examples": len(s.data.train), "history": result.history}

@@ -1,0 +1,157 @@
+"""PEFT-backed baselines: LoRA, DoRA, AdaLoRA, VeRA and SHiRA from the `peft` library.
+
+The method is PEFT's; plr supplies the data, the training loop, the metrics and the report, so
+a baseline differs from plr's own adapters only in the adapter itself. The adapter is injected
+in place into the backbone (`get_peft_model`), on the same layers plr's LoRA would adapt; the
+classification head stays trainable next to it.
+
+Per-method options (`adapter.peft.*`) go to the PEFT config as they are. Defaults [ours]:
+- `peft_lora`, `dora`: `r`, `alpha`, `dropout` as for plr's LoRA (`dora` sets `use_dora`).
+- `adalora`: starts at `init_r` = 1.5·r and prunes to an average of `target_r` = r; the budget
+  schedule (`tinit`, `tfinal`) is given as fractions of the run's steps (`tinit_frac` 0.1,
+  `tfinal_frac` 0.2). AdaLoRA's orthogonality regulariser (weight `orth_reg_weight`, PEFT's
+  default 0.5) is added to the loss, as PEFT's own forward would.
+- `vera`: `r` = 256 (the VeRA paper's GLUE setting) unless `adapter.peft.r` says otherwise.
+- `shira`: `r` sets the number of trainable entries to that of a rank-r LoRA (PEFT's meaning).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from partial_lora.errors import PlrError
+
+METHODS = ("peft_lora", "dora", "adalora", "vera", "shira")
+
+
+@dataclass(frozen=True)
+class PeftSpec:
+    """Which PEFT method and its settings.
+
+    Attributes:
+        method: one of `METHODS`.
+        r / alpha / dropout: plr's adapter settings (rank, scaling numerator, dropout).
+        options: method-specific PEFT config values (`adapter.peft`), passed through.
+    """
+
+    method: str
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise PlrError(f"unknown PEFT baseline '{self.method}'; use one of: {', '.join(METHODS)}")
+
+
+def peft_config(spec: PeftSpec, targets: Sequence[str], total_steps: int) -> Any:
+    """The PEFT config of `spec` on the modules `targets` (exact module names)."""
+    import peft
+
+    opts = dict(spec.options)
+    common = {"target_modules": list(targets)}
+    try:
+        if spec.method in ("peft_lora", "dora"):
+            return peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                                   use_dora=spec.method == "dora", **common, **opts)
+        if spec.method == "adalora":
+            tinit = int(opts.pop("tinit_frac", 0.1) * total_steps)
+            tfinal = int(opts.pop("tfinal_frac", 0.2) * total_steps)
+            if tinit + tfinal >= total_steps:
+                tinit, tfinal = 0, 0
+            return peft.AdaLoraConfig(init_r=opts.pop("init_r", max(1, round(1.5 * spec.r))),
+                                      target_r=opts.pop("target_r", spec.r), lora_alpha=spec.alpha,
+                                      lora_dropout=spec.dropout, total_step=total_steps, tinit=tinit,
+                                      tfinal=tfinal, **common, **opts)
+        if spec.method == "vera":
+            return peft.VeraConfig(r=opts.pop("r", 256), vera_dropout=spec.dropout, **common, **opts)
+        return peft.ShiraConfig(r=opts.pop("r", spec.r), **common, **opts)
+    except (TypeError, ValueError) as e:
+        first = str(e).splitlines()[0]
+        raise PlrError(f"adapter={spec.method}: PEFT rejected the settings ({first}); fix adapter.peft") from None
+
+
+def inject_peft(net: nn.Module, spec: PeftSpec, targets: Sequence[str], head_modules: Sequence[str],
+                total_steps: int) -> Any:
+    """Inject the PEFT adapter into `net` in place; return the `PeftModel` that manages it.
+
+    Only the adapter (as PEFT marks it) and the head modules are left trainable.
+    """
+    import peft
+
+    cfg = peft_config(spec, targets, total_steps)
+    try:
+        model = peft.get_peft_model(net, cfg)
+    except (TypeError, ValueError) as e:
+        first = str(e).splitlines()[0]
+        raise PlrError(f"adapter={spec.method}: PEFT could not adapt this model ({first}); "
+                       "choose other adapter.targets") from None
+    for name in head_modules:
+        for p in net.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    return model
+
+
+def state_dict(model: Any) -> dict[str, Tensor]:
+    """The adapter's tensors as PEFT saves them (no head: plr saves the head itself)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def extra_state(model: Any) -> dict[str, Any]:
+    """What a saved adapter needs besides its tensors: AdaLoRA's pruned rank pattern."""
+    pattern = getattr(model.peft_config["default"], "rank_pattern", None)
+    if not pattern or model.peft_config["default"].peft_type.value != "ADALORA":
+        return {}
+    return {"rank_pattern": {k: [bool(x) for x in v] for k, v in pattern.items()}}
+
+
+def load_state_dict(model: Any, state: Mapping[str, Tensor], extra: Mapping[str, Any] | None = None,
+                    source: str = "adapter") -> None:
+    """Load `state_dict`'s tensors (after shrinking AdaLoRA's modules to the saved rank pattern)."""
+    from peft import set_peft_model_state_dict
+
+    pattern = (extra or {}).get("rank_pattern")
+    if pattern:  # PEFT shrinks AdaLoRA's modules to this pattern while it loads
+        model.peft_config["default"].rank_pattern = dict(pattern)
+    try:
+        result = set_peft_model_state_dict(model, dict(state))
+    except RuntimeError as e:
+        raise PlrError(f"{source} does not fit this PEFT adapter ({str(e).splitlines()[-1].strip()}); "
+                       "rerun the stage that wrote it") from None
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise PlrError(f"{source} holds tensors this PEFT adapter does not have ({unexpected[0]}, ...); "
+                       "rerun the stage that wrote it")
+
+
+def step_hook(model: Any, spec: PeftSpec) -> Callable[[int], None] | None:
+    """AdaLoRA reallocates its rank budget after every optimizer step; the others need nothing."""
+    if spec.method != "adalora":
+        return None
+    return lambda step: model.base_model.update_and_allocate(step)
+
+
+def regularizer(model: Any, spec: PeftSpec) -> Callable[[], Tensor] | None:
+    """AdaLoRA's orthogonality penalty on P (lora_A) and Q (lora_B), weighted as PEFT's forward does."""
+    if spec.method != "adalora":
+        return None
+    weight = float(model.peft_config["default"].orth_reg_weight)
+    factors = [(n, p) for n, p in model.named_parameters() if p.requires_grad and ("lora_A" in n or "lora_B" in n)]
+
+    def penalty() -> Tensor:
+        total = torch.zeros((), device=factors[0][1].device)
+        for name, p in factors:
+            m = p @ p.T if "lora_A" in name else p.T @ p
+            eye = torch.eye(*m.shape, out=torch.empty_like(m))
+            total = total + torch.norm(m - eye, p="fro")
+        return weight * total / len(factors)
+
+    return penalty
