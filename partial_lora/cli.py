@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -40,6 +42,9 @@ commands:
                       metrics as mean ± std over seeds, per task; lists unfinished runs
                       e.g.  plr report outputs/ --out report
                       PATH: a run dir, a dir above run dirs (e.g. a multirun root), or a quoted glob
+  resume RUN_DIR      continue a stopped or killed run: finished stages are skipped, an interrupted
+                      probe or retrain continues from its last checkpoint (same as rerunning
+                      `plr train <its overrides> run_dir=RUN_DIR`)
   export RUN_DIR OUT_DIR [--merged] [--force]
                       a finished run (retrain done) as a PEFT LoRA adapter that stock PEFT loads, with
                       its masks, per-layer keep ratios and a model card; --merged adds OUT_DIR/merged/
@@ -193,6 +198,75 @@ def _export(argv: list[str]) -> int:
     return 0
 
 
+def check_keys(overrides: list[str]) -> None:
+    """Unknown config keys (`trainer.lerning_rate=1`) get one line instead of Hydra's report.
+
+    The overrides are composed once (a sweep by its first value) before Hydra runs anything.
+    """
+    from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    args = [a for a in overrides if not a.startswith("-") and "=" in a and not a.lstrip("+~").startswith("hydra")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except OverrideParseException as e:
+        fail(f"cannot parse the overrides ({str(e).splitlines()[0]}); write them as key=value")
+        return
+    single = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override()
+              else o.input_line for o in parsed]
+    try:
+        with initialize_config_module("partial_lora.conf", version_base="1.3"):
+            compose("config", overrides=single)
+    except ConfigCompositionException as e:
+        first = str(e).splitlines()[0]
+        key = re.search(r"override '([^']+)'", first)
+        if key:
+            fail(f"unknown config key '{key[1]}'; check its spelling against `plr train --help`, or add a new key "
+                 f"with +{key[1]}=<value>")
+        fail(f"{first}; see `plr train --help`")
+    except Exception as e:  # noqa: BLE001 - Hydra reports bad values in many exception types
+        fail(f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; see `plr train --help`")
+
+
+def check_writable(overrides: list[str]) -> None:
+    """`run_dir=` / `out_root=` must be creatable and writable, before any work starts."""
+    for arg in overrides:
+        key, _, value = arg.partition("=")
+        if key not in ("run_dir", "out_root") or not value or "$" in value:
+            continue
+        path = Path(value).expanduser()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as e:
+            fail(f"{key}={value} cannot be written ({e.strerror or e}); choose a directory you can write to")
+
+
+def _resume(argv: list[str]) -> int:
+    """`plr resume RUN_DIR`: rerun `plr train` with the run's own overrides into its run dir."""
+    parser = _Parser(prog="plr resume", description="Continue a stopped or killed run where it stopped: finished "
+                     "stages are skipped, an interrupted probe or retrain resumes from its last checkpoint.")
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    run_dir = parser.parse_args(argv).run_dir
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    if not overrides_file.is_file():
+        fail(f"{run_dir} is not a plr run dir (no {overrides_file.relative_to(run_dir)}); pass the run dir of a "
+             "`plr train` run")
+    try:
+        overrides = OmegaConf.to_container(OmegaConf.load(overrides_file))
+    except Exception as e:  # noqa: BLE001 - a damaged file: say which
+        fail(f"{overrides_file} is unreadable ({type(e).__name__}); resume with `plr train <the overrides> "
+             f"run_dir={run_dir}`")
+        return 2
+    if not isinstance(overrides, list):
+        fail(f"{overrides_file} holds no list of overrides; resume with `plr train <the overrides> run_dir={run_dir}`")
+    kept = [str(o) for o in overrides if not str(o).startswith(("run_dir=", "out_root="))]
+    print(f"[plr] resume: plr train {' '.join(kept)} run_dir={run_dir}", flush=True)
+    return main(["train", *kept, f"run_dir={run_dir}"])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -201,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
         check_choices(rest)
+        if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "-i") for a in rest):
+            check_keys(rest)
+            check_writable(rest)
         sys.argv = ["plr train", *rest]
         _train()
         if SWEEP_FAILURES:
@@ -210,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if cmd == "report":
         return _report(rest)
+    if cmd == "resume":
+        return _resume(rest)
     if cmd == "export":
         return _export(rest)
     fail(f"unknown command '{cmd}'; run `plr --help` for the commands")

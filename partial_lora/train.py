@@ -9,8 +9,11 @@ by line, to `metrics.jsonl` so a crashed run still leaves its curve behind.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -22,9 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
+from partial_lora import artifacts as A
+from partial_lora import checkpoint as CK
 from partial_lora.errors import PlrError
 from partial_lora.lora import iter_branches
 from partial_lora.metrics import compute_metrics
@@ -53,6 +58,10 @@ class TrainConfig:
         progress: show a tqdm bar.
         num_workers: DataLoader workers.
         device: `auto`, `cpu`, `cuda`, `cuda:1`...
+        checkpoint_every: also checkpoint every N optimizer steps (0: only at epoch ends).
+        max_bad_steps: optimizer steps with a non-finite loss or gradient that may be skipped
+            before the run stops (0: stop at the first).
+        deterministic: use deterministic algorithms (on CUDA: slower kernels, no cuDNN autotuning).
     """
 
     epochs: float = 3
@@ -74,6 +83,9 @@ class TrainConfig:
     progress: bool = True
     num_workers: int = 0
     device: str = "auto"
+    checkpoint_every: int = 0
+    max_bad_steps: int = 0
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -90,6 +102,8 @@ class TrainConfig:
             (self.schedule in SCHEDULES, f"trainer.schedule '{self.schedule}' is unknown; use one of {list(SCHEDULES)}"),
             (self.precision in ("auto", "bf16", "fp32"), f"trainer.precision '{self.precision}' must be auto, bf16 or fp32"),
             (self.weight_decay >= 0, f"trainer.weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.checkpoint_every >= 0, f"trainer.checkpoint_every must be >= 0, got {self.checkpoint_every}"),
+            (self.max_bad_steps >= 0, f"trainer.max_bad_steps must be >= 0, got {self.max_bad_steps}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -182,6 +196,20 @@ def evaluate(model: Classifier, loader: Iterable[Mapping[str, Tensor]], device: 
     return out
 
 
+class ResumableSampler(RandomSampler):
+    """`RandomSampler` whose next pass can start `skip` samples in (resuming in mid-epoch).
+
+    The pass draws the same permutation from the same generator as a full pass would, so the
+    batches after the skipped ones are the ones an uninterrupted run sees.
+    """
+
+    skip = 0
+
+    def __iter__(self):  # type: ignore[override]
+        skip, self.skip = self.skip, 0
+        return itertools.islice(super().__iter__(), skip, None)
+
+
 @dataclass
 class FitResult:
     best_metric: float
@@ -196,9 +224,22 @@ class JsonlLog:
 
     def __init__(self, path: Path | None, tracker: Any | None = None, prefix: str = "") -> None:
         self.path, self.tracker, self.prefix = path, tracker, prefix
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")  # a rerun of a stage starts a fresh curve
+
+    def reset(self, keep_until_step: int | None = None) -> None:
+        """Start the curve: empty, or (resuming) keep the records up to a checkpoint's step."""
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if keep_until_step is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= keep_until_step:
+                        kept.append(line + "\n")
+                except json.JSONDecodeError:
+                    break  # a line cut by the kill: nothing after it is kept
+        with A.atomic_path(self.path) as tmp:
+            tmp.write_text("".join(kept))
 
     def __call__(self, record: dict[str, Any]) -> None:
         if self.path is not None:
@@ -213,7 +254,7 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
         device: torch.device, log: Callable[[dict[str, Any]], None] = lambda r: None,
         metrics: Iterable[str] = ("accuracy",), desc: str = "train",
         layer_lr_scales: Mapping[str, float] | None = None, step_hook: Callable[[int], None] | None = None,
-        extra_loss: Callable[[], Tensor] | None = None) -> FitResult:
+        extra_loss: Callable[[], Tensor] | None = None, checkpoint: Path | None = None) -> FitResult:
     """Train adapter + head; keep the state with the best validation `cfg.metric`.
 
     The model must already be frozen except for its adapter and head (see
@@ -222,6 +263,13 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
     further multiplies the adapter learning rate of single plr layers; missing layers use 1.
     `step_hook(step)` runs after each optimizer step (AdaLoRA's budget update) and
     `extra_loss()` is added to the task loss (AdaLoRA's regulariser).
+
+    With `checkpoint` (a file path), the whole training state is saved there at every epoch end
+    and every `cfg.checkpoint_every` steps; if the file exists when `fit` starts, training
+    resumes from it and takes exactly the steps an uninterrupted run would (the train loader
+    must use a `ResumableSampler` with the loader's generator, as `stages.base.loader` does).
+    A step with a non-finite loss or gradient is skipped; more than `cfg.max_bad_steps` of
+    them stop the run with a `PlrError`, leaving the last good checkpoint in place.
     """
     metrics = tuple(dict.fromkeys([cfg.metric, *metrics]))
     dtype = autocast_dtype(cfg, device)
@@ -257,17 +305,46 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
         # Everything that learns (adapter and head, plr's or PEFT's) and nothing else: small.
         return {n: p.detach().clone() for n, p in trainable.items()}
 
-    best, best_epoch, best_state = -math.inf, -1, snapshot()
-    history: list[dict[str, Any]] = []
-    step, t0 = 0, time.perf_counter()
+    # A checkpoint is only taken up by the same run: same recipe, data size and trainable shapes.
+    fingerprint = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in _FREE_TO_CHANGE},
+                   "total_steps": total, "examples": len(train_loader.dataset),
+                   "trainable": {n: list(p.shape) for n, p in trainable.items()}}
+    sampler = train_loader.sampler if isinstance(train_loader.sampler, ResumableSampler) else None
+    gen = train_loader.generator
+    state, best_state = CK.Progress(), snapshot()
+    resume_epoch = None
+    if checkpoint is not None and checkpoint.exists():
+        state, best_state = CK.load(checkpoint, trainable=trainable, opt=opt, sched=sched, fingerprint=fingerprint)
+        resume_epoch = state.epoch
+        print(f"[plr] {desc}: resuming from {checkpoint} (step {state.step} of {total})", flush=True)
+    if isinstance(log, JsonlLog):
+        log.reset(state.step if resume_epoch is not None else None)
+    if cfg.deterministic:
+        use_deterministic_algorithms()
+
+    def save_checkpoint() -> None:
+        if checkpoint is not None:
+            CK.save(checkpoint, trainable=trainable, best_state=best_state, opt=opt, sched=sched, progress=state,
+                    fingerprint=fingerprint)
+
+    step, t0 = state.step, time.perf_counter()
     # On a terminal the bar redraws often; in log files (sweeps, CI) only every 30 s.
     tty = sys.stderr.isatty()
-    bar = tqdm(total=total, desc=desc, disable=not cfg.progress, dynamic_ncols=True, leave=tty,
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not cfg.progress, dynamic_ncols=True, leave=tty,
                mininterval=0.1 if tty else 30.0)
     model.train()
-    for epoch in range(n_epochs):
-        seen, t_epoch, run_loss = 0, time.perf_counter(), 0.0
-        for i, batch in enumerate(train_loader):
+    for epoch in range(state.epoch, n_epochs):
+        skip = 0
+        if gen is not None:
+            if epoch == resume_epoch and state.epoch_gen_state is not None:
+                gen.set_state(torch.tensor(state.epoch_gen_state, dtype=torch.uint8))  # replay this epoch's order
+                skip = state.batches_done
+            state.epoch_gen_state = gen.get_state().tolist()
+        if sampler is not None:
+            sampler.skip = skip * (train_loader.batch_size or 1)
+        state.epoch, state.batches_done = epoch, skip
+        seen, t_epoch, bad = 0, time.perf_counter(), False
+        for i, batch in enumerate(train_loader, start=skip):
             batch = _to(batch, device)
             with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 loss = loss_fn(model(batch), batch["labels"])
@@ -275,43 +352,86 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
                     loss = loss + extra_loss()
             (loss / cfg.grad_accum).backward()
             seen += len(batch["labels"])
-            run_loss = loss.item() if i == 0 and epoch == 0 else 0.9 * run_loss + 0.1 * loss.item()
+            bad = bad or not bool(torch.isfinite(loss))
+            if bool(torch.isfinite(loss)):
+                state.run_loss = loss.item() if step == 0 and i == 0 else 0.9 * state.run_loss + 0.1 * loss.item()
             if (i + 1) % cfg.grad_accum:
                 continue
             grad_norm = (torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
                          if cfg.max_grad_norm > 0 else None)
+            if bad or (grad_norm is not None and not bool(torch.isfinite(grad_norm))):
+                opt.zero_grad(set_to_none=True)  # skip the step: the weights stay as they were
+                state.bad_steps, state.batches_done, bad = state.bad_steps + 1, i + 1, False
+                if state.bad_steps > cfg.max_bad_steps:
+                    raise PlrError(_non_finite_message(cfg, step, epoch, state.bad_steps, checkpoint))
+                print(f"[plr] {desc}: non-finite loss at step {step + 1}; step skipped "
+                      f"({state.bad_steps} of trainer.max_bad_steps={cfg.max_bad_steps})", flush=True)
+                continue
             opt.step()
             sched.step()
             if step_hook is not None:
                 step_hook(step)
             opt.zero_grad(set_to_none=True)
             step += 1
+            state.step, state.batches_done = step, i + 1
             rate = seen / max(1e-9, time.perf_counter() - t_epoch)
             bar.update(1)
-            bar.set_postfix(loss=f"{run_loss:.3f}", ex_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{state.run_loss:.3f}", ex_s=f"{rate:.0f}")
             rec = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
             if grad_norm is not None:
                 rec["grad_norm"] = float(grad_norm)
             log(rec)
             if step >= total:
                 break
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save_checkpoint()
         last = step >= total or epoch == n_epochs - 1
         if val_loader is not None and ((epoch + 1) % cfg.eval_every_epochs == 0 or last):
             val = evaluate(model, val_loader, device, dtype, metrics)
             if cfg.metric not in val:
                 raise PlrError(f"trainer.metric '{cfg.metric}' is not computed for this task; use one of {sorted(val)}")
             rec = {"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in val.items()}}
-            history.append(rec)
+            state.history.append(rec)
             log(rec)
-            if val[cfg.metric] > best:
-                best, best_epoch, best_state = val[cfg.metric], epoch, snapshot()
+            if val[cfg.metric] > state.best:
+                state.best, state.best_epoch, best_state = val[cfg.metric], epoch, snapshot()
         if step >= total:
             break
+        # The epoch is over: a resumed run starts the next one, with the generator as it is now.
+        state.epoch, state.batches_done = epoch + 1, 0
+        state.epoch_gen_state = gen.get_state().tolist() if gen is not None else None
+        save_checkpoint()
     bar.close()
+    best_epoch = state.best_epoch
     if val_loader is None:  # nothing to select on: keep the last state
         best_state, best_epoch = snapshot(), n_epochs - 1
     with torch.no_grad():
         for n, v in best_state.items():
             trainable[n].copy_(v)
-    return FitResult(best_metric=best, best_epoch=best_epoch, steps=step,
-                     wall_s=time.perf_counter() - t0, history=history)
+    return FitResult(best_metric=state.best, best_epoch=best_epoch, steps=step,
+                     wall_s=time.perf_counter() - t0, history=state.history)
+
+
+# Settings that do not change what training computes: a checkpoint survives changing them.
+_FREE_TO_CHANGE = ("progress", "num_workers", "eval_batch_size", "device", "checkpoint_every", "max_bad_steps",
+                   "eval_every_epochs")
+
+
+def use_deterministic_algorithms() -> None:
+    """Deterministic kernels everywhere (`trainer.deterministic=true`).
+
+    On CUDA this costs speed: cuBLAS needs a fixed workspace (`CUBLAS_WORKSPACE_CONFIG`, set
+    here before the first CUDA matmul), cuDNN stops autotuning, some ops use slower
+    deterministic kernels, and an op without one raises an error instead of running.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
+
+
+def _non_finite_message(cfg: TrainConfig, step: int, epoch: int, bad: int, checkpoint: Path | None) -> str:
+    kept = (f"the last good checkpoint is kept in {checkpoint}; " if checkpoint is not None and checkpoint.exists()
+            else "")
+    return (f"non-finite loss or gradient at step {step + 1} (epoch {epoch}), {bad} such step(s), more than "
+            f"trainer.max_bad_steps={cfg.max_bad_steps}; {kept}lower trainer.lr, keep trainer.max_grad_norm > 0 or "
+            f"use trainer.precision=fp32 (or allow skipped steps with trainer.max_bad_steps=N)")

@@ -8,10 +8,25 @@ they run on the real data.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import datasets
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str) -> ModuleType:
+    """Import `experiments/<name>.py` (a script, not a package module) for testing."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
 
 # name -> (text columns, label names or None for a float score, split names)
 GLUE: dict[str, tuple[tuple[str, ...], list[str] | None, tuple[str, ...]]] = {

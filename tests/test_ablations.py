@@ -2,7 +2,6 @@
 every sweep composes into distinct, valid runs; the driver's commands; a real tiny sweep that
 reuses one probe."""
 
-import importlib.util
 import itertools
 import json
 import os
@@ -15,6 +14,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from fixtures import load_script
 from partial_lora import config as C
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,11 +25,7 @@ ABLATE = [sys.executable, str(ROOT / "experiments" / "ablate.py")]
 
 
 def load_ablate():
-    spec = importlib.util.spec_from_file_location("ablate", ROOT / "experiments" / "ablate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ablate"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("ablate")
 
 
 def compose_cfg(*overrides: str, hydra_config: bool = False):

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -87,16 +86,12 @@ def test_help_lists_groups_and_options(tmp_path):
     assert "minilm" in res.stdout and "bbc-news" in res.stdout
 
 
+# A few bad inputs through a real subprocess (exit code, stderr, no traceback); the full battery
+# of more than 20 cases runs in-process in test_reliability.py.
 @pytest.mark.parametrize("args, message", [
     (["model=nope"], "unknown model 'nope'; choose one of:"),
-    (["task=nope"], "unknown task 'nope'"),
     (["adapter.r=0"], "adapter.r must be a positive rank"),
-    (["adapter.sparsity=1.0"], "adapter.sparsity must be in [0, 1)"),
-    (["adapter.targets=[q_proj]"], "match no nn.Linear"),
-    (["trainer.batch_size=0"], "trainer.batch_size must be at least 1"),
-    (["trainer.lr=-1"], "trainer.lr must be positive"),
     (["task=hf-text"], "task.path is required"),
-    (["task=hf-text", "task.path=/does/not/exist"], "does not exist; set task.path"),
     (["model=roberta-base"], "cannot be reached"),
 ])
 def test_bad_input_one_line_error_and_no_run_dir(tmp_path, args, message):

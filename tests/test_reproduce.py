@@ -1,6 +1,5 @@
 """The reproduction driver behind `make reproduce-vision/glue`: its commands, and a real tiny sweep."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,18 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import write_glue
+from fixtures import load_script, write_glue
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 
 
 def load_reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "experiments" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("reproduce")
 
 
 def test_dry_run_deals_tasks_to_gpus_and_prints_the_report_command(capsys):

@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from partial_lora import artifacts as A
+from partial_lora import checkpoint as CK
 from partial_lora import config as C
 from partial_lora.errors import PlrError
 from partial_lora.stages import allocate, evaluate, extract, probe, retrain
@@ -94,6 +95,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
         metrics = REGISTRY[name](cfg, run_dir, tracker)
         metrics["wall_s"] = time.perf_counter() - t0
         A.mark_done(run_dir, name, metrics)
+        (A.stage_dir(run_dir, name) / CK.FILE).unlink(missing_ok=True)  # the stage's results supersede it
         done[name] = metrics
         echo(f"[plr] {name}: done in {metrics['wall_s']:.1f} s")
     results = collect_results(cfg, run_dir, done)

@@ -25,7 +25,7 @@ from partial_lora import peft_baselines as PB
 from partial_lora.lora import (WHOLE, LoRABranch, LoRAConfig, adapter_state_dict, count_adapter_parameters,
                                find_targets, freeze_for_adapter, inject_lora, load_adapter_state_dict)
 from partial_lora.models import Built, build_model
-from partial_lora.train import TrainConfig, resolve_device
+from partial_lora.train import ResumableSampler, TrainConfig, resolve_device
 
 
 @dataclass
@@ -125,7 +125,9 @@ def loader(s: Setup, split: datasets.Dataset, tc: TrainConfig, *, train: bool, s
     collate = make_collate(s.data.kind, tokenizer=s.built.tokenizer, max_length=s.built.max_length,
                            image=s.built.image, train=train)
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(split, batch_size=tc.batch_size if train else tc.eval_batch_size, shuffle=train,
+    # The same order as `shuffle=True` with this generator, and resumable in mid-epoch.
+    sampler = ResumableSampler(split, generator=gen) if train else None
+    return DataLoader(split, batch_size=tc.batch_size if train else tc.eval_batch_size, sampler=sampler,
                       collate_fn=collate, generator=gen, num_workers=tc.num_workers,
                       pin_memory=s.device.type == "cuda", drop_last=False)
 

@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from partial_lora import artifacts as A
+from partial_lora import checkpoint as CK
 from partial_lora import config as C
 from partial_lora.data.split import few_shot
 from partial_lora.lora import adapter_state_dict
@@ -40,7 +41,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
     few_train, few_val = s.data.train.select(train_idx), s.data.train.select(val_idx)
     result = fit(s.built.model, loader(s, few_train, tc, train=True, seed=int(cfg.seed)),
                  loader(s, few_val, tc, train=False), tc, device=s.device, metrics=s.metrics,
-                 log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME)
+                 log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, checkpoint=out / CK.FILE)
     save_trained(s, out, cfg)
     return {"a_ref": result.best_metric, "metric": main, "best_epoch": result.best_epoch, "steps": result.steps,
             "train_examples": len(train_idx), "val_examples": len(val_idx), "train_wall_s": result.wall_s}

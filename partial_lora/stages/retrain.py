@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from partial_lora import artifacts as A
+from partial_lora import checkpoint as CK
 from partial_lora import config as C
 from partial_lora.allocation import lr_scale_auto
 from partial_lora.lora import LoRABranch
@@ -62,7 +63,8 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
     tc = C.train_config(cfg, metric=main, adapter_lr_scale=scale)
     result = fit(s.built.model, loader(s, s.data.train, tc, train=True, seed=int(cfg.seed)),
                  loader(s, s.data.val, tc, train=False), tc, device=s.device, metrics=s.metrics,
-                 log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, layer_lr_scales=per_layer,
+                 log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, checkpoint=out / CK.FILE,
+                 layer_lr_scales=per_layer,
                  **s.train_hooks())
     save_trained(s, out, cfg)
     return {f"best_val_{main}": result.best_metric, "best_epoch": result.best_epoch, "steps": result.steps,

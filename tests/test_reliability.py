@@ -1,0 +1,250 @@
+"""Reliability: resume after kill -9, the bad-input battery, the NaN guard, determinism, checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from safetensors.torch import load_file
+
+from partial_lora import checkpoint as CK
+from partial_lora import config as C
+from partial_lora.errors import PlrError
+from partial_lora.stages import run_pipeline
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+# 300 small steps of dense LoRA on the tiny BERT: long enough to be killed in the middle of.
+LONG = ["experiment=smoke", "adapter=lora", "trainer.max_steps=120", "trainer.batch_size=4",
+        "trainer.checkpoint_every=10", "trainer.eval_every_epochs=2", "task.max_train_samples=64"]
+
+
+def plr(*args, cwd, timeout=600):
+    return subprocess.run([sys.executable, "-m", "partial_lora.cli", *args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def cfg_of(*overrides):
+    with initialize_config_module("partial_lora.conf", version_base="1.3"):
+        return compose("config", overrides=["experiment=smoke", *overrides])
+
+
+# --- resume ---------------------------------------------------------------------------------
+
+
+def test_kill_9_during_retrain_then_resume_matches_an_uninterrupted_run(tmp_path):
+    ref = tmp_path / "ref"
+    res = plr("train", *LONG, f"run_dir={ref}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "partial_lora.cli", "train", *LONG, f"run_dir={run_dir}"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run_dir / "retrain" / CK.FILE
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert ckpt.exists() and not (run_dir / "retrain" / "done").exists(), "the run finished before it was killed"
+
+    res = plr("resume", str(run_dir), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming from" in res.stdout
+    a, b = (json.loads((d / "results.json").read_text()) for d in (ref, run_dir))
+    assert a["metrics"] == b["metrics"]
+    ta, tb = (load_file(d / "retrain" / "adapter.safetensors") for d in (ref, run_dir))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert not ckpt.exists()  # a finished stage drops its checkpoint
+    records = [json.loads(line) for line in (run_dir / "retrain" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "lr" in r]
+    assert steps == list(range(1, 121))  # the resumed curve has every step once
+
+
+def crash_at_step(monkeypatch, n: int) -> None:
+    """Make the n-th optimizer step raise, as a crash in the middle of a stage would."""
+    calls = {"n": 0}
+    real = torch.optim.AdamW.step
+
+    def step(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("simulated crash")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+def test_rerun_into_the_same_run_dir_resumes_from_the_checkpoint(tmp_path, monkeypatch):
+    over = ["adapter=lora", "trainer.max_steps=7", "trainer.checkpoint_every=2"]
+    full = run_pipeline(cfg_of(*over), tmp_path / "full", echo=lambda s: None)
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as m:
+        crash_at_step(m, 6)
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(cfg_of(*over), run_dir, echo=lambda s: None)
+    assert (run_dir / "retrain" / CK.FILE).exists() and not (run_dir / "retrain" / "done").exists()
+    lines = []
+    again = run_pipeline(cfg_of(*over), run_dir, echo=lines.append)
+    assert again["metrics"] == full["metrics"]
+    ta, tb = (load_file(d / "retrain" / "adapter.safetensors") for d in (tmp_path / "full", run_dir))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_checkpoint_from_other_settings_is_refused_in_one_line(tmp_path, monkeypatch):
+    over = ["adapter=lora", "trainer.max_steps=7", "trainer.checkpoint_every=2"]
+    with monkeypatch.context() as m:
+        crash_at_step(m, 4)
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(cfg_of(*over), tmp_path, echo=lambda s: None)
+    with pytest.raises(PlrError, match="written by a run with other settings") as e:
+        run_pipeline(cfg_of(*over, "trainer.lr=0.1"), tmp_path, echo=lambda s: None)
+    assert "\n" not in str(e.value) and "delete it" in str(e.value) and "lr" in str(e.value)
+
+
+def test_truncated_checkpoint_names_the_file(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = cfg_of("adapter=lora", "trainer.max_steps=2")
+    (run_dir / "retrain").mkdir(parents=True)
+    (run_dir / "retrain" / CK.FILE).write_bytes(b"\x00" * 10)
+    with pytest.raises(PlrError, match=f"checkpoint {run_dir / 'retrain' / CK.FILE} is unreadable"):
+        run_pipeline(cfg, run_dir, echo=lambda s: None)
+
+
+# --- NaN guard ------------------------------------------------------------------------------
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
+    cfg = cfg_of("adapter=lora", "trainer.max_steps=8", "trainer.checkpoint_every=2", "trainer.lr=1e30",
+                 "trainer.max_grad_norm=0")
+    C.validate(cfg)
+    with pytest.raises(PlrError, match="non-finite loss") as e:
+        run_pipeline(cfg, tmp_path, echo=lambda s: None)
+    msg = str(e.value)
+    assert "\n" not in msg and "trainer.max_bad_steps" in msg and "trainer.lr" in msg
+    assert not (tmp_path / "retrain" / "done").exists()
+
+
+def test_bad_steps_up_to_the_limit_are_skipped(tmp_path):
+    from partial_lora.train import TrainConfig
+
+    with pytest.raises(PlrError, match="max_bad_steps"):
+        TrainConfig(max_bad_steps=-1)
+
+
+# --- determinism ----------------------------------------------------------------------------
+
+
+def test_same_seed_same_allocation_masks_and_metrics(tmp_path):
+    over = ["trainer.max_steps=3", "adapter.probe.epochs=1"]
+    a = run_pipeline(cfg_of(*over), tmp_path / "a", echo=lambda s: None)
+    b = run_pipeline(cfg_of(*over), tmp_path / "b", echo=lambda s: None)
+    assert a["metrics"] == b["metrics"]
+    alloc = [json.loads((tmp_path / d / "allocate" / "allocation.json").read_text()) for d in "ab"]
+    for x in alloc:
+        x.pop("search_wall_s", None)
+    assert alloc[0] == alloc[1]
+    ma, mb = (load_file(tmp_path / d / "extract" / "masks.safetensors") for d in "ab")
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_deterministic_flag_turns_on_deterministic_algorithms(tmp_path):
+    cfg = cfg_of("adapter=lora", "trainer.max_steps=1", "trainer.deterministic=true")
+    try:
+        run_pipeline(cfg, tmp_path, echo=lambda s: None)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+# --- the bad-input battery ------------------------------------------------------------------
+
+
+def corrupt_run(tmp_path: Path) -> Path:
+    """A finished smoke run whose retrain adapter file is then truncated (evaluate not done)."""
+    run_dir = tmp_path / "corrupt"
+    run_pipeline(cfg_of("adapter=lora", "trainer.max_steps=1"), run_dir, echo=lambda s: None)
+    (run_dir / "evaluate" / "done").unlink()
+    (run_dir / "retrain" / "adapter.safetensors").write_bytes(b"\x00\x01")
+    return run_dir
+
+
+BATTERY = [
+    (["model=nope"], "unknown model 'nope'"),
+    (["task=nope"], "unknown task 'nope'"),
+    (["adapter=nope"], "unknown adapter 'nope'"),
+    (["trainer.lerning_rate=1"], "unknown config key 'trainer.lerning_rate'"),
+    (["adapter.r=0"], "adapter.r must be a positive rank"),
+    (["trainer.lr=-0.1"], "trainer.lr must be positive"),
+    (["adapter.sparsity=1.0"], "adapter.sparsity must be in [0, 1)"),
+    (["adapter.sparsity=-0.1"], "adapter.sparsity must be in [0, 1)"),
+    (["adapter.allocation.tau=0"], "adapter.allocation.tau"),
+    (["adapter.allocation.grid=[]"], "grid"),
+    (["adapter.targets=[nothing_here]"], "match no nn.Linear"),
+    (["task=hf-text", "task.path=/does/not/exist"], "does not exist; set task.path"),
+    (["task=hf-text", "task.path=DATA", "task.text_column=review"], "task.text_column='review' is not a column"),
+    (["trainer.batch_size=0"], "trainer.batch_size must be at least 1"),
+    (["+task.num_labels=7"], "task.num_labels=7 but the data has 5 labels"),
+    (["from_run=/no/such/run"], "from_run=/no/such/run is not a plr run dir"),
+    (["adapter=lora", "run_dir=CORRUPT"], "adapter.safetensors"),
+    (["out_root=/proc/plr-cannot-write"], "cannot be written"),
+    (["seed=-1"], "seed must be >= 0"),
+    (["trainer.schedule=triangle"], "trainer.schedule 'triangle' is unknown"),
+    (["adapter.mask.method=best"], "unknown adapter.mask.method 'best'"),
+    (["retrain.init=warm"], "retrain.init must be rewind or fresh"),
+    (["+task.protocol=vtab2k"], "task.protocol='vtab2k' is unknown"),
+    (["adapter=lora_matched"], "adapter=lora_matched needs a target"),
+    (["trainer.max_bad_steps=-2"], "trainer.max_bad_steps must be >= 0"),
+]
+
+
+@pytest.fixture(scope="module")
+def battery_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("battery")
+    (root / "data.csv").write_text("text,label\n" + "".join(f"sample {i},{i % 2}\n" for i in range(40)))
+    return root
+
+
+@pytest.mark.parametrize("args, message", BATTERY, ids=[" ".join(a) for a, _ in BATTERY])
+def test_bad_input_battery(args, message, battery_data, tmp_path, capsys, monkeypatch):
+    """Each mistake: exit code 2, one `plr: error:` line naming the fix, no traceback, no stage done.
+
+    Run in-process through `cli.main` (the subprocess path is covered in test_cli.py).
+    """
+    from partial_lora import cli
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    args = [a.replace("DATA", str(battery_data / "data.csv")) for a in args]
+    run_dir = None
+    if any("CORRUPT" in a for a in args):
+        corrupt = str(corrupt_run(tmp_path))
+        args = [a.replace("CORRUPT", corrupt) for a in args]
+    elif not any(a.startswith(("run_dir=", "out_root=")) for a in args):
+        run_dir = tmp_path / "run"
+        args = [*args, f"run_dir={run_dir}"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "experiment=smoke", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("plr: error:") and "\n" not in err, err
+    assert message in err, err
+    if run_dir is not None:
+        assert not run_dir.exists() or not any(run_dir.rglob("done"))
+
+
+def test_battery_has_at_least_twenty_cases():
+    assert len(BATTERY) >= 20
+
+
+def test_full_error_shows_the_traceback(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "partial_lora.cli", "train", "experiment=smoke", "adapter.r=0",
+                          f"run_dir={tmp_path / 'run'}"], cwd=tmp_path, env={**ENV, "HYDRA_FULL_ERROR": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "Traceback" in res.stderr
