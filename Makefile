@@ -23,6 +23,10 @@ REPRO = $(BIN)/python experiments/reproduce.py --gpus $(strip $(GPUS)) --device 
 	--seeds $(strip $(SEEDS)) --methods $(strip $(METHODS)) $(if $(strip $(TASKS)),--tasks $(strip $(TASKS))) \
 	$(if $(strip $(MODEL)),--model $(strip $(MODEL))) $(if $(strip $(OUT)),--out $(strip $(OUT)))
 
+# Benchmarks (benchmarks/README.md): `make bench` on CPU, `make gpu-check` on a CUDA machine.
+BENCH_ARGS     ?= --sizes vit-b deberta-v3-base --device cpu --threads 1 --batch 4 --steps 5 --warmup 1
+GPU_CHECK_ARGS ?=
+
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -51,6 +55,13 @@ test: $(STAMP) ## the fast test suite (no network, CPU, a few minutes)
 
 test-all: $(STAMP) ## every test, slow ones included
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+.PHONY: bench gpu-check
+bench: $(STAMP) ## CPU step time + memory: Partial-LoRA rho=1..0.125 vs dense LoRA vs PEFT LoRA vs floor, with the targets (BENCH_ARGS=...)
+	$(BIN)/python benchmarks/step_time.py $(BENCH_ARGS)
+
+gpu-check: $(STAMP) ## CUDA: device, plr train in bf16 on the GPU, ViT-B step-time ratios (~3 min; outputs/gpu-check.txt)
+	$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 reproduce-vision reproduce-glue: export HF_HUB_OFFLINE = $(strip $(HUB_OFFLINE))
 reproduce-vision reproduce-glue: export HF_DATASETS_OFFLINE = $(strip $(HUB_OFFLINE))

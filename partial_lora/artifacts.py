@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from partial_lora import distributed as D
 from partial_lora.errors import PlrError
 
 STAGES = ("probe", "allocate", "extract", "retrain", "evaluate")
@@ -72,6 +73,15 @@ def clear_done(run_dir: Path, stage: str) -> None:
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path next to `path` that replaces it when the block ends without error.
+
+    Under a multi-process launch only rank 0 writes: the other ranks get a scratch path that
+    is thrown away.
+    """
+    if not D.is_main():
+        with tempfile.TemporaryDirectory() as scratch:
+            yield Path(scratch) / path.name
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

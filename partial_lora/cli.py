@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from partial_lora import artifacts as A
+from partial_lora import distributed as D
 from partial_lora.errors import PlrError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -102,9 +103,10 @@ def _train(cfg: DictConfig) -> float | None:
     try:
         C.validate(cfg)
         A.write_run_info(run_dir)
-        tracker = make_tracker(str(cfg.logger.kind), run_dir=run_dir, name=f"{cfg.name}-s{cfg.seed}",
-                               config=OmegaConf.to_container(cfg, resolve=True),
-                               **{k: v for k, v in OmegaConf.to_container(cfg.logger, resolve=True).items() if k != "kind"})
+        tracker = None if not D.is_main() else make_tracker(  # under torchrun rank 0 alone logs
+            str(cfg.logger.kind), run_dir=run_dir, name=f"{cfg.name}-s{cfg.seed}",
+            config=OmegaConf.to_container(cfg, resolve=True),
+            **{k: v for k, v in OmegaConf.to_container(cfg.logger, resolve=True).items() if k != "kind"})
         try:
             results = run_pipeline(cfg, run_dir, tracker)
         finally:
@@ -124,7 +126,8 @@ def _train(cfg: DictConfig) -> float | None:
             return None
         if fresh and not any(A.is_done(run_dir, s) for s in A.STAGES):
             # Nothing of value was written: leave no half-made run dir behind.
-            shutil.rmtree(run_dir, ignore_errors=True)
+            if D.is_main():
+                shutil.rmtree(run_dir, ignore_errors=True)
         fail(str(e))
         return None
     print(format_results(results))
@@ -278,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "-i") for a in rest):
             check_keys(rest)
             check_writable(rest)
+            if D.active() and not any(a.startswith("run_dir=") for a in rest):
+                fail(f"under a multi-process launch (WORLD_SIZE={D.world_size()}) every process must write to the "
+                     "same run dir; add run_dir=<dir> to the command")
         sys.argv = ["plr train", *rest]
         _train()
         if SWEEP_FAILURES:

@@ -109,12 +109,14 @@ class LoRABranch(nn.Module):
         return x @ self.factors()[1].t().to(x.dtype)
 
     def out_weight(self, out_features: int) -> Tensor:
-        """s·B placed at the kept output rows of the wrapped layer: (out_features × r).
+        """B placed at the kept output rows of the wrapped layer: (out_features × r), unscaled.
 
         Scattering the small factor (not the (..., |R|) output) keeps autograd from saving an
         activation-sized tensor; the extra FLOPs are tokens·r·(out_features − |R|), negligible.
+        The scale s is applied by the caller in the add (`alpha=s`), which saves nothing for
+        backward; scaling B here would save an s·B copy per layer.
         """
-        b = self.factors()[0] * self.scale
+        b = self.factors()[0]
         if self.all_rows and self.d_out == out_features:
             return b
         return b.new_zeros(out_features, self.r).index_copy(0, self.out_index, b)
@@ -170,7 +172,7 @@ class LoRALinear(nn.Module):
             return y
         for branch in self.branches.values():
             h = branch.hidden(x)
-            y = y + (h @ branch.out_weight(self.out_features).t().to(h.dtype)).to(y.dtype)
+            y = torch.add(y, (h @ branch.out_weight(self.out_features).t().to(h.dtype)).to(y.dtype), alpha=branch.scale)
         return y
 
     @torch.no_grad()

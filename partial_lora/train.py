@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from partial_lora import artifacts as A
 from partial_lora import checkpoint as CK
+from partial_lora import distributed as D
 from partial_lora.errors import PlrError
 from partial_lora.lora import iter_branches
 from partial_lora.metrics import compute_metrics
@@ -62,6 +63,8 @@ class TrainConfig:
         max_bad_steps: optimizer steps with a non-finite loss or gradient that may be skipped
             before the run stops (0: stop at the first).
         deterministic: use deterministic algorithms (on CUDA: slower kernels, no cuDNN autotuning).
+        compile: train through `torch.compile(model)` (worth it on CUDA for long runs; the first
+            steps pay the compilation).
     """
 
     epochs: float = 3
@@ -86,6 +89,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     max_bad_steps: int = 0
     deterministic: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -242,7 +246,7 @@ class JsonlLog:
             tmp.write_text("".join(kept))
 
     def __call__(self, record: dict[str, Any]) -> None:
-        if self.path is not None:
+        if self.path is not None and D.is_main():
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.tracker is not None:
@@ -327,6 +331,8 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
             CK.save(checkpoint, trainable=trainable, best_state=best_state, opt=opt, sched=sched, progress=state,
                     fingerprint=fingerprint)
 
+    forward = torch.compile(model) if cfg.compile else model
+    params = [p for g in groups for p in g["params"]]
     step, t0 = state.step, time.perf_counter()
     # On a terminal the bar redraws often; in log files (sweeps, CI) only every 30 s.
     tty = sys.stderr.isatty()
@@ -345,18 +351,22 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
         state.epoch, state.batches_done = epoch, skip
         seen, t_epoch, bad = 0, time.perf_counter(), False
         for i, batch in enumerate(train_loader, start=skip):
-            batch = _to(batch, device)
-            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                loss = loss_fn(model(batch), batch["labels"])
-                if extra_loss is not None:
-                    loss = loss + extra_loss()
-            (loss / cfg.grad_accum).backward()
+            batch, share = D.shard(_to(batch, device))  # under torchrun: this process's rows of the batch
+            loss = torch.zeros((), device=device)
+            if len(batch["labels"]):
+                with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                    loss = loss_fn(forward(batch), batch["labels"])
+                    if extra_loss is not None:
+                        loss = loss + extra_loss()
+                (loss * share / cfg.grad_accum).backward()
             seen += len(batch["labels"])
             bad = bad or not bool(torch.isfinite(loss))
             if bool(torch.isfinite(loss)):
                 state.run_loss = loss.item() if step == 0 and i == 0 else 0.9 * state.run_loss + 0.1 * loss.item()
             if (i + 1) % cfg.grad_accum:
                 continue
+            D.sum_gradients(params)
+            bad = D.any_flag(bad)
             grad_norm = (torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
                          if cfg.max_grad_norm > 0 else None)
             if bad or (grad_norm is not None and not bool(torch.isfinite(grad_norm))):
@@ -414,7 +424,7 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
 
 # Settings that do not change what training computes: a checkpoint survives changing them.
 _FREE_TO_CHANGE = ("progress", "num_workers", "eval_batch_size", "device", "checkpoint_every", "max_bad_steps",
-                   "eval_every_epochs")
+                   "eval_every_epochs", "compile")
 
 
 def use_deterministic_algorithms() -> None:

@@ -164,6 +164,7 @@ def test_other_overrides_in_the_same_out_are_refused(tmp_path):
     assert refused and "use another --out" in refused
 
 
+@pytest.mark.slow  # 30+ s of real runs; the probe reuse itself is also covered in test_partial.py
 def test_tiny_tau_sweep_reuses_one_probe_and_reports_six_settings(tmp_path):
     out = tmp_path / "abl"
     fast = ["experiment=smoke", "trainer.max_steps=2", "adapter.probe.epochs=1", "adapter.probe.val_shots=2",

@@ -18,9 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from partial_lora import artifacts as A
 from partial_lora import checkpoint as CK
 from partial_lora import config as C
+from partial_lora import distributed as D
 from partial_lora.errors import PlrError
 from partial_lora.stages import allocate, evaluate, extract, probe, retrain
 from partial_lora.tracking import Tracker
+from partial_lora.train import resolve_device
 
 StageFn = Callable[[DictConfig, Path, "Tracker | None"], dict[str, Any]]
 
@@ -82,10 +84,12 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
                  echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the plan's stages that are not done yet; return the run's results (also in results.json)."""
     stages = plan(cfg)
-    if cfg.get("from_run"):
+    D.init(resolve_device(str(cfg.trainer.device)))  # under torchrun: join the group before any barrier
+    if cfg.get("from_run") and D.is_main():
         reuse_from_run(cfg, run_dir, stages, echo)
     done: dict[str, dict[str, Any]] = {}
     for name in stages:
+        D.barrier()  # every process sees the same finished stages
         if A.is_done(run_dir, name):
             echo(f"[plr] {name}: done already, skipped ({A.stage_dir(run_dir, name)})")
             done[name] = A.read_json(A.stage_dir(run_dir, name) / A.METRICS)
@@ -95,7 +99,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
         metrics = REGISTRY[name](cfg, run_dir, tracker)
         metrics["wall_s"] = time.perf_counter() - t0
         A.mark_done(run_dir, name, metrics)
-        (A.stage_dir(run_dir, name) / CK.FILE).unlink(missing_ok=True)  # the stage's results supersede it
+        if D.is_main():
+            (A.stage_dir(run_dir, name) / CK.FILE).unlink(missing_ok=True)  # the stage's results supersede it
+        D.barrier()
         done[name] = metrics
         echo(f"[plr] {name}: done in {metrics['wall_s']:.1f} s")
     results = collect_results(cfg, run_dir, done)

@@ -20,7 +20,9 @@ from torch.utils.data import DataLoader
 from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora.data import TaskData, load_task, make_collate
+from partial_lora.data.collate import pretokenize
 from partial_lora.errors import PlrError
+from partial_lora import distributed as D
 from partial_lora import peft_baselines as PB
 from partial_lora.lora import (WHOLE, LoRABranch, LoRAConfig, adapter_state_dict, count_adapter_parameters,
                                find_targets, freeze_for_adapter, inject_lora, load_adapter_state_dict)
@@ -85,7 +87,7 @@ def setup(cfg: DictConfig, keep: Mapping[str, tuple[Tensor | None, Tensor | None
     if cfg.adapter.get("method") == "lora_matched":
         lcfg = replace(lcfg, r=matched_rank(C.match_config(cfg), per_rank))
     metrics, main = C.task_metrics(cfg)
-    device = resolve_device(str(cfg.trainer.device))
+    device = D.init(resolve_device(str(cfg.trainer.device)))
     pspec = C.peft_spec(cfg)
     if pspec is not None:
         targets = list(find_targets(net, lcfg))
@@ -121,7 +123,13 @@ def matched_rank(match: C.MatchConfig, per_rank: int) -> int:
 
 
 def loader(s: Setup, split: datasets.Dataset, tc: TrainConfig, *, train: bool, seed: int = 0) -> DataLoader:
-    """A DataLoader that tokenises / transforms on the fly with the model's own processor."""
+    """A DataLoader over `split` with the model's own processor.
+
+    Text is tokenised once up front (cached by `datasets` for file-backed splits) and padded per
+    batch; images are decoded and transformed on the fly (training augmentation differs per epoch).
+    """
+    if s.data.kind == "text" and s.built.tokenizer is not None:
+        split = pretokenize(split, s.built.tokenizer, s.built.max_length)
     collate = make_collate(s.data.kind, tokenizer=s.built.tokenizer, max_length=s.built.max_length,
                            image=s.built.image, train=train)
     gen = torch.Generator().manual_seed(seed)

@@ -1,0 +1,166 @@
+"""benchmarks/: step_time.py prints its ratio rows and target lines, the DeBERTa-v3-base size is
+the real model's shape, gpu_check.py refuses a machine without CUDA in one line, and the make
+targets print their commands. No timing is asserted anywhere."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import gpu_check  # noqa: E402
+import step_time  # noqa: E402
+
+TARGET_LINES = ["dense LoRA (ours) time ≤ 1.00× PEFT LoRA", "dense LoRA (ours) memory ≤ 1.00× PEFT LoRA",
+                "Partial-LoRA ρ=0.125 time ≤ 1.05× the floor",
+                "Partial-LoRA ρ=0.125 memory above the floor ≤ 0.30× dense LoRA's"]
+VARIANTS = ["floor (frozen, no adapter)", "PEFT LoRA", "dense LoRA (ours)", "Partial-LoRA ρ=0.5",
+            "Partial-LoRA ρ=0.25", "Partial-LoRA ρ=0.125"]
+
+
+def write_run(run: Path, walls: dict, status: str = "complete") -> Path:
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"status": status, "wall_s": walls}))
+    return run
+
+
+def target_line(out: str, size: str, what: str) -> str:
+    lines = [ln for ln in out.splitlines() if f"{size}: {what}" in ln]
+    assert len(lines) == 1, (size, what, out)
+    return lines[0]
+
+
+@pytest.fixture
+def one_thread():
+    """`--threads 1` sets torch's global thread count: put it back (tiny models, shared CPUs)."""
+    before = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(before)
+
+
+def test_step_time_tiny_prints_ratio_rows_and_targets(tmp_path, capsys, one_thread):
+    run = write_run(tmp_path / "demo", {"probe": 40.0, "allocate": 10.0, "extract": 1.0, "retrain": 45.0,
+                                        "evaluate": 4.0})
+    assert step_time.main(["--sizes", "tiny", "--steps", "2", "--warmup", "1", "--demo-run", str(run),
+                           *one_thread]) == 0
+    out = capsys.readouterr().out
+    for size in ("tiny-bert", "tiny-vit", "tiny-deberta"):
+        assert f"### {size}:" in out
+        for what in TARGET_LINES:  # measured in this run: met or not, never "not measured"
+            assert target_line(out, size, what).lstrip().startswith(("[met]", "[NOT MET]"))
+    assert "| variant | time / floor | memory / floor | memory above floor / dense LoRA's |" in out
+    for v in VARIANTS:
+        assert out.count(f"| {v} |") == 2 * 3  # the main table and the ratio table, three sizes
+    assert "## Targets" in out
+    share = [ln for ln in out.splitlines() if "allocation ≤ 15% of the pipeline" in ln]
+    assert len(share) == 1 and share[0].lstrip().startswith("[met]") and "10.0%" in share[0]
+    assert "allocate 10.0 s (10.0%)" in out
+
+
+def test_step_time_without_a_demo_run_says_make_demo(tmp_path, monkeypatch):
+    monkeypatch.setattr(step_time, "DEMO_RUNS", tmp_path / "bbc-news-minilm-partial")
+    lines, target = step_time.demo_target(None)
+    assert target.met is None and "make demo" in lines[0]
+    assert "[not measured]" in target.line()
+
+
+def test_demo_run_default_is_the_newest_complete_run(tmp_path, monkeypatch):
+    runs = tmp_path / "bbc-news-minilm-partial"
+    old = write_run(runs / "2026-01-01_00-00-00", {"probe": 10.0, "allocate": 30.0, "retrain": 60.0})
+    new = write_run(runs / "2026-01-02_00-00-00", {"probe": 10.0, "allocate": 10.0, "retrain": 80.0})
+    write_run(runs / "2026-01-03_00-00-00", {"probe": 10.0, "allocate": None}, status="incomplete")
+    os.utime(old / "results.json", (1, 1))
+    monkeypatch.setattr(step_time, "DEMO_RUNS", runs)
+    assert step_time.find_demo_run() == new
+    _, target = step_time.demo_target(None)
+    assert target.value == pytest.approx(0.1) and target.met
+    _, target = step_time.demo_target(str(old / "results.json"))
+    assert target.value == pytest.approx(0.3) and target.met is False and "NOT MET" in target.line()
+
+
+def test_target_verdicts():
+    assert step_time.Target("x", 1.0, 1.0).met and not step_time.Target("x", 1.001, 1.0).met
+    assert step_time.Target("x", None, 1.0).met is None
+
+
+def test_deberta_v3_base_size_is_the_real_models_shape():
+    from transformers import AutoModelForSequenceClassification
+
+    from partial_lora.lora import LoRAConfig, find_targets
+
+    size = step_time.SIZES["deberta-v3-base"]
+    cfg = size.config()
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size,
+            cfg.vocab_size) == (768, 12, 12, 3072, 128100)
+    assert cfg.relative_attention and cfg.position_buckets == 256 and list(cfg.pos_att_type) == ["p2c", "c2p"]
+    assert cfg.share_att_key and cfg.norm_rel_ebd == "layer_norm" and not cfg.position_biased_input
+    with torch.device("meta"):  # shapes only: no 184M-parameter init
+        net = AutoModelForSequenceClassification.from_config(cfg)
+    n = sum(p.numel() for p in net.parameters())
+    assert 183e6 < n < 186e6  # DeBERTa-v3-base: 86M backbone + 98M embedding
+    found = find_targets(net, LoRAConfig(targets=size.targets, exclude=size.head_modules))
+    assert len(found) == 24 and all(k.endswith(("query_proj", "value_proj")) for k in found)
+    for head in size.head_modules:
+        net.get_submodule(head)
+
+
+def test_gpu_check_without_cuda_exits_with_one_line(tmp_path):
+    out = tmp_path / "gpu-check.txt"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("plr: gpu-check: no CUDA device"), proc.stderr
+    assert proc.stdout == "" and not out.exists()
+
+
+def test_gpu_check_bench_part_runs_on_cpu(tmp_path, capsys):
+    out = tmp_path / "gc.txt"
+    rc = gpu_check.main(["--cpu", "--skip-train", "--steps", "1", "--warmup", "0", "--batch", "2",
+                         "--out", str(out)])
+    assert rc == 0
+    text = out.read_text()
+    assert text == capsys.readouterr().out
+    assert "## 1. device" in text and "## 3. step time: tiny-vit" in text and "every part ran" in text
+    assert "tiny-vit batch 2: Partial-LoRA ρ=0.125 time ≤ 1.05× the floor" in text
+    assert "| Partial-LoRA ρ=0.125 |" in text and "| Partial-LoRA ρ=0.5 |" not in text
+
+
+@pytest.mark.slow  # two `plr train experiment=smoke` subprocesses: about 40 s on 2 cores
+def test_gpu_check_train_part_runs_on_cpu(tmp_path):
+    out = tmp_path / "gc.txt"
+    assert gpu_check.main(["--cpu", "--skip-bench", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "[ok] Partial-LoRA (default adapter): exit 0, status complete" in text
+    assert "[ok] dense LoRA (adapter=lora): exit 0, status complete" in text
+    assert "wall time: probe" in text and "allocate" in text
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("target, script", [("bench", "benchmarks/step_time.py"),
+                                            ("gpu-check", "benchmarks/gpu_check.py")])
+def test_make_targets_print_their_commands(target, script):
+    def dry(*extra: str) -> str:
+        proc = subprocess.run(["make", "-n", target, *extra], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    line = next(ln for ln in dry().splitlines() if script in ln)
+    assert line.startswith(".venv/bin/python ")
+    if target == "bench":
+        assert "--sizes vit-b deberta-v3-base --device cpu" in line
+        assert any(ln.endswith(f"{script} --sizes tiny") for ln in dry("BENCH_ARGS=--sizes tiny").splitlines())
+    else:
+        assert any(ln.endswith(f"{script} --skip-train")
+                   for ln in dry("GPU_CHECK_ARGS=--skip-train").splitlines())
+    helped = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    assert f"  {target} " in helped
