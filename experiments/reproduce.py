@@ -22,6 +22,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,18 +32,19 @@ GLUE_TASKS = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]
 
 @dataclass(frozen=True)
 class Suite:
-    """A benchmark: its default tasks and how one task becomes overrides."""
+    """A benchmark: its default tasks, its model, and the overrides that sweep a list of tasks."""
 
     tasks: list[str]
     default_model: str | None
-
-    def task_overrides(self, name: str, tasks: list[str]) -> list[str]:
-        if name == "vision":
-            return ["experiment=vtab", "task=" + ",".join(tasks)]
-        return ["experiment=" + ",".join(f"glue-{t}" for t in tasks)]
+    task_overrides: Callable[[list[str]], list[str]]
 
 
-SUITES = {"vision": Suite(VISION_TASKS, "vit-b"), "glue": Suite(GLUE_TASKS, None)}
+SUITES = {
+    # one recipe for every vision task: sweep the task
+    "vision": Suite(VISION_TASKS, "vit-b", lambda tasks: ["experiment=vtab", "task=" + ",".join(tasks)]),
+    # a recipe per GLUE task: sweep the experiment
+    "glue": Suite(GLUE_TASKS, None, lambda tasks: ["experiment=" + ",".join(f"glue-{t}" for t in tasks)]),
+}
 
 
 def shards(tasks: list[str], gpus: list[str]) -> list[tuple[str, list[str]]]:
@@ -58,7 +60,7 @@ def commands(args: argparse.Namespace) -> list[tuple[dict[str, str], list[str], 
     plr = [sys.executable, "-m", "partial_lora.cli", "train", "-m"]
     cmds = []
     for gpu, tasks in shards(args.tasks or suite.tasks, args.gpus.split(",")):
-        overrides = [*suite.task_overrides(args.suite, tasks), f"adapter={args.methods}", f"seed={args.seeds}",
+        overrides = [*suite.task_overrides(tasks), f"adapter={args.methods}", f"seed={args.seeds}",
                      f"trainer.device={args.device}", "trainer.progress=false",
                      f"out_root={out}", f"hydra.sweep.dir={out / 'runs'}",
                      "hydra.sweep.subdir=${task.name}/${label}/seed${seed}"]

@@ -44,13 +44,15 @@ DONE = "done"                    # marker: the stage finished and all its files 
 RESULTS = "results.json"         # everything the report needs, at the run dir's top
 ERROR = "error.txt"              # why a job of a sweep failed (the sweep went on); removed on rerun
 GIT, ENV = "git.json", "env.json"
+HYDRA_CONFIG = Path(".hydra") / "config.yaml"        # written by Hydra: the resolved run config
+HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"  # written by Hydra: the command-line overrides
 
 VERSIONED = ("plr", "torch", "torchvision", "transformers", "datasets", "timm", "peft", "hydra-core",
              "omegaconf", "safetensors", "accelerate", "wandb", "numpy", "scikit-learn")
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read the process umask (os.umask can only be read by setting it)
+UMASK = os.umask(0o022)
+os.umask(UMASK)  # read the process umask (os.umask can only be read by setting it)
 
 
 def stage_dir(run_dir: Path, stage: str) -> Path:
@@ -85,7 +87,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; give the usual permissions
+    os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes owner-only files; give the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -103,10 +105,11 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n").encode())
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """`json.dumps(default=...)` for numpy/torch scalars and paths."""
     if hasattr(o, "item"):
         return o.item()
     if isinstance(o, Path):

@@ -67,15 +67,7 @@ def save(path: Path, *, trainable: dict[str, Tensor], best_state: dict[str, Tens
         "fingerprint": fingerprint,
     }
     A.save_tensors(path, {k: v.contiguous().cpu() for k, v in tensors.items()},
-                   {"plr_checkpoint": json.dumps(meta, default=_json)})
-
-
-def _json(o: Any) -> Any:
-    if isinstance(o, tuple):
-        return list(o)
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+                   {"plr_checkpoint": json.dumps(meta, default=A.json_default)})
 
 
 def load(path: Path, *, trainable: dict[str, Tensor], opt: torch.optim.Optimizer,
@@ -93,8 +85,9 @@ def load(path: Path, *, trainable: dict[str, Tensor], opt: torch.optim.Optimizer
         raise PlrError(f"checkpoint {path} is unreadable ({e}); delete it to restart the stage from its beginning") from None
     if not isinstance(meta, dict):
         raise PlrError(f"{path} is not a plr checkpoint; delete it to restart the stage from its beginning")
-    if meta.get("fingerprint") != json.loads(json.dumps(fingerprint, default=_json)):
-        theirs, ours = meta.get("fingerprint") or {}, json.loads(json.dumps(fingerprint, default=_json))
+    ours = json.loads(json.dumps(fingerprint, default=A.json_default))  # as it was stored
+    if meta.get("fingerprint") != ours:
+        theirs = meta.get("fingerprint") or {}
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise PlrError(f"checkpoint {path} was written by a run with other settings ({', '.join(diff)}); "
                        "delete it to restart the stage, or rerun with the settings it was made with")

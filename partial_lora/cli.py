@@ -253,7 +253,7 @@ def _resume(argv: list[str]) -> int:
                      "stages are skipped, an interrupted probe or retrain resumes from its last checkpoint.")
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     run_dir = parser.parse_args(argv).run_dir
-    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    overrides_file = run_dir / A.HYDRA_OVERRIDES
     if not overrides_file.is_file():
         fail(f"{run_dir} is not a plr run dir (no {overrides_file.relative_to(run_dir)}); pass the run dir of a "
              "`plr train` run")

@@ -50,8 +50,7 @@ from partial_lora.models import ModelSpec, build_model, resolve_source
 from partial_lora.stages.base import Setup, is_sparse, load_trained, setup_run
 from partial_lora.train import set_seed
 
-HYDRA_CONFIG = Path(".hydra") / "config.yaml"    # written by Hydra, not by artifacts.py
-HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
+HYDRA_CONFIG, HYDRA_OVERRIDES = A.HYDRA_CONFIG, A.HYDRA_OVERRIDES
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's names
 MASKS, LAYERS, CONFIG = "plr_masks.safetensors", "plr_layers.json", "plr_config.yaml"
 CARD, MERGED = "README.md", "merged"
@@ -698,10 +697,8 @@ def _write(out_dir: Path, force: bool, fill: Callable[[Path], list[str]]) -> lis
 
 def _shareable(root: Path) -> None:
     """Usual permissions (umask) for the export: temporary files and folders are created owner-only."""
-    umask = os.umask(0)
-    os.umask(umask)
     for path in [root, *root.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~A.UMASK)
 
 
 def _publish(tmp: Path, out_dir: Path, force: bool) -> None:

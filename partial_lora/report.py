@@ -34,7 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 from partial_lora import artifacts as A
 from partial_lora.errors import PlrError
 
-HYDRA_CONFIG = Path(".hydra") / "config.yaml"  # written by Hydra, not by artifacts.py
+HYDRA_CONFIG = A.HYDRA_CONFIG
 REPORT_MD, REPORT_CSV, RUNS_CSV, REPORT_PNG = "report.md", "report.csv", "runs.csv", "report.png"
 NOT_METRICS = ("_loss", "_examples")  # endings of test_* keys that are not a reportable metric
 DIGITS = 4

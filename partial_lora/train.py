@@ -360,14 +360,15 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
                         loss = loss + extra_loss()
                 (loss * share / cfg.grad_accum).backward()
             seen += len(batch["labels"])
-            bad = bad or not bool(torch.isfinite(loss))
-            if bool(torch.isfinite(loss)):
+            finite = bool(torch.isfinite(loss))
+            bad = bad or not finite
+            if finite:
                 state.run_loss = loss.item() if step == 0 and i == 0 else 0.9 * state.run_loss + 0.1 * loss.item()
             if (i + 1) % cfg.grad_accum:
                 continue
             D.sum_gradients(params)
             bad = D.any_flag(bad)
-            grad_norm = (torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                          if cfg.max_grad_norm > 0 else None)
             if bad or (grad_norm is not None and not bool(torch.isfinite(grad_norm))):
                 opt.zero_grad(set_to_none=True)  # skip the step: the weights stay as they were

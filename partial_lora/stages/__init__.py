@@ -53,7 +53,7 @@ def plan(cfg: DictConfig) -> list[str]:
 def reuse_from_run(cfg: DictConfig, run_dir: Path, stages: list[str], echo: Callable[[str], None]) -> None:
     """Copy another run's probe (and its allocation, when the settings match) into this run dir."""
     src = Path(str(cfg.from_run)).expanduser()
-    if not (src / ".hydra" / "config.yaml").exists() and not A.is_done(src, "probe") and not A.is_done(src, "allocate"):
+    if not (src / A.HYDRA_CONFIG).exists() and not A.is_done(src, "probe") and not A.is_done(src, "allocate"):
         raise PlrError(f"from_run={src} is not a plr run dir (no .hydra/config.yaml and no finished probe or "
                        "allocate stage); point from_run at a run dir")
     if src.resolve() == run_dir.resolve():
@@ -69,7 +69,7 @@ def reuse_from_run(cfg: DictConfig, run_dir: Path, stages: list[str], echo: Call
                 echo(f"[plr] from_run: allocation settings differ ({', '.join(diff)}); allocating again")
                 continue
         if name == "probe":
-            theirs_cfg = OmegaConf.load(src / ".hydra" / "config.yaml") if (src / ".hydra/config.yaml").exists() else None
+            theirs_cfg = OmegaConf.load(src / A.HYDRA_CONFIG) if (src / A.HYDRA_CONFIG).exists() else None
             if theirs_cfg is not None:
                 for key in ("model.name", "task.name", "adapter.r", "adapter.targets", "seed"):
                     a, b = OmegaConf.select(theirs_cfg, key), OmegaConf.select(cfg, key)

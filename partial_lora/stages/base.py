@@ -24,7 +24,7 @@ from partial_lora.data.collate import pretokenize
 from partial_lora.errors import PlrError
 from partial_lora import distributed as D
 from partial_lora import peft_baselines as PB
-from partial_lora.lora import (WHOLE, LoRABranch, LoRAConfig, adapter_state_dict, count_adapter_parameters,
+from partial_lora.lora import (WHOLE, LoRABranch, adapter_state_dict, count_adapter_parameters,
                                find_targets, freeze_for_adapter, inject_lora, load_adapter_state_dict)
 from partial_lora.models import Built, build_model
 from partial_lora.train import ResumableSampler, TrainConfig, resolve_device
@@ -83,18 +83,18 @@ def setup(cfg: DictConfig, keep: Mapping[str, tuple[Tensor | None, Tensor | None
     built = build_model(spec, data.num_labels)
     lcfg = C.lora_config(cfg, spec)
     net = built.model.net
-    per_rank = params_per_rank(net, lcfg)
+    found = find_targets(net, lcfg)
+    per_rank = params_per_rank(net, found)
     if cfg.adapter.get("method") == "lora_matched":
         lcfg = replace(lcfg, r=matched_rank(C.match_config(cfg), per_rank))
     metrics, main = C.task_metrics(cfg)
     device = D.init(resolve_device(str(cfg.trainer.device)))
     pspec = C.peft_spec(cfg)
     if pspec is not None:
-        targets = list(find_targets(net, lcfg))
-        if any(set(slices) != {WHOLE} for slices in find_targets(net, lcfg).values()):
+        if any(set(slices) != {WHOLE} for slices in found.values()):
             raise PlrError(f"adapter={pspec.method} adapts whole modules, not slices of a fused projection "
                            f"({lcfg.targets}); set adapter.targets=[qkv] (or another whole-module list)")
-        model = PB.inject_peft(net, pspec, targets, spec.head_modules, total_steps(cfg, len(data.train)))
+        model = PB.inject_peft(net, pspec, list(found), spec.head_modules, total_steps(cfg, len(data.train)))
         return Setup(data, built, {}, device, metrics, main, per_rank * lcfg.r, model, pspec)
     branches = inject_lora(net, lcfg, keep)
     freeze_for_adapter(net, spec.head_modules)
@@ -108,10 +108,11 @@ def total_steps(cfg: DictConfig, n_train: int) -> int:
     return tc.max_steps or max(1, math.ceil(tc.epochs * per_epoch))
 
 
-def params_per_rank(net: torch.nn.Module, lcfg: LoRAConfig) -> int:
-    """Parameters of a dense LoRA per unit of rank on the targeted layers: sum of d_out + d_in."""
+def params_per_rank(net: torch.nn.Module, found: Mapping[str, Mapping[str, tuple[int, int]]]) -> int:
+    """Parameters of a dense LoRA per unit of rank on the targeted layers (`lora.find_targets`):
+    the sum of d_out + d_in."""
     return sum(d_out + net.get_submodule(name).in_features
-               for name, slices in find_targets(net, lcfg).items() for _, d_out in slices.values())
+               for name, slices in found.items() for _, d_out in slices.values())
 
 
 def matched_rank(match: C.MatchConfig, per_rank: int) -> int:
