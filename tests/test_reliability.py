@@ -201,6 +201,11 @@ BATTERY = [
     (["+task.protocol=vtab2k"], "task.protocol='vtab2k' is unknown"),
     (["adapter=lora_matched"], "adapter=lora_matched needs a target"),
     (["trainer.max_bad_steps=-2"], "trainer.max_bad_steps must be >= 0"),
+    (["trainer.checkpoint_every=-1"], "trainer.checkpoint_every must be >= 0"),
+    (["adapter.probe.short_classes=maybe"], "adapter.probe.short_classes must be error or shrink"),
+    (["+task.val_max=0"], "task.val_max=0 must be a positive number"),
+    (["adapter=peft_lora", "+adapter.peft.nonsense=1"], "PEFT rejected the settings"),
+    (["adapter=uniform", "adapter.match.budget=10", "adapter.match.run=x"], "adapter.match takes one of"),
 ]
 
 
