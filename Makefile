@@ -14,8 +14,8 @@ GPUS    ?= 0                   # CUDA device ids, one sweep process each: GPUS=0
 DEVICE  ?= auto                # trainer.device of every run: auto | cuda | cpu
 SEEDS   ?= 0,1,2
 METHODS ?= lora,partial        # adapter configs swept
-TASKS   ?=                     # comma-separated subset of the suite's tasks (empty: all eight)
-MODEL   ?=                     # vision backbone config (empty: vit-b; e.g. MODEL=vit-b-timm)
+TASKS   ?=                     # comma-separated subset of the suite's tasks (empty: all eight; commonsense: members)
+MODEL   ?=                     # model config (empty: vit-b / deberta-v3-base / llama-7b; e.g. MODEL=vit-b-timm)
 OUT     ?=                     # output root (empty: outputs/reproduce-<suite>)
 EXTRA   ?=                     # further Hydra overrides for every run, e.g. EXTRA="trainer.num_workers=16"
 HUB_OFFLINE ?= 0               # the sweeps download from the Hub; 1 = use the local HF cache only
@@ -32,7 +32,8 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all clean reproduce-vision reproduce-glue reproduce-vision-dry reproduce-glue-dry
+.PHONY: help install demo test test-all clean reproduce-vision reproduce-glue reproduce-vision-dry reproduce-glue-dry \
+	reproduce-commonsense reproduce-commonsense-dry
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-22s %s\n", $$1, $$2}'
@@ -63,8 +64,8 @@ bench: $(STAMP) ## CPU step time + memory: Partial-LoRA rho=1..0.125 vs dense Lo
 gpu-check: $(STAMP) ## CUDA: device, plr train in bf16 on the GPU, ViT-B step-time ratios (~3 min; outputs/gpu-check.txt)
 	$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
-reproduce-vision reproduce-glue: export HF_HUB_OFFLINE = $(strip $(HUB_OFFLINE))
-reproduce-vision reproduce-glue: export HF_DATASETS_OFFLINE = $(strip $(HUB_OFFLINE))
+reproduce-vision reproduce-glue reproduce-commonsense: export HF_HUB_OFFLINE = $(strip $(HUB_OFFLINE))
+reproduce-vision reproduce-glue reproduce-commonsense: export HF_DATASETS_OFFLINE = $(strip $(HUB_OFFLINE))
 
 reproduce-vision: $(STAMP) ## CUDA: 8 VTAB-1k tasks x {LoRA, Partial-LoRA} x 3 seeds on ViT-B/16, then plr report
 	$(REPRO) vision -- $(EXTRA)
@@ -72,11 +73,17 @@ reproduce-vision: $(STAMP) ## CUDA: 8 VTAB-1k tasks x {LoRA, Partial-LoRA} x 3 s
 reproduce-glue: $(STAMP) ## CUDA: 8 GLUE tasks x {LoRA, Partial-LoRA} x 3 seeds on DeBERTa-v3-base, then plr report
 	$(REPRO) glue -- $(EXTRA)
 
+reproduce-commonsense: $(STAMP) ## CUDA: commonsense-8 trained jointly on LLaMA-7B, {LoRA, Partial-LoRA} x 3 seeds (MODEL=llama3-8b...), then plr report
+	$(REPRO) commonsense -- $(EXTRA)
+
 reproduce-vision-dry: $(STAMP) ## print the reproduce-vision commands without running them
 	$(REPRO) vision --dry-run -- $(EXTRA)
 
 reproduce-glue-dry: $(STAMP) ## print the reproduce-glue commands without running them
 	$(REPRO) glue --dry-run -- $(EXTRA)
+
+reproduce-commonsense-dry: $(STAMP) ## print the reproduce-commonsense commands without running them
+	$(REPRO) commonsense --dry-run -- $(EXTRA)
 
 clean: ## remove outputs (not .venv)
 	rm -rf outputs multirun .pytest_cache

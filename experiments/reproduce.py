@@ -1,13 +1,16 @@
 """Reproduce the paper's benchmark tables: Hydra multirun sweeps, one per GPU, then `plr report`.
 
-    python experiments/reproduce.py vision|glue [--gpus 0,1] [--device auto] [--seeds 0,1,2]
-        [--tasks a,b] [--methods lora,partial] [--model vit-b] [--out DIR] [--dry-run] [-- overrides]
+    python experiments/reproduce.py vision|glue|commonsense [--gpus 0,1] [--device auto]
+        [--seeds 0,1,2] [--tasks a,b] [--methods lora,partial] [--model vit-b] [--out DIR]
+        [--dry-run] [-- overrides]
 
 Sweep = tasks × methods × seeds (by default the 8 vision tasks or the 8 GLUE tasks × {dense
 LoRA, Partial-LoRA auto} × 3 seeds = 48 runs), with the recipes of `conf/experiment/vtab.yaml`
 and `conf/experiment/glue-<task>.yaml`. The tasks are dealt round-robin to the GPUs in `--gpus`;
 each GPU runs its share as one `plr train -m` (Hydra's basic launcher, one run after another)
-with `CUDA_VISIBLE_DEVICES` set to it. Every run gets a fixed dir
+with `CUDA_VISIBLE_DEVICES` set to it. `commonsense` is one multi-task run per method and seed
+(the eight commonsense tasks trained jointly on a LLaMA-family model, `conf/experiment/
+commonsense.yaml`; `--tasks` picks members): there the seeds are dealt to the GPUs. Every run gets a fixed dir
 `<out>/runs/<task>/<method>/seed<seed>`, so running the same command again resumes: finished
 stages are skipped. Logs go to `<out>/logs/`, the report to `<out>/report/`.
 
@@ -28,15 +31,18 @@ from pathlib import Path
 
 VISION_TASKS = ["cifar100", "caltech101", "dtd", "flowers102", "pets", "svhn", "eurosat", "resisc45"]
 GLUE_TASKS = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]
+COMMONSENSE_TASKS = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc-e", "arc-c", "obqa"]
 
 
 @dataclass(frozen=True)
 class Suite:
-    """A benchmark: its default tasks, its model, and the overrides that sweep a list of tasks."""
+    """A benchmark: its default tasks, its model, the overrides that sweep a list of tasks, and
+    whether one run covers all its tasks (multi-task: the GPUs then share out the seeds)."""
 
     tasks: list[str]
     default_model: str | None
     task_overrides: Callable[[list[str]], list[str]]
+    multi_task: bool = False
 
 
 SUITES = {
@@ -44,6 +50,11 @@ SUITES = {
     "vision": Suite(VISION_TASKS, "vit-b", lambda tasks: ["experiment=vtab", "task=" + ",".join(tasks)]),
     # a recipe per GLUE task: sweep the experiment
     "glue": Suite(GLUE_TASKS, None, lambda tasks: ["experiment=" + ",".join(f"glue-{t}" for t in tasks)]),
+    # one multi-task run over the eight tasks (or the ones asked for)
+    "commonsense": Suite(COMMONSENSE_TASKS, "llama-7b",
+                         lambda tasks: ["experiment=commonsense"]
+                         + ([] if tasks == COMMONSENSE_TASKS else ["task.names=[" + ",".join(tasks) + "]"]),
+                         multi_task=True),
 }
 
 
@@ -59,8 +70,13 @@ def commands(args: argparse.Namespace) -> list[tuple[dict[str, str], list[str], 
     out = Path(args.out)
     plr = [sys.executable, "-m", "partial_lora.cli", "train", "-m"]
     cmds = []
-    for gpu, tasks in shards(args.tasks or suite.tasks, args.gpus.split(",")):
-        overrides = [*suite.task_overrides(tasks), f"adapter={args.methods}", f"seed={args.seeds}",
+    tasks = args.tasks or suite.tasks
+    if suite.multi_task:  # one run holds every task: deal the seeds to the GPUs instead
+        work = [(gpu, tasks, ",".join(seeds)) for gpu, seeds in shards(args.seeds.split(","), args.gpus.split(","))]
+    else:
+        work = [(gpu, ts, args.seeds) for gpu, ts in shards(tasks, args.gpus.split(","))]
+    for gpu, tasks, seeds in work:
+        overrides = [*suite.task_overrides(tasks), f"adapter={args.methods}", f"seed={seeds}",
                      f"trainer.device={args.device}", "trainer.progress=false",
                      f"out_root={out}", f"hydra.sweep.dir={out / 'runs'}",
                      "hydra.sweep.subdir=${task.name}/${label}/seed${seed}"]
@@ -84,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], default=None,
                     help="comma-separated task names (default: the suite's eight)")
     ap.add_argument("--methods", default="lora,partial", help="adapter configs to sweep")
-    ap.add_argument("--model", default=None, help="model config (vision default vit-b; e.g. vit-b-timm)")
+    ap.add_argument("--model", default=None,
+                    help="model config (vision default vit-b, e.g. vit-b-timm; commonsense default llama-7b)")
     ap.add_argument("--out", default=None, help="output root (default outputs/reproduce-<suite>)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -100,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     cmds = commands(args)
     report = [sys.executable, "-m", "partial_lora.cli", "report", str(Path(args.out) / "runs"),
               "--out", str(Path(args.out) / "report")]
-    n_runs = len(args.tasks or SUITES[args.suite].tasks) * len(args.methods.split(",")) * len(args.seeds.split(","))
+    n_tasks = 1 if SUITES[args.suite].multi_task else len(args.tasks or SUITES[args.suite].tasks)
+    n_runs = n_tasks * len(args.methods.split(",")) * len(args.seeds.split(","))
     print(f"[reproduce] {args.suite}: {n_runs} runs on {len(cmds)} sweep(s); resumable, runs in {args.out}/runs")
     for env, cmd, log in cmds:
         print(f"{shell(env, cmd)} > {log} 2>&1{' &' if len(cmds) > 1 else ''}")

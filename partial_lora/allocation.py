@@ -41,9 +41,15 @@ class AllocationConfig:
     Attributes:
         allocator: `threshold`, `spectrum` or `uniform`.
         tau: accuracy threshold τ in (0, 1].
+        metric: what the threshold search measures on the few-shot validation set: `task` (the
+            task's main metric, e.g. accuracy; the paper's Algorithm 1) or `loss` [ours], for
+            tasks without an accuracy (generative fine-tuning): a ratio passes while the loss
+            keeps at least τ of the probe's improvement over no adapter,
+            `L ≤ L_0 − τ·(L_0 − L_ref)` (the `gain` form; `probe` has no meaning for a loss).
         grid: keep ratios to try, each in (0, 1].
         mode: `joint` or `independent` (threshold allocator).
-        relative_to: `probe` or `gain` (threshold allocator).
+        relative_to: `probe` or `gain` (threshold allocator); None: `probe` for metric=task,
+            `gain` for metric=loss.
         ratio: the keep ratio of the uniform allocator.
         energy: spectral energy share of the spectrum allocator.
         budget: rescale the result to this many adapter parameters (> 1) or this share of
@@ -52,18 +58,23 @@ class AllocationConfig:
         search_masks: how the threshold search picks rows/columns when masking the probe
             (None: the same as `adapter.mask.method`). Setting it apart lets a run keep an
             allocation found with subspace masks but retrain with random ones.
+        replay_mb: memory budget (MiB) for replaying unchanged blocks' outputs between the
+            search's evaluations (`partial_lora.replay`); 0 computes every evaluation in full.
+            Results are identical either way; only the time differs.
     """
 
     allocator: str = "threshold"
     tau: float = 0.9
+    metric: str = "task"
     grid: Sequence[float] = DEFAULT_GRID
     mode: str = "joint"
-    relative_to: str = "probe"
+    relative_to: str | None = None
     ratio: float | None = None
     energy: float = 0.9
     budget: float | None = None
     floor_warning: float = 0.5
     search_masks: str | None = None
+    replay_mb: float = 2048.0
 
     def __post_init__(self) -> None:
         if self.allocator not in ALLOCATORS:
@@ -76,12 +87,21 @@ class AllocationConfig:
             raise PlrError(f"adapter.allocation.grid ratios must be in (0, 1], got {list(self.grid)}")
         if self.mode not in ("joint", "independent"):
             raise PlrError(f"adapter.allocation.mode must be joint or independent, got '{self.mode}'")
+        if self.metric not in ("task", "loss"):
+            raise PlrError(f"adapter.allocation.metric must be task or loss, got '{self.metric}'")
+        if self.relative_to is None:
+            object.__setattr__(self, "relative_to", "gain" if self.metric == "loss" else "probe")
         if self.relative_to not in ("probe", "gain"):
             raise PlrError(f"adapter.allocation.relative_to must be probe or gain, got '{self.relative_to}'")
+        if self.metric == "loss" and self.relative_to == "probe":
+            raise PlrError("adapter.allocation.metric=loss measures the loss improvement over no adapter; "
+                           "set adapter.allocation.relative_to=gain (or null)")
         if self.ratio is not None and not 0 < self.ratio <= 1:
             raise PlrError(f"adapter.allocation.ratio must be in (0, 1], got {self.ratio}")
         if not 0 < self.energy <= 1:
             raise PlrError(f"adapter.allocation.energy must be in (0, 1], got {self.energy}")
+        if self.replay_mb < 0:
+            raise PlrError(f"adapter.allocation.replay_mb must be >= 0 (0 turns replay off), got {self.replay_mb}")
         if self.budget is not None and self.budget <= 0:
             raise PlrError(f"adapter.allocation.budget must be positive (parameters, or a share <= 1), got {self.budget}")
 
@@ -115,6 +135,7 @@ class Allocation:
     layers: list[LayerAllocation]
     r: int
     tau: float | None = None
+    metric: str | None = None   # task (a_ref, a_0, target are the task's metric) or loss (they are losses)
     a_ref: float | None = None
     a_0: float | None = None
     target: float | None = None
@@ -123,6 +144,7 @@ class Allocation:
     grid: list[float] | None = None
     joint_accuracy: float | None = None
     evaluations: int = 0
+    replayed_share: float | None = None  # share of block forward passes replayed, not computed
     budget: float | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -175,12 +197,16 @@ def threshold(layers: Sequence[Layer], r: int, cfg: AllocationConfig, *,
         layers: the adapted layers.
         r: LoRA rank (for parameter counts).
         cfg: τ, grid, mode, relative_to.
-        evaluate: few-shot validation accuracy of the probe with each layer masked at its ratio
-            (layers missing from the mapping are dense).
+        evaluate: few-shot validation accuracy (or loss, with `cfg.metric=loss`) of the probe
+            with each layer masked at its ratio (layers missing from the mapping are dense).
         a_ref: the probe's few-shot validation accuracy (all dense).
         a_0: the accuracy with every adapter removed.
     """
-    target = target_accuracy(a_ref, a_0, cfg.tau, cfg.relative_to)
+    target = target_accuracy(a_ref, a_0, cfg.tau, str(cfg.relative_to))
+    sign = -1.0 if cfg.metric == "loss" else 1.0  # a loss passes at or below the target
+
+    def passes(a: float) -> bool:
+        return sign * a >= sign * target
     ascending = sorted({float(g) for g in cfg.grid if g < 1})
     floor = ascending[0] if ascending else 1.0
     cache: dict[tuple, float] = {}
@@ -201,24 +227,25 @@ def threshold(layers: Sequence[Layer], r: int, cfg: AllocationConfig, *,
             final[la.name] = 1.0
             for rho in ascending:
                 a = tried[la.name][str(rho)] = acc({la.name: rho})
-                if a >= target:
+                if passes(a):
                     final[la.name] = rho
                     break
             progress(f"layer {i + 1}/{len(layers)} {la.name}: keep {final[la.name]:g}")
     else:  # joint
         for la in layers:
             sensitivity[la.name] = tried[la.name][str(floor)] = acc({la.name: floor})
-        order = sorted(layers, key=lambda la: -sensitivity[la.name])  # least sensitive first
+        order = sorted(layers, key=lambda la: -sign * sensitivity[la.name])  # least sensitive first
         current = {la.name: 1.0 for la in layers}
         for i, la in enumerate(order):
             for rho in ascending:
                 a = tried[la.name][str(rho)] = acc({**current, la.name: rho})
-                if a >= target:
+                if passes(a):
                     current[la.name] = rho
                     break
             progress(f"layer {i + 1}/{len(layers)} {la.name}: keep {current[la.name]:g}")
         final = current
-    alloc = Allocation("threshold", [], r, tau=cfg.tau, a_ref=a_ref, a_0=a_0, target=target, mode=cfg.mode,
+    alloc = Allocation("threshold", [], r, tau=cfg.tau, metric=cfg.metric, a_ref=a_ref, a_0=a_0, target=target,
+                       mode=cfg.mode,
                        relative_to=cfg.relative_to, grid=[float(g) for g in cfg.grid])
     for la in layers:
         la_alloc = _layer_alloc(la, final[la.name])
@@ -228,7 +255,8 @@ def threshold(layers: Sequence[Layer], r: int, cfg: AllocationConfig, *,
     alloc.evaluations = len(cache)
     if alloc.floor_share() >= cfg.floor_warning and len(ascending) > 0:
         msg = (f"{alloc.floor_share():.0%} of layers ended at the grid's smallest ratio {floor:g}: the grid may be "
-               f"too coarse or the few-shot set too easy (joint accuracy of the allocation {alloc.joint_accuracy:.3f} "
+               f"too coarse or the few-shot set too easy (joint {'loss' if cfg.metric == 'loss' else 'accuracy'} of "
+               f"the allocation {alloc.joint_accuracy:.3f} "
                f"vs target {target:.3f}); try a finer grid, more shots"
                f"{', relative_to=gain' if cfg.relative_to == 'probe' else ''} or a higher tau")
         alloc.warnings.append(msg)

@@ -39,8 +39,73 @@ def _build(cls: type, values: Mapping[str, Any], group: str, extra: tuple[str, .
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
-TASK_EXTRA = ("metrics", "metric", "num_labels")
+TASK_EXTRA = ("metrics", "metric", "num_labels", "scoring")
+MULTI_KEYS = ("name", "kind", "names", "each", "members", "metric", "metrics")
 MODEL_EXTRA = ()
+
+
+def is_multi(cfg: DictConfig) -> bool:
+    """Whether the run trains several tasks at once (`task=multi`, `task=commonsense`)."""
+    return cfg.task.get("kind") == "multi"
+
+
+_MEMBERS: dict[str, list[DictConfig]] = {}
+
+
+def member_tasks(cfg: DictConfig) -> list[DictConfig]:
+    """The member task configs of a multi-task run: `conf/task/<name>.yaml` for each of
+    `task.names`, then `task.each` (every member) and `task.members.<name>` (one member) merged in.
+
+    Raises:
+        PlrError: no names, an unknown task name, or an unknown key in the multi-task node.
+    """
+    values = plain(cfg.task)
+    # Task settings next to the multi-task keys (an experiment's `task.max_train_samples`) apply
+    # to every member, before task.each.
+    shared = {k: v for k, v in values.items() if k not in MULTI_KEYS}
+    known = {f.name for f in dataclasses.fields(TaskSpec)} | set(TASK_EXTRA)
+    unknown = sorted(set(shared) - known)
+    if unknown:
+        raise PlrError(f"unknown key task.{unknown[0]} of a multi-task run; its keys are {', '.join(MULTI_KEYS)} "
+                       f"and member settings (task.each.<key>, task.members.<task>.<key>)")
+    names = values.get("names")
+    if not names or not isinstance(names, list):
+        raise PlrError("a multi-task run needs task.names=[<task>,<task>,...] (task configs, e.g. [cola,sst2])")
+    if len(set(names)) != len(names):
+        raise PlrError(f"task.names lists a task twice ({names}); list each task once")
+    each, per = values.get("each") or {}, values.get("members") or {}
+    stray = sorted(set(per) - set(names))
+    if stray:
+        raise PlrError(f"task.members.{stray[0]} is not in task.names={names}; add it there or drop the override")
+    key = repr((names, shared, each, per))
+    if key not in _MEMBERS:
+        members = []
+        for name, node in zip(names, _compose_tasks(names), strict=True):
+            node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))  # detached, not struct
+            members.append(OmegaConf.merge(node, shared, each, per.get(name) or {}))
+        _MEMBERS[key] = members
+    return _MEMBERS[key]
+
+
+def _compose_tasks(names: list[str]) -> list[DictConfig]:
+    """Each task's config as `task=<name>` composes it (inside a Hydra app or not)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    def one(name: str) -> DictConfig:
+        if name in ("multi", "commonsense") or not isinstance(name, str):
+            raise PlrError(f"task.names may only list single tasks, got '{name}'")
+        try:
+            return compose("config", overrides=[f"task={name}"]).task
+        except HydraException:
+            raise PlrError(f"unknown task '{name}' in task.names; use task configs from conf/task "
+                           "(e.g. cola, sst2, cifar100, boolq)") from None
+
+    if GlobalHydra.instance().is_initialized():
+        return [one(n) for n in names]
+    with initialize_config_module("partial_lora.conf", version_base="1.3"):
+        return [one(n) for n in names]
 
 
 def task_spec(cfg: DictConfig) -> TaskSpec:
@@ -54,7 +119,10 @@ def task_spec(cfg: DictConfig) -> TaskSpec:
 
 
 def task_metrics(cfg: DictConfig) -> tuple[list[str], str]:
-    """(metrics to report, metric that selects checkpoints)."""
+    """(metrics to report, metric that selects checkpoints); a multi-task run reports `mean`,
+    the mean over its members of each member's main metric."""
+    if is_multi(cfg):
+        return ["mean"], "mean"
     metrics = list(plain(cfg.task.get("metrics", ["accuracy"])))
     main = cfg.task.get("metric", metrics[0])
     if main not in metrics:
@@ -288,7 +356,23 @@ def validate(cfg: DictConfig) -> None:
     if missing:
         raise PlrError(f"{missing[0]} is required by this config; set {missing[0]}=<value> on the command line")
     spec = model_spec(cfg)
-    task_spec(cfg)
+    tasks = member_tasks(cfg) if is_multi(cfg) else [cfg.task]
+    kinds = sorted({str(t.get("kind", "text")) for t in tasks})
+    if len(kinds) > 1:
+        raise PlrError(f"task.names mixes {' and '.join(kinds)} tasks; a multi-task run trains one backbone on one "
+                       "kind of input: list tasks of one kind")
+    for task in tasks:
+        node = OmegaConf.create({"task": task})
+        task_spec(node)
+        task_metrics(node)
+        kind = task.get("kind", "text")
+        if (spec.family == "hf-causal") != (kind == "choice"):
+            raise PlrError(f"model '{spec.name}' ({spec.family}) cannot run task '{task.name}' ({kind}): "
+                           + ("a causal LM answers multiple-choice tasks (task=boolq, commonsense...)"
+                              if spec.family == "hf-causal" else "multiple-choice tasks need a causal LM (model=tiny-llama, "
+                              "llama-7b...)"))
+        if str(task.get("scoring", "sum")) not in ("sum", "mean"):
+            raise PlrError(f"task.scoring must be sum or mean, got '{task.get('scoring')}'")
     lora_config(cfg, spec)
     metrics, main = task_metrics(cfg)
     train_config(cfg)

@@ -277,7 +277,7 @@ def peft_config(cfg: DictConfig, spec: ModelSpec, targets: Sequence[Target], mod
         target_modules=[t.module for t in targets], modules_to_save=list(modules_to_save),
         rank_pattern={re.escape(t.module): t.rank for t in fused},
         alpha_pattern={re.escape(t.module): alpha * len(t.branches) for t in fused},
-        task_type="SEQ_CLS" if spec.family == "hf-text" else None,
+        task_type={"hf-text": "SEQ_CLS", "hf-causal": "CAUSAL_LM"}.get(spec.family),
         revision=spec.revision if spec.pretrained else None)
 
 
@@ -384,7 +384,7 @@ def save_merged(peft_model: Any, s: Setup, spec: ModelSpec, dest: Path) -> list[
         notes.append("merged/ is a timm checkpoint (config.json + model.safetensors, with its preprocessing config)")
         return notes
     labels = s.data.label_names
-    if labels and not s.data.regression:
+    if labels and not s.data.regression and spec.family != "hf-causal":  # an LM's outputs are its vocabulary
         net.config.id2label = dict(enumerate(labels))
         net.config.label2id = {name: i for i, name in enumerate(labels)}
     net.save_pretrained(str(dest))
@@ -618,7 +618,8 @@ def _file_lines(c: ExportInfo) -> list[str]:
 
 
 def _auto_class(family: str) -> str:
-    return "AutoModelForSequenceClassification" if family == "hf-text" else "AutoModelForImageClassification"
+    return {"hf-text": "AutoModelForSequenceClassification", "hf-causal": "AutoModelForCausalLM"}.get(
+        family, "AutoModelForImageClassification")
 
 
 # ----------------------------------------------------------------------------------------- export

@@ -1,9 +1,11 @@
 """Build a backbone with a new classification head from a hub name, a local dir or a config.
 
-Three families behind one factory (`MODELS`):
+Four families behind one factory (`MODELS`):
 - `hf-text`: Hugging Face `AutoModelForSequenceClassification` (BERT, RoBERTa, DeBERTa-v2/v3...)
 - `hf-vision`: Hugging Face `AutoModelForImageClassification` (ViT...)
 - `timm`: `timm.create_model(..., num_classes=n)` (ViT with fused `qkv`)
+- `hf-causal`: Hugging Face `AutoModelForCausalLM` (LLaMA, Qwen, Mistral...), no new head: it
+  answers multiple-choice tasks by the log-likelihood of each choice (`CausalLM`)
 
 `pretrained: false` builds a random model from `config` (the `tiny-*` test models). A source
 `package:<module>[/<subdir>]` points inside an installed Python package (the MiniLM fixture).
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from partial_lora.data.base import ImagePreprocess
@@ -42,6 +45,10 @@ class ModelSpec:
         head_modules: modules trained with the head learning rate (new classifier, pooler).
         max_length: tokenizer truncation length.
         image: preprocessing overrides for image models (None: from the model's processor).
+        dtype: dtype the pretrained weights are loaded in (`bfloat16` halves an LLM's memory;
+            the adapter stays fp32); None keeps the checkpoint's default (fp32).
+        gradient_checkpointing: recompute the blocks' activations in backward (LLMs: less
+            memory, about a third more time).
     """
 
     name: str
@@ -56,6 +63,8 @@ class ModelSpec:
     head_modules: Sequence[str] = ("classifier",)
     max_length: int = 128
     image: Mapping[str, Any] | None = None
+    dtype: str | None = None
+    gradient_checkpointing: bool = False
 
 
 class Classifier(nn.Module):
@@ -76,6 +85,10 @@ class Classifier(nn.Module):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         return self.net(**inputs).logits
 
+    def loss(self, out: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        """The training loss of a forward's output: cross-entropy, or MSE for a 1-output head."""
+        return loss_fn(out, batch["labels"])
+
     def head_parameters(self) -> list[nn.Parameter]:
         return [p for n in self.head_modules for p in self.net.get_submodule(n).parameters()]
 
@@ -92,6 +105,78 @@ class Classifier(nn.Module):
         for n in self.head_modules:
             mod = self.net.get_submodule(n)
             mod.load_state_dict({k[len(n) + 1:]: v for k, v in state.items() if k.startswith(n + ".")})
+
+
+def loss_fn(logits: Tensor, labels: Tensor) -> Tensor:
+    if logits.shape[-1] == 1:  # regression head (STS-B)
+        return nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
+    return nn.functional.cross_entropy(logits.float(), labels)
+
+
+SCORING = ("sum", "mean")
+
+
+class CausalLM(Classifier):
+    """A decoder LM behind the classifier's call convention, for multiple-choice tasks.
+
+    - A training batch (`input_ids`, `attention_mask`, `labels` with -100 outside the answer;
+      `data.commonsense.ChoiceCollate(train=True)`) gives the LM loss on the answer tokens.
+    - An evaluation batch (every choice as a row, `target_mask` on its answer tokens,
+      `choice_mask`, `choice_tokens`, `labels` = gold index) gives one score per choice, (B, C)
+      padded to `num_choices` with -inf: the log-likelihood of the choice's answer tokens, summed
+      (`scoring=sum`, lm-evaluation-harness's `acc`) or per token (`mean`). Accuracy is then the
+      argmax, as for a classifier's logits.
+
+    The vocabulary projection runs only at the answer positions (the LM's hidden states are
+    taken from its base model): with a 128k vocabulary, the full logits of a batch would take
+    gigabytes. Models whose logits are more than `lm_head(h)` (soft-capping, a logit scale) take
+    the full path.
+    """
+
+    def __init__(self, net: nn.Module, num_choices: int, scoring: str = "sum") -> None:
+        super().__init__(net, "hf-causal", [])
+        if scoring not in SCORING:
+            raise PlrError(f"task.scoring must be one of {', '.join(SCORING)}, got '{scoring}'")
+        self.num_choices, self.scoring = num_choices, scoring
+        config = getattr(net, "config", None)
+        self.full_logits = any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+
+    def _answer_logits(self, batch: Mapping[str, Tensor], where: Tensor) -> Tensor:
+        """Logits predicting the tokens at `where` (B, T) (each from the position before), (N, V)."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self.full_logits:
+            return self.net(**inputs).logits[:, :-1][where[:, 1:]]
+        hidden = self.net.base_model(**inputs).last_hidden_state
+        return self.net.get_output_embeddings()(hidden[:, :-1][where[:, 1:]])
+
+    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        if "choice_mask" not in batch:
+            labels = batch["labels"]
+            logits = self._answer_logits(batch, labels != -100)
+            return nn.functional.cross_entropy(logits.float(), labels[:, 1:][labels[:, 1:] != -100])
+        target = batch["target_mask"].bool()
+        logp = self._answer_logits(batch, target).float().log_softmax(-1)
+        tokens = batch["input_ids"][:, 1:][target[:, 1:]]
+        token_lp = logp.gather(-1, tokens[:, None]).squeeze(-1)
+        rows = torch.arange(target.shape[0], device=target.device)[:, None].expand(-1, target.shape[1] - 1)
+        sums = torch.zeros(target.shape[0], device=token_lp.device).index_add_(0, rows[target[:, 1:]], token_lp)
+        choice_mask = batch["choice_mask"].bool()
+        scores = sums.view(choice_mask.shape)
+        if self.scoring == "mean":
+            scores = scores / batch["choice_tokens"].clamp(min=1)
+        scores = scores.masked_fill(~choice_mask, float("-inf"))
+        pad = self.num_choices - scores.shape[1]
+        return nn.functional.pad(scores, (0, pad), value=float("-inf")) if pad > 0 else scores
+
+    def loss(self, out: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+        """The training loss as it is, or, for choice scores, the gold answers' NLL per token."""
+        if out.dim() == 0:
+            return out
+        labels = batch["labels"]
+        gold = out.gather(1, labels[:, None]).squeeze(1)
+        n = batch["choice_tokens"].gather(1, labels[:, None]).squeeze(1).float()
+        total = gold * n if self.scoring == "mean" else gold
+        return -total.sum() / n.sum().clamp(min=1)
 
 
 @dataclass
@@ -234,10 +319,42 @@ def _override_image(image: ImagePreprocess, over: Mapping[str, Any] | None) -> I
     return replace(image, **fixed)
 
 
+def _torch_dtype(spec: ModelSpec) -> Any:
+    if spec.dtype is None:
+        return None
+    dtype = getattr(torch, str(spec.dtype), None)
+    if not isinstance(dtype, torch.dtype):
+        raise PlrError(f"model.dtype='{spec.dtype}' is not a torch dtype; use bfloat16, float16, float32 or null")
+    return dtype
+
+
+def build_hf_causal(spec: ModelSpec, num_labels: int) -> Built:
+    """A causal LM (no new head): `num_labels` is the most answer choices a task has."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    dtype = _torch_dtype(spec)
+    if spec.pretrained:
+        net = _hf_load(AutoModelForCausalLM.from_pretrained, spec.source, spec.revision, "model.source",
+                       **({"dtype": dtype} if dtype is not None else {}))
+    else:
+        kwargs = dict(spec.config)
+        net = AutoModelForCausalLM.from_config(AutoConfig.for_model(kwargs.pop("model_type"), **kwargs))
+        if dtype is not None:
+            net = net.to(dtype)
+    if spec.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen).
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    net.config.use_cache = False  # training and scoring never reuse the KV cache
+    tok = _hf_load(AutoTokenizer.from_pretrained, spec.tokenizer or spec.source, spec.revision, "model.tokenizer")
+    return Built(CausalLM(net, num_labels), tokenizer=tok, max_length=spec.max_length)
+
+
 MODELS: dict[str, Callable[[ModelSpec, int], Built]] = {
     "hf-text": build_hf_text,
     "hf-vision": build_hf_vision,
     "timm": build_timm,
+    "hf-causal": build_hf_causal,
 }
 
 

@@ -6,6 +6,9 @@ and the stages' `done` markers. Nothing is recomputed and no tensors are loaded.
 - A run is `complete` when its `results.json` says so and its `evaluate` stage is done. Otherwise
   it is `incomplete` (stages without a `done` marker are listed) or `failed` (a file the report
   needs is unreadable). Every run dir found is listed; none is dropped silently.
+- A multi-task run (`task=multi`, `task=commonsense`) counts once under its own task name, with
+  the `mean` over its members, and once per member task, under the label `<label> [<multi-task
+  name>]` so that it sits next to single-task runs of the same method.
 - Complete runs are grouped by (task, label). `label` is the method's name (`label=...` at train
   time; older runs fall back to `adapter.name`). A group's test metrics are given as mean ± sample
   std (ddof=1) over its runs.
@@ -73,6 +76,7 @@ class Run:
     reduction_pct: float | None = None
     missing: list[str] = field(default_factory=list)
     reason: str = ""
+    members: dict[str, str] = field(default_factory=dict)  # multi-task: member task -> its main metric
 
 
 @dataclass(frozen=True)
@@ -350,6 +354,9 @@ def read_run(run_dir: Path) -> Run:
         run.metrics = reportable_metrics(results.get("metrics"))
         run.adapter_params, run.head_params = _int(params.get("adapter")), _int(params.get("head"))
         run.reduction_pct = _number(params.get("reduction_pct")) or 0.0  # None: dense LoRA
+        members = results.get("member_metrics")
+        if isinstance(members, dict):
+            run.members = {str(k): str(v.get("main")) for k, v in members.items() if isinstance(v, dict)}
     if unreadable:
         run.status, run.reason = "failed", "unreadable " + ", ".join(unreadable)
     elif (run_dir / A.ERROR).is_file():
@@ -391,12 +398,33 @@ def build(patterns: Sequence[str], metric: str | None = None) -> Report:
         # One method on several backbones: keep them apart (e.g. `partial · vit-b`, `partial · vit-b-timm`).
         for r in runs:
             r.label = f"{r.label} · {r.model}" if r.label else r.label
-    groups = group_runs(runs)
+    expanded = [member for r in runs for member in with_members(r)]  # multi-task runs: + one per member
+    groups = group_runs(expanded)
     tasks = sorted({g.task for g in groups})
     metrics = {t: task_metrics(t, [r for g in groups if g.task == t for r in g.runs]) for t in tasks}
-    summary = summary_metrics(metrics, [r for r in runs if r.status == "complete"], metric)
+    summary = summary_metrics(metrics, [r for r in expanded if r.status == "complete"], metric)
     notes = [f"{p!r} matched no run dir" for p in unmatched] + repeated_seed_notes(groups)
     return Report(runs, groups, tasks, metrics, summary, notes)
+
+
+def with_members(run: Run) -> list[Run]:
+    """A run, followed (for a complete multi-task run) by one run per member task.
+
+    A member's run has the member's task name, the label `<label> [<multi-task name>]` and the
+    member's `test_<metric>` numbers (read from the run's `test_<member>_<metric>`).
+    """
+    if run.status != "complete" or not run.members:
+        return [run]
+    out = [run]
+    for name, main in run.members.items():
+        prefix = f"test_{name}_"
+        metrics = {f"test_{k[len(prefix):]}": v for k, v in run.metrics.items() if k.startswith(prefix)}
+        out.append(Run(run.run_dir, run.status, task=name, label=f"{run.label} [{run.task}]", model=run.model, r=run.r,
+                       seed=run.seed, main_metric=main, metrics=metrics, adapter_params=run.adapter_params,
+                       head_params=run.head_params, reduction_pct=run.reduction_pct))
+    run.metrics = {k: v for k, v in run.metrics.items()
+                   if not any(k.startswith(f"test_{name}_") for name in run.members)}
+    return out
 
 
 def group_runs(runs: Iterable[Run]) -> list[Group]:

@@ -164,10 +164,6 @@ def _to(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def loss_fn(logits: Tensor, labels: Tensor) -> Tensor:
-    if logits.shape[-1] == 1:  # regression head (STS-B)
-        return nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
-    return nn.functional.cross_entropy(logits.float(), labels)
 
 
 @torch.no_grad()
@@ -181,7 +177,7 @@ def predict(model: Classifier, loader: Iterable[Mapping[str, Tensor]], device: t
         batch = _to(batch, device)
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(batch)
-        loss_sum += loss_fn(logits, batch["labels"]).item() * len(batch["labels"])
+        loss_sum += model.loss(logits, batch).item() * len(batch["labels"])
         n += len(batch["labels"])
         all_logits.append(logits.float().cpu())
         all_labels.append(batch["labels"].cpu())
@@ -258,7 +254,8 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
         device: torch.device, log: Callable[[dict[str, Any]], None] = lambda r: None,
         metrics: Iterable[str] = ("accuracy",), desc: str = "train",
         layer_lr_scales: Mapping[str, float] | None = None, step_hook: Callable[[int], None] | None = None,
-        extra_loss: Callable[[], Tensor] | None = None, checkpoint: Path | None = None) -> FitResult:
+        extra_loss: Callable[[], Tensor] | None = None, checkpoint: Path | None = None,
+        validate: Callable[[], dict[str, float]] | None = None) -> FitResult:
     """Train adapter + head; keep the state with the best validation `cfg.metric`.
 
     The model must already be frozen except for its adapter and head (see
@@ -274,6 +271,9 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
     must use a `ResumableSampler` with the loader's generator, as `stages.base.loader` does).
     A step with a non-finite loss or gradient is skipped; more than `cfg.max_bad_steps` of
     them stop the run with a `PlrError`, leaving the last good checkpoint in place.
+
+    `validate()` (metrics by name, `cfg.metric` among them) replaces the evaluation on
+    `val_loader` when given: a multi-task run validates each task on its own set.
     """
     metrics = tuple(dict.fromkeys([cfg.metric, *metrics]))
     dtype = autocast_dtype(cfg, device)
@@ -355,7 +355,7 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
             loss = torch.zeros((), device=device)
             if len(batch["labels"]):
                 with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                    loss = loss_fn(forward(batch), batch["labels"])
+                    loss = model.loss(forward(batch), batch)
                     if extra_loss is not None:
                         loss = loss + extra_loss()
                 (loss * share / cfg.grad_accum).backward()
@@ -397,8 +397,8 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save_checkpoint()
         last = step >= total or epoch == n_epochs - 1
-        if val_loader is not None and ((epoch + 1) % cfg.eval_every_epochs == 0 or last):
-            val = evaluate(model, val_loader, device, dtype, metrics)
+        if (val_loader is not None or validate is not None) and ((epoch + 1) % cfg.eval_every_epochs == 0 or last):
+            val = validate() if validate is not None else evaluate(model, val_loader, device, dtype, metrics)
             if cfg.metric not in val:
                 raise PlrError(f"trainer.metric '{cfg.metric}' is not computed for this task; use one of {sorted(val)}")
             rec = {"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in val.items()}}
@@ -414,7 +414,7 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
         save_checkpoint()
     bar.close()
     best_epoch = state.best_epoch
-    if val_loader is None:  # nothing to select on: keep the last state
+    if val_loader is None and validate is None:  # nothing to select on: keep the last state
         best_state, best_epoch = snapshot(), n_epochs - 1
     with torch.no_grad():
         for n, v in best_state.items():

@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from PIL import Image
 
-from fixtures import GLUE, VISION, write_glue, write_vision
+from fixtures import GLUE, VISION, write_commonsense, write_glue, write_vision
 from partial_lora import config as C
 from partial_lora.cli import CONF_DIR
 from partial_lora.data import TaskSpec, load_task
@@ -227,16 +227,19 @@ def tiny_overrides(experiment: str, root: Path) -> list[str]:
     if experiment == "vtab":
         write_vision(root, "dtd")
         return ["model=tiny-vit", "task=dtd", f"task.path={root}", "task.vtab_train=40", "task.vtab_val=10"]
+    if experiment == "commonsense":  # two of the eight members, on the tiny LLM
+        paths = [f"+task.members.{t}.path={write_commonsense(root / t, t)}" for t in ("arc-c", "winogrande")]
+        return ["model=tiny-llama", "task.names=[arc-c,winogrande]", *paths, "task.each.val_max=8"]
     return []
 
 
 def test_every_experiment_is_covered():
-    assert set(EXPERIMENTS) == {"smoke", "smoke-vision", "vtab", *(f"glue-{t}" for t in GLUE)}
+    assert set(EXPERIMENTS) == {"smoke", "smoke-vision", "vtab", "commonsense", *(f"glue-{t}" for t in GLUE)}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_runs_one_step(experiment, tmp_path):
-    adapter = "partial" if experiment in ("glue-stsb", "glue-mnli", "vtab") else "lora"
+    adapter = "partial" if experiment in ("glue-stsb", "glue-mnli", "vtab", "commonsense") else "lora"
     cfg = cfg_of(f"experiment={experiment}", f"adapter={adapter}", *tiny_overrides(experiment, tmp_path / "data"),
                  *TINY_TRAIN, *(TINY_PROBE if adapter == "partial" else []))
     C.validate(cfg)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 from hydra import compose, initialize_config_module
 
 from partial_lora.cli import CONF_DIR
@@ -144,8 +145,13 @@ def test_every_model_and_task_config_composes():
         for model in sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")):
             C.lora_config(compose("config", overrides=[f"model={model}"]))
         for task in sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml")):
-            C.task_spec(compose("config", overrides=[f"task={task}", "task.path=/x"] if task.startswith("hf-")
-                                else [f"task={task}"]))
+            if task == "multi":  # a multi-task run needs task.names; its members are the other configs
+                assert len(C.member_tasks(compose("config", overrides=["task=multi", "task.names=[cola,sst2]"]))) == 2
+                continue
+            cfg = compose("config", overrides=[f"task={task}", "task.path=/x"] if task.startswith("hf-")
+                          else [f"task={task}"])
+            for node in C.member_tasks(cfg) if C.is_multi(cfg) else [cfg.task]:
+                C.task_spec(OmegaConf.create({"task": node}))
 
 
 def test_vision_smoke_with_timm_fused_qkv(tmp_path):

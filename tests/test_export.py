@@ -294,3 +294,22 @@ def test_cli_export_subprocess(bert_run, tmp_path):
     assert bad.returncode == 2
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("plr: error:") and "does not exist" in lines[0]
+
+
+def test_partial_llm_export_loads_as_a_causal_lm_adapter(tmp_path):
+    from fixtures import write_commonsense
+
+    data = write_commonsense(tmp_path / "arc", "arc-e")
+    run_dir = make_run(tmp_path / "run", "experiment=smoke", "model=tiny-llama", "task=arc-e", f"task.path={data}",
+                       "adapter.sparsity=0.5")
+    out = tmp_path / "out"
+    export_run(run_dir, out, merged=True, echo=lambda s: None)
+    assert_nontrivial_b(run_dir, out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["modules_to_save"] in (None, [])
+    s, batch = first_batch(run_dir)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    model = PeftModel.from_pretrained(user_base(out, s.data.num_labels), str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, s.built.model.net(**inputs).logits, atol=ATOL, rtol=0)
+    assert "AutoModelForCausalLM" in (out / "README.md").read_text()

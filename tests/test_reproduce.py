@@ -1,4 +1,4 @@
-"""The reproduction driver behind `make reproduce-vision/glue`: its commands, and a real tiny sweep."""
+"""The reproduction driver behind `make reproduce-vision/glue/commonsense`: its commands, and a real tiny sweep."""
 
 import json
 import os
@@ -39,6 +39,20 @@ def test_glue_sweeps_the_per_task_experiments(capsys):
     sweep = next(ln for ln in capsys.readouterr().out.splitlines() if "train -m" in ln)
     assert "experiment=glue-rte,glue-stsb" in sweep and "seed=0 " in sweep and sweep.endswith("trainer.num_workers=2 "
                                                                                                 "> outputs/reproduce-glue/logs/gpu0.log 2>&1")
+
+
+def test_commonsense_is_one_multi_task_run_per_method_and_seed_with_seeds_dealt_to_gpus(capsys):
+    rep = load_reproduce()
+    assert rep.main(["commonsense", "--dry-run", "--gpus", "0,1", "--out", "out"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[reproduce] commonsense: 6 runs on 2 sweep(s)")
+    sweeps = [ln for ln in lines if "train -m" in ln]
+    assert "seed=0,2 " in sweeps[0] and "seed=1 " in sweeps[1]
+    for ln in sweeps:
+        assert "experiment=commonsense " in ln and "model=llama-7b" in ln and "task.names" not in ln
+    assert rep.main(["commonsense", "--dry-run", "--tasks", "boolq,arc-c", "--model", "qwen2.5-0.5b"]) == 0
+    sweep = next(ln for ln in capsys.readouterr().out.splitlines() if "train -m" in ln)
+    assert "'task.names=[boolq,arc-c]'" in sweep and "model=qwen2.5-0.5b" in sweep
 
 
 def test_unknown_task_is_refused():

@@ -8,7 +8,7 @@ from typing import Literal
 
 import datasets
 
-Kind = Literal["text", "image"]
+Kind = Literal["text", "image", "choice"]
 PROTOCOLS = ("full", "vtab1k")
 
 
@@ -18,8 +18,8 @@ class TaskSpec:
 
     Attributes:
         name: the task's name (e.g. `bbc-news`), used in run dirs and reports.
-        loader: key into `TASKS` (`bbc-news`, `digits`, `hf-text`, `hf-image`).
-        kind: `text` or `image`.
+        loader: key into `TASKS` (`bbc-news`, `digits`, `hf-text`, `hf-image`, `choice`).
+        kind: `text`, `image` or `choice` (multiple choice for causal LMs: prompt + choices).
         path: hub dataset id or local path (file or directory) for the generic loaders.
         data_format: for local paths: `parquet`, `csv`, `json` or `imagefolder`; None infers it.
         subset: dataset config name (e.g. `sst2` of `nyu-mll/glue`).
@@ -38,6 +38,9 @@ class TaskSpec:
             `{mismatched: validation_mismatched}`), reported as `test_<name>_<metric>`.
         regression: the label is a float score (STS-B): a one-output head, MSE loss.
         max_train_samples / max_eval_samples: seeded subsample after splitting (None: all).
+        format: for the `choice` loader, how to read the source's rows (`boolq`, `piqa`, `siqa`,
+            `hellaswag`, `winogrande`, `arc`, `obqa`): each dataset has its own schema, and the
+            format turns it into the shared prompt / choices / label rows.
     """
 
     name: str
@@ -65,6 +68,7 @@ class TaskSpec:
     regression: bool = False
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    format: str | None = None
 
 
 @dataclass

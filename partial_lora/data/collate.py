@@ -12,6 +12,7 @@ import torch
 from torchvision.transforms import InterpolationMode, v2
 
 from partial_lora.data.base import ImagePreprocess, Kind
+from partial_lora.data.commonsense import ChoiceCollate
 from partial_lora.errors import PlrError
 
 Batch = dict[str, torch.Tensor]
@@ -35,9 +36,15 @@ def pretokenize(ds: Any, tokenizer: Any, max_length: int) -> Any:
     pair = "text_pair" in ds.column_names
 
     def encode(batch: dict[str, list[Any]]) -> Any:
-        return tokenizer(batch["text"], batch["text_pair"] if pair else None, truncation=True, max_length=max_length)
+        pairs = batch["text_pair"] if pair else None
+        if pairs is None or all(p is not None for p in pairs):
+            return tokenizer(batch["text"], pairs, truncation=True, max_length=max_length)
+        # A multi-task union mixes sentence pairs with single sentences (text_pair None).
+        rows = [tokenizer(t, p, truncation=True, max_length=max_length) for t, p in zip(batch["text"], pairs)]
+        return {k: [r[k] for r in rows] for k in rows[0]}
 
-    return ds.map(encode, batched=True, remove_columns=[c for c in ds.column_names if c != "label"],
+    keep = ("label", "task_id")
+    return ds.map(encode, batched=True, remove_columns=[c for c in ds.column_names if c not in keep],
                   desc="tokenising")
 
 
@@ -109,11 +116,12 @@ def make_collate(kind: Kind, *, tokenizer: Any = None, max_length: int = 128, im
     """The collate function for a task kind.
 
     Args:
-        kind: `text` or `image`.
-        tokenizer: required for text.
-        max_length: text truncation length.
+        kind: `text`, `image` or `choice`.
+        tokenizer: required for text and choice.
+        max_length: text truncation length (choice: prompt + answer).
         image: image preprocessing; defaults to `ImagePreprocess()` (224 px, 0.5 mean/std).
-        train: image training augmentation (ignored for text).
+        train: image training augmentation; for choice, gold-answer LM targets instead of
+            every choice expanded for scoring (ignored for text).
     """
     if kind == "text":
         if tokenizer is None:
@@ -121,4 +129,8 @@ def make_collate(kind: Kind, *, tokenizer: Any = None, max_length: int = 128, im
         return TextCollate(tokenizer, max_length)
     if kind == "image":
         return ImageCollate(image or ImagePreprocess(), train)
-    raise ValueError(f"unknown collate kind {kind!r}; expected 'text' or 'image'")
+    if kind == "choice":
+        if tokenizer is None:
+            raise ValueError("make_collate('choice') needs a tokenizer")
+        return ChoiceCollate(tokenizer, max_length, train)
+    raise ValueError(f"unknown collate kind {kind!r}; expected 'text', 'image' or 'choice'")

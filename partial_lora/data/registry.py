@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from partial_lora.data.base import TaskData, TaskSpec
+from partial_lora.data.commonsense import load_choice
 from partial_lora.data.offline import load_bbc_news, load_digits
 from partial_lora.data.text import load_hf_text
 from partial_lora.data.vision import load_hf_image
@@ -15,6 +16,7 @@ TASKS: dict[str, Callable[[TaskSpec], TaskData]] = {
     "digits": load_digits,
     "hf-text": load_hf_text,
     "hf-image": load_hf_image,
+    "choice": load_choice,
 }
 
 

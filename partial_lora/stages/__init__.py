@@ -124,7 +124,9 @@ def collect_results(cfg: DictConfig, run_dir: Path, stages: dict[str, dict[str, 
         "seed": int(cfg.seed),
         "model": str(cfg.model.name), "task": str(cfg.task.name), "adapter": adapter,
         "main_metric": main, "task_metrics": metrics,
-        "eval_sets": [k[5:-9] for k in ev if k.startswith("test_") and k.endswith("_examples") and k != "test_examples"],
+        "eval_sets": [] if "members" in ev else
+        [k[5:-9] for k in ev if k.startswith("test_") and k.endswith("_examples") and k != "test_examples"],
+        **({"members": ev["members"], "member_metrics": ev["member_metrics"]} if "members" in ev else {}),
         "metrics": {k: v for k, v in ev.items() if k.startswith(("val_", "test_"))},
         "params": {"adapter": sparse, "dense_lora_same_rank": dense, "head": ev.get("head_params"),
                    "reduction_pct": 100.0 * (1 - sparse / dense) if dense and sparse is not None else None},
@@ -148,6 +150,11 @@ def format_results(r: dict[str, Any]) -> str:
     for extra in r.get("eval_sets", []):
         for m in names:
             lines.append(f"  {m + ' (' + extra + ')':<23}{_num(r['metrics'].get(f'test_{extra}_{m}')):>9}")
+    for member, mm in (r.get("member_metrics") or {}).items():  # multi-task: each member's metrics
+        for m in mm["metrics"]:
+            key = f"{member} {m}"
+            lines.append(f"  {key:<14}{_num(r['metrics'].get(f'val_{member}_{m}')):>9}"
+                         f"{_num(r['metrics'].get(f'test_{member}_{m}')):>9}")
     p = r["params"]
     lines.append(f"  trainable parameters: adapter {p['adapter']:,} · head {p['head']:,} · "
                  f"dense LoRA at r={a.get('r')}: {p['dense_lora_same_rank']:,}")

@@ -25,7 +25,8 @@ from partial_lora.errors import PlrError
 from partial_lora.lora import base_weights
 from partial_lora.masks import LayerInfo, Ranking, rank_layer, subspace_k
 from partial_lora.metrics import compute_metrics
-from partial_lora.stages.base import Setup, load_trained, loader, setup
+from partial_lora.replay import BlockReplay
+from partial_lora.stages.base import Setup, few_shot_sets, load_trained, loader, setup
 from partial_lora.tracking import Tracker
 from partial_lora.train import autocast_dtype, predict, set_seed
 
@@ -34,7 +35,8 @@ NAME = "allocate"
 
 def settings(cfg: DictConfig) -> dict[str, Any]:
     """What determines an allocation: equal settings let `from_run` reuse it."""
-    allocation = {k: v for k, v in C.plain(cfg.adapter.get("allocation", {})).items() if k != "search_masks"}
+    allocation = {k: v for k, v in C.plain(cfg.adapter.get("allocation", {})).items()
+                  if k not in ("search_masks", "replay_mb")}  # neither changes what the search finds
     return {"sparsity": C.sparsity(cfg), "allocation": allocation, "probe": C.plain(cfg.adapter.get("probe", {})),
             "search_masks": search_method(cfg), "mask_energy": C.mask_config(cfg).energy,
             "match": C.plain(cfg.adapter.get("match", {})),
@@ -81,7 +83,8 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
             "reduction_pct": 100.0 * (1 - alloc.params() / alloc.dense_params()),
             "ratio_min": min(ratios), "ratio_median": statistics.median(ratios), "ratio_max": max(ratios),
             "a_ref": alloc.a_ref, "a_0": alloc.a_0, "target": alloc.target, "joint_accuracy": alloc.joint_accuracy,
-            "evaluations": alloc.evaluations, "floor_share": alloc.floor_share(), "search_wall_s": search_s}
+            "evaluations": alloc.evaluations,
+            "replayed_share": alloc.replayed_share, "floor_share": alloc.floor_share(), "search_wall_s": search_s}
 
 
 def _threshold(cfg: DictConfig, run_dir: Path, s: Setup, layers: list[AL.Layer],
@@ -93,9 +96,18 @@ def _threshold(cfg: DictConfig, run_dir: Path, s: Setup, layers: list[AL.Layer],
     tc = C.train_config(cfg)
     model.to(s.device).eval()
     # The few-shot validation set is tiny: collate (tokenise / transform) it once for all evaluations.
-    batches = list(loader(s, s.data.train.select(fewshot["val"]), tc, train=False))
+    # A multi-task run scores each member on its own few-shot set through its own head.
+    sets = few_shot_sets(s, fewshot["val"])
+    if s.multi is None:
+        _, main = C.task_metrics(cfg)
+        scored = [(model, list(loader(s, sets, tc, train=False)), main)]
+    else:
+        main = "mean"
+        scored = [(model.view(i), list(loader(s, d, tc, train=False)), m.main)
+                  for i, (m, d) in enumerate(zip(s.multi.members, sets, strict=True))]
+    n_batches = sum(len(b) for _, b, _ in scored)
     dtype = autocast_dtype(tc, s.device)
-    _, main = C.task_metrics(cfg)
+    by_loss = acfg.metric == "loss"
     mcfg = C.mask_config(cfg)
     method = search_method(cfg)
     mask_seed = int(cfg.seed) if mcfg.seed is None else mcfg.seed
@@ -133,16 +145,29 @@ def _threshold(cfg: DictConfig, run_dir: Path, s: Setup, layers: list[AL.Layer],
                 branch.lora_B.copy_(b * rm)
                 branch.lora_A.copy_(a * cm)
 
-    def accuracy(ratios: Mapping[str, float], zero: bool = False) -> float:
-        set_ratios(ratios, zero)
-        logits, labels, _ = predict(model, batches, s.device, dtype)
-        return compute_metrics(logits, labels, [main])[main]
+    # Consecutive evaluations differ in a few layers: the blocks before the first changed one
+    # are replayed from the previous evaluation instead of computed (same results, less time).
+    replay = BlockReplay(net, s.branches, budget_mb=acfg.replay_mb)
 
-    a_ref = accuracy({})
-    a_0 = accuracy({}, zero=True)
-    print(f"[plr] allocate: few-shot {main}: probe a_ref={a_ref:.3f}, no adapter a_0={a_0:.3f}, tau={acfg.tau}, "
-          f"relative_to={acfg.relative_to}, {len(layers)} layers, grid {list(acfg.grid)}")
-    alloc = AL.threshold(layers, int(cfg.adapter.r), acfg, evaluate=accuracy, a_ref=a_ref, a_0=a_0)
+    def score(ratios: Mapping[str, float], zero: bool = False) -> float:
+        """The few-shot main metric (the mean over members), or the few-shot loss (metric=loss)."""
+        set_ratios(ratios, zero)
+        replay.begin({lid: "removed" for lid in s.branches} if zero else ratios)
+        values = []
+        for view, batches, metric in scored:
+            logits, labels, loss = predict(view, batches, s.device, dtype)
+            values.append(loss if by_loss else compute_metrics(logits, labels, [metric])[metric])
+        replay.end(n_batches)
+        return sum(values) / len(values)
+
+    what = "loss" if by_loss else main
+    with replay:
+        a_ref = score({})
+        a_0 = score({}, zero=True)
+        print(f"[plr] allocate: few-shot {what}: probe a_ref={a_ref:.3f}, no adapter a_0={a_0:.3f}, tau={acfg.tau}, "
+              f"relative_to={acfg.relative_to}, {len(layers)} layers, grid {list(acfg.grid)}")
+        alloc = AL.threshold(layers, int(cfg.adapter.r), acfg, evaluate=score, a_ref=a_ref, a_0=a_0)
+    alloc.replayed_share = replay.saved_share
     set_ratios({})
     return alloc
 

@@ -6,14 +6,14 @@ Stages call these with the composed config; the functions hand plain dataclasses
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -26,8 +26,9 @@ from partial_lora import distributed as D
 from partial_lora import peft_baselines as PB
 from partial_lora.lora import (WHOLE, LoRABranch, adapter_state_dict, count_adapter_parameters,
                                find_targets, freeze_for_adapter, inject_lora, load_adapter_state_dict)
-from partial_lora.models import Built, build_model
-from partial_lora.train import ResumableSampler, TrainConfig, resolve_device
+from partial_lora import multitask as MT
+from partial_lora.models import Built, CausalLM, build_model
+from partial_lora.train import ResumableSampler, TrainConfig, autocast_dtype, evaluate, resolve_device
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Setup:
     dense_lora_params: int = 0
     peft: Any = None
     peft_spec: PB.PeftSpec | None = None
+    multi: MT.MultiTaskData | None = None
 
     def adapter_params(self) -> int:
         """Trainable adapter parameters (the head not counted)."""
@@ -64,6 +66,21 @@ class Setup:
 
 
 def load_data(cfg: DictConfig) -> TaskData:
+    """The task's data; for a multi-task run, the union of its members' (see `load_multi`)."""
+    return load_multi(cfg).union if C.is_multi(cfg) else _load_one(cfg)
+
+
+def load_multi(cfg: DictConfig) -> MT.MultiTaskData:
+    """Each member task's data, and their union."""
+    parts, metrics = [], []
+    for task in C.member_tasks(cfg):
+        node = OmegaConf.create({"task": task})
+        parts.append(_load_one(node))
+        metrics.append(C.task_metrics(node))
+    return MT.combine(str(cfg.task.name), parts, metrics)
+
+
+def _load_one(cfg: DictConfig) -> TaskData:
     data = load_task(C.task_spec(cfg))
     expected = cfg.task.get("num_labels")
     if expected is not None and int(expected) != data.num_labels:
@@ -78,9 +95,14 @@ def setup(cfg: DictConfig, keep: Mapping[str, tuple[Tensor | None, Tensor | None
 
     The caller seeds the RNGs first, so the head and adapter initialisation follow the seed.
     """
-    data = data or load_data(cfg)
+    multi = load_multi(cfg) if C.is_multi(cfg) else None
+    data = multi.union if multi is not None else (data or load_data(cfg))
     spec = C.model_spec(cfg)
     built = build_model(spec, data.num_labels)
+    if isinstance(built.model, CausalLM):
+        built.model.scoring = str(cfg.task.get("scoring", "sum"))
+    if multi is not None:
+        built.model = MT.MultiTask(built.model, multi.members)
     lcfg = C.lora_config(cfg, spec)
     net = built.model.net
     found = find_targets(net, lcfg)
@@ -95,10 +117,10 @@ def setup(cfg: DictConfig, keep: Mapping[str, tuple[Tensor | None, Tensor | None
             raise PlrError(f"adapter={pspec.method} adapts whole modules, not slices of a fused projection "
                            f"({lcfg.targets}); set adapter.targets=[qkv] (or another whole-module list)")
         model = PB.inject_peft(net, pspec, list(found), spec.head_modules, total_steps(cfg, len(data.train)))
-        return Setup(data, built, {}, device, metrics, main, per_rank * lcfg.r, model, pspec)
+        return Setup(data, built, {}, device, metrics, main, per_rank * lcfg.r, model, pspec, multi)
     branches = inject_lora(net, lcfg, keep)
     freeze_for_adapter(net, spec.head_modules)
-    return Setup(data, built, branches, device, metrics, main, per_rank * lcfg.r)
+    return Setup(data, built, branches, device, metrics, main, per_rank * lcfg.r, multi=multi)
 
 
 def total_steps(cfg: DictConfig, n_train: int) -> int:
@@ -133,12 +155,53 @@ def loader(s: Setup, split: datasets.Dataset, tc: TrainConfig, *, train: bool, s
         split = pretokenize(split, s.built.tokenizer, s.built.max_length)
     collate = make_collate(s.data.kind, tokenizer=s.built.tokenizer, max_length=s.built.max_length,
                            image=s.built.image, train=train)
+    if "task_id" in split.column_names:  # a multi-task union: each row says which head it trains
+        collate = MT.with_task_id(collate)
     gen = torch.Generator().manual_seed(seed)
     # The same order as `shuffle=True` with this generator, and resumable in mid-epoch.
     sampler = ResumableSampler(split, generator=gen) if train else None
     return DataLoader(split, batch_size=tc.batch_size if train else tc.eval_batch_size, sampler=sampler,
                       collate_fn=collate, generator=gen, num_workers=tc.num_workers,
                       pin_memory=s.device.type == "cuda", drop_last=False)
+
+
+def validator(s: Setup, tc: TrainConfig, sets: datasets.Dataset | list[datasets.Dataset],
+              metrics: list[str] | None = None) -> Callable[[], dict[str, float]]:
+    """A function returning the metrics (and `loss`) of the model now, on fixed evaluation sets.
+
+    Single task: `sets` is one split, scored with `metrics` (default: the task's). Multi-task:
+    one split per member, each scored with its member's metrics through its own head; the
+    result has `<task>_<metric>` per member, `mean` (of the members' main metrics) and `loss`
+    (the mean of the members' losses). Loaders are built once (text is tokenised once).
+    """
+    dtype = autocast_dtype(tc, s.device)
+    if s.multi is None:
+        one = loader(s, sets, tc, train=False)
+        return lambda: evaluate(s.built.model, one, s.device, dtype, metrics or s.metrics)
+    model = s.built.model
+    members = s.multi.members
+    loaders = [loader(s, d, tc, train=False) for d in sets]
+
+    def run() -> dict[str, float]:
+        return MT.mean_of_members([evaluate(model.view(i), ld, s.device, dtype, m.metrics)
+                                   for i, (m, ld) in enumerate(zip(members, loaders, strict=True))], members)
+
+    return run
+
+
+def member_rows(s: Setup, union_idx: list[int]) -> list[list[int]]:
+    """Indices into the union's train split, as per-member indices into each member's train split."""
+    assert s.multi is not None
+    starts = MT.offsets([p.train for p in s.multi.parts])
+    ends = starts[1:] + [len(s.data.train)]
+    return [[j - a for j in union_idx if a <= j < b] for a, b in zip(starts, ends, strict=True)]
+
+
+def few_shot_sets(s: Setup, val_idx: list[int]) -> datasets.Dataset | list[datasets.Dataset]:
+    """The probe's few-shot validation set(s): one split, or one per member of a multi-task run."""
+    if s.multi is None:
+        return s.data.train.select(val_idx)
+    return [p.train.select(rows) for p, rows in zip(s.multi.parts, member_rows(s, val_idx), strict=True)]
 
 
 def is_sparse(cfg: DictConfig) -> bool:

@@ -18,11 +18,26 @@ from partial_lora import checkpoint as CK
 from partial_lora import config as C
 from partial_lora.data.split import few_shot
 from partial_lora.lora import adapter_state_dict
-from partial_lora.stages.base import loader, save_trained, setup
+from partial_lora.config import ProbeConfig
+from partial_lora.multitask import offsets
+from partial_lora.stages.base import Setup, few_shot_sets, loader, save_trained, setup, validator
 from partial_lora.tracking import Tracker
 from partial_lora.train import JsonlLog, fit, set_seed
 
 NAME = "probe"
+
+
+def fewshot_indices(s: Setup, pc: ProbeConfig, seed: int) -> tuple[list[int], list[int]]:
+    """Few-shot train and validation indices into the training split (of the union, for a
+    multi-task run: each member's few-shot sets, drawn per member, then shifted to the union)."""
+    if s.multi is None:
+        return few_shot(s.data.train, pc.shots, pc.val_shots, seed, s.data.label_names, pc.short_classes)
+    train, val = [], []
+    for part, start in zip(s.multi.parts, offsets([p.train for p in s.multi.parts]), strict=True):
+        t, v = few_shot(part.train, pc.shots, pc.val_shots, seed, part.label_names, pc.short_classes)
+        train += [start + i for i in t]
+        val += [start + i for i in v]
+    return train, val
 
 
 def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
@@ -30,17 +45,16 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
     pc = C.probe_config(cfg)
     set_seed(int(cfg.seed))
     s = setup(cfg)
-    train_idx, val_idx = few_shot(s.data.train, pc.shots, pc.val_shots, int(cfg.seed), s.data.label_names,
-                                  pc.short_classes)
+    train_idx, val_idx = fewshot_indices(s, pc, int(cfg.seed))
     meta = {"model": str(cfg.model.name), "task": str(cfg.task.name)}
     A.save_tensors(out / A.INIT, adapter_state_dict(s.built.model.net), meta)  # before any step
     A.write_json(out / A.FEWSHOT, {"train": train_idx, "val": val_idx, "shots": pc.shots, "val_shots": pc.val_shots})
     _, main = C.task_metrics(cfg)
     tc = C.train_config(cfg, metric=main, epochs=pc.epochs, batch_size=pc.batch_size, max_steps=None,
                         **({"lr": pc.lr} if pc.lr else {}), **({"head_lr": pc.head_lr} if pc.head_lr else {}))
-    few_train, few_val = s.data.train.select(train_idx), s.data.train.select(val_idx)
-    result = fit(s.built.model, loader(s, few_train, tc, train=True, seed=int(cfg.seed)),
-                 loader(s, few_val, tc, train=False), tc, device=s.device, metrics=s.metrics,
+    few_train = s.data.train.select(train_idx)
+    result = fit(s.built.model, loader(s, few_train, tc, train=True, seed=int(cfg.seed)), None, tc,
+                 device=s.device, metrics=s.metrics, validate=validator(s, tc, few_shot_sets(s, val_idx)),
                  log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, checkpoint=out / CK.FILE)
     save_trained(s, out, cfg)
     return {"a_ref": result.best_metric, "metric": main, "best_epoch": result.best_epoch, "steps": result.steps,

@@ -20,7 +20,7 @@ from partial_lora import checkpoint as CK
 from partial_lora import config as C
 from partial_lora.allocation import lr_scale_auto
 from partial_lora.lora import LoRABranch
-from partial_lora.stages.base import is_sparse, loader, save_trained, setup_run
+from partial_lora.stages.base import is_sparse, loader, save_trained, setup_run, validator
 from partial_lora.tracking import Tracker
 from partial_lora.train import JsonlLog, fit, set_seed
 
@@ -61,8 +61,9 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
         scale = lr_scale_auto(density, rc.lr_scale_cap)
     _, main = C.task_metrics(cfg)
     tc = C.train_config(cfg, metric=main, adapter_lr_scale=scale)
-    result = fit(s.built.model, loader(s, s.data.train, tc, train=True, seed=int(cfg.seed)),
-                 loader(s, s.data.val, tc, train=False), tc, device=s.device, metrics=s.metrics,
+    val = s.data.val if s.multi is None else [p.val for p in s.multi.parts]
+    result = fit(s.built.model, loader(s, s.data.train, tc, train=True, seed=int(cfg.seed)), None, tc,
+                 device=s.device, metrics=s.metrics, validate=validator(s, tc, val),
                  log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, checkpoint=out / CK.FILE,
                  layer_lr_scales=per_layer,
                  **s.train_hooks())

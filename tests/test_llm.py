@@ -1,0 +1,162 @@
+"""Causal LMs: choice scoring by log-likelihood, answer-only LM loss, the pipeline on tiny-llama."""
+
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from fixtures import write_commonsense
+from partial_lora import config as C
+from partial_lora.cli import CONF_DIR
+from partial_lora.data.commonsense import ChoiceCollate
+from partial_lora.errors import PlrError
+from partial_lora.metrics import compute_metrics
+from partial_lora.models import CausalLM, ModelSpec, build_model
+from partial_lora.stages import run_pipeline
+from partial_lora.train import predict
+
+ROWS = [
+    {"prompt": "Question: Which gas do plants take in?\nChoices: (A) oxygen (B) carbon dioxide (C) helium\nAnswer:",
+     "choices": ["oxygen", "carbon dioxide", "helium"], "label": 1},
+    {"prompt": "Is the sky blue?\nAnswer:", "choices": ["yes", "no"], "label": 0},
+]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    torch.manual_seed(0)
+    spec = ModelSpec(**OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "tiny-llama.yaml")))
+    built = build_model(spec, 5)
+    return built.model.eval(), built.tokenizer
+
+
+def _brute_force(model: CausalLM, tok, row, scoring):
+    """Each choice's answer log-likelihood from the full vocabulary logits, one sequence at a time."""
+    out = []
+    for choice in row["choices"]:
+        prompt = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        answer = tok(" " + choice, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            logp = model.net(input_ids=ids).logits.log_softmax(-1)[0]
+        lp = sum(logp[len(prompt) + k - 1, t].item() for k, t in enumerate(answer))
+        out.append(lp / len(answer) if scoring == "mean" else lp)
+    return out
+
+
+@pytest.mark.parametrize("scoring", ["sum", "mean"])
+def test_choice_scores_are_the_answers_log_likelihood(llm, scoring):
+    model, tok = llm
+    model.scoring = scoring
+    batch = ChoiceCollate(tok, 96, train=False)(ROWS)
+    with torch.no_grad():
+        scores = model(batch)
+    assert scores.shape == (2, 5)  # padded to the widest task's 5 choices
+    for i, row in enumerate(ROWS):
+        expected = _brute_force(model, tok, row, scoring)
+        assert scores[i, :len(expected)].tolist() == pytest.approx(expected, abs=1e-4)
+        assert torch.isinf(scores[i, len(expected):]).all()
+    model.scoring = "sum"
+
+
+def test_the_scorer_picks_the_choice_the_lm_clearly_prefers(llm):
+    model, tok = llm
+    good = tok(" helium", add_special_tokens=False)["input_ids"]
+    head = torch.nn.Linear(32, model.net.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[good] = 8.0  # the LM strongly expects these tokens next, whatever the prompt
+    saved = model.net.get_output_embeddings()
+    model.net.set_output_embeddings(head)
+    try:
+        rows = [{**ROWS[0], "label": 2}, {"prompt": "Pick one.\nAnswer:", "choices": ["yes", "helium", "no"], "label": 1}]
+        logits, labels, _ = predict(model, [ChoiceCollate(tok, 96, train=False)(rows)], torch.device("cpu"))
+        assert logits.argmax(-1).tolist() == [2, 1]
+        assert compute_metrics(logits, labels, ["accuracy"])["accuracy"] == 1.0
+    finally:
+        model.net.set_output_embeddings(saved)
+
+
+def test_training_loss_covers_only_the_gold_answer_tokens(llm):
+    model, tok = llm
+    batch = ChoiceCollate(tok, 96, train=True)(ROWS)
+    labels = batch["labels"]
+    gold = [tok(" " + r["choices"][r["label"]], add_special_tokens=False)["input_ids"] for r in ROWS]
+    for i, ids in enumerate(gold):
+        kept = labels[i][labels[i] != -100].tolist()
+        assert kept == ids  # the answer's tokens and nothing else (no prompt, no padding)
+    loss = model(batch)
+    with torch.no_grad():
+        logits = model.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert model.loss(loss, batch) is loss
+    # Changing prompt tokens' targets cannot matter: they are not targets.
+    assert (labels[:, :3] == -100).all()
+
+
+def test_eval_loss_is_the_gold_answers_nll_per_token(llm):
+    model, tok = llm
+    batch = ChoiceCollate(tok, 96, train=False)(ROWS)
+    with torch.no_grad():
+        scores = model(batch)
+    n = [len(tok(" " + r["choices"][r["label"]], add_special_tokens=False)["input_ids"]) for r in ROWS]
+    expected = -(scores[0, 1] + scores[1, 0]) / sum(n)
+    assert model.loss(scores, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _cfg(*overrides):
+    with initialize_config_module("partial_lora.conf", version_base="1.3"):
+        return compose("config", overrides=["experiment=smoke", "model=tiny-llama", *overrides])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task=bbc-news"], "causal LM answers multiple-choice tasks"),
+    (["model=tiny-bert", "task=boolq"], "multiple-choice tasks need a causal LM"),
+    (["task=boolq", "+task.scoring=max"], "task.scoring must be sum or mean"),
+    (["task=boolq", "adapter.allocation.metric=loss", "adapter.allocation.relative_to=probe"], "relative_to=gain"),
+    (["task=boolq", "adapter.allocation.metric=f1"], "metric must be task or loss"),
+])
+def test_bad_llm_inputs_fail_in_one_line(overrides, message):
+    with pytest.raises(PlrError, match=message):
+        cfg = _cfg(*overrides)
+        C.validate(cfg)
+        C.allocation_config(cfg)
+
+
+def test_five_stages_on_tiny_llama(tmp_path):
+    data = write_commonsense(tmp_path / "arc", "arc-e")
+    cfg = _cfg("task=arc-e", f"task.path={data}", "trainer.lr=0.01")
+    C.validate(cfg)
+    results = run_pipeline(cfg, tmp_path / "run", echo=lambda s: None)
+    assert results["status"] == "complete" and results["model"] == "tiny-llama"
+    assert 0 <= results["metrics"]["test_accuracy"] <= 1 and results["params"]["head"] == 0
+    assert 0 < results["params"]["adapter"] < results["params"]["dense_lora_same_rank"]
+    alloc = json.loads((tmp_path / "run/allocate/allocation.json").read_text())
+    assert alloc["metric"] == "task" and alloc["relative_to"] == "probe"
+    assert {la["name"].rsplit(".", 1)[-1] for la in alloc["layers"]} == {"q_proj", "v_proj"}
+
+
+def test_multi_task_commonsense_with_loss_allocation(tmp_path):
+    arc, boolq = write_commonsense(tmp_path / "arc", "arc-e"), write_commonsense(tmp_path / "boolq", "boolq")
+    cfg = _cfg("task=multi", "task.names=[arc-e,boolq]", f"+task.members.arc-e.path={arc}",
+               f"+task.members.boolq.path={boolq}", "adapter.allocation.metric=loss", "adapter.probe.shots=3",
+               "adapter.probe.val_shots=3", "trainer.lr=0.01")
+    C.validate(cfg)
+    results = run_pipeline(cfg, tmp_path / "run", echo=lambda s: None)
+    m = results["metrics"]
+    assert results["members"] == ["arc-e", "boolq"]
+    assert m["test_mean"] == pytest.approx((m["test_arc-e_accuracy"] + m["test_boolq_accuracy"]) / 2)
+    alloc = json.loads((tmp_path / "run/allocate/allocation.json").read_text())
+    # A loss target: keep tau of the probe's loss improvement over no adapter (the gain form).
+    assert alloc["metric"] == "loss" and alloc["relative_to"] == "gain"
+    assert alloc["target"] == pytest.approx(alloc["a_0"] + 0.9 * (alloc["a_ref"] - alloc["a_0"]))
+    for la in alloc["layers"]:
+        kept = la["tried"].get(str(la["ratio"]))
+        if kept is not None:  # the ratio a layer got passed the loss test when it was tried
+            assert kept <= alloc["target"] + 1e-9
+    assert all(v > 0 for v in [alloc["a_ref"], alloc["a_0"]])  # losses, not accuracies

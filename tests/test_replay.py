@@ -1,0 +1,84 @@
+"""Block replay (partial_lora.replay): the allocator's evaluations give identical outputs, faster."""
+
+import logging
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from partial_lora.replay import BlockReplay, find_blocks
+from partial_lora.stages.base import loader, setup
+from partial_lora import config as C
+from partial_lora.train import predict, set_seed
+
+
+def _setup(*overrides):
+    with initialize_config_module("partial_lora.conf", version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    set_seed(0)
+    s = setup(cfg)
+    with torch.no_grad():  # a trained-looking adapter: B is zero at init
+        for b in s.branches.values():
+            b.lora_B.normal_(0, 0.5)
+    batches = list(loader(s, s.data.val.select(range(12)), C.train_config(cfg, eval_batch_size=5), train=False))
+    return s, batches
+
+
+def _masked(s, config):
+    """Zero the masked-out rows of B (a stand-in for the allocator's masking), as a function of config."""
+    saved = {lid: b.lora_B.detach().clone() for lid, b in s.branches.items()}
+    with torch.no_grad():
+        for lid, rho in config.items():
+            b = s.branches[lid].lora_B
+            b[int(rho * b.shape[0]):] = 0
+    return saved
+
+
+@pytest.mark.parametrize("overrides", [["experiment=smoke"], ["experiment=smoke-vision"],
+                                       ["experiment=smoke-vision", "model=tiny-vit"]],
+                         ids=["hf-bert", "timm-vit", "hf-vit"])
+def test_replayed_evaluations_equal_full_ones(overrides):
+    s, batches = _setup(*overrides)
+    lids = list(s.branches)
+    model = s.built.model.eval()
+    # The kind of sequence the joint search produces: one layer at a time, then several.
+    configs = [{}, {lids[-1]: 0.5}, {lids[0]: 0.25}, {lids[1]: 0.5, lids[-1]: 0.25}, {lids[1]: 0.5, lids[-1]: 0.25},
+               {lids[1]: 0.5, lids[-1]: 0.25, lids[-2]: 0.125}, {}]
+    expected = []
+    for config in configs:
+        saved = _masked(s, config)
+        expected.append(predict(model, batches, torch.device("cpu"))[0])
+        with torch.no_grad():
+            for lid, b in s.branches.items():
+                b.lora_B.copy_(saved[lid])
+    replay = BlockReplay(s.built.model.net, lids, budget_mb=64)
+    assert replay.enabled
+    got = []
+    with replay:
+        for config in configs:
+            saved = _masked(s, config)
+            replay.begin(config)
+            got.append(predict(model, batches, torch.device("cpu"))[0])
+            replay.end(len(batches))
+            with torch.no_grad():
+                for lid, b in s.branches.items():
+                    b.lora_B.copy_(saved[lid])
+    for e, g in zip(expected, got, strict=True):
+        assert (e == g).all()
+    assert replay.enabled and replay.saved_share > 0.25
+    # The blocks are unpatched afterwards: the class's forward again.
+    assert all("forward" not in vars(block) for block in replay.blocks)
+
+
+def test_replay_switches_off_over_budget_or_without_one_block_list(caplog):
+    s, batches = _setup("experiment=smoke")
+    replay = BlockReplay(s.built.model.net, s.branches, budget_mb=1e-6)
+    with replay, caplog.at_level(logging.INFO, logger="plr"):
+        replay.begin({})
+        predict(s.built.model, batches, torch.device("cpu"))
+        replay.end(len(batches))
+    assert not replay.enabled and "over the" in caplog.text
+    assert find_blocks(s.built.model.net, [*s.branches, "classifier"]) is None
+    assert not BlockReplay(s.built.model.net, s.branches, budget_mb=0).enabled
+    name, of = find_blocks(s.built.model.net, s.branches)
+    assert name.endswith("encoder.layer") and sorted(set(of.values())) == [0, 1]
