@@ -51,8 +51,8 @@ install: $(STAMP) ## create .venv and install plr with the offline fixtures and 
 demo: $(STAMP) ## run the main job: `plr train` on the built-in offline default
 	$(BIN)/plr train
 
-test: $(STAMP) ## the fast test suite (no network, CPU, a few minutes)
-	WANDB_MODE=disabled $(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
+test: $(STAMP) ## the fast test suite (no network, CPU, a few minutes; one worker per core, a file per worker)
+	WANDB_MODE=disabled $(BIN)/python -m pytest -m "not slow" -q -n auto --dist loadfile $(PYTEST_ARGS)
 
 test-all: $(STAMP) ## every test, slow ones included
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -8,9 +8,10 @@ What it does, in order (each part is timed; a failing part is reported and the n
 1. the device: name, compute capability, memory, torch / CUDA / cuDNN versions, bf16 support,
    and a bf16 matmul checked against fp32;
 2. `python -m partial_lora.cli train experiment=smoke trainer.device=cuda trainer.precision=bf16
-   run_dir=<tmp>` for Partial-LoRA (the default adapter) and for `adapter=lora`: exit code 0,
-   results.json status complete, the run's env.json saw CUDA; prints test accuracy and the wall
-   time of every stage;
+   run_dir=<tmp>` for Partial-LoRA (the default adapter) and for `adapter=lora`, and a causal-LM
+   multi-task run (`model=tiny-llama task=multi` over generated ARC-e and BoolQ copies): exit
+   code 0, results.json status complete, the run's env.json saw CUDA; prints the test metric and
+   the wall time of every stage;
 3. the ViT-B/16 step-time benchmark in bf16 (benchmarks/step_time.py's functions): floor, PEFT
    LoRA, dense LoRA (ours), Partial-LoRA ρ=0.125, as time and memory ratios with the issue's
    targets (met / not met; a benchmark, never a failure).
@@ -135,11 +136,11 @@ def device_info(echo: Callable[[str], None], device: str) -> bool:
 # --------------------------------------------------------------------------- 2. plr train on the device
 
 
-def train_check(echo: Callable[[str], None], label: str, adapter: str | None, run_dir: Path, device: str,
+def train_check(echo: Callable[[str], None], label: str, overrides: Sequence[str], run_dir: Path, device: str,
                 precision: str, timeout: int) -> bool:
-    """`plr train experiment=smoke` in a subprocess; True when it finished complete on `device`."""
+    """`plr train experiment=smoke <overrides>` in a subprocess; True when it finished complete on `device`."""
     cmd = [sys.executable, "-m", "partial_lora.cli", "train", "experiment=smoke", f"trainer.device={device}",
-           f"trainer.precision={precision}", f"run_dir={run_dir}", *([f"adapter={adapter}"] if adapter else [])]
+           f"trainer.precision={precision}", f"run_dir={run_dir}", *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for k, v in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("WANDB_MODE", "disabled"),
                  ("TOKENIZERS_PARALLELISM", "false")):
@@ -184,6 +185,15 @@ def train_check(echo: Callable[[str], None], label: str, adapter: str | None, ru
          f"adapter params {params.get('adapter')}")
     echo(f"       wall time: {stages} · stages {sum(walls.values()):.1f} s · process {wall:.1f} s")
     return True
+
+
+def llm_overrides(tmp: Path) -> list[str]:
+    """The causal-LM run's overrides, with generated ARC-e and BoolQ copies (tests/fixtures.py) in `tmp`."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fixtures import write_commonsense
+
+    paths = [f"+task.members.{t}.path={write_commonsense(tmp / 'data' / t, t)}" for t in ("arc-e", "boolq")]
+    return ["model=tiny-llama", "task=multi", "task.names=[arc-e,boolq]", *paths]
 
 
 def _tail(echo: Callable[[str], None], text: str, n: int = 15) -> None:
@@ -275,9 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             def train() -> bool:
                 echo(f"## 2. plr train experiment=smoke on {device}, {precision}")
                 with tempfile.TemporaryDirectory(prefix="plr-gpu-check-") as tmp:
-                    ok = [train_check(echo, label, adapter, Path(tmp) / name, device, precision, args.train_timeout)
-                          for label, adapter, name in (("Partial-LoRA (default adapter)", None, "partial"),
-                                                       ("dense LoRA (adapter=lora)", "lora", "lora"))]
+                    runs = [("Partial-LoRA (default adapter)", [], "partial"),
+                            ("dense LoRA (adapter=lora)", ["adapter=lora"], "lora"),
+                            ("causal LM, multi-task (tiny-llama on ARC-e + BoolQ)", llm_overrides(Path(tmp)), "llm")]
+                    ok = [train_check(echo, label, overrides, Path(tmp) / name, device, precision, args.train_timeout)
+                          for label, overrides, name in runs]
                 return all(ok)
             part("plr train", train)
         if not args.skip_bench:

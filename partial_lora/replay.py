@@ -88,6 +88,7 @@ class BlockReplay:
             name, self.block_of = found
             self.blocks = list(net.get_submodule(name))
         self.outputs: list[list[Any]] = [[] for _ in self.blocks]
+        self.size = 0           # bytes held in `outputs`
         self.recorded: dict[str, Any] | None = None  # the config the outputs belong to
         self.start = 0          # first block computed in the current evaluation
         self.calls = [0] * len(self.blocks)
@@ -108,7 +109,7 @@ class BlockReplay:
             for block in self.blocks:
                 del block.forward  # back to the class's forward
             self._patched = False
-        self.outputs = [[] for _ in self.blocks]
+        self.outputs, self.size = [[] for _ in self.blocks], 0
 
     def _forward_of(self, k: int, forward: Callable[..., Any]) -> Callable[..., Any]:
         def replay_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -122,9 +123,15 @@ class BlockReplay:
                 return self.outputs[k][b]
             out = forward(*args, **kwargs)
             if b < len(self.outputs[k]):
+                self.size -= _nbytes(self.outputs[k][b])
                 self.outputs[k][b] = out
             else:
                 self.outputs[k].append(out)
+            self.size += _nbytes(out)
+            if self.size > self.budget:  # checked as it records: an LLM's outputs could fill the GPU
+                log.info("activation replay off: the recorded block outputs exceed the %.0f MiB budget "
+                         "(adapter.allocation.replay_mb)", self.budget / 2**20)
+                self._disable()
             return out
 
         return replay_forward
@@ -145,7 +152,7 @@ class BlockReplay:
         self.calls = [0] * len(self.blocks)
 
     def end(self, batches: int) -> None:
-        """Check the evaluation that just ran; switch replay off if it cannot be trusted or kept."""
+        """Check the evaluation that just ran; switch replay off if it cannot be trusted."""
         if not self.enabled:
             return
         if any(c != batches for c in self.calls):
@@ -153,17 +160,13 @@ class BlockReplay:
                         "%d batches)", sorted(set(self.calls)), batches)
             self._disable()
             return
-        size = sum(_nbytes(o) for outs in self.outputs for o in outs)
-        if size > self.budget:
-            log.info("activation replay off: the recorded block outputs take %.0f MiB, over the %.0f MiB budget "
-                     "(adapter.allocation.replay_mb)", size / 2**20, self.budget / 2**20)
-            self._disable()
 
     def _disable(self) -> None:
         self.enabled = False
         self.start = 0
         self.recorded = None
         self.outputs = [[] for _ in self.blocks]
+        self.size = 0
 
     @property
     def saved_share(self) -> float:

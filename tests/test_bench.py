@@ -135,13 +135,14 @@ def test_gpu_check_bench_part_runs_on_cpu(tmp_path, capsys):
     assert "| Partial-LoRA ρ=0.125 |" in text and "| Partial-LoRA ρ=0.5 |" not in text
 
 
-@pytest.mark.slow  # two `plr train experiment=smoke` subprocesses: about 40 s on 2 cores
+@pytest.mark.slow  # three `plr train experiment=smoke` subprocesses: about a minute on 2 cores
 def test_gpu_check_train_part_runs_on_cpu(tmp_path):
     out = tmp_path / "gc.txt"
     assert gpu_check.main(["--cpu", "--skip-bench", "--out", str(out)]) == 0
     text = out.read_text()
     assert "[ok] Partial-LoRA (default adapter): exit 0, status complete" in text
     assert "[ok] dense LoRA (adapter=lora): exit 0, status complete" in text
+    assert "[ok] causal LM, multi-task (tiny-llama on ARC-e + BoolQ): exit 0, status complete, test mean" in text
     assert "wall time: probe" in text and "allocate" in text
 
 
@@ -164,3 +165,22 @@ def test_make_targets_print_their_commands(target, script):
                    for ln in dry("GPU_CHECK_ARGS=--skip-train").splitlines())
     helped = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
     assert f"  {target} " in helped
+
+
+def test_allocation_replay_finds_the_same_allocation_with_and_without_replay(tmp_path, capsys):
+    import allocation_replay
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from partial_lora.stages import run_pipeline
+
+    with initialize_config_module("partial_lora.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=smoke", "trainer.lr=0.05"])
+    run_dir = tmp_path / "run"
+    run_pipeline(cfg, run_dir, echo=lambda s: None)
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra/config.yaml")
+    assert allocation_replay.main([str(run_dir), "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ratio replay/full:" in out and "identical: True" in out
+    assert allocation_replay.main([str(tmp_path)]) == 2  # not a run dir with a probe: one line, exit 2

@@ -160,3 +160,20 @@ def test_multi_task_commonsense_with_loss_allocation(tmp_path):
         if kept is not None:  # the ratio a layer got passed the loss test when it was tried
             assert kept <= alloc["target"] + 1e-9
     assert all(v > 0 for v in [alloc["a_ref"], alloc["a_0"]])  # losses, not accuracies
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    spec = ModelSpec(**OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "tiny-llama.yaml")))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        built = build_model(spec.__class__(**{**spec.__dict__, "gradient_checkpointing": checkpointing}), 5)
+        model = built.model.train()
+        for n, p in model.net.named_parameters():
+            p.requires_grad_("q_proj" in n)  # a stand-in for the adapter: some inner weights train
+        model(ChoiceCollate(built.tokenizer, 96, train=True)(ROWS)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.net.named_parameters() if p.grad is not None})
+        assert model.net.is_gradient_checkpointing == checkpointing
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)

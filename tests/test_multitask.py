@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from fixtures import write_glue
+from fixtures import write_glue, write_vision
 from partial_lora import config as C
 from partial_lora import multitask as MT
 from partial_lora.errors import PlrError
@@ -106,3 +106,16 @@ def test_report_lists_each_member_and_the_mean(multi_run, tmp_path):
     sst2 = report.group("sst2", "partial [multi]")
     assert sst2.stat("test_accuracy").mean == pytest.approx(results["metrics"]["test_sst2_accuracy"])
     assert report.group("multi", "partial").stat("test_mean").mean == pytest.approx(results["metrics"]["test_mean"])
+
+
+def test_vision_multi_task_on_timm_fused_qkv(tmp_path):
+    dtd = write_vision(tmp_path / "dtd", "dtd")
+    with initialize_config_module("partial_lora.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=smoke-vision", "task=multi", "task.names=[digits,dtd]",
+                                           f"+task.members.dtd.path={dtd}", "+task.members.dtd.vtab_train=40",
+                                           "+task.members.dtd.vtab_val=10", "adapter.sparsity=0.5"])
+    C.validate(cfg)
+    results = run_pipeline(cfg, tmp_path / "run", echo=lambda s: None)
+    m = results["metrics"]
+    assert m["test_mean"] == pytest.approx((m["test_digits_accuracy"] + m["test_dtd_accuracy"]) / 2)
+    assert results["params"]["head"] == 32 * (10 + 47) + (10 + 47)  # one linear head per task on 32-d features

@@ -131,7 +131,7 @@ def collect_results(cfg: DictConfig, run_dir: Path, stages: dict[str, dict[str, 
         "params": {"adapter": sparse, "dense_lora_same_rank": dense, "head": ev.get("head_params"),
                    "reduction_pct": 100.0 * (1 - sparse / dense) if dense and sparse is not None else None},
         "probe_accuracy": stages.get("probe", {}).get("a_ref"),
-        "allocation": {k: al.get(k) for k in ("allocator", "ratio_min", "ratio_median", "ratio_max", "a_ref", "a_0",
+        "allocation": {k: al.get(k) for k in ("allocator", "metric", "ratio_min", "ratio_median", "ratio_max", "a_ref", "a_0",
                                              "target", "joint_accuracy", "floor_share", "evaluations")} if al else None,
         "wall_s": {s: m.get("wall_s") for s, m in stages.items()},
         "stages": {s: {k: v for k, v in m.items() if k != "history"} for s, m in stages.items()},
@@ -165,7 +165,8 @@ def format_results(r: dict[str, Any]) -> str:
         lines.append(f"  keep ratio per layer ({al['allocator']}): min {al['ratio_min']:g} · median "
                      f"{al['ratio_median']:g} · max {al['ratio_max']:g}")
         if al.get("a_ref") is not None:
-            lines.append(f"  probe few-shot {r['main_metric']}: a_ref {al['a_ref']:.4f} · no adapter a_0 {al['a_0']:.4f}"
+            what = "loss" if al.get("metric") == "loss" else r["main_metric"]
+            lines.append(f"  probe few-shot {what}: a_ref {al['a_ref']:.4f} · no adapter a_0 {al['a_0']:.4f}"
                          f" · target {al['target']:.4f} · allocation {al['joint_accuracy']:.4f}")
     walls = " · ".join(f"{s} {w:.1f} s" for s, w in r["wall_s"].items() if w is not None)
     total = sum(w for w in r["wall_s"].values() if w is not None)

@@ -82,8 +82,8 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
     return {"allocator": alloc.allocator, "params": alloc.params(), "dense_params": alloc.dense_params(),
             "reduction_pct": 100.0 * (1 - alloc.params() / alloc.dense_params()),
             "ratio_min": min(ratios), "ratio_median": statistics.median(ratios), "ratio_max": max(ratios),
-            "a_ref": alloc.a_ref, "a_0": alloc.a_0, "target": alloc.target, "joint_accuracy": alloc.joint_accuracy,
-            "evaluations": alloc.evaluations,
+            "metric": alloc.metric, "a_ref": alloc.a_ref, "a_0": alloc.a_0, "target": alloc.target,
+            "joint_accuracy": alloc.joint_accuracy, "evaluations": alloc.evaluations,
             "replayed_share": alloc.replayed_share, "floor_share": alloc.floor_share(), "search_wall_s": search_s}
 
 
