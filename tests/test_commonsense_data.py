@@ -268,3 +268,22 @@ def test_choice_collate_pickles_and_rejects_tiny_max_length(tokenizer):
     assert collate(ROWS[:1])["input_ids"].shape[0] == 2
     with pytest.raises(PlrError, match="model.max_length=1"):
         ChoiceCollate(tokenizer, max_length=1)
+
+
+def test_answer_tokens_carry_no_sentencepiece_prefix_token():
+    """LLaMA-1/2's tokenizer (SentencePiece, dummy prefix) turns " yes" alone into ["▁", "▁yes"]; the
+    answer must be what " yes" adds after the prompt: ["▁yes"]. A tokenizer built the same way."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "▁", "▁Is", "▁the", "▁sky", "▁blue?", "▁Answer:", "▁yes", "▁no"]
+    sp = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    sp.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert tok(" yes", add_special_tokens=False)["input_ids"] == [3, 9]  # the pitfall is real here
+    row = {"prompt": "Is the sky blue? Answer:", "choices": ["yes", "no"], "label": 0}
+    train = ChoiceCollate(tok, 32, train=True)([row])
+    assert train["input_ids"].tolist() == [[1, 4, 5, 6, 7, 8, 9]] and train["labels"][0].tolist()[-2:] == [-100, 9]
+    evaluation = ChoiceCollate(tok, 32, train=False)([row])
+    assert evaluation["input_ids"][:, -1].tolist() == [9, 10] and evaluation["choice_tokens"].tolist() == [[1, 1]]

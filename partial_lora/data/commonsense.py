@@ -260,9 +260,9 @@ def load_choice(spec: TaskSpec) -> TaskData:
 class ChoiceCollate:
     """Tokenise `prompt` + " <choice>" for a causal LM, dynamically padded on the right.
 
-    The prompt and each answer are tokenised separately and concatenated, never re-tokenised
-    jointly: a BPE merge across "Answer:" / " yes" would otherwise shift which tokens count as
-    the answer. The prompt gets the tokenizer's BOS (when it has one) in front. A sequence longer
+    The answer's tokens are what tokenising prompt + " <choice>" adds after the prompt's tokens
+    (see `_answers`), so that the prompt's tokens are identical for every choice and the answer
+    carries no stray prefix token. The prompt gets the tokenizer's BOS (when it has one) in front. A sequence longer
     than `max_length` loses the start of its prompt (the BOS stays): the question and the answer,
     at the end, are what the prediction depends on. An answer longer than `max_length` on its own
     keeps its beginning.
@@ -296,11 +296,29 @@ class ChoiceCollate:
         # verbose=False: a long prompt is expected here (it is cut to max_length below), no warning.
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
-    def _answers(self, choices: list[str]) -> list[list[int]]:
+    def _answers(self, prompt: str, prompt_ids: list[int], choices: list[str]) -> list[list[int]]:
+        """Each choice's answer tokens as they follow the prompt.
+
+        The answer is what tokenising `prompt + " " + choice` adds after the prompt's own tokens
+        (as lm-evaluation-harness splits context and continuation). Tokenising " <choice>" on
+        its own is wrong for SentencePiece tokenizers (LLaMA-1/2): their dummy prefix turns the
+        leading space into a token of its own, which every answer would then carry. Where the
+        joint tokenisation does not start with the prompt's tokens (a merge across the
+        boundary), the choice is tokenised on its own instead.
+        """
         # An empty choice tokenises to nothing; [ours] score it as "the answer ends here" (EOS, or
         # the pad id) so every choice has at least one target token.
         empty = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.pad
-        return [ids or [empty] for ids in self._encode([" " + c for c in choices])]
+        joint = self._encode([f"{prompt} {c}" for c in choices])
+        alone: list[list[int]] | None = None
+        out = []
+        for i, ids in enumerate(joint):
+            if len(ids) > len(prompt_ids) and ids[:len(prompt_ids)] == prompt_ids:
+                out.append(ids[len(prompt_ids):])
+                continue
+            alone = alone or self._encode([" " + c for c in choices])
+            out.append(alone[i] or [empty])
+        return out
 
     def _fit(self, prompt: list[int], answer: list[int]) -> tuple[list[int], int]:
         """BOS + the prompt's tail + the answer, within `max_length`; returns (ids, answer length)."""
@@ -322,7 +340,7 @@ class ChoiceCollate:
         return self._eval_batch(rows, prompts)
 
     def _train_batch(self, rows: list[dict[str, Any]], prompts: list[list[int]]) -> Batch:
-        golds = self._answers([r["choices"][r["label"]] for r in rows])
+        golds = [self._answers(r["prompt"], p, [r["choices"][r["label"]]])[0] for r, p in zip(rows, prompts, strict=True)]
         seqs, targets = [], []
         for prompt, gold in zip(prompts, golds, strict=True):
             ids, n = self._fit(prompt, gold)
@@ -339,7 +357,7 @@ class ChoiceCollate:
         choice_mask = torch.zeros(len(rows), width, dtype=torch.bool)
         choice_tokens = torch.zeros(len(rows), width, dtype=torch.long)
         for i, (row, prompt) in enumerate(zip(rows, prompts, strict=True)):
-            answers = self._answers(list(row["choices"]))
+            answers = self._answers(row["prompt"], prompt, list(row["choices"]))
             for j in range(width):
                 if j < len(answers):
                     ids, n = self._fit(prompt, answers[j])
