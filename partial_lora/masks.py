@@ -57,12 +57,16 @@ def _order(scores: Tensor) -> Tensor:
 
 
 def rank_subspace(w0: Tensor, energy: float = 0.9) -> Ranking:
-    """Rank rows/columns of W0 (d_out × d_in) by their weight in its top-k singular subspace."""
+    """Rank rows/columns of W0 (d_out × d_in) by their weight in its top-k singular subspace.
+
+    The SVD runs in float64 on W0's device (pass a GPU copy for LLM-sized layers: a 4096 × 11008
+    float64 SVD takes seconds there and far longer on a CPU); the ranking comes back on the CPU.
+    """
     u, s, vh = torch.linalg.svd(w0.detach().double(), full_matrices=False)
     k = subspace_k(s, energy)
     row_scores = (u[:, :k] * s[:k]).pow(2).sum(1)
     col_scores = (vh[:k].t() * s[:k]).pow(2).sum(1)
-    return Ranking(_order(row_scores), _order(col_scores))
+    return Ranking(_order(row_scores).cpu(), _order(col_scores).cpu())
 
 
 def layer_seed(seed: int, layer: str) -> int:

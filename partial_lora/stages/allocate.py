@@ -66,7 +66,8 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
         alloc = AL.uniform(layers, r, acfg.ratio)
     elif acfg.allocator == "spectrum":
         w = base_weights(s.built.model.net)
-        ks = {la.name: subspace_k(torch.linalg.svdvals(w[la.name].double()), acfg.energy) for la in layers}
+        ks = {la.name: subspace_k(torch.linalg.svdvals(w[la.name].to(s.device).double()), acfg.energy)
+              for la in layers}
         alloc = AL.spectrum(layers, r, ks)
     else:
         alloc = _threshold(cfg, run_dir, s, layers, acfg)

@@ -47,7 +47,8 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
     for lid, b in s.branches.items():
-        info = LayerInfo(lid, weights[lid], b.delta_weight() if probe_adapter.exists() else None)
+        # W0 goes to the run's device for the SVD (the model itself stays where setup put it).
+        info = LayerInfo(lid, weights[lid].to(s.device), b.delta_weight() if probe_adapter.exists() else None)
         rho = ratios[lid]
         if mcfg.granularity == "element":
             rows, cols = torch.arange(b.d_out), torch.arange(b.d_in)
