@@ -1,9 +1,9 @@
-"""Task metrics from scikit-learn and SciPy (never hand-written).
+"""Task metrics from scikit-learn and SciPy (never hand-written), and a mean log-likelihood.
 
 Every metric takes (logits, labels) as numpy arrays and returns a float where higher is better.
 Classification metrics use argmax predictions; regression metrics (a single-logit head) use the
 raw outputs. The GLUE metrics: CoLA `mcc`; MRPC and QQP `f1` (of the positive class) and
-`accuracy`; STS-B `pearson` and `spearman`; the rest `accuracy`.
+`accuracy`; STS-B `pearson` and `spearman`; the rest `accuracy`. Generation tasks report `log_likelihood`.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "mcc": lambda lo, la: float(skm.matthews_corrcoef(la, _pred(lo))),
     "pearson": _correlation(stats.pearsonr),
     "spearman": _correlation(stats.spearmanr),
+    # Generation (one "choice", the response): the mean over examples of the gold answer's score,
+    # its log-likelihood (per token with task.scoring=mean). Higher is better, like the others.
+    "log_likelihood": lambda lo, la: float(np.mean(lo[np.arange(len(la)), la.astype(int)])),
 }
 
 

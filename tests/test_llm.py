@@ -177,3 +177,38 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
+
+
+def _write_generation(path, n=120):
+    rows = [{"prompt": f"Question {i}: what colour is item {i}?", "response": "the colour is blue"} for i in range(n)]
+    rows += [{"prompt": "no answer here", "response": ""}, {"prompt": "nor here", "response": None}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_generation_task_loads_prompt_response_rows(tmp_path):
+    from partial_lora.data import load_task
+
+    data = _write_generation(tmp_path / "gen.jsonl")
+    cfg = _cfg("task=hf-generation", f"task.path={data}", "task.max_train_samples=null", "task.max_eval_samples=null")
+    C.validate(cfg)
+    task = load_task(C.task_spec(cfg))
+    assert task.kind == "choice" and task.label_names == ["response"]
+    assert len(task.train) + len(task.val) + len(task.test) == 120  # the two rows without a response dropped
+    row = task.train[0]
+    assert row["choices"] == ["the colour is blue"] and row["label"] == 0 and row["prompt"].startswith("Question")
+    with pytest.raises(PlrError, match="task.response_column='answer' is not a column"):
+        load_task(C.task_spec(_cfg("task=hf-generation", f"task.path={data}", "task.response_column=answer")))
+
+
+def test_generative_fine_tuning_allocates_on_the_few_shot_loss(tmp_path):
+    data = _write_generation(tmp_path / "gen.jsonl")
+    cfg = _cfg("task=hf-generation", f"task.path={data}", "adapter.allocation.metric=loss", "trainer.lr=0.05",
+               "adapter.probe.epochs=5")
+    C.validate(cfg)
+    results = run_pipeline(cfg, tmp_path / "run", echo=lambda s: None)
+    assert results["main_metric"] == "log_likelihood" and results["metrics"]["test_log_likelihood"] < 0
+    alloc = json.loads((tmp_path / "run/allocate/allocation.json").read_text())
+    assert alloc["metric"] == "loss" and alloc["a_ref"] < alloc["a_0"]  # the probe learned: lower few-shot loss
+    assert alloc["joint_accuracy"] <= alloc["target"] < alloc["a_0"]  # the allocation keeps tau of that gain
+    assert results["params"]["adapter"] < results["params"]["dense_lora_same_rank"]

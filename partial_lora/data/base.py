@@ -41,6 +41,8 @@ class TaskSpec:
         format: for the `choice` loader, how to read the source's rows (`boolq`, `piqa`, `siqa`,
             `hellaswag`, `winogrande`, `arc`, `obqa`): each dataset has its own schema, and the
             format turns it into the shared prompt / choices / label rows.
+        response_column: for the `generation` loader, the column holding the text the model
+            learns to produce after the prompt (`text_column`).
     """
 
     name: str
@@ -69,6 +71,7 @@ class TaskSpec:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     format: str | None = None
+    response_column: str | None = None
 
 
 @dataclass

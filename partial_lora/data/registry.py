@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from partial_lora.data.base import TaskData, TaskSpec
 from partial_lora.data.commonsense import load_choice
+from partial_lora.data.generation import load_generation
 from partial_lora.data.offline import load_bbc_news, load_digits
 from partial_lora.data.text import load_hf_text
 from partial_lora.data.vision import load_hf_image
@@ -17,6 +18,7 @@ TASKS: dict[str, Callable[[TaskSpec], TaskData]] = {
     "hf-text": load_hf_text,
     "hf-image": load_hf_image,
     "choice": load_choice,
+    "generation": load_generation,
 }
 
 
