@@ -49,6 +49,14 @@ class Member:
     metrics: Sequence[str] = ("accuracy",)
     main: str = "accuracy"
 
+    def logits(self, out: Tensor) -> Tensor:
+        """This member's head: its slice of the shared output."""
+        return out[..., self.offset:self.offset + self.width]
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """This member's loss on its own logits (MSE for a score, else cross-entropy)."""
+        return loss_fn(logits, labels.float() if self.regression else labels.long())
+
 
 @dataclass
 class MultiTaskData:
@@ -164,9 +172,7 @@ class MultiTask(nn.Module):
             rows = task_id == i
             n = int(rows.sum())
             if n:
-                logits = out[rows, m.offset:m.offset + m.width]
-                y = labels[rows].float() if m.regression else labels[rows].long()
-                total = total + loss_fn(logits, y) * n
+                total = total + m.loss(m.logits(out[rows]), labels[rows]) * n
         return total / max(1, len(labels))
 
     def view(self, i: int) -> TaskView:
@@ -185,12 +191,12 @@ class TaskView(nn.Module):
         out = self.model(batch)
         if isinstance(self.model.inner, CausalLM):
             return out
-        return out[:, self.member.offset:self.member.offset + self.member.width]
+        return self.member.logits(out)
 
     def loss(self, out: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
         if isinstance(self.model.inner, CausalLM):
             return self.model.inner.loss(out, batch)
-        return loss_fn(out, batch["labels"].float() if self.member.regression else batch["labels"].long())
+        return self.member.loss(out, batch["labels"])
 
 
 def mean_of_members(per_member: Sequence[Mapping[str, float]], members: Sequence[Member]) -> dict[str, float]:
@@ -205,13 +211,9 @@ def mean_of_members(per_member: Sequence[Mapping[str, float]], members: Sequence
     return out
 
 
-def with_task_id(collate: Callable[[list[dict]], dict[str, Tensor]]) -> Callable[[list[dict]], dict[str, Tensor]]:
-    """A collate function that also passes each row's `task_id` through as a tensor."""
-    return TaskIdCollate(collate)
-
-
 class TaskIdCollate:
-    """Picklable wrapper: the inner collate sees rows without `task_id` (see `with_task_id`)."""
+    """A collate function that also passes each row's `task_id` through as a tensor (picklable;
+    the inner collate sees rows without `task_id`)."""
 
     def __init__(self, inner: Callable[[list[dict]], dict[str, Tensor]]) -> None:
         self.inner = inner

@@ -156,7 +156,7 @@ def loader(s: Setup, split: datasets.Dataset, tc: TrainConfig, *, train: bool, s
     collate = make_collate(s.data.kind, tokenizer=s.built.tokenizer, max_length=s.built.max_length,
                            image=s.built.image, train=train)
     if "task_id" in split.column_names:  # a multi-task union: each row says which head it trains
-        collate = MT.with_task_id(collate)
+        collate = MT.TaskIdCollate(collate)
     gen = torch.Generator().manual_seed(seed)
     # The same order as `shuffle=True` with this generator, and resumable in mid-epoch.
     sampler = ResumableSampler(split, generator=gen) if train else None

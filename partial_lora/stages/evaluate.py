@@ -14,8 +14,7 @@ from omegaconf import DictConfig
 
 from partial_lora import artifacts as A
 from partial_lora import config as C
-from partial_lora import multitask as MT
-from partial_lora.stages.base import load_trained, loader, setup_run
+from partial_lora.stages.base import load_trained, loader, setup_run, validator
 from partial_lora.tracking import Tracker
 from partial_lora.train import autocast_dtype, evaluate, set_seed
 
@@ -35,15 +34,13 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
     if s.multi is None:
         sets = [("val", s.data.val), ("test", s.data.test), *((f"test_{n}", d) for n, d in s.data.extra.items())]
         for split_name, split in sets:
-            for k, v in evaluate(model, loader(s, split, tc, train=False), s.device, dtype, s.metrics).items():
-                out[f"{split_name}_{k}"] = v
+            out.update({f"{split_name}_{k}": v for k, v in validator(s, tc, split)().items()})
         out.update(test_examples=len(s.data.test), **{f"test_{n}_examples": len(d) for n, d in s.data.extra.items()})
     else:  # per member through its own head: `<split>_<task>_<metric>`, and the mean over members
         members = s.multi.members
         for split_name in ("val", "test"):
-            per = [evaluate(model.view(i), loader(s, getattr(part, split_name), tc, train=False), s.device, dtype,
-                            m.metrics) for i, (m, part) in enumerate(zip(members, s.multi.parts, strict=True))]
-            out.update({f"{split_name}_{k}": v for k, v in MT.mean_of_members(per, members).items()})
+            scores = validator(s, tc, [getattr(part, split_name) for part in s.multi.parts])()
+            out.update({f"{split_name}_{k}": v for k, v in scores.items()})
         for i, (m, part) in enumerate(zip(members, s.multi.parts, strict=True)):
             for name, d in part.extra.items():
                 for k, v in evaluate(model.view(i), loader(s, d, tc, train=False), s.device, dtype, m.metrics).items():
