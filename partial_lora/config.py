@@ -17,7 +17,7 @@ from partial_lora.allocation import AllocationConfig
 from partial_lora.data.base import TaskSpec
 from partial_lora.errors import PlrError
 from partial_lora.lora import LoRAConfig
-from partial_lora.models import ModelSpec
+from partial_lora.models import ModelSpec, torch_dtype
 from partial_lora.peft_baselines import METHODS as PEFT_METHODS
 from partial_lora.peft_baselines import PeftSpec
 from partial_lora.train import TrainConfig
@@ -356,6 +356,7 @@ def validate(cfg: DictConfig) -> None:
     if missing:
         raise PlrError(f"{missing[0]} is required by this config; set {missing[0]}=<value> on the command line")
     spec = model_spec(cfg)
+    torch_dtype(spec)
     tasks = member_tasks(cfg) if is_multi(cfg) else [cfg.task]
     kinds = sorted({str(t.get("kind", "text")) for t in tasks})
     if len(kinds) > 1:

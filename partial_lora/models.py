@@ -319,7 +319,7 @@ def _override_image(image: ImagePreprocess, over: Mapping[str, Any] | None) -> I
     return replace(image, **fixed)
 
 
-def _torch_dtype(spec: ModelSpec) -> Any:
+def torch_dtype(spec: ModelSpec) -> Any:
     if spec.dtype is None:
         return None
     dtype = getattr(torch, str(spec.dtype), None)
@@ -333,7 +333,7 @@ def build_hf_causal(spec: ModelSpec, num_labels: int) -> Built:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-    dtype = _torch_dtype(spec)
+    dtype = torch_dtype(spec)
     if spec.pretrained:
         net = _hf_load(AutoModelForCausalLM.from_pretrained, spec.source, spec.revision, "model.source",
                        **({"dtype": dtype} if dtype is not None else {}))

@@ -120,6 +120,8 @@ def _cfg(*overrides):
     (["task=boolq", "+task.scoring=max"], "task.scoring must be sum or mean"),
     (["task=boolq", "adapter.allocation.metric=loss", "adapter.allocation.relative_to=probe"], "relative_to=gain"),
     (["task=boolq", "adapter.allocation.metric=f1"], "metric must be task or loss"),
+    (["task=boolq", "adapter.allocation.replay_mb=-1"], "replay_mb must be >= 0"),
+    (["task=boolq", "+model.dtype=bf16"], "model.dtype='bf16' is not a torch dtype"),
 ])
 def test_bad_llm_inputs_fail_in_one_line(overrides, message):
     with pytest.raises(PlrError, match=message):
