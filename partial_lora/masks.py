@@ -29,6 +29,19 @@ def count(ratio: float, d: int) -> int:
     return max(1, min(d, int(round(ratio * d))))
 
 
+SIDES = ("both", "rows", "cols")
+
+
+def kept(ratio: float, d_out: int, d_in: int, sides: str = "both") -> tuple[int, int]:
+    """(rows, cols) kept at keep ratio ρ: ρ on both sides [ours, the default], or on one side only
+    (`rows`: mask only B's rows, every column of A kept; `cols`: the reverse)."""
+    if sides not in SIDES:
+        raise PlrError(f"adapter.mask.sides must be one of {', '.join(SIDES)}, got '{sides}'")
+    rows = count(ratio, d_out) if sides in ("both", "rows") else d_out
+    cols = count(ratio, d_in) if sides in ("both", "cols") else d_in
+    return rows, cols
+
+
 @dataclass(frozen=True)
 class Ranking:
     """Rows and columns of one layer, best first."""
@@ -36,11 +49,10 @@ class Ranking:
     rows: Tensor  # permutation of range(d_out)
     cols: Tensor  # permutation of range(d_in)
 
-    def keep(self, ratio: float) -> tuple[Tensor, Tensor]:
-        """Sorted kept (rows, cols) at a keep ratio."""
-        r = self.rows[: count(ratio, len(self.rows))]
-        c = self.cols[: count(ratio, len(self.cols))]
-        return r.sort().values, c.sort().values
+    def keep(self, ratio: float, sides: str = "both") -> tuple[Tensor, Tensor]:
+        """Sorted kept (rows, cols) at a keep ratio (on both sides, or one: see `kept`)."""
+        n_rows, n_cols = kept(ratio, len(self.rows), len(self.cols), sides)
+        return self.rows[:n_rows].sort().values, self.cols[:n_cols].sort().values
 
 
 def subspace_k(s: Tensor, energy: float) -> int:

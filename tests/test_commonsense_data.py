@@ -264,7 +264,7 @@ def test_eval_batch_expands_every_choice_example_major(tokenizer):
 
 
 def test_choice_collate_pickles_and_rejects_tiny_max_length(tokenizer):
-    collate = pickle.loads(pickle.dumps(ChoiceCollate(tokenizer, max_length=32, train=False)))
+    collate = pickle.loads(pickle.dumps(ChoiceCollate(tokenizer, max_length=32, train=False, shared_prompt=False)))
     assert collate(ROWS[:1])["input_ids"].shape[0] == 2
     with pytest.raises(PlrError, match="model.max_length=1"):
         ChoiceCollate(tokenizer, max_length=1)
@@ -285,5 +285,9 @@ def test_answer_tokens_carry_no_sentencepiece_prefix_token():
     row = {"prompt": "Is the sky blue? Answer:", "choices": ["yes", "no"], "label": 0}
     train = ChoiceCollate(tok, 32, train=True)([row])
     assert train["input_ids"].tolist() == [[1, 4, 5, 6, 7, 8, 9]] and train["labels"][0].tolist()[-2:] == [-100, 9]
-    evaluation = ChoiceCollate(tok, 32, train=False)([row])
+    evaluation = ChoiceCollate(tok, 32, train=False, shared_prompt=False)([row])
     assert evaluation["input_ids"][:, -1].tolist() == [9, 10] and evaluation["choice_tokens"].tolist() == [[1, 1]]
+    # One-token answers: the default scores both from one row, the prompt, at its last position.
+    shared = ChoiceCollate(tok, 32, train=False)([row])
+    assert shared["input_ids"].tolist() == [[1, 4, 5, 6, 7, 8]] and shared["choice_ids"].tolist() == [[9, 10]]
+    assert shared["last"].tolist() == [5]

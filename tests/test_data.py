@@ -67,8 +67,9 @@ def png(rng: np.random.Generator, size=(10, 8)) -> Image.Image:
 # --- offline tasks -------------------------------------------------------------------------
 
 
-def test_registry_has_the_six_loaders():
-    assert set(TASKS) == {"bbc-news", "digits", "hf-text", "hf-image", "choice", "generation"}
+def test_registry_has_the_nine_loaders():
+    assert set(TASKS) == {"bbc-news", "digits", "hf-text", "hf-image", "choice", "generation", "rt-polarity", "vader",
+                          "debates"}
 
 
 def test_bbc_news_sizes_and_labels(bbc):

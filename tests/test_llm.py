@@ -24,14 +24,6 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def llm():
-    torch.manual_seed(0)
-    spec = ModelSpec(**OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "tiny-llama.yaml")))
-    built = build_model(spec, 5)
-    return built.model.eval(), built.tokenizer
-
-
 def _brute_force(model: CausalLM, tok, row, scoring):
     """Each choice's answer log-likelihood from the full vocabulary logits, one sequence at a time."""
     out = []
@@ -115,7 +107,9 @@ def _cfg(*overrides):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["task=bbc-news"], "causal LM answers multiple-choice tasks"),
+    (["task=bbc-news"], r"task bbc-news on a causal LM needs task.prompt \(a template with \{text\}\) and task.verbalizer"),
+    (["task=cifar10"], r"cannot run task .cifar10. \(image\): a causal LM answers multiple-choice tasks .* and text "
+                       "classification tasks that give task.prompt and task.verbalizer"),
     (["model=tiny-bert", "task=boolq"], "multiple-choice tasks need a causal LM"),
     (["task=boolq", "+task.scoring=max"], "task.scoring must be sum or mean"),
     (["task=boolq", "adapter.allocation.metric=loss", "adapter.allocation.relative_to=probe"], "relative_to=gain"),

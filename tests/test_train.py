@@ -108,3 +108,12 @@ def test_lora_on_real_minilm_learns_bbc_news(model_spec):
     fit(built.model, loader(s, data.train, tc, train=True), None, tc, device=s.device)
     acc = evaluate(built.model, loader(s, data.test, tc, train=False), s.device)["accuracy"]
     assert acc > 0.6, acc  # chance is 0.2 (5 balanced-ish classes)
+
+
+def test_progress_to_a_file_updates_at_most_every_30_s(model_spec, capsys):
+    """Off a terminal (a log file), the bar redraws only every 30 s, not once per step."""
+    s = small_setup(model_spec, n_train=64)
+    tc = TrainConfig(epochs=3, batch_size=4, lr=1e-3, progress=True)  # 48 steps, a few seconds
+    fit(s.built.model, loader(s, s.data.train, tc, train=True), None, tc, device=s.device)
+    draws = capsys.readouterr().err.count("train:")
+    assert 1 <= draws <= 3  # the opening draw (and a closing one), not one per step (48)

@@ -9,7 +9,7 @@ from typing import Literal
 import datasets
 
 Kind = Literal["text", "image", "choice"]
-PROTOCOLS = ("full", "vtab1k")
+PROTOCOLS = ("full", "1k", "vtab1k")  # 1k and vtab1k are one protocol (vtab1k: its vision name)
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,9 @@ class TaskSpec:
         val_max: at most this many carved validation rows (None: no cap). GLUE carves its
             checkpoint-selection slice from train this way and keeps dev as the test split.
         split_seed: seed of that carving (fixed per task so runs with different seeds share it).
-        protocol: `full` (the splits as above) or `vtab1k`: `vtab_train` + `vtab_val` examples
-            drawn with `split_seed` from the train split (stratified when every class allows),
-            the test split kept whole.
+        protocol: `full` (the splits as above) or `1k` (= `vtab1k`, the VTAB-1k shape):
+            `vtab_train` + `vtab_val` examples drawn with `split_seed` from the train split
+            (stratified when every class allows), the test split kept whole.
         vtab_train / vtab_val: the VTAB-1k sizes (800 + 200).
         eval_splits: further evaluation sets, name -> source split (e.g. MNLI's
             `{mismatched: validation_mismatched}`), reported as `test_<name>_<metric>`.
@@ -43,6 +43,12 @@ class TaskSpec:
             format turns it into the shared prompt / choices / label rows.
         response_column: for the `generation` loader, the column holding the text the model
             learns to produce after the prompt (`text_column`).
+        group_column: rows that share this column's value (a movie's reviews) always land in the
+            same split, so no group is in two splits; carving then draws whole groups.
+        prompt: for a classification task on a causal LM, the template each text becomes, with
+            `{text}` (and `{text_pair}`) in it, e.g. "Review: {text}\nSentiment:".
+        verbalizer: class name -> the answer text the causal LM scores after the prompt (one per
+            class), e.g. `{rotten: negative, fresh: positive}`.
     """
 
     name: str
@@ -72,6 +78,9 @@ class TaskSpec:
     max_eval_samples: int | None = None
     format: str | None = None
     response_column: str | None = None
+    group_column: str | None = None
+    prompt: str | None = None
+    verbalizer: Mapping[str, str] | None = None
 
 
 @dataclass

@@ -271,6 +271,9 @@ class ChoiceCollate:
         tokenizer: a `transformers` tokenizer.
         max_length: the longest sequence (prompt + answer) in tokens.
         train: training batches (the gold answer as LM targets) or evaluation batches (every choice).
+        shared_prompt: when every answer in an evaluation batch is a single token (a verbalizer's
+            " positive" / " negative"), score all choices from one row per example (see
+            `_one_token_batch`); False always builds one row per choice (the reference).
 
     Returns (per call):
         train: `input_ids`, `attention_mask` (B, T) and `labels` (B, T): the token id at the gold
@@ -280,15 +283,19 @@ class ChoiceCollate:
             True where the token is an answer token), `choice_mask` (B, C; False for padded-out
             choices, whose row is a 1-token dummy with no target), `choice_tokens` (B, C; answer
             tokens per choice, 0 for padding) and `labels` (B,): the gold index.
+        eval, every answer one token: one row per example, `input_ids`, `attention_mask` (B, T),
+            `last` (B,): the prompt's last position, `choice_ids` (B, C): each choice's token,
+            and `choice_mask`, `choice_tokens`, `labels` as above.
     """
 
-    def __init__(self, tokenizer: Any, max_length: int = 256, train: bool = False):
+    def __init__(self, tokenizer: Any, max_length: int = 256, train: bool = False, shared_prompt: bool = True):
         if max_length < 2:
             raise PlrError(f"model.max_length={max_length} leaves no room for a prompt and an answer; "
                            f"set model.max_length to 2 or more (e.g. 256)")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.train = train
+        self.shared_prompt = shared_prompt
         self.bos = tokenizer.bos_token_id
         self.pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
 
@@ -352,12 +359,15 @@ class ChoiceCollate:
 
     def _eval_batch(self, rows: list[dict[str, Any]], prompts: list[list[int]]) -> Batch:
         width = max(len(r["choices"]) for r in rows)
+        every = [self._answers(row["prompt"], prompt, list(row["choices"]))
+                 for row, prompt in zip(rows, prompts, strict=True)]
+        if self.shared_prompt and all(len(a) == 1 for answers in every for a in answers):
+            return self._one_token_batch(rows, prompts, every, width)
         dummy = self.pad if self.bos is None else self.bos
         seqs, targets = [], []
         choice_mask = torch.zeros(len(rows), width, dtype=torch.bool)
         choice_tokens = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, (row, prompt) in enumerate(zip(rows, prompts, strict=True)):
-            answers = self._answers(row["prompt"], prompt, list(row["choices"]))
+        for i, (prompt, answers) in enumerate(zip(prompts, every, strict=True)):
             for j in range(width):
                 if j < len(answers):
                     ids, n = self._fit(prompt, answers[j])
@@ -372,4 +382,25 @@ class ChoiceCollate:
                 "target_mask": self._pad(targets, 0).bool(),
                 "choice_mask": choice_mask,
                 "choice_tokens": choice_tokens,
+                "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}
+
+    def _one_token_batch(self, rows: list[dict[str, Any]], prompts: list[list[int]],
+                         every: list[list[list[int]]], width: int) -> Batch:
+        """Every answer is one token: one row per example, scored at the prompt's last position.
+
+        The row is what every choice's row shares (BOS + the prompt's tail, cut as for a 1-token
+        answer), so the scores equal the one-row-per-choice path's (a causal LM's prediction at a
+        position does not see later tokens), at 1/C of its cost: a verbalizer with C classes.
+        """
+        seqs = [self._fit(prompt, answers[0])[0][:-1] for prompt, answers in zip(prompts, every, strict=True)]
+        choice_ids = torch.zeros(len(rows), width, dtype=torch.long)
+        choice_mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, answers in enumerate(every):
+            choice_ids[i, :len(answers)] = torch.tensor([a[0] for a in answers])
+            choice_mask[i, :len(answers)] = True
+        return {"input_ids": self._pad(seqs, self.pad),
+                "attention_mask": self._pad([[1] * len(s) for s in seqs], 0),
+                "last": torch.tensor([len(s) - 1 for s in seqs], dtype=torch.long),
+                "choice_ids": choice_ids, "choice_mask": choice_mask,
+                "choice_tokens": choice_mask.long(),
                 "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}

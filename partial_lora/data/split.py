@@ -4,8 +4,14 @@ Fractions are of the source train split: with the defaults (test 0.2, val 0.1) a
 its own val/test splits ends up 70/10/20. Everything is seeded by `spec.split_seed`, so the
 same spec always gives identical splits, whatever the training seed.
 
-`protocol=vtab1k` draws 800 train + 200 val examples from the train split and keeps the test
-split whole. Regression labels (floats) are carved at random: there are no classes to stratify.
+`protocol=1k` (also called `vtab1k`) draws 800 train + 200 val examples from the train split and
+keeps the test split whole. Regression labels (floats) are carved at random: there are no classes
+to stratify.
+
+With `task.group_column` (Rotten Tomatoes: the movie), every carving moves whole groups: the
+groups are shuffled with `split_seed` and taken until the carved part has its size, so no group
+is ever in two splits. The 1k protocol then first sets aside a validation pool of whole groups
+(the val share of the rows) and draws its 800 + 200 examples, stratified, from the two pools.
 """
 
 from __future__ import annotations
@@ -75,14 +81,15 @@ def split_task(spec: TaskSpec, splits: Mapping[str, datasets.Dataset]) -> Splits
     if n - test_n - val_n < 1:
         raise PlrError(f"task.val_fraction={spec.val_fraction} and task.test_fraction={spec.test_fraction} leave no "
                        f"training examples out of {n}; lower them")
+    group = _group_column(spec, train)
     if spec.test_split is None:
-        train, test = _carve(train, test_n, spec.split_seed)
+        train, test = _carve(train, test_n, spec.split_seed, group)
     else:
         test = _named(spec, splits, "test_split", spec.test_split)
-    if spec.protocol == "vtab1k":
-        train, val = _vtab1k(spec, train)
+    if spec.protocol in ("1k", "vtab1k"):
+        train, val = _vtab1k(spec, train, group)
     elif spec.val_split is None:
-        train, val = _carve(train, val_n, spec.split_seed)
+        train, val = _carve(train, val_n, spec.split_seed, group)
     else:
         val = _named(spec, splits, "val_split", spec.val_split)
     return (_subsample(train, spec.max_train_samples, "max_train_samples", spec.split_seed),
@@ -90,16 +97,36 @@ def split_task(spec: TaskSpec, splits: Mapping[str, datasets.Dataset]) -> Splits
             _subsample(test, spec.max_eval_samples, "max_eval_samples", spec.split_seed))
 
 
-def _vtab1k(spec: TaskSpec, train: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset]:
+def _group_column(spec: TaskSpec, train: datasets.Dataset) -> str | None:
+    if spec.group_column is not None and spec.group_column not in train.column_names:
+        raise PlrError(f"task.group_column='{spec.group_column}' is not a column of the data (columns: "
+                       f"{', '.join(train.column_names)}); set it to one of those or null")
+    return spec.group_column
+
+
+def _vtab1k(spec: TaskSpec, train: datasets.Dataset,
+            group: str | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
     """VTAB-1k: `vtab_train` + `vtab_val` examples drawn with `split_seed` from the train split."""
     if spec.vtab_train < 1 or spec.vtab_val < 1:
         raise PlrError(f"task.vtab_train={spec.vtab_train} and task.vtab_val={spec.vtab_val} must be >= 1")
     want = spec.vtab_train + spec.vtab_val
     if len(train) < want:
-        raise PlrError(f"task.protocol=vtab1k needs {want} training examples but the train split has {len(train)}; "
-                       f"set task.protocol=full (or lower task.vtab_train / task.vtab_val)")
-    _, drawn = _carve(train, want, spec.split_seed) if len(train) > want else (None, train)
-    return _carve(drawn, spec.vtab_val, spec.split_seed)
+        raise PlrError(f"task.protocol={spec.protocol} needs {want} training examples but the train split has "
+                       f"{len(train)}; set task.protocol=full (or lower task.vtab_train / task.vtab_val)")
+    if group is None:
+        _, drawn = _carve(train, want, spec.split_seed) if len(train) > want else (None, train)
+        return _carve(drawn, spec.vtab_val, spec.split_seed)
+    rest, pool = _carve(train, round(len(train) * spec.vtab_val / want), spec.split_seed, group)
+    if len(rest) < spec.vtab_train or len(pool) < spec.vtab_val:
+        raise PlrError(f"task.protocol={spec.protocol} with task.group_column={group}: the groups leave "
+                       f"{len(rest)} + {len(pool)} examples, fewer than {spec.vtab_train} + {spec.vtab_val}; set "
+                       "task.protocol=full")
+    return _draw(rest, spec.vtab_train, spec.split_seed), _draw(pool, spec.vtab_val, spec.split_seed)
+
+
+def _draw(ds: datasets.Dataset, size: int, seed: int) -> datasets.Dataset:
+    """Exactly `size` rows of `ds`, stratified (all of it when it has exactly that many)."""
+    return ds if len(ds) == size else _carve(ds, size, seed)[1]
 
 
 def _named(spec: TaskSpec, splits: Mapping[str, datasets.Dataset], key: str, name: str) -> datasets.Dataset:
@@ -128,12 +155,18 @@ def _is_regression(labels: np.ndarray) -> bool:
     return labels.dtype.kind == "f"
 
 
-def _carve(ds: datasets.Dataset, size: int, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+def _carve(ds: datasets.Dataset, size: int, seed: int,
+           group: str | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Split `size` rows off `ds`, stratified by label when every class allows it.
+
+    With `group`, whole groups are carved instead (shuffled with `seed`, taken until the carved
+    rows reach `size`), so the carved part can be slightly larger than `size`.
 
     Returns:
         (the rest, the carved rows), each in source order.
     """
+    if group is not None:
+        return _carve_groups(ds, size, seed, group)
     idx = np.arange(len(ds))
     labels = _labels(ds)
     if _is_regression(labels):
@@ -147,6 +180,19 @@ def _carve(ds: datasets.Dataset, size: int, seed: int) -> tuple[datasets.Dataset
         log.warning("stratified split impossible (%s); splitting at random instead", e)
         rest, carved = train_test_split(idx, test_size=size, random_state=seed)
     return ds.select(np.sort(rest)), ds.select(np.sort(carved))
+
+
+def _carve_groups(ds: datasets.Dataset, size: int, seed: int,
+                  group: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    keys = np.asarray(ds[group], dtype=object)
+    names, inverse, counts = np.unique(keys.astype(str), return_inverse=True, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(names))
+    taken = order[:int(np.searchsorted(np.cumsum(counts[order]), size)) + 1]
+    if len(taken) >= len(names):
+        raise PlrError(f"task.group_column={group}: carving {size} of {len(ds)} rows would take every one of the "
+                       f"{len(names)} groups; lower the fractions or set task.group_column=null")
+    carved = np.isin(inverse, taken)
+    return ds.select(np.flatnonzero(~carved)), ds.select(np.flatnonzero(carved))
 
 
 def _subsample(ds: datasets.Dataset, limit: int | None, key: str, seed: int) -> datasets.Dataset:

@@ -19,6 +19,7 @@ from partial_lora import artifacts as A
 from partial_lora import checkpoint as CK
 from partial_lora import config as C
 from partial_lora import distributed as D
+from partial_lora.allocation import NEEDS_PROBE
 from partial_lora.errors import PlrError
 from partial_lora.stages import allocate, evaluate, extract, probe, retrain
 from partial_lora.tracking import Tracker
@@ -46,7 +47,7 @@ def plan(cfg: DictConfig) -> list[str]:
     if sp == 0:
         return ["retrain", "evaluate"]
     needs_probe = C.mask_config(cfg).method == "probe_magnitude" or (
-        sp == "auto" and C.allocation_config(cfg).allocator == "threshold")
+        sp == "auto" and C.allocation_config(cfg).allocator in NEEDS_PROBE)
     return (["probe"] if needs_probe else []) + ["allocate", "extract", "retrain", "evaluate"]
 
 

@@ -23,7 +23,7 @@ from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora.errors import PlrError
 from partial_lora.lora import base_weights
-from partial_lora.masks import LayerInfo, Ranking, rank_layer, subspace_k
+from partial_lora.masks import LayerInfo, Ranking, count, rank_layer, subspace_k
 from partial_lora.metrics import compute_metrics
 from partial_lora.replay import BlockReplay
 from partial_lora.stages.base import Setup, few_shot_sets, load_trained, loader, setup
@@ -37,11 +37,15 @@ def settings(cfg: DictConfig) -> dict[str, Any]:
     """What determines an allocation: equal settings let `from_run` reuse it."""
     allocation = {k: v for k, v in C.plain(cfg.adapter.get("allocation", {})).items()
                   if k not in ("search_masks", "replay_mb")}  # neither changes what the search finds
-    return {"sparsity": C.sparsity(cfg), "allocation": allocation, "probe": C.plain(cfg.adapter.get("probe", {})),
-            "search_masks": search_method(cfg), "mask_energy": C.mask_config(cfg).energy,
-            "match": C.plain(cfg.adapter.get("match", {})),
-            "r": int(cfg.adapter.r), "targets": C.plain(cfg.adapter.targets), "model": str(cfg.model.name),
-            "task": str(cfg.task.name), "seed": int(cfg.seed)}
+    mcfg = C.mask_config(cfg)
+    out = {"sparsity": C.sparsity(cfg), "allocation": allocation, "probe": C.plain(cfg.adapter.get("probe", {})),
+           "search_masks": search_method(cfg), "mask_energy": mcfg.energy,
+           "match": C.plain(cfg.adapter.get("match", {})),
+           "r": int(cfg.adapter.r), "targets": C.plain(cfg.adapter.targets), "model": str(cfg.model.name),
+           "task": str(cfg.task.name), "seed": int(cfg.seed)}
+    if mcfg.sides != "both":  # recorded only when set, so allocations made before the option stay reusable
+        out["mask_sides"] = mcfg.sides
+    return out
 
 
 def search_method(cfg: DictConfig) -> str:
@@ -52,30 +56,34 @@ def search_method(cfg: DictConfig) -> str:
 def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
     out = A.stage_dir(run_dir, NAME)
     acfg, sp = C.allocation_config(cfg), C.sparsity(cfg)
+    sides = C.mask_config(cfg).sides
     set_seed(int(cfg.seed))
     s = setup(cfg)
     r = int(cfg.adapter.r)
     layers = [AL.Layer(lid, b.d_out, b.d_in) for lid, b in s.branches.items()]
+    match = C.match_config(cfg)
+    budget = float(match.target(sum(la.d_out + la.d_in for la in layers))) if match.active else acfg.budget
     t0 = time.perf_counter()
     if sp != "auto":
-        alloc = AL.uniform(layers, r, 1.0 - float(sp))
+        alloc = AL.uniform(layers, r, 1.0 - float(sp), sides)
     elif acfg.allocator == "uniform":
         if acfg.ratio is None:
             raise PlrError("adapter.allocation.allocator=uniform needs adapter.allocation.ratio=<keep ratio> "
                            "(or use adapter.sparsity=<s>)")
-        alloc = AL.uniform(layers, r, acfg.ratio)
+        alloc = AL.uniform(layers, r, acfg.ratio, sides)
     elif acfg.allocator == "spectrum":
         w = base_weights(s.built.model.net)
         ks = {la.name: subspace_k(torch.linalg.svdvals(w[la.name].to(s.device).double()), acfg.energy)
               for la in layers}
-        alloc = AL.spectrum(layers, r, ks)
+        alloc = AL.spectrum(layers, r, ks, sides)
     else:
-        alloc = _threshold(cfg, run_dir, s, layers, acfg)
-    match = C.match_config(cfg)
-    if match.active:  # matched-budget controls: another run's parameter count, N, or dense LoRA at rank k
-        alloc = AL.rescale_to_budget(alloc, float(match.target(sum(la.d_out + la.d_in for la in layers))))
-    elif acfg.budget is not None:
-        alloc = AL.rescale_to_budget(alloc, acfg.budget)
+        if acfg.allocator == "proportional" and budget is None:
+            raise PlrError("adapter.allocation.allocator=proportional splits a budget: set adapter.allocation.budget="
+                           "<parameters, or a share of dense LoRA <= 1> or adapter.match.run/budget/rank")
+        alloc = _search(cfg, run_dir, s, layers, acfg, sides, budget)
+    if budget is not None and alloc.allocator != "proportional":
+        # matched-budget controls: another run's parameter count, N, or dense LoRA at rank k
+        alloc = AL.rescale_to_budget(alloc, budget)
     search_s = time.perf_counter() - t0
     A.write_json(out / A.ALLOCATION, {**alloc.to_json(), "settings": settings(cfg), "search_wall_s": search_s})
     plot(alloc, out / A.ALLOCATION_PNG, title=f"{cfg.task.name} · {cfg.model.name} · r={r}")
@@ -88,8 +96,11 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
             "replayed_share": alloc.replayed_share, "floor_share": alloc.floor_share(), "search_wall_s": search_s}
 
 
-def _threshold(cfg: DictConfig, run_dir: Path, s: Setup, layers: list[AL.Layer],
-               acfg: AL.AllocationConfig) -> AL.Allocation:
+def _search(cfg: DictConfig, run_dir: Path, s: Setup, layers: list[AL.Layer], acfg: AL.AllocationConfig,
+            sides: str, budget: float | None) -> AL.Allocation:
+    """The allocators that evaluate the trained probe on its few-shot validation set: `threshold`
+    (masking the probe's adapter at each ratio), `truncation` (replacing W0 by its rank-k
+    truncation, the adapter dense) and `proportional` (sensitivities at the floor, then a budget split)."""
     probe = A.stage_dir(run_dir, "probe")
     net, model = s.built.model.net, s.built.model
     load_trained(s, probe)
@@ -121,7 +132,7 @@ def _threshold(cfg: DictConfig, run_dir: Path, s: Setup, layers: list[AL.Layer],
 
     def masks(lid: str, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
         if (lid, rho) not in cache:
-            rows, cols = rankings[lid].keep(rho)
+            rows, cols = rankings[lid].keep(rho, sides)
             b, a = dense[lid]
             rm = torch.zeros(b.shape[0], 1, device=b.device)
             rm[rows.to(b.device)] = 1
@@ -130,13 +141,27 @@ def _threshold(cfg: DictConfig, run_dir: Path, s: Setup, layers: list[AL.Layer],
             cache[lid, rho] = rm, cm
         return cache[lid, rho]
 
+    truncating = acfg.allocator == "truncation"
+    svd = {lid: torch.linalg.svd(weights[lid].to(s.device).double(), full_matrices=False)
+           for lid in s.branches} if truncating else {}
+    original = {lid: weights[lid].clone() for lid in s.branches} if truncating else {}
+
     @torch.no_grad()
     def set_ratios(ratios: Mapping[str, float], zero: bool = False) -> None:
         # ΔW = s·diag(u_row)·B·A·diag(u_col): masking B's rows and A's columns is exactly that.
         for lid, branch in s.branches.items():
             b, a = dense[lid]
             rho = ratios.get(lid, 1.0)
-            if zero:
+            if truncating:  # the adapter stays dense; W0 becomes its rank-k truncation (k from ρ)
+                branch.lora_B.copy_(torch.zeros_like(b) if zero else b)
+                branch.lora_A.copy_(a)
+                if rho >= 1 or zero:
+                    weights[lid].copy_(original[lid])
+                else:
+                    u, sv, vh = svd[lid]
+                    k = count(rho, len(sv))
+                    weights[lid].copy_(((u[:, :k] * sv[:k]) @ vh[:k]).to(weights[lid].dtype).to(weights[lid].device))
+            elif zero:
                 branch.lora_B.zero_()
             elif rho >= 1:
                 branch.lora_B.copy_(b)
@@ -167,7 +192,13 @@ def _threshold(cfg: DictConfig, run_dir: Path, s: Setup, layers: list[AL.Layer],
         a_0 = score({}, zero=True)
         print(f"[plr] allocate: few-shot {what}: probe a_ref={a_ref:.3f}, no adapter a_0={a_0:.3f}, tau={acfg.tau}, "
               f"relative_to={acfg.relative_to}, {len(layers)} layers, grid {list(acfg.grid)}")
-        alloc = AL.threshold(layers, int(cfg.adapter.r), acfg, evaluate=score, a_ref=a_ref, a_0=a_0)
+        if acfg.allocator == "proportional":
+            assert budget is not None
+            alloc = AL.proportional(layers, int(cfg.adapter.r), acfg, budget, evaluate=score, a_ref=a_ref, a_0=a_0,
+                                    sides=sides)
+        else:
+            alloc = AL.threshold(layers, int(cfg.adapter.r), acfg, evaluate=score, a_ref=a_ref, a_0=a_0,
+                                 sides=sides, allocator=acfg.allocator)
     alloc.replayed_share = replay.saved_share
     set_ratios({})
     return alloc

@@ -21,6 +21,7 @@ from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora.data import TaskData, load_task, make_collate
 from partial_lora.data.collate import pretokenize
+from partial_lora.data.verbalizer import as_choices
 from partial_lora.errors import PlrError
 from partial_lora import distributed as D
 from partial_lora import peft_baselines as PB
@@ -67,7 +68,11 @@ class Setup:
 
 def load_data(cfg: DictConfig) -> TaskData:
     """The task's data; for a multi-task run, the union of its members' (see `load_multi`)."""
-    return load_multi(cfg).union if C.is_multi(cfg) else _load_one(cfg)
+    return load_multi(cfg).union if C.is_multi(cfg) else _load_one(cfg, _causal(cfg))
+
+
+def _causal(cfg: DictConfig) -> bool:
+    return str(cfg.model.get("family")) == "hf-causal"
 
 
 def load_multi(cfg: DictConfig) -> MT.MultiTaskData:
@@ -75,17 +80,21 @@ def load_multi(cfg: DictConfig) -> MT.MultiTaskData:
     parts, metrics = [], []
     for task in C.member_tasks(cfg):
         node = OmegaConf.create({"task": task})
-        parts.append(_load_one(node))
+        parts.append(_load_one(node, _causal(cfg)))
         metrics.append(C.task_metrics(node))
     return MT.combine(str(cfg.task.name), parts, metrics)
 
 
-def _load_one(cfg: DictConfig) -> TaskData:
-    data = load_task(C.task_spec(cfg))
+def _load_one(cfg: DictConfig, causal: bool = False) -> TaskData:
+    """One task's data; a classification task read by a causal LM becomes prompt/answer choices."""
+    spec = C.task_spec(cfg)
+    data = load_task(spec)
     expected = cfg.task.get("num_labels")
     if expected is not None and int(expected) != data.num_labels:
         raise PlrError(f"task.num_labels={expected} but the data has {data.num_labels} labels "
                        f"({data.label_names[:5]}...); fix task.num_labels or task.label_column")
+    if causal and data.kind == "text":
+        data = as_choices(data, spec.prompt, spec.verbalizer)
     return data
 
 
@@ -118,7 +127,8 @@ def setup(cfg: DictConfig, keep: Mapping[str, tuple[Tensor | None, Tensor | None
                            f"({lcfg.targets}); set adapter.targets=[qkv] (or another whole-module list)")
         model = PB.inject_peft(net, pspec, list(found), spec.head_modules, total_steps(cfg, len(data.train)))
         return Setup(data, built, {}, device, metrics, main, per_rank * lcfg.r, model, pspec, multi)
-    branches = inject_lora(net, lcfg, keep)
+    # adapter=head: no LoRA at all, only the head trains (the no-adapter reference).
+    branches = {} if cfg.adapter.get("method") == "head" else inject_lora(net, lcfg, keep)
     freeze_for_adapter(net, spec.head_modules)
     return Setup(data, built, branches, device, metrics, main, per_rank * lcfg.r, multi=multi)
 

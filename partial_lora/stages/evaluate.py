@@ -1,7 +1,11 @@
 """evaluate: task metrics of the retrained adapter on the validation and test splits.
 
 Metrics are keyed `val_<metric>`, `test_<metric>` and, for a task's further evaluation sets
-(`task.eval_splits`, e.g. MNLI mismatched), `test_<name>_<metric>`.
+(`task.eval_splits`, e.g. MNLI mismatched), `test_<name>_<metric>`. Every evaluated example's
+prediction goes to `evaluate/predictions.parquet` (one row each: `split`, `task` for a
+multi-task member, `index` into that split, `label`, `prediction` (class id, or the regression
+output), `score` (the predicted class's softmax probability, or the regression output)), so runs
+can be paired example by example (`plr study`, error analysis).
 """
 
 from __future__ import annotations
@@ -9,14 +13,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from partial_lora import artifacts as A
 from partial_lora import config as C
-from partial_lora.stages.base import load_trained, loader, setup_run, validator
+from partial_lora import multitask as MT
+from partial_lora.metrics import compute_metrics
+from partial_lora.stages.base import load_trained, loader, setup_run
 from partial_lora.tracking import Tracker
-from partial_lora.train import autocast_dtype, evaluate, set_seed
+from partial_lora.train import autocast_dtype, predict, set_seed
 
 NAME = "evaluate"
 
@@ -31,25 +38,58 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
     if s.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(s.device)
     out: dict[str, Any] = {}
+    table = Predictions()
+
+    def score(view: Any, split: Any, metrics: list[str], split_name: str, task: str = "") -> dict[str, float]:
+        logits, labels, loss = predict(view, loader(s, split, tc, train=False), s.device, dtype)
+        table.add(split_name, task, logits, labels)
+        return {**compute_metrics(logits, labels, metrics), "loss": loss}
+
     if s.multi is None:
         sets = [("val", s.data.val), ("test", s.data.test), *((f"test_{n}", d) for n, d in s.data.extra.items())]
         for split_name, split in sets:
-            out.update({f"{split_name}_{k}": v for k, v in validator(s, tc, split)().items()})
+            out.update({f"{split_name}_{k}": v for k, v in score(model, split, s.metrics, split_name).items()})
         out.update(test_examples=len(s.data.test), **{f"test_{n}_examples": len(d) for n, d in s.data.extra.items()})
     else:  # per member through its own head: `<split>_<task>_<metric>`, and the mean over members
         members = s.multi.members
         for split_name in ("val", "test"):
-            scores = validator(s, tc, [getattr(part, split_name) for part in s.multi.parts])()
-            out.update({f"{split_name}_{k}": v for k, v in scores.items()})
+            per_member = [score(model.view(i), getattr(part, split_name), list(m.metrics), split_name, m.name)
+                          for i, (m, part) in enumerate(zip(members, s.multi.parts, strict=True))]
+            out.update({f"{split_name}_{k}": v for k, v in MT.mean_of_members(per_member, members).items()})
         for i, (m, part) in enumerate(zip(members, s.multi.parts, strict=True)):
             for name, d in part.extra.items():
-                for k, v in evaluate(model.view(i), loader(s, d, tc, train=False), s.device, dtype, m.metrics).items():
+                for k, v in score(model.view(i), d, list(m.metrics), f"test_{name}", m.name).items():
                     out[f"test_{m.name}_{name}_{k}"] = v
         out.update(test_examples=sum(len(p.test) for p in s.multi.parts), members=[m.name for m in members],
                    member_metrics={m.name: {"metrics": list(m.metrics), "main": m.main} for m in members},
                    **{f"test_{m.name}_examples": len(p.test) for m, p in zip(members, s.multi.parts, strict=True)})
+    A.write_predictions(A.stage_dir(run_dir, NAME) / A.PREDICTIONS, table.columns())
     out.update(adapter_params=s.adapter_params(), dense_lora_params=s.dense_lora_params,
                head_params=sum(p.numel() for p in s.built.model.head_parameters()))
     if tracker is not None:
         tracker.log({f"{NAME}/{k}": v for k, v in out.items()})
     return out
+
+
+class Predictions:
+    """Per-example rows of every evaluated split, gathered for `predictions.parquet`."""
+
+    def __init__(self) -> None:
+        self.parts: list[dict[str, np.ndarray]] = []
+
+    def add(self, split: str, task: str, logits: np.ndarray, labels: np.ndarray) -> None:
+        n = len(labels)
+        if logits.shape[-1] == 1:  # a regression head: the output is the prediction
+            pred = score = logits.reshape(n).astype(np.float64)
+        else:
+            finite = np.where(np.isfinite(logits), logits, -np.inf)  # padded-out choices are -inf
+            probs = np.exp(finite - finite.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            pred = logits.argmax(-1)
+            score = probs[np.arange(n), pred]
+        self.parts.append({"split": np.full(n, split), "task": np.full(n, task), "index": np.arange(n),
+                           "label": labels, "prediction": pred, "score": score})
+
+    def columns(self) -> dict[str, np.ndarray]:
+        keys = ("split", "task", "index", "label", "prediction", "score")
+        return {k: np.concatenate([p[k] for p in self.parts]) for k in keys}

@@ -56,7 +56,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
             tensors[f"{lid}.mask_B"], tensors[f"{lid}.mask_A"] = mask_b.to(torch.uint8), mask_a.to(torch.uint8)
             params = int(mask_b.sum() + mask_a.sum())
         else:
-            rows, cols = rank_layer(mcfg.method, info, seed, mcfg.energy).keep(rho)
+            rows, cols = rank_layer(mcfg.method, info, seed, mcfg.energy).keep(rho, mcfg.sides)
             params = b.r * (len(rows) + len(cols))
         tensors[f"{lid}.rows"], tensors[f"{lid}.cols"] = rows.long(), cols.long()
         layers[lid] = {"ratio": rho, "d_out": b.d_out, "d_in": b.d_in, "rows": len(rows), "cols": len(cols),

@@ -51,7 +51,9 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
     n_adapter = s.adapter_params()
     density = n_adapter / s.dense_lora_params
     per_layer = None
-    if rc.adapter_lr_scale != "auto":
+    if n_adapter == 0:  # adapter=head: no adapter to scale
+        scale = 1.0
+    elif rc.adapter_lr_scale != "auto":
         scale = float(rc.adapter_lr_scale)
     elif rc.lr_scale_per_layer:
         scale = 1.0
@@ -62,6 +64,14 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
     _, main = C.task_metrics(cfg)
     tc = C.train_config(cfg, metric=main, adapter_lr_scale=scale)
     val = s.data.val if s.multi is None else [p.val for p in s.multi.parts]
+    if not any(p.requires_grad for p in s.built.model.parameters()):
+        # adapter=head on a causal LM: no adapter and no head, so the run scores the model as it is.
+        print("[plr] retrain: nothing to train (adapter=head on a model without a new head); "
+              "evaluating the model as it is (zero-shot)")
+        save_trained(s, out, cfg)
+        return {f"best_val_{main}": None, "best_epoch": None, "steps": 0, "train_wall_s": 0.0,
+                "adapter_params": 0, "density": 0.0, "adapter_lr_scale": scale, "init": init, "rank": None,
+                "head_params": 0, "train_examples": len(s.data.train), "history": []}
     result = fit(s.built.model, loader(s, s.data.train, tc, train=True, seed=int(cfg.seed)), None, tc,
                  device=s.device, metrics=s.metrics, validate=validator(s, tc, val),
                  log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, checkpoint=out / CK.FILE,
@@ -71,6 +81,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
     return {f"best_val_{main}": result.best_metric, "best_epoch": result.best_epoch, "steps": result.steps,
             "train_wall_s": result.wall_s, "adapter_params": n_adapter, "density": density,
             "adapter_lr_scale": scale, "init": init,
-            "rank": next(iter(s.branches.values())).r if s.branches else int(cfg.adapter.r),
+            "rank": next(iter(s.branches.values())).r if s.branches else
+            (None if cfg.adapter.get("method") == "head" else int(cfg.adapter.r)),
             "head_params": sum(p.numel() for p in s.built.model.head_parameters()),
             "train_examples": len(s.data.train), "history": result.history}

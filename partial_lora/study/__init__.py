@@ -1,0 +1,80 @@
+"""`plr study`: does Partial-LoRA beat its matched-budget controls? Runs and judges the claims.
+
+    plr study [--model minilm|gemma3-270m] [--tasks ...] [--seeds ...] [--arms ...] [--out DIR]
+              [--dry-run] [--tables-only] [-- extra overrides]
+
+`plan` lays out tasks × seeds × arms (`study.plan`), `execute` runs what has not finished
+(`study.run`), and `write` turns the finished runs into `study.md` (every arm, and the claims
+table with paired bootstrap CIs and verdicts), `study.csv` and `study.png` (`study.claims`).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from partial_lora import artifacts as A
+from partial_lora.study.claims import arm_rows, claim_rows, collect, markdown
+from partial_lora.study.plan import ARMS, SUITES, Selection, plan
+from partial_lora.study.run import execute
+
+__all__ = ["ARMS", "SUITES", "Selection", "execute", "plan", "write"]
+
+
+def write(out: Path, n_boot: int = 2000) -> list[Path]:
+    """study.md, study.csv and study.png from the finished runs under `out`."""
+    study = collect(out)
+    arms = arm_rows(study)
+    rows = claim_rows(study, n_boot=n_boot)
+    md = out / "study.md"
+    A.write_text(md, markdown(study, rows, arms))
+    path_csv = out / "study.csv"
+    with A.atomic_path(path_csv) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["kind", "model", "task", "arm_or_claim", "metric", "mean", "std", "seeds", "params",
+                    "reduction_pct", "ci_low", "ci_high", "verdict"])
+        for a in arms:
+            w.writerow(["arm", a["model"], a["task"], a["arm"], a["metric"], f"{a['mean']:.6f}", f"{a['std']:.6f}",
+                        " ".join(map(str, a["seeds"])), f"{a['params']:.0f}",
+                        "" if a["reduction_pct"] is None else f"{a['reduction_pct']:.2f}", "", "", ""])
+        for r in rows:
+            c = r.comparison
+            w.writerow(["claim", r.model, r.task, f"{r.claim.key}: {r.claim.method} - {r.claim.control}", "points",
+                        f"{c.mean:.4f}", "", " ".join(map(str, c.seeds)), f"{r.method_params:.0f}",
+                        "" if r.reduction_pct is None else f"{r.reduction_pct:.2f}", f"{c.low:.4f}", f"{c.high:.4f}",
+                        r.verdict])
+    png = out / "study.png"
+    plot(arms, png)
+    return [md, path_csv, png]
+
+
+def plot(arms: list[dict], path: Path) -> None:
+    """Test metric against adapter parameters, one panel per (model, task), every arm a point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(a["model"], a["task"]) for a in arms})
+    cols = min(3, max(1, len(panels)))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(ARMS)}
+    for ax, (model, task) in zip(axes.flat, panels):
+        for a in (a for a in arms if (a["model"], a["task"]) == (model, task)):
+            x = max(a["params"], 1.0)  # the head-only arm (0 adapter parameters) sits at the left edge
+            ax.errorbar([x], [a["mean"]], yerr=[a["std"]], fmt="o", color=colours.get(a["arm"], "k"),
+                        label=a["arm"], capsize=3)
+        ax.set_xscale("log")
+        ax.set_title(f"{task} · {model}", fontsize=9)
+        ax.set_xlabel("adapter parameters (log)", fontsize=8)
+        ax.set_ylabel(f"test {next(a['metric'] for a in arms if a['task'] == task)}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=7)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    with A.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

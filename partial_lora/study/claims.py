@@ -1,0 +1,223 @@
+"""The study's tables: every arm's results, and each claim judged on paired differences.
+
+Claims (PAPER.md §1, the claims 1, 2, 3 and 5, and the reviewers' control of §6), each a method
+arm against a control arm on the same tasks and seeds:
+
+- C1 winning tickets exist: a random ticket at Partial-LoRA's per-layer ratios, retrained,
+  matches dense LoRA;
+- C2a the per-layer ratio matters: Partial-LoRA beats uniform rows/cols at its own budget;
+- C2b which entries are kept matters less: random rows/cols at Partial-LoRA's ratios match the
+  subspace-chosen ones;
+- C3 Partial-LoRA matches dense LoRA with fewer parameters (the reduction is in the row);
+- C5 rank vs sparsity: Partial-LoRA at r=32 with a dense rank-1 LoRA's budget beats that LoRA;
+- R  the reviewers' control: Partial-LoRA beats dense LoRA at the rank matched to its budget.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from partial_lora import artifacts as A
+from partial_lora import stats as ST
+from partial_lora.errors import PlrError
+from partial_lora.study.plan import ARMS
+from partial_lora.study.run import finished
+
+
+@dataclass(frozen=True)
+class Claim:
+    key: str
+    text: str
+    method: str
+    control: str
+    kind: str  # matches | beats
+
+
+CLAIMS = (
+    Claim("C1", "a random ticket at Partial-LoRA's ratios matches dense LoRA", "partial-random", "lora", "matches"),
+    Claim("C2a", "Partial-LoRA's per-layer ratios beat uniform ratios at the same budget", "partial", "uniform", "beats"),
+    Claim("C2b", "random rows/cols at Partial-LoRA's ratios match the subspace ones", "partial-random", "partial",
+          "matches"),
+    Claim("C3", "Partial-LoRA matches dense LoRA with fewer parameters", "partial", "lora", "matches"),
+    Claim("C5", "r=32 sparse at a rank-1 budget beats dense LoRA r=1", "partial-r32-rank1", "lora-r1", "beats"),
+    Claim("R", "Partial-LoRA beats dense LoRA rank-matched to its budget", "partial", "lora-matched", "beats"),
+)
+
+
+@dataclass
+class Run:
+    model: str
+    task: str
+    arm: str
+    seed: int
+    dir: Path
+    results: dict[str, Any]
+
+    @property
+    def metric(self) -> str:
+        return self.results["main_metric"]
+
+    @property
+    def value(self) -> float:
+        return float(self.results["metrics"][f"test_{self.metric}"])
+
+    @property
+    def params(self) -> int:
+        return int(self.results["params"]["adapter"] or 0)
+
+    @property
+    def wall(self) -> float:
+        return float(sum(w for w in self.results["wall_s"].values() if w))
+
+
+@dataclass
+class Study:
+    runs: list[Run]
+    missing: list[Path] = field(default_factory=list)
+
+    def by(self) -> dict[tuple[str, str, str], dict[int, Run]]:
+        out: dict[tuple[str, str, str], dict[int, Run]] = defaultdict(dict)
+        for r in self.runs:
+            out[r.model, r.task, r.arm][r.seed] = r
+        return out
+
+
+def collect(out: Path) -> Study:
+    """Every finished run under `<out>/runs/<model>/<task>/<arm>/seed<n>`; unfinished ones listed."""
+    root = out / "runs"
+    if not root.is_dir():
+        raise PlrError(f"{out} holds no study runs (no {root}); run `plr study --out {out}` first")
+    runs, missing = [], []
+    for d in sorted(root.glob("*/*/*/seed*")):
+        model, task, arm = d.parts[-4:-1]
+        results = finished(d)
+        if results is None:
+            missing.append(d)
+            continue
+        runs.append(Run(model, task, arm, int(d.name[4:]), d, results))
+    return Study(runs, missing)
+
+
+def _test_predictions(run: Run):
+    df = A.read_predictions(run.dir)
+    df = df[df["split"] == "test"].sort_values("index")
+    return df["label"].to_numpy(), df["prediction"].to_numpy()
+
+
+def paired(method: dict[int, Run], control: dict[int, Run]) -> dict[int, ST.Paired]:
+    """The seeds both arms finished, as paired test predictions (the same test examples)."""
+    out = {}
+    for seed in sorted(set(method) & set(control)):
+        ya, pa = _test_predictions(method[seed])
+        yb, pb = _test_predictions(control[seed])
+        if len(ya) != len(yb) or not np.array_equal(ya, yb):
+            raise PlrError(f"{method[seed].dir} and {control[seed].dir} were scored on different test sets; "
+                           "rerun both with the same task settings")
+        out[seed] = ST.Paired(ya, pa, pb)
+    return out
+
+
+@dataclass
+class ClaimRow:
+    claim: Claim
+    task: str  # a task, or "pooled"
+    model: str
+    comparison: ST.Comparison
+    method_params: float
+    control_params: float
+    reduction_pct: float | None
+
+    @property
+    def verdict(self) -> str:
+        return self.comparison.verdict(self.claim.kind)
+
+
+def claim_rows(study: Study, n_boot: int = 2000, seed: int = 0) -> list[ClaimRow]:
+    """Each claim per (model, task) with at least one paired seed, then pooled over those tasks."""
+    by = study.by()
+    rows: list[ClaimRow] = []
+    for model in sorted({r.model for r in study.runs}):
+        tasks = sorted({r.task for r in study.runs if r.model == model})
+        for claim in CLAIMS:
+            pooled, metrics, mp, cp, red = [], [], [], [], []
+            for task in tasks:
+                m, c = by.get((model, task, claim.method), {}), by.get((model, task, claim.control), {})
+                pairs = paired(m, c)
+                if not pairs:
+                    continue
+                dense = by.get((model, task, "lora"), {})
+                metric = next(iter(m.values())).metric
+                comp = ST.compare([pairs], [metric], n_boot=n_boot, seed=seed)
+                m_params = statistics.mean(m[s].params for s in pairs)
+                c_params = statistics.mean(c[s].params for s in pairs)
+                d_params = statistics.mean(r.params for r in dense.values()) if dense else None
+                reduction = 100 * (1 - m_params / d_params) if d_params else None
+                rows.append(ClaimRow(claim, task, model, comp, m_params, c_params, reduction))
+                pooled.append(pairs)
+                metrics.append(metric)
+                mp.append(m_params)
+                cp.append(c_params)
+                if reduction is not None:
+                    red.append(reduction)
+            if len(pooled) > 1:
+                comp = ST.compare(pooled, metrics, n_boot=n_boot, seed=seed)
+                rows.append(ClaimRow(claim, "pooled", model, comp, statistics.mean(mp), statistics.mean(cp),
+                                     statistics.mean(red) if red else None))
+    return rows
+
+
+def arm_rows(study: Study) -> list[dict[str, Any]]:
+    """One row per (model, task, arm): the test metric's mean ± std over seeds, parameters, time."""
+    by = study.by()
+    out = []
+    order = {a: i for i, a in enumerate(ARMS)}
+    for (model, task, arm), runs in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], order.get(kv[0][2], 99))):
+        values = [r.value for r in runs.values()]
+        dense = by.get((model, task, "lora"), {})
+        d_params = statistics.mean(r.params for r in dense.values()) if dense else None
+        params = statistics.mean(r.params for r in runs.values())
+        out.append({"model": model, "task": task, "arm": arm, "metric": next(iter(runs.values())).metric,
+                    "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "seeds": sorted(runs), "values": values, "params": params,
+                    "reduction_pct": 100 * (1 - params / d_params) if d_params else None,
+                    "wall_min": statistics.mean(r.wall for r in runs.values()) / 60})
+    return out
+
+
+def markdown(study: Study, rows: Sequence[ClaimRow], arms: Sequence[dict[str, Any]]) -> str:
+    lines = ["# plr study", "", "## Every arm", "",
+             "Test metric, mean ± std over seeds; adapter parameters (the head not counted); reduction against "
+             "dense LoRA r=8 (the `lora` arm) on the same task; mean wall time per run.", "",
+             "| model | task | metric | arm | test | seeds | adapter params | reduction | wall |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for a in arms:
+        red = "-" if a["reduction_pct"] is None else f"{a['reduction_pct']:.1f}%"
+        lines.append(f"| {a['model']} | {a['task']} | {a['metric']} | {a['arm']} | {a['mean']:.4f} ± {a['std']:.4f} | "
+                     f"{','.join(map(str, a['seeds']))} | {a['params']:,.0f} | {red} | {a['wall_min']:.1f} min |")
+    lines += ["", "## Claims", "",
+              "Rule: the paired difference method − control in the task's main test metric, in points "
+              "(1 point = 0.01), mean over seeds; 95% CI from a hierarchical paired bootstrap (seeds, then test "
+              "examples within each seed; resampling seed 0). **matches** = non-inferiority at −1 point, **beats** "
+              "= superiority over 0. **holds**: the CI lies entirely above the margin; **refuted**: entirely below "
+              "it; **inconclusive**: otherwise. Pooled rows average the tasks' differences (tasks fixed).", "",
+              "| claim | model | task | method − control | kind | difference (pts) | per seed | 95% CI | params (method / control) | reduction | verdict |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r.comparison
+        red = "-" if r.reduction_pct is None else f"{r.reduction_pct:.1f}%"
+        per_seed = ", ".join(f"{d:+.2f}" for d in c.per_seed)
+        lines.append(f"| {r.claim.key} | {r.model} | {r.task} | {r.claim.method} − {r.claim.control} | {r.claim.kind} | "
+                     f"{c.mean:+.2f} | {per_seed} | [{c.low:+.2f}, {c.high:+.2f}] | "
+                     f"{r.method_params:,.0f} / {r.control_params:,.0f} | {red} | **{r.verdict}** |")
+    lines += ["", "Claims: " + "; ".join(f"{c.key}: {c.text}" for c in CLAIMS) + "."]
+    if study.missing:
+        lines += ["", f"Unfinished runs ({len(study.missing)}), not counted:", "",
+                  *[f"- {p}" for p in study.missing]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,141 @@
+"""The claims study's plan: tasks × seeds × arms, each arm an ordinary `plr train` run.
+
+Every run has a fixed dir, `<out>/runs/<model>/<task>/<arm>/seed<n>`, so a study that stops can
+be started again: finished runs are reused and an unfinished one resumes from its checkpoint.
+Arms that reuse Partial-LoRA's probe and allocation (`from_run`) or match its parameter budget
+(`adapter.match.run`) depend on the `partial` run of the same task and seed, and run after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from partial_lora.errors import PlrError
+
+PARTIAL = "partial"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: its overrides, given the dir of the same task and seed's Partial-LoRA run."""
+
+    name: str
+    about: str
+    overrides: Callable[[Path], list[str]]
+    needs_partial: bool = False
+
+
+ARMS: dict[str, Arm] = {a.name: a for a in (
+    Arm("head", "only the task head trains (no adapter; zero-shot on a causal LM)", lambda p: ["adapter=head"]),
+    Arm("lora", "dense LoRA r=8", lambda p: ["adapter=lora"]),
+    Arm(PARTIAL, "Partial-LoRA with the default settings (adapter.sparsity=auto)", lambda p: []),
+    Arm("partial-random", "Partial-LoRA's allocation with random rows/cols",
+        lambda p: [f"from_run={p}", "adapter.mask.method=random", "adapter.allocation.search_masks=subspace"],
+        needs_partial=True),
+    Arm("uniform", "uniform random rows/cols at Partial-LoRA's budget",
+        lambda p: ["adapter=uniform", f"adapter.match.run={p}"], needs_partial=True),
+    Arm("lora-matched", "dense LoRA at the rank closest to Partial-LoRA's budget",
+        lambda p: ["adapter=lora_matched", f"adapter.match.run={p}"], needs_partial=True),
+    Arm("partial-r32-rank1", "Partial-LoRA at r=32 rescaled to the budget of a dense rank-1 LoRA",
+        lambda p: ["adapter.r=32", "adapter.match.rank=1"]),
+    Arm("lora-r1", "dense LoRA r=1", lambda p: ["adapter=lora", "adapter.r=1"]),
+    Arm("peft-lora", "PEFT's LoRA r=8 (cross-check of plr's layer)", lambda p: ["adapter=peft_lora"]),
+)}
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A model's part of the study: its tasks, arms, seeds and per-task recipe overrides."""
+
+    model: str
+    tasks: tuple[str, ...]
+    arms: tuple[str, ...]
+    seeds: tuple[int, ...]
+    recipe: Callable[[str], list[str]]
+
+
+def _minilm_recipe(task: str) -> list[str]:
+    # BBC News keeps the offline demo's recipe (the default trainer), so its row is the README's.
+    return [] if task == "bbc-news" else ["experiment=offline-minilm"]
+
+
+SUITES: dict[str, Suite] = {
+    "minilm": Suite("minilm", ("bbc-news", "rt-polarity", "vader-movies", "vader-movies-score", "vader-tweets",
+                               "debates-speaker"), tuple(ARMS), (0, 1, 2), _minilm_recipe),
+    "gemma3-270m": Suite("gemma3-270m", ("rt-polarity",), ("head", "lora", PARTIAL, "uniform", "lora-matched"),
+                         (0, 1), lambda task: ["experiment=offline-gemma"]),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    model: str
+    task: str
+    arm: str
+    seed: int
+    run_dir: Path
+    overrides: tuple[str, ...]
+    after: Path | None = None  # the run this one reads (the same task and seed's Partial-LoRA run)
+
+    def command(self) -> list[str]:
+        return ["plr", "train", *self.overrides, f"run_dir={self.run_dir}"]
+
+
+@dataclass
+class Selection:
+    """What `plr study` was asked to run (None: the suite's own)."""
+
+    models: Sequence[str] | None = None
+    tasks: Sequence[str] | None = None
+    seeds: Sequence[int] | None = None
+    arms: Sequence[str] | None = None
+    extra: Sequence[str] = field(default_factory=list)
+
+
+def run_dir(out: Path, model: str, task: str, arm: str, seed: int) -> Path:
+    return out / "runs" / model / task / arm / f"seed{seed}"
+
+
+def _known(kind: str, values: Sequence, known: Sequence) -> None:
+    bad = [v for v in values if v not in known]
+    if bad:
+        raise PlrError(f"unknown {kind} '{bad[0]}' for plr study; choose from: {', '.join(map(str, known))}")
+
+
+def plan(out: Path, sel: Selection) -> list[Job]:
+    """The jobs in run order: seed by seed, task by task, Partial-LoRA before the arms that read it.
+
+    Raises:
+        PlrError: an unknown model, arm or seed; a task that is not in the chosen suite.
+    """
+    models = list(sel.models or SUITES)
+    _known("model", models, list(SUITES))
+    if sel.arms is not None:
+        _known("arm", sel.arms, list(ARMS))
+    jobs: list[Job] = []
+    for model in models:
+        suite = SUITES[model]
+        tasks = list(sel.tasks or suite.tasks)
+        if sel.tasks is not None and sel.models is None:  # --tasks without --model: each suite keeps what it has
+            tasks = [t for t in tasks if t in suite.tasks]
+        else:
+            _known(f"task of the {model} suite", tasks, suite.tasks)
+        arms = [a for a in suite.arms if sel.arms is None or a in sel.arms]
+        if any(ARMS[a].needs_partial for a in arms) and PARTIAL not in arms:
+            arms.insert(0, PARTIAL)  # the arms that read it need it: run it too
+        seeds = list(sel.seeds if sel.seeds is not None else suite.seeds)
+        if any(s < 0 for s in seeds):
+            raise PlrError(f"--seeds must be >= 0, got {seeds}")
+        for seed in seeds:
+            for task in tasks:
+                partial = run_dir(out, model, task, PARTIAL, seed)
+                ordered = sorted(arms, key=lambda a: (a != PARTIAL, ARMS[a].needs_partial))
+                for arm in ordered:
+                    a = ARMS[arm]
+                    overrides = (*suite.recipe(task), f"task={task}", *a.overrides(partial), f"seed={seed}",
+                                 f"label={arm}", *sel.extra)
+                    jobs.append(Job(model, task, arm, seed, run_dir(out, model, task, arm, seed), overrides,
+                                    partial if a.needs_partial else None))
+    return jobs

@@ -1,0 +1,208 @@
+"""`plr study`: the plan, resuming, the paired bootstrap, the verdict rule, predictions.parquet."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from partial_lora import stats as ST
+from partial_lora.errors import PlrError
+from partial_lora.study import Selection, execute, plan
+from partial_lora.study.claims import CLAIMS, claim_rows, collect
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- the bootstrap and the verdict ----------------------------------------------------------
+
+def constructed(n: int, extra_right: int, seed: int = 0) -> ST.Paired:
+    """Method and control agree except on `extra_right` examples, where only the method is right."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    control = np.where(rng.random(n) < 0.8, labels, 1 - labels)
+    method = control.copy()
+    wrong = np.flatnonzero(control != labels)[:extra_right]
+    method[wrong] = labels[wrong]
+    return ST.Paired(labels, method, control)
+
+
+def test_the_point_estimate_is_the_mean_of_per_seed_differences():
+    # Seeds with 2, 4 and 6 points of advantage on 500 examples (10, 20, 30 flipped examples).
+    pairs = {s: constructed(500, k, seed=s) for s, k in zip((0, 1, 2), (10, 20, 30))}
+    comp = ST.compare([pairs], ["accuracy"], n_boot=1000)
+    assert comp.per_seed == pytest.approx((2.0, 4.0, 6.0))
+    assert comp.mean == pytest.approx(4.0) and comp.seeds == (0, 1, 2)
+    # Resampling seeds spans (roughly) their range; examples add a little on top.
+    assert 1.0 < comp.low < 3.5 and 4.5 < comp.high < 7.0
+
+
+def test_the_ci_covers_a_known_zero_and_shrinks_with_more_examples():
+    rng = np.random.default_rng(1)
+
+    def noisy(n):  # method and control each right 80% of the time, independently: no true difference
+        labels = rng.integers(0, 2, n)
+        flip = lambda: np.where(rng.random(n) < 0.8, labels, 1 - labels)  # noqa: E731
+        return ST.Paired(labels, flip(), flip())
+
+    small = ST.compare([{0: noisy(200), 1: noisy(200)}], ["accuracy"], n_boot=1000)
+    large = ST.compare([{0: noisy(5000), 1: noisy(5000)}], ["accuracy"], n_boot=1000)
+    assert small.low < 0 < small.high and large.low < 0 < large.high
+    assert (large.high - large.low) < 0.5 * (small.high - small.low)
+    data = [{0: noisy(200)}]
+    assert ST.compare(data, ["accuracy"], n_boot=500, seed=3) == ST.compare(data, ["accuracy"], n_boot=500, seed=3)
+
+
+def test_pooled_comparisons_average_tasks_and_regression_uses_correlation():
+    cls = {0: constructed(400, 8), 1: constructed(400, 8, seed=1)}  # +2 points each seed
+    x = np.linspace(-1, 1, 300)
+    reg = {0: ST.Paired(x, x, x + np.random.default_rng(0).normal(0, 1, 300)),  # method perfect
+           1: ST.Paired(x, x, x + np.random.default_rng(1).normal(0, 1, 300))}
+    r_one = ST.compare([reg], ["pearson"], n_boot=500)
+    assert r_one.mean > 30 and r_one.low > 0  # Pearson 1.0 against a noisy ~0.5
+    pooled = ST.compare([cls, reg], ["accuracy", "pearson"], n_boot=500)
+    assert pooled.mean == pytest.approx((2.0 + r_one.mean) / 2)
+    assert pooled.per_seed == pytest.approx(tuple((2.0 + d) / 2 for d in r_one.per_seed))
+
+
+@pytest.mark.parametrize("low, high, kind, expected", [
+    (-0.99, 3.0, "matches", "holds"),
+    (-1.0, 3.0, "matches", "inconclusive"),   # touching the margin does not clear it
+    (-3.0, -1.0, "matches", "inconclusive"),
+    (-3.0, -1.01, "matches", "refuted"),
+    (0.01, 2.0, "beats", "holds"),
+    (0.0, 2.0, "beats", "inconclusive"),
+    (-2.0, 0.0, "beats", "inconclusive"),
+    (-2.0, -0.01, "beats", "refuted"),
+])
+def test_the_verdict_rule_at_its_edges(low, high, kind, expected):
+    assert ST.verdict(low, high, kind) == expected
+
+
+def test_bad_comparisons_are_one_line():
+    with pytest.raises(PlrError, match="same non-empty test set"):
+        ST.Paired(np.zeros(3), np.zeros(2), np.zeros(3))
+    with pytest.raises(PlrError, match="at least one seed"):
+        ST.compare([{}], ["accuracy"])
+    with pytest.raises(PlrError, match="unknown claim kind"):
+        ST.verdict(0, 1, "equals")
+    with pytest.raises(PlrError, match="no paired bootstrap for metric 'bleu'"):
+        ST.metric_fn("bleu")
+
+
+# --- the plan -------------------------------------------------------------------------------
+
+def test_the_default_plan_covers_every_task_seed_and_arm(tmp_path):
+    jobs = plan(tmp_path, Selection())
+    minilm = [j for j in jobs if j.model == "minilm"]
+    assert len(minilm) == 6 * 3 * 9 and {j.task for j in minilm} == {
+        "bbc-news", "rt-polarity", "vader-movies", "vader-movies-score", "vader-tweets", "debates-speaker"}
+    gemma = [j for j in jobs if j.model == "gemma3-270m"]
+    assert {j.task for j in gemma} == {"rt-polarity"} and {j.seed for j in gemma} == {0, 1} and len(gemma) == 10
+    for j in jobs:  # every arm that reads Partial-LoRA's run comes after it
+        if j.after is not None:
+            assert jobs.index(next(k for k in jobs if k.run_dir == j.after)) < jobs.index(j)
+    rand = next(j for j in jobs if j.arm == "partial-random" and j.task == "rt-polarity" and j.seed == 1)
+    assert f"from_run={tmp_path}/runs/minilm/rt-polarity/partial/seed1" in rand.overrides
+    assert "adapter.mask.method=random" in rand.overrides and "experiment=offline-minilm" in rand.overrides
+    lm = next(j for j in jobs if j.arm == "lora-matched" and j.task == "bbc-news")
+    assert "experiment=offline-minilm" not in lm.overrides  # BBC keeps the demo's recipe
+    assert f"adapter.match.run={tmp_path}/runs/minilm/bbc-news/partial/seed0" in lm.overrides
+    r32 = next(j for j in jobs if j.arm == "partial-r32-rank1").overrides
+    assert "adapter.r=32" in r32 and "adapter.match.rank=1" in r32
+
+
+def test_narrowing_adds_the_partial_run_an_arm_reads_and_refuses_unknown_names(tmp_path):
+    jobs = plan(tmp_path, Selection(models=["minilm"], tasks=["rt-polarity"], seeds=[2], arms=["uniform"],
+                                    extra=["trainer.device=cpu"]))
+    assert [j.arm for j in jobs] == ["partial", "uniform"]
+    assert all(j.overrides[-1] == "trainer.device=cpu" and "seed=2" in j.overrides for j in jobs)
+    for sel, message in ((Selection(models=["bert"]), "unknown model 'bert'"),
+                         (Selection(arms=["lora", "dora"]), "unknown arm 'dora'"),
+                         (Selection(models=["gemma3-270m"], tasks=["vader-tweets"]), "unknown task of the gemma3-270m"),
+                         (Selection(seeds=[-1]), "--seeds must be >= 0")):
+        with pytest.raises(PlrError, match=message):
+            plan(tmp_path, sel)
+    # --tasks without --model keeps each suite's own tasks: Gemma has no vader-tweets part.
+    assert {j.model for j in plan(tmp_path, Selection(tasks=["vader-tweets"]))} == {"minilm"}
+
+
+def fake_run(job, value: float, labels=None, preds=None) -> int:
+    """Write what a finished `plr train` leaves: results.json and evaluate/predictions.parquet."""
+    labels = np.array([0, 1, 1, 0, 1, 0, 1, 1]) if labels is None else labels
+    preds = labels if preds is None else preds
+    (job.run_dir / "evaluate").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"split": "test", "task": "", "index": np.arange(len(labels)), "label": labels,
+                  "prediction": preds, "score": 1.0}).to_parquet(job.run_dir / "evaluate/predictions.parquet")
+    (job.run_dir / "results.json").write_text(json.dumps({
+        "status": "complete", "main_metric": "accuracy", "metrics": {"test_accuracy": value},
+        "params": {"adapter": 100 if job.arm != "lora" else 1000}, "wall_s": {"retrain": 1.0}}))
+    return 0
+
+
+def test_execute_reuses_finished_runs_resumes_unfinished_ones_and_skips_orphans(tmp_path):
+    jobs = plan(tmp_path, Selection(models=["minilm"], tasks=["rt-polarity"], seeds=[0], arms=["lora", "uniform"]))
+    calls = []
+
+    def runner(job):
+        calls.append(job.arm)
+        return fake_run(job, 0.8)
+
+    assert execute(jobs, runner=runner, echo=lambda m: None) == []
+    assert sorted(calls) == ["lora", "partial", "uniform"]
+    calls.clear()
+    assert execute(jobs, runner=runner, echo=lambda m: None) == []
+    assert calls == []  # everything finished: nothing reruns
+    (jobs[0].run_dir / "results.json").write_text(json.dumps({"status": "incomplete"}))  # a killed run
+    execute(jobs, runner=runner, echo=lambda m: None)
+    assert calls == [jobs[0].arm]  # only that one reruns (plr train resumes it from its checkpoint)
+
+    other = plan(tmp_path / "b", Selection(models=["minilm"], tasks=["rt-polarity"], seeds=[0], arms=["uniform"]))
+    failed = execute(other, runner=lambda job: 1, echo=lambda m: None)
+    assert [j.arm for j in failed] == ["partial", "uniform"]  # partial failed; uniform, which reads it, skipped
+
+
+def test_claims_pair_runs_example_by_example(tmp_path):
+    jobs = plan(tmp_path, Selection(models=["minilm"], tasks=["rt-polarity", "vader-tweets"], seeds=[0, 1],
+                                    arms=["lora", "partial", "partial-random"]))
+    labels = np.tile([0, 1], 50)
+    for j in jobs:
+        preds = labels.copy()
+        if j.arm == "partial":
+            preds[:5] = 1 - preds[:5]  # 5 points below the others
+        fake_run(j, float((preds == labels).mean()), labels, preds)
+    study = collect(tmp_path)
+    rows = {(r.claim.key, r.task): r for r in claim_rows(study, n_boot=200)}
+    c3 = rows["C3", "rt-polarity"]
+    assert c3.comparison.mean == pytest.approx(-5.0) and c3.comparison.per_seed == pytest.approx((-5.0, -5.0))
+    assert c3.verdict == "refuted" and c3.reduction_pct == pytest.approx(90.0)
+    assert rows["C1", "pooled"].comparison.mean == pytest.approx(0.0)
+    assert ("C5", "rt-polarity") not in rows  # arms not run: no row
+    assert {c.key for c in CLAIMS} >= {"C1", "C2a", "C2b", "C3", "C5", "R"}
+
+
+def test_plr_study_end_to_end_on_a_tiny_model(tmp_path):
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "partial_lora.cli", "study", "--model", "minilm", "--tasks", "bbc-news",
+           "--seeds", "0", "--arms", "lora,partial", "--bootstrap", "200", "--out", str(out), "--",
+           "experiment=smoke"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    md = (out / "study.md").read_text()
+    assert "| C3 | minilm | bbc-news | partial − lora | matches |" in md
+    assert "| C2b |" not in md  # partial-random was not run: no row for the claims that need it
+    assert (out / "study.csv").exists() and (out / "study.png").stat().st_size > 1000
+    for arm in ("partial", "lora"):
+        run = out / "runs/minilm/bbc-news" / arm / "seed0"
+        results = json.loads((run / "results.json").read_text())
+        pred = pd.read_parquet(run / "evaluate/predictions.parquet")
+        for split in ("val", "test"):
+            part = pred[pred["split"] == split]
+            assert len(part) == (results["stages"]["evaluate"]["test_examples"] if split == "test" else len(part))
+            assert (part["label"] == part["prediction"]).mean() == pytest.approx(results["metrics"][f"{split}_accuracy"])
+            assert part["score"].between(0, 1).all() and (part["index"].to_numpy() == np.arange(len(part))).all()
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0 and "2 finished already, 0 to run" in again.stdout
