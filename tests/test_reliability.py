@@ -253,3 +253,35 @@ def test_full_error_shows_the_traceback(tmp_path):
                           f"run_dir={tmp_path / 'run'}"], cwd=tmp_path, env={**ENV, "HYDRA_FULL_ERROR": "1"},
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_tensors_json_and_tables_share_one_file_mode(tmp_path):
+    """safetensors writes a fresh owner-only file; the run dir's files must all get the umask's mode."""
+    import stat
+
+    from partial_lora import artifacts as A
+
+    A.save_tensors(tmp_path / "a.safetensors", {"x": torch.zeros(2)})
+    A.write_json(tmp_path / "m.json", {"x": 1})
+    A.write_predictions(tmp_path / "p.parquet", {"index": [0, 1], "label": [1, 0]})
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert set(modes.values()) == {0o666 & ~A.UMASK}, modes
+
+
+def test_ctrl_c_prints_one_line_with_the_way_back_and_exits_130(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "partial_lora.cli", "train", *LONG,
+                             f"run_dir={run_dir}"], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    ckpt = run_dir / "retrain" / CK.FILE
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("plr:")]
+    assert len(lines) == 1 and lines[0].startswith("plr: interrupted at retrain step ")
+    assert lines[0].endswith(f"resume with `plr resume {run_dir}`")
+    assert ckpt.exists() and not (run_dir / "retrain" / "done").exists()  # resumable, not marked done

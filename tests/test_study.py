@@ -160,6 +160,18 @@ def test_execute_reuses_finished_runs_resumes_unfinished_ones_and_skips_orphans(
     execute(jobs, runner=runner, echo=lambda m: None)
     assert calls == [jobs[0].arm]  # only that one reruns (plr train resumes it from its checkpoint)
 
+    # A run finished before evaluate wrote predictions: its evaluate stage is marked to run again.
+    (jobs[1].run_dir / "evaluate/predictions.parquet").unlink()
+    (jobs[1].run_dir / "evaluate/done").write_text("")
+    seen = []
+
+    def watching(job):
+        seen.append((job.arm, (job.run_dir / "evaluate/done").exists()))
+        return fake_run(job, 0.8)
+
+    execute(jobs, runner=watching, echo=lambda m: None)
+    assert seen == [(jobs[1].arm, False)]
+
     other = plan(tmp_path / "b", Selection(models=["minilm"], tasks=["rt-polarity"], seeds=[0], arms=["uniform"]))
     failed = execute(other, runner=lambda job: 1, echo=lambda m: None)
     assert [j.arm for j in failed] == ["partial", "uniform"]  # partial failed; uniform, which reads it, skipped

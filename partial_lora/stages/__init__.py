@@ -20,7 +20,7 @@ from partial_lora import checkpoint as CK
 from partial_lora import config as C
 from partial_lora import distributed as D
 from partial_lora.allocation import NEEDS_PROBE
-from partial_lora.errors import PlrError
+from partial_lora.errors import Interrupted, PlrError
 from partial_lora.stages import allocate, evaluate, extract, probe, retrain
 from partial_lora.tracking import Tracker
 from partial_lora.train import resolve_device
@@ -97,7 +97,12 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
             continue
         echo(f"[plr] {name} ...")
         t0 = time.perf_counter()
-        metrics = REGISTRY[name](cfg, run_dir, tracker)
+        try:
+            metrics = REGISTRY[name](cfg, run_dir, tracker)
+        except Interrupted:
+            raise
+        except KeyboardInterrupt:  # outside a training loop (loading, the allocation search...)
+            raise Interrupted(name) from None
         metrics["wall_s"] = time.perf_counter() - t0
         A.mark_done(run_dir, name, metrics)
         if D.is_main():

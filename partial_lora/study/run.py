@@ -26,6 +26,14 @@ def finished(run_dir: Path) -> dict[str, Any] | None:
     return results
 
 
+def _complete_without_predictions(run_dir: Path) -> bool:
+    try:
+        results = json.loads((run_dir / A.RESULTS).read_text())
+    except (OSError, ValueError):
+        return False
+    return results.get("status") == "complete" and not (A.stage_dir(run_dir, "evaluate") / A.PREDICTIONS).exists()
+
+
 def plr_train(job: Job) -> int:
     """Run one job as `python -m partial_lora.cli train ...` (its own process: a clean slate per run)."""
     cmd = [sys.executable, "-m", "partial_lora.cli", "train", "trainer.progress=false", *job.overrides,
@@ -44,6 +52,11 @@ def execute(jobs: Sequence[Job], *, runner: Callable[[Job], int] = plr_train,
     failed: list[Job] = []
     bad: set[Path] = set()
     todo = [j for j in jobs if finished(j.run_dir) is None]
+    for job in todo:
+        if _complete_without_predictions(job.run_dir):
+            # A run made before evaluate wrote predictions: redo only its evaluate stage.
+            echo(f"[plr] study: {job.run_dir} has no {A.PREDICTIONS}; its evaluate stage runs again")
+            A.clear_done(job.run_dir, "evaluate")
     echo(f"[plr] study: {len(jobs)} runs, {len(jobs) - len(todo)} finished already, {len(todo)} to run")
     for i, job in enumerate(todo, 1):
         if job.after is not None and (job.after in bad or finished(job.after) is None):
