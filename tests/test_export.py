@@ -313,3 +313,19 @@ def test_partial_llm_export_loads_as_a_causal_lm_adapter(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, s.built.model.net(**inputs).logits, atol=ATOL, rtol=0)
     assert "AutoModelForCausalLM" in (out / "README.md").read_text()
+
+
+def test_force_never_deletes_a_run_dir_or_anything_inside_one(bert_run, tmp_path):
+    before = sorted(p.relative_to(bert_run) for p in bert_run.rglob("*"))
+    with pytest.raises(PlrError, match="lies inside the run dir"):
+        export_run(bert_run, bert_run / "retrain", force=True, echo=lambda s: None)
+    with pytest.raises(PlrError, match="lies inside the run dir"):
+        export_run(bert_run, bert_run / "retrain" / "new", force=True, echo=lambda s: None)
+    assert sorted(p.relative_to(bert_run) for p in bert_run.rglob("*")) == before  # nothing touched
+    # A folder that holds another run dir (a sweep root) is refused too, even with --force.
+    other = tmp_path / "sweep" / "0"
+    (other / ".hydra").mkdir(parents=True)
+    (other / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(PlrError, match="holds the run dir .*--force would delete it"):
+        export_run(bert_run, tmp_path / "sweep", force=True, echo=lambda s: None)
+    assert (other / ".hydra" / "config.yaml").exists()
