@@ -105,8 +105,8 @@ def table(out: Path) -> str:
                 diffs = [per_arm["lora-r8"][s]["metrics"][f"test_{metric}"] - per_arm["lora-r1"][s]["metrics"][f"test_{metric}"]
                          for s in common]
                 if diffs:
-                    sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
-                    gaps.append(f"| {model} | {task} | {statistics.mean(diffs):+.4f} | {sd:.4f} | "
+                    sd = f"{statistics.stdev(diffs):.4f}" if len(diffs) > 1 else "-"
+                    gaps.append(f"| {model} | {task} | {statistics.mean(diffs):+.4f} | {sd} | "
                                 f"{', '.join(f'{d:+.4f}' for d in diffs)} |")
     if gaps:
         lines += ["", "r=8 minus r=1, paired by seed:", "",
