@@ -35,6 +35,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from partial_lora.artifacts import UMASK
 from partial_lora.errors import PlrError
 
 CACHE_ENV = "PLR_CACHE"
@@ -264,7 +265,7 @@ def _missing(module: str) -> bool:
 
 def _write_manifest(source: Source, folder: Path) -> None:
     files = {}
-    mode = 0o666 & ~_umask()  # libraries write some files 0600; a shared cache must be readable by the group
+    mode = 0o666 & ~UMASK  # libraries write some files 0600; a shared cache must be readable by the group
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         path.chmod(mode)
         rel = path.relative_to(folder).as_posix()
@@ -272,12 +273,6 @@ def _write_manifest(source: Source, folder: Path) -> None:
     manifest = {"source": source.name, "packages": [p.requirement + (" (sdist)" if p.sdist else "") for p in source.packages],
                 "files": files, "license": source.license, "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def fetch_all(*, force: bool = False, echo: Callable[[str], None] = print) -> list[Path]:

@@ -15,6 +15,7 @@ arm against a control arm on the same tasks and seeds:
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -105,10 +106,16 @@ def collect(out: Path) -> Study:
     return Study(runs, missing)
 
 
-def _test_predictions(run: Run):
-    df = A.read_predictions(run.dir)
+@functools.lru_cache(maxsize=None)
+def _test_predictions_of(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    df = A.read_predictions(run_dir)
     df = df[df["split"] == "test"].sort_values("index")
     return df["label"].to_numpy(), df["prediction"].to_numpy()
+
+
+def _test_predictions(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, predictions) on the test split; each run's file is read once, whatever the claims."""
+    return _test_predictions_of(run.dir)
 
 
 def paired(method: dict[int, Run], control: dict[int, Run]) -> dict[int, ST.Paired]:
@@ -141,6 +148,7 @@ class ClaimRow:
 
 def claim_rows(study: Study, n_boot: int = 2000, seed: int = 0) -> list[ClaimRow]:
     """Each claim per (model, task) with at least one paired seed, then pooled over those tasks."""
+    _test_predictions_of.cache_clear()  # a table reads the files as they are now
     by = study.by()
     rows: list[ClaimRow] = []
     for model in sorted({r.model for r in study.runs}):

@@ -15,23 +15,27 @@ from partial_lora import artifacts as A
 from partial_lora.study.plan import Job
 
 
-def finished(run_dir: Path) -> dict[str, Any] | None:
-    """The run's results if it completed (and wrote its predictions), else None."""
+def _complete(run_dir: Path) -> dict[str, Any] | None:
+    """The run's results.json if its status is complete, else None."""
     try:
         results = json.loads((run_dir / A.RESULTS).read_text())
     except (OSError, ValueError):
         return None
-    if results.get("status") != "complete" or not (A.stage_dir(run_dir, "evaluate") / A.PREDICTIONS).exists():
-        return None
-    return results
+    return results if results.get("status") == "complete" else None
+
+
+def _has_predictions(run_dir: Path) -> bool:
+    return (A.stage_dir(run_dir, "evaluate") / A.PREDICTIONS).exists()
+
+
+def finished(run_dir: Path) -> dict[str, Any] | None:
+    """The run's results if it completed (and wrote its predictions), else None."""
+    results = _complete(run_dir)
+    return results if results is not None and _has_predictions(run_dir) else None
 
 
 def _complete_without_predictions(run_dir: Path) -> bool:
-    try:
-        results = json.loads((run_dir / A.RESULTS).read_text())
-    except (OSError, ValueError):
-        return False
-    return results.get("status") == "complete" and not (A.stage_dir(run_dir, "evaluate") / A.PREDICTIONS).exists()
+    return _complete(run_dir) is not None and not _has_predictions(run_dir)
 
 
 def plr_train(job: Job) -> int:
