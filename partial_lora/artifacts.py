@@ -45,8 +45,8 @@ DONE = "done"                    # marker: the stage finished and all its files 
 RESULTS = "results.json"         # everything the report needs, at the run dir's top
 ERROR = "error.txt"              # why a job of a sweep failed (the sweep went on); removed on rerun
 GIT, ENV = "git.json", "env.json"
-HYDRA_CONFIG = Path(".hydra") / "config.yaml"        # written by Hydra: the resolved run config
-HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"  # written by Hydra: the command-line overrides
+HYDRA_CONFIG = Path(".hydra") / "config.yaml"        # the composed run config (as Hydra writes it; see rundir)
+HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"  # the command-line overrides
 
 VERSIONED = ("plr", "torch", "torchvision", "transformers", "datasets", "timm", "peft", "hydra-core",
              "omegaconf", "safetensors", "accelerate", "wandb", "numpy", "scikit-learn")
@@ -142,13 +142,21 @@ def read_predictions(run_dir: Path) -> Any:
         raise PlrError(f"corrupt artifact {path} ({type(e).__name__}); delete evaluate/done and rerun") from None
 
 
+def _rerun_hint(path: Path) -> str:
+    """How to remake a corrupt artifact: rerun its stage (named by its folder) and the later ones."""
+    stage = path.parent.name
+    if stage in STAGES:
+        return f"remake it with `plr resume {path.parent.parent} --rerun-from {stage}`"
+    return "delete it and rerun the run"
+
+
 def read_json(path: Path) -> Any:
     if not path.exists():
         raise PlrError(f"missing artifact {path}; rerun the stage that writes it")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PlrError(f"corrupt artifact {path} ({e.msg if hasattr(e, 'msg') else e}); delete it and rerun its stage") from None
+        raise PlrError(f"corrupt artifact {path} ({e.msg if hasattr(e, 'msg') else e}); {_rerun_hint(path)}") from None
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
@@ -163,7 +171,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise PlrError(f"corrupt artifact {path} ({str(e).splitlines()[0]}); delete it and rerun its stage") from None
+        raise PlrError(f"corrupt artifact {path} ({str(e).splitlines()[0]}); {_rerun_hint(path)}") from None
 
 
 def git_info() -> dict[str, Any]:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -28,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from partial_lora import artifacts as A
 from partial_lora import checkpoint as CK
 from partial_lora import distributed as D
+from partial_lora import rundir as RD
 from partial_lora.errors import Interrupted, PlrError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -44,7 +46,11 @@ commands:
                       metrics as mean ± std over seeds, per task; lists unfinished runs
                       e.g.  plr report outputs/ --out report
                       PATH: a run dir, a dir above run dirs (e.g. a multirun root), or a quoted glob
-  resume RUN_DIR      continue a stopped or killed run: finished stages are skipped, an interrupted
+  train ... run_dir=DIR --rerun-from STAGE
+                      redo STAGE and every later stage of DIR with these settings (a run dir made
+                      with other settings is otherwise refused, listing the keys that differ)
+  resume RUN_DIR [--rerun-from STAGE]
+                      continue a stopped or killed run: finished stages are skipped, an interrupted
                       probe or retrain continues from its last checkpoint (same as rerunning
                       `plr train <its overrides> run_dir=RUN_DIR`)
   fetch NAME... | all [--force] [--list]
@@ -91,6 +97,7 @@ def check_choices(overrides: list[str]) -> None:
 
 
 SWEEP_FAILURES: list[str] = []  # run dirs of multirun jobs that failed (the sweep goes on)
+RERUN_FROM: str | None = None  # `plr train --rerun-from STAGE`: that stage and the later ones run again
 
 
 def _fresh(run_dir: Path) -> bool:
@@ -99,10 +106,6 @@ def _fresh(run_dir: Path) -> bool:
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def _train(cfg: DictConfig) -> float | None:
-    from partial_lora import config as C
-    from partial_lora.stages import format_results, run_pipeline
-    from partial_lora.tracking import make_tracker
-
     import datasets
 
     datasets.disable_progress_bars()  # "Map/Filter" bars on every load would drown the training bar
@@ -110,9 +113,41 @@ def _train(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     fresh = _fresh(run_dir)
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        with RD.locked(run_dir) if D.is_main() else contextlib.nullcontext():
+            return _train_locked(cfg, run_dir, fresh, sweeping)
+    except PlrError as e:  # the run dir is in use: touch nothing of it
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        if sweeping:
+            SWEEP_FAILURES.append(str(run_dir))
+            print(f"plr: error: {e} (the sweep goes on)", file=sys.stderr)
+            return None
+        fail(str(e))
+        return None
+
+
+def _write_hydra(run_dir: Path, cfg: DictConfig) -> None:
+    """`.hydra/` as Hydra writes it (config.yaml, hydra.yaml, overrides.yaml), once the run dir is checked."""
+    hc = HydraConfig.get()
+    A.write_text(run_dir / A.HYDRA_CONFIG, OmegaConf.to_yaml(cfg))
+    A.write_text(run_dir / RD.HYDRA_YAML, OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})))
+    A.write_text(run_dir / A.HYDRA_OVERRIDES, OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))))
+
+
+def _train_locked(cfg: DictConfig, run_dir: Path, fresh: bool, sweeping: bool) -> float | None:
+    from partial_lora import config as C
+    from partial_lora.stages import format_results, run_pipeline
+    from partial_lora.tracking import make_tracker
+
     (run_dir / A.ERROR).unlink(missing_ok=True)
     try:
         C.validate(cfg)
+        if D.is_main():
+            if RERUN_FROM:
+                RD.rerun_from(run_dir, RERUN_FROM)
+            RD.check(run_dir, OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+            _write_hydra(run_dir, cfg)
         A.write_run_info(run_dir)
         tracker = None if not D.is_main() else make_tracker(  # under torchrun rank 0 alone logs
             str(cfg.logger.kind), run_dir=run_dir, name=f"{cfg.name}-s{cfg.seed}",
@@ -379,7 +414,10 @@ def _resume(argv: list[str]) -> int:
     parser = _Parser(prog="plr resume", description="Continue a stopped or killed run where it stopped: finished "
                      "stages are skipped, an interrupted probe or retrain resumes from its last checkpoint.")
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    run_dir = parser.parse_args(argv).run_dir
+    parser.add_argument("--rerun-from", choices=A.STAGES, metavar="STAGE",
+                        help=f"redo this stage and every later one ({', '.join(A.STAGES)})")
+    args = parser.parse_args(argv)
+    run_dir = args.run_dir
     overrides_file = run_dir / A.HYDRA_OVERRIDES
     if not overrides_file.is_file():
         fail(f"{run_dir} is not a plr run dir (no {overrides_file.relative_to(run_dir)}); pass the run dir of a "
@@ -393,8 +431,27 @@ def _resume(argv: list[str]) -> int:
     if not isinstance(overrides, list):
         fail(f"{overrides_file} holds no list of overrides; resume with `plr train <the overrides> run_dir={run_dir}`")
     kept = [str(o) for o in overrides if not str(o).startswith(("run_dir=", "out_root="))]
-    print(f"[plr] resume: plr train {' '.join(kept)} run_dir={run_dir}", flush=True)
-    return main(["train", *kept, f"run_dir={run_dir}"])
+    again = ["--rerun-from", args.rerun_from] if args.rerun_from else []
+    print(f"[plr] resume: plr train {' '.join([*kept, f'run_dir={run_dir}', *again])}", flush=True)
+    return main(["train", *kept, f"run_dir={run_dir}", *again])
+
+
+def _take_rerun_from(args: list[str]) -> list[str]:
+    """Strip `--rerun-from STAGE` (or `--rerun-from=STAGE`) from train's arguments into RERUN_FROM."""
+    global RERUN_FROM
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--rerun-from" or a.startswith("--rerun-from="):
+            value = a.partition("=")[2] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
+            i += 1 if "=" in a else 2
+            if value not in A.STAGES:
+                fail(f"--rerun-from takes a stage, one of {', '.join(A.STAGES)}; got '{value}'")
+            RERUN_FROM = value
+            continue
+        out.append(a)
+        i += 1
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
+        rest = _take_rerun_from(rest)
         check_choices(rest)
         if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "-i") for a in rest):
             check_keys(rest)

@@ -237,6 +237,9 @@ def test_from_run_reuses_probe_and_allocation(five_stage_run, tmp_path):
     m_src = load_file(str(src / "extract/masks.safetensors"))
     m_new = load_file(str(tmp_path / "extract/masks.safetensors"))
     assert any(not torch.equal(m_src[k], m_new[k]) for k in m_src if k.endswith(".rows"))
+    lines = []  # the reused stages carry this run's fingerprint: the same command again is not refused
+    assert run_pipeline(cfg, tmp_path, echo=lines.append)["metrics"] == out["metrics"]
+    assert sum("done already, skipped" in x for x in lines) == 5
     cfg_tau = compose_cfg(f"from_run={src}", "adapter.allocation.tau=0.5")
     lines = []
     run_pipeline(cfg_tau, tmp_path / "tau", echo=lines.append)

@@ -103,6 +103,7 @@ def test_checkpoint_from_other_settings_is_refused_in_one_line(tmp_path, monkeyp
         crash_at_step(m, 4)
         with pytest.raises(KeyboardInterrupt):
             run_pipeline(cfg_of(*over), tmp_path, echo=lambda s: None)
+    (tmp_path / "retrain" / "fingerprint.json").unlink()  # as in a run dir from before stage fingerprints
     with pytest.raises(PlrError, match="written by a run with other settings") as e:
         run_pipeline(cfg_of(*over, "trainer.lr=0.1"), tmp_path, echo=lambda s: None)
     assert "\n" not in str(e.value) and "delete it" in str(e.value) and "lr" in str(e.value)
@@ -192,7 +193,7 @@ BATTERY = [
     (["trainer.batch_size=0"], "trainer.batch_size must be at least 1"),
     (["+task.num_labels=7"], "task.num_labels=7 but the data has 5 labels"),
     (["from_run=/no/such/run"], "from_run=/no/such/run is not a plr run dir"),
-    (["adapter=lora", "run_dir=CORRUPT"], "adapter.safetensors"),
+    (["adapter=lora", "trainer.max_steps=1", "run_dir=CORRUPT"], "adapter.safetensors"),
     (["out_root=/proc/plr-cannot-write"], "cannot be written"),
     (["seed=-1"], "seed must be >= 0"),
     (["trainer.schedule=triangle"], "trainer.schedule 'triangle' is unknown"),

@@ -2,7 +2,9 @@
 
 One stage = one function `run(cfg, run_dir, tracker) -> metrics`. A stage reads its inputs
 from files in the run dir and writes its outputs to `run_dir/<stage>/`; the pipeline writes the
-stage's `metrics.json` and `done` marker when it returns, and skips stages already done.
+stage's `metrics.json` and `done` marker when it returns, and skips stages already done. Each stage
+records its settings' fingerprint when it starts; a run dir made with other settings is refused
+(`partial_lora.rundir`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from partial_lora import artifacts as A
 from partial_lora import checkpoint as CK
 from partial_lora import config as C
 from partial_lora import distributed as D
+from partial_lora import rundir as RD
 from partial_lora.allocation import NEEDS_PROBE
 from partial_lora.errors import Interrupted, PlrError
 from partial_lora.stages import allocate, evaluate, extract, probe, retrain
@@ -78,6 +81,7 @@ def reuse_from_run(cfg: DictConfig, run_dir: Path, stages: list[str], echo: Call
                         raise PlrError(f"from_run={src} has {key}={C.plain(a)}, this run {C.plain(b)}; its probe "
                                        f"does not apply (use a run with the same {key})")
         shutil.copytree(A.stage_dir(src, name), A.stage_dir(run_dir, name), dirs_exist_ok=True)
+        RD.record(run_dir, name, OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]  # valid for ours
         echo(f"[plr] from_run: reusing {name} from {src}")
 
 
@@ -86,8 +90,11 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
     """Run the plan's stages that are not done yet; return the run's results (also in results.json)."""
     stages = plan(cfg)
     D.init(resolve_device(str(cfg.trainer.device)))  # under torchrun: join the group before any barrier
-    if cfg.get("from_run") and D.is_main():
-        reuse_from_run(cfg, run_dir, stages, echo)
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    if D.is_main():
+        RD.check(run_dir, settings)  # type: ignore[arg-type]  # a run dir made with other settings is refused
+        if cfg.get("from_run"):
+            reuse_from_run(cfg, run_dir, stages, echo)
     done: dict[str, dict[str, Any]] = {}
     for name in stages:
         D.barrier()  # every process sees the same finished stages
@@ -96,6 +103,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
             done[name] = A.read_json(A.stage_dir(run_dir, name) / A.METRICS)
             continue
         echo(f"[plr] {name} ...")
+        if D.is_main():
+            RD.record(run_dir, name, settings)  # type: ignore[arg-type]
         t0 = time.perf_counter()
         try:
             metrics = REGISTRY[name](cfg, run_dir, tracker)
