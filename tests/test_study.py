@@ -12,7 +12,7 @@ import pytest
 from partial_lora import stats as ST
 from partial_lora.errors import PlrError
 from partial_lora.study import Selection, execute, plan
-from partial_lora.study.claims import CLAIMS, claim_rows, collect
+from partial_lora.study.claims import CLAIMS, arm_rows, claim_rows, collect, markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,6 +194,12 @@ def test_claims_pair_runs_example_by_example(tmp_path):
     assert rows["C1", "pooled"].comparison.mean == pytest.approx(0.0)
     assert ("C5", "rt-polarity") not in rows  # arms not run: no row
     assert {c.key for c in CLAIMS} >= {"C1", "C2a", "C2b", "C3", "C5", "R"}
+    arms = {(a["task"], a["arm"]): a for a in arm_rows(study)}
+    assert arms["rt-polarity", "partial"]["mean"] == pytest.approx(0.95) and arms["rt-polarity", "partial"]["std"] == 0
+    one = collect(tmp_path)
+    one.runs = [r for r in one.runs if r.seed == 0]  # one seed: no spread, shown as no "±" rather than "± 0.0000"
+    row = next(a for a in arm_rows(one) if a["task"] == "rt-polarity" and a["arm"] == "lora")
+    assert row["std"] is None and "| lora | 1.0000 | 0 |" in markdown(one, [], arm_rows(one))
 
 
 def test_plr_study_end_to_end_on_a_tiny_model(tmp_path):

@@ -34,7 +34,8 @@ def write(out: Path, n_boot: int = 2000) -> list[Path]:
         w.writerow(["kind", "model", "task", "arm_or_claim", "metric", "mean", "std", "seeds", "params",
                     "reduction_pct", "ci_low", "ci_high", "verdict"])
         for a in arms:
-            w.writerow(["arm", a["model"], a["task"], a["arm"], a["metric"], f"{a['mean']:.6f}", f"{a['std']:.6f}",
+            sd = "" if a["std"] is None else f"{a['std']:.6f}"  # one seed: no std
+            w.writerow(["arm", a["model"], a["task"], a["arm"], a["metric"], f"{a['mean']:.6f}", sd,
                         " ".join(map(str, a["seeds"])), f"{a['params']:.0f}",
                         "" if a["reduction_pct"] is None else f"{a['reduction_pct']:.2f}", "", "", ""])
         for r in rows:
@@ -63,7 +64,7 @@ def plot(arms: list[dict], path: Path) -> None:
     for ax, (model, task) in zip(axes.flat, panels):
         for a in (a for a in arms if (a["model"], a["task"]) == (model, task)):
             x = max(a["params"], 1.0)  # the head-only arm (0 adapter parameters) sits at the left edge
-            ax.errorbar([x], [a["mean"]], yerr=[a["std"]], fmt="o", color=colours.get(a["arm"], "k"),
+            ax.errorbar([x], [a["mean"]], yerr=[a["std"] or 0.0], fmt="o", color=colours.get(a["arm"], "k"),
                         label=a["arm"], capsize=3)
         ax.set_xscale("log")
         ax.set_title(f"{task} · {model}", fontsize=9)

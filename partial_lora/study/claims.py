@@ -192,7 +192,7 @@ def arm_rows(study: Study) -> list[dict[str, Any]]:
         d_params = statistics.mean(r.params for r in dense.values()) if dense else None
         params = statistics.mean(r.params for r in runs.values())
         out.append({"model": model, "task": task, "arm": arm, "metric": next(iter(runs.values())).metric,
-                    "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
                     "seeds": sorted(runs), "values": values, "params": params,
                     "reduction_pct": 100 * (1 - params / d_params) if d_params else None,
                     "wall_min": statistics.mean(r.wall for r in runs.values()) / 60})
@@ -207,7 +207,8 @@ def markdown(study: Study, rows: Sequence[ClaimRow], arms: Sequence[dict[str, An
              "|---|---|---|---|---|---|---|---|---|"]
     for a in arms:
         red = "-" if a["reduction_pct"] is None else f"{a['reduction_pct']:.1f}%"
-        lines.append(f"| {a['model']} | {a['task']} | {a['metric']} | {a['arm']} | {a['mean']:.4f} ± {a['std']:.4f} | "
+        sd = "" if a["std"] is None else f" ± {a['std']:.4f}"  # one seed has no spread to show
+        lines.append(f"| {a['model']} | {a['task']} | {a['metric']} | {a['arm']} | {a['mean']:.4f}{sd} | "
                      f"{','.join(map(str, a['seeds']))} | {a['params']:,.0f} | {red} | {a['wall_min']:.1f} min |")
     lines += ["", "## Claims", "",
               "Rule: the paired difference method − control in the task's main test metric, in points "
