@@ -39,7 +39,8 @@ def _build(cls: type, values: Mapping[str, Any], group: str, extra: tuple[str, .
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
-TASK_EXTRA = ("metrics", "metric", "num_labels", "scoring")
+# task.num_labels is a TaskSpec field (checked where the data loads), not an extra key.
+TASK_EXTRA = ("metrics", "metric", "scoring")
 MULTI_KEYS = ("name", "kind", "names", "each", "members", "metric", "metrics")
 MODEL_EXTRA = ()
 
@@ -115,6 +116,12 @@ def task_spec(cfg: DictConfig) -> TaskSpec:
         v = getattr(spec, key)
         if not 0 <= v < 1:
             raise PlrError(f"task.{key} must be in [0, 1), got {v}; fix that override")
+    n = spec.num_labels
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise PlrError(f"task.num_labels must be a positive number of classes (or null), got {n!r}; fix that override")
+    u = spec.unlabelled_value
+    if u is not None and (isinstance(u, bool) or not isinstance(u, int | float | str)):
+        raise PlrError(f"task.unlabelled_value must be a number, a string or null, got {u!r}; e.g. task.unlabelled_value=-1")
     return spec
 
 

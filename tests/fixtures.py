@@ -87,13 +87,19 @@ VISION: dict[str, tuple[str, str, str, int, tuple[str, ...], tuple[str, ...]]] =
     "resisc45": ("data", "image", "label", 45, ("train", "validation", "test"), ("image_id",)),
     "cifar10": ("plain_text", "img", "label", 10, ("train", "test"), ()),
     "cars": ("data", "image", "label", 196, ("train", "test"), ()),
-    "aircraft": ("data", "image", "label", 100, ("train", "val", "test"), ()),
+    # FGVC-Aircraft (Donghyun99/FGVC-Aircraft): `variation` holds the 100 variants, `label` the 70
+    # families and `manufacturer` the 30 manufacturers (the Hub's dataset viewer).
+    "aircraft": ("data", "image", "variation", 100, ("train", "val", "test"), ("label", "manufacturer")),
     "food101": ("data", "image", "label", 101, ("train", "validation"), ()),
     "sun397": ("data", "image", "label", 397, ("train", "test"), ()),
     "gtsrb": ("data", "image", "label", 43, ("train", "test"), ()),
     "mnist": ("mnist", "image", "label", 10, ("train", "test"), ()),
     "camelyon": ("data", "image", "label", 2, ("train", "validation", "test"), ()),
 }
+
+
+# Extra class-label columns with their real class counts (the others get 2 classes).
+EXTRA_CLASSES = {("aircraft", "label"): 70, ("aircraft", "manufacturer"): 30}
 
 
 def write_vision(root: Path, task: str, sizes: dict[str, int] | None = None, seed: int = 0,
@@ -114,7 +120,9 @@ def write_vision(root: Path, task: str, sizes: dict[str, int] | None = None, see
     label = datasets.ClassLabel(names=names)
     feats = {image_col: datasets.Image(), label_col: label}
     for col in extra:
-        feats[col] = datasets.Value("string") if col == "image_id" else datasets.ClassLabel(names=["a", "b"])
+        n_extra = EXTRA_CLASSES.get((task, col), 2)
+        feats[col] = (datasets.Value("string") if col == "image_id"
+                      else datasets.ClassLabel(names=[f"{col}_{i}" for i in range(n_extra)]))
     out = root / folder
     out.mkdir(parents=True, exist_ok=True)
     if task == "svhn":  # the other config of the repo, which task.subset=cropped_digits must skip

@@ -37,6 +37,13 @@ class TaskSpec:
         eval_splits: further evaluation sets, name -> source split (e.g. MNLI's
             `{mismatched: validation_mismatched}`), reported as `test_<name>_<metric>`.
         regression: the label is a float score (STS-B): a one-output head, MSE loss.
+        num_labels: the number of classes the task's label column must have (100 for
+            FGVC-Aircraft's variants); checked when the task loads, so a column at another
+            level of a label hierarchy (aircraft families: 70) fails at once. None: not checked.
+        unlabelled_value: the label that marks a row without a gold label (hidden test
+            labels). Such rows, and rows whose label is null or NaN, are dropped from every
+            split with one warning. None: -1 for classification (the `ClassLabel` convention for
+            "no label"), nothing for regression, where -1 can be a real score (STS-B sets -1).
         max_train_samples / max_eval_samples: seeded subsample after splitting (None: all).
         format: for the `choice` loader, how to read the source's rows (`boolq`, `piqa`, `siqa`,
             `hellaswag`, `winogrande`, `arc`, `obqa`): each dataset has its own schema, and the
@@ -74,6 +81,8 @@ class TaskSpec:
     vtab_val: int = 200
     eval_splits: Mapping[str, str] = field(default_factory=dict)
     regression: bool = False
+    num_labels: int | None = None
+    unlabelled_value: float | str | None = None
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     format: str | None = None

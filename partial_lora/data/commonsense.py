@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import torch
 
 from partial_lora.data.base import TaskData, TaskSpec
+from partial_lora.data.columns import drop_unlabelled
 from partial_lora.data.source import load_source
 from partial_lora.data.split import task_data
 from partial_lora.errors import PlrError
@@ -247,14 +248,13 @@ def load_choice(spec: TaskSpec) -> TaskData:
         _check_columns(spec, fmt, split, ds)
         ds = ds.map(functools.partial(_format_batch, fmt=fmt), batched=True, remove_columns=ds.column_names,
                     features=FEATURES, desc=f"formatting {spec.name}/{split}")
-        if _UNLABELLED in ds.unique("label"):
-            ds = ds.filter(lambda ys: [y != _UNLABELLED for y in ys], input_columns="label", batched=True)
         formatted[split] = ds
+    formatted = drop_unlabelled(datasets.DatasetDict(formatted), _UNLABELLED)
     most = _max_choices(formatted)
     if most == 0:
         raise PlrError(f"task '{spec.name}' has no labelled rows in any split of task.path='{spec.path}'; point "
                        f"task.path at the {fmt} data")
-    return task_data(spec, "choice", datasets.DatasetDict(formatted), [str(i) for i in range(most)])
+    return task_data(spec, "choice", formatted, [str(i) for i in range(most)])
 
 
 class ChoiceCollate:

@@ -30,7 +30,8 @@ def load_task(spec: TaskSpec) -> TaskData:
     """Load a task with its loader; the spec's `kind` must be the kind that loader produces.
 
     Raises:
-        PlrError: an unknown loader, a kind mismatch, or any data problem the loader reports.
+        PlrError: an unknown loader, a kind mismatch, a class count other than `task.num_labels`,
+            or any data problem the loader reports.
     """
     loader = TASKS.get(spec.loader)
     if loader is None:
@@ -40,4 +41,11 @@ def load_task(spec: TaskSpec) -> TaskData:
         # A wrong kind would silently pick the wrong collate and model head later on.
         raise PlrError(f"task.kind='{spec.kind}' does not match loader '{spec.loader}', which yields {data.kind} "
                        f"data; set task.kind={data.kind}")
+    if spec.num_labels is not None and spec.num_labels != data.num_labels:
+        # Another level of a label hierarchy (aircraft families, CIFAR-100's coarse labels) would
+        # train and score without complaint; the YAML's class count catches it at load.
+        shown = ", ".join(data.label_names[:3]) + (", ..." if len(data.label_names) > 3 else "")
+        raise PlrError(f"task.num_labels={spec.num_labels} but the data has {data.num_labels} labels "
+                       f"(task.label_column='{spec.label_column}': {shown}); set task.label_column to the column "
+                       f"with {spec.num_labels} classes, or task.num_labels={data.num_labels}")
     return data

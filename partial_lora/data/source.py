@@ -1,4 +1,17 @@
-"""Open the raw splits of a generic task: a Hugging Face Hub id or a local file/directory.
+"""Open the splits a task uses: from a Hugging Face Hub id or a local file/directory.
+
+Only the splits a run reads (`split.used_splits`: train, val, test and the extra evaluation
+sets) are downloaded and prepared. The data files of the others (SVHN's 531k-image `extra`,
+the seven corruption splits of `tanganke/stanford_cars` and `tanganke/gtsrb`) are never read:
+`datasets` resolves every split's files without reading them, and we build from the used
+splits' files only.
+
+A Hub repo whose revision still holds a loading script (datasets >= 4 refuses those:
+"Dataset scripts are no longer supported") is read from the Hub's own parquet conversion,
+revision `refs/convert/parquet` (`<config>/<split>/0000.parquet`), with one log line saying so.
+The config folder is `task.subset` when the conversion has it, else its only config (a script's
+`plain_text` is often converted as `default`). A partial conversion (`<config>/partial-<split>`,
+what the Hub writes for large datasets) is refused: it would silently truncate the data.
 
 A local directory in one of the Hub's own layouts keeps the Hub's split names exactly:
 `<split>-00000-of-00001.parquet` files (what `hf download --local-dir` gives, e.g. MNLI's
@@ -11,19 +24,57 @@ one-line `PlrError`s.
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import datasets
 
 from partial_lora.data.base import TaskSpec
+from partial_lora.data.split import missing_split, used_splits
 from partial_lora.errors import PlrError
 from partial_lora.hub import check_local_path, load_from_hub, looks_local
 
+log = logging.getLogger(__name__)
+
 FORMATS = ("parquet", "csv", "json", "imagefolder")
+CONVERTED = "refs/convert/parquet"  # the Hub's parquet conversion of every public dataset repo
 _EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 _SHARD = re.compile(r"^(?P<split>\w+?)-\d{5}-of-\d{5}$")  # train-00000-of-00001
 _NUMBERED = re.compile(r"^\d+$")                           # <split>/0000.parquet
+_SCRIPT = re.compile(r"Dataset scripts are no longer supported, but found (?P<file>\S+)")
+_PARTIAL = "partial-"
+
+Files = dict[str, list[str]]
+Rebuild = Callable[[Files, datasets.Features | None], datasets.DatasetBuilder]
+
+
+# --- the only two calls that ask the Hub (tests point them at local layouts) ------------------
+
+
+def hub_builder(repo: str, name: str | None, revision: str | None, data_files: Files | None = None,
+                features: datasets.Features | None = None, config_id: str | None = None) -> datasets.DatasetBuilder:
+    """The `datasets` builder of a Hub repo: resolves its configs and every split's data files
+    (reading the card and the file list, no data). With `data_files`, a builder of those files
+    only, prepared into the cache entry `config_id`.
+
+    Raises:
+        RuntimeError: "Dataset scripts are no longer supported" when the revision holds one.
+    """
+    extra = {"config_id": config_id} if config_id else {}
+    return datasets.load_dataset_builder(repo, name, revision=revision, data_files=data_files, features=features,
+                                         **extra)
+
+
+def hub_files(repo: str, revision: str) -> list[str]:
+    """The paths of every file in a Hub dataset repo at `revision`."""
+    from huggingface_hub import HfApi
+
+    return HfApi().list_repo_files(repo, repo_type="dataset", revision=revision)
+
+
+# --- layouts --------------------------------------------------------------------------------
 
 
 def hub_layout_splits(path: Path) -> tuple[str, dict[str, list[str]]] | None:
@@ -54,12 +105,30 @@ def hub_layout_splits(path: Path) -> tuple[str, dict[str, list[str]]] | None:
     return formats.pop(), dict(sorted(splits.items(), key=lambda kv: (first.get(kv[0], 3), kv[0])))
 
 
+def converted_layout(paths: Sequence[str]) -> dict[str, Files]:
+    """config -> split folder -> parquet files, from the file list of a `refs/convert/parquet` branch.
+
+    Split folders keep their names, so a partial conversion shows as `partial-<split>`.
+    """
+    configs: dict[str, Files] = {}
+    for p in sorted(paths):
+        parts = p.split("/")
+        if len(parts) == 3 and parts[2].endswith(".parquet"):
+            configs.setdefault(parts[0], {}).setdefault(parts[1], []).append(p)
+    return configs
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
 def load_source(spec: TaskSpec) -> datasets.DatasetDict:
-    """All splits of `spec.path`, with the source's own column names and features.
+    """The splits of `spec.path` that the run uses (`split.used_splits`), with the source's own
+    column names and features. The other splits are not downloaded, prepared or read.
 
     Raises:
-        PlrError: no `task.path`, a missing local path, an unreadable local dataset, or a hub
-            id that is neither cached nor reachable.
+        PlrError: no `task.path`, a missing local path, an unreadable local dataset, a split name
+            the dataset lacks, a partial parquet conversion, or a hub id that is neither cached
+            nor reachable.
     """
     if not spec.path:
         raise PlrError(f"task '{spec.name}' (loader {spec.loader}) needs a dataset; "
@@ -67,20 +136,158 @@ def load_source(spec: TaskSpec) -> datasets.DatasetDict:
     if spec.data_format is not None and spec.data_format not in FORMATS:
         raise PlrError(f"task.data_format='{spec.data_format}' is not supported; set task.data_format=<one of: "
                        f"{', '.join(FORMATS)}> or null to infer it")
+    wanted = used_splits(spec)
     if looks_local(spec.path):
-        return _load_local(spec, check_local_path(spec.path, what="dataset", key="task.path"))
-    path = spec.path
-
-    def load(local_files_only: bool) -> datasets.DatasetDict:
-        # Offline, `load_from_hub` makes the load cache-only (datasets has no local_files_only).
-        return datasets.load_dataset(path, spec.subset, revision=spec.revision)
-
-    return load_from_hub(load, path, what="dataset", key="task.path")
+        return _load_local(spec, check_local_path(spec.path, what="dataset", key="task.path"), wanted)
+    # Offline, `load_from_hub` makes the load cache-only (datasets has no local_files_only).
+    return load_from_hub(lambda local_files_only: _load_hub(spec, wanted, local_files_only), spec.path,
+                         what="dataset", key="task.path")
 
 
-def _load_local(spec: TaskSpec, path: Path) -> datasets.DatasetDict:
-    """Load a local file (one `train` split) or directory (splits inferred by `datasets`)."""
+def _load_hub(spec: TaskSpec, wanted: Mapping[str, str], cached: bool) -> datasets.DatasetDict:
+    """A Hub repo at `task.revision`, or its parquet conversion when that revision holds a loading script.
+
+    With `cached` (no Hub), the used splits come from what an earlier online load prepared: our
+    own cache entry of exactly these splits, else `datasets`' entry of the whole config.
+    """
+    repo = spec.path
+    assert repo is not None
+    splits = list(dict.fromkeys(wanted.values()))
+    if cached:
+        for converted in (False, True):
+            found = _load_cached(repo, cache_id(spec, splits, converted), splits)
+            if found is not None:
+                return found
+    try:
+        builder = hub_builder(repo, spec.subset, spec.revision)
+    except RuntimeError as e:
+        script = _SCRIPT.search(str(e))
+        if script is None:
+            raise
+        if spec.revision == CONVERTED:
+            raise PlrError(f"dataset '{repo}' holds a loading script ({script['file']}) even at revision "
+                           f"{CONVERTED}; download its data where it is published and set task.path=<local dir>") from e
+        return _load_converted(spec, wanted, script["file"])
+    where = f"dataset '{repo}'" + (f" (revision {spec.revision})" if spec.revision else "")
+
+    def rebuild(files: Files, features: datasets.Features | None) -> datasets.DatasetBuilder:
+        return hub_builder(repo, builder.config.name, spec.revision, files, features, cache_id(spec, splits, False))
+
+    return _prepare(builder, rebuild, wanted, where)
+
+
+def cache_id(spec: TaskSpec, splits: Sequence[str], converted: bool) -> str:
+    """The `datasets` cache entry (config id) of a Hub load restricted to `splits`.
+
+    Ours, so an offline rerun finds it (`_load_cached`); the entry's hash folder is the repo's
+    commit, so two revisions never share one.
+    """
+    parts = ["plr", spec.subset or "default", *(["converted"] if converted else []), "+".join(splits)]
+    return re.sub(r'[<>:/\\|?*"]', "_", "-".join(parts))
+
+
+def _load_cached(repo: str, config_id: str, splits: Sequence[str]) -> datasets.DatasetDict | None:
+    """The newest prepared copy of cache entry `config_id` of `repo`, or None (no Hub is asked)."""
+    from datasets.naming import camelcase_to_snakecase
+    from datasets.packaged_modules.cache.cache import Cache
+
+    *namespace, name = repo.split("/")
+    name = camelcase_to_snakecase(name)
+    root = Path(datasets.config.HF_DATASETS_CACHE).expanduser() / "___".join([*namespace, name]) / config_id
+    found = sorted((d for d in root.glob("*/*") if (d / datasets.config.DATASET_INFO_FILENAME).is_file()),
+                   key=lambda d: d.stat().st_mtime)
+    if not found:
+        return None
+    version, hash_ = found[-1].parts[-2:]
+    builder = Cache(repo_id=repo, dataset_name=name, config_name=config_id, version=version, hash=hash_)
+    if not set(splits) <= set(builder.info.splits or {}):
+        return None
+    return _built(builder, splits)
+
+
+def _load_converted(spec: TaskSpec, wanted: Mapping[str, str], script: str) -> datasets.DatasetDict:
+    """The used splits of `refs/convert/parquet`, read as per-split data files of one config folder."""
+    repo = spec.path
+    assert repo is not None
+    configs = converted_layout(hub_files(repo, CONVERTED))
+    if not configs:
+        raise PlrError(f"dataset '{repo}' holds a loading script ({script}), which datasets {datasets.__version__} "
+                       f"no longer runs, and has no parquet conversion at {CONVERTED}; download its data and set "
+                       "task.path=<local dir>")
+    config = _converted_config(spec, configs)
+    where = f"the parquet conversion of '{repo}' ({CONVERTED}, config {config})"
+    _check_splits(wanted, list(configs[config]), where)
+    splits = list(dict.fromkeys(wanted.values()))
+    mapped = "" if spec.subset in (None, config) else f" (task.subset='{spec.subset}' is converted as '{config}')"
+    log.warning("dataset '%s'%s holds a loading script (%s), which datasets %s no longer runs; reading the Hub's "
+                "parquet conversion instead: revision %s, config %s%s, splits %s", repo,
+                f" at revision {spec.revision}" if spec.revision else "", script, datasets.__version__, CONVERTED,
+                config, mapped, ", ".join(splits))
+    builder = hub_builder(repo, None, CONVERTED, {s: configs[config][s] for s in splits},
+                          config_id=cache_id(spec, splits, converted=True))
+    return _built(builder, splits)
+
+
+def _converted_config(spec: TaskSpec, configs: Mapping[str, Files]) -> str:
+    """`task.subset` if the conversion has that config folder, else its only (or `default`) one."""
+    if spec.subset in configs:
+        return spec.subset
+    if len(configs) == 1:
+        return next(iter(configs))
+    if spec.subset is None and "default" in configs:
+        return "default"
+    raise PlrError(f"task.subset={spec.subset!r} is not a config of the parquet conversion of '{spec.path}' "
+                   f"({CONVERTED}; configs: {', '.join(configs)}); set task.subset=<one of those>")
+
+
+def _check_splits(wanted: Mapping[str, str], available: Sequence[str], where: str) -> None:
+    """Every used split exists, and none of them is a partial conversion."""
+    for key, split in wanted.items():
+        if split in available and not split.startswith(_PARTIAL):
+            continue
+        if _PARTIAL + split in available or split.startswith(_PARTIAL):
+            split = split.removeprefix(_PARTIAL)
+            raise PlrError(f"{where} holds only part of split '{split}' (folder {_PARTIAL}{split}: the Hub converts "
+                           f"only the first part of a large dataset), and using it would silently truncate the data; "
+                           f"download the full dataset and set task.path=<local dir>")
+        raise missing_split(key, split, available)
+
+
+def _prepare(builder: datasets.DatasetBuilder, rebuild: Rebuild, wanted: Mapping[str, str],
+             where: str) -> datasets.DatasetDict:
+    """Download and prepare only the used splits of a resolved builder.
+
+    When the builder knows more splits than the run uses, a second builder of just their data
+    files is made (keeping the source's features, e.g. `ClassLabel` names from the dataset card);
+    its cache entry is its own, so it never mixes with a full copy.
+    """
+    files = {str(split): list(paths) for split, paths in (builder.config.data_files or {}).items()}
+    available = list(files) or [str(split) for split in builder.info.splits or {}]
+    if available:
+        _check_splits(wanted, available, where)
+    splits = list(dict.fromkeys(wanted.values()))
+    if files and set(files) != set(splits):
+        builder = rebuild({s: files[s] for s in splits}, builder.info.features)
+    return _built(builder, splits)
+
+
+def _built(builder: datasets.DatasetBuilder, splits: Sequence[str]) -> datasets.DatasetDict:
+    builder.download_and_prepare()
+    return datasets.DatasetDict({s: builder.as_dataset(split=s) for s in splits})
+
+
+def _from_files(fmt: str, files: Mapping[str, list[str]], wanted: Mapping[str, str],
+                where: str) -> datasets.DatasetDict:
+    """A packaged builder (`parquet`, `csv`, ...) on the used splits' files of a known layout."""
+    _check_splits(wanted, list(files), where)
+    splits = list(dict.fromkeys(wanted.values()))
+    return _built(datasets.load_dataset_builder(fmt, data_files={s: files[s] for s in splits}), splits)
+
+
+def _load_local(spec: TaskSpec, path: Path, wanted: Mapping[str, str]) -> datasets.DatasetDict:
+    """Load a local file (one `train` split) or directory (splits as laid out, else inferred by `datasets`)."""
     fmt = spec.data_format
+    where = f"the dataset at task.path='{spec.path}'"
     try:
         if path.is_file():
             if fmt == "imagefolder":
@@ -90,24 +297,48 @@ def _load_local(spec: TaskSpec, path: Path) -> datasets.DatasetDict:
             if fmt is None:
                 raise PlrError(f"task.path='{spec.path}' is a file of unknown format; use a "
                                f"{'/'.join(_EXTENSIONS)} file or set task.data_format=<one of: parquet, csv, json>")
-            return datasets.load_dataset(fmt, data_files=str(path))
+            return _from_files(fmt, {"train": [str(path)]}, wanted, where)
         name = spec.subset
         if name and (path / name).is_dir():
             # `hf download ... --local-dir DIR` keeps one subfolder per config (e.g. glue/sst2/).
             path, name = path / name, None
         layout = hub_layout_splits(path) if fmt in (None, "parquet", "csv", "json") and not name else None
         if layout is not None and fmt in (None, layout[0]):
-            return datasets.load_dataset(layout[0], data_files=layout[1])
+            return _from_files(layout[0], layout[1], wanted, where)
+        _refuse_script_only(spec, path)
         if fmt is None:
-            return datasets.load_dataset(str(path), name)
+            builder = datasets.load_dataset_builder(str(path), name)
+
+            def rebuild(files: Files, features: datasets.Features | None) -> datasets.DatasetBuilder:
+                return datasets.load_dataset_builder(str(path), builder.config.name, data_files=files,
+                                                     features=features)
+
+            return _prepare(builder, rebuild, wanted, where)
         if name:
             raise PlrError(f"task.subset='{name}' is not a subfolder of '{path}'; set task.subset=null or "
                            f"task.path=<the folder holding that config's files>")
-        return datasets.load_dataset(fmt, data_dir=str(path))
+        packaged = fmt
+
+        def rebuild_packaged(files: Files, features: datasets.Features | None) -> datasets.DatasetBuilder:
+            return datasets.load_dataset_builder(packaged, data_files=files, features=features)
+
+        return _prepare(datasets.load_dataset_builder(fmt, data_dir=str(path)), rebuild_packaged, wanted, where)
     except PlrError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises FileNotFoundError, ValueError, ArrowInvalid...
         first = str(e).splitlines()[0] if str(e) else ""
+        if _SCRIPT.search(first):
+            _refuse_script_only(spec, path, force=True)
         raise PlrError(f"could not read the dataset at task.path='{spec.path}' ({type(e).__name__}: {first}); "
                        f"point task.path at a parquet/csv/json file or a folder of them (or an image folder), "
                        f"and set task.data_format if the format cannot be inferred") from e
+
+
+def _refuse_script_only(spec: TaskSpec, path: Path, force: bool = False) -> None:
+    """A local copy of a script-only repo (a `<name>.py` and no data files): say how to get its data."""
+    scripts = sorted(p.name for p in path.glob("*.py"))
+    if not scripts or (not force and any(f.suffix.lower() in _EXTENSIONS for f in path.rglob("*"))):
+        return
+    raise PlrError(f"task.path='{spec.path}' holds a loading script ({scripts[0]}), which datasets "
+                   f"{datasets.__version__} no longer runs; download the Hub's parquet conversion instead "
+                   f"(hf download <id> --repo-type dataset --revision {CONVERTED} --local-dir DIR) and set task.path=DIR")

@@ -17,7 +17,7 @@ is ever in two splits. The 1k protocol then first sets aside a validation pool o
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import datasets
 import numpy as np
@@ -38,6 +38,27 @@ def task_data(spec: TaskSpec, kind: Kind, splits: Mapping[str, datasets.Dataset]
     train, val, test = split_task(spec, splits)
     return TaskData(spec.name, kind, train, val, test, label_names, extra=eval_sets(spec, splits),
                     regression=spec.regression)
+
+
+def used_splits(spec: TaskSpec) -> dict[str, str]:
+    """Every source split a run of `spec` reads: config key (`test_split`, `eval_splits.<name>`) -> split.
+
+    Only these are downloaded and prepared (SVHN's 531k-image `extra` split never is). The val
+    split is unused under `protocol=1k`/`vtab1k`, which draws validation from train.
+    """
+    keys = {"train_split": spec.train_split}
+    if spec.val_split is not None and spec.protocol not in ("1k", "vtab1k"):
+        keys["val_split"] = spec.val_split
+    if spec.test_split is not None:
+        keys["test_split"] = spec.test_split
+    keys.update({f"eval_splits.{name}": split for name, split in spec.eval_splits.items()})
+    return keys
+
+
+def missing_split(key: str, name: str, splits: Sequence[str]) -> PlrError:
+    """The one-line error for a `task.<key>` that names no split of the dataset."""
+    return PlrError(f"task.{key}='{name}' is not a split of the dataset (splits: {', '.join(splits)}); "
+                    f"set task.{key}=<one of those>")
 
 
 def eval_sets(spec: TaskSpec, splits: Mapping[str, datasets.Dataset]) -> dict[str, datasets.Dataset]:
@@ -131,8 +152,7 @@ def _draw(ds: datasets.Dataset, size: int, seed: int) -> datasets.Dataset:
 
 def _named(spec: TaskSpec, splits: Mapping[str, datasets.Dataset], key: str, name: str) -> datasets.Dataset:
     if name not in splits:
-        raise PlrError(f"task.{key}='{name}' is not a split of the dataset (splits: {', '.join(splits)}); "
-                       f"set task.{key}=<one of those>")
+        raise missing_split(key, name, list(splits))
     if len(splits[name]) == 0:
         fix = "another split" if key == "train_split" else "null to carve it from train"
         raise PlrError(f"task.{key}='{name}' has no labelled examples (e.g. a GLUE test split, labelled -1); "

@@ -17,5 +17,6 @@ def load_hf_text(spec: TaskSpec) -> TaskData:
     if spec.text_pair_column:
         mapping["text_pair"] = (spec.text_pair_column, "task.text_pair_column")
     mapping["label"] = (spec.label_column, "task.label_column")
-    dd, label_names = encode_labels(select_columns(load_source(spec), mapping), regression=spec.regression)
+    dd, label_names = encode_labels(select_columns(load_source(spec), mapping), regression=spec.regression,
+                                    unlabelled=spec.unlabelled_value)
     return task_data(spec, "text", dd, label_names)

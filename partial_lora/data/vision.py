@@ -14,7 +14,7 @@ from partial_lora.errors import PlrError
 def load_hf_image(spec: TaskSpec) -> TaskData:
     """Load an image task with columns `image` (decoded lazily to PIL) and `label`."""
     mapping = {"image": (spec.image_column, "task.image_column"), "label": (spec.label_column, "task.label_column")}
-    dd, label_names = encode_labels(select_columns(load_source(spec), mapping))
+    dd, label_names = encode_labels(select_columns(load_source(spec), mapping), unlabelled=spec.unlabelled_value)
     dd = _as_images(dd, spec.image_column)
     return task_data(spec, "image", dd, label_names)
 

@@ -88,11 +88,7 @@ def load_multi(cfg: DictConfig) -> MT.MultiTaskData:
 def _load_one(cfg: DictConfig, causal: bool = False) -> TaskData:
     """One task's data; a classification task read by a causal LM becomes prompt/answer choices."""
     spec = C.task_spec(cfg)
-    data = load_task(spec)
-    expected = cfg.task.get("num_labels")
-    if expected is not None and int(expected) != data.num_labels:
-        raise PlrError(f"task.num_labels={expected} but the data has {data.num_labels} labels "
-                       f"({data.label_names[:5]}...); fix task.num_labels or task.label_column")
+    data = load_task(spec)  # checks task.num_labels against the data
     if causal and data.kind == "text":
         data = as_choices(data, spec.prompt, spec.verbalizer)
     return data
