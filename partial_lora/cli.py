@@ -58,10 +58,13 @@ commands:
                       Tomatoes, VADER, debates, Gemma 3 270M) into the cache ($PLR_CACHE, default
                       ~/.cache/plr) and extract them; after that those tasks and models run offline
                       e.g.  plr fetch rt-polarity gemma3-270m
-  study [--model M] [--tasks T...] [--seeds S...] [--arms A...] [--out DIR] [--dry-run] [-- overrides]
+  study [--model M] [--tasks T...] [--seeds S...] [--arms A...] [--variant NAME --set K=V ...] [--out DIR]
+        [--dry-run] [-- overrides]
                       the claims study: tasks x seeds x arms (dense LoRA, Partial-LoRA, its matched
                       controls...), resumable; writes study.md (claims with paired bootstrap CIs and
                       verdicts), study.csv, study.png.  e.g.  plr study --tasks rt-polarity --seeds 0
+                      --variant NAME --set K=V: another reading of Partial-LoRA, judged against its own
+                      matched controls.  e.g.  --variant gain --set adapter.allocation.relative_to=gain
   export RUN_DIR OUT_DIR [--merged] [--force]
                       a finished run (retrain done) as a PEFT LoRA adapter that stock PEFT loads, with
                       its masks, per-layer keep ratios and a model card; --merged adds OUT_DIR/merged/
@@ -319,6 +322,11 @@ def study_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=seeds, metavar="S", help="narrow to these seeds")
     parser.add_argument("--arms", type=names, metavar="A", help="narrow to these arms (the Partial-LoRA run that "
                         "an arm reads is added)")
+    parser.add_argument("--variant", metavar="NAME", help="run another reading of Partial-LoRA under this name: "
+                        "its --set overrides go to the arms built on Partial-LoRA (run dirs <arm>@NAME; uniform and "
+                        "lora-matched match its budget); the other arms are shared with the default reading")
+    parser.add_argument("--set", dest="variant_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override of the --variant (repeat for several)")
     parser.add_argument("--out", type=Path, default=Path("outputs/study"), metavar="DIR",
                         help="the study folder (default outputs/study)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (what runs, what is reused); run nothing")
@@ -339,7 +347,8 @@ def _study(argv: list[str]) -> int:
     if args.bootstrap < 100:
         fail(f"--bootstrap={args.bootstrap} is too few replicates for a 95% CI; use 1000 or more")
     try:
-        jobs = ST.plan(args.out, ST.Selection(args.model, args.tasks, args.seeds, args.arms, extra))
+        jobs = ST.plan(args.out, ST.Selection(args.model, args.tasks, args.seeds, args.arms, extra, args.variant,
+                                                    args.variant_overrides))
         if args.dry_run:
             for job in jobs:
                 state = "reuse" if finished(job.run_dir) is not None else "run  "

@@ -8,7 +8,8 @@
   (`<stage>/fingerprint.json`): the resolved config, minus the keys that only change how a run
   is run or named (`FREE`), minus the keys that only later stages read (`LATER`). A rerun
   into the run dir compares its own settings with every stage that has one, finished or
-  checkpointed, and refuses on any difference, listing the keys, before anything is written.
+  checkpointed, and refuses on any difference, listing the keys, before anything is written
+  (a key that a record lacks is an option added since, and is not compared).
   So `.hydra/` is never rewritten by a refused rerun (plr writes `.hydra/` itself, after the
   check; Hydra's own writing is off, `hydra.output_subdir: null`).
 - **`--rerun-from STAGE`** deletes that stage and every later one (and `results.json`), so they
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
+from omegaconf import OmegaConf
 
 from partial_lora import artifacts as A
 from partial_lora.errors import PlrError
@@ -96,6 +98,32 @@ def _recorded(run_dir: Path, stage: str) -> dict[str, Any] | None:
     return got
 
 
+def made_with(run_dir: Path, stage: str) -> dict[str, Any] | None:
+    """The settings `stage` of a run dir was made with: its fingerprint, or for a run dir from
+    before fingerprints, the same keys taken from its `.hydra/config.yaml` (None: neither)."""
+    recorded = _recorded(run_dir, stage)
+    if recorded is not None:
+        return recorded
+    path = run_dir / A.HYDRA_CONFIG
+    if not path.is_file():
+        return None
+    conf = OmegaConf.load(path)
+    try:
+        plain = OmegaConf.to_container(conf, resolve=True)
+    except Exception:  # noqa: BLE001 - an interpolation that needs Hydra's runtime (${now:...}, ${hydra:...})
+        plain = OmegaConf.to_container(conf, resolve=False)
+    return fingerprint(plain, stage)  # type: ignore[arg-type]
+
+
+def changed(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (theirs, ours)} for the recorded keys whose value differs now.
+
+    A key that the record lacks is not compared: it is an option added since, and a new option's
+    default keeps the old behaviour (so adding an option does not invalidate every run dir).
+    """
+    return {k: (theirs[k], ours.get(k)) for k in sorted(theirs) if ours.get(k) != theirs[k]}
+
+
 def _show(v: Any) -> str:
     text = json.dumps(v) if not isinstance(v, str) else v
     return text if len(text) <= 40 else text[:37] + "..."
@@ -104,16 +132,10 @@ def _show(v: Any) -> str:
 def differences(run_dir: Path, config: Mapping[str, Any]) -> dict[str, dict[str, tuple[Any, Any]]]:
     """Per stage with a fingerprint: {key: (recorded, now)} for every key that differs."""
     out: dict[str, dict[str, tuple[Any, Any]]] = {}
-    missing = object()
     for stage in A.STAGES:
         theirs = _recorded(run_dir, stage)
-        if theirs is None:
-            continue
-        ours = fingerprint(config, stage)
-        diff = {k: (theirs.get(k, missing), ours.get(k, missing)) for k in sorted(set(theirs) | set(ours))
-                if theirs.get(k, missing) != ours.get(k, missing)}
-        if diff:
-            out[stage] = {k: tuple(None if x is missing else x for x in pair) for k, pair in diff.items()}  # type: ignore[misc]
+        if theirs is not None and (diff := changed(theirs, fingerprint(config, stage))):
+            out[stage] = diff
     return out
 
 

@@ -240,10 +240,15 @@ def test_from_run_reuses_probe_and_allocation(five_stage_run, tmp_path):
     lines = []  # the reused stages carry this run's fingerprint: the same command again is not refused
     assert run_pipeline(cfg, tmp_path, echo=lines.append)["metrics"] == out["metrics"]
     assert sum("done already, skipped" in x for x in lines) == 5
-    cfg_tau = compose_cfg(f"from_run={src}", "adapter.allocation.tau=0.5")
+    cfg_tau = compose_cfg("trainer.lr=0.05", f"from_run={src}", "adapter.allocation.tau=0.5")  # the probe reads lr
     lines = []
     run_pipeline(cfg_tau, tmp_path / "tau", echo=lines.append)
     assert any("reusing probe" in x for x in lines) and any("allocating again" in x for x in lines)
+    lines = []  # a probe made with other probe settings is not this run's: probe (and allocate) again
+    run_pipeline(compose_cfg("trainer.lr=0.05", f"from_run={src}", "adapter.probe.epochs=1"), tmp_path / "ep",
+                 echo=lines.append)
+    assert any("probe settings differ (adapter.probe.epochs); probing again" in x for x in lines), lines
+    assert not any("reusing" in x for x in lines) and any("allocation settings differ" in x for x in lines)
 
 
 def test_uniform_sparsity_runs_without_probe(tmp_path):

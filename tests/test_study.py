@@ -224,3 +224,41 @@ def test_plr_study_end_to_end_on_a_tiny_model(tmp_path):
             assert part["score"].between(0, 1).all() and (part["index"].to_numpy() == np.arange(len(part))).all()
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0 and "2 finished already, 0 to run" in again.stdout
+
+
+def test_a_variant_runs_its_own_partial_family_and_shares_the_rest(tmp_path):
+    base = plan(tmp_path, Selection(models=["minilm"], tasks=["rt-polarity"], seeds=[0], arms=["lora", "partial"]))
+    for j in base:
+        fake_run(j, 0.8)
+    (base[0].run_dir / "probe").mkdir()
+    (base[0].run_dir / "probe" / "done").write_text("")
+    sel = Selection(models=["minilm"], tasks=["rt-polarity"], seeds=[0], arms=["lora", "partial", "uniform"],
+                    variant="gain", variant_overrides=["adapter.allocation.relative_to=gain"])
+    jobs = {j.arm: j for j in plan(tmp_path, sel)}
+    assert set(jobs) == {"lora", "partial@gain", "uniform@gain"}
+    assert jobs["lora"].run_dir == next(j for j in base if j.arm == "lora").run_dir  # shared, not rerun
+    assert "adapter.allocation.relative_to=gain" not in jobs["lora"].overrides
+    p = jobs["partial@gain"]
+    assert p.run_dir.name == "seed0" and p.run_dir.parent.name == "partial@gain" and "label=partial@gain" in p.overrides
+    assert "adapter.allocation.relative_to=gain" in p.overrides
+    assert f"from_run={tmp_path}/runs/minilm/rt-polarity/partial/seed0" in p.overrides  # the default's probe
+    assert jobs["uniform@gain"].after == p.run_dir  # matched to the variant's own budget
+    assert f"adapter.match.run={p.run_dir}" in jobs["uniform@gain"].overrides
+    labels = np.tile([0, 1], 50)
+    for arm, wrong in (("partial@gain", 0), ("uniform@gain", 3)):
+        preds = labels.copy()
+        preds[:wrong] = 1 - preds[:wrong]
+        fake_run(jobs[arm], float((preds == labels).mean()), labels, preds)
+    for j in base:
+        fake_run(j, 0.95 if j.arm == "lora" else 0.9, labels, labels)
+    rows = {(r.claim.key, r.claim.method, r.claim.control) for r in claim_rows(collect(tmp_path), n_boot=100)}
+    assert ("C2a", "partial@gain", "uniform@gain") in rows and ("C3", "partial@gain", "lora") in rows
+    assert ("C3", "partial", "lora") in rows  # the default reading keeps its rows
+    arms = [a["arm"] for a in arm_rows(collect(tmp_path))]
+    assert arms == ["lora", "partial", "partial@gain", "uniform@gain"]
+    for bad, message in ((Selection(variant="Gain!", variant_overrides=["a=1"]), "--variant 'Gain!' must be"),
+                         (Selection(variant="gain"), "needs its overrides"),
+                         (Selection(variant_overrides=["a=1"]), "--set needs --variant"),
+                         (Selection(variant="gain", variant_overrides=["oops"]), "--set 'oops' is not key=value")):
+        with pytest.raises(PlrError, match=message):
+            plan(tmp_path, bad)

@@ -55,7 +55,9 @@ def plan(cfg: DictConfig) -> list[str]:
 
 
 def reuse_from_run(cfg: DictConfig, run_dir: Path, stages: list[str], echo: Callable[[str], None]) -> None:
-    """Copy another run's probe (and its allocation, when the settings match) into this run dir."""
+    """Copy another run's probe (when its settings are this run's) and its allocation (when the
+    allocation settings match too) into this run dir."""
+    settings = OmegaConf.to_container(cfg, resolve=True)
     src = Path(str(cfg.from_run)).expanduser()
     if not (src / A.HYDRA_CONFIG).exists() and not A.is_done(src, "probe") and not A.is_done(src, "allocate"):
         raise PlrError(f"from_run={src} is not a plr run dir (no .hydra/config.yaml and no finished probe or "
@@ -68,9 +70,9 @@ def reuse_from_run(cfg: DictConfig, run_dir: Path, stages: list[str], echo: Call
         if name == "allocate":
             theirs = A.read_json(A.stage_dir(src, name) / A.ALLOCATION).get("settings")
             ours = allocate.settings(cfg)
-            if theirs != ours:
+            if theirs != ours or not A.is_done(run_dir, "probe") and "probe" in stages:
                 diff = sorted(k for k in set(ours) | set(theirs or {}) if (theirs or {}).get(k) != ours.get(k))
-                echo(f"[plr] from_run: allocation settings differ ({', '.join(diff)}); allocating again")
+                echo(f"[plr] from_run: allocation settings differ ({', '.join(diff) or 'the probe'}); allocating again")
                 continue
         if name == "probe":
             theirs_cfg = OmegaConf.load(src / A.HYDRA_CONFIG) if (src / A.HYDRA_CONFIG).exists() else None
@@ -80,8 +82,13 @@ def reuse_from_run(cfg: DictConfig, run_dir: Path, stages: list[str], echo: Call
                     if C.plain(a) != C.plain(b):
                         raise PlrError(f"from_run={src} has {key}={C.plain(a)}, this run {C.plain(b)}; its probe "
                                        f"does not apply (use a run with the same {key})")
+            theirs = RD.made_with(src, name)
+            diff = RD.changed(theirs, RD.fingerprint(settings, name)) if theirs is not None else {}
+            if diff:  # e.g. other probe shots or learning rate: the probe is not this run's
+                echo(f"[plr] from_run: probe settings differ ({', '.join(diff)}); probing again")
+                continue
         shutil.copytree(A.stage_dir(src, name), A.stage_dir(run_dir, name), dirs_exist_ok=True)
-        RD.record(run_dir, name, OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]  # valid for ours
+        RD.record(run_dir, name, settings)  # type: ignore[arg-type]  # valid for this run's settings
         echo(f"[plr] from_run: reusing {name} from {src}")
 
 

@@ -11,6 +11,9 @@ arm against a control arm on the same tasks and seeds:
 - C3 Partial-LoRA matches dense LoRA with fewer parameters (the reduction is in the row);
 - C5 rank vs sparsity: Partial-LoRA at r=32 with a dense rank-1 LoRA's budget beats that LoRA;
 - R  the reviewers' control: Partial-LoRA beats dense LoRA at the rank matched to its budget.
+
+A variant (another reading, arms `<arm>@<name>`) is judged on the same claims: its own
+Partial-LoRA arms against its own matched controls and the shared dense ones.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import functools
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ import numpy as np
 from partial_lora import artifacts as A
 from partial_lora import stats as ST
 from partial_lora.errors import PlrError
-from partial_lora.study.plan import ARMS
+from partial_lora.study.plan import ARMS, arm_dir_name, split_arm
 from partial_lora.study.run import finished
 
 
@@ -153,7 +156,10 @@ def claim_rows(study: Study, n_boot: int = 2000, seed: int = 0) -> list[ClaimRow
     rows: list[ClaimRow] = []
     for model in sorted({r.model for r in study.runs}):
         tasks = sorted({r.task for r in study.runs if r.model == model})
-        for claim in CLAIMS:
+        variants = sorted({v for r in study.runs if r.model == model for v in [split_arm(r.arm)[1]] if v})
+        for variant, base in ((v, c) for v in [None, *variants] for c in CLAIMS):
+            # A variant's claims: its own Partial-LoRA arms against the shared or its own controls.
+            claim = replace(base, method=arm_dir_name(base.method, variant), control=arm_dir_name(base.control, variant))
             pooled, metrics, mp, cp, red = [], [], [], [], []
             for task in tasks:
                 m, c = by.get((model, task, claim.method), {}), by.get((model, task, claim.control), {})
@@ -186,7 +192,12 @@ def arm_rows(study: Study) -> list[dict[str, Any]]:
     by = study.by()
     out = []
     order = {a: i for i, a in enumerate(ARMS)}
-    for (model, task, arm), runs in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], order.get(kv[0][2], 99))):
+    def key(item: tuple[tuple[str, str, str], Any]) -> tuple[str, str, str, int]:
+        (model, task, arm), _ = item
+        base, variant = split_arm(arm)
+        return model, task, variant or "", order.get(base, 99)
+
+    for (model, task, arm), runs in sorted(by.items(), key=key):
         values = [r.value for r in runs.values()]
         dense = by.get((model, task, "lora"), {})
         d_params = statistics.mean(r.params for r in dense.values()) if dense else None

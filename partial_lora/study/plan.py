@@ -4,10 +4,19 @@ Every run has a fixed dir, `<out>/runs/<model>/<task>/<arm>/seed<n>`, so a study
 be started again: finished runs are reused and an unfinished one resumes from its checkpoint.
 Arms that reuse Partial-LoRA's probe and allocation (`from_run`) or match its parameter budget
 (`adapter.match.run`) depend on the `partial` run of the same task and seed, and run after it.
+
+A **variant** is another reading of Partial-LoRA under a name (`plr study --variant gain --set
+adapter.allocation.relative_to=gain`): its overrides go to the arms that are built on
+Partial-LoRA's settings (`VARIANT_ARMS`), whose run dirs become `<arm>@<name>`, and its matched
+controls (uniform, lora_matched) match the variant's own budget. The arms that do not depend on
+Partial-LoRA (head, dense LoRA, ...) are shared with the default reading and run once. The
+variant's Partial-LoRA run reuses the default one's probe (`from_run`) when the probe's
+settings are the same.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +24,7 @@ from pathlib import Path
 from partial_lora.errors import PlrError
 
 PARTIAL = "partial"
+VARIANT_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,39}")
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,20 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("lora-r1", "dense LoRA r=1", lambda p: ["adapter=lora", "adapter.r=1"]),
     Arm("peft-lora", "PEFT's LoRA r=8 (cross-check of plr's layer)", lambda p: ["adapter=peft_lora"]),
 )}
+
+
+# The arms built on Partial-LoRA's settings: a variant's overrides go to these.
+VARIANT_ARMS = (PARTIAL, "partial-random", "uniform", "lora-matched", "partial-r32-rank1")
+
+
+def arm_dir_name(arm: str, variant: str | None) -> str:
+    return f"{arm}@{variant}" if variant and arm in VARIANT_ARMS else arm
+
+
+def split_arm(name: str) -> tuple[str, str | None]:
+    """A run dir's arm name -> (arm, variant or None)."""
+    arm, _, variant = name.partition("@")
+    return arm, variant or None
 
 
 @dataclass(frozen=True)
@@ -92,6 +116,22 @@ class Selection:
     seeds: Sequence[int] | None = None
     arms: Sequence[str] | None = None
     extra: Sequence[str] = field(default_factory=list)
+    variant: str | None = None  # a named reading of Partial-LoRA ...
+    variant_overrides: Sequence[str] = field(default_factory=list)  # ... and its overrides
+
+
+def _check_variant(sel: Selection) -> None:
+    if sel.variant is None:
+        if sel.variant_overrides:
+            raise PlrError("--set needs --variant NAME (the name of the reading it defines)")
+        return
+    if not VARIANT_NAME.fullmatch(sel.variant):
+        raise PlrError(f"--variant '{sel.variant}' must be 1-40 lowercase letters, digits, '_', '.' or '-'")
+    if not sel.variant_overrides:
+        raise PlrError(f"--variant {sel.variant} needs its overrides: --set key=value (one --set per override)")
+    bad = [o for o in sel.variant_overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise PlrError(f"--set '{bad[0]}' is not key=value")
 
 
 def run_dir(out: Path, model: str, task: str, arm: str, seed: int) -> Path:
@@ -112,6 +152,7 @@ def plan(out: Path, sel: Selection) -> list[Job]:
     """
     models = list(sel.models or SUITES)
     _known("model", models, list(SUITES))
+    _check_variant(sel)
     if sel.arms is not None:
         _known("arm", sel.arms, list(ARMS))
     jobs: list[Job] = []
@@ -130,12 +171,19 @@ def plan(out: Path, sel: Selection) -> list[Job]:
             raise PlrError(f"--seeds must be >= 0, got {seeds}")
         for seed in seeds:
             for task in tasks:
-                partial = run_dir(out, model, task, PARTIAL, seed)
+                partial = run_dir(out, model, task, arm_dir_name(PARTIAL, sel.variant), seed)
                 ordered = sorted(arms, key=lambda a: (a != PARTIAL, ARMS[a].needs_partial))
                 for arm in ordered:
                     a = ARMS[arm]
-                    overrides = (*suite.recipe(task), f"task={task}", *a.overrides(partial), f"seed={seed}",
-                                 f"label={arm}", *sel.extra)
-                    jobs.append(Job(model, task, arm, seed, run_dir(out, model, task, arm, seed), overrides,
+                    name = arm_dir_name(arm, sel.variant)
+                    own = list(a.overrides(partial))
+                    if name != arm:  # the variant's reading
+                        default = run_dir(out, model, task, PARTIAL, seed)
+                        if arm == PARTIAL and (default / "probe" / "done").exists():
+                            own.append(f"from_run={default}")  # its probe, when the probe's settings match
+                        own += sel.variant_overrides
+                    overrides = (*suite.recipe(task), f"task={task}", *own, f"seed={seed}", f"label={name}",
+                                 *sel.extra)
+                    jobs.append(Job(model, task, name, seed, run_dir(out, model, task, name, seed), overrides,
                                     partial if a.needs_partial else None))
     return jobs
