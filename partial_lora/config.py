@@ -6,8 +6,11 @@ key and the fix, raised before any work starts. The core modules never see a Dic
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,12 +33,71 @@ def plain(node: Any) -> Any:
     return node
 
 
+_KIND = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+_PLURAL = {int: "whole numbers", float: "numbers", bool: "true/false values", str: "strings"}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a config value has the annotated type. Never coerces: 1.5 is no int, "3" no number,
+    true no number; an int is a float (widening loses nothing)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is object:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list, Sequence, collections.abc.Sequence) or hint in (tuple, list):
+        if not isinstance(value, list | tuple):
+            return False
+        inner = [a for a in args if a is not Ellipsis]
+        return not inner or all(_fits(v, inner[0]) for v in value)
+    return True  # dicts, mappings, nested dataclasses: checked where they are read
+
+
+def _describe(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args) + (" (or null)" if type(None) in typing.get_args(hint) else "")
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if typing.get_origin(hint) in (tuple, list, collections.abc.Sequence):
+        return "a list" + (f" of {_PLURAL.get(args[0], _describe(args[0]))}" if args and args[0] is not Ellipsis else "")
+    return _KIND.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_type(key: str, value: Any, hint: Any) -> None:
+    """Refuse a value of the wrong type in one line (a wrong type is refused, never coerced).
+
+    Raises:
+        PlrError: names the key, the value, the expected type, and an example.
+    """
+    if not _fits(value, hint):
+        got = "a string" if isinstance(value, str) else type(value).__name__
+        raise PlrError(f"{key}={value!r} must be {_describe(hint)}, got {got}; fix that override")
+
+
 def _build(cls: type, values: Mapping[str, Any], group: str, extra: tuple[str, ...] = ()) -> Any:
-    """Instantiate a dataclass from a config group, rejecting keys it does not know."""
+    """Instantiate a dataclass from a config group, rejecting keys it does not know and values of
+    the wrong type (checked against the field annotations)."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names - set(extra))
     if unknown:
         raise PlrError(f"unknown key {group}.{unknown[0]}; known keys: {', '.join(sorted(names | set(extra)))}")
+    hints = typing.get_type_hints(cls)
+    for k, v in values.items():
+        if k in names:
+            check_type(f"{group}.{k}", v, hints[k])
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
@@ -138,13 +200,20 @@ def task_metrics(cfg: DictConfig) -> tuple[list[str], str]:
 
 
 def model_spec(cfg: DictConfig) -> ModelSpec:
-    return _build(ModelSpec, plain(cfg.model), "model", MODEL_EXTRA)
+    spec = _build(ModelSpec, plain(cfg.model), "model", MODEL_EXTRA)
+    if spec.max_length < 1:
+        raise PlrError(f"model.max_length must be >= 1 token, got {spec.max_length}; set model.max_length=128 "
+                       "(at most the model's position embeddings)")
+    return spec
 
 
 def lora_config(cfg: DictConfig, spec: ModelSpec | None = None) -> LoRAConfig:
     """LoRA placement from `adapter` (rank, targets) and `model` (target sets, fused slices, head)."""
     spec = spec or model_spec(cfg)
     a = cfg.adapter
+    check_type("adapter.r", a.r, int)
+    check_type("adapter.alpha", a.alpha, float)
+    check_type("adapter.dropout", a.dropout, float)
     if int(a.r) <= 0:
         raise PlrError(f"adapter.r must be a positive rank, got {a.r}; set adapter.r=8 (or any integer >= 1)")
     if float(a.alpha) <= 0:
@@ -341,6 +410,7 @@ def probe_config(cfg: DictConfig) -> ProbeConfig:
 def allocation_config(cfg: DictConfig) -> AllocationConfig:
     values = _node(cfg, "adapter.allocation")
     if "grid" in values:
+        check_type("adapter.allocation.grid", values["grid"], list[float])
         values["grid"] = tuple(float(g) for g in values["grid"])
     return _build(AllocationConfig, values, "adapter.allocation")
 
@@ -414,6 +484,7 @@ def validate(cfg: DictConfig) -> None:
     metrics, main = task_metrics(cfg)
     train_config(cfg)
     sparsity(cfg)
+    check_type("seed", cfg.seed, int)
     if int(cfg.seed) < 0:
         raise PlrError(f"seed must be >= 0, got {cfg.seed}")
     probe_config(cfg)

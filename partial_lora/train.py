@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -108,11 +109,20 @@ class TrainConfig:
             (self.weight_decay >= 0, f"trainer.weight_decay must be >= 0, got {self.weight_decay}"),
             (self.checkpoint_every >= 0, f"trainer.checkpoint_every must be >= 0, got {self.checkpoint_every}"),
             (self.max_bad_steps >= 0, f"trainer.max_bad_steps must be >= 0, got {self.max_bad_steps}"),
+            (self.max_steps is None or self.max_steps >= 1,
+             f"trainer.max_steps must be >= 1 (or null: trainer.epochs decides), got {self.max_steps}"),
+            (self.eval_every_epochs >= 1, f"trainer.eval_every_epochs must be >= 1, got {self.eval_every_epochs}"),
+            (self.num_workers >= 0, f"trainer.num_workers must be >= 0 (0: load in the main process), "
+                                    f"got {self.num_workers}"),
+            (_DEVICE.fullmatch(self.device) is not None,
+             f"trainer.device '{self.device}' must be auto, cpu, cuda, cuda:<index> or mps"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise PlrError(msg + "; fix that override")
 
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 SCHEDULES: dict[str, Callable[[float], float]] = {
     "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p)),

@@ -207,6 +207,23 @@ BATTERY = [
     (["+task.val_max=0"], "task.val_max=0 must be a positive number"),
     (["adapter=peft_lora", "+adapter.peft.nonsense=1"], "PEFT rejected the settings"),
     (["adapter=uniform", "adapter.match.budget=10", "adapter.match.run=x"], "adapter.match takes one of"),
+    # wrong types are refused, never coerced
+    (["seed=abc"], "seed='abc' must be a whole number, got a string"),
+    (["seed=1.5"], "seed=1.5 must be a whole number, got float"),
+    (["adapter.r=1.5"], "adapter.r=1.5 must be a whole number"),
+    (["adapter.r=abc"], "adapter.r='abc' must be a whole number"),
+    (["trainer.lr=abc"], "trainer.lr='abc' must be a number"),
+    (["adapter.dropout=abc"], "adapter.dropout='abc' must be a number"),
+    (["adapter.allocation.grid=[abc]"], "adapter.allocation.grid=['abc'] must be a list of numbers"),
+    (["adapter.probe.shots=2.5"], "adapter.probe.shots=2.5 must be a whole number"),
+    (["trainer.progress=3"], "trainer.progress=3 must be true or false"),
+    # values out of range that used to train (max_steps=-5: one step at lr 0) or end in a traceback
+    (["trainer.max_steps=-5"], "trainer.max_steps must be >= 1"),
+    (["trainer.eval_every_epochs=0"], "trainer.eval_every_epochs must be >= 1"),
+    (["trainer.num_workers=-1"], "trainer.num_workers must be >= 0"),
+    (["trainer.device=gpu"], "trainer.device 'gpu' must be auto, cpu, cuda"),
+    (["model.max_length=0"], "model.max_length must be >= 1"),
+    (["--rerun-from", "training"], "--rerun-from takes a stage"),
 ]
 
 
