@@ -56,6 +56,9 @@ class TaskSpec:
             `{text}` (and `{text_pair}`) in it, e.g. "Review: {text}\nSentiment:".
         verbalizer: class name -> the answer text the causal LM scores after the prompt (one per
             class), e.g. `{rotten: negative, fresh: positive}`.
+        unseen_labels: a val/test label that train never has: `error` (default) or `drop` the
+            rows (`data.checks`).
+        bad_text: an empty, null or non-string text cell: `error` (default) or `drop` the rows.
     """
 
     name: str
@@ -90,6 +93,8 @@ class TaskSpec:
     group_column: str | None = None
     prompt: str | None = None
     verbalizer: Mapping[str, str] | None = None
+    unseen_labels: str = "error"
+    bad_text: str = "error"
 
 
 @dataclass

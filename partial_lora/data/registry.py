@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from partial_lora.data import checks
 from partial_lora.data.base import TaskData, TaskSpec
 from partial_lora.data.commonsense import load_choice
 from partial_lora.data.generation import load_generation
@@ -31,6 +32,7 @@ def load_task(spec: TaskSpec) -> TaskData:
 
     Raises:
         PlrError: an unknown loader, a kind mismatch, a class count other than `task.num_labels`,
+            degenerate data (`checks`),
             or any data problem the loader reports.
     """
     loader = TASKS.get(spec.loader)
@@ -48,4 +50,4 @@ def load_task(spec: TaskSpec) -> TaskData:
         raise PlrError(f"task.num_labels={spec.num_labels} but the data has {data.num_labels} labels "
                        f"(task.label_column='{spec.label_column}': {shown}); set task.label_column to the column "
                        f"with {spec.num_labels} classes, or task.num_labels={data.num_labels}")
-    return data
+    return checks.check(data, spec)

@@ -1,0 +1,105 @@
+"""Degenerate data, refused when the task loads, before any stage runs or is marked done.
+
+- A classifier needs at least two classes in its training split.
+- A label in a validation or test split that the training split never has cannot be learnt,
+  and silently scores as a miss: an error, or with `task.unseen_labels=drop` those rows are
+  dropped with one warning.
+- A text cell that is empty, null/NaN or not a string (a numeric column read as text) is an
+  error naming the split and the row, or with `task.bad_text=drop` such rows are dropped with one
+  warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import datasets
+
+from partial_lora.data.base import TaskData, TaskSpec
+from partial_lora.errors import PlrError
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("error", "drop")
+TEXT_COLUMNS = ("text", "text_pair")
+
+
+def _splits(data: TaskData) -> dict[str, datasets.Dataset]:
+    return {"val": data.val, "test": data.test, **{f"extra '{k}'": v for k, v in data.extra.items()}}
+
+
+def _replace(data: TaskData, name: str, ds: datasets.Dataset) -> None:
+    if name in ("train", "val", "test"):
+        setattr(data, name, ds)
+    else:
+        data.extra[name.removeprefix("extra '").removesuffix("'")] = ds
+
+
+def _bad_text(v: object) -> str | None:
+    """Why a text cell is unusable, or None."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "empty (null)"
+    if not isinstance(v, str):
+        return f"not text ({type(v).__name__} {v!r})"
+    if not v.strip():
+        return "empty"
+    return None
+
+
+def _check_text(data: TaskData, policy: str, key: Callable[[str], str]) -> None:
+    for name, ds in {"train": data.train, **_splits(data)}.items():
+        for col in (c for c in TEXT_COLUMNS if c in ds.column_names):
+            values = ds[col]
+            bad = [(i, why) for i, v in enumerate(values) if (why := _bad_text(v)) is not None]
+            if not bad:
+                continue
+            if policy == "error":
+                i, why = bad[0]
+                raise PlrError(f"{key(col)} of split '{name}' row {i} is {why} ({len(bad)} such rows); fix the data, "
+                               "or set task.bad_text=drop to drop those rows")
+            drop = {i for i, _ in bad}
+            log.warning("dropped %d rows of split '%s' whose %s is empty, null or not text (task.bad_text=drop)",
+                        len(drop), name, key(col))
+            ds = ds.select([i for i in range(len(ds)) if i not in drop])
+            _replace(data, name, ds)
+
+
+def check(data: TaskData, spec: TaskSpec) -> TaskData:
+    """Refuse (or, where the task says so, drop) degenerate data; returns the data to use.
+
+    Raises:
+        PlrError: one class in train, labels absent from train in an evaluation split, or an
+            unusable text cell (each naming the fix).
+    """
+    for what, value in (("task.unseen_labels", spec.unseen_labels), ("task.bad_text", spec.bad_text)):
+        if value not in POLICIES:
+            raise PlrError(f"{what} must be error or drop, got '{value}'")
+    if data.kind == "text":
+        columns = {"text": spec.text_column, "text_pair": spec.text_pair_column or "text_pair"}
+        _check_text(data, spec.bad_text, lambda c: f"task.{c}_column='{columns[c]}'")
+    if data.regression or data.kind not in ("text", "image"):
+        return data
+    seen = set(data.train.unique("label"))
+    names = data.label_names
+    if len(seen) < 2:
+        only = ", ".join(names[int(i)] for i in sorted(seen)) or "none"
+        raise PlrError(f"the training split of task '{spec.name}' has {len(seen)} class ({only}); a classifier needs "
+                       f"at least 2: check task.label_column='{spec.label_column}' or the data")
+    for name, ds in _splits(data).items():
+        unseen = sorted(set(ds.unique("label")) - seen)
+        if not unseen:
+            continue
+        rows = sum(1 for y in ds["label"] if y not in seen)
+        shown = ", ".join(names[int(i)] for i in unseen[:3]) + (", ..." if len(unseen) > 3 else "")
+        if spec.unseen_labels == "error":
+            raise PlrError(f"split '{name}' of task '{spec.name}' has {rows} rows with labels the training split "
+                           f"never has ({shown}); fix the splits, or set task.unseen_labels=drop to drop those rows")
+        log.warning("dropped %d rows of split '%s' with labels absent from train (%s; task.unseen_labels=drop)",
+                    rows, name, shown)
+        _replace(data, name, ds.filter(lambda y: y in seen, input_columns="label"))
+    for name, ds in {"train": data.train, **_splits(data)}.items():
+        if len(ds) == 0:
+            raise PlrError(f"split '{name}' of task '{spec.name}' is empty after dropping rows; fix the data")
+    return data
