@@ -180,6 +180,8 @@ def _train_locked(cfg: DictConfig, run_dir: Path, fresh: bool, sweeping: bool) -
             # lists it), say so, and go on to the next job. The sweep exits non-zero at the end.
             message = str(e) if isinstance(e, PlrError) else f"{type(e).__name__}: {e}"
             A.write_text(run_dir / A.ERROR, message + "\n" + ("" if isinstance(e, PlrError) else traceback.format_exc()))
+            if D.is_main() and not (run_dir / A.HYDRA_CONFIG).exists():
+                _write_hydra(run_dir, cfg)  # so `plr report` lists the failed job with its settings
             SWEEP_FAILURES.append(str(run_dir))
             print(f"plr: error: {message.splitlines()[0] if message else type(e).__name__} (run dir {run_dir}; "
                   "the sweep goes on)", file=sys.stderr)
