@@ -244,6 +244,7 @@ def test_a_variant_runs_its_own_partial_family_and_shares_the_rest(tmp_path):
     assert f"from_run={tmp_path}/runs/minilm/rt-polarity/partial/seed0" in p.overrides  # the default's probe
     assert jobs["uniform@gain"].after == p.run_dir  # matched to the variant's own budget
     assert f"adapter.match.run={p.run_dir}" in jobs["uniform@gain"].overrides
+    assert "++adapter.allocation.relative_to=gain" in jobs["uniform@gain"].overrides  # added where absent
     labels = np.tile([0, 1], 50)
     for arm, wrong in (("partial@gain", 0), ("uniform@gain", 3)):
         preds = labels.copy()

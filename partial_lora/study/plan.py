@@ -181,7 +181,10 @@ def plan(out: Path, sel: Selection) -> list[Job]:
                         default = run_dir(out, model, task, PARTIAL, seed)
                         if arm == PARTIAL and (default / "probe" / "done").exists():
                             own.append(f"from_run={default}")  # its probe, when the probe's settings match
-                        own += sel.variant_overrides
+                        # The Partial-LoRA arm takes them as typed (a misspelt key fails there, and the
+                        # arms that read it are skipped); its controls add any key their adapter lacks
+                        # (lora_matched has no adapter.allocation node).
+                        own += [o if arm == PARTIAL else f"++{o.lstrip('+')}" for o in sel.variant_overrides]
                     overrides = (*suite.recipe(task), f"task={task}", *own, f"seed={seed}", f"label={name}",
                                  *sel.extra)
                     jobs.append(Job(model, task, name, seed, run_dir(out, model, task, name, seed), overrides,
