@@ -26,15 +26,20 @@ POLICIES = ("error", "drop")
 TEXT_COLUMNS = ("text", "text_pair")
 
 
-def _splits(data: TaskData) -> dict[str, datasets.Dataset]:
-    return {"val": data.val, "test": data.test, **{f"extra '{k}'": v for k, v in data.extra.items()}}
+Split = tuple[str, str | None, datasets.Dataset]  # (name in messages, extra set's key or None, rows)
 
 
-def _replace(data: TaskData, name: str, ds: datasets.Dataset) -> None:
-    if name in ("train", "val", "test"):
+def _splits(data: TaskData, train: bool = True) -> list[Split]:
+    """The splits to check: train (unless `train=False`), val, test and the extra evaluation sets."""
+    own = [(n, None, getattr(data, n)) for n in ("train", "val", "test") if train or n != "train"]
+    return own + [(f"extra '{k}'", k, v) for k, v in data.extra.items()]
+
+
+def _replace(data: TaskData, name: str, extra: str | None, ds: datasets.Dataset) -> None:
+    if extra is None:
         setattr(data, name, ds)
     else:
-        data.extra[name.removeprefix("extra '").removesuffix("'")] = ds
+        data.extra[extra] = ds
 
 
 def _bad_text(v: object) -> str | None:
@@ -49,7 +54,7 @@ def _bad_text(v: object) -> str | None:
 
 
 def _check_text(data: TaskData, policy: str, key: Callable[[str], str]) -> None:
-    for name, ds in {"train": data.train, **_splits(data)}.items():
+    for name, extra, ds in _splits(data):
         for col in (c for c in TEXT_COLUMNS if c in ds.column_names):
             values = ds[col]
             bad = [(i, why) for i, v in enumerate(values) if (why := _bad_text(v)) is not None]
@@ -63,7 +68,7 @@ def _check_text(data: TaskData, policy: str, key: Callable[[str], str]) -> None:
             log.warning("dropped %d rows of split '%s' whose %s is empty, null or not text (task.bad_text=drop)",
                         len(drop), name, key(col))
             ds = ds.select([i for i in range(len(ds)) if i not in drop])
-            _replace(data, name, ds)
+            _replace(data, name, extra, ds)
 
 
 def check(data: TaskData, spec: TaskSpec) -> TaskData:
@@ -87,7 +92,7 @@ def check(data: TaskData, spec: TaskSpec) -> TaskData:
         only = ", ".join(names[int(i)] for i in sorted(seen)) or "none"
         raise PlrError(f"the training split of task '{spec.name}' has {len(seen)} class ({only}); a classifier needs "
                        f"at least 2: check task.label_column='{spec.label_column}' or the data")
-    for name, ds in _splits(data).items():
+    for name, extra, ds in _splits(data, train=False):
         unseen = sorted(set(ds.unique("label")) - seen)
         if not unseen:
             continue
@@ -98,8 +103,8 @@ def check(data: TaskData, spec: TaskSpec) -> TaskData:
                            f"never has ({shown}); fix the splits, or set task.unseen_labels=drop to drop those rows")
         log.warning("dropped %d rows of split '%s' with labels absent from train (%s; task.unseen_labels=drop)",
                     rows, name, shown)
-        _replace(data, name, ds.filter(lambda y: y in seen, input_columns="label"))
-    for name, ds in {"train": data.train, **_splits(data)}.items():
+        _replace(data, name, extra, ds.filter(lambda y: y in seen, input_columns="label"))
+    for name, _, ds in _splits(data):
         if len(ds) == 0:
             raise PlrError(f"split '{name}' of task '{spec.name}' is empty after dropping rows; fix the data")
     return data

@@ -54,10 +54,10 @@ def plan(cfg: DictConfig) -> list[str]:
     return (["probe"] if needs_probe else []) + ["allocate", "extract", "retrain", "evaluate"]
 
 
-def reuse_from_run(cfg: DictConfig, run_dir: Path, stages: list[str], echo: Callable[[str], None]) -> None:
+def reuse_from_run(cfg: DictConfig, settings: dict[str, Any], run_dir: Path, stages: list[str],
+                   echo: Callable[[str], None]) -> None:
     """Copy another run's probe (when its settings are this run's) and its allocation (when the
-    allocation settings match too) into this run dir."""
-    settings = OmegaConf.to_container(cfg, resolve=True)
+    allocation settings match too) into this run dir. `settings`: the resolved `cfg`."""
     src = Path(str(cfg.from_run)).expanduser()
     if not (src / A.HYDRA_CONFIG).exists() and not A.is_done(src, "probe") and not A.is_done(src, "allocate"):
         raise PlrError(f"from_run={src} is not a plr run dir (no .hydra/config.yaml and no finished probe or "
@@ -88,7 +88,7 @@ def reuse_from_run(cfg: DictConfig, run_dir: Path, stages: list[str], echo: Call
                 echo(f"[plr] from_run: probe settings differ ({', '.join(diff)}); probing again")
                 continue
         shutil.copytree(A.stage_dir(src, name), A.stage_dir(run_dir, name), dirs_exist_ok=True)
-        RD.record(run_dir, name, settings)  # type: ignore[arg-type]  # valid for this run's settings
+        RD.record(run_dir, name, settings)  # valid for this run's settings
         echo(f"[plr] from_run: reusing {name} from {src}")
 
 
@@ -101,7 +101,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
     if D.is_main():
         RD.check(run_dir, settings)  # type: ignore[arg-type]  # a run dir made with other settings is refused
         if cfg.get("from_run"):
-            reuse_from_run(cfg, run_dir, stages, echo)
+            reuse_from_run(cfg, settings, run_dir, stages, echo)  # type: ignore[arg-type]
     done: dict[str, dict[str, Any]] = {}
     for name in stages:
         D.barrier()  # every process sees the same finished stages
