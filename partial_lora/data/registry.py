@@ -9,7 +9,7 @@ from partial_lora.data.base import TaskData, TaskSpec
 from partial_lora.data.commonsense import load_choice
 from partial_lora.data.generation import load_generation
 from partial_lora.data.offline import load_bbc_news, load_digits
-from partial_lora.data.packaged import load_debates, load_rt_polarity, load_vader
+from partial_lora.data.packaged import load_debates, load_mnist, load_rt_polarity, load_vader
 from partial_lora.data.text import load_hf_text
 from partial_lora.data.vision import load_hf_image
 from partial_lora.errors import PlrError
@@ -20,6 +20,7 @@ TASKS: dict[str, Callable[[TaskSpec], TaskData]] = {
     "rt-polarity": load_rt_polarity,
     "vader": load_vader,
     "debates": load_debates,
+    "mnist-5k": load_mnist,
     "hf-text": load_hf_text,
     "hf-image": load_hf_image,
     "choice": load_choice,

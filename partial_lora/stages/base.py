@@ -25,7 +25,7 @@ from partial_lora.data.verbalizer import as_choices
 from partial_lora.errors import PlrError
 from partial_lora import distributed as D
 from partial_lora import peft_baselines as PB
-from partial_lora.lora import (WHOLE, LoRABranch, adapter_state_dict, count_adapter_parameters,
+from partial_lora.lora import (WHOLE, LoRABranch, adapter_state_dict, count_adapter_parameters, dims,
                                find_targets, freeze_for_adapter, inject_lora, load_adapter_state_dict)
 from partial_lora import multitask as MT
 from partial_lora.models import Built, CausalLM, build_model
@@ -139,7 +139,7 @@ def total_steps(cfg: DictConfig, n_train: int) -> int:
 def params_per_rank(net: torch.nn.Module, found: Mapping[str, Mapping[str, tuple[int, int]]]) -> int:
     """Parameters of a dense LoRA per unit of rank on the targeted layers (`lora.find_targets`):
     the sum of d_out + d_in."""
-    return sum(d_out + net.get_submodule(name).in_features
+    return sum(d_out + dims(net.get_submodule(name))[1]
                for name, slices in found.items() for _, d_out in slices.values())
 
 

@@ -89,6 +89,8 @@ def _minilm_recipe(task: str) -> list[str]:
 SUITES: dict[str, Suite] = {
     "minilm": Suite("minilm", ("bbc-news", "rt-polarity", "vader-movies", "vader-movies-score", "vader-tweets",
                                "debates-speaker"), tuple(ARMS), (0, 1, 2), _minilm_recipe),
+    "efficientnet-lite0": Suite("efficientnet-lite0", ("mnist-5k",), tuple(a for a in ARMS if a != "peft-lora"),
+                                (0, 1, 2), lambda task: ["experiment=offline-effnet"]),
     "gemma3-270m": Suite("gemma3-270m", ("rt-polarity",), ("head", "lora", PARTIAL, "uniform", "lora-matched"),
                          (0, 1), lambda task: ["experiment=offline-gemma"]),
 }
