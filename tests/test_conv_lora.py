@@ -266,3 +266,24 @@ def test_real_lite0_weights_classify_the_sample_photos_as_the_package_model_does
     assert top5.indices.tolist() == reference["top5"]
     np.testing.assert_allclose(top5.values.numpy(), np.array(reference["top5_prob"]), atol=1e-5)
     assert built.image.size == 224 and built.image.mean == (0.5, 0.5, 0.5)
+
+
+def test_frozen_norm_keeps_the_running_statistics_and_head_init_zeros(model_spec):
+    from dataclasses import replace
+
+    spec = replace(model_spec("tiny-effnet"), head_init="zeros")
+    built = build_model(spec, 3)
+    model = built.model.train()
+    bns = [m for m in model.net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns) and model.net.classifier.training
+    before = [m.running_mean.clone() for m in bns]
+    logits = model(batch_for(built))
+    assert torch.equal(logits, torch.zeros_like(logits))  # a zero head: uniform first predictions
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, bns))
+    moving = build_model(replace(spec, frozen_norm=False), 3)
+    moving.model.train()(batch_for(moving))
+    assert all(m.training for m in moving.model.net.modules() if isinstance(m, nn.BatchNorm2d))
+    assert any(not torch.equal(m.running_mean, torch.zeros_like(m.running_mean))
+               for m in moving.model.net.modules() if isinstance(m, nn.BatchNorm2d))
+    with pytest.raises(PlrError, match="model.head_init"):
+        build_model(replace(spec, head_init="xavier"), 3)
