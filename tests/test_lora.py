@@ -12,7 +12,7 @@ from partial_lora.lora import (LoRABranch, LoRAConfig, LoRALinear, adapter_state
                                unmerge_lora)
 from partial_lora.models import build_model
 
-FAMILIES = ["tiny-bert", "tiny-roberta", "tiny-deberta", "tiny-vit", "tiny-vit-timm"]
+FAMILIES = ["tiny-bert", "tiny-roberta", "tiny-deberta", "tiny-vit", "tiny-vit-timm", "tiny-effnet"]
 
 
 def batch_for(built, n=3, seed=0):
@@ -31,13 +31,15 @@ def randomize_b(net, seed=1):
             b.lora_B.copy_(torch.randn(b.lora_B.shape, generator=g) * 0.5)
 
 
-def lora_cfg(spec, targets="qv", r=4):
+def lora_cfg(spec, targets="default", r=4):
+    """The model's target set by name; `default` is the one adapter.targets takes (`qv`, a conv net's `pw`)."""
+    targets = spec.default_targets if targets == "default" else targets
     return LoRAConfig(r=r, alpha=8, targets=tuple(spec.lora_targets[targets]), fused=spec.fused,
                       exclude=tuple(spec.head_modules))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-@pytest.mark.parametrize("targets", ["qv", "all"])
+@pytest.mark.parametrize("targets", ["default", "all"])
 def test_zero_init_equals_base_and_merge_equals_unmerged(model_spec, name, targets):
     spec = model_spec(name)
     torch.manual_seed(0)
