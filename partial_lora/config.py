@@ -402,6 +402,9 @@ def probe_config(cfg: DictConfig) -> ProbeConfig:
     pc = _build(ProbeConfig, _node(cfg, "adapter.probe"), "adapter.probe")
     if pc.shots < 1 or pc.val_shots < 1:
         raise PlrError(f"adapter.probe.shots and val_shots must be >= 1, got {pc.shots} and {pc.val_shots}")
+    if pc.epochs <= 0 or pc.batch_size < 1:
+        raise PlrError(f"adapter.probe.epochs must be positive and adapter.probe.batch_size >= 1, got {pc.epochs} "
+                       f"and {pc.batch_size}; fix that override")
     if pc.short_classes not in ("error", "shrink"):
         raise PlrError(f"adapter.probe.short_classes must be error or shrink, got '{pc.short_classes}'")
     return pc

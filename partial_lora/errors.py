@@ -5,6 +5,13 @@ it without a traceback (unless HYDRA_FULL_ERROR=1) and exits non-zero; the core 
 for every bad input a user can type.
 """
 
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 
 class PlrError(Exception):
     """A user-facing error: one line, says what is wrong and how to fix it."""
@@ -19,3 +26,25 @@ class Interrupted(KeyboardInterrupt):
 
     def where(self) -> str:
         return self.stage + ("" if self.step is None else f" step {self.step}")
+
+
+def disk_full(e: BaseException) -> bool:
+    """ENOSPC or EDQUOT, raised as OSError by Python or inside safetensors' own error (Rust's "os error 28")."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(s in str(e) for s in ("No space left on device", "Disk quota exceeded"))
+
+
+@contextmanager
+def disk_full_is_one_line(where: Path) -> Iterator[None]:
+    """A full disk while writing under `where` becomes one line saying how to go on. Every write of
+    the run dir is atomic, so nothing half-written is left and a rerun resumes where it stopped."""
+    try:
+        yield
+    except PlrError:
+        raise
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        raise PlrError(f"no space left on the disk of {where} ({e}); free some space and rerun the same "
+                       "command: it resumes from the last finished stage or checkpoint") from None

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from partial_lora.data.base import ImagePreprocess
@@ -252,9 +253,42 @@ def resolve_source(source: str | None, key: str = "model.source") -> tuple[str, 
 def _hf_load(fn: Callable[..., Any], source: str | None, revision: str | None, key: str, **kw: Any) -> Any:
     path, local = resolve_source(source, key)
     if local:
-        return fn(path, **kw)
+        return _load_local(fn, path, source, key, **kw)
     return load_from_hub(lambda lfo: fn(path, revision=revision, local_files_only=lfo, **kw), path,
                          what="model", key=key)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+
+
+def _load_local(fn: Callable[..., Any], path: str, source: str | None, key: str, **kw: Any) -> Any:
+    """`fn(path)` for a local folder, with a folder that transformers cannot read (no or corrupt
+    config.json, no or truncated weights) turned into one line naming the folder and the cause."""
+    try:
+        return fn(path, **kw)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise PlrError(f"{key}={source} cannot be loaded from '{path}': {_first_line(e)}; point {key} at a "
+                       "save_pretrained folder (config.json and model.safetensors) or re-download it") from None
+
+
+def _unused_source(spec: ModelSpec) -> None:
+    """`pretrained: false` builds random weights from `config`: a source that nothing would read is refused."""
+    if spec.pretrained or not spec.source:
+        return
+    used = ((spec.family in ("hf-text", "hf-causal") and not spec.tokenizer)
+            or (spec.family == "timm" and not dict(spec.config).get("architecture")))
+    if not used:
+        raise PlrError(f"model.source={spec.source} would be ignored: model {spec.name} has pretrained=false "
+                       "(random weights from model.config); add model.pretrained=true to load it")
+
+
+def _check_vocab(net: nn.Module, tok: Any, spec: ModelSpec) -> None:
+    """A tokenizer with more tokens than the model has embeddings would index past them on the first batch."""
+    rows = net.get_input_embeddings().num_embeddings
+    if len(tok) > rows:
+        raise PlrError(f"the tokenizer ({spec.tokenizer or spec.source}) has {len(tok):,} tokens but model {spec.name}'s "
+                       f"embeddings hold {rows:,}; set model.tokenizer to the model's own tokenizer")
 
 
 def _quiet_transformers() -> None:
@@ -279,6 +313,7 @@ def build_hf_text(spec: ModelSpec, num_labels: int) -> Built:
     if num_labels == 1:
         net.config.problem_type = "regression"
     tok = _hf_load(AutoTokenizer.from_pretrained, spec.tokenizer or spec.source, spec.revision, "model.tokenizer")
+    _check_vocab(net, tok, spec)
     return Built(Classifier(net, spec.family, spec.head_modules), tokenizer=tok, max_length=spec.max_length)
 
 
@@ -319,15 +354,22 @@ def build_timm(spec: ModelSpec, num_labels: int) -> Built:
         # A local dir in Hugging Face hub layout (config.json + model.safetensors), as `hf download`
         # writes, or a `plr fetch` entry in that layout (efficientnet-lite0).
         path = Path(resolve_source(arch)[0])
-        meta = json.loads((path / "config.json").read_text())
+        try:
+            meta = json.loads((path / "config.json").read_text())
+            meta["architecture"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PlrError(f"model.source={arch}: '{path / 'config.json'}' is missing or not a timm config "
+                           f"({_first_line(e)}); download the timm model with `hf download` into '{path}'") from None
         weights = next((path / f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).exists()), None)
         if weights is None:
             raise PlrError(f"no model.safetensors in '{path}'; download the timm model with `hf download` into it")
         # timm's push_to_hub writes `model_args` for non-default shapes (timm >= 1.0 includes
         # num_classes there: the task decides that); the YAML's config wins.
         model_args = {k: v for k, v in meta.get("model_args", {}).items() if k != "num_classes"}
-        net = timm.create_model(meta["architecture"], pretrained=True, num_classes=num_labels,
-                                pretrained_cfg_overlay={"file": str(weights)}, **{**model_args, **kwargs})
+        net = _load_local(lambda _: timm.create_model(meta["architecture"], pretrained=True, num_classes=num_labels,
+                                                      pretrained_cfg_overlay={"file": str(weights)},
+                                                      **{**model_args, **kwargs}),
+                          str(path), arch, "model.source")
     else:
         net = load_from_hub(lambda lfo: _timm_from_hub(arch, num_labels, lfo, kwargs), arch,
                             what="model", key="model.source")
@@ -396,6 +438,7 @@ def build_hf_causal(spec: ModelSpec, num_labels: int) -> Built:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     net.config.use_cache = False  # training and scoring never reuse the KV cache
     tok = _hf_load(AutoTokenizer.from_pretrained, spec.tokenizer or spec.source, spec.revision, "model.tokenizer")
+    _check_vocab(net, tok, spec)
     return Built(CausalLM(net, num_labels), tokenizer=tok, max_length=spec.max_length)
 
 
@@ -418,6 +461,7 @@ def build_model(spec: ModelSpec, num_labels: int) -> Built:
         raise PlrError(f"a classifier needs at least one label, got {num_labels}; check task.label_column")
     if spec.head_init not in HEAD_INITS:
         raise PlrError(f"model.head_init='{spec.head_init}' is not one of {', '.join(HEAD_INITS)}; fix that override")
+    _unused_source(spec)
     built = MODELS[spec.family](spec, num_labels)
     if spec.head_init == "zeros":
         with torch.no_grad():

@@ -390,6 +390,10 @@ def build(patterns: Sequence[str], metric: str | None = None) -> Report:
     """
     run_dirs, unmatched = find_run_dirs(patterns)
     if not run_dirs:
+        missing = [p for p in patterns if not glob.has_magic(p) and not Path(p).exists()]
+        if missing:
+            raise PlrError(f"'{missing[0]}' does not exist; pass a run dir written by `plr train`, a dir above "
+                           "run dirs, or a quoted glob like 'outputs/**'")
         shown = ", ".join(repr(p) for p in patterns)
         raise PlrError(f"no run dirs found in {shown} (a run dir holds {HYDRA_CONFIG} or {A.RESULTS}); "
                        "pass a dir written by `plr train`, a dir above it, or a quoted glob like 'outputs/**'")

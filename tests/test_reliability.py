@@ -1,7 +1,9 @@
 """Reliability: resume after kill -9, the bad-input battery, the NaN guard, determinism, checkpoints."""
 
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,6 +226,19 @@ BATTERY = [
     (["trainer.device=gpu"], "trainer.device 'gpu' must be auto, cpu, cuda"),
     (["model.max_length=0"], "model.max_length must be >= 1"),
     (["--rerun-from", "training"], "--rerun-from takes a stage"),
+    # model.source faults (SRC: folders the battery_data fixture makes, each broken in one way)
+    (["model.source=SRC/empty", "model.pretrained=true"], "Should have a `model_type` key"),
+    (["model.source=SRC/no-weights", "model.pretrained=true"], "no file named model.safetensors"),
+    (["model.source=SRC/bad-config", "model.pretrained=true"], "is not a valid JSON file"),
+    (["model.source=SRC/truncated", "model.pretrained=true"], "Error while deserializing header"),
+    (["model.source=SRC/small-vocab", "model.pretrained=true"], "has 30,522 tokens but model tiny-bert's embeddings hold 100"),
+    (["model.source=SRC/small-vocab"], "would be ignored: model tiny-bert has pretrained=false"),
+    # messages that named the wrong key or said nothing useful
+    (["adapter.probe.epochs=0"], "adapter.probe.epochs must be positive"),
+    (["task=hf-text", "task.path=DATA_DIR/blank-label.csv"], "has 2 blank cells (the first at data row 3 of split train)"),
+    (["task=hf-text", "task.path=DATA_DIR/latin1.csv"], "is not UTF-8 text (it holds the byte 0xe9)"),
+    (["task=hf-text", "task.path=DATA_DIR/empty.csv"], "is an empty file (0 bytes)"),
+    (["task=hf-text", "task.path=DATA", "task.data_format=xml"], "task.data_format='xml' is not supported"),
 ]
 
 
@@ -231,6 +246,23 @@ BATTERY = [
 def battery_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("battery")
     (root / "data.csv").write_text("text,label\n" + "".join(f"sample {i},{i % 2}\n" for i in range(40)))
+    rows = [f"sample {i},{'' if i in (2, 7) else i % 2}\n" for i in range(40)]
+    (root / "blank-label.csv").write_text("text,label\n" + "".join(rows))  # int ids, two cells blank
+    (root / "latin1.csv").write_bytes(("text,label\n" + "".join(f"caf\u00e9 {i},{i % 2}\n" for i in range(40))).encode("latin1"))
+    (root / "empty.csv").write_bytes(b"")
+    from transformers import BertConfig, BertForSequenceClassification
+
+    good = root / "src" / "small-vocab"  # loads, but its 100 embeddings cannot take the MiniLM tokenizer's ids
+    BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32)).save_pretrained(good)
+    (root / "src" / "empty").mkdir()
+    (root / "src" / "no-weights").mkdir()
+    (root / "src" / "no-weights" / "config.json").write_bytes((good / "config.json").read_bytes())
+    for name in ("bad-config", "truncated"):
+        shutil.copytree(good, root / "src" / name)
+    (root / "src" / "bad-config" / "config.json").write_text("{not json")
+    weights = root / "src" / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     return root
 
 
@@ -243,7 +275,7 @@ def test_bad_input_battery(args, message, battery_data, tmp_path, capsys, monkey
     from partial_lora import cli
 
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    args = [a.replace("DATA", str(battery_data / "data.csv")) for a in args]
+    args = [a.replace("DATA_DIR", str(battery_data)).replace("DATA", str(battery_data / "data.csv")).replace("SRC", str(battery_data / "src")) for a in args]
     run_dir = None
     if any("CORRUPT" in a for a in args):
         corrupt = str(corrupt_run(tmp_path))
@@ -260,6 +292,37 @@ def test_bad_input_battery(args, message, battery_data, tmp_path, capsys, monkey
     assert message in err, err
     if run_dir is not None:
         assert not run_dir.exists() or not any(run_dir.rglob("done"))
+
+
+def test_a_full_disk_is_one_line_leaves_no_partial_file_and_a_rerun_completes(tmp_path, capsys, monkeypatch):
+    """ENOSPC while retrain writes (its checkpoint or adapter): exit 2, one line, the finished stages kept,
+    no temporary file left behind; once there is space again the same command finishes the run."""
+    from partial_lora import artifacts as A
+    from partial_lora import cli
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    real = A.save_file
+
+    def full_disk(tensors, path, metadata=None):
+        if Path(path).parent.name == "retrain":
+            Path(path).write_bytes(b"\0" * 64)  # the device filled up part way through the file
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        real(tensors, path, metadata=metadata)
+
+    run_dir = tmp_path / "run"
+    args = ["train", "experiment=smoke", "trainer.checkpoint_every=2", f"run_dir={run_dir}"]
+    monkeypatch.setattr(A, "save_file", full_disk)
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("plr: error: no space left on the disk of") and "\n" not in err, err
+    assert "rerun the same command" in err
+    assert [s for s in A.STAGES if A.is_done(run_dir, s)] == ["probe", "allocate", "extract"]
+    assert not list(run_dir.rglob("*.tmp")) and not list((run_dir / "retrain").glob("*.safetensors"))
+    monkeypatch.setattr(A, "save_file", real)
+    cli.main(args)
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "complete"
 
 
 def test_battery_has_at_least_twenty_cases():

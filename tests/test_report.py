@@ -172,7 +172,9 @@ def test_globs_multirun_roots_and_dedup(runs, tmp_path):
 
 def test_nothing_matched_or_unknown_metric_raises(runs, tmp_path):
     (tmp_path / "empty").mkdir()
-    for paths in (["does/not/exist"], [str(tmp_path / "empty")], [str(tmp_path / "nope*")]):
+    with pytest.raises(PlrError, match="'does/not/exist' does not exist"):
+        R.build(["does/not/exist"])
+    for paths in ([str(tmp_path / "empty")], [str(tmp_path / "nope*")]):
         with pytest.raises(PlrError, match="no run dirs found"):
             R.build(paths)
     with pytest.raises(PlrError, match="unknown metric 'f1'.*choose one of: accuracy, macro_f1, mismatched_accuracy"):

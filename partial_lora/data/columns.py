@@ -37,6 +37,22 @@ def select_columns(dd: datasets.DatasetDict, mapping: dict[str, tuple[str, str]]
     return datasets.DatasetDict(out)
 
 
+def _refuse_blank_ids(dd: datasets.DatasetDict, key: str) -> None:
+    """Whole-number class ids with some cells blank: csv readers turn the column into floats (NaN)."""
+    blank, whole = [], True
+    for split, ds in dd.items():
+        for i, v in enumerate(ds["label"]):
+            if v is None or v != v:
+                blank.append((split, i))
+            elif float(v) != int(v):
+                whole = False
+                break
+    if blank and whole:
+        split, row = blank[0]
+        raise PlrError(f"{key} has {len(blank)} blank cells (the first at data row {row + 1} of split {split}) among whole-number "
+                       "class ids; fill them in or remove those rows")
+
+
 def encode_labels(dd: datasets.DatasetDict, key: str = "task.label_column", regression: bool = False,
                   unlabelled: float | str | None = None) -> tuple[datasets.DatasetDict, list[str]]:
     """Make `label` a `ClassLabel` shared by all splits, or a float32 score, and drop unlabelled rows.
@@ -72,6 +88,8 @@ def encode_labels(dd: datasets.DatasetDict, key: str = "task.label_column", regr
             raise PlrError(f"task.regression=true needs numeric scores, but {key} holds {feature}; "
                            f"set {key}=<the score column> or task.regression=false")
         return drop_unlabelled(dd, marker).cast_column("label", datasets.Value("float32")), []
+    if dtype in _FLOAT_DTYPES:
+        _refuse_blank_ids(dd, key)
     if not isinstance(feature, datasets.ClassLabel) and dtype not in _STR_DTYPES | _INT_DTYPES | {"bool"}:
         raise PlrError(f"{key} holds {dtype or type(feature).__name__} values, not class labels; set "
                        f"task.regression=true for a score (like STS-B), or {key}=<a column of class names or ids>")

@@ -290,6 +290,8 @@ def _load_local(spec: TaskSpec, path: Path, wanted: Mapping[str, str]) -> datase
     where = f"the dataset at task.path='{spec.path}'"
     try:
         if path.is_file():
+            if path.stat().st_size == 0:
+                raise PlrError(f"task.path='{spec.path}' is an empty file (0 bytes); point task.path at the data")
             if fmt == "imagefolder":
                 raise PlrError(f"task.data_format=imagefolder needs a folder, but task.path='{spec.path}' is a file; "
                                f"set task.path=<the folder holding train/, test/ ...>")
@@ -327,11 +329,24 @@ def _load_local(spec: TaskSpec, path: Path, wanted: Mapping[str, str]) -> datase
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises FileNotFoundError, ValueError, ArrowInvalid...
         first = str(e).splitlines()[0] if str(e) else ""
+        cause = next((c for c in _chain(e) if isinstance(c, UnicodeDecodeError)), None)
+        if cause is not None:
+            raise PlrError(f"task.path='{spec.path}' is not UTF-8 text (it holds the byte {cause.object[cause.start]:#04x}); "
+                           "re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT") from None
         if _SCRIPT.search(first):
             _refuse_script_only(spec, path, force=True)
         raise PlrError(f"could not read the dataset at task.path='{spec.path}' ({type(e).__name__}: {first}); "
                        f"point task.path at a parquet/csv/json file or a folder of them (or an image folder), "
                        f"and set task.data_format if the format cannot be inferred") from e
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """`e` and the exceptions behind it (datasets wraps the reader's error in DatasetGenerationError)."""
+    out: list[BaseException] = []
+    while e is not None and all(e is not seen for seen in out):
+        out.append(e)
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return out
 
 
 def _refuse_script_only(spec: TaskSpec, path: Path, force: bool = False) -> None:

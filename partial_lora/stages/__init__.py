@@ -23,7 +23,7 @@ from partial_lora import config as C
 from partial_lora import distributed as D
 from partial_lora import rundir as RD
 from partial_lora.allocation import NEEDS_PROBE
-from partial_lora.errors import Interrupted, PlrError
+from partial_lora.errors import Interrupted, PlrError, disk_full_is_one_line
 from partial_lora.stages import allocate, evaluate, extract, probe, retrain
 from partial_lora.tracking import Tracker
 from partial_lora.train import resolve_device
@@ -103,31 +103,32 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
         if cfg.get("from_run"):
             reuse_from_run(cfg, settings, run_dir, stages, echo)  # type: ignore[arg-type]
     done: dict[str, dict[str, Any]] = {}
-    for name in stages:
-        D.barrier()  # every process sees the same finished stages
-        if A.is_done(run_dir, name):
-            echo(f"[plr] {name}: done already, skipped ({A.stage_dir(run_dir, name)})")
-            done[name] = A.read_json(A.stage_dir(run_dir, name) / A.METRICS)
-            continue
-        echo(f"[plr] {name} ...")
-        if D.is_main():
-            RD.record(run_dir, name, settings)  # type: ignore[arg-type]
-        t0 = time.perf_counter()
-        try:
-            metrics = REGISTRY[name](cfg, run_dir, tracker)
-        except Interrupted:
-            raise
-        except KeyboardInterrupt:  # outside a training loop (loading, the allocation search...)
-            raise Interrupted(name) from None
-        metrics["wall_s"] = time.perf_counter() - t0
-        A.mark_done(run_dir, name, metrics)
-        if D.is_main():
-            (A.stage_dir(run_dir, name) / CK.FILE).unlink(missing_ok=True)  # the stage's results supersede it
-        D.barrier()
-        done[name] = metrics
-        echo(f"[plr] {name}: done in {metrics['wall_s']:.1f} s")
-    results = collect_results(cfg, run_dir, done)
-    A.write_json(run_dir / A.RESULTS, results)
+    with disk_full_is_one_line(run_dir):
+        for name in stages:
+            D.barrier()  # every process sees the same finished stages
+            if A.is_done(run_dir, name):
+                echo(f"[plr] {name}: done already, skipped ({A.stage_dir(run_dir, name)})")
+                done[name] = A.read_json(A.stage_dir(run_dir, name) / A.METRICS)
+                continue
+            echo(f"[plr] {name} ...")
+            if D.is_main():
+                RD.record(run_dir, name, settings)  # type: ignore[arg-type]
+            t0 = time.perf_counter()
+            try:
+                metrics = REGISTRY[name](cfg, run_dir, tracker)
+            except Interrupted:
+                raise
+            except KeyboardInterrupt:  # outside a training loop (loading, the allocation search...)
+                raise Interrupted(name) from None
+            metrics["wall_s"] = time.perf_counter() - t0
+            A.mark_done(run_dir, name, metrics)
+            if D.is_main():
+                (A.stage_dir(run_dir, name) / CK.FILE).unlink(missing_ok=True)  # the stage's results supersede it
+            D.barrier()
+            done[name] = metrics
+            echo(f"[plr] {name}: done in {metrics['wall_s']:.1f} s")
+        results = collect_results(cfg, run_dir, done)
+        A.write_json(run_dir / A.RESULTS, results)
     return results
 
 
