@@ -69,3 +69,41 @@ def test_a_bad_policy_value_is_refused(tmp_path):
     spec = csv_dir(tmp_path, rows(["a", "b"] * 15), rows(["a", "b"]))
     with pytest.raises(PlrError, match="task.unseen_labels must be error or drop, got 'keep'"):
         load_task(TaskSpec(**{**spec.__dict__, "unseen_labels": "keep"}))
+
+
+def image_folder(root, bad=None):
+    """train/ and test/ of two classes of small PNGs; `bad(path)` may then spoil one file."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 10), ("test", 4)):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return TaskSpec(name="pics", loader="hf-image", kind="image", path=str(root), data_format="imagefolder",
+                    test_split="test", split_seed=0)
+
+
+@pytest.mark.parametrize("spoil, why", [
+    (lambda p: p.write_bytes(p.read_bytes()[:-30]), "image file is truncated"),
+    (lambda p: p.write_bytes(b"this is no image"), "cannot identify image file"),
+])
+def test_an_image_that_does_not_decode_is_named_at_load_or_dropped(tmp_path, spoil, why, caplog):
+    from partial_lora.data import checks
+
+    spec = image_folder(tmp_path)
+    bad = tmp_path / "test" / "dog" / "2.png"
+    spoil(bad)
+    with pytest.raises(PlrError) as e:
+        load_task(spec)
+    msg = one_line(e)
+    assert msg.startswith(f"image '{bad}' does not decode (") and why in msg, msg
+    assert "1 such rows in split 'test'" in msg and "task.bad_images=drop" in msg
+    with caplog.at_level(logging.WARNING):
+        data = load_task(TaskSpec(**{**spec.__dict__, "bad_images": "drop"}))
+    assert len(data.test) == 7 and len(data.train) + len(data.val) == 20
+    assert "dropped 1 rows of split 'test' whose image does not decode" in caplog.text
+    assert all(im.size == (8, 8) for im in data.test["image"])  # the kept ones all decode
+    assert any(not bad_rows for bad_rows in checks._DECODED.values())  # the clean splits are remembered

@@ -59,6 +59,8 @@ class TaskSpec:
         unseen_labels: a val/test label that train never has: `error` (default) or `drop` the
             rows (`data.checks`).
         bad_text: an empty, null or non-string text cell: `error` (default) or `drop` the rows.
+        bad_images: an image that does not decode (truncated, corrupt, missing file): `error`
+            (default) or `drop` the rows. Every image is decoded once when the task loads.
     """
 
     name: str
@@ -95,6 +97,7 @@ class TaskSpec:
     verbalizer: Mapping[str, str] | None = None
     unseen_labels: str = "error"
     bad_text: str = "error"
+    bad_images: str = "error"
 
 
 @dataclass

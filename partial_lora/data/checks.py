@@ -7,10 +7,15 @@
 - A text cell that is empty, null/NaN or not a string (a numeric column read as text) is an
   error naming the split and the row, or with `task.bad_text=drop` such rows are dropped with one
   warning.
+- An image that does not decode (truncated, corrupt, or a path that is gone) is an error naming
+  its file (or split and row), or with `task.bad_images=drop` such rows are dropped with one
+  warning. Each split is decoded once per process (keyed by its fingerprint): the first stage
+  pays for it, not a training step after hours.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from collections.abc import Callable
@@ -71,19 +76,59 @@ def _check_text(data: TaskData, policy: str, key: Callable[[str], str]) -> None:
             _replace(data, name, extra, ds)
 
 
+_DECODED: dict[str, list[tuple[int, dict | None, str]]] = {}  # split fingerprint -> its bad rows (this process)
+
+
+def _bad_image(cell: dict) -> str | None:
+    """Why an image cell (`{"bytes", "path"}`, undecoded) does not decode, or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]) as im:
+            im.draft("RGB", (64, 64))  # JPEG: decode at a reduced scale (still reads every byte)
+            im.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def _check_images(data: TaskData, policy: str) -> None:
+    for name, extra, ds in _splits(data):
+        if "image" not in ds.column_names or not isinstance(ds.features["image"], datasets.Image):
+            continue
+        if ds._fingerprint not in _DECODED:
+            cells = ds.cast_column("image", datasets.Image(decode=False))["image"]
+            _DECODED[ds._fingerprint] = [(i, c, why) for i, c in enumerate(cells)
+                                         if (why := "empty (null)" if c is None else _bad_image(c)) is not None]
+        bad = _DECODED[ds._fingerprint]
+        if not bad:
+            continue
+        if policy == "error":
+            i, cell, why = bad[0]
+            where = f"'{cell['path']}'" if cell and cell.get("path") else f"of split '{name}' row {i}"
+            raise PlrError(f"image {where} does not decode ({why}; {len(bad)} such rows in split '{name}'); "
+                           "fix or remove the file, or set task.bad_images=drop to drop those rows")
+        drop = {i for i, _, _ in bad}
+        log.warning("dropped %d rows of split '%s' whose image does not decode (task.bad_images=drop)", len(drop), name)
+        _replace(data, name, extra, ds.select([i for i in range(len(ds)) if i not in drop]))
+
+
 def check(data: TaskData, spec: TaskSpec) -> TaskData:
     """Refuse (or, where the task says so, drop) degenerate data; returns the data to use.
 
     Raises:
-        PlrError: one class in train, labels absent from train in an evaluation split, or an
-            unusable text cell (each naming the fix).
+        PlrError: one class in train, labels absent from train in an evaluation split, an
+            unusable text cell, or an image that does not decode (each naming the fix).
     """
-    for what, value in (("task.unseen_labels", spec.unseen_labels), ("task.bad_text", spec.bad_text)):
+    for what, value in (("task.unseen_labels", spec.unseen_labels), ("task.bad_text", spec.bad_text),
+                        ("task.bad_images", spec.bad_images)):
         if value not in POLICIES:
             raise PlrError(f"{what} must be error or drop, got '{value}'")
     if data.kind == "text":
         columns = {"text": spec.text_column, "text_pair": spec.text_pair_column or "text_pair"}
         _check_text(data, spec.bad_text, lambda c: f"task.{c}_column='{columns[c]}'")
+    if data.kind == "image":
+        _check_images(data, spec.bad_images)
     if data.regression or data.kind not in ("text", "image"):
         return data
     seen = set(data.train.unique("label"))
