@@ -99,6 +99,31 @@ def test_rerun_into_the_same_run_dir_resumes_from_the_checkpoint(tmp_path, monke
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+@pytest.mark.parametrize("stage", ["probe", "retrain"])
+def test_a_crash_in_the_probe_or_a_sparse_retrain_resumes_to_the_same_tensors(tmp_path, monkeypatch, capsys, stage):
+    """Partial-LoRA (the smoke default: a sparse adapter) stopped mid-probe or mid-retrain, then rerun,
+    ends with the masks, adapter and metrics of an uninterrupted run."""
+    over = ["trainer.max_steps=7", "trainer.checkpoint_every=2"]
+    full = run_pipeline(cfg_of(*over), tmp_path / "full", echo=lambda s: None)
+    assert full["params"]["reduction_pct"] > 0  # the retrain is sparse
+    probe_steps = sum("lr" in json.loads(r) for r in (tmp_path / "full" / "probe" / "metrics.jsonl").read_text().splitlines())
+    assert probe_steps >= 4
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as m:
+        crash_at_step(m, 3 if stage == "probe" else probe_steps + 5)
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(cfg_of(*over), run_dir, echo=lambda s: None)
+    assert (run_dir / stage / CK.FILE).exists() and not (run_dir / stage / "done").exists()
+    capsys.readouterr()
+    again = run_pipeline(cfg_of(*over), run_dir, echo=print)
+    out = capsys.readouterr().out
+    assert f"resuming from {run_dir / stage / CK.FILE}" in out, out
+    assert again["metrics"] == full["metrics"]
+    for f in ("extract/masks.safetensors", "retrain/adapter.safetensors", "retrain/head.safetensors"):
+        ta, tb = (load_file(d / f) for d in (tmp_path / "full", run_dir))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), f
+
+
 def test_checkpoint_from_other_settings_is_refused_in_one_line(tmp_path, monkeypatch):
     over = ["adapter=lora", "trainer.max_steps=7", "trainer.checkpoint_every=2"]
     with monkeypatch.context() as m:

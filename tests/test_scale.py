@@ -51,10 +51,11 @@ def test_compile_flag_trains(tmp_path):
     with initialize_config_module("partial_lora.conf", version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", "adapter=lora", "trainer.max_steps=1",
                                            "trainer.compile=true"])
-    try:
-        res = run_pipeline(cfg, tmp_path, echo=lambda s: None)
-    except Exception as e:  # noqa: BLE001 - no C compiler for inductor on this machine: say so, don't hide it
-        pytest.skip(f"torch.compile unavailable here: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    import shutil
+
+    if not any(shutil.which(c) for c in ("cc", "gcc", "clang", "g++")):
+        pytest.skip("torch.compile's inductor needs a C compiler, and this machine has none (cc, gcc, clang)")
+    res = run_pipeline(cfg, tmp_path, echo=lambda s: None)  # with a compiler, any failure is a real one
     assert res["status"] == "complete"
 
 
@@ -64,8 +65,10 @@ def test_no_unused_imports_or_undefined_names():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_two_process_data_parallel_matches_one_process(tmp_path):
-    """torchrun with 2 CPU processes (gloo) trains the same adapter as one process.
+@pytest.mark.parametrize("adapter", ["lora", "partial"])
+def test_two_process_data_parallel_matches_one_process(tmp_path, adapter):
+    """torchrun with 2 CPU processes (gloo) trains the same adapter as one process: dense LoRA, and
+    Partial-LoRA (probe, allocation search and a sparse retrain, all under the two processes).
 
     Dropout is off: with it, the processes draw other dropout masks than one process would.
     """
@@ -76,7 +79,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "OMP_NUM_THREADS": "1"}
-    over = ["experiment=smoke", "adapter=lora", "trainer.max_steps=8", "trainer.batch_size=8", "trainer.lr=0.05",
+    over = ["experiment=smoke", f"adapter={adapter}", "trainer.max_steps=8", "trainer.batch_size=8", "trainer.lr=0.05",
             "+model.config.hidden_dropout_prob=0", "+model.config.attention_probs_dropout_prob=0"]
     one = subprocess.run([sys.executable, "-m", "partial_lora.cli", "train", *over, f"run_dir={tmp_path / 'one'}"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -85,6 +88,9 @@ def test_two_process_data_parallel_matches_one_process(tmp_path):
                           "29511", "-m", "partial_lora.cli", "train", *over, f"run_dir={tmp_path / 'two'}"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
+    for f in ("extract/masks.safetensors",) if adapter == "partial" else ():
+        ma, mb = (load_file(tmp_path / d / f) for d in ("one", "two"))
+        assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)  # the same allocation
     a, b = (load_file(tmp_path / d / "retrain" / "adapter.safetensors") for d in ("one", "two"))
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a) and any(a[k].abs().max() > 1e-3 for k in a)
     ra, rb = (json.loads((tmp_path / d / "results.json").read_text())["metrics"] for d in ("one", "two"))
