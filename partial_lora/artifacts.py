@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -27,7 +27,11 @@ from safetensors.torch import load_file, save_file
 from partial_lora import distributed as D
 from partial_lora.errors import PlrError
 
+if TYPE_CHECKING:
+    from partial_lora.allocation import Allocation
+
 STAGES = ("probe", "allocate", "extract", "retrain", "evaluate")
+PROBE, ALLOCATE, EXTRACT, RETRAIN, EVALUATE = STAGES  # each stage's folder (and its module's NAME)
 
 ADAPTER = "adapter.safetensors"  # LoRA factors, compact shapes, keyed `{layer_id}.lora_A/B`
 PEFT_STATE = "peft.json"         # PEFT baselines: what the adapter needs besides tensors (AdaLoRA ranks)
@@ -133,7 +137,7 @@ def read_predictions(run_dir: Path) -> Any:
     """The evaluate stage's per-example predictions of a run (a pandas DataFrame)."""
     import pandas as pd
 
-    path = stage_dir(run_dir, "evaluate") / PREDICTIONS
+    path = stage_dir(run_dir, EVALUATE) / PREDICTIONS
     if not path.exists():
         raise PlrError(f"missing artifact {path}; rerun the evaluate stage (plr train ... run_dir={run_dir})")
     try:
@@ -209,3 +213,45 @@ def write_run_info(run_dir: Path) -> None:
     """git.json and env.json, written before any work starts."""
     write_json(run_dir / GIT, git_info())
     write_json(run_dir / ENV, env_info())
+
+
+# ------------------------------------------------------------------------------ typed readers
+
+
+Keep = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def read_allocation(run_dir: Path) -> Allocation:
+    """The allocate stage's per-layer keep ratios."""
+    from partial_lora.allocation import Allocation
+
+    return Allocation.from_json(read_json(stage_dir(run_dir, ALLOCATE) / ALLOCATION))
+
+
+def write_masks(run_dir: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str],
+                layers: Mapping[str, Mapping[str, Any]], **info: Any) -> None:
+    """The extract stage's masks: `{layer_id}.rows` / `.cols` (int64) and, for element masks,
+    `.mask_B` / `.mask_A` (uint8) in `masks.safetensors`; `meta` (model, method, granularity), `info`
+    and the per-layer shapes and counts in `masks.json`, which `read_masks` checks against the model."""
+    d = stage_dir(run_dir, EXTRACT)
+    save_tensors(d / MASKS, tensors, meta)
+    write_json(d / MASKS_JSON, {**meta, **info, "layers": layers})
+
+
+def read_masks(run_dir: Path, model_name: str) -> tuple[Keep, Keep]:
+    """(kept rows/cols by layer, element masks (B, A) by layer) of a run, checked against the model."""
+    d = stage_dir(run_dir, EXTRACT)
+    info = read_json(d / MASKS_JSON)
+    if info.get("model") != model_name:
+        raise PlrError(f"{d / MASKS} was made for model '{info.get('model')}', not '{model_name}'; "
+                       "rerun extract (or point from_run at a run of this model)")
+    t = load_tensors(d / MASKS)
+    keep, element = {}, {}
+    for lid in info["layers"]:
+        try:
+            keep[lid] = (t[f"{lid}.rows"], t[f"{lid}.cols"])
+        except KeyError:
+            raise PlrError(f"{d / MASKS} lacks layer '{lid}' (truncated or foreign file); rerun extract") from None
+        if f"{lid}.mask_A" in t:
+            element[lid] = (t[f"{lid}.mask_B"].bool(), t[f"{lid}.mask_A"].bool())
+    return keep, element

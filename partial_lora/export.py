@@ -154,7 +154,7 @@ def check_run(run_dir: Path) -> None:
         raise PlrError(f"run dir '{run_dir}' does not exist; pass the run dir of a `plr train` run")
     if not (run_dir / HYDRA_CONFIG).is_file():
         raise PlrError(f"'{run_dir}' is not a plr run dir (no {HYDRA_CONFIG}); pass the run dir `plr train` printed")
-    if not A.is_done(run_dir, "retrain"):
+    if not A.is_done(run_dir, A.RETRAIN):
         raise PlrError(f"run '{run_dir}' has no finished retrain stage; finish it first with "
                        f"`plr train run_dir={run_dir} <the run's overrides>`")
 
@@ -202,7 +202,7 @@ def rebuild(cfg: DictConfig, run_dir: Path) -> Setup:
     """The run's trained model, exactly as the evaluate stage builds it."""
     set_seed(int(cfg.seed))
     s = setup_run(cfg, run_dir)
-    load_trained(s, A.stage_dir(run_dir, "retrain"))
+    load_trained(s, A.stage_dir(run_dir, A.RETRAIN))
     s.built.model.eval()
     return s
 
@@ -349,8 +349,8 @@ def check_deltas(peft_model: Any, targets: Sequence[Target]) -> None:
 
 def layer_table(run_dir: Path, cfg: DictConfig, targets: Sequence[Target]) -> dict[str, Any]:
     """plr_layers.json: per layer id, where PEFT holds it and what it keeps (from extract/allocate)."""
-    masks = _read_optional(A.stage_dir(run_dir, "extract") / A.MASKS_JSON)
-    alloc = _read_optional(A.stage_dir(run_dir, "allocate") / A.ALLOCATION)
+    masks = _read_optional(A.stage_dir(run_dir, A.EXTRACT) / A.MASKS_JSON)
+    alloc = _read_optional(A.stage_dir(run_dir, A.ALLOCATE) / A.ALLOCATION)
     from_masks = (masks or {}).get("layers", {})
     from_alloc = {la["name"]: la for la in (alloc or {}).get("layers", [])}
     layers: dict[str, Any] = {}

@@ -50,11 +50,11 @@ FREE = ("run_dir", "out_root", "name", "label", "from_run", "logger.", "adapter.
 # Keys a stage does not read (only the stages after it do).
 _RETRAIN_ONLY = ("retrain.", "trainer.epochs", "trainer.max_steps")
 LATER: dict[str, tuple[str, ...]] = {
-    "probe": (*_RETRAIN_ONLY, "adapter.sparsity", "adapter.allocation.", "adapter.mask.", "adapter.match."),
-    "allocate": _RETRAIN_ONLY,
-    "extract": _RETRAIN_ONLY,
-    "retrain": (),
-    "evaluate": (),
+    A.PROBE: (*_RETRAIN_ONLY, "adapter.sparsity", "adapter.allocation.", "adapter.mask.", "adapter.match."),
+    A.ALLOCATE: _RETRAIN_ONLY,
+    A.EXTRACT: _RETRAIN_ONLY,
+    A.RETRAIN: (),
+    A.EVALUATE: (),
 }
 
 

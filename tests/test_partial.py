@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 
 from partial_lora import allocation as AL
+from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora.errors import PlrError
 from partial_lora.lora import LoRAConfig, inject_lora, iter_branches
@@ -15,7 +16,6 @@ from partial_lora.masks import count, element_masks, rank_random, rank_subspace,
 from partial_lora.models import build_model
 from partial_lora.stages import plan, run_pipeline
 from partial_lora.stages.base import setup_run
-from partial_lora.stages.extract import load_masks
 from partial_lora.stages.retrain import rewind
 
 FLOOR = 0.125
@@ -201,7 +201,7 @@ def test_retrained_update_is_zero_outside_kept_block_and_compact(five_stage_run)
     cfg, run_dir, _, _ = five_stage_run
     s = setup_run(cfg, run_dir)
     state = load_file(str(run_dir / "retrain/adapter.safetensors"))
-    keep, _ = load_masks(run_dir, "tiny-bert")
+    keep, _ = A.read_masks(run_dir, "tiny-bert")
     n_params = 0
     for lid, b in iter_branches(s.built.model.net):
         rows, cols = keep[lid]
@@ -281,4 +281,4 @@ def test_bad_partial_inputs_raise_one_line_errors(tmp_path, overrides, message):
 def test_masks_from_another_model_are_rejected(five_stage_run, tmp_path):
     _, src, _, _ = five_stage_run
     with pytest.raises(PlrError, match="made for model 'tiny-bert'"):
-        load_masks(src, "tiny-roberta")
+        A.read_masks(src, "tiny-roberta")

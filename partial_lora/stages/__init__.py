@@ -48,10 +48,10 @@ def plan(cfg: DictConfig) -> list[str]:
     """
     sp = C.sparsity(cfg)
     if sp == 0:
-        return ["retrain", "evaluate"]
+        return [A.RETRAIN, A.EVALUATE]
     needs_probe = C.mask_config(cfg).method == "probe_magnitude" or (
         sp == "auto" and C.allocation_config(cfg).allocator in NEEDS_PROBE)
-    return (["probe"] if needs_probe else []) + ["allocate", "extract", "retrain", "evaluate"]
+    return ([A.PROBE] if needs_probe else []) + [A.ALLOCATE, A.EXTRACT, A.RETRAIN, A.EVALUATE]
 
 
 def reuse_from_run(cfg: DictConfig, settings: dict[str, Any], run_dir: Path, stages: list[str],
@@ -59,22 +59,22 @@ def reuse_from_run(cfg: DictConfig, settings: dict[str, Any], run_dir: Path, sta
     """Copy another run's probe (when its settings are this run's) and its allocation (when the
     allocation settings match too) into this run dir. `settings`: the resolved `cfg`."""
     src = Path(str(cfg.from_run)).expanduser()
-    if not (src / A.HYDRA_CONFIG).exists() and not A.is_done(src, "probe") and not A.is_done(src, "allocate"):
+    if not (src / A.HYDRA_CONFIG).exists() and not A.is_done(src, A.PROBE) and not A.is_done(src, A.ALLOCATE):
         raise PlrError(f"from_run={src} is not a plr run dir (no .hydra/config.yaml and no finished probe or "
                        "allocate stage); point from_run at a run dir")
     if src.resolve() == run_dir.resolve():
         return
-    for name in ("probe", "allocate"):
+    for name in (A.PROBE, A.ALLOCATE):
         if name not in stages or A.is_done(run_dir, name) or not A.is_done(src, name):
             continue
-        if name == "allocate":
+        if name == A.ALLOCATE:
             theirs = A.read_json(A.stage_dir(src, name) / A.ALLOCATION).get("settings")
             ours = allocate.settings(cfg)
-            if theirs != ours or not A.is_done(run_dir, "probe") and "probe" in stages:
+            if theirs != ours or not A.is_done(run_dir, A.PROBE) and A.PROBE in stages:
                 diff = sorted(k for k in set(ours) | set(theirs or {}) if (theirs or {}).get(k) != ours.get(k))
                 echo(f"[plr] from_run: allocation settings differ ({', '.join(diff) or 'the probe'}); allocating again")
                 continue
-        if name == "probe":
+        if name == A.PROBE:
             theirs_cfg = OmegaConf.load(src / A.HYDRA_CONFIG) if (src / A.HYDRA_CONFIG).exists() else None
             if theirs_cfg is not None:
                 for key in ("model.name", "task.name", "adapter.r", "adapter.targets", "seed"):
@@ -134,12 +134,12 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
 
 def collect_results(cfg: DictConfig, run_dir: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Everything the report needs, from the stages' metrics."""
-    ev = stages.get("evaluate", {})
-    al = stages.get("allocate", {})
+    ev = stages.get(A.EVALUATE, {})
+    al = stages.get(A.ALLOCATE, {})
     metrics, main = C.task_metrics(cfg)
     adapter = OmegaConf.to_container(cfg.adapter, resolve=True)
-    if stages.get("retrain", {}).get("rank") is not None:  # lora_matched chooses its rank at run time
-        adapter["r"] = int(stages["retrain"]["rank"])
+    if stages.get(A.RETRAIN, {}).get("rank") is not None:  # lora_matched chooses its rank at run time
+        adapter["r"] = int(stages[A.RETRAIN]["rank"])
     dense, sparse = ev.get("dense_lora_params"), ev.get("adapter_params")
     return {
         "status": "complete" if all(s in stages for s in plan(cfg)) else "incomplete",
@@ -153,7 +153,7 @@ def collect_results(cfg: DictConfig, run_dir: Path, stages: dict[str, dict[str, 
         "metrics": {k: v for k, v in ev.items() if k.startswith(("val_", "test_"))},
         "params": {"adapter": sparse, "dense_lora_same_rank": dense, "head": ev.get("head_params"),
                    "reduction_pct": 100.0 * (1 - sparse / dense) if dense and sparse is not None else None},
-        "probe_accuracy": stages.get("probe", {}).get("a_ref"),
+        "probe_accuracy": stages.get(A.PROBE, {}).get("a_ref"),
         "allocation": {k: al.get(k) for k in ("allocator", "metric", "ratio_min", "ratio_median", "ratio_max", "a_ref", "a_0",
                                              "target", "joint_accuracy", "floor_share", "evaluations")} if al else None,
         "wall_s": {s: m.get("wall_s") for s, m in stages.items()},

@@ -30,7 +30,7 @@ from partial_lora.stages.base import Setup, few_shot_sets, load_trained, loader,
 from partial_lora.tracking import Tracker
 from partial_lora.train import autocast_dtype, predict, set_seed
 
-NAME = "allocate"
+NAME = A.ALLOCATE
 
 
 def settings(cfg: DictConfig) -> dict[str, Any]:
@@ -101,7 +101,7 @@ def _search(cfg: DictConfig, run_dir: Path, s: Setup, layers: list[AL.Layer], ac
     """The allocators that evaluate the trained probe on its few-shot validation set: `threshold`
     (masking the probe's adapter at each ratio), `truncation` (replacing W0 by its rank-k
     truncation, the adapter dense) and `proportional` (sensitivities at the floor, then a budget split)."""
-    probe = A.stage_dir(run_dir, "probe")
+    probe = A.stage_dir(run_dir, A.PROBE)
     net, model = s.built.model.net, s.built.model
     load_trained(s, probe)
     fewshot = A.read_json(probe / A.FEWSHOT)

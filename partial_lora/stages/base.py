@@ -219,9 +219,7 @@ def setup_run(cfg: DictConfig, run_dir: Path) -> Setup:
     """`setup` with the run's masks (from the extract stage) when the adapter is sparse."""
     if not is_sparse(cfg):
         return setup(cfg)
-    from partial_lora.stages.extract import load_masks
-
-    keep, element = load_masks(run_dir, str(cfg.model.name))
+    keep, element = A.read_masks(run_dir, str(cfg.model.name))
     s = setup(cfg, keep)
     for lid, (mask_b, mask_a) in element.items():
         s.branches[lid].set_element_masks(mask_b, mask_a)

@@ -25,13 +25,13 @@ from partial_lora.stages.base import load_trained, loader, setup_run
 from partial_lora.tracking import Tracker
 from partial_lora.train import autocast_dtype, predict, set_seed
 
-NAME = "evaluate"
+NAME = A.EVALUATE
 
 
 def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
     set_seed(int(cfg.seed))
     s = setup_run(cfg, run_dir)
-    load_trained(s, A.stage_dir(run_dir, "retrain"))
+    load_trained(s, A.stage_dir(run_dir, A.RETRAIN))
     tc = C.train_config(cfg)
     model = s.built.model.to(s.device)
     dtype = autocast_dtype(tc, s.device)

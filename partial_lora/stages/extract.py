@@ -3,8 +3,8 @@
 Ranks rows/columns with `adapter.mask.method` (subspace of W0 by default; random; or the
 probe's update magnitudes) and keeps the top round(ρ·d) of each side. `granularity=element`
 instead keeps random entries of A and B at the same parameter count (ablation only). Writes
-`masks.safetensors` (`{layer_id}.rows`, `{layer_id}.cols`, and `.mask_A`/`.mask_B` for element
-masks) and `masks.json` (model, method, per-layer shapes and counts, used to reject foreign masks).
+the masks through `artifacts.write_masks` (its docstring has the format); `artifacts.read_masks`
+reads them back for retrain, evaluate and export.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from omegaconf import DictConfig
 
 from partial_lora import artifacts as A
 from partial_lora import config as C
-from partial_lora.allocation import Allocation
 from partial_lora.errors import PlrError
 from partial_lora.lora import base_weights, load_adapter_state_dict
 from partial_lora.masks import LayerInfo, element_masks, rank_layer
@@ -25,23 +24,22 @@ from partial_lora.stages.base import setup
 from partial_lora.tracking import Tracker
 from partial_lora.train import set_seed
 
-NAME = "extract"
+NAME = A.EXTRACT
 
 
 def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
-    out = A.stage_dir(run_dir, NAME)
-    alloc = Allocation.from_json(A.read_json(A.stage_dir(run_dir, "allocate") / A.ALLOCATION))
+    alloc = A.read_allocation(run_dir)
     mcfg = C.mask_config(cfg)
     seed = int(cfg.seed) if mcfg.seed is None else mcfg.seed
     set_seed(int(cfg.seed))
     s = setup(cfg)
     net = s.built.model.net
-    probe_adapter = A.stage_dir(run_dir, "probe") / A.ADAPTER
+    probe_adapter = A.stage_dir(run_dir, A.PROBE) / A.ADAPTER
     if probe_adapter.exists():
         load_adapter_state_dict(net, A.load_tensors(probe_adapter), source=str(probe_adapter))
     ratios = alloc.ratios()
     if set(ratios) != set(s.branches):
-        raise PlrError(f"{A.stage_dir(run_dir, 'allocate') / A.ALLOCATION} names other layers than this model "
+        raise PlrError(f"{A.stage_dir(run_dir, A.ALLOCATE) / A.ALLOCATION} names other layers than this model "
                        "adapts (another model or target set); rerun the allocate stage")
     weights = base_weights(net)
     tensors: dict[str, torch.Tensor] = {}
@@ -62,29 +60,9 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
         layers[lid] = {"ratio": rho, "d_out": b.d_out, "d_in": b.d_in, "rows": len(rows), "cols": len(cols),
                        "params": params}
     meta = {"model": str(cfg.model.name), "method": mcfg.method, "granularity": mcfg.granularity}
-    A.save_tensors(out / A.MASKS, tensors, meta)
-    A.write_json(out / A.MASKS_JSON, {**meta, "r": int(cfg.adapter.r), "seed": seed, "layers": layers})
+    A.write_masks(run_dir, tensors, meta, layers, r=int(cfg.adapter.r), seed=seed)
     total = sum(la["params"] for la in layers.values())
     dense = sum(b.dense_num_parameters() for b in s.branches.values())
     return {"method": mcfg.method, "granularity": mcfg.granularity, "params": total, "dense_params": dense,
             "reduction_pct": 100.0 * (1 - total / dense)}
 
-
-def load_masks(run_dir: Path, model_name: str) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
-                                                        dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """(kept rows/cols by layer, element masks (B, A) by layer) of a run, checked against the model."""
-    d = A.stage_dir(run_dir, NAME)
-    info = A.read_json(d / A.MASKS_JSON)
-    if info.get("model") != model_name:
-        raise PlrError(f"{d / A.MASKS} was made for model '{info.get('model')}', not '{model_name}'; "
-                       "rerun extract (or point from_run at a run of this model)")
-    t = A.load_tensors(d / A.MASKS)
-    keep, element = {}, {}
-    for lid in info["layers"]:
-        try:
-            keep[lid] = (t[f"{lid}.rows"], t[f"{lid}.cols"])
-        except KeyError:
-            raise PlrError(f"{d / A.MASKS} lacks layer '{lid}' (truncated or foreign file); rerun extract") from None
-        if f"{lid}.mask_A" in t:
-            element[lid] = (t[f"{lid}.mask_B"].bool(), t[f"{lid}.mask_A"].bool())
-    return keep, element

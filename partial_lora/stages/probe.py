@@ -24,7 +24,7 @@ from partial_lora.stages.base import Setup, few_shot_sets, loader, save_trained,
 from partial_lora.tracking import Tracker
 from partial_lora.train import JsonlLog, fit, set_seed
 
-NAME = "probe"
+NAME = A.PROBE
 
 
 def fewshot_indices(s: Setup, pc: ProbeConfig, seed: int) -> tuple[list[int], list[int]]:

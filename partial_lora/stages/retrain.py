@@ -24,7 +24,7 @@ from partial_lora.stages.base import is_sparse, loader, save_trained, setup_run,
 from partial_lora.tracking import Tracker
 from partial_lora.train import JsonlLog, fit, set_seed
 
-NAME = "retrain"
+NAME = A.RETRAIN
 
 
 def rewind(branches: dict[str, LoRABranch], init: dict[str, torch.Tensor]) -> None:
@@ -40,7 +40,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
     rc = C.retrain_config(cfg)
     set_seed(int(cfg.seed))
     s = setup_run(cfg, run_dir)
-    init_file = A.stage_dir(run_dir, "probe") / A.INIT
+    init_file = A.stage_dir(run_dir, A.PROBE) / A.INIT
     init = "fresh"
     if is_sparse(cfg) and rc.init == "rewind":
         if init_file.exists():

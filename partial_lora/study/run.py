@@ -25,7 +25,7 @@ def _complete(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _has_predictions(run_dir: Path) -> bool:
-    return (A.stage_dir(run_dir, "evaluate") / A.PREDICTIONS).exists()
+    return (A.stage_dir(run_dir, A.EVALUATE) / A.PREDICTIONS).exists()
 
 
 def finished(run_dir: Path) -> dict[str, Any] | None:
