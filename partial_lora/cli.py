@@ -333,13 +333,15 @@ def study_parser() -> argparse.ArgumentParser:
                         help="the study folder (default outputs/study)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (what runs, what is reused); run nothing")
     parser.add_argument("--tables-only", action="store_true", help="write the tables from the finished runs; run nothing")
+    parser.add_argument("--keep-stale", action="store_true", help="reuse finished runs made with other settings than "
+                        "their arm has now (by default they run again from the first stage that differs)")
     parser.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap replicates (default 2000)")
     return parser
 
 
 def _study(argv: list[str]) -> int:
     from partial_lora import study as ST
-    from partial_lora.study.run import finished
+    from partial_lora.study.run import describe, finished, stale
 
     extra: list[str] = []
     if "--" in argv:
@@ -353,12 +355,14 @@ def _study(argv: list[str]) -> int:
                                                     args.variant_overrides))
         if args.dry_run:
             for job in jobs:
-                state = "reuse" if finished(job.run_dir) is not None else "run  "
-                print(f"{state} {' '.join(job.command())}")
+                diff = stale(job) if finished(job.run_dir) is not None else {}
+                state = "run  " if finished(job.run_dir) is None else "stale" if diff else "reuse"
+                why = f"   # made with {describe(diff)}" if diff else ""
+                print(f"{state} {' '.join(job.command())}{why}")
             print(f"[plr] study: {len(jobs)} runs planned, {sum(finished(j.run_dir) is not None for j in jobs)} "
                   "finished already")
             return 0
-        failed = [] if args.tables_only else ST.execute(jobs)
+        failed = [] if args.tables_only else ST.execute(jobs, keep_stale=args.keep_stale)
         written = ST.write(args.out, n_boot=args.bootstrap)
     except PlrError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":

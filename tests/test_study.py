@@ -263,3 +263,46 @@ def test_a_variant_runs_its_own_partial_family_and_shares_the_rest(tmp_path):
                          (Selection(variant="gain", variant_overrides=["oops"]), "--set 'oops' is not key=value")):
         with pytest.raises(PlrError, match=message):
             plan(tmp_path, bad)
+
+
+def test_a_finished_run_made_with_other_settings_runs_again_from_the_stage_that_differs(tmp_path):
+    """A default that changed since a run finished (here an arm's overrides) makes the run stale: its
+    first differing stage and the later ones run again, and so does the run that reads it."""
+    from dataclasses import replace
+
+    from hydra import compose, initialize_config_module
+
+    from partial_lora.stages import run_pipeline
+
+    calls: list[str] = []
+
+    def runner(job):
+        calls.append(job.arm)
+        with initialize_config_module("partial_lora.conf", version_base="1.3"):
+            cfg = compose("config", overrides=[*job.overrides, f"run_dir={job.run_dir}"])
+        run_pipeline(cfg, job.run_dir, echo=lambda s: None)
+        return 0
+
+    jobs = plan(tmp_path, Selection(models=["minilm"], tasks=["bbc-news"], seeds=[0], arms=["lora", "uniform"],
+                                    extra=["experiment=smoke"]))
+    assert execute(jobs, runner=runner, echo=lambda m: None) == [] and sorted(calls) == ["lora", "partial", "uniform"]
+    calls.clear()
+    assert execute(jobs, runner=runner, echo=lambda m: None) == [] and calls == []  # same settings: all reused
+
+    changed = [replace(j, overrides=(*j.overrides, "adapter.allocation.tau=0.8")) if j.arm == "partial" else
+               replace(j, overrides=(*j.overrides, "trainer.lr=0.02")) if j.arm == "lora" else j for j in jobs]
+    lines: list[str] = []
+    execute(changed, runner=runner, echo=lines.append, keep_stale=True)
+    assert calls == [] and sum("--keep-stale" in m for m in lines) == 3  # uniform reads partial: stale too
+    partial = next(j for j in jobs if j.arm == "partial").run_dir
+    kept = {s: (partial / s / "done").exists() for s in ("probe", "allocate")}
+    lines.clear()
+    assert execute(changed, runner=runner, echo=lines.append) == []
+    assert sorted(calls) == ["lora", "partial", "uniform"]
+    assert any("adapter.allocation.tau 0.9 -> 0.8" in m and "runs again from allocate" in m for m in lines), lines
+    assert any("trainer.lr" in m and "runs again from retrain" in m for m in lines), lines
+    assert any(f"it reads {partial}, which is stale" in m and "runs again from the start" in m for m in lines), lines
+    assert kept == {"probe": True, "allocate": True}
+    assert json.loads((partial / "allocate" / "fingerprint.json").read_text())["adapter.allocation.tau"] == 0.8
+    calls.clear()
+    assert execute(changed, runner=runner, echo=lambda m: None) == [] and calls == []  # fresh again

@@ -1,4 +1,10 @@
-"""Running a study plan: each job a `plr train` in its own process, finished runs reused."""
+"""Running a study plan: each job a `plr train` in its own process, finished runs reused.
+
+A finished run is reused only while it was made with the settings its job would run now: a
+default changed since (a new `adapter.allocation.tau`, another recipe) makes it stale, and its
+first differing stage and every later one run again, as do the runs that read it
+(`--keep-stale` reuses stale runs as they are, and says so).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from partial_lora import artifacts as A
+from partial_lora import rundir as RD
 from partial_lora.study.plan import Job
 
 
@@ -38,6 +45,52 @@ def _complete_without_predictions(run_dir: Path) -> bool:
     return _complete(run_dir) is not None and not _has_predictions(run_dir)
 
 
+def _settings(job: Job) -> dict[str, Any]:
+    """The resolved config the job's `plr train` would run with now."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module("partial_lora.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[*job.overrides, f"run_dir={job.run_dir}"])
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def stale(job: Job) -> dict[str, dict[str, tuple[Any, Any]]]:
+    """Per stage of the job's run dir, the settings it was made with that differ from the job's now."""
+    return RD.differences(job.run_dir, _settings(job))
+
+
+def describe(diff: dict[str, dict[str, tuple[Any, Any]]]) -> str:
+    keys = {k: v for per in diff.values() for k, v in per.items()}
+    shown = ", ".join(f"{k} {RD._show(a)} -> {RD._show(b)}" for k, (a, b) in list(keys.items())[:4])
+    return shown + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def refresh_stale(jobs: Sequence[Job], *, keep: bool = False, echo: Callable[[str], None] = print) -> int:
+    """Clear what a finished but stale run must redo (its first differing stage on), and all of a run
+    that reads a cleared one; with `keep`, only say which runs are stale. Returns how many are."""
+    flagged: set[Path] = set()
+    count = 0
+    for job in jobs:  # a plan lists each run after the run it reads
+        if finished(job.run_dir) is None:
+            continue
+        diff = stale(job)
+        upstream = job.after is not None and job.after in flagged
+        if not diff and not upstream:
+            continue
+        count += 1
+        flagged.add(job.run_dir)
+        why = describe(diff) if diff else f"it reads {job.after}, which is stale"
+        if keep:
+            echo(f"[plr] study: reusing {job.run_dir} made with other settings ({why}; --keep-stale)")
+            continue
+        first = next(s for s in A.STAGES if s in diff) if diff else None
+        echo(f"[plr] study: {job.run_dir} was made with other settings ({why}); it runs again from "
+             f"{first or 'the start'}")
+        RD.rerun_from(job.run_dir, first or A.STAGES[0], echo=lambda m: None)
+    return count
+
+
 def plr_train(job: Job) -> int:
     """Run one job as `python -m partial_lora.cli train ...` (its own process: a clean slate per run)."""
     cmd = [sys.executable, "-m", "partial_lora.cli", "train", "trainer.progress=false", *job.overrides,
@@ -46,7 +99,7 @@ def plr_train(job: Job) -> int:
 
 
 def execute(jobs: Sequence[Job], *, runner: Callable[[Job], int] = plr_train,
-            echo: Callable[[str], None] = print) -> list[Job]:
+            echo: Callable[[str], None] = print, keep_stale: bool = False) -> list[Job]:
     """Run every job that has not finished; return the jobs that failed.
 
     A job whose Partial-LoRA run failed is skipped (it would read a missing run). A failed job
@@ -55,6 +108,7 @@ def execute(jobs: Sequence[Job], *, runner: Callable[[Job], int] = plr_train,
     """
     failed: list[Job] = []
     bad: set[Path] = set()
+    refresh_stale(jobs, keep=keep_stale, echo=echo)
     todo = [j for j in jobs if finished(j.run_dir) is None]
     for job in todo:
         if _complete_without_predictions(job.run_dir):
