@@ -116,3 +116,42 @@ def load(path: Path, *, trainable: dict[str, Tensor], opt: torch.optim.Optimizer
     version, state, gauss = meta["python_rng"]
     random.setstate((version, tuple(state), gauss))
     return Progress(**meta["progress"]), best_state
+
+
+@dataclass
+class Training:
+    """What a checkpoint holds, live: the tensors that learn, the best of them so far, the optimizer,
+    the schedule and the progress. `start` resumes it from `path` when that file exists."""
+
+    trainable: dict[str, Tensor]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    fingerprint: dict[str, Any]
+    path: Path | None
+    progress: Progress = field(default_factory=Progress)
+    best_state: dict[str, Tensor] = field(default_factory=dict)
+    resumed: bool = False
+
+    def snapshot(self) -> dict[str, Tensor]:
+        # Everything that learns (adapter and head, plr's or PEFT's) and nothing else: small.
+        return {n: p.detach().clone() for n, p in self.trainable.items()}
+
+    @classmethod
+    def start(cls, path: Path | None, trainable: dict[str, Tensor], opt: torch.optim.Optimizer,
+              sched: torch.optim.lr_scheduler.LRScheduler, fingerprint: dict[str, Any]) -> Training:
+        t = cls(trainable, opt, sched, fingerprint, path)
+        t.best_state = t.snapshot()
+        if path is not None and path.exists():
+            t.progress, t.best_state = load(path, trainable=trainable, opt=opt, sched=sched, fingerprint=fingerprint)
+            t.resumed = True
+        return t
+
+    def save(self) -> None:
+        if self.path is not None:
+            save(self.path, trainable=self.trainable, best_state=self.best_state, opt=self.opt, sched=self.sched,
+                 progress=self.progress, fingerprint=self.fingerprint)
+
+    def restore_best(self) -> None:
+        with torch.no_grad():
+            for n, v in self.best_state.items():
+                self.trainable[n].copy_(v)

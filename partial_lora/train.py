@@ -260,34 +260,25 @@ class JsonlLog:
             self.tracker.log({f"{self.prefix}{k}": v for k, v in record.items() if k != "step"}, step=step)
 
 
-def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | None, cfg: TrainConfig, *,
-        device: torch.device, log: Callable[[dict[str, Any]], None] = lambda r: None,
-        metrics: Iterable[str] = ("accuracy",), desc: str = "train",
-        layer_lr_scales: Mapping[str, float] | None = None, step_hook: Callable[[int], None] | None = None,
-        extra_loss: Callable[[], Tensor] | None = None, checkpoint: Path | None = None,
-        validate: Callable[[], dict[str, float]] | None = None) -> FitResult:
-    """Train adapter + head; keep the state with the best validation `cfg.metric`.
+@dataclass(frozen=True)
+class Hooks:
+    """What a caller adds to `fit`, each optional.
 
-    The model must already be frozen except for its adapter and head (see
-    `lora.freeze_for_adapter`): every other trainable parameter (plr's LoRA branches, or a PEFT
-    adapter) learns at the adapter learning rate. `layer_lr_scales` (layer id -> factor)
-    further multiplies the adapter learning rate of single plr layers; missing layers use 1.
-    `step_hook(step)` runs after each optimizer step (AdaLoRA's budget update) and
-    `extra_loss()` is added to the task loss (AdaLoRA's regulariser).
-
-    With `checkpoint` (a file path), the whole training state is saved there at every epoch end
-    and every `cfg.checkpoint_every` steps; if the file exists when `fit` starts, training
-    resumes from it and takes exactly the steps an uninterrupted run would (the train loader
-    must use a `ResumableSampler` with the loader's generator, as `stages.base.loader` does).
-    A step with a non-finite loss or gradient is skipped; more than `cfg.max_bad_steps` of
-    them stop the run with a `PlrError`, leaving the last good checkpoint in place.
-
-    `validate()` (metrics by name, `cfg.metric` among them) replaces the evaluation on
-    `val_loader` when given: a multi-task run validates each task on its own set.
+    validate: metrics by name (`cfg.metric` among them), replacing the evaluation on the
+        validation loader (a multi-task run validates each task on its own set).
+    after_step: called with the step index after each optimizer step, before the gradients are
+        cleared (AdaLoRA's budget update reads them).
+    extra_loss: added to the task loss (AdaLoRA's regulariser).
     """
-    metrics = tuple(dict.fromkeys([cfg.metric, *metrics]))
-    dtype = autocast_dtype(cfg, device)
-    model.to(device)
+
+    validate: Callable[[], dict[str, float]] | None = None
+    after_step: Callable[[int], None] | None = None
+    extra_loss: Callable[[], Tensor] | None = None
+
+
+def optimizer_groups(model: Classifier, cfg: TrainConfig,
+                     layer_lr_scales: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: the adapter (one group per learning-rate scale) and the head."""
     by_scale: dict[float, list[nn.Parameter]] = {}
     for lid, branch in iter_branches(model.net):
         scale = float((layer_lr_scales or {}).get(lid, 1.0))
@@ -303,139 +294,179 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise PlrError("nothing to train: no adapter or head parameters require gradients")
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    return groups
 
-    batches_per_epoch = len(train_loader)
-    if batches_per_epoch == 0:
+
+def step_plan(train_loader: DataLoader, cfg: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps): `cfg.max_steps`, else `cfg.epochs` of the loader."""
+    if len(train_loader) == 0:
         raise PlrError("the training split is empty; check the task's split settings")
-    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
-    total = cfg.max_steps or max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
+    per_epoch = max(1, len(train_loader) // cfg.grad_accum)
+    return per_epoch, cfg.max_steps or max(1, int(math.ceil(cfg.epochs * per_epoch)))
+
+
+def _backward(model: Classifier, forward: Callable[[dict[str, Tensor]], Any], batch: dict[str, Tensor],
+              cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None,
+              extra_loss: Callable[[], Tensor] | None) -> tuple[Tensor, int]:
+    """One micro-batch: this process's rows, the loss, its gradient (scaled for accumulation)."""
+    batch, share = D.shard(_to(batch, device))  # under torchrun: this process's rows of the batch
+    loss = torch.zeros((), device=device)
+    if len(batch["labels"]):
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss = model.loss(forward(batch), batch)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+        (loss * share / cfg.grad_accum).backward()
+    return loss, len(batch["labels"])
+
+
+def _guarded_step(t: CK.Training, params: list[nn.Parameter], cfg: TrainConfig, bad: bool,
+                  after_step: Callable[[int], None] | None, step: int) -> tuple[bool, Tensor | None]:
+    """Clip and take the optimizer step, unless a loss or the gradient is non-finite: then the
+    gradients are dropped and the weights stay as they were. Returns (stepped, gradient norm)."""
+    D.sum_gradients(params)
+    bad = D.any_flag(bad)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+    if bad or (grad_norm is not None and not bool(torch.isfinite(grad_norm))):
+        t.opt.zero_grad(set_to_none=True)
+        return False, grad_norm
+    t.opt.step()
+    t.sched.step()
+    if after_step is not None:
+        after_step(step)
+    t.opt.zero_grad(set_to_none=True)
+    return True, grad_norm
+
+
+def _select(t: CK.Training, val: dict[str, float], cfg: TrainConfig, epoch: int, step: int, log: JsonlLog) -> None:
+    """End of an evaluated epoch: log the validation metrics, keep the state if it is the best so far."""
+    if cfg.metric not in val:
+        raise PlrError(f"trainer.metric '{cfg.metric}' is not computed for this task; use one of {sorted(val)}")
+    rec = {"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in val.items()}}
+    t.progress.history.append(rec)
+    log(rec)
+    if val[cfg.metric] > t.progress.best:
+        t.progress.best, t.progress.best_epoch, t.best_state = val[cfg.metric], epoch, t.snapshot()
+
+
+def _start_epoch(t: CK.Training, epoch: int, train_loader: DataLoader, resume_epoch: int | None) -> int:
+    """Set the data order for `epoch` (a resumed epoch replays its order); return the batches to skip."""
+    state, gen, skip = t.progress, train_loader.generator, 0
+    if gen is not None:
+        if epoch == resume_epoch and state.epoch_gen_state is not None:
+            gen.set_state(torch.tensor(state.epoch_gen_state, dtype=torch.uint8))  # replay this epoch's order
+            skip = state.batches_done
+        state.epoch_gen_state = gen.get_state().tolist()
+    if isinstance(train_loader.sampler, ResumableSampler):
+        train_loader.sampler.skip = skip * (train_loader.batch_size or 1)
+    state.epoch, state.batches_done = epoch, skip
+    return skip
+
+
+def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | None, cfg: TrainConfig, *,
+        device: torch.device, log: JsonlLog | None = None, metrics: Iterable[str] = ("accuracy",),
+        desc: str = "train", layer_lr_scales: Mapping[str, float] | None = None, hooks: Hooks = Hooks(),
+        checkpoint: Path | None = None) -> FitResult:
+    """Train adapter + head; keep the state with the best validation `cfg.metric`.
+
+    The model must already be frozen except for its adapter and head (see
+    `lora.freeze_for_adapter`): every other trainable parameter (plr's LoRA branches, or a PEFT
+    adapter) learns at the adapter learning rate. `layer_lr_scales` (layer id -> factor)
+    further multiplies the adapter learning rate of single plr layers; missing layers use 1.
+
+    With `checkpoint` (a file path), the whole training state is saved there at every epoch end
+    and every `cfg.checkpoint_every` steps; if the file exists when `fit` starts, training
+    resumes from it and takes exactly the steps an uninterrupted run would (the train loader
+    must use a `ResumableSampler` with the loader's generator, as `stages.base.loader` does).
+    A step with a non-finite loss or gradient is skipped; more than `cfg.max_bad_steps` of
+    them stop the run with a `PlrError`, leaving the last good checkpoint in place.
+    """
+    metrics = tuple(dict.fromkeys([cfg.metric, *metrics]))
+    log = log or JsonlLog(None)
+    dtype = autocast_dtype(cfg, device)
+    model.to(device)
+    opt = torch.optim.AdamW(optimizer_groups(model, cfg, layer_lr_scales), weight_decay=cfg.weight_decay)
+    steps_per_epoch, total = step_plan(train_loader, cfg)
     n_epochs = max(1, math.ceil(total / steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup_ratio, cfg.schedule, cfg.warmup_steps))
-
     trainable = {n: p for n, p in model.net.named_parameters() if p.requires_grad}
-
-    def snapshot() -> dict[str, Tensor]:
-        # Everything that learns (adapter and head, plr's or PEFT's) and nothing else: small.
-        return {n: p.detach().clone() for n, p in trainable.items()}
-
     # A checkpoint is only taken up by the same run: same recipe, data size and trainable shapes.
     fingerprint = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in _FREE_TO_CHANGE},
                    "total_steps": total, "examples": len(train_loader.dataset),
                    "trainable": {n: list(p.shape) for n, p in trainable.items()}}
-    sampler = train_loader.sampler if isinstance(train_loader.sampler, ResumableSampler) else None
-    gen = train_loader.generator
-    state, best_state = CK.Progress(), snapshot()
-    resume_epoch = None
-    if checkpoint is not None and checkpoint.exists():
-        state, best_state = CK.load(checkpoint, trainable=trainable, opt=opt, sched=sched, fingerprint=fingerprint)
-        resume_epoch = state.epoch
+    t = CK.Training.start(checkpoint, trainable, opt, sched, fingerprint)
+    state, resume_epoch = t.progress, t.progress.epoch if t.resumed else None
+    if t.resumed:
         print(f"[plr] {desc}: resuming from {checkpoint} (step {state.step} of {total})", flush=True)
-    if isinstance(log, JsonlLog):
-        log.reset(state.step if resume_epoch is not None else None)
+    log.reset(state.step if t.resumed else None)
     if cfg.deterministic:
         use_deterministic_algorithms()
-
-    def save_checkpoint() -> None:
-        if checkpoint is not None:
-            CK.save(checkpoint, trainable=trainable, best_state=best_state, opt=opt, sched=sched, progress=state,
-                    fingerprint=fingerprint)
-
     forward = torch.compile(model) if cfg.compile else model
-    params = [p for g in groups for p in g["params"]]
+    params = [p for g in opt.param_groups for p in g["params"]]
     step, t0 = state.step, time.perf_counter()
-    # On a terminal the bar redraws often; in log files (sweeps, CI) only every 30 s.
-    tty = sys.stderr.isatty()
-    bar = tqdm(total=total, initial=step, desc=desc, disable=not cfg.progress, dynamic_ncols=True, leave=tty,
-               mininterval=0.1 if tty else 30.0)
+    bar = _progress_bar(total, step, desc, cfg.progress)
     model.train()
     try:
         for epoch in range(state.epoch, n_epochs):
-            skip = 0
-            if gen is not None:
-                if epoch == resume_epoch and state.epoch_gen_state is not None:
-                    gen.set_state(torch.tensor(state.epoch_gen_state, dtype=torch.uint8))  # replay this epoch's order
-                    skip = state.batches_done
-                state.epoch_gen_state = gen.get_state().tolist()
-            if sampler is not None:
-                sampler.skip = skip * (train_loader.batch_size or 1)
-            state.epoch, state.batches_done = epoch, skip
+            skip = _start_epoch(t, epoch, train_loader, resume_epoch)
             seen, t_epoch, bad = 0, time.perf_counter(), False
             for i, batch in enumerate(train_loader, start=skip):
-                batch, share = D.shard(_to(batch, device))  # under torchrun: this process's rows of the batch
-                loss = torch.zeros((), device=device)
-                if len(batch["labels"]):
-                    with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                        loss = model.loss(forward(batch), batch)
-                        if extra_loss is not None:
-                            loss = loss + extra_loss()
-                    (loss * share / cfg.grad_accum).backward()
-                seen += len(batch["labels"])
+                loss, rows = _backward(model, forward, batch, cfg, device, dtype, hooks.extra_loss)
+                seen += rows
                 finite = bool(torch.isfinite(loss))
                 bad = bad or not finite
                 if finite:
                     state.run_loss = loss.item() if step == 0 and i == 0 else 0.9 * state.run_loss + 0.1 * loss.item()
                 if (i + 1) % cfg.grad_accum:
                     continue
-                D.sum_gradients(params)
-                bad = D.any_flag(bad)
-                grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                             if cfg.max_grad_norm > 0 else None)
-                if bad or (grad_norm is not None and not bool(torch.isfinite(grad_norm))):
-                    opt.zero_grad(set_to_none=True)  # skip the step: the weights stay as they were
-                    state.bad_steps, state.batches_done, bad = state.bad_steps + 1, i + 1, False
+                stepped, grad_norm = _guarded_step(t, params, cfg, bad, hooks.after_step, step)
+                bad = False
+                if not stepped:
+                    state.bad_steps, state.batches_done = state.bad_steps + 1, i + 1
                     if state.bad_steps > cfg.max_bad_steps:
                         raise PlrError(_non_finite_message(cfg, step, epoch, state.bad_steps, checkpoint))
                     print(f"[plr] {desc}: non-finite loss at step {step + 1}; step skipped "
                           f"({state.bad_steps} of trainer.max_bad_steps={cfg.max_bad_steps})", flush=True)
                     continue
-                opt.step()
-                sched.step()
-                if step_hook is not None:
-                    step_hook(step)
-                opt.zero_grad(set_to_none=True)
                 step += 1
                 state.step, state.batches_done = step, i + 1
-                rate = seen / max(1e-9, time.perf_counter() - t_epoch)
                 bar.update(1)
                 # refresh=False: a refreshing set_postfix would redraw every step, ignoring mininterval.
-                bar.set_postfix(loss=f"{state.run_loss:.3f}", ex_s=f"{rate:.0f}", refresh=False)
-                rec = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
-                if grad_norm is not None:
-                    rec["grad_norm"] = float(grad_norm)
-                log(rec)
+                bar.set_postfix(loss=f"{state.run_loss:.3f}", ex_s=f"{seen / max(1e-9, time.perf_counter() - t_epoch):.0f}",
+                                refresh=False)
+                log({"step": step, "epoch": epoch, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
+                     **({"grad_norm": float(grad_norm)} if grad_norm is not None else {})})
                 if step >= total:
                     break
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    save_checkpoint()
+                    t.save()
             last = step >= total or epoch == n_epochs - 1
-            if (val_loader is not None or validate is not None) and ((epoch + 1) % cfg.eval_every_epochs == 0 or last):
-                val = validate() if validate is not None else evaluate(model, val_loader, device, dtype, metrics)
-                if cfg.metric not in val:
-                    raise PlrError(f"trainer.metric '{cfg.metric}' is not computed for this task; use one of {sorted(val)}")
-                rec = {"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in val.items()}}
-                state.history.append(rec)
-                log(rec)
-                if val[cfg.metric] > state.best:
-                    state.best, state.best_epoch, best_state = val[cfg.metric], epoch, snapshot()
+            if (val_loader is not None or hooks.validate is not None) and ((epoch + 1) % cfg.eval_every_epochs == 0 or last):
+                val = hooks.validate() if hooks.validate is not None else evaluate(model, val_loader, device, dtype, metrics)
+                _select(t, val, cfg, epoch, step, log)
             if step >= total:
                 break
             # The epoch is over: a resumed run starts the next one, with the generator as it is now.
             state.epoch, state.batches_done = epoch + 1, 0
-            state.epoch_gen_state = gen.get_state().tolist() if gen is not None else None
-            save_checkpoint()
+            state.epoch_gen_state = train_loader.generator.get_state().tolist() if train_loader.generator is not None else None
+            t.save()
     except KeyboardInterrupt:
         bar.close()
         raise Interrupted(desc, step) from None
     bar.close()
     best_epoch = state.best_epoch
-    if val_loader is None and validate is None:  # nothing to select on: keep the last state
-        best_state, best_epoch = snapshot(), n_epochs - 1
-    with torch.no_grad():
-        for n, v in best_state.items():
-            trainable[n].copy_(v)
+    if val_loader is None and hooks.validate is None:  # nothing to select on: keep the last state
+        t.best_state, best_epoch = t.snapshot(), n_epochs - 1
+    t.restore_best()
     return FitResult(best_metric=state.best, best_epoch=best_epoch, steps=step,
                      wall_s=time.perf_counter() - t0, history=state.history)
+
+
+def _progress_bar(total: int, step: int, desc: str, show: bool) -> Any:
+    """On a terminal the bar redraws often; in log files (sweeps, CI) only every 30 s."""
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, initial=step, desc=desc, disable=not show, dynamic_ncols=True, leave=tty,
+                mininterval=0.1 if tty else 30.0)
 
 
 # Settings that do not change what training computes: a checkpoint survives changing them.

@@ -29,7 +29,7 @@ from partial_lora.lora import (WHOLE, LoRABranch, adapter_state_dict, count_adap
                                find_targets, freeze_for_adapter, inject_lora, load_adapter_state_dict)
 from partial_lora import multitask as MT
 from partial_lora.models import Built, CausalLM, build_model
-from partial_lora.train import ResumableSampler, TrainConfig, autocast_dtype, evaluate, resolve_device
+from partial_lora.train import Hooks, ResumableSampler, TrainConfig, autocast_dtype, evaluate, resolve_device
 
 
 @dataclass
@@ -59,11 +59,12 @@ class Setup:
         head = {id(p) for p in self.built.model.head_parameters()}
         return sum(p.numel() for p in self.built.model.net.parameters() if p.requires_grad and id(p) not in head)
 
-    def train_hooks(self) -> dict[str, Any]:
-        """Extra arguments of `train.fit` for PEFT methods that need them (AdaLoRA)."""
+    def train_hooks(self, validate: Callable[[], dict[str, float]]) -> Hooks:
+        """`train.fit`'s hooks: the validation, and what PEFT methods add to training (AdaLoRA)."""
         if self.peft is None:
-            return {}
-        return {"step_hook": PB.step_hook(self.peft, self.peft_spec), "extra_loss": PB.regularizer(self.peft, self.peft_spec)}
+            return Hooks(validate=validate)
+        return Hooks(validate=validate, after_step=PB.step_hook(self.peft, self.peft_spec),
+                     extra_loss=PB.regularizer(self.peft, self.peft_spec))
 
 
 def load_data(cfg: DictConfig) -> TaskData:

@@ -22,7 +22,7 @@ from partial_lora.config import ProbeConfig
 from partial_lora.multitask import offsets
 from partial_lora.stages.base import Setup, few_shot_sets, loader, save_trained, setup, validator
 from partial_lora.tracking import Tracker
-from partial_lora.train import JsonlLog, fit, set_seed
+from partial_lora.train import Hooks, JsonlLog, fit, set_seed
 
 NAME = A.PROBE
 
@@ -54,7 +54,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
                         **({"lr": pc.lr} if pc.lr else {}), **({"head_lr": pc.head_lr} if pc.head_lr else {}))
     few_train = s.data.train.select(train_idx)
     result = fit(s.built.model, loader(s, few_train, tc, train=True, seed=int(cfg.seed)), None, tc,
-                 device=s.device, metrics=s.metrics, validate=validator(s, tc, few_shot_sets(s, val_idx)),
+                 device=s.device, metrics=s.metrics, hooks=Hooks(validate=validator(s, tc, few_shot_sets(s, val_idx))),
                  log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, checkpoint=out / CK.FILE)
     save_trained(s, out, cfg)
     return {"a_ref": result.best_metric, "metric": main, "best_epoch": result.best_epoch, "steps": result.steps,

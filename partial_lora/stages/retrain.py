@@ -73,10 +73,9 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
                 "adapter_params": 0, "density": 0.0, "adapter_lr_scale": scale, "init": init, "rank": None,
                 "head_params": 0, "train_examples": len(s.data.train), "history": []}
     result = fit(s.built.model, loader(s, s.data.train, tc, train=True, seed=int(cfg.seed)), None, tc,
-                 device=s.device, metrics=s.metrics, validate=validator(s, tc, val),
+                 device=s.device, metrics=s.metrics, hooks=s.train_hooks(validator(s, tc, val)),
                  log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, checkpoint=out / CK.FILE,
-                 layer_lr_scales=per_layer,
-                 **s.train_hooks())
+                 layer_lr_scales=per_layer)
     save_trained(s, out, cfg)
     return {f"best_val_{main}": result.best_metric, "best_epoch": result.best_epoch, "steps": result.steps,
             "train_wall_s": result.wall_s, "adapter_params": n_adapter, "density": density,
