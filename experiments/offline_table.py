@@ -19,7 +19,7 @@ study reuses them and they are never run twice; a finished run is reused, so rer
 
 Prints a markdown table: each task's test metric as mean ± std over seeds, the adapter's
 parameters and the mean wall time per run, then the r=8 minus r=1 gap per task with its per-seed
-differences.
+differences and their 95% Student-t interval.
 """
 
 from __future__ import annotations
@@ -64,6 +64,17 @@ def runs_of(out: Path, model: str, task: str, arm: str, ledger: dict | None) -> 
             if (r := load(p)) is not None}
 
 
+def _t_interval(diffs: list[float]) -> str:
+    """The paired differences' 95% Student-t interval (a seed is the unit), or '-' for one seed."""
+    if len(diffs) < 2:
+        return "-"
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    mean = statistics.mean(diffs)
+    return f"[{mean - half:+.4f}, {mean + half:+.4f}]"
+
+
 def table(out: Path, ledger: dict | None = None) -> str:
     rows = []
     lines = ["| model | task | metric | arm | test (mean ± std) | seeds | adapter params | wall time / run |",
@@ -92,11 +103,11 @@ def table(out: Path, ledger: dict | None = None) -> str:
                          for s in common]
                 if diffs:
                     sd = f"{statistics.stdev(diffs):.4f}" if len(diffs) > 1 else "-"
-                    gaps.append(f"| {model} | {task} | {statistics.mean(diffs):+.4f} | {sd} | "
+                    gaps.append(f"| {model} | {task} | {statistics.mean(diffs):+.4f} | {sd} | {_t_interval(diffs)} | "
                                 f"{', '.join(f'{d:+.4f}' for d in diffs)} |")
     if gaps:
-        lines += ["", "r=8 minus r=1, paired by seed:", "",
-                  "| model | task | mean difference | std | per seed |", "|---|---|---|---|---|", *gaps]
+        lines += ["", "r=8 minus r=1, paired by seed (95% CI: Student t over the seeds' differences):", "",
+                  "| model | task | mean difference | std | 95% CI | per seed |", "|---|---|---|---|---|---|", *gaps]
     return "\n".join(lines)
 
 
