@@ -341,7 +341,7 @@ def study_parser() -> argparse.ArgumentParser:
 
 def _study(argv: list[str]) -> int:
     from partial_lora import study as ST
-    from partial_lora.study.run import describe, finished, stale
+    from partial_lora.study.run import finished, stale
 
     extra: list[str] = []
     if "--" in argv:
@@ -354,13 +354,15 @@ def _study(argv: list[str]) -> int:
         jobs = ST.plan(args.out, ST.Selection(args.model, args.tasks, args.seeds, args.arms, extra, args.variant,
                                                     args.variant_overrides))
         if args.dry_run:
+            n_done = 0
             for job in jobs:
-                diff = stale(job) if finished(job.run_dir) is not None else {}
-                state = "run  " if finished(job.run_dir) is None else "stale" if diff else "reuse"
-                why = f"   # made with {describe(diff)}" if diff else ""
+                done = finished(job.run_dir) is not None
+                diff = stale(job) if done else {}
+                n_done += done
+                state = "run  " if not done else "stale" if diff else "reuse"
+                why = f"   # made with {RD.describe(diff, limit=4)}" if diff else ""
                 print(f"{state} {' '.join(job.command())}{why}")
-            print(f"[plr] study: {len(jobs)} runs planned, {sum(finished(j.run_dir) is not None for j in jobs)} "
-                  "finished already")
+            print(f"[plr] study: {len(jobs)} runs planned, {n_done} finished already")
             return 0
         failed = [] if args.tables_only else ST.execute(jobs, keep_stale=args.keep_stale)
         written = ST.write(args.out, n_boot=args.bootstrap)

@@ -139,6 +139,15 @@ def differences(run_dir: Path, config: Mapping[str, Any]) -> dict[str, dict[str,
     return out
 
 
+def describe(diff: Mapping[str, Mapping[str, tuple[Any, Any]]], limit: int = 6) -> str:
+    """`differences`' keys as `key then -> now`, the first `limit` of them, then how many more."""
+    keys: dict[str, tuple[Any, Any]] = {}
+    for per in diff.values():
+        keys.update(per)
+    shown = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in list(keys.items())[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
 def check(run_dir: Path, config: Mapping[str, Any]) -> None:
     """Refuse a run dir whose stages were made with other settings.
 
@@ -150,12 +159,7 @@ def check(run_dir: Path, config: Mapping[str, Any]) -> None:
     if not diff:
         return
     first = next(s for s in A.STAGES if s in diff)
-    keys: dict[str, tuple[Any, Any]] = {}
-    for per in diff.values():
-        keys.update(per)
-    shown = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in list(keys.items())[:6])
-    more = f" and {len(keys) - 6} more" if len(keys) > 6 else ""
-    raise PlrError(f"run dir {run_dir} was made with other settings ({shown}{more}; in {', '.join(diff)}); "
+    raise PlrError(f"run dir {run_dir} was made with other settings ({describe(diff)}; in {', '.join(diff)}); "
                    f"choose a new run_dir, or add --rerun-from {first} to redo {first} and every later stage "
                    "with these settings")
 

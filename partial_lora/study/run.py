@@ -60,12 +60,6 @@ def stale(job: Job) -> dict[str, dict[str, tuple[Any, Any]]]:
     return RD.differences(job.run_dir, _settings(job))
 
 
-def describe(diff: dict[str, dict[str, tuple[Any, Any]]]) -> str:
-    keys = {k: v for per in diff.values() for k, v in per.items()}
-    shown = ", ".join(f"{k} {RD._show(a)} -> {RD._show(b)}" for k, (a, b) in list(keys.items())[:4])
-    return shown + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
-
-
 def refresh_stale(jobs: Sequence[Job], *, keep: bool = False, echo: Callable[[str], None] = print) -> int:
     """Clear what a finished but stale run must redo (its first differing stage on), and all of a run
     that reads a cleared one; with `keep`, only say which runs are stale. Returns how many are."""
@@ -80,7 +74,7 @@ def refresh_stale(jobs: Sequence[Job], *, keep: bool = False, echo: Callable[[st
             continue
         count += 1
         flagged.add(job.run_dir)
-        why = describe(diff) if diff else f"it reads {job.after}, which is stale"
+        why = RD.describe(diff, limit=4) if diff else f"it reads {job.after}, which is stale"
         if keep:
             echo(f"[plr] study: reusing {job.run_dir} made with other settings ({why}; --keep-stale)")
             continue
