@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from partial_lora import distributed as D
-from partial_lora.errors import PlrError
+from partial_lora.errors import PlrError, first_line
 
 if TYPE_CHECKING:
     from partial_lora.allocation import Allocation
@@ -175,7 +175,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise PlrError(f"corrupt artifact {path} ({str(e).splitlines()[0]}); {_rerun_hint(path)}") from None
+        raise PlrError(f"corrupt artifact {path} ({first_line(e)}); {_rerun_hint(path)}") from None
 
 
 def git_info() -> dict[str, Any]:

@@ -30,7 +30,7 @@ from partial_lora import artifacts as A
 from partial_lora import checkpoint as CK
 from partial_lora import distributed as D
 from partial_lora import rundir as RD
-from partial_lora.errors import Interrupted, PlrError
+from partial_lora.errors import Interrupted, PlrError, first_line
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 GROUPS = ("model", "task", "adapter", "trainer", "logger", "experiment")
@@ -183,7 +183,7 @@ def _train_locked(cfg: DictConfig, run_dir: Path, fresh: bool, sweeping: bool) -
             if D.is_main() and not (run_dir / A.HYDRA_CONFIG).exists():
                 _write_hydra(run_dir, cfg)  # so `plr report` lists the failed job with its settings
             SWEEP_FAILURES.append(str(run_dir))
-            print(f"plr: error: {message.splitlines()[0] if message else type(e).__name__} (run dir {run_dir}; "
+            print(f"plr: error: {first_line(message) or type(e).__name__} (run dir {run_dir}; "
                   "the sweep goes on)", file=sys.stderr)
             return None
         if fresh and not any(A.is_done(run_dir, s) for s in A.STAGES):
@@ -393,7 +393,7 @@ def check_keys(overrides: list[str]) -> None:
     try:
         parsed = OverridesParser.create().parse_overrides(args)
     except OverrideParseException as e:
-        fail(f"cannot parse the overrides ({str(e).splitlines()[0]}); write them as key=value")
+        fail(f"cannot parse the overrides ({first_line(e)}); write them as key=value")
         return
     single = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override()
               else o.input_line for o in parsed]
@@ -401,14 +401,14 @@ def check_keys(overrides: list[str]) -> None:
         with initialize_config_module("partial_lora.conf", version_base="1.3"):
             compose("config", overrides=single)
     except ConfigCompositionException as e:
-        first = str(e).splitlines()[0]
+        first = first_line(e)
         key = re.search(r"override '([^']+)'", first)
         if key:
             fail(f"unknown config key '{key[1]}'; check its spelling against `plr train --help`, or add a new key "
                  f"with +{key[1]}=<value>")
         fail(f"{first}; see `plr train --help`")
     except Exception as e:  # noqa: BLE001 - Hydra reports bad values in many exception types
-        fail(f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; see `plr train --help`")
+        fail(f"{first_line(e) or type(e).__name__}; see `plr train --help`")
 
 
 def check_writable(overrides: list[str]) -> None:
@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "-i") for a in rest):
             check_keys(rest)
             check_writable(rest)
-            if D.active() and not any(a.startswith("run_dir=") for a in rest):
+            if D.launched() and not any(a.startswith("run_dir=") for a in rest):
                 fail(f"under a multi-process launch (WORLD_SIZE={D.world_size()}) every process must write to the "
                      "same run dir; add run_dir=<dir> to the command")
         sys.argv = ["plr train", *rest]

@@ -1,24 +1,38 @@
-"""Data parallel training under `torchrun` / `accelerate launch`, with nothing to change for the user.
+"""Data parallel training under `torchrun` / `accelerate launch`, on torch's DistributedDataParallel.
 
-When the launcher sets `WORLD_SIZE` > 1, every process runs the same pipeline on the same
-data (all stages are deterministic given the seed), and only the training step is split:
-each process takes its share of every batch, and the adapter's gradients are summed over the
-processes before the optimizer step, so every process holds the same weights after every step
-(the adapter is small: the all-reduce is cheap). Rank 0 alone writes files; the others wait at
-a barrier around every stage, so all of them see the same finished stages.
+When the launcher sets `WORLD_SIZE` > 1:
+
+- the stages that are not data parallel (the probe, the allocation search, extract, evaluate)
+  run on rank 0 alone, inside `alone()`; the other ranks wait at a barrier and then read what
+  rank 0 wrote (the run dir is the contract between them);
+- the retrain stage trains under `DistributedDataParallel` (bucketed all-reduce overlapped with
+  the backward pass; `no_sync` on the micro-batches of a gradient accumulation). Its loader
+  draws the one-process order of examples from the same generator and batches it, and each
+  process loads and collates only its rows of every batch (`ShardedBatches`), so the adapter
+  after every step is the one a single process would have (up to float summation order).
+
+Rank 0 alone writes files. CPU processes use the gloo backend, CUDA processes NCCL with one GPU
+per process (`LOCAL_RANK`).
 
     torchrun --nproc_per_node 4 -m partial_lora.cli train experiment=vtab task=cifar100 run_dir=<dir>
     accelerate launch --num_processes 4 -m partial_lora.cli train ... run_dir=<dir>
-
-CPU processes use the gloo backend, CUDA processes NCCL with one GPU per process (`LOCAL_RANK`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import math
 import os
+from collections.abc import Iterator, Sized
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Sampler
+
+# The other ranks wait at a barrier while rank 0 probes and searches alone: give it time.
+TIMEOUT = datetime.timedelta(hours=4)
+_alone = False
 
 
 def world_size() -> int:
@@ -34,8 +48,25 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def active() -> bool:
+def launched() -> bool:
+    """Whether this is one process of a multi-process launch."""
     return world_size() > 1
+
+
+def active() -> bool:
+    """Whether training here is data parallel: a multi-process launch, outside `alone()`."""
+    return launched() and not _alone
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Rank 0 runs a stage by itself: inside, it trains and evaluates as a single process would."""
+    global _alone
+    _alone, before = True, _alone
+    try:
+        yield
+    finally:
+        _alone = before
 
 
 def init(device: torch.device) -> torch.device:
@@ -43,28 +74,19 @@ def init(device: torch.device) -> torch.device:
 
     A CUDA device becomes `cuda:<LOCAL_RANK>`; CPU stays CPU (gloo).
     """
-    if not active():
+    if not launched():
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     return device
 
 
 def barrier() -> None:
     if active() and dist.is_initialized():
         dist.barrier()
-
-
-def shard(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
-    """This process's rows of a batch, and their share of the batch (weights the local loss)."""
-    if not active():
-        return batch, 1.0
-    n = len(batch["labels"])
-    mine = {k: v[rank()::world_size()] for k, v in batch.items()}
-    return mine, len(mine["labels"]) / n
 
 
 def any_flag(flag: bool) -> bool:
@@ -78,11 +100,53 @@ def any_flag(flag: bool) -> bool:
     return bool(t.item())
 
 
-def sum_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Sum the gradients over processes (each local loss was weighted by its share of the batch)."""
+def wrap(model: torch.nn.Module, device: torch.device, *, find_unused: bool) -> torch.nn.Module:
+    """The model under DistributedDataParallel when training is data parallel, else itself.
+
+    `find_unused`: some trainable parameters may get no gradient in a step (a multi-task model's
+    heads of the tasks absent from a batch, some PEFT adapters).
+    """
     if not active():
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused)
+
+
+def sync_unless(model: torch.nn.Module, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+    """DDP's `no_sync` on the micro-batches before the last one of a gradient accumulation."""
+    no_sync = getattr(model, "no_sync", None)
+    return contextlib.nullcontext() if last_micro_batch or no_sync is None else no_sync()
+
+
+class ShardedBatches(Sampler[list[int]]):
+    """The one-process batches of `sampler`'s order, each split over the processes.
+
+    Batch i holds the examples i·B .. i·B+B-1 of the order (B = `batch_size`, the global batch);
+    this process takes its rows `rank, rank + W, ...` of it, so it loads and collates only those.
+    Every process yields the same number of batches. A last batch with fewer rows than processes
+    leaves some with no row: they get its first row, and `rows(i)` says it weighs nothing.
+    """
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, rank: int, world: int) -> None:
+        self.sampler, self.batch_size, self.rank, self.world = sampler, batch_size, rank, world
+        self.n = len(sampler) if isinstance(sampler, Sized) else 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batch: list[int] = []
+        for idx in self.sampler:
+            batch.append(idx)
+            if len(batch) == self.batch_size:
+                yield batch[self.rank::self.world] or batch[:1]
+                batch = []
+        if batch:
+            yield batch[self.rank::self.world] or batch[:1]
+
+    def rows(self, i: int) -> tuple[int, int]:
+        """(this process's rows, the global batch's rows) of batch i of an epoch."""
+        total = max(0, min(self.batch_size, self.n - i * self.batch_size))
+        return len(range(self.rank, total, self.world)), total

@@ -17,6 +17,12 @@ class PlrError(Exception):
     """A user-facing error: one line, says what is wrong and how to fix it."""
 
 
+def first_line(e: BaseException | str) -> str:
+    """The first line of an exception's message (or of a string); empty when there is none."""
+    lines = str(e).strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run: where it stopped (the stage, and the training step when it was training)."""
 

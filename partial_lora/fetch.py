@@ -36,7 +36,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from partial_lora.artifacts import UMASK
-from partial_lora.errors import PlrError
+from partial_lora.errors import PlrError, first_line
 
 CACHE_ENV = "PLR_CACHE"
 MANIFEST = "manifest.json"
@@ -247,7 +247,7 @@ def fetch(name: str, *, force: bool = False, root: Path | None = None, downloade
         except PlrError:
             raise
         except Exception as e:  # noqa: BLE001 - archive, parse and I/O errors all mean "not fetched"
-            raise PlrError(f"fetching {source.name} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            raise PlrError(f"fetching {source.name} failed ({type(e).__name__}: {first_line(e)}); "
                            "nothing was cached; retry `plr fetch` (set HYDRA_FULL_ERROR=1 for a traceback)") from e
         finally:
             shutil.rmtree(work, ignore_errors=True)

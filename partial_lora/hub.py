@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlparse
 
-from partial_lora.errors import PlrError
+from partial_lora.errors import PlrError, first_line
 
 T = TypeVar("T")
 
@@ -111,7 +111,7 @@ def load_from_hub(load: Callable[[bool], T], name: str, *, what: str, key: str) 
     except Exception as e:  # noqa: BLE001 - libraries raise OSError, ValueError, HTTP errors...
         if online:
             raise PlrError(f"could not load {what} '{name}' from the Hugging Face Hub ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}); check the name or set {key}=<local dir>") from e
+                           f"{first_line(e)}); check the name or set {key}=<local dir>") from e
         raise PlrError(
             f"{what} '{name}' is not in the local cache and the Hugging Face Hub cannot be reached; "
             f"download it where there is internet (`hf download {name}"

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from partial_lora.errors import PlrError
+from partial_lora.errors import PlrError, first_line
 
 METHODS = ("peft_lora", "dora", "adalora", "vera", "shira")
 
@@ -73,7 +73,7 @@ def peft_config(spec: PeftSpec, targets: Sequence[str], total_steps: int) -> Any
             return peft.VeraConfig(r=opts.pop("r", 256), vera_dropout=spec.dropout, **common, **opts)
         return peft.ShiraConfig(r=opts.pop("r", spec.r), **common, **opts)
     except (TypeError, ValueError) as e:
-        first = str(e).splitlines()[0]
+        first = first_line(e)
         raise PlrError(f"adapter={spec.method}: PEFT rejected the settings ({first}); fix adapter.peft") from None
 
 
@@ -89,7 +89,7 @@ def inject_peft(net: nn.Module, spec: PeftSpec, targets: Sequence[str], head_mod
     try:
         model = peft.get_peft_model(net, cfg)
     except (TypeError, ValueError) as e:
-        first = str(e).splitlines()[0]
+        first = first_line(e)
         raise PlrError(f"adapter={spec.method}: PEFT could not adapt this model ({first}); "
                        "choose other adapter.targets") from None
     for name in head_modules:

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from partial_lora.errors import first_line
+
 
 class Tracker(Protocol):
     def log(self, values: Mapping[str, Any], step: int | None = None) -> None: ...
@@ -65,7 +67,7 @@ def make_tracker(kind: str, *, run_dir: Path, name: str, config: Mapping[str, An
         run = wandb.init(project=project, entity=entity, name=name, config=dict(config), dir=str(run_dir),
                          mode=mode, tags=tags or None, reinit="finish_previous")
     except Exception as e:  # noqa: BLE001
-        warnings.warn(f"wandb could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        warnings.warn(f"wandb could not start ({type(e).__name__}: {first_line(e)}); "
                       "continuing with local metrics only", stacklevel=2)
         return None
     return WandbTracker(run)

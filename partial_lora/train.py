@@ -227,6 +227,7 @@ class FitResult:
     steps: int
     wall_s: float
     history: list[dict[str, Any]]
+    examples: int = 0  # the training rows this process took (under data parallel: its shard), resumed steps excluded
 
 
 class JsonlLog:
@@ -305,26 +306,37 @@ def step_plan(train_loader: DataLoader, cfg: TrainConfig) -> tuple[int, int]:
     return per_epoch, cfg.max_steps or max(1, int(math.ceil(cfg.epochs * per_epoch)))
 
 
+def _shares(train_loader: DataLoader, i: int, batch: Mapping[str, Tensor]) -> tuple[int, float]:
+    """(this process's rows, the weight of its mean loss) for batch i of the epoch.
+
+    One process: all the rows, weight 1. Data parallel (`D.ShardedBatches`): DDP averages the
+    gradients over the W processes, so a share of n of the global batch's N rows weighs W·n/N,
+    and the average is the gradient of the global batch's mean loss.
+    """
+    sharded = train_loader.batch_sampler
+    if not isinstance(sharded, D.ShardedBatches):
+        return len(batch["labels"]), 1.0
+    mine, total = sharded.rows(i)
+    return mine, sharded.world * mine / max(1, total)
+
+
 def _backward(model: Classifier, forward: Callable[[dict[str, Tensor]], Any], batch: dict[str, Tensor],
-              cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None,
-              extra_loss: Callable[[], Tensor] | None) -> tuple[Tensor, int]:
-    """One micro-batch: this process's rows, the loss, its gradient (scaled for accumulation)."""
-    batch, share = D.shard(_to(batch, device))  # under torchrun: this process's rows of the batch
-    loss = torch.zeros((), device=device)
-    if len(batch["labels"]):
-        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            loss = model.loss(forward(batch), batch)
-            if extra_loss is not None:
-                loss = loss + extra_loss()
-        (loss * share / cfg.grad_accum).backward()
-    return loss, len(batch["labels"])
+              rows: int, weight: float, cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None,
+              extra_loss: Callable[[], Tensor] | None) -> Tensor:
+    """One micro-batch: the loss and its gradient (scaled for accumulation and for this process's share)."""
+    batch = _to(batch, device)
+    with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        loss = model.loss(forward(batch), batch)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+    (loss * (weight / cfg.grad_accum)).backward()
+    return loss if rows else torch.zeros((), device=device)  # a row lent to keep the processes in step counts for nothing
 
 
 def _guarded_step(t: CK.Training, params: list[nn.Parameter], cfg: TrainConfig, bad: bool,
                   after_step: Callable[[int], None] | None, step: int) -> tuple[bool, Tensor | None]:
     """Clip and take the optimizer step, unless a loss or the gradient is non-finite: then the
     gradients are dropped and the weights stay as they were. Returns (stepped, gradient norm)."""
-    D.sum_gradients(params)
     bad = D.any_flag(bad)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
     if bad or (grad_norm is not None and not bool(torch.isfinite(grad_norm))):
@@ -357,8 +369,9 @@ def _start_epoch(t: CK.Training, epoch: int, train_loader: DataLoader, resume_ep
             gen.set_state(torch.tensor(state.epoch_gen_state, dtype=torch.uint8))  # replay this epoch's order
             skip = state.batches_done
         state.epoch_gen_state = gen.get_state().tolist()
-    if isinstance(train_loader.sampler, ResumableSampler):
-        train_loader.sampler.skip = skip * (train_loader.batch_size or 1)
+    sampler = getattr(train_loader.batch_sampler, "sampler", None)
+    if isinstance(sampler, ResumableSampler):
+        sampler.skip = skip * int(getattr(train_loader.batch_sampler, "batch_size", 1) or 1)
     state.epoch, state.batches_done = epoch, skip
     return skip
 
@@ -401,9 +414,11 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
     log.reset(state.step if t.resumed else None)
     if cfg.deterministic:
         use_deterministic_algorithms()
-    forward = torch.compile(model) if cfg.compile else model
+    # Data parallel under a launch: DDP's bucketed all-reduce, overlapped with the backward pass.
+    wrapped = D.wrap(model, device, find_unused=_may_leave_unused(model))
+    forward = torch.compile(wrapped) if cfg.compile else wrapped
     params = [p for g in opt.param_groups for p in g["params"]]
-    step, t0 = state.step, time.perf_counter()
+    step, t0, examples = state.step, time.perf_counter(), 0
     bar = _progress_bar(total, step, desc, cfg.progress)
     model.train()
     try:
@@ -411,8 +426,11 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
             skip = _start_epoch(t, epoch, train_loader, resume_epoch)
             seen, t_epoch, bad = 0, time.perf_counter(), False
             for i, batch in enumerate(train_loader, start=skip):
-                loss, rows = _backward(model, forward, batch, cfg, device, dtype, hooks.extra_loss)
+                rows, weight = _shares(train_loader, i, batch)
+                with D.sync_unless(wrapped, last_micro_batch=(i + 1) % cfg.grad_accum == 0):
+                    loss = _backward(model, forward, batch, rows, weight, cfg, device, dtype, hooks.extra_loss)
                 seen += rows
+                examples += rows
                 finite = bool(torch.isfinite(loss))
                 bad = bad or not finite
                 if finite:
@@ -459,7 +477,15 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
         t.best_state, best_epoch = t.snapshot(), n_epochs - 1
     t.restore_best()
     return FitResult(best_metric=state.best, best_epoch=best_epoch, steps=step,
-                     wall_s=time.perf_counter() - t0, history=state.history)
+                     wall_s=time.perf_counter() - t0, history=state.history, examples=examples)
+
+
+def _may_leave_unused(model: Classifier) -> bool:
+    """Whether a step may leave a trainable parameter without a gradient, so that DDP must look for
+    them: a PEFT adapter (plr's own branches and the head take part in every step)."""
+    ours = {id(p) for _, b in iter_branches(model.net) for p in (b.lora_A, b.lora_B)}
+    ours |= {id(p) for p in model.head_parameters()}
+    return any(p.requires_grad and id(p) not in ours for p in model.net.parameters())
 
 
 def _progress_bar(total: int, step: int, desc: str, show: bool) -> Any:

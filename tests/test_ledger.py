@@ -47,3 +47,46 @@ def test_a_damaged_ledger_line_is_one_message(tmp_path):
     bad.write_text('{"model": "minilm"}\n')
     with pytest.raises(SystemExit, match="line 1 is not a run record"):
         ledger.read(bad)
+
+
+def test_predictions_outlive_the_run_dirs_and_restore_gives_the_claims_table(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from partial_lora import study
+
+    ledger = load_script("ledger")
+    out, into = tmp_path / "study", tmp_path / "docs/results/runs.jsonl"
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    for seed in (0, 1):
+        for arm, wrong in (("lora", 20), ("partial", 30)):  # partial errs on 10 more test examples
+            pred = labels.copy()
+            pred[:wrong] = 1 - pred[:wrong]
+            run = write_run(out, "minilm", "rt-polarity", arm, seed, float((pred == labels).mean()))
+            (run / "evaluate").mkdir()
+            val = pd.DataFrame({"split": "val", "index": range(50), "label": 0, "prediction": 0})
+            test = pd.DataFrame({"split": "test", "index": range(200), "label": labels, "prediction": pred})
+            pd.concat([val, test]).to_parquet(run / "evaluate/predictions.parquet", index=False)
+    assert ledger.merge(out, into) == (4, 4)
+    kept = pd.read_parquet(into.parent / "predictions/minilm/rt-polarity/partial/seed1.parquet")
+    assert set(kept["split"]) == {"test"} and len(kept) == 200  # the test split only
+    before = study.claims.claim_rows(study.claims.collect(out), n_boot=200)
+    import shutil
+
+    shutil.rmtree(out)
+    dest = tmp_path / "restored"
+    assert ledger.restore(into, dest) == 4
+    after = study.claims.claim_rows(study.claims.collect(dest), n_boot=200)
+    c3 = [r for r in after if r.claim.key == "C3"]
+    assert len(c3) == 1 and c3[0].comparison.mean == pytest.approx(-5.0)  # points: 10 of 200 examples
+    assert [(r.claim.key, r.comparison.mean, r.comparison.low) for r in after] == \
+        [(r.claim.key, r.comparison.mean, r.comparison.low) for r in before]
+    assert ledger.merge(dest, into) == (4, 0)  # restored dirs are not merged back as new runs
+    with pytest.raises(SystemExit, match="real run dir"):
+        write_run(dest, "minilm", "rt-polarity", "head", 0, 0.6)
+        (dest / "runs/minilm/rt-polarity/head/seed0").rename(dest / "runs/minilm/rt-polarity/lora/seed9")
+        rec = json.loads(into.read_text().splitlines()[0])
+        rec["seed"] = 9
+        into.write_text(into.read_text() + json.dumps(rec) + "\n")
+        ledger.restore(into, dest)

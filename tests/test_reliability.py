@@ -391,3 +391,11 @@ def test_ctrl_c_prints_one_line_with_the_way_back_and_exits_130(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("plr: interrupted at retrain step ")
     assert lines[0].endswith(f"resume with `plr resume {run_dir}`")
     assert ckpt.exists() and not (run_dir / "retrain" / "done").exists()  # resumable, not marked done
+
+
+def test_first_line_of_an_error_is_empty_not_an_index_error_when_the_message_is():
+    from partial_lora.errors import first_line
+
+    assert first_line(ValueError("bad value\n  at line 3")) == "bad value"
+    assert first_line(OSError()) == "" and first_line(RuntimeError("\n")) == ""  # was IndexError in 4 places
+    assert first_line("  padded \nrest") == "padded"

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import datasets
 
 from partial_lora.data.base import TaskData, TaskSpec
-from partial_lora.errors import PlrError
+from partial_lora.errors import PlrError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _bad_image(cell: dict) -> str | None:
             im.draft("RGB", (64, 64))  # JPEG: decode at a reduced scale (still reads every byte)
             im.load()
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return f"{type(e).__name__}: {first_line(e)}"
     return None
 
 

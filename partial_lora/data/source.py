@@ -33,7 +33,7 @@ import datasets
 
 from partial_lora.data.base import TaskSpec
 from partial_lora.data.split import missing_split, used_splits
-from partial_lora.errors import PlrError
+from partial_lora.errors import PlrError, first_line
 from partial_lora.hub import check_local_path, load_from_hub, looks_local
 
 log = logging.getLogger(__name__)
@@ -328,7 +328,7 @@ def _load_local(spec: TaskSpec, path: Path, wanted: Mapping[str, str]) -> datase
     except PlrError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises FileNotFoundError, ValueError, ArrowInvalid...
-        first = str(e).splitlines()[0] if str(e) else ""
+        first = first_line(e)
         cause = next((c for c in _chain(e) if isinstance(c, UnicodeDecodeError)), None)
         if cause is not None:
             raise PlrError(f"task.path='{spec.path}' is not UTF-8 text (it holds the byte {cause.object[cause.start]:#04x}); "

@@ -9,6 +9,7 @@ records its settings' fingerprint when it starts; a run dir made with other sett
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from collections.abc import Callable
@@ -29,6 +30,9 @@ from partial_lora.tracking import Tracker
 from partial_lora.train import resolve_device
 
 StageFn = Callable[[DictConfig, Path, "Tracker | None"], dict[str, Any]]
+
+# Under a multi-process launch the retrain stage trains data parallel; rank 0 runs the others alone.
+DATA_PARALLEL = frozenset({A.RETRAIN})
 
 REGISTRY: dict[str, StageFn] = {
     probe.NAME: probe.run,
@@ -105,9 +109,15 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
     done: dict[str, dict[str, Any]] = {}
     with disk_full_is_one_line(run_dir):
         for name in stages:
+            # Read before the barrier: past it, rank 0 may already be finishing the stage.
+            already = A.is_done(run_dir, name)
             D.barrier()  # every process sees the same finished stages
-            if A.is_done(run_dir, name):
+            if already:
                 echo(f"[plr] {name}: done already, skipped ({A.stage_dir(run_dir, name)})")
+                done[name] = A.read_json(A.stage_dir(run_dir, name) / A.METRICS)
+                continue
+            if name not in DATA_PARALLEL and not D.is_main():
+                D.barrier()  # rank 0 runs the stage alone; this rank reads what it wrote
                 done[name] = A.read_json(A.stage_dir(run_dir, name) / A.METRICS)
                 continue
             echo(f"[plr] {name} ...")
@@ -115,7 +125,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
                 RD.record(run_dir, name, settings)  # type: ignore[arg-type]
             t0 = time.perf_counter()
             try:
-                metrics = REGISTRY[name](cfg, run_dir, tracker)
+                with contextlib.nullcontext() if name in DATA_PARALLEL else D.alone():
+                    metrics = REGISTRY[name](cfg, run_dir, tracker)
             except Interrupted:
                 raise
             except KeyboardInterrupt:  # outside a training loop (loading, the allocation search...)

@@ -165,11 +165,15 @@ def loader(s: Setup, split: datasets.Dataset, tc: TrainConfig, *, train: bool, s
     if "task_id" in split.column_names:  # a multi-task union: each row says which head it trains
         collate = MT.TaskIdCollate(collate)
     gen = torch.Generator().manual_seed(seed)
+    common = dict(collate_fn=collate, generator=gen, num_workers=tc.num_workers, pin_memory=s.device.type == "cuda")
+    if not train:
+        return DataLoader(split, batch_size=tc.eval_batch_size, **common)
     # The same order as `shuffle=True` with this generator, and resumable in mid-epoch.
-    sampler = ResumableSampler(split, generator=gen) if train else None
-    return DataLoader(split, batch_size=tc.batch_size if train else tc.eval_batch_size, sampler=sampler,
-                      collate_fn=collate, generator=gen, num_workers=tc.num_workers,
-                      pin_memory=s.device.type == "cuda", drop_last=False)
+    sampler = ResumableSampler(split, generator=gen)
+    if D.active():  # data parallel: this process loads only its rows of each of the one-process batches
+        return DataLoader(split, batch_sampler=D.ShardedBatches(sampler, tc.batch_size, D.rank(), D.world_size()),
+                          **common)
+    return DataLoader(split, batch_size=tc.batch_size, sampler=sampler, drop_last=False, **common)
 
 
 def validator(s: Setup, tc: TrainConfig, sets: datasets.Dataset | list[datasets.Dataset],

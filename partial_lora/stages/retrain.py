@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from partial_lora import artifacts as A
 from partial_lora import checkpoint as CK
 from partial_lora import config as C
+from partial_lora import distributed as D
 from partial_lora.allocation import lr_scale_auto
 from partial_lora.lora import LoRABranch
 from partial_lora.stages.base import is_sparse, loader, save_trained, setup_run, validator
@@ -76,6 +77,9 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
                  device=s.device, metrics=s.metrics, hooks=s.train_hooks(validator(s, tc, val)),
                  log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, checkpoint=out / CK.FILE,
                  layer_lr_scales=per_layer)
+    if D.launched():  # each process loaded only its shard of every batch
+        print(f"[plr] {NAME}: rank {D.rank()} of {D.world_size()} trained on {result.examples} examples "
+              f"in {result.steps} steps", flush=True)
     save_trained(s, out, cfg)
     return {f"best_val_{main}": result.best_metric, "best_epoch": result.best_epoch, "steps": result.steps,
             "train_wall_s": result.wall_s, "adapter_params": n_adapter, "density": density,
