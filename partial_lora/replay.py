@@ -9,8 +9,9 @@ instead of running them. The first recomputed block then receives the recorded i
 results are the ones a full forward pass gives (tested to equality).
 
 It needs the adapted layers to live in one list of repeated blocks (`nn.ModuleList` or
-`nn.Sequential`: BERT's `encoder.layer`, ViT's `blocks`, LLaMA's `layers`) that the model
-calls once per forward pass, in order; otherwise, or when the recorded outputs exceed the
+`nn.Sequential`: BERT's `encoder.layer`, ViT's `blocks`, LLaMA's `layers`), or in lists that
+are the items of one such list (EfficientNet's `blocks.<stage>.<block>`), that the model calls
+once per forward pass, in order; otherwise, or when the recorded outputs exceed the
 memory budget, it switches itself off and every evaluation runs in full.
 """
 
@@ -29,25 +30,51 @@ log = logging.getLogger("plr")
 Config = Mapping[str, Any]
 
 
-def find_blocks(net: nn.Module, layer_ids: Iterable[str]) -> tuple[str, dict[str, int]] | None:
-    """(name of the block list, layer id -> block index) when one list holds every layer, else None."""
+def _innermost(lid: str, lists: set[str]) -> tuple[str, int] | None:
+    """(the innermost block list holding layer `lid`, its index in that list)."""
+    parts = lid.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in lists and parts[i].isdigit():
+            return prefix, int(parts[i])
+    return None
+
+
+def find_blocks(net: nn.Module, layer_ids: Iterable[str]) -> tuple[list[str], dict[str, int]] | None:
+    """(the blocks' module names in call order, layer id -> block index) when the layers live in
+    repeated blocks, else None.
+
+    One list holds every layer (BERT's `encoder.layer`, ViT's `blocks`): its items are the blocks.
+    The layers sit one level deeper, in lists that are items of one outer list (timm's EfficientNet:
+    `blocks.<stage>.<block>`): the blocks are the inner lists' items, stage after stage, and an
+    outer item without adapted layers is one block itself.
+    """
     lists = {name for name, m in net.named_modules() if isinstance(m, nn.ModuleList | nn.Sequential) and len(m) > 1}
     found: dict[str, tuple[str, int]] = {}
     for lid in layer_ids:
-        parts = lid.split(".")
-        hit = None
-        for i in range(len(parts) - 1, 0, -1):  # the innermost list that contains the layer
-            prefix = ".".join(parts[:i])
-            if prefix in lists and parts[i].isdigit():
-                hit = (prefix, int(parts[i]))
-                break
+        hit = _innermost(lid, lists)
         if hit is None:
             return None
         found[lid] = hit
     names = {p for p, _ in found.values()}
-    if len(names) != 1:
+    if len(names) == 1:
+        name = names.pop()
+        return [f"{name}.{i}" for i in range(len(net.get_submodule(name)))], {lid: i for lid, (_, i) in found.items()}
+    # Each inner list is an item of the parent list (a layer in a one-block stage has the parent itself).
+    parents = {(o[0] if (o := _innermost(n, lists)) else n) for n in names}
+    if len(parents) != 1:
         return None
-    return names.pop(), {lid: i for lid, (_, i) in found.items()}
+    parent = parents.pop()
+    if any(n != parent and not n.startswith(parent + ".") for n in names):
+        return None
+    blocks: list[str] = []
+    index: dict[str, int] = {}
+    for j in range(len(net.get_submodule(parent))):
+        item = f"{parent}.{j}"
+        for b in ([f"{item}.{k}" for k in range(len(net.get_submodule(item)))] if item in names else [item]):
+            index[b] = len(blocks)
+            blocks.append(b)
+    return blocks, {lid: index[f"{p}.{i}"] for lid, (p, i) in found.items()}
 
 
 def _nbytes(x: Any) -> int:
@@ -85,8 +112,8 @@ class BlockReplay:
         self.blocks: list[nn.Module] = []
         self.block_of: dict[str, int] = {}
         if found is not None:
-            name, self.block_of = found
-            self.blocks = list(net.get_submodule(name))
+            names, self.block_of = found
+            self.blocks = [net.get_submodule(n) for n in names]
         self.outputs: list[list[Any]] = [[] for _ in self.blocks]
         self.size = 0           # bytes held in `outputs`
         self.recorded: dict[str, Any] | None = None  # the config the outputs belong to

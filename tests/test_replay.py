@@ -80,5 +80,57 @@ def test_replay_switches_off_over_budget_or_without_one_block_list(caplog):
     assert not replay.enabled and "exceed the" in caplog.text and replay.size == 0
     assert find_blocks(s.built.model.net, [*s.branches, "classifier"]) is None
     assert not BlockReplay(s.built.model.net, s.branches, budget_mb=0).enabled
-    name, of = find_blocks(s.built.model.net, s.branches)
-    assert name.endswith("encoder.layer") and sorted(set(of.values())) == [0, 1]
+    names, of = find_blocks(s.built.model.net, s.branches)
+    assert [n.rsplit(".", 2)[-2:] for n in names] == [["layer", "0"], ["layer", "1"]]
+    assert all(n.endswith("encoder.layer.0") or n.endswith("encoder.layer.1") for n in names)
+    assert sorted(set(of.values())) == [0, 1]
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)) + x
+
+
+class _Staged(torch.nn.Module):
+    """EfficientNet's layout: a stem, then stages of blocks (`blocks.<stage>.<block>`), one stage of one block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 4, 1)
+        self.blocks = torch.nn.Sequential(*(torch.nn.Sequential(*(_Block() for _ in range(n))) for n in (1, 2, 3)))
+
+    def forward(self, x):
+        return self.blocks(self.stem(x)).mean((2, 3))
+
+
+def test_nested_stages_replay_block_by_block_with_equal_outputs():
+    torch.manual_seed(0)
+    net = _Staged().eval()
+    lids = [f"blocks.{s}.{b}.conv" for s, n in enumerate((1, 2, 3)) for b in range(n)]
+    names, of = find_blocks(net, lids)
+    assert names == ["blocks.0", "blocks.1.0", "blocks.1.1", "blocks.2.0", "blocks.2.1", "blocks.2.2"]
+    assert [of[lid] for lid in lids] == [0, 1, 2, 3, 4, 5]
+    x = torch.randn(5, 3, 6, 6)
+    weights = {lid: net.get_submodule(lid).weight.detach().clone() for lid in lids}
+
+    def run(config):
+        with torch.no_grad():
+            for lid in lids:
+                net.get_submodule(lid).weight.copy_(weights[lid] * config.get(lid, 1.0))
+            return net(x)
+
+    configs = [{}, {lids[4]: 0.5}, {lids[4]: 0.5, lids[2]: 0.25}, {lids[4]: 0.5, lids[2]: 0.25}, {lids[5]: 0.0}, {}]
+    expected = [run(c) for c in configs]
+    replay = BlockReplay(net, lids, budget_mb=64)
+    got = []
+    with replay:
+        for c in configs:
+            replay.begin(c)
+            got.append(run(c))
+            replay.end(1)
+    assert replay.enabled and all(torch.equal(e, g) for e, g in zip(expected, got, strict=True))
+    assert replay.saved_share > 0.3  # e.g. the fourth evaluation repeats the third: every block replayed

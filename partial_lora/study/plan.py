@@ -182,7 +182,7 @@ def plan(out: Path, sel: Selection) -> list[Job]:
                     own = list(a.overrides(partial))
                     if name != arm:  # the variant's reading
                         default = run_dir(out, model, task, PARTIAL, seed)
-                        if arm == PARTIAL and A.is_done(default, "probe"):
+                        if arm == PARTIAL and A.is_done(default, A.PROBE):
                             own.append(f"from_run={default}")  # its probe, when the probe's settings match
                         # The Partial-LoRA arm takes them as typed (a misspelt key fails there, and the
                         # arms that read it are skipped); its controls add any key their adapter lacks

@@ -108,7 +108,7 @@ def execute(jobs: Sequence[Job], *, runner: Callable[[Job], int] = plr_train,
         if _complete_without_predictions(job.run_dir):
             # A run made before evaluate wrote predictions: redo only its evaluate stage.
             echo(f"[plr] study: {job.run_dir} has no {A.PREDICTIONS}; its evaluate stage runs again")
-            A.clear_done(job.run_dir, "evaluate")
+            A.clear_done(job.run_dir, A.EVALUATE)
     echo(f"[plr] study: {len(jobs)} runs, {len(jobs) - len(todo)} finished already, {len(todo)} to run")
     for i, job in enumerate(todo, 1):
         if job.after is not None and (job.after in bad or finished(job.after) is None):
