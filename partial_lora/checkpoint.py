@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from partial_lora import artifacts as A
+from partial_lora import distributed as D
 from partial_lora.errors import PlrError
 
 FILE = "checkpoint.safetensors"
@@ -44,14 +45,17 @@ class Progress:
 
 def save(path: Path, *, trainable: dict[str, Tensor], best_state: dict[str, Tensor], opt: torch.optim.Optimizer,
          sched: torch.optim.lr_scheduler.LRScheduler, progress: Progress, fingerprint: dict[str, Any]) -> None:
-    """Write the whole training state to `path` (atomically)."""
+    """Write the whole training state to `path` (atomically).
+
+    Under FSDP every process calls this: the sharded tensors are gathered whole, and rank 0 writes.
+    """
     tensors: dict[str, Tensor] = {}
-    tensors.update({f"param.{k}": v.detach() for k, v in trainable.items()})
+    tensors.update({f"param.{k}": D.full(v.detach()) for k, v in trainable.items()})
     tensors.update({f"best.{k}": v for k, v in best_state.items()})
     opt_state = opt.state_dict()
     for idx, state in opt_state["state"].items():
         for key, value in state.items():
-            tensors[f"opt.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"opt.{idx}.{key}"] = D.full(value) if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -96,13 +100,16 @@ def load(path: Path, *, trainable: dict[str, Tensor], opt: torch.optim.Optimizer
             saved = tensors.get(f"param.{k}")
             if saved is None or saved.shape != p.shape:
                 raise PlrError(f"checkpoint {path} does not fit this model ({k}); delete it to restart the stage")
-            p.copy_(saved.to(p.device, p.dtype))
+            D.assign(p, saved.to(p.device))
     best_state = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
     opt_state: dict[str, Any] = {"state": {}, "param_groups": meta["param_groups"]}
+    params = [p for g in opt.param_groups for p in g["params"]]  # the optimizer's index -> its parameter
     for k, v in tensors.items():
         if k.startswith("opt."):
             _, idx, key = k.split(".", 2)
-            opt_state["state"].setdefault(int(idx), {})[key] = v
+            # A moment of a sharded parameter is sharded like it (FSDP); the step count stays whole.
+            like = params[int(idx)] if v.shape == params[int(idx)].shape else v
+            opt_state["state"].setdefault(int(idx), {})[key] = D.local_like(v.to(like.device), like)
     opt.load_state_dict(opt_state)
     sched_state = sched.state_dict()
     sched_state.update(meta["scheduler"])
@@ -134,7 +141,8 @@ class Training:
 
     def snapshot(self) -> dict[str, Tensor]:
         # Everything that learns (adapter and head, plr's or PEFT's) and nothing else: small.
-        return {n: p.detach().clone() for n, p in self.trainable.items()}
+        # Whole tensors (FSDP gathers them), so a checkpoint stores them as they are.
+        return {n: D.full(p.detach()).clone() for n, p in self.trainable.items()}
 
     @classmethod
     def start(cls, path: Path | None, trainable: dict[str, Tensor], opt: torch.optim.Optimizer,
@@ -152,6 +160,5 @@ class Training:
                  progress=self.progress, fingerprint=self.fingerprint)
 
     def restore_best(self) -> None:
-        with torch.no_grad():
-            for n, v in self.best_state.items():
-                self.trainable[n].copy_(v)
+        for n, v in self.best_state.items():
+            D.assign(self.trainable[n], v)

@@ -11,11 +11,23 @@ When the launcher sets `WORLD_SIZE` > 1:
   process loads and collates only its rows of every batch (`ShardedBatches`), so the adapter
   after every step is the one a single process would have (up to float summation order).
 
+With `trainer.strategy=fsdp` (for a base that does not fit one device) every process runs every
+stage, on a model whose parameters are sharded over the processes with FSDP2's `fully_shard`
+(`shard`): each repeated block is one unit, the backbone the root. A unit's parameters are
+gathered for its forward and backward and freed after, so a process holds 1/W of the frozen base
+between them. The probe and the retrain train data parallel as above (FSDP reduce-scatters the
+gradients of the LoRA factors and the head); the allocation search, extract and evaluate compute
+the same thing on every process. Whatever leaves the model (adapter and head files, checkpoints,
+the W0 slices the masks come from) is gathered to whole tensors first (`full`), and whatever
+goes in is cut back to this process's shard (`assign`), so the run dir holds the same plain
+safetensors as a one-process run.
+
 Rank 0 alone writes files. CPU processes use the gloo backend, CUDA processes NCCL with one GPU
 per process (`LOCAL_RANK`).
 
     torchrun --nproc_per_node 4 -m partial_lora.cli train experiment=vtab task=cifar100 run_dir=<dir>
     accelerate launch --num_processes 4 -m partial_lora.cli train ... run_dir=<dir>
+    torchrun --nproc_per_node 8 -m partial_lora.cli train experiment=commonsense trainer.strategy=fsdp run_dir=<dir>
 """
 
 from __future__ import annotations
@@ -28,11 +40,14 @@ from collections.abc import Iterator, Sized
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 from torch.utils.data import Sampler
 
 # The other ranks wait at a barrier while rank 0 probes and searches alone: give it time.
 TIMEOUT = datetime.timedelta(hours=4)
+STRATEGIES = ("ddp", "fsdp")
 _alone = False
+_strategy = "ddp"
 
 
 def world_size() -> int:
@@ -51,6 +66,19 @@ def is_main() -> bool:
 def launched() -> bool:
     """Whether this is one process of a multi-process launch."""
     return world_size() > 1
+
+
+def use(strategy: str) -> None:
+    """Set the multi-process strategy (`trainer.strategy`): ddp (replicated model) or fsdp (sharded)."""
+    global _strategy
+    if strategy not in STRATEGIES:
+        raise ValueError(f"trainer.strategy '{strategy}' must be one of {', '.join(STRATEGIES)}")
+    _strategy = strategy
+
+
+def sharded() -> bool:
+    """Whether this launch shards the model (FSDP): then every process runs every stage."""
+    return launched() and _strategy == "fsdp"
 
 
 def active() -> bool:
@@ -100,14 +128,25 @@ def any_flag(flag: bool) -> bool:
     return bool(t.item())
 
 
+def sum_int(n: int) -> int:
+    """The sum of `n` over the processes (every process must call it)."""
+    if not active():
+        return n
+    t = torch.tensor([n], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return int(t.item())
+
+
 def wrap(model: torch.nn.Module, device: torch.device, *, find_unused: bool) -> torch.nn.Module:
     """The model under DistributedDataParallel when training is data parallel, else itself.
 
     `find_unused`: some trainable parameters may get no gradient in a step (a multi-task model's
     heads of the tasks absent from a batch, some PEFT adapters).
     """
-    if not active():
-        return model
+    if not active() or is_sharded_module(model):
+        return model  # one process, or already sharded by `shard` (FSDP syncs the gradients itself)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
@@ -115,9 +154,82 @@ def wrap(model: torch.nn.Module, device: torch.device, *, find_unused: bool) -> 
 
 
 def sync_unless(model: torch.nn.Module, last_micro_batch: bool) -> contextlib.AbstractContextManager:
-    """DDP's `no_sync` on the micro-batches before the last one of a gradient accumulation."""
+    """No gradient sync on the micro-batches before the last one of a gradient accumulation:
+    DDP's `no_sync`, FSDP's `set_requires_gradient_sync(False)`."""
+    if last_micro_batch:
+        return contextlib.nullcontext()
+    if is_sharded_module(model):
+        return _fsdp_no_sync(model)
     no_sync = getattr(model, "no_sync", None)
-    return contextlib.nullcontext() if last_micro_batch or no_sync is None else no_sync()
+    return contextlib.nullcontext() if no_sync is None else no_sync()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for u in units:
+        u.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for u in units:
+            u.set_requires_gradient_sync(True, recurse=False)
+
+
+def is_sharded_module(model: nn.Module) -> bool:
+    """Whether FSDP2 manages `model` or a module inside it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def shard(root: nn.Module, blocks: list[nn.Module]) -> None:
+    """FSDP2 over all processes: each of `blocks` is one unit, `root` holds the rest (embeddings,
+    final norm, head). Frozen and trainable parameters alike are cut into W shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    kind = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(kind, (world_size(),))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+
+
+def _is_dtensor(t: object) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole tensor: a sharded parameter (or its optimizer state, or a gradient norm) is
+    gathered from every process, so under FSDP every process must call this together."""
+    return t.full_tensor() if _is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def local_like(value: Tensor, like: Tensor) -> Tensor:
+    """`value` (a whole tensor, the same on every process) cut like the sharded `like`; as is if `like` is whole."""
+    if not _is_dtensor(like):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.detach().to(like.device), like.device_mesh, like.placements,  # type: ignore[attr-defined]
+                             src_data_rank=None)  # every process holds the whole value: no communication
+
+
+def assign(param: Tensor, value: Tensor) -> None:
+    """Copy a whole tensor into a parameter, sharded or not (under no_grad)."""
+    with torch.no_grad():
+        param.copy_(local_like(value.to(param.dtype), param))
+
+
+def owned_numel(model: nn.Module, *, trainable: bool) -> int:
+    """Elements of the (frozen or trainable) parameters this process holds: its shards under FSDP."""
+    return sum((p.to_local() if _is_dtensor(p) else p).numel()  # type: ignore[attr-defined]
+               for p in model.parameters() if p.requires_grad == trainable)
 
 
 class ShardedBatches(Sampler[list[int]]):

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from partial_lora import distributed as D
 from partial_lora.errors import PlrError
 
 WHOLE = "lora"  # branch key of an unsliced layer; never appears in layer ids
@@ -96,9 +97,13 @@ class LoRABranch(nn.Module):
         self.mask_A = mask_A.to(self.lora_A.device, torch.bool)
 
     def factors(self) -> tuple[Tensor, Tensor]:
-        """(B, A) as used in the forward: element masks applied when set."""
-        b = self.lora_B if self.mask_B is None else self.lora_B * self.mask_B
-        a = self.lora_A if self.mask_A is None else self.lora_A * self.mask_A
+        """(B, A) as used in the forward: element masks applied when set.
+
+        Outside a forward pass under FSDP the factors are shards: they are gathered whole.
+        """
+        b, a = D.full(self.lora_B), D.full(self.lora_A)
+        b = b if self.mask_B is None else b * self.mask_B
+        a = a if self.mask_A is None else a * self.mask_A
         return b, a
 
     def hidden(self, x: Tensor) -> Tensor:
@@ -414,11 +419,11 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """`{layer_id}.lora_A` / `{layer_id}.lora_B` tensors (compact shapes), detached on CPU."""
+    """`{layer_id}.lora_A` / `{layer_id}.lora_B` tensors (compact shapes), whole, detached on CPU."""
     out = {}
     for lid, b in iter_branches(model):
-        out[f"{lid}.lora_A"] = b.lora_A.detach().cpu().clone()
-        out[f"{lid}.lora_B"] = b.lora_B.detach().cpu().clone()
+        out[f"{lid}.lora_A"] = D.full(b.lora_A.detach()).cpu().clone()  # FSDP: gathered from every process
+        out[f"{lid}.lora_B"] = D.full(b.lora_B.detach()).cpu().clone()
     return out
 
 
@@ -441,7 +446,7 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping[str, Tensor], sourc
             if tuple(state[k].shape) != tuple(p.shape):
                 raise PlrError(f"{source}: '{k}' has shape {tuple(state[k].shape)}, the model expects "
                                f"{tuple(p.shape)}; it was written for another model or mask")
-            p.copy_(state[k])
+            D.assign(p, state[k])  # FSDP: this process's shard of it
 
 
 def freeze_for_adapter(model: nn.Module, head_modules: Sequence[str] = ()) -> None:
@@ -470,5 +475,6 @@ def base_weights(model: nn.Module) -> dict[str, Tensor]:
     for name, mod in model.named_modules():
         if isinstance(mod, LoRALinear):
             for key, b in mod.branches.items():
-                out[layer_id(name, key)] = mod.weight_matrix()[b.offset:b.offset + b.d_out].detach()
+                w = D.full(mod.base_layer.weight.detach())  # FSDP: gathered (one layer at a time)
+                out[layer_id(name, key)] = w.view(mod.out_features, mod.in_features)[b.offset:b.offset + b.d_out]
     return out

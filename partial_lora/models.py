@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor, nn
 
+from partial_lora import distributed as D
 from partial_lora.data.base import ImagePreprocess
 from partial_lora.errors import PlrError
 from partial_lora.hub import check_local_path, load_from_hub, looks_local
@@ -115,12 +116,17 @@ class Classifier(nn.Module):
         """The training loss of a forward's output: cross-entropy, or MSE for a 1-output head."""
         return loss_fn(out, batch["labels"])
 
+    def loss_units(self, batch: Mapping[str, Tensor]) -> int | None:
+        """How many units `loss` is a mean over in `batch`, when they are not its rows (None: a
+        per-row mean). Data parallel weighs each process's mean loss by its share of them."""
+        return None
+
     def head_parameters(self) -> list[nn.Parameter]:
         return [p for n in self.head_modules for p in self.net.get_submodule(n).parameters()]
 
     def head_state_dict(self) -> dict[str, Tensor]:
         """Head tensors keyed by their names in `net` (e.g. `classifier.weight`)."""
-        return {f"{n}.{k}": v.detach().cpu().clone() for n in self.head_modules
+        return {f"{n}.{k}": D.full(v.detach()).cpu().clone() for n in self.head_modules  # FSDP: gathered
                 for k, v in self.net.get_submodule(n).state_dict().items()}
 
     def load_head_state_dict(self, state: Mapping[str, Tensor], source: str = "head") -> None:
@@ -129,8 +135,8 @@ class Classifier(nn.Module):
             raise PlrError(f"{source} does not fit this model's head (another model or label count?); "
                            "rerun the stage that wrote it")
         for n in self.head_modules:
-            mod = self.net.get_submodule(n)
-            mod.load_state_dict({k[len(n) + 1:]: v for k, v in state.items() if k.startswith(n + ".")})
+            for k, v in self.net.get_submodule(n).state_dict(keep_vars=True).items():
+                D.assign(v, state[f"{n}.{k}"])  # FSDP: this process's shard of it
 
 
 def loss_fn(logits: Tensor, labels: Tensor) -> Tensor:
@@ -208,6 +214,13 @@ class CausalLM(Classifier):
         scores = scores.masked_fill(~choice_mask, float("-inf"))
         pad = self.num_choices - scores.shape[1]
         return nn.functional.pad(scores, (0, pad), value=float("-inf")) if pad > 0 else scores
+
+    def loss_units(self, batch: Mapping[str, Tensor]) -> int | None:
+        """The answer tokens `loss` averages over: the LM loss's labelled tokens, or the gold
+        choices' tokens (a per-token mean, not a per-row one)."""
+        if "choice_mask" not in batch and "choice_ids" not in batch:
+            return int((batch["labels"][:, 1:] != -100).sum())
+        return int(batch["choice_tokens"].gather(1, batch["labels"][:, None]).sum())
 
     def loss(self, out: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
         """The training loss as it is, or, for choice scores, the gold answers' NLL per token."""

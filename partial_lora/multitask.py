@@ -163,6 +163,9 @@ class MultiTask(nn.Module):
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
         return self.inner({k: v for k, v in batch.items() if k != "task_id"})
 
+    def loss_units(self, batch: Mapping[str, Tensor]) -> int | None:
+        return self.inner.loss_units(batch)  # an LLM's answer tokens; None: `loss` is a mean over rows
+
     def loss(self, out: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
         if isinstance(self.inner, CausalLM):
             return self.inner.loss(out, batch)

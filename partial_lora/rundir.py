@@ -46,7 +46,7 @@ HYDRA_YAML = A.HYDRA_CONFIG.parent / "hydra.yaml"
 # logged, shown and scheduled, on which device it resumes. Prefixes end in "."; others are exact.
 FREE = ("run_dir", "out_root", "name", "label", "from_run", "logger.", "adapter.name", "trainer.progress",
         "trainer.num_workers", "trainer.eval_batch_size", "trainer.device", "trainer.checkpoint_every",
-        "trainer.compile")
+        "trainer.compile", "trainer.strategy")
 # Keys a stage does not read (only the stages after it do).
 _RETRAIN_ONLY = ("retrain.", "trainer.epochs", "trainer.max_steps")
 LATER: dict[str, tuple[str, ...]] = {

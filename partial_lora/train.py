@@ -66,6 +66,9 @@ class TrainConfig:
         deterministic: use deterministic algorithms (on CUDA: slower kernels, no cuDNN autotuning).
         compile: train through `torch.compile(model)` (worth it on CUDA for long runs; the first
             steps pay the compilation).
+        strategy: under a multi-process launch, `ddp` (each process holds the whole model; rank 0
+            alone probes and searches) or `fsdp` (the model is sharded over the processes, which
+            run every stage together); see `partial_lora.distributed`.
     """
 
     epochs: float = 3
@@ -91,6 +94,7 @@ class TrainConfig:
     max_bad_steps: int = 0
     deterministic: bool = False
     compile: bool = False
+    strategy: str = "ddp"
 
     def __post_init__(self) -> None:
         checks = [
@@ -114,6 +118,8 @@ class TrainConfig:
             (self.eval_every_epochs >= 1, f"trainer.eval_every_epochs must be >= 1, got {self.eval_every_epochs}"),
             (self.num_workers >= 0, f"trainer.num_workers must be >= 0 (0: load in the main process), "
                                     f"got {self.num_workers}"),
+            (self.strategy in D.STRATEGIES,
+             f"trainer.strategy '{self.strategy}' must be one of {', '.join(D.STRATEGIES)}"),
             (_DEVICE.fullmatch(self.device) is not None,
              f"trainer.device '{self.device}' must be auto, cpu, cuda, cuda:<index> or mps"),
         ]
@@ -306,18 +312,24 @@ def step_plan(train_loader: DataLoader, cfg: TrainConfig) -> tuple[int, int]:
     return per_epoch, cfg.max_steps or max(1, int(math.ceil(cfg.epochs * per_epoch)))
 
 
-def _shares(train_loader: DataLoader, i: int, batch: Mapping[str, Tensor]) -> tuple[int, float]:
+def _shares(train_loader: DataLoader, i: int, batch: Mapping[str, Tensor], model: Classifier) -> tuple[int, float]:
     """(this process's rows, the weight of its mean loss) for batch i of the epoch.
 
-    One process: all the rows, weight 1. Data parallel (`D.ShardedBatches`): DDP averages the
-    gradients over the W processes, so a share of n of the global batch's N rows weighs W·n/N,
-    and the average is the gradient of the global batch's mean loss.
+    One process: all the rows, weight 1. Data parallel (`D.ShardedBatches`): DDP and FSDP average
+    the gradients over the W processes, so a process whose loss is a mean over u of the global
+    batch's U units (rows; an LLM's answer tokens, `model.loss_units`) weighs it W·u/U, and the
+    average is the gradient of the global batch's mean loss. Rows are counted from the sampler;
+    tokens differ per process, so their total is summed over the processes.
     """
     sharded = train_loader.batch_sampler
     if not isinstance(sharded, D.ShardedBatches):
         return len(batch["labels"]), 1.0
     mine, total = sharded.rows(i)
-    return mine, sharded.world * mine / max(1, total)
+    units = model.loss_units(batch)  # None on every process alike (it depends on the model's kind)
+    if units is None:
+        return mine, sharded.world * mine / max(1, total)
+    units = units if mine else 0  # a lent row counts for nothing
+    return mine, sharded.world * units / max(1, D.sum_int(units))
 
 
 def _backward(model: Classifier, forward: Callable[[dict[str, Tensor]], Any], batch: dict[str, Tensor],
@@ -339,6 +351,7 @@ def _guarded_step(t: CK.Training, params: list[nn.Parameter], cfg: TrainConfig, 
     gradients are dropped and the weights stay as they were. Returns (stepped, gradient norm)."""
     bad = D.any_flag(bad)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+    grad_norm = D.full(grad_norm) if grad_norm is not None else None  # FSDP: a DTensor, the same on every process
     if bad or (grad_norm is not None and not bool(torch.isfinite(grad_norm))):
         t.opt.zero_grad(set_to_none=True)
         return False, grad_norm
@@ -426,7 +439,7 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
             skip = _start_epoch(t, epoch, train_loader, resume_epoch)
             seen, t_epoch, bad = 0, time.perf_counter(), False
             for i, batch in enumerate(train_loader, start=skip):
-                rows, weight = _shares(train_loader, i, batch)
+                rows, weight = _shares(train_loader, i, batch, model)
                 with D.sync_unless(wrapped, last_micro_batch=(i + 1) % cfg.grad_accum == 0):
                     loss = _backward(model, forward, batch, rows, weight, cfg, device, dtype, hooks.extra_loss)
                 seen += rows
@@ -497,7 +510,7 @@ def _progress_bar(total: int, step: int, desc: str, show: bool) -> Any:
 
 # Settings that do not change what training computes: a checkpoint survives changing them.
 _FREE_TO_CHANGE = ("progress", "num_workers", "eval_batch_size", "device", "checkpoint_every", "max_bad_steps",
-                   "eval_every_epochs", "compile")
+                   "eval_every_epochs", "compile", "strategy")
 
 
 def use_deterministic_algorithms() -> None:

@@ -249,6 +249,7 @@ BATTERY = [
     (["trainer.eval_every_epochs=0"], "trainer.eval_every_epochs must be >= 1"),
     (["trainer.num_workers=-1"], "trainer.num_workers must be >= 0"),
     (["trainer.device=gpu"], "trainer.device 'gpu' must be auto, cpu, cuda"),
+    (["trainer.strategy=zero3"], "trainer.strategy 'zero3' must be one of ddp, fsdp"),
     (["model.max_length=0"], "model.max_length must be >= 1"),
     (["--rerun-from", "training"], "--rerun-from takes a stage"),
     # model.source faults (SRC: folders the battery_data fixture makes, each broken in one way)

@@ -66,12 +66,44 @@ def test_no_unused_imports_or_undefined_names():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-# Dense LoRA runs in the slow suite: the Partial-LoRA case trains the same retrain stage under DDP
-# (with accumulation besides), and two processes take both of CI's cores for half a minute.
-@pytest.mark.parametrize("adapter", [pytest.param("lora", marks=pytest.mark.slow), "partial"])
-def test_two_process_data_parallel_matches_one_process(tmp_path, adapter):
+_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def _overrides(adapter: str) -> list[str]:
+    # Partial-LoRA also accumulates (2 micro-batches of 4 per step): no gradient sync on the first.
+    batch = ["trainer.batch_size=8"] if adapter == "lora" else ["trainer.batch_size=4", "trainer.grad_accum=2"]
+    return ["experiment=smoke", f"adapter={adapter}", "trainer.max_steps=8", *batch, "trainer.lr=0.01",
+            "+model.config.hidden_dropout_prob=0", "+model.config.attention_probs_dropout_prob=0"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The one-process run of each adapter (shared by the DDP and FSDP comparisons)."""
+    import os
+
+    runs: dict[str, Path] = {}
+
+    def get(adapter: str) -> Path:
+        if adapter not in runs:
+            d = tmp_path_factory.mktemp(f"one-{adapter}")
+            res = subprocess.run([sys.executable, "-m", "partial_lora.cli", "train", *_overrides(adapter),
+                                  f"run_dir={d / 'run'}"], cwd=d, env={**os.environ, **_ENV},
+                                 capture_output=True, text=True, timeout=300)
+            assert res.returncode == 0, res.stderr[-2000:]
+            runs[adapter] = d / "run"
+        return runs[adapter]
+
+    return get
+
+
+# Dense LoRA runs in the slow suite: the Partial-LoRA cases train the same retrain stage (with
+# accumulation besides), and two processes take both of CI's cores for half a minute each.
+@pytest.mark.parametrize(("adapter", "strategy"), [pytest.param("lora", "ddp", marks=pytest.mark.slow),
+                                                   ("partial", "ddp"), ("partial", "fsdp")])
+def test_two_process_data_parallel_matches_one_process(tmp_path, one_process, adapter, strategy):
     """torchrun with 2 CPU processes (gloo) trains the same adapter as one process: dense LoRA, and
-    Partial-LoRA (probe, allocation search and a sparse retrain, all under the two processes).
+    Partial-LoRA (probe, allocation search and a sparse retrain, all under the two processes), on
+    DDP (rank 0 alone probes and searches) and on FSDP (the model sharded; both ranks run every stage).
 
     Dropout is off: with it, the processes draw other dropout masks than one process would. The
     learning rate is moderate: Adam's normalised step turns the float summation order of a
@@ -82,32 +114,32 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, adapter):
 
     from safetensors.torch import load_file
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "OMP_NUM_THREADS": "1"}
-    # Partial-LoRA also accumulates (2 micro-batches of 4 per step): DDP's no_sync on the first.
-    batch = ["trainer.batch_size=8"] if adapter == "lora" else ["trainer.batch_size=4", "trainer.grad_accum=2"]
-    over = ["experiment=smoke", f"adapter={adapter}", "trainer.max_steps=8", *batch, "trainer.lr=0.01",
-            "+model.config.hidden_dropout_prob=0", "+model.config.attention_probs_dropout_prob=0"]
-    one = subprocess.run([sys.executable, "-m", "partial_lora.cli", "train", *over, f"run_dir={tmp_path / 'one'}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
+    one = one_process(adapter)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29511", "-m", "partial_lora.cli", "train", *over, f"run_dir={tmp_path / 'two'}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                          "29511" if strategy == "ddp" else "29512", "-m", "partial_lora.cli", "train",
+                          *_overrides(adapter), f"trainer.strategy={strategy}", f"run_dir={tmp_path / 'two'}"],
+                         cwd=tmp_path, env={**os.environ, **_ENV}, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     for f in ("extract/masks.safetensors",) if adapter == "partial" else ():
-        ma, mb = (load_file(tmp_path / d / f) for d in ("one", "two"))
+        ma, mb = load_file(one / f), load_file(tmp_path / "two" / f)
         assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)  # the same allocation
-    a, b = (load_file(tmp_path / d / "retrain" / "adapter.safetensors") for d in ("one", "two"))
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a) and any(a[k].abs().max() > 1e-3 for k in a)
-    ra, rb = (json.loads((tmp_path / d / "results.json").read_text())["metrics"] for d in ("one", "two"))
+    for f in ("retrain/adapter.safetensors", "retrain/head.safetensors"):  # plain tensors, keyed as one process's
+        a, b = load_file(one / f), load_file(tmp_path / "two" / f)
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a) and any(a[k].abs().max() > 1e-3 for k in a)
+    ra, rb = (json.loads((d / "results.json").read_text())["metrics"] for d in (one, tmp_path / "two"))
     assert ra == rb
     # Each process loaded only its half of every batch: 8 steps of 8 rows, 4 each.
     read = sorted(re.findall(r"rank (\d) of 2 trained on (\d+) examples in 8 steps", two.stdout))
     assert read == [("0", "32"), ("1", "32")], two.stdout[-2000:]
-    # Rank 0 alone probed and searched: the other rank never ran those stages.
-    if adapter == "partial":
+    if strategy == "ddp" and adapter == "partial":  # rank 0 alone probed and searched
         assert two.stdout.count("[plr] probe ...") == 1 and two.stdout.count("[plr] allocate ...") == 1
+    if strategy == "fsdp":  # every rank ran every stage, each holding half of the frozen base
+        assert two.stdout.count("[plr] probe ...") == 2 and two.stdout.count("[plr] allocate ...") == 2
+        held = re.findall(r"fsdp: rank (\d) of 2 holds ([\d,]+) of ([\d,]+) frozen", two.stdout)
+        assert {r for r, _, _ in held} == {"0", "1"}
+        for _, mine, total in held:
+            assert abs(int(mine.replace(",", "")) - int(total.replace(",", "")) / 2) <= 0.01 * int(total.replace(",", ""))
     assert two.stdout.count("[plr] retrain ...") == 2
 
 
@@ -136,3 +168,34 @@ def test_sharded_batches_split_the_one_process_batches_and_weigh_each_share():
     # The last batch has 2 rows for 3 ranks: rank 2 gets a row lent to keep it in step, weighing nothing.
     assert per_rank[2][2] == [order[8]] and shards[2].rows(2) == (0, 2)
     assert [s.rows(0) for s in shards] == [(2, 4), (1, 4), (1, 4)]
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_multi_task_causal_lm_as_one_process_does(tmp_path):
+    """tiny-llama on ARC-e + BoolQ with gradient checkpointing, 2 CPU processes, DDP and FSDP: the
+    adapter matches one process's and the metrics are equal. The LLM's loss is a mean over answer
+    tokens, which the two processes' rows hold unequally, so each process's loss weighs its share
+    of the tokens (with a share of the rows instead the adapters differed by 1.2e-3). Under FSDP
+    the model scores through the root's forward (which gathers the embeddings and the tied LM head)."""
+    import json
+    import os
+
+    from fixtures import write_commonsense
+    from safetensors.torch import load_file
+
+    arc, boolq = write_commonsense(tmp_path / "arc", "arc-e"), write_commonsense(tmp_path / "boolq", "boolq")
+    over = ["experiment=smoke", "model=tiny-llama", "task=multi", "task.names=[arc-e,boolq]",
+            f"+task.members.arc-e.path={arc}", f"+task.members.boolq.path={boolq}", "adapter.probe.shots=3",
+            "adapter.probe.val_shots=3", "trainer.lr=0.01", "+model.gradient_checkpointing=true", "trainer.max_steps=6"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    for name, cmd in (("one", [sys.executable]), ("ddp", [*launch, "29513"]), ("fsdp", [*launch, "29514"])):
+        res = subprocess.run([*cmd, "-m", "partial_lora.cli", "train", *over, f"run_dir={tmp_path / name}",
+                              *([f"trainer.strategy={name}"] if name != "one" else [])], cwd=tmp_path,
+                             env={**os.environ, **_ENV}, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+    want = load_file(tmp_path / "one" / "retrain" / "adapter.safetensors")
+    metrics = json.loads((tmp_path / "one" / "results.json").read_text())["metrics"]
+    for name in ("ddp", "fsdp"):
+        got = load_file(tmp_path / name / "retrain" / "adapter.safetensors")
+        assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], atol=1e-5) for k in want), name
+        assert json.loads((tmp_path / name / "results.json").read_text())["metrics"] == metrics, name

@@ -31,7 +31,8 @@ from partial_lora.train import resolve_device
 
 StageFn = Callable[[DictConfig, Path, "Tracker | None"], dict[str, Any]]
 
-# Under a multi-process launch the retrain stage trains data parallel; rank 0 runs the others alone.
+# Under a multi-process launch the retrain stage trains data parallel; rank 0 runs the others alone
+# (with trainer.strategy=fsdp every process runs every stage: none holds the whole model).
 DATA_PARALLEL = frozenset({A.RETRAIN})
 
 REGISTRY: dict[str, StageFn] = {
@@ -101,6 +102,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
     """Run the plan's stages that are not done yet; return the run's results (also in results.json)."""
     stages = plan(cfg)
     D.init(resolve_device(str(cfg.trainer.device)))  # under torchrun: join the group before any barrier
+    D.use(C.train_config(cfg).strategy)  # fsdp: every process runs every stage on its shard of the model
     settings = OmegaConf.to_container(cfg, resolve=True)
     if D.is_main():
         RD.check(run_dir, settings)  # type: ignore[arg-type]  # a run dir made with other settings is refused
@@ -116,7 +118,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
                 echo(f"[plr] {name}: done already, skipped ({A.stage_dir(run_dir, name)})")
                 done[name] = A.read_json(A.stage_dir(run_dir, name) / A.METRICS)
                 continue
-            if name not in DATA_PARALLEL and not D.is_main():
+            if name not in DATA_PARALLEL and not D.is_main() and not D.sharded():
                 D.barrier()  # rank 0 runs the stage alone; this rank reads what it wrote
                 done[name] = A.read_json(A.stage_dir(run_dir, name) / A.METRICS)
                 continue
@@ -125,7 +127,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
                 RD.record(run_dir, name, settings)  # type: ignore[arg-type]
             t0 = time.perf_counter()
             try:
-                with contextlib.nullcontext() if name in DATA_PARALLEL else D.alone():
+                with contextlib.nullcontext() if name in DATA_PARALLEL or D.sharded() else D.alone():
                     metrics = REGISTRY[name](cfg, run_dir, tracker)
             except Interrupted:
                 raise

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from partial_lora import allocation as AL
 from partial_lora import artifacts as A
 from partial_lora import config as C
+from partial_lora import distributed as D
 from partial_lora.errors import PlrError
 from partial_lora.lora import base_weights
 from partial_lora.masks import LayerInfo, Ranking, count, rank_layer, subspace_k
@@ -124,7 +125,8 @@ def _search(cfg: DictConfig, run_dir: Path, s: Setup, layers: list[AL.Layer], ac
     method = search_method(cfg)
     mask_seed = int(cfg.seed) if mcfg.seed is None else mcfg.seed
     weights = base_weights(net)
-    dense = {lid: (b.lora_B.detach().clone(), b.lora_A.detach().clone()) for lid, b in s.branches.items()}
+    dense = {lid: (D.full(b.lora_B.detach()).clone(), D.full(b.lora_A.detach()).clone())
+             for lid, b in s.branches.items()}
     rankings: dict[str, Ranking] = {
         lid: rank_layer(method, LayerInfo(lid, weights[lid], b.delta_weight()), mask_seed, mcfg.energy)
         for lid, b in s.branches.items()}
@@ -142,6 +144,9 @@ def _search(cfg: DictConfig, run_dir: Path, s: Setup, layers: list[AL.Layer], ac
         return cache[lid, rho]
 
     truncating = acfg.allocator == "truncation"
+    if truncating and D.sharded():
+        raise PlrError("adapter.allocation.allocator=truncation rewrites W0 in place, and trainer.strategy=fsdp "
+                       "shards it; use trainer.strategy=ddp for it (or another allocator)")
     svd = {lid: torch.linalg.svd(weights[lid].to(s.device).double(), full_matrices=False)
            for lid in s.branches} if truncating else {}
     original = {lid: weights[lid].clone() for lid in s.branches} if truncating else {}
@@ -153,8 +158,8 @@ def _search(cfg: DictConfig, run_dir: Path, s: Setup, layers: list[AL.Layer], ac
             b, a = dense[lid]
             rho = ratios.get(lid, 1.0)
             if truncating:  # the adapter stays dense; W0 becomes its rank-k truncation (k from ρ)
-                branch.lora_B.copy_(torch.zeros_like(b) if zero else b)
-                branch.lora_A.copy_(a)
+                D.assign(branch.lora_B, torch.zeros_like(b) if zero else b)
+                D.assign(branch.lora_A, a)
                 if rho >= 1 or zero:
                     weights[lid].copy_(original[lid])
                 else:
@@ -164,12 +169,12 @@ def _search(cfg: DictConfig, run_dir: Path, s: Setup, layers: list[AL.Layer], ac
             elif zero:
                 branch.lora_B.zero_()
             elif rho >= 1:
-                branch.lora_B.copy_(b)
-                branch.lora_A.copy_(a)
+                D.assign(branch.lora_B, b)
+                D.assign(branch.lora_A, a)
             else:
                 rm, cm = masks(lid, rho)
-                branch.lora_B.copy_(b * rm)
-                branch.lora_A.copy_(a * cm)
+                D.assign(branch.lora_B, b * rm)
+                D.assign(branch.lora_A, a * cm)
 
     # Consecutive evaluations differ in a few layers: the blocks before the first changed one
     # are replayed from the previous evaluation instead of computed (same results, less time).

@@ -107,6 +107,9 @@ def setup(cfg: DictConfig, keep: Mapping[str, tuple[Tensor | None, Tensor | None
     built = build_model(spec, data.num_labels)
     if isinstance(built.model, CausalLM):
         built.model.scoring = str(cfg.task.get("scoring", "sum"))
+        # FSDP gathers the root's parameters (embeddings, LM head) in the root's forward: score
+        # through it, not through `base_model` and the output embeddings called one by one.
+        built.model.full_logits = built.model.full_logits or D.sharded()
     if multi is not None:
         built.model = MT.MultiTask(built.model, multi.members)
     lcfg = C.lora_config(cfg, spec)
@@ -118,6 +121,9 @@ def setup(cfg: DictConfig, keep: Mapping[str, tuple[Tensor | None, Tensor | None
     metrics, main = C.task_metrics(cfg)
     device = D.init(resolve_device(str(cfg.trainer.device)))
     pspec = C.peft_spec(cfg)
+    if pspec is not None and D.sharded():
+        raise PlrError(f"trainer.strategy=fsdp shards plr's own LoRA layers; adapter={pspec.method} (a PEFT "
+                       "baseline) runs with trainer.strategy=ddp")
     if pspec is not None:
         if any(set(slices) != {WHOLE} for slices in found.values()):
             raise PlrError(f"adapter={pspec.method} adapts whole modules, not slices of a fused projection "
@@ -127,7 +133,22 @@ def setup(cfg: DictConfig, keep: Mapping[str, tuple[Tensor | None, Tensor | None
     # adapter=head: no LoRA at all, only the head trains (the no-adapter reference).
     branches = {} if cfg.adapter.get("method") == "head" else inject_lora(net, lcfg, keep)
     freeze_for_adapter(net, spec.head_modules)
+    if D.sharded():
+        shard(net, list(found))
     return Setup(data, built, branches, device, metrics, main, per_rank * lcfg.r, multi=multi)
+
+
+def shard(net: torch.nn.Module, targets: list[str]) -> None:
+    """FSDP (`trainer.strategy=fsdp`): each repeated block holding the target layers is one unit,
+    the backbone (embeddings, norms, head) the root; say how much of the frozen base this process holds."""
+    from partial_lora.replay import find_blocks
+
+    total = sum(p.numel() for p in net.parameters() if not p.requires_grad)
+    hit = find_blocks(net, targets) if targets else None
+    blocks = [net.get_submodule(name) for name in hit[0]] if hit is not None else []
+    D.shard(net, blocks)
+    print(f"[plr] fsdp: rank {D.rank()} of {D.world_size()} holds {D.owned_numel(net, trainable=False):,} of "
+          f"{total:,} frozen parameters ({len(blocks)} block units and the root)", flush=True)
 
 
 def total_steps(cfg: DictConfig, n_train: int) -> int:

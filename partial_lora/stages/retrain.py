@@ -30,10 +30,9 @@ NAME = A.RETRAIN
 
 def rewind(branches: dict[str, LoRABranch], init: dict[str, torch.Tensor]) -> None:
     """Load the probe's initial factors restricted to each branch's kept rows and columns."""
-    with torch.no_grad():
-        for lid, b in branches.items():
-            b.lora_A.copy_(init[f"{lid}.lora_A"][:, b.cols.cpu()].to(b.lora_A.device))
-            b.lora_B.copy_(init[f"{lid}.lora_B"][b.rows.cpu()].to(b.lora_B.device))
+    for lid, b in branches.items():  # D.assign: under FSDP, this process's shard of each
+        D.assign(b.lora_A, init[f"{lid}.lora_A"][:, b.cols.cpu()].to(b.lora_A.device))
+        D.assign(b.lora_B, init[f"{lid}.lora_B"][b.rows.cpu()].to(b.lora_B.device))
 
 
 def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
