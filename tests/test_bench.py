@@ -56,7 +56,7 @@ def test_step_time_tiny_prints_ratio_rows_and_targets(tmp_path, capsys, one_thre
         assert f"### {size}:" in out
         for what in TARGET_LINES:  # measured in this run: met or not, never "not measured"
             assert target_line(out, size, what).lstrip().startswith(("[met]", "[NOT MET]"))
-    assert "| variant | time / floor | memory / floor | memory above floor / dense LoRA's |" in out
+    assert "| variant | time / floor | memory / floor | memory above floor / dense LoRA's | its analytic limit |" in out
     for v in VARIANTS:
         assert out.count(f"| {v} |") == 2 * 3  # the main table and the ratio table, three sizes
     assert "## Targets" in out
@@ -84,6 +84,22 @@ def test_demo_run_default_is_the_newest_complete_run(tmp_path, monkeypatch):
     assert target.value == pytest.approx(0.1) and target.met
     _, target = step_time.demo_target(str(old / "results.json"))
     assert target.value == pytest.approx(0.3) and target.met is False and "NOT MET" in target.line()
+
+
+@pytest.mark.parametrize("density", [1.0, 0.125])
+def test_the_memory_above_the_floor_is_the_analytic_limit(density, one_thread):
+    """What plr's branches save for backward plus AdamW's moments, above the floor, is exactly what
+    `adapter_limit` counts: the rank-r code, x at the kept columns (per layer), or x itself once
+    per shared input (dense), nothing more."""
+    torch.set_num_threads(1)
+    size = step_time.SIZES["tiny-vit"]
+    backbone = step_time.build_backbone(size)
+    batch = step_time.make_batch(size, backbone, 2, 16, torch.device("cpu"))
+    floor, ours = step_time.make_floor(backbone, size), step_time.make_ours(backbone, size, 8, 16.0, density)
+    base, adapted = (step_time.Stepper(v.model, batch, torch.device("cpu"), None) for v in (floor, ours))
+    base_mib, adapted_mib = base.memory()[0], adapted.memory()[0]
+    assert adapted.limit_mib is not None and adapted.limit_mib > 0
+    assert adapted_mib - base_mib == pytest.approx(adapted.limit_mib, rel=1e-9)
 
 
 def test_target_verdicts():
