@@ -199,3 +199,18 @@ def test_two_processes_train_a_multi_task_causal_lm_as_one_process_does(tmp_path
         got = load_file(tmp_path / name / "retrain" / "adapter.safetensors")
         assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], atol=1e-5) for k in want), name
         assert json.loads((tmp_path / name / "results.json").read_text())["metrics"] == metrics, name
+
+
+def test_fsdp_refuses_the_peft_baselines_in_one_line(monkeypatch):
+    """trainer.strategy=fsdp shards plr's own layers: a PEFT baseline is refused before any process
+    group is joined (so the error reaches the user instead of a hang)."""
+    from partial_lora import distributed as D
+    from partial_lora.errors import PlrError
+    from partial_lora.stages.base import setup
+
+    with initialize_config_module("partial_lora.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=smoke", "adapter=peft_lora", "trainer.strategy=fsdp"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(D, "_strategy", "fsdp")
+    with pytest.raises(PlrError, match="adapter=peft_lora .*runs with trainer.strategy=ddp"):
+        setup(cfg)

@@ -119,11 +119,11 @@ def setup(cfg: DictConfig, keep: Mapping[str, tuple[Tensor | None, Tensor | None
     if cfg.adapter.get("method") == "lora_matched":
         lcfg = replace(lcfg, r=matched_rank(C.match_config(cfg), per_rank))
     metrics, main = C.task_metrics(cfg)
-    device = D.init(resolve_device(str(cfg.trainer.device)))
     pspec = C.peft_spec(cfg)
     if pspec is not None and D.sharded():
         raise PlrError(f"trainer.strategy=fsdp shards plr's own LoRA layers; adapter={pspec.method} (a PEFT "
                        "baseline) runs with trainer.strategy=ddp")
+    device = D.init(resolve_device(str(cfg.trainer.device)))
     if pspec is not None:
         if any(set(slices) != {WHOLE} for slices in found.values()):
             raise PlrError(f"adapter={pspec.method} adapts whole modules, not slices of a fused projection "
