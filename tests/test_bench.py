@@ -18,6 +18,7 @@ sys.path.insert(0, str(BENCH))
 
 import gpu_check  # noqa: E402
 import step_time  # noqa: E402
+from bench import report  # noqa: E402  (owns DEMO_RUNS, read by find_demo_run)
 
 TARGET_LINES = ["dense LoRA (ours) time ≤ 1.00× PEFT LoRA", "dense LoRA (ours) memory ≤ 1.00× PEFT LoRA",
                 "Partial-LoRA ρ=0.125 time ≤ 1.05× the floor",
@@ -66,7 +67,7 @@ def test_step_time_tiny_prints_ratio_rows_and_targets(tmp_path, capsys, one_thre
 
 
 def test_step_time_without_a_demo_run_says_make_demo(tmp_path, monkeypatch):
-    monkeypatch.setattr(step_time, "DEMO_RUNS", tmp_path / "bbc-news-minilm-partial")
+    monkeypatch.setattr(report, "DEMO_RUNS", tmp_path / "bbc-news-minilm-partial")
     lines, target = step_time.demo_target(None)
     assert target.met is None and "make demo" in lines[0]
     assert "[not measured]" in target.line()
@@ -78,7 +79,7 @@ def test_demo_run_default_is_the_newest_complete_run(tmp_path, monkeypatch):
     new = write_run(runs / "2026-01-02_00-00-00", {"probe": 10.0, "allocate": 10.0, "retrain": 80.0})
     write_run(runs / "2026-01-03_00-00-00", {"probe": 10.0, "allocate": None}, status="incomplete")
     os.utime(old / "results.json", (1, 1))
-    monkeypatch.setattr(step_time, "DEMO_RUNS", runs)
+    monkeypatch.setattr(report, "DEMO_RUNS", runs)
     assert step_time.find_demo_run() == new
     _, target = step_time.demo_target(None)
     assert target.value == pytest.approx(0.1) and target.met

@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_module
 from fixtures import COMMONSENSE, commonsense_row, write_commonsense, write_commonsense_rows
 from partial_lora import config as C
 from partial_lora.data import TaskSpec, load_task, make_collate
-from partial_lora.data.commonsense import FORMATS, ChoiceCollate, clean_hellaswag, load_choice
+from partial_lora.data.collate import ChoiceCollate
+from partial_lora.data.commonsense import FORMATS, clean_hellaswag, load_choice
 from partial_lora.errors import PlrError
 from partial_lora.models import resolve_source
 

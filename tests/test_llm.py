@@ -9,11 +9,12 @@ from omegaconf import OmegaConf
 
 from fixtures import write_commonsense
 from partial_lora import config as C
+from partial_lora.causal_lm import CausalLM
 from partial_lora.cli import CONF_DIR
-from partial_lora.data.commonsense import ChoiceCollate
+from partial_lora.data.collate import ChoiceCollate
 from partial_lora.errors import PlrError
 from partial_lora.metrics import compute_metrics
-from partial_lora.models import CausalLM, ModelSpec, build_model
+from partial_lora.models import ModelSpec, build_model
 from partial_lora.stages import run_pipeline
 from partial_lora.train import predict
 

@@ -48,7 +48,7 @@ def gemma():
 
 
 def test_gemma_tokenizer_splits_prompt_and_answer_as_the_brute_force_scorer(gemma):
-    from partial_lora.data.commonsense import ChoiceCollate
+    from partial_lora.data.collate import ChoiceCollate
 
     _, tok = gemma
     data = _data("model=gemma3-270m", "task=rt-polarity")
@@ -69,8 +69,8 @@ def test_gemma_tokenizer_splits_prompt_and_answer_as_the_brute_force_scorer(gemm
 
 
 def test_gemma_one_row_scores_equal_the_row_per_choice_scores(gemma):
-    from partial_lora.data.commonsense import ChoiceCollate
-    from partial_lora.models import CausalLM
+    from partial_lora.data.collate import ChoiceCollate
+    from partial_lora.causal_lm import CausalLM
 
     net, tok = gemma
     model = CausalLM(net, 2)

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_module
 from partial_lora import config as C
 from partial_lora import fetch as F
 from partial_lora.data.base import TaskData
-from partial_lora.data.commonsense import ChoiceCollate
+from partial_lora.data.collate import ChoiceCollate
 from partial_lora.data.verbalizer import as_choices
 from partial_lora.errors import PlrError
 from partial_lora.stages import run_pipeline

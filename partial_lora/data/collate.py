@@ -1,4 +1,4 @@
-"""Batch builders for `DataLoader`: tokenise text or transform images, plus `labels`.
+"""Batch builders for `DataLoader`: tokenise text, transform images or expand answer choices, plus `labels`.
 
 They are top-level classes (not closures) so DataLoader worker processes can pickle them.
 """
@@ -12,7 +12,6 @@ import torch
 from torchvision.transforms import InterpolationMode, v2
 
 from partial_lora.data.base import ImagePreprocess, Kind
-from partial_lora.data.commonsense import ChoiceCollate
 from partial_lora.errors import PlrError
 
 Batch = dict[str, torch.Tensor]
@@ -109,6 +108,155 @@ class ImageCollate:
         # Grayscale (digits), palette or RGBA images all become 3-channel RGB first.
         pixels = torch.stack([self.transform(r["image"].convert("RGB")) for r in rows])
         return {"pixel_values": pixels, "labels": labels(rows)}
+
+
+class ChoiceCollate:
+    """Tokenise `prompt` + " <choice>" for a causal LM, dynamically padded on the right.
+
+    The answer's tokens are what tokenising prompt + " <choice>" adds after the prompt's tokens
+    (see `_answers`), so that the prompt's tokens are identical for every choice and the answer
+    carries no stray prefix token. The prompt gets the tokenizer's BOS (when it has one) in front. A sequence longer
+    than `max_length` loses the start of its prompt (the BOS stays): the question and the answer,
+    at the end, are what the prediction depends on. An answer longer than `max_length` on its own
+    keeps its beginning.
+
+    Args:
+        tokenizer: a `transformers` tokenizer.
+        max_length: the longest sequence (prompt + answer) in tokens.
+        train: training batches (the gold answer as LM targets) or evaluation batches (every choice).
+        shared_prompt: when every answer in an evaluation batch is a single token (a verbalizer's
+            " positive" / " negative"), score all choices from one row per example (see
+            `_one_token_batch`); False always builds one row per choice (the reference).
+
+    Returns (per call):
+        train: `input_ids`, `attention_mask` (B, T) and `labels` (B, T): the token id at the gold
+            answer's positions, -100 elsewhere. The model shifts: labels[t] is the token at t.
+        eval: every example expanded to C = the most choices in the batch, example-major (row
+            i*C + j is example i, choice j): `input_ids`, `attention_mask`, `target_mask` (B*C, T;
+            True where the token is an answer token), `choice_mask` (B, C; False for padded-out
+            choices, whose row is a 1-token dummy with no target), `choice_tokens` (B, C; answer
+            tokens per choice, 0 for padding) and `labels` (B,): the gold index.
+        eval, every answer one token: one row per example, `input_ids`, `attention_mask` (B, T),
+            `last` (B,): the prompt's last position, `choice_ids` (B, C): each choice's token,
+            and `choice_mask`, `choice_tokens`, `labels` as above.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int = 256, train: bool = False, shared_prompt: bool = True):
+        if max_length < 2:
+            raise PlrError(f"model.max_length={max_length} leaves no room for a prompt and an answer; "
+                           f"set model.max_length to 2 or more (e.g. 256)")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.train = train
+        self.shared_prompt = shared_prompt
+        self.bos = tokenizer.bos_token_id
+        self.pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        # verbose=False: a long prompt is expected here (it is cut to max_length below), no warning.
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+
+    def _answers(self, prompt: str, prompt_ids: list[int], choices: list[str]) -> list[list[int]]:
+        """Each choice's answer tokens as they follow the prompt.
+
+        The answer is what tokenising `prompt + " " + choice` adds after the prompt's own tokens
+        (as lm-evaluation-harness splits context and continuation). Tokenising " <choice>" on
+        its own is wrong for SentencePiece tokenizers (LLaMA-1/2): their dummy prefix turns the
+        leading space into a token of its own, which every answer would then carry. Where the
+        joint tokenisation does not start with the prompt's tokens (a merge across the
+        boundary), the choice is tokenised on its own instead.
+        """
+        # An empty choice tokenises to nothing; [ours] score it as "the answer ends here" (EOS, or
+        # the pad id) so every choice has at least one target token.
+        empty = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.pad
+        joint = self._encode([f"{prompt} {c}" for c in choices])
+        alone: list[list[int]] | None = None
+        out = []
+        for i, ids in enumerate(joint):
+            if len(ids) > len(prompt_ids) and ids[:len(prompt_ids)] == prompt_ids:
+                out.append(ids[len(prompt_ids):])
+                continue
+            alone = alone or self._encode([" " + c for c in choices])
+            out.append(alone[i] or [empty])
+        return out
+
+    def _fit(self, prompt: list[int], answer: list[int]) -> tuple[list[int], int]:
+        """BOS + the prompt's tail + the answer, within `max_length`; returns (ids, answer length)."""
+        head = [] if self.bos is None else [self.bos]
+        room = self.max_length - len(head)
+        answer = answer[:room]
+        keep = room - len(answer)
+        body = prompt[max(0, len(prompt) - keep):] if keep > 0 else []
+        return head + body + answer, len(answer)
+
+    def _pad(self, seqs: list[list[int]], fill: int) -> torch.Tensor:
+        width = max(len(s) for s in seqs)
+        return torch.tensor([s + [fill] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> Batch:
+        prompts = self._encode([r["prompt"] for r in rows])
+        if self.train:
+            return self._train_batch(rows, prompts)
+        return self._eval_batch(rows, prompts)
+
+    def _train_batch(self, rows: list[dict[str, Any]], prompts: list[list[int]]) -> Batch:
+        golds = [self._answers(r["prompt"], p, [r["choices"][r["label"]]])[0] for r, p in zip(rows, prompts, strict=True)]
+        seqs, targets = [], []
+        for prompt, gold in zip(prompts, golds, strict=True):
+            ids, n = self._fit(prompt, gold)
+            seqs.append(ids)
+            targets.append([-100] * (len(ids) - n) + ids[len(ids) - n:])
+        return {"input_ids": self._pad(seqs, self.pad),
+                "attention_mask": self._pad([[1] * len(s) for s in seqs], 0),
+                "labels": self._pad(targets, -100)}
+
+    def _eval_batch(self, rows: list[dict[str, Any]], prompts: list[list[int]]) -> Batch:
+        width = max(len(r["choices"]) for r in rows)
+        every = [self._answers(row["prompt"], prompt, list(row["choices"]))
+                 for row, prompt in zip(rows, prompts, strict=True)]
+        if self.shared_prompt and all(len(a) == 1 for answers in every for a in answers):
+            return self._one_token_batch(rows, prompts, every, width)
+        dummy = self.pad if self.bos is None else self.bos
+        seqs, targets = [], []
+        choice_mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        choice_tokens = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, (prompt, answers) in enumerate(zip(prompts, every, strict=True)):
+            for j in range(width):
+                if j < len(answers):
+                    ids, n = self._fit(prompt, answers[j])
+                    choice_mask[i, j] = True
+                    choice_tokens[i, j] = n
+                else:  # a padded-out choice: one attended token (no all-masked rows), no target
+                    ids, n = [dummy], 0
+                seqs.append(ids)
+                targets.append([0] * (len(ids) - n) + [1] * n)
+        return {"input_ids": self._pad(seqs, self.pad),
+                "attention_mask": self._pad([[1] * len(s) for s in seqs], 0),
+                "target_mask": self._pad(targets, 0).bool(),
+                "choice_mask": choice_mask,
+                "choice_tokens": choice_tokens,
+                "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}
+
+    def _one_token_batch(self, rows: list[dict[str, Any]], prompts: list[list[int]],
+                         every: list[list[list[int]]], width: int) -> Batch:
+        """Every answer is one token: one row per example, scored at the prompt's last position.
+
+        The row is what every choice's row shares (BOS + the prompt's tail, cut as for a 1-token
+        answer), so the scores equal the one-row-per-choice path's (a causal LM's prediction at a
+        position does not see later tokens), at 1/C of its cost: a verbalizer with C classes.
+        """
+        seqs = [self._fit(prompt, answers[0])[0][:-1] for prompt, answers in zip(prompts, every, strict=True)]
+        choice_ids = torch.zeros(len(rows), width, dtype=torch.long)
+        choice_mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, answers in enumerate(every):
+            choice_ids[i, :len(answers)] = torch.tensor([a[0] for a in answers])
+            choice_mask[i, :len(answers)] = True
+        return {"input_ids": self._pad(seqs, self.pad),
+                "attention_mask": self._pad([[1] * len(s) for s in seqs], 0),
+                "last": torch.tensor([len(s) - 1 for s in seqs], dtype=torch.long),
+                "choice_ids": choice_ids, "choice_mask": choice_mask,
+                "choice_tokens": choice_mask.long(),
+                "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long)}
 
 
 def make_collate(kind: Kind, *, tokenizer: Any = None, max_length: int = 128, image: ImagePreprocess | None = None,

@@ -3,7 +3,7 @@
 Each row becomes the multiple-choice row format with a single choice, the response:
 `prompt` = the prompt column, `choices` = [response], `label` = 0. Everything downstream is
 shared with the commonsense tasks: training minimises the LM loss on the response tokens only
-(`data.commonsense.ChoiceCollate`), and evaluation scores the response's log-likelihood.
+(`data.collate.ChoiceCollate`), and evaluation scores the response's log-likelihood.
 There is no accuracy: the task's metric is `log_likelihood` (the mean over examples of the
 response's log-likelihood, per token with `task.scoring=mean`), and the allocation reads the
 few-shot loss (`adapter.allocation.metric=loss`), [ours].

@@ -28,7 +28,8 @@ from partial_lora import peft_baselines as PB
 from partial_lora.lora import (WHOLE, LoRABranch, adapter_state_dict, count_adapter_parameters, dims,
                                find_targets, freeze_for_adapter, inject_lora, load_adapter_state_dict)
 from partial_lora import multitask as MT
-from partial_lora.models import Built, CausalLM, build_model
+from partial_lora.causal_lm import CausalLM
+from partial_lora.models import Built, build_model
 from partial_lora.train import Hooks, ResumableSampler, TrainConfig, autocast_dtype, evaluate, resolve_device
 
 
