@@ -1,7 +1,8 @@
 """The only module that knows the run dir's file names and formats.
 
 Tensors go to `.safetensors`, everything else to JSON; no pickle is ever loaded. Every write
-is atomic (temporary file in the same directory, then `os.replace`), and a stage counts as
+is atomic (temporary file in the same directory, then `os.replace`; a whole folder, such as an
+export or a fetched cache entry, through `atomic_dir`), and a stage counts as
 finished only once its `done` marker exists, so a killed run never leaves a half-written
 artifact that a rerun would trust.
 """
@@ -101,6 +102,33 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: Path, *, replace: bool, busy: str = "") -> Iterator[Path]:
+    """A temporary folder next to `path` that takes its place, whole, when the block ends without
+    error (files and folders get the umask's modes); on an error nothing of it remains.
+
+    An existing `path` is moved aside and deleted after the rename. Without `replace`, a `path`
+    that is not empty by then raises PlrError(`busy`), and an empty one is replaced.
+    """
+    import shutil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        staged = work / "new"
+        staged.mkdir()
+        yield staged
+        for p in [staged, *staged.rglob("*")]:  # temporary folders are created owner-only
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~UMASK)
+        if path.exists():
+            if not replace and path.is_dir() and any(path.iterdir()):
+                raise PlrError(busy or f"{path} is not empty")
+            os.replace(path, work / "old")
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from partial_lora import artifacts as A
 from partial_lora.artifacts import UMASK
 from partial_lora.errors import PlrError, first_line
 
@@ -231,19 +232,13 @@ def fetch(name: str, *, force: bool = False, root: Path | None = None, downloade
         work = Path(tempfile.mkdtemp(prefix=f".partial-{source.name}-", dir=root))
         try:
             downloads = downloader(source.packages, work / "downloads")
-            staged = work / "entry"
-            staged.mkdir()
-            echo(f"[plr] fetch {source.name}: extracting")
-            source.build(downloads, staged)
-            _write_manifest(source, staged)
-            if not complete(source, staged):
-                raise PlrError(f"building {source.name} did not produce {', '.join(source.files)}; this is a bug, "
-                               "please report it")
-            old = None
-            if final.exists():
-                old = work / "old"
-                os.replace(final, old)
-            os.replace(staged, final)
+            with A.atomic_dir(final, replace=True) as staged:  # the entry appears whole, or not at all
+                echo(f"[plr] fetch {source.name}: extracting")
+                source.build(downloads, staged)
+                _write_manifest(source, staged)
+                if not complete(source, staged):
+                    raise PlrError(f"building {source.name} did not produce {', '.join(source.files)}; this is a "
+                                   "bug, please report it")
         except PlrError:
             raise
         except Exception as e:  # noqa: BLE001 - archive, parse and I/O errors all mean "not fetched"

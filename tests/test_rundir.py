@@ -132,3 +132,29 @@ def test_a_corrupt_artifact_names_the_way_to_remake_it(tmp_path):
     (tmp_path / "allocate" / A.ALLOCATION).write_text("{not json")
     with pytest.raises(PlrError, match=rf"plr resume {tmp_path} --rerun-from allocate"):
         A.read_json(tmp_path / "allocate" / A.ALLOCATION)
+
+
+def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
+    """One folder writer for export and fetch: an error leaves the old folder as it was and no
+    temporary folder; without replace a filled folder is refused; the result has the umask's modes."""
+    import os
+
+    from partial_lora import artifacts as A
+    from partial_lora.errors import PlrError
+
+    out = tmp_path / "out"
+    with A.atomic_dir(out, replace=True) as d:
+        (d / "a.txt").write_text("one")
+    assert (out / "a.txt").read_text() == "one"
+    assert oct(os.stat(out).st_mode & 0o777) == oct(0o777 & ~A.UMASK)
+    with pytest.raises(RuntimeError), A.atomic_dir(out, replace=True) as d:
+        (d / "b.txt").write_text("two")
+        raise RuntimeError("fill failed")
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    with pytest.raises(PlrError, match="busy here"), A.atomic_dir(out, replace=False, busy="busy here") as d:
+        (d / "c.txt").write_text("three")
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    with A.atomic_dir(out, replace=True) as d:
+        (d / "c.txt").write_text("three")
+    assert sorted(p.name for p in out.iterdir()) == ["c.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left

@@ -1,10 +1,7 @@
-"""The export folder: which out dirs are safe to fill, and writing it whole (temporary folder, then rename)."""
+"""The export folder: which out dirs are safe to fill, and writing it whole (`artifacts.atomic_dir`)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,33 +38,7 @@ def check_out_dir(out_dir: Path, run_dir: Path, force: bool) -> None:
 
 
 def _write(out_dir: Path, force: bool, fill: Callable[[Path], list[str]]) -> list[str]:
-    """Run `fill` on a temporary folder next to `out_dir`, then rename it into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
-        files = fill(tmp)
-        _shareable(tmp)
-        _publish(tmp, out_dir, force)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return files
-
-
-def _shareable(root: Path) -> None:
-    """Usual permissions (umask) for the export: temporary files and folders are created owner-only."""
-    for path in [root, *root.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~A.UMASK)
-
-
-def _publish(tmp: Path, out_dir: Path, force: bool) -> None:
-    old = None
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not force:
-            raise PlrError(f"out dir '{out_dir}' is not empty; choose a new folder or pass --force to replace it")
-        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
-        os.replace(out_dir, old / "export")
-    elif out_dir.is_dir():
-        out_dir.rmdir()
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Run `fill` on a temporary folder next to `out_dir`, then rename it into place (`artifacts.atomic_dir`)."""
+    with A.atomic_dir(out_dir, replace=force, busy=f"out dir '{out_dir}' is not empty; choose a new folder or pass "
+                                                    "--force to replace it") as tmp:
+        return fill(tmp)
