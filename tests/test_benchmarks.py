@@ -268,8 +268,10 @@ def test_experiment_composes_and_runs_one_step(experiment, tmp_path):
     main = results["main_metric"]
     assert math.isfinite(results["metrics"][f"test_{main}"])
     assert results["stages"]["retrain"]["steps"] == 1
-    if experiment == "partial-best":
+    if experiment == "partial-best":  # the gain target, and each layer's learning rate scaled by its own density
         assert json.loads((tmp_path / "run/allocate/allocation.json").read_text())["relative_to"] == "gain"
+        scales = results["stages"]["retrain"]["layer_lr_scales"]
+        assert scales and all(v >= 1 for v in scales.values()) and results["stages"]["retrain"]["adapter_lr_scale"] == 1
     if experiment == "glue-mnli":
         assert results["eval_sets"] == ["mismatched"]
         assert 0 <= results["metrics"]["test_mismatched_accuracy"] <= 1

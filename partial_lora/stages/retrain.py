@@ -82,7 +82,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
     save_trained(s, out, cfg)
     return {f"best_val_{main}": result.best_metric, "best_epoch": result.best_epoch, "steps": result.steps,
             "train_wall_s": result.wall_s, "adapter_params": n_adapter, "density": density,
-            "adapter_lr_scale": scale, "init": init,
+            "adapter_lr_scale": scale, "layer_lr_scales": per_layer, "init": init,
             "rank": next(iter(s.branches.values())).r if s.branches else
             (None if cfg.adapter.get("method") == "head" else int(cfg.adapter.r)),
             "head_params": sum(p.numel() for p in s.built.model.head_parameters()),
