@@ -33,7 +33,9 @@ class CausalLM(Classifier):
     The vocabulary projection runs only at the answer positions (the LM's hidden states are
     taken from its base model): with a 128k vocabulary, the full logits of a batch would take
     gigabytes. Models whose logits are more than `lm_head(h)` (soft-capping, a logit scale) take
-    the full path.
+    the full path, and so does a model sharded with FSDP (`trainer.strategy=fsdp`), whose root
+    gathers the embeddings and the LM head only in its own forward: there the full logits cost
+    B × T × V per batch.
     """
 
     def __init__(self, net: nn.Module, num_choices: int, scoring: str = "sum") -> None:

@@ -117,26 +117,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def any_flag(flag: bool) -> bool:
-    """True on every process when it is true on any (keeps skip decisions the same everywhere)."""
-    if not active():
-        return flag
-    t = torch.tensor([float(flag)])
+def _all_reduce(value: float | int, dtype: torch.dtype, op: dist.ReduceOp.RedOpType) -> float | int:
+    """`value` reduced over the processes with `op` (every process must call it)."""
+    t = torch.tensor([value], dtype=dtype)
     if dist.get_backend() == "nccl":
         t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def any_flag(flag: bool) -> bool:
+    """True on every process when it is true on any (keeps skip decisions the same everywhere)."""
+    return bool(_all_reduce(float(flag), torch.float32, dist.ReduceOp.MAX)) if active() else flag
 
 
 def sum_int(n: int) -> int:
     """The sum of `n` over the processes (every process must call it)."""
-    if not active():
-        return n
-    t = torch.tensor([n], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return int(t.item())
+    return int(_all_reduce(n, torch.int64, dist.ReduceOp.SUM)) if active() else n
 
 
 def wrap(model: torch.nn.Module, device: torch.device, *, find_unused: bool) -> torch.nn.Module:
@@ -145,8 +142,8 @@ def wrap(model: torch.nn.Module, device: torch.device, *, find_unused: bool) -> 
     `find_unused`: some trainable parameters may get no gradient in a step (a multi-task model's
     heads of the tasks absent from a batch, some PEFT adapters).
     """
-    if not active() or is_sharded_module(model):
-        return model  # one process, or already sharded by `shard` (FSDP syncs the gradients itself)
+    if not active() or sharded():
+        return model  # one process, or sharded by `shard` when it was built (FSDP syncs the gradients itself)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
@@ -158,7 +155,7 @@ def sync_unless(model: torch.nn.Module, last_micro_batch: bool) -> contextlib.Ab
     DDP's `no_sync`, FSDP's `set_requires_gradient_sync(False)`."""
     if last_micro_batch:
         return contextlib.nullcontext()
-    if is_sharded_module(model):
+    if sharded():
         return _fsdp_no_sync(model)
     no_sync = getattr(model, "no_sync", None)
     return contextlib.nullcontext() if no_sync is None else no_sync()
@@ -176,13 +173,6 @@ def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
     finally:
         for u in units:
             u.set_requires_gradient_sync(True, recurse=False)
-
-
-def is_sharded_module(model: nn.Module) -> bool:
-    """Whether FSDP2 manages `model` or a module inside it."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def shard(root: nn.Module, blocks: list[nn.Module]) -> None:
