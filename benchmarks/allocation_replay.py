@@ -23,6 +23,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from partial_lora import artifacts as A
+from partial_lora import config as C
 from partial_lora.stages import allocate
 
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = base.copy()
                 if name == "full":
                     cfg.adapter.allocation.replay_mb = 0
-                out = allocate.run(cfg, run_dir)
+                out = allocate.run(C.validate(cfg), run_dir)
                 times[name].append(out["search_wall_s"])
                 alloc = json.loads((A.stage_dir(run_dir, "allocate") / A.ALLOCATION).read_text())
                 found[name] = {la["name"]: (la["ratio"], la["tried"]) for la in alloc["layers"]}

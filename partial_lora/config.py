@@ -1,7 +1,16 @@
-"""Turn the composed Hydra config into the core's plain dataclasses, validating every value.
+"""Turn the composed Hydra config into one typed `RunSpec`, validating every value.
 
 This is where user input is checked: each bad value becomes one `PlrError` line naming the
-key and the fix, raised before any work starts. The core modules never see a DictConfig.
+key and the fix, raised before any work starts. `validate(cfg)` returns the run's `RunSpec`,
+and the stages read that; the core modules never see a DictConfig.
+
+The schemas are the dataclasses themselves (`schemas()`: one per config group, each beside the
+code it configures). Each group's values are checked against the field annotations by
+`check_type`, which never coerces. That is why they are not registered as Hydra structured
+configs in the ConfigStore: OmegaConf's typed nodes convert what they can (measured with
+omegaconf 2.3: `'3'` becomes 3 in an int field, `'yes'` and 1 become True in a bool field), and a
+wrong type must be refused, not converted. Unknown keys fail at composition (the YAMLs are
+struct) or in `_build`.
 """
 
 from __future__ import annotations
@@ -11,7 +20,6 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -23,7 +31,11 @@ from partial_lora.lora import LoRAConfig
 from partial_lora.models import ModelSpec, torch_dtype
 from partial_lora.peft_baselines import METHODS as PEFT_METHODS
 from partial_lora.peft_baselines import PeftSpec
+from partial_lora.masks import MaskConfig
+from partial_lora.spec import MatchConfig, ProbeConfig, RetrainConfig, RunSpec, TaskPart
 from partial_lora.train import TrainConfig
+
+__all__ = ["MaskConfig", "MatchConfig", "ProbeConfig", "RetrainConfig", "RunSpec", "TaskPart", "validate"]
 
 
 def plain(node: Any) -> Any:
@@ -62,7 +74,11 @@ def _fits(value: Any, hint: Any) -> bool:
             return False
         inner = [a for a in args if a is not Ellipsis]
         return not inner or all(_fits(v, inner[0]) for v in value)
-    return True  # dicts, mappings, nested dataclasses: checked where they are read
+    if origin in (dict, Mapping, collections.abc.Mapping) or hint is dict:
+        if not isinstance(value, Mapping):
+            return False
+        return len(args) < 2 or all(_fits(v, args[1]) for v in value.values())
+    return True  # nested dataclasses: checked where they are read
 
 
 def _describe(hint: Any) -> str:
@@ -71,6 +87,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in args) + (" (or null)" if type(None) in typing.get_args(hint) else "")
     if typing.get_origin(hint) is typing.Literal:
         return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if typing.get_origin(hint) in (dict, collections.abc.Mapping):
+        return "a mapping" + (f" to {_PLURAL.get(args[1], _describe(args[1]))}" if len(args) == 2 and args[1] is not Any else "")
     if typing.get_origin(hint) in (tuple, list, collections.abc.Sequence):
         return "a list" + (f" of {_PLURAL.get(args[0], _describe(args[0]))}" if args and args[0] is not Ellipsis else "")
     return _KIND.get(hint, getattr(hint, "__name__", str(hint)))
@@ -99,6 +117,14 @@ def _build(cls: type, values: Mapping[str, Any], group: str, extra: tuple[str, .
         if k in names:
             check_type(f"{group}.{k}", v, hints[k])
     return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def schemas() -> dict[str, type]:
+    """Each config group's schema, by its key: the dataclass whose fields are the group's keys
+    (type-checked by `_build`, range- and choice-checked by the dataclass or the converter)."""
+    return {"trainer": TrainConfig, "adapter.probe": ProbeConfig, "adapter.allocation": AllocationConfig,
+            "adapter.mask": MaskConfig, "adapter.match": MatchConfig, "retrain": RetrainConfig,
+            "model": ModelSpec, "task": TaskSpec}
 
 
 # task.num_labels is a TaskSpec field (checked where the data loads), not an extra key.
@@ -254,145 +280,6 @@ def sparsity(cfg: DictConfig) -> float | str:
     return s
 
 
-@dataclass(frozen=True)
-class ProbeConfig:
-    """`adapter.probe`: the short few-shot dense-LoRA run that the allocation reads.
-
-    Attributes:
-        shots / val_shots: examples per class in the few-shot train and (disjoint) validation sets.
-        epochs / batch_size: the probe's training length.
-        lr / head_lr: None uses the trainer's.
-        short_classes: `error` or `shrink` for classes with fewer than shots + val_shots
-            examples (see `data.split.few_shot`).
-    """
-
-    shots: int = 16
-    val_shots: int = 16
-    epochs: float = 10
-    batch_size: int = 16
-    lr: float | None = None
-    head_lr: float | None = None
-    short_classes: str = "shrink"
-
-
-@dataclass(frozen=True)
-class MaskConfig:
-    """`adapter.mask`: which rows/columns are kept.
-
-    Attributes:
-        method: `subspace`, `random` or `probe_magnitude`.
-        granularity: `rowcol` (structured, compact) or `element` (random entries; ablation only).
-        energy: share of W0's spectral energy defining the top-k subspace.
-        seed: seed of random masks (None: the run's seed).
-        sides: which factor sides the keep ratio masks [ours]: `both` (rows of B and columns of
-            A, the paper's form), `rows` (rows of B only, every column of A kept) or `cols`.
-    """
-
-    method: str = "subspace"
-    granularity: str = "rowcol"
-    energy: float = 0.9
-    seed: int | None = None
-    sides: str = "both"
-
-    def __post_init__(self) -> None:
-        from partial_lora.masks import MASKERS
-
-        if self.method not in MASKERS:
-            raise PlrError(f"unknown adapter.mask.method '{self.method}'; use one of: {', '.join(MASKERS)}")
-        if self.granularity not in ("rowcol", "element"):
-            raise PlrError(f"adapter.mask.granularity must be rowcol or element, got '{self.granularity}'")
-        if self.granularity == "element" and self.method != "random":
-            raise PlrError("adapter.mask.granularity=element supports only adapter.mask.method=random")
-        if not 0 < self.energy <= 1:
-            raise PlrError(f"adapter.mask.energy must be in (0, 1], got {self.energy}")
-        from partial_lora.masks import SIDES
-
-        if self.sides not in SIDES:
-            raise PlrError(f"adapter.mask.sides must be one of {', '.join(SIDES)}, got '{self.sides}'")
-        if self.sides != "both" and self.granularity == "element":
-            raise PlrError("adapter.mask.sides applies to row/column masks; drop it with granularity=element")
-
-
-@dataclass(frozen=True)
-class RetrainConfig:
-    """`retrain`: how the sparse adapter restarts and learns.
-
-    Attributes:
-        init: `rewind` (the probe's initial values restricted to R × C) or `fresh`.
-        adapter_lr_scale: a number, or `auto` = 1/sqrt(kept density) capped at `lr_scale_cap` [ours].
-        lr_scale_cap: the cap of `auto`.
-        lr_scale_per_layer: with `auto`, use each layer's own kept density instead of the
-            adapter's overall density (a dense layer then keeps the base learning rate).
-    """
-
-    init: str = "rewind"
-    adapter_lr_scale: float | str = "auto"
-    lr_scale_cap: float = 8.0
-    lr_scale_per_layer: bool = False
-
-    def __post_init__(self) -> None:
-        if self.init not in ("rewind", "fresh"):
-            raise PlrError(f"retrain.init must be rewind or fresh, got '{self.init}'")
-        s = self.adapter_lr_scale
-        if s != "auto" and (isinstance(s, str) or s <= 0):
-            raise PlrError(f"retrain.adapter_lr_scale must be a positive number or auto, got '{s}'")
-
-
-@dataclass(frozen=True)
-class MatchConfig:
-    """`adapter.match`: a parameter target for matched-budget baselines (at most one key set).
-
-    Attributes:
-        run: a finished run dir whose adapter parameter count is the target.
-        budget: a number of adapter parameters.
-        rank: the parameter count of a dense LoRA of this rank on the same layers.
-    """
-
-    run: str | None = None
-    budget: int | None = None
-    rank: int | None = None
-
-    def __post_init__(self) -> None:
-        given = [k for k in ("run", "budget", "rank") if getattr(self, k) is not None]
-        if len(given) > 1:
-            raise PlrError(f"adapter.match takes one of run, budget or rank, got {' and '.join(given)}; keep one")
-        for key in ("budget", "rank"):
-            v = getattr(self, key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise PlrError(f"adapter.match.{key} must be a positive integer, got {v!r}")
-
-    @property
-    def active(self) -> bool:
-        return any(getattr(self, k) is not None for k in ("run", "budget", "rank"))
-
-    def target(self, per_rank: int) -> int | None:
-        """The parameter target, given a dense LoRA's parameters per unit of rank on these layers."""
-        if self.budget is not None:
-            return self.budget
-        if self.rank is not None:
-            return self.rank * per_rank
-        if self.run is not None:
-            return _run_adapter_params(self.run)
-        return None
-
-
-def _run_adapter_params(run: str) -> int:
-    from pathlib import Path
-
-    from partial_lora import artifacts as A
-
-    path = Path(run).expanduser() / A.RESULTS
-    if not path.is_file():
-        raise PlrError(f"adapter.match.run={run} has no {A.RESULTS} (not a finished plr run); point it at a finished run "
-                       "or set adapter.match.budget=<parameters>")
-    results = A.read_json(path)
-    params = (results.get("params") or {}).get("adapter")
-    if results.get("status") != "complete" or not params:
-        raise PlrError(f"adapter.match.run={run} did not finish (status {results.get('status')!r}); finish it first "
-                       "or set adapter.match.budget=<parameters>")
-    return int(params)
-
-
 def _node(cfg: DictConfig, key: str) -> dict:
     node = OmegaConf.select(cfg, key)
     return plain(node) if node is not None else {}
@@ -455,22 +342,34 @@ def _check_verbalized(task: DictConfig) -> None:
         raise PlrError(f"task.verbalizer of task {name} must map each class to its answer, got {plain(task.verbalizer)!r}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check everything a run will read, before the run dir gets any results."""
+def saved_run(cfg: DictConfig, run_dir: Any) -> DictConfig:
+    """A run dir's saved config (`.hydra/config.yaml`) with `run_dir` set to where it is: the saved
+    default `${out_root}/${name}/${now:...}` resolves only inside the Hydra app that made it."""
+    cfg = cfg.copy()
+    cfg.run_dir = str(run_dir)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> RunSpec:
+    """Check everything a run will read, before the run dir gets any results, and return it as
+    one typed `RunSpec` (the one place for cross-field checks)."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise PlrError(f"{missing[0]} is required by this config; set {missing[0]}=<value> on the command line")
     spec = model_spec(cfg)
     torch_dtype(spec)
-    tasks = member_tasks(cfg) if is_multi(cfg) else [cfg.task]
+    multi = is_multi(cfg)
+    tasks = member_tasks(cfg) if multi else [cfg.task]
     kinds = sorted({str(t.get("kind", "text")) for t in tasks})
     if len(kinds) > 1:
         raise PlrError(f"task.names mixes {' and '.join(kinds)} tasks; a multi-task run trains one backbone on one "
                        "kind of input: list tasks of one kind")
+    parts = []
     for task in tasks:
         node = OmegaConf.create({"task": task})
-        task_spec(node)
-        task_metrics(node)
+        tspec = task_spec(node)
+        metrics, main = task_metrics(node)
+        parts.append(TaskPart(tspec, tuple(metrics), main))
         kind = task.get("kind", "text")
         causal = spec.family == "hf-causal"
         if causal and kind == "text":
@@ -483,22 +382,29 @@ def validate(cfg: DictConfig) -> None:
                               "gemma3-270m, llama-7b...)"))
         if str(task.get("scoring", "sum")) not in ("sum", "mean"):
             raise PlrError(f"task.scoring must be sum or mean, got '{task.get('scoring')}'")
-    lora_config(cfg, spec)
+    lora = lora_config(cfg, spec)
     metrics, main = task_metrics(cfg)
-    train_config(cfg)
-    sparsity(cfg)
+    train = train_config(cfg)
+    sp = sparsity(cfg)
     check_type("seed", cfg.seed, int)
     if int(cfg.seed) < 0:
         raise PlrError(f"seed must be >= 0, got {cfg.seed}")
-    probe_config(cfg)
-    allocation_config(cfg)
-    mask_config(cfg)
-    retrain_config(cfg)
-    if peft_spec(cfg) is not None and sparsity(cfg) != 0:
+    probe = probe_config(cfg)
+    allocation = allocation_config(cfg)
+    mask = mask_config(cfg)
+    retrain = retrain_config(cfg)
+    peft = peft_spec(cfg)
+    if peft is not None and sp != 0:
         raise PlrError(f"adapter={cfg.adapter.method} is a dense PEFT baseline; set adapter.sparsity=0")
     match = match_config(cfg)
-    if match.active and allocation_config(cfg).budget is not None and sparsity(cfg) != 0:
+    if match.active and allocation.budget is not None and sp != 0:
         raise PlrError("adapter.match and adapter.allocation.budget both set a budget; keep one")
-    if cfg.adapter.get("method") == "lora_matched" and not match.active:
+    method = str(cfg.adapter.get("method", "lora"))
+    if method == "lora_matched" and not match.active:
         raise PlrError("adapter=lora_matched needs a target: adapter.match.run=<run dir>, adapter.match.budget=<params> "
                        "or adapter.match.rank=<rank>")
+    return RunSpec(seed=int(cfg.seed), model=spec, task=str(cfg.task.name), parts=tuple(parts), multi=multi,
+                   metrics=tuple(metrics), main_metric=main, scoring=str(cfg.task.get("scoring", "sum")),
+                   method=method, lora=lora, sparsity=sp, probe=probe, allocation=allocation, mask=mask,
+                   retrain=retrain, match=match, train=train, peft=peft,
+                   settings=OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]

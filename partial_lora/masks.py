@@ -115,6 +115,40 @@ MASKERS: dict[str, Masker] = {
 }
 
 
+@dataclass(frozen=True)
+class MaskConfig:
+    """`adapter.mask`: which rows/columns are kept.
+
+    Attributes:
+        method: `subspace`, `random` or `probe_magnitude`.
+        granularity: `rowcol` (structured, compact) or `element` (random entries; ablation only).
+        energy: share of W0's spectral energy defining the top-k subspace.
+        seed: seed of random masks (None: the run's seed).
+        sides: which factor sides the keep ratio masks [ours]: `both` (rows of B and columns of
+            A, the paper's form), `rows` (rows of B only, every column of A kept) or `cols`.
+    """
+
+    method: str = "subspace"
+    granularity: str = "rowcol"
+    energy: float = 0.9
+    seed: int | None = None
+    sides: str = "both"
+
+    def __post_init__(self) -> None:
+        if self.method not in MASKERS:
+            raise PlrError(f"unknown adapter.mask.method '{self.method}'; use one of: {', '.join(MASKERS)}")
+        if self.granularity not in ("rowcol", "element"):
+            raise PlrError(f"adapter.mask.granularity must be rowcol or element, got '{self.granularity}'")
+        if self.granularity == "element" and self.method != "random":
+            raise PlrError("adapter.mask.granularity=element supports only adapter.mask.method=random")
+        if not 0 < self.energy <= 1:
+            raise PlrError(f"adapter.mask.energy must be in (0, 1], got {self.energy}")
+        if self.sides not in SIDES:
+            raise PlrError(f"adapter.mask.sides must be one of {', '.join(SIDES)}, got '{self.sides}'")
+        if self.sides != "both" and self.granularity == "element":
+            raise PlrError("adapter.mask.sides applies to row/column masks; drop it with granularity=element")
+
+
 def _need_probe(info: LayerInfo) -> Tensor:
     if info.probe_delta is None:
         raise PlrError("adapter.mask.method=probe_magnitude needs the probe stage; use adapter.sparsity=auto "

@@ -389,6 +389,96 @@ def _start_epoch(t: CK.Training, epoch: int, train_loader: DataLoader, resume_ep
     return skip
 
 
+def start_training(model: Classifier, train_loader: DataLoader, cfg: TrainConfig, device: torch.device,
+                   layer_lr_scales: Mapping[str, float] | None, checkpoint: Path | None) -> tuple[CK.Training, int, int]:
+    """AdamW, the schedule and the training state, resumed from `checkpoint` when it exists.
+    Returns (state, total steps, epochs)."""
+    model.to(device)
+    opt = torch.optim.AdamW(optimizer_groups(model, cfg, layer_lr_scales), weight_decay=cfg.weight_decay)
+    steps_per_epoch, total = step_plan(train_loader, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup_ratio, cfg.schedule, cfg.warmup_steps))
+    trainable = {n: p for n, p in model.net.named_parameters() if p.requires_grad}
+    # A checkpoint is only taken up by the same run: same recipe, data size and trainable shapes.
+    fingerprint = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in _FREE_TO_CHANGE},
+                   "total_steps": total, "examples": len(train_loader.dataset),
+                   "trainable": {n: list(p.shape) for n, p in trainable.items()}}
+    return CK.Training.start(checkpoint, trainable, opt, sched, fingerprint), total, max(1, math.ceil(total / steps_per_epoch))
+
+
+@dataclass
+class _Loop:
+    """What one `fit` call's epochs share."""
+
+    model: Classifier
+    wrapped: nn.Module  # the model as trained: DDP-wrapped under a launch (`D.wrap`)
+    forward: Callable[[dict[str, Tensor]], Any]  # `wrapped`, compiled with trainer.compile
+    loader: DataLoader
+    cfg: TrainConfig
+    t: CK.Training
+    total: int
+    device: torch.device
+    dtype: torch.dtype | None
+    hooks: Hooks
+    log: JsonlLog
+    bar: Any
+    desc: str
+    checkpoint: Path | None
+    examples: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.t.progress.step >= self.total
+
+
+def _train_epoch(lp: _Loop, epoch: int, skip: int) -> None:
+    """The optimizer steps of one epoch (from batch `skip` of a resumed one), until the epoch or the
+    run's steps are over; a checkpoint every `cfg.checkpoint_every` steps."""
+    cfg, t, state = lp.cfg, lp.t, lp.t.progress
+    params = [p for g in t.opt.param_groups for p in g["params"]]
+    seen, t_epoch, bad = 0, time.perf_counter(), False
+    for i, batch in enumerate(lp.loader, start=skip):
+        rows, weight = _shares(lp.loader, i, batch, lp.model)
+        with D.sync_unless(lp.wrapped, last_micro_batch=(i + 1) % cfg.grad_accum == 0):
+            loss = _backward(lp.model, lp.forward, batch, rows, weight, cfg, lp.device, lp.dtype, lp.hooks.extra_loss)
+        seen += rows
+        lp.examples += rows
+        finite = bool(torch.isfinite(loss))
+        bad = bad or not finite
+        if finite:
+            first = state.step == 0 and i == 0
+            state.run_loss = loss.item() if first else 0.9 * state.run_loss + 0.1 * loss.item()
+        if (i + 1) % cfg.grad_accum:
+            continue
+        stepped, grad_norm = _guarded_step(t, params, cfg, bad, lp.hooks.after_step, state.step)
+        bad = False
+        if not stepped:
+            state.bad_steps, state.batches_done = state.bad_steps + 1, i + 1
+            if state.bad_steps > cfg.max_bad_steps:
+                raise PlrError(_non_finite_message(cfg, state.step, epoch, state.bad_steps, lp.checkpoint))
+            print(f"[plr] {lp.desc}: non-finite loss at step {state.step + 1}; step skipped "
+                  f"({state.bad_steps} of trainer.max_bad_steps={cfg.max_bad_steps})", flush=True)
+            continue
+        state.step, state.batches_done = state.step + 1, i + 1
+        lp.bar.update(1)
+        # refresh=False: a refreshing set_postfix would redraw every step, ignoring mininterval.
+        lp.bar.set_postfix(loss=f"{state.run_loss:.3f}", ex_s=f"{seen / max(1e-9, time.perf_counter() - t_epoch):.0f}",
+                           refresh=False)
+        lp.log({"step": state.step, "epoch": epoch, "loss": loss.item(), "lr": t.opt.param_groups[0]["lr"],
+                **({"grad_norm": float(grad_norm)} if grad_norm is not None else {})})
+        if lp.done:
+            return
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            t.save()
+
+
+def _end_epoch(lp: _Loop, epoch: int) -> None:
+    """The epoch is over: a resumed run starts the next one, with the data order's generator as it is now."""
+    state, gen = lp.t.progress, lp.loader.generator
+    state.epoch, state.batches_done = epoch + 1, 0
+    state.epoch_gen_state = gen.get_state().tolist() if gen is not None else None
+    lp.t.save()
+
+
 def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | None, cfg: TrainConfig, *,
         device: torch.device, log: JsonlLog | None = None, metrics: Iterable[str] = ("accuracy",),
         desc: str = "train", layer_lr_scales: Mapping[str, float] | None = None, hooks: Hooks = Hooks(),
@@ -408,89 +498,41 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
     them stop the run with a `PlrError`, leaving the last good checkpoint in place.
     """
     metrics = tuple(dict.fromkeys([cfg.metric, *metrics]))
-    log = log or JsonlLog(None)
     dtype = autocast_dtype(cfg, device)
-    model.to(device)
-    opt = torch.optim.AdamW(optimizer_groups(model, cfg, layer_lr_scales), weight_decay=cfg.weight_decay)
-    steps_per_epoch, total = step_plan(train_loader, cfg)
-    n_epochs = max(1, math.ceil(total / steps_per_epoch))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup_ratio, cfg.schedule, cfg.warmup_steps))
-    trainable = {n: p for n, p in model.net.named_parameters() if p.requires_grad}
-    # A checkpoint is only taken up by the same run: same recipe, data size and trainable shapes.
-    fingerprint = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in _FREE_TO_CHANGE},
-                   "total_steps": total, "examples": len(train_loader.dataset),
-                   "trainable": {n: list(p.shape) for n, p in trainable.items()}}
-    t = CK.Training.start(checkpoint, trainable, opt, sched, fingerprint)
+    t, total, n_epochs = start_training(model, train_loader, cfg, device, layer_lr_scales, checkpoint)
     state, resume_epoch = t.progress, t.progress.epoch if t.resumed else None
     if t.resumed:
         print(f"[plr] {desc}: resuming from {checkpoint} (step {state.step} of {total})", flush=True)
+    log = log or JsonlLog(None)
     log.reset(state.step if t.resumed else None)
     if cfg.deterministic:
         use_deterministic_algorithms()
     # Data parallel under a launch: DDP's bucketed all-reduce, overlapped with the backward pass.
     wrapped = D.wrap(model, device, find_unused=_may_leave_unused(model))
-    forward = torch.compile(wrapped) if cfg.compile else wrapped
-    params = [p for g in opt.param_groups for p in g["params"]]
-    step, t0, examples = state.step, time.perf_counter(), 0
-    bar = _progress_bar(total, step, desc, cfg.progress)
+    validate = hooks.validate or ((lambda: evaluate(model, val_loader, device, dtype, metrics))
+                                  if val_loader is not None else None)
+    lp = _Loop(model, wrapped, torch.compile(wrapped) if cfg.compile else wrapped, train_loader, cfg, t, total, device, dtype,
+               hooks, log, _progress_bar(total, state.step, desc, cfg.progress), desc, checkpoint)
+    t0 = time.perf_counter()
     model.train()
     try:
         for epoch in range(state.epoch, n_epochs):
-            skip = _start_epoch(t, epoch, train_loader, resume_epoch)
-            seen, t_epoch, bad = 0, time.perf_counter(), False
-            for i, batch in enumerate(train_loader, start=skip):
-                rows, weight = _shares(train_loader, i, batch, model)
-                with D.sync_unless(wrapped, last_micro_batch=(i + 1) % cfg.grad_accum == 0):
-                    loss = _backward(model, forward, batch, rows, weight, cfg, device, dtype, hooks.extra_loss)
-                seen += rows
-                examples += rows
-                finite = bool(torch.isfinite(loss))
-                bad = bad or not finite
-                if finite:
-                    state.run_loss = loss.item() if step == 0 and i == 0 else 0.9 * state.run_loss + 0.1 * loss.item()
-                if (i + 1) % cfg.grad_accum:
-                    continue
-                stepped, grad_norm = _guarded_step(t, params, cfg, bad, hooks.after_step, step)
-                bad = False
-                if not stepped:
-                    state.bad_steps, state.batches_done = state.bad_steps + 1, i + 1
-                    if state.bad_steps > cfg.max_bad_steps:
-                        raise PlrError(_non_finite_message(cfg, step, epoch, state.bad_steps, checkpoint))
-                    print(f"[plr] {desc}: non-finite loss at step {step + 1}; step skipped "
-                          f"({state.bad_steps} of trainer.max_bad_steps={cfg.max_bad_steps})", flush=True)
-                    continue
-                step += 1
-                state.step, state.batches_done = step, i + 1
-                bar.update(1)
-                # refresh=False: a refreshing set_postfix would redraw every step, ignoring mininterval.
-                bar.set_postfix(loss=f"{state.run_loss:.3f}", ex_s=f"{seen / max(1e-9, time.perf_counter() - t_epoch):.0f}",
-                                refresh=False)
-                log({"step": step, "epoch": epoch, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
-                     **({"grad_norm": float(grad_norm)} if grad_norm is not None else {})})
-                if step >= total:
-                    break
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    t.save()
-            last = step >= total or epoch == n_epochs - 1
-            if (val_loader is not None or hooks.validate is not None) and ((epoch + 1) % cfg.eval_every_epochs == 0 or last):
-                val = hooks.validate() if hooks.validate is not None else evaluate(model, val_loader, device, dtype, metrics)
-                _select(t, val, cfg, epoch, step, log)
-            if step >= total:
+            _train_epoch(lp, epoch, _start_epoch(t, epoch, train_loader, resume_epoch))
+            if validate is not None and ((epoch + 1) % cfg.eval_every_epochs == 0 or lp.done or epoch == n_epochs - 1):
+                _select(t, validate(), cfg, epoch, state.step, log)
+            if lp.done:
                 break
-            # The epoch is over: a resumed run starts the next one, with the generator as it is now.
-            state.epoch, state.batches_done = epoch + 1, 0
-            state.epoch_gen_state = train_loader.generator.get_state().tolist() if train_loader.generator is not None else None
-            t.save()
+            _end_epoch(lp, epoch)
     except KeyboardInterrupt:
-        bar.close()
-        raise Interrupted(desc, step) from None
-    bar.close()
+        lp.bar.close()
+        raise Interrupted(desc, state.step) from None
+    lp.bar.close()
     best_epoch = state.best_epoch
-    if val_loader is None and hooks.validate is None:  # nothing to select on: keep the last state
+    if validate is None:  # nothing to select on: keep the last state
         t.best_state, best_epoch = t.snapshot(), n_epochs - 1
     t.restore_best()
-    return FitResult(best_metric=state.best, best_epoch=best_epoch, steps=step,
-                     wall_s=time.perf_counter() - t0, history=state.history, examples=examples)
+    return FitResult(best_metric=state.best, best_epoch=best_epoch, steps=state.step,
+                     wall_s=time.perf_counter() - t0, history=state.history, examples=lp.examples)
 
 
 def _may_leave_unused(model: Classifier) -> bool:

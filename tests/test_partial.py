@@ -152,12 +152,12 @@ def compose_cfg(*overrides, probe=True):
 
 
 def test_plans():
-    assert plan(compose_cfg()) == ["probe", "allocate", "extract", "retrain", "evaluate"]
-    assert plan(compose_cfg("adapter=lora", probe=False)) == ["retrain", "evaluate"]
-    assert plan(compose_cfg("adapter=lora", "adapter.sparsity=0.5", probe=False))[0] == "allocate"
-    assert plan(compose_cfg("adapter.sparsity=0.8")) == ["allocate", "extract", "retrain", "evaluate"]
-    assert plan(compose_cfg("adapter.sparsity=0.8", "adapter.mask.method=probe_magnitude"))[0] == "probe"
-    assert plan(compose_cfg("adapter.allocation.allocator=spectrum")) == ["allocate", "extract", "retrain", "evaluate"]
+    assert plan(C.validate(compose_cfg())) == ["probe", "allocate", "extract", "retrain", "evaluate"]
+    assert plan(C.validate(compose_cfg("adapter=lora", probe=False))) == ["retrain", "evaluate"]
+    assert plan(C.validate(compose_cfg("adapter=lora", "adapter.sparsity=0.5", probe=False)))[0] == "allocate"
+    assert plan(C.validate(compose_cfg("adapter.sparsity=0.8"))) == ["allocate", "extract", "retrain", "evaluate"]
+    assert plan(C.validate(compose_cfg("adapter.sparsity=0.8", "adapter.mask.method=probe_magnitude")))[0] == "probe"
+    assert plan(C.validate(compose_cfg("adapter.allocation.allocator=spectrum"))) == ["allocate", "extract", "retrain", "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +199,7 @@ def test_five_stage_pipeline_writes_every_artifact(five_stage_run):
 
 def test_retrained_update_is_zero_outside_kept_block_and_compact(five_stage_run):
     cfg, run_dir, _, _ = five_stage_run
-    s = setup_run(cfg, run_dir)
+    s = setup_run(C.validate(cfg), run_dir)
     state = load_file(str(run_dir / "retrain/adapter.safetensors"))
     keep, _ = A.read_masks(run_dir, "tiny-bert")
     n_params = 0

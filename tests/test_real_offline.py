@@ -4,6 +4,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
+from partial_lora import config as C
 from partial_lora import fetch as F
 from partial_lora.stages.base import load_data
 
@@ -17,7 +18,7 @@ def needs(source):
 
 def _data(*overrides):
     with initialize_config_module("partial_lora.conf", version_base="1.3"):
-        return load_data(compose("config", overrides=list(overrides)))
+        return load_data(C.validate(compose("config", overrides=list(overrides))))
 
 
 @pytest.mark.parametrize("task, sizes", [

@@ -16,7 +16,7 @@ def _setup(*overrides):
     with initialize_config_module("partial_lora.conf", version_base="1.3"):
         cfg = compose("config", overrides=list(overrides))
     set_seed(0)
-    s = setup(cfg)
+    s = setup(C.validate(cfg))
     with torch.no_grad():  # a trained-looking adapter: B is zero at init
         for b in s.branches.values():
             b.lora_B.normal_(0, 0.5)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
+from partial_lora import config as C
 from partial_lora.data.collate import TextCollate, pretokenize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,4 +214,4 @@ def test_fsdp_refuses_the_peft_baselines_in_one_line(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(D, "_strategy", "fsdp")
     with pytest.raises(PlrError, match="adapter=peft_lora .*runs with trainer.strategy=ddp"):
-        setup(cfg)
+        setup(C.validate(cfg))

@@ -79,7 +79,7 @@ def _cfg(*overrides):
 def test_truncation_allocator_end_to_end(tmp_path):
     # The few-shot loss (not the tiny model's flat accuracy) shows what each ratio does.
     cfg = _cfg("adapter.allocation.allocator=truncation", "adapter.allocation.metric=loss")
-    assert plan(cfg)[0] == "probe"
+    assert plan(C.validate(cfg))[0] == "probe"
     results = run_pipeline(cfg, tmp_path / "run", echo=lambda s: None)
     alloc = json.loads((tmp_path / "run/allocate/allocation.json").read_text())
     assert alloc["allocator"] == "truncation" and results["status"] == "complete"
@@ -141,10 +141,10 @@ def test_truncation_restores_the_pretrained_weights(tmp_path):
     allocate.setup = spy
     try:
         (tmp_path / "run/allocate/done").unlink()
-        allocate.run(cfg, tmp_path / "run")
+        allocate.run(C.validate(cfg), tmp_path / "run")
     finally:
         allocate.setup = real_setup
     set_seed(0)
-    fresh = base_weights(setup(cfg).built.model.net)
+    fresh = base_weights(setup(C.validate(cfg)).built.model.net)
     after = base_weights(captured["s"].built.model.net)
     assert fresh.keys() == after.keys() and all(torch.equal(fresh[k], after[k]) for k in fresh)

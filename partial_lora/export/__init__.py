@@ -51,7 +51,6 @@ from partial_lora.export.merged import save_merged
 from partial_lora.export.publish import _write, check_out_dir
 from partial_lora.export.run import check_run, load_config, rebuild
 from partial_lora.lora import count_adapter_parameters
-from partial_lora.stages.base import is_sparse
 
 __all__ = [
     "ADAPTER", "CARD", "CONFIG", "DELTA_ATOL", "HYDRA_CONFIG", "HYDRA_OVERRIDES", "LAYERS", "MASKS", "MERGED",
@@ -153,7 +152,7 @@ def export_run(run_dir: Path, out_dir: Path, *, merged: bool = False, force: boo
 def _fill(tmp: Path, c: ExportInfo, peft_model: Any) -> list[str]:
     """Write every file of the export into `tmp` (the card names the final folder); returns the top-level names."""
     peft_model.save_pretrained(str(tmp), save_embedding_layers=False)  # PEFT's own format and names
-    if is_sparse(c.cfg):
+    if c.s.sparse:
         A.save_tensors(tmp / MASKS, mask_tensors(c.targets), {"model": c.spec.name, "format": "plr-masks"})
     A.write_json(tmp / LAYERS, c.layers)
     A.write_text(tmp / CONFIG, (c.run_dir / HYDRA_CONFIG).read_text())

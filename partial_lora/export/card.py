@@ -18,7 +18,7 @@ from partial_lora.export.convert import Target
 from partial_lora.export.layout import (CONFIG, HYDRA_OVERRIDES, LAYERS, MASKS, MERGED, PEFT_CONFIG, PEFT_WEIGHTS,
                                         _read_optional)
 from partial_lora.models import ModelSpec
-from partial_lora.stages.base import Setup, is_sparse
+from partial_lora.stages.base import Setup
 
 
 @dataclass
@@ -42,7 +42,7 @@ class ExportInfo:
 
 def model_card(c: ExportInfo) -> str:
     """README.md: base, method, keep ratios, parameters, metrics, provenance and how to load."""
-    sparse = is_sparse(c.cfg)
+    sparse = c.s.sparse
     method = "Partial-LoRA" if sparse else "LoRA"
     front = {"library_name": "peft", "tags": ["peft", "lora", "partial-lora", "plr"]}
     if c.spec.pretrained and not Path(c.base).exists() and (c.spec.family != "timm" or "/" in c.base):
@@ -84,7 +84,7 @@ def _method_lines(c: ExportInfo, method: str) -> list[str]:
     if c.extra_saved:
         lines.append("- also saved in full, because the base checkpoint does not contain them (its loader "
                      f"initialises them at random): {', '.join(f'`{m}`' for m in c.extra_saved)}")
-    if is_sparse(c.cfg):
+    if c.s.sparse:
         info = c.layers
         lines.append(f"- sparsity `{info['sparsity']}`, allocator `{info['allocator']}`, rows/columns chosen by "
                      f"`{info['mask_method']}` ({info['granularity']}); ΔW = s·diag(u_row)·B·A·diag(u_col)")
@@ -212,7 +212,7 @@ def _timm_arch(path: str) -> str:
 
 def _file_lines(c: ExportInfo) -> list[str]:
     lines = ["## Files", "", f"- `{PEFT_CONFIG}`, `{PEFT_WEIGHTS}`: the PEFT LoRA adapter (and the head)"]
-    if is_sparse(c.cfg):
+    if c.s.sparse:
         lines.append(f"- `{MASKS}`: kept row/column indices per plr layer id (`<layer>.rows`, `<layer>.cols`)")
     lines += [f"- `{LAYERS}`: per layer: PEFT module, slice, keep ratio, shapes, kept rows/cols, parameters",
               f"- `{CONFIG}`: the run's plr config"]

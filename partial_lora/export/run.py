@@ -8,6 +8,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from partial_lora import artifacts as A
+from partial_lora import config as C
 from partial_lora.errors import PlrError, first_line
 from partial_lora.export.layout import HYDRA_CONFIG
 from partial_lora.stages.base import Setup, load_trained, setup_run
@@ -39,8 +40,9 @@ def load_config(run_dir: Path) -> DictConfig:
 
 def rebuild(cfg: DictConfig, run_dir: Path) -> Setup:
     """The run's trained model, exactly as the evaluate stage builds it."""
-    set_seed(int(cfg.seed))
-    s = setup_run(cfg, run_dir)
+    spec = C.validate(C.saved_run(cfg, run_dir))
+    set_seed(spec.seed)
+    s = setup_run(spec, run_dir)
     load_trained(s, A.stage_dir(run_dir, A.RETRAIN))
     s.built.model.eval()
     return s

@@ -180,10 +180,11 @@ def expected_stages(results: dict[str, Any] | None, cfg: DictConfig | None, run_
     if results is not None and isinstance(results.get("stages"), dict) and results["stages"]:
         return [s for s in A.STAGES if s in results["stages"]]
     if cfg is not None:
+        from partial_lora import config as C
         from partial_lora.stages import plan
 
         try:
-            return plan(cfg)
+            return plan(C.validate(C.saved_run(cfg, run_dir)))
         except (PlrError, OmegaConfBaseException):
             pass
     return [s for s in A.STAGES if A.stage_dir(run_dir, s).is_dir()]

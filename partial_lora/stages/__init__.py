@@ -1,6 +1,7 @@
 """The stages and the pipeline that runs them: probe → allocate → extract → retrain → evaluate.
 
-One stage = one function `run(cfg, run_dir, tracker) -> metrics`. A stage reads its inputs
+One stage = one function `run(spec, run_dir, tracker) -> metrics`, where `spec` is the run's
+`RunSpec` (`config.validate` builds it from the composed config, once). A stage reads its inputs
 from files in the run dir and writes its outputs to `run_dir/<stage>/`; the pipeline writes the
 stage's `metrics.json` and `done` marker when it returns, and skips stages already done. Each stage
 records its settings' fingerprint when it starts; a run dir made with other settings is refused
@@ -10,6 +11,7 @@ records its settings' fingerprint when it starts; a run dir made with other sett
 from __future__ import annotations
 
 import contextlib
+import copy
 import shutil
 import time
 from collections.abc import Callable
@@ -24,12 +26,13 @@ from partial_lora import config as C
 from partial_lora import distributed as D
 from partial_lora import rundir as RD
 from partial_lora.allocation import NEEDS_PROBE
+from partial_lora.spec import RunSpec
 from partial_lora.errors import Interrupted, PlrError, disk_full_is_one_line
 from partial_lora.stages import allocate, evaluate, extract, probe, retrain
 from partial_lora.tracking import Tracker
 from partial_lora.train import resolve_device
 
-StageFn = Callable[[DictConfig, Path, "Tracker | None"], dict[str, Any]]
+StageFn = Callable[[RunSpec, Path, "Tracker | None"], dict[str, Any]]
 
 # Under a multi-process launch the retrain stage trains data parallel; rank 0 runs the others alone
 # (with trainer.strategy=fsdp every process runs every stage: none holds the whole model).
@@ -44,26 +47,25 @@ REGISTRY: dict[str, StageFn] = {
 }
 
 
-def plan(cfg: DictConfig) -> list[str]:
+def plan(spec: RunSpec) -> list[str]:
     """The stages a config runs, in order.
 
     Dense LoRA (sparsity 0): retrain, evaluate. Uniform sparsity (a number): allocate, extract,
     retrain, evaluate, with no probe unless the masks need one (probe_magnitude).
     `sparsity=auto`: all five, the probe only when the allocator or masks read it.
     """
-    sp = C.sparsity(cfg)
+    sp = spec.sparsity
     if sp == 0:
         return [A.RETRAIN, A.EVALUATE]
-    needs_probe = C.mask_config(cfg).method == "probe_magnitude" or (
-        sp == "auto" and C.allocation_config(cfg).allocator in NEEDS_PROBE)
+    needs_probe = spec.mask.method == "probe_magnitude" or (sp == "auto" and spec.allocation.allocator in NEEDS_PROBE)
     return ([A.PROBE] if needs_probe else []) + [A.ALLOCATE, A.EXTRACT, A.RETRAIN, A.EVALUATE]
 
 
-def reuse_from_run(cfg: DictConfig, settings: dict[str, Any], run_dir: Path, stages: list[str],
-                   echo: Callable[[str], None]) -> None:
+def reuse_from_run(spec: RunSpec, run_dir: Path, stages: list[str], echo: Callable[[str], None]) -> None:
     """Copy another run's probe (when its settings are this run's) and its allocation (when the
-    allocation settings match too) into this run dir. `settings`: the resolved `cfg`."""
-    src = Path(str(cfg.from_run)).expanduser()
+    allocation settings match too) into this run dir."""
+    settings = dict(spec.settings)
+    src = Path(str(settings["from_run"])).expanduser()
     if not (src / A.HYDRA_CONFIG).exists() and not A.is_done(src, A.PROBE) and not A.is_done(src, A.ALLOCATE):
         raise PlrError(f"from_run={src} is not a plr run dir (no .hydra/config.yaml and no finished probe or "
                        "allocate stage); point from_run at a run dir")
@@ -74,7 +76,7 @@ def reuse_from_run(cfg: DictConfig, settings: dict[str, Any], run_dir: Path, sta
             continue
         if name == A.ALLOCATE:
             theirs = A.read_json(A.stage_dir(src, name) / A.ALLOCATION).get("settings")
-            ours = allocate.settings(cfg)
+            ours = allocate.settings(spec)
             if theirs != ours or not A.is_done(run_dir, A.PROBE) and A.PROBE in stages:
                 diff = sorted(k for k in set(ours) | set(theirs or {}) if (theirs or {}).get(k) != ours.get(k))
                 echo(f"[plr] from_run: allocation settings differ ({', '.join(diff) or 'the probe'}); allocating again")
@@ -83,7 +85,7 @@ def reuse_from_run(cfg: DictConfig, settings: dict[str, Any], run_dir: Path, sta
             theirs_cfg = OmegaConf.load(src / A.HYDRA_CONFIG) if (src / A.HYDRA_CONFIG).exists() else None
             if theirs_cfg is not None:
                 for key in ("model.name", "task.name", "adapter.r", "adapter.targets", "seed"):
-                    a, b = OmegaConf.select(theirs_cfg, key), OmegaConf.select(cfg, key)
+                    a, b = OmegaConf.select(theirs_cfg, key), OmegaConf.select(OmegaConf.create(settings), key)
                     if C.plain(a) != C.plain(b):
                         raise PlrError(f"from_run={src} has {key}={C.plain(a)}, this run {C.plain(b)}; its probe "
                                        f"does not apply (use a run with the same {key})")
@@ -99,15 +101,19 @@ def reuse_from_run(cfg: DictConfig, settings: dict[str, Any], run_dir: Path, sta
 
 def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
                  echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the plan's stages that are not done yet; return the run's results (also in results.json)."""
-    stages = plan(cfg)
-    D.init(resolve_device(str(cfg.trainer.device)))  # under torchrun: join the group before any barrier
-    D.use(C.train_config(cfg).strategy)  # fsdp: every process runs every stage on its shard of the model
-    settings = OmegaConf.to_container(cfg, resolve=True)
+    """Run the plan's stages that are not done yet; return the run's results (also in results.json).
+
+    The composed config becomes the run's `RunSpec` here (`config.validate`), which the stages read.
+    """
+    spec = C.validate(cfg)
+    stages = plan(spec)
+    D.init(resolve_device(spec.train.device))  # under torchrun: join the group before any barrier
+    D.use(spec.train.strategy)  # fsdp: every process runs every stage on its shard of the model
+    settings = dict(spec.settings)
     if D.is_main():
-        RD.check(run_dir, settings)  # type: ignore[arg-type]  # a run dir made with other settings is refused
-        if cfg.get("from_run"):
-            reuse_from_run(cfg, settings, run_dir, stages, echo)  # type: ignore[arg-type]
+        RD.check(run_dir, settings)  # a run dir made with other settings is refused
+        if settings.get("from_run"):
+            reuse_from_run(spec, run_dir, stages, echo)
     done: dict[str, dict[str, Any]] = {}
     with disk_full_is_one_line(run_dir):
         for name in stages:
@@ -124,11 +130,11 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
                 continue
             echo(f"[plr] {name} ...")
             if D.is_main():
-                RD.record(run_dir, name, settings)  # type: ignore[arg-type]
+                RD.record(run_dir, name, settings)
             t0 = time.perf_counter()
             try:
                 with contextlib.nullcontext() if name in DATA_PARALLEL or D.sharded() else D.alone():
-                    metrics = REGISTRY[name](cfg, run_dir, tracker)
+                    metrics = REGISTRY[name](spec, run_dir, tracker)
             except Interrupted:
                 raise
             except KeyboardInterrupt:  # outside a training loop (loading, the allocation search...)
@@ -140,25 +146,26 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
             D.barrier()
             done[name] = metrics
             echo(f"[plr] {name}: done in {metrics['wall_s']:.1f} s")
-        results = collect_results(cfg, run_dir, done)
+        results = collect_results(spec, run_dir, done)
         A.write_json(run_dir / A.RESULTS, results)
     return results
 
 
-def collect_results(cfg: DictConfig, run_dir: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def collect_results(spec: RunSpec, run_dir: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Everything the report needs, from the stages' metrics."""
     ev = stages.get(A.EVALUATE, {})
     al = stages.get(A.ALLOCATE, {})
-    metrics, main = C.task_metrics(cfg)
-    adapter = OmegaConf.to_container(cfg.adapter, resolve=True)
+    metrics, main = list(spec.metrics), spec.main_metric
+    settings = spec.settings
+    adapter = copy.deepcopy(settings["adapter"])
     if stages.get(A.RETRAIN, {}).get("rank") is not None:  # lora_matched chooses its rank at run time
         adapter["r"] = int(stages[A.RETRAIN]["rank"])
     dense, sparse = ev.get("dense_lora_params"), ev.get("adapter_params")
     return {
-        "status": "complete" if all(s in stages for s in plan(cfg)) else "incomplete",
-        "run_dir": str(run_dir), "name": str(cfg.name), "label": str(cfg.get("label") or adapter["name"]),
-        "seed": int(cfg.seed),
-        "model": str(cfg.model.name), "task": str(cfg.task.name), "adapter": adapter,
+        "status": "complete" if all(s in stages for s in plan(spec)) else "incomplete",
+        "run_dir": str(run_dir), "name": str(settings["name"]), "label": str(settings.get("label") or adapter["name"]),
+        "seed": spec.seed,
+        "model": spec.model.name, "task": spec.task, "adapter": adapter,
         "main_metric": main, "task_metrics": metrics,
         "eval_sets": [] if "members" in ev else
         [k[5:-9] for k in ev if k.startswith("test_") and k.endswith("_examples") and k != "test_examples"],

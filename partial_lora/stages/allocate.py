@@ -16,17 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
-
 from partial_lora import allocation as AL
 from partial_lora import artifacts as A
-from partial_lora import config as C
 from partial_lora import distributed as D
 from partial_lora.errors import PlrError
 from partial_lora.lora import base_weights
 from partial_lora.masks import LayerInfo, Ranking, count, rank_layer, subspace_k
 from partial_lora.metrics import compute_metrics
 from partial_lora.replay import BlockReplay
+from partial_lora.spec import RunSpec
 from partial_lora.stages.base import Setup, few_shot_sets, load_trained, loader, setup
 from partial_lora.tracking import Tracker
 from partial_lora.train import autocast_dtype, predict, set_seed
@@ -34,35 +32,36 @@ from partial_lora.train import autocast_dtype, predict, set_seed
 NAME = A.ALLOCATE
 
 
-def settings(cfg: DictConfig) -> dict[str, Any]:
+def settings(spec: RunSpec) -> dict[str, Any]:
     """What determines an allocation: equal settings let `from_run` reuse it."""
-    allocation = {k: v for k, v in C.plain(cfg.adapter.get("allocation", {})).items()
+    adapter = spec.settings["adapter"]
+    allocation = {k: v for k, v in (adapter.get("allocation") or {}).items()
                   if k not in ("search_masks", "replay_mb")}  # neither changes what the search finds
-    mcfg = C.mask_config(cfg)
-    out = {"sparsity": C.sparsity(cfg), "allocation": allocation, "probe": C.plain(cfg.adapter.get("probe", {})),
-           "search_masks": search_method(cfg), "mask_energy": mcfg.energy,
-           "match": C.plain(cfg.adapter.get("match", {})),
-           "r": int(cfg.adapter.r), "targets": C.plain(cfg.adapter.targets), "model": str(cfg.model.name),
-           "task": str(cfg.task.name), "seed": int(cfg.seed)}
+    mcfg = spec.mask
+    out = {"sparsity": spec.sparsity, "allocation": allocation, "probe": adapter.get("probe") or {},
+           "search_masks": search_method(spec), "mask_energy": mcfg.energy,
+           "match": adapter.get("match") or {},
+           "r": spec.lora.r, "targets": adapter["targets"], "model": spec.model.name,
+           "task": spec.task, "seed": spec.seed}
     if mcfg.sides != "both":  # recorded only when set, so allocations made before the option stay reusable
         out["mask_sides"] = mcfg.sides
     return out
 
 
-def search_method(cfg: DictConfig) -> str:
+def search_method(spec: RunSpec) -> str:
     """The mask method the threshold search uses (allocation.search_masks, else mask.method)."""
-    return C.allocation_config(cfg).search_masks or C.mask_config(cfg).method
+    return spec.allocation.search_masks or spec.mask.method
 
 
-def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
+def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
     out = A.stage_dir(run_dir, NAME)
-    acfg, sp = C.allocation_config(cfg), C.sparsity(cfg)
-    sides = C.mask_config(cfg).sides
-    set_seed(int(cfg.seed))
-    s = setup(cfg)
-    r = int(cfg.adapter.r)
+    acfg, sp = spec.allocation, spec.sparsity
+    sides = spec.mask.sides
+    set_seed(spec.seed)
+    s = setup(spec)
+    r = spec.lora.r
     layers = [AL.Layer(lid, b.d_out, b.d_in) for lid, b in s.branches.items()]
-    match = C.match_config(cfg)
+    match = spec.match
     budget = float(match.target(sum(la.d_out + la.d_in for la in layers))) if match.active else acfg.budget
     t0 = time.perf_counter()
     if sp != "auto":
@@ -81,13 +80,13 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
         if acfg.allocator == "proportional" and budget is None:
             raise PlrError("adapter.allocation.allocator=proportional splits a budget: set adapter.allocation.budget="
                            "<parameters, or a share of dense LoRA <= 1> or adapter.match.run/budget/rank")
-        alloc = _search(cfg, run_dir, s, layers, acfg, sides, budget)
+        alloc = _search(spec, run_dir, s, layers, acfg, sides, budget)
     if budget is not None and alloc.allocator != "proportional":
         # matched-budget controls: another run's parameter count, N, or dense LoRA at rank k
         alloc = AL.rescale_to_budget(alloc, budget)
     search_s = time.perf_counter() - t0
-    A.write_json(out / A.ALLOCATION, {**alloc.to_json(), "settings": settings(cfg), "search_wall_s": search_s})
-    plot(alloc, out / A.ALLOCATION_PNG, title=f"{cfg.task.name} · {cfg.model.name} · r={r}")
+    A.write_json(out / A.ALLOCATION, {**alloc.to_json(), "settings": settings(spec), "search_wall_s": search_s})
+    plot(alloc, out / A.ALLOCATION_PNG, title=f"{spec.task} · {spec.model.name} · r={r}")
     ratios = [la.ratio for la in alloc.layers]
     return {"allocator": alloc.allocator, "params": alloc.params(), "dense_params": alloc.dense_params(),
             "reduction_pct": 100.0 * (1 - alloc.params() / alloc.dense_params()),
@@ -97,7 +96,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
             "replayed_share": alloc.replayed_share, "floor_share": alloc.floor_share(), "search_wall_s": search_s}
 
 
-def _search(cfg: DictConfig, run_dir: Path, s: Setup, layers: list[AL.Layer], acfg: AL.AllocationConfig,
+def _search(spec: RunSpec, run_dir: Path, s: Setup, layers: list[AL.Layer], acfg: AL.AllocationConfig,
             sides: str, budget: float | None) -> AL.Allocation:
     """The allocators that evaluate the trained probe on its few-shot validation set: `threshold`
     (masking the probe's adapter at each ratio), `truncation` (replacing W0 by its rank-k
@@ -106,13 +105,13 @@ def _search(cfg: DictConfig, run_dir: Path, s: Setup, layers: list[AL.Layer], ac
     net, model = s.built.model.net, s.built.model
     load_trained(s, probe)
     fewshot = A.read_json(probe / A.FEWSHOT)
-    tc = C.train_config(cfg)
+    tc = spec.train
     model.to(s.device).eval()
     # The few-shot validation set is tiny: collate (tokenise / transform) it once for all evaluations.
     # A multi-task run scores each member on its own few-shot set through its own head.
     sets = few_shot_sets(s, fewshot["val"])
     if s.multi is None:
-        _, main = C.task_metrics(cfg)
+        main = spec.main_metric
         scored = [(model, list(loader(s, sets, tc, train=False)), main)]
     else:
         main = "mean"
@@ -121,9 +120,9 @@ def _search(cfg: DictConfig, run_dir: Path, s: Setup, layers: list[AL.Layer], ac
     n_batches = sum(len(b) for _, b, _ in scored)
     dtype = autocast_dtype(tc, s.device)
     by_loss = acfg.metric == "loss"
-    mcfg = C.mask_config(cfg)
-    method = search_method(cfg)
-    mask_seed = int(cfg.seed) if mcfg.seed is None else mcfg.seed
+    mcfg = spec.mask
+    method = search_method(spec)
+    mask_seed = spec.seed if mcfg.seed is None else mcfg.seed
     weights = base_weights(net)
     dense = {lid: (D.full(b.lora_B.detach()).clone(), D.full(b.lora_A.detach()).clone())
              for lid, b in s.branches.items()}
@@ -199,10 +198,10 @@ def _search(cfg: DictConfig, run_dir: Path, s: Setup, layers: list[AL.Layer], ac
               f"relative_to={acfg.relative_to}, {len(layers)} layers, grid {list(acfg.grid)}")
         if acfg.allocator == "proportional":
             assert budget is not None
-            alloc = AL.proportional(layers, int(cfg.adapter.r), acfg, budget, evaluate=score, a_ref=a_ref, a_0=a_0,
+            alloc = AL.proportional(layers, spec.lora.r, acfg, budget, evaluate=score, a_ref=a_ref, a_0=a_0,
                                     sides=sides)
         else:
-            alloc = AL.threshold(layers, int(cfg.adapter.r), acfg, evaluate=score, a_ref=a_ref, a_0=a_0,
+            alloc = AL.threshold(layers, spec.lora.r, acfg, evaluate=score, a_ref=a_ref, a_0=a_0,
                                  sides=sides, allocator=acfg.allocator)
     alloc.replayed_share = replay.saved_share
     set_ratios({})

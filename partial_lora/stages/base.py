@@ -1,6 +1,6 @@
-"""What every stage builds from the config: the task's data, the model with its adapter, loaders.
+"""What every stage builds from the run's spec: the task's data, the model with its adapter, loaders.
 
-Stages call these with the composed config; the functions hand plain dataclasses to the core.
+Stages call these with the `RunSpec` that `config.validate` built; nothing here reads the config.
 """
 
 from __future__ import annotations
@@ -9,27 +9,26 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import datasets
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from partial_lora import artifacts as A
-from partial_lora import config as C
 from partial_lora.data import TaskData, load_task, make_collate
 from partial_lora.data.collate import pretokenize
 from partial_lora.data.verbalizer import as_choices
 from partial_lora.errors import PlrError
 from partial_lora import distributed as D
 from partial_lora import peft_baselines as PB
-from partial_lora.lora import (WHOLE, LoRABranch, adapter_state_dict, count_adapter_parameters, dims,
-                               find_targets, freeze_for_adapter, inject_lora, load_adapter_state_dict)
+from partial_lora.lora import WHOLE, LoRABranch, dims, find_targets, freeze_for_adapter, inject_lora
 from partial_lora import multitask as MT
 from partial_lora.causal_lm import CausalLM
+from partial_lora.adapters import Adapter, PeftAdapter, PlrAdapter
 from partial_lora.models import Built, build_model
+from partial_lora.data.base import TaskSpec
+from partial_lora.spec import MatchConfig, RunSpec
 from partial_lora.train import Hooks, ResumableSampler, TrainConfig, autocast_dtype, evaluate, resolve_device
 
 
@@ -37,9 +36,10 @@ from partial_lora.train import Hooks, ResumableSampler, TrainConfig, autocast_dt
 class Setup:
     """A stage's working set.
 
-    `branches` are plr's LoRA branches by layer id (empty for a PEFT baseline, whose adapter
-    `peft` manages); `dense_lora_params` is a dense LoRA's size at the adapter's rank on the
-    same layers, the reference of every reduction figure.
+    `branches` are plr's LoRA branches by layer id (empty for a PEFT baseline); `adapter` is
+    what the stages save, load, count and train, whichever kind it is (plr's branches when not
+    given); `dense_lora_params` is a dense LoRA's size at the adapter's rank on the same layers,
+    the reference of every reduction figure.
     """
 
     data: TaskData
@@ -49,94 +49,91 @@ class Setup:
     metrics: list[str]
     main_metric: str
     dense_lora_params: int = 0
-    peft: Any = None
-    peft_spec: PB.PeftSpec | None = None
+    adapter: Adapter | None = None
     multi: MT.MultiTaskData | None = None
+    run: RunSpec | None = None  # the spec `setup` built it from (None for a working set made by hand)
+
+    def __post_init__(self) -> None:
+        if self.adapter is None:
+            self.adapter = PlrAdapter(self.built.model)
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the adapter is masked (the run's adapter.sparsity is auto or > 0)."""
+        return self.run is not None and self.run.sparse
 
     def adapter_params(self) -> int:
         """Trainable adapter parameters (the head not counted)."""
-        if self.peft is None:
-            return count_adapter_parameters(self.built.model.net)["adapter"]
-        head = {id(p) for p in self.built.model.head_parameters()}
-        return sum(p.numel() for p in self.built.model.net.parameters() if p.requires_grad and id(p) not in head)
+        assert self.adapter is not None
+        return self.adapter.num_parameters()
 
     def train_hooks(self, validate: Callable[[], dict[str, float]]) -> Hooks:
-        """`train.fit`'s hooks: the validation, and what PEFT methods add to training (AdaLoRA)."""
-        if self.peft is None:
-            return Hooks(validate=validate)
-        return Hooks(validate=validate, after_step=PB.step_hook(self.peft, self.peft_spec),
-                     extra_loss=PB.regularizer(self.peft, self.peft_spec))
+        """`train.fit`'s hooks: the validation, and what the adapter adds to training (AdaLoRA)."""
+        assert self.adapter is not None
+        return self.adapter.hooks(validate)
 
 
-def load_data(cfg: DictConfig) -> TaskData:
+def load_data(run: RunSpec) -> TaskData:
     """The task's data; for a multi-task run, the union of its members' (see `load_multi`)."""
-    return load_multi(cfg).union if C.is_multi(cfg) else _load_one(cfg, _causal(cfg))
+    return load_multi(run).union if run.multi else _load_one(run.parts[0].task, run.causal)
 
 
-def _causal(cfg: DictConfig) -> bool:
-    return str(cfg.model.get("family")) == "hf-causal"
-
-
-def load_multi(cfg: DictConfig) -> MT.MultiTaskData:
+def load_multi(run: RunSpec) -> MT.MultiTaskData:
     """Each member task's data, and their union."""
-    parts, metrics = [], []
-    for task in C.member_tasks(cfg):
-        node = OmegaConf.create({"task": task})
-        parts.append(_load_one(node, _causal(cfg)))
-        metrics.append(C.task_metrics(node))
-    return MT.combine(str(cfg.task.name), parts, metrics)
+    parts = [_load_one(p.task, run.causal) for p in run.parts]
+    return MT.combine(run.task, parts, [(list(p.metrics), p.main) for p in run.parts])
 
 
-def _load_one(cfg: DictConfig, causal: bool = False) -> TaskData:
+def _load_one(spec: TaskSpec, causal: bool = False) -> TaskData:
     """One task's data; a classification task read by a causal LM becomes prompt/answer choices."""
-    spec = C.task_spec(cfg)
     data = load_task(spec)  # checks task.num_labels against the data
     if causal and data.kind == "text":
         data = as_choices(data, spec.prompt, spec.verbalizer)
     return data
 
 
-def setup(cfg: DictConfig, keep: Mapping[str, tuple[Tensor | None, Tensor | None]] | None = None,
+def setup(run: RunSpec, keep: Mapping[str, tuple[Tensor | None, Tensor | None]] | None = None,
           data: TaskData | None = None) -> Setup:
     """Load data, build the model with a fresh head, inject LoRA (kept rows/cols from `keep`), freeze.
 
     The caller seeds the RNGs first, so the head and adapter initialisation follow the seed.
     """
-    multi = load_multi(cfg) if C.is_multi(cfg) else None
-    data = multi.union if multi is not None else (data or load_data(cfg))
-    spec = C.model_spec(cfg)
+    multi = load_multi(run) if run.multi else None
+    data = multi.union if multi is not None else (data or load_data(run))
+    spec = run.model
     built = build_model(spec, data.num_labels)
     if isinstance(built.model, CausalLM):
-        built.model.scoring = str(cfg.task.get("scoring", "sum"))
+        built.model.scoring = run.scoring
         # FSDP gathers the root's parameters (embeddings, LM head) in the root's forward: score
         # through it, not through `base_model` and the output embeddings called one by one.
         built.model.full_logits = built.model.full_logits or D.sharded()
     if multi is not None:
         built.model = MT.MultiTask(built.model, multi.members)
-    lcfg = C.lora_config(cfg, spec)
+    lcfg = run.lora
     net = built.model.net
     found = find_targets(net, lcfg)
     per_rank = params_per_rank(net, found)
-    if cfg.adapter.get("method") == "lora_matched":
-        lcfg = replace(lcfg, r=matched_rank(C.match_config(cfg), per_rank))
-    metrics, main = C.task_metrics(cfg)
-    pspec = C.peft_spec(cfg)
+    if run.method == "lora_matched":
+        lcfg = replace(lcfg, r=matched_rank(run.match, per_rank))
+    metrics, main = list(run.metrics), run.main_metric
+    pspec = run.peft
     if pspec is not None and D.sharded():
         raise PlrError(f"trainer.strategy=fsdp shards plr's own LoRA layers; adapter={pspec.method} (a PEFT "
                        "baseline) runs with trainer.strategy=ddp")
-    device = D.init(resolve_device(str(cfg.trainer.device)))
+    device = D.init(resolve_device(run.train.device))
     if pspec is not None:
         if any(set(slices) != {WHOLE} for slices in found.values()):
             raise PlrError(f"adapter={pspec.method} adapts whole modules, not slices of a fused projection "
                            f"({lcfg.targets}); set adapter.targets=[qkv] (or another whole-module list)")
-        model = PB.inject_peft(net, pspec, list(found), spec.head_modules, total_steps(cfg, len(data.train)))
-        return Setup(data, built, {}, device, metrics, main, per_rank * lcfg.r, model, pspec, multi)
+        model = PB.inject_peft(net, pspec, list(found), spec.head_modules, total_steps(run.train, len(data.train)))
+        return Setup(data, built, {}, device, metrics, main, per_rank * lcfg.r, PeftAdapter(built.model, model, pspec),
+                     multi, run)
     # adapter=head: no LoRA at all, only the head trains (the no-adapter reference).
-    branches = {} if cfg.adapter.get("method") == "head" else inject_lora(net, lcfg, keep)
+    branches = {} if run.method == "head" else inject_lora(net, lcfg, keep)
     freeze_for_adapter(net, spec.head_modules)
     if D.sharded():
         shard(net, list(found))
-    return Setup(data, built, branches, device, metrics, main, per_rank * lcfg.r, multi=multi)
+    return Setup(data, built, branches, device, metrics, main, per_rank * lcfg.r, multi=multi, run=run)
 
 
 def shard(net: torch.nn.Module, targets: list[str]) -> None:
@@ -152,9 +149,8 @@ def shard(net: torch.nn.Module, targets: list[str]) -> None:
           f"{total:,} frozen parameters ({len(blocks)} block units and the root)", flush=True)
 
 
-def total_steps(cfg: DictConfig, n_train: int) -> int:
+def total_steps(tc: TrainConfig, n_train: int) -> int:
     """Optimizer steps of the retrain stage (what `train.fit` will run)."""
-    tc = C.train_config(cfg)
     per_epoch = max(1, math.ceil(n_train / tc.batch_size) // tc.grad_accum)
     return tc.max_steps or max(1, math.ceil(tc.epochs * per_epoch))
 
@@ -166,7 +162,7 @@ def params_per_rank(net: torch.nn.Module, found: Mapping[str, Mapping[str, tuple
                for name, slices in found.items() for _, d_out in slices.values())
 
 
-def matched_rank(match: C.MatchConfig, per_rank: int) -> int:
+def matched_rank(match: MatchConfig, per_rank: int) -> int:
     """`adapter=lora_matched`: the rank whose dense LoRA is closest to the match target (at least 1)."""
     target = match.target(per_rank)
     if target is None:
@@ -237,37 +233,31 @@ def few_shot_sets(s: Setup, val_idx: list[int]) -> datasets.Dataset | list[datas
     return [p.train.select(rows) for p, rows in zip(s.multi.parts, member_rows(s, val_idx), strict=True)]
 
 
-def is_sparse(cfg: DictConfig) -> bool:
-    """Whether the run trains a masked adapter (adapter.sparsity is auto or > 0)."""
-    return C.sparsity(cfg) != 0
-
-
-def setup_run(cfg: DictConfig, run_dir: Path) -> Setup:
+def setup_run(run: RunSpec, run_dir: Path) -> Setup:
     """`setup` with the run's masks (from the extract stage) when the adapter is sparse."""
-    if not is_sparse(cfg):
-        return setup(cfg)
-    keep, element = A.read_masks(run_dir, str(cfg.model.name))
-    s = setup(cfg, keep)
+    if not run.sparse:
+        return setup(run)
+    keep, element = A.read_masks(run_dir, run.model.name)
+    s = setup(run, keep)
     for lid, (mask_b, mask_a) in element.items():
         s.branches[lid].set_element_masks(mask_b, mask_a)
     return s
 
 
-def save_trained(s: Setup, out: Path, cfg: DictConfig) -> None:
+def save_trained(s: Setup, out: Path, spec: RunSpec) -> None:
     """Write a stage's trained adapter and head (probe, retrain)."""
-    meta = {"model": str(cfg.model.name), "task": str(cfg.task.name)}
-    adapter = adapter_state_dict(s.built.model.net) if s.peft is None else PB.state_dict(s.peft)
-    A.save_tensors(out / A.ADAPTER, adapter, meta)
-    if s.peft is not None:
-        A.write_json(out / A.PEFT_STATE, PB.extra_state(s.peft))
+    meta = {"model": spec.model.name, "task": spec.task}
+    assert s.adapter is not None
+    A.save_tensors(out / A.ADAPTER, s.adapter.state_dict(), meta)
+    extra = s.adapter.extra_state()
+    if extra is not None:
+        A.write_json(out / A.PEFT_STATE, extra)
     A.save_tensors(out / A.HEAD, s.built.model.head_state_dict(), meta)
 
 
 def load_trained(s: Setup, src: Path) -> None:
     """Load the adapter and head that `save_trained` wrote into `src` (allocate, evaluate)."""
-    if s.peft is None:
-        load_adapter_state_dict(s.built.model.net, A.load_tensors(src / A.ADAPTER), source=str(src / A.ADAPTER))
-    else:
-        extra = A.read_json(src / A.PEFT_STATE) if (src / A.PEFT_STATE).exists() else {}
-        PB.load_state_dict(s.peft, A.load_tensors(src / A.ADAPTER), extra, source=str(src / A.ADAPTER))
+    assert s.adapter is not None
+    extra = A.read_json(src / A.PEFT_STATE) if (src / A.PEFT_STATE).exists() else None
+    s.adapter.load(A.load_tensors(src / A.ADAPTER), extra, source=str(src / A.ADAPTER))
     s.built.model.load_head_state_dict(A.load_tensors(src / A.HEAD), source=str(src / A.HEAD))

@@ -15,12 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
-
 from partial_lora import artifacts as A
-from partial_lora import config as C
 from partial_lora import multitask as MT
 from partial_lora.metrics import compute_metrics
+from partial_lora.spec import RunSpec
 from partial_lora.stages.base import load_trained, loader, setup_run
 from partial_lora.tracking import Tracker
 from partial_lora.train import autocast_dtype, predict, set_seed
@@ -28,11 +26,11 @@ from partial_lora.train import autocast_dtype, predict, set_seed
 NAME = A.EVALUATE
 
 
-def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
-    set_seed(int(cfg.seed))
-    s = setup_run(cfg, run_dir)
+def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
+    set_seed(spec.seed)
+    s = setup_run(spec, run_dir)
     load_trained(s, A.stage_dir(run_dir, A.RETRAIN))
-    tc = C.train_config(cfg)
+    tc = spec.train
     model = s.built.model.to(s.device)
     dtype = autocast_dtype(tc, s.device)
     if s.device.type == "cuda":

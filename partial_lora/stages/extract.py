@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
-
 from partial_lora import artifacts as A
-from partial_lora import config as C
 from partial_lora.errors import PlrError
 from partial_lora.lora import base_weights, load_adapter_state_dict
 from partial_lora.masks import LayerInfo, element_masks, rank_layer
+from partial_lora.spec import RunSpec
 from partial_lora.stages.base import setup
 from partial_lora.tracking import Tracker
 from partial_lora.train import set_seed
@@ -27,12 +25,12 @@ from partial_lora.train import set_seed
 NAME = A.EXTRACT
 
 
-def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
+def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
     alloc = A.read_allocation(run_dir)
-    mcfg = C.mask_config(cfg)
-    seed = int(cfg.seed) if mcfg.seed is None else mcfg.seed
-    set_seed(int(cfg.seed))
-    s = setup(cfg)
+    mcfg = spec.mask
+    seed = spec.seed if mcfg.seed is None else mcfg.seed
+    set_seed(spec.seed)
+    s = setup(spec)
     net = s.built.model.net
     probe_adapter = A.stage_dir(run_dir, A.PROBE) / A.ADAPTER
     if probe_adapter.exists():
@@ -59,8 +57,8 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
         tensors[f"{lid}.rows"], tensors[f"{lid}.cols"] = rows.long(), cols.long()
         layers[lid] = {"ratio": rho, "d_out": b.d_out, "d_in": b.d_in, "rows": len(rows), "cols": len(cols),
                        "params": params}
-    meta = {"model": str(cfg.model.name), "method": mcfg.method, "granularity": mcfg.granularity}
-    A.write_masks(run_dir, tensors, meta, layers, r=int(cfg.adapter.r), seed=seed)
+    meta = {"model": spec.model.name, "method": mcfg.method, "granularity": mcfg.granularity}
+    A.write_masks(run_dir, tensors, meta, layers, r=spec.lora.r, seed=seed)
     total = sum(la["params"] for la in layers.values())
     dense = sum(b.dense_num_parameters() for b in s.branches.values())
     return {"method": mcfg.method, "granularity": mcfg.granularity, "params": total, "dense_params": dense,

@@ -8,18 +8,16 @@ values (for rewinding the sparse retrain), and the few-shot indices.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
 from partial_lora import artifacts as A
 from partial_lora import checkpoint as CK
-from partial_lora import config as C
 from partial_lora.data.split import few_shot
 from partial_lora.lora import adapter_state_dict
-from partial_lora.config import ProbeConfig
 from partial_lora.multitask import offsets
+from partial_lora.spec import ProbeConfig, RunSpec
 from partial_lora.stages.base import Setup, few_shot_sets, loader, save_trained, setup, validator
 from partial_lora.tracking import Tracker
 from partial_lora.train import Hooks, JsonlLog, fit, set_seed
@@ -40,22 +38,22 @@ def fewshot_indices(s: Setup, pc: ProbeConfig, seed: int) -> tuple[list[int], li
     return train, val
 
 
-def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
+def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
     out = A.stage_dir(run_dir, NAME)
-    pc = C.probe_config(cfg)
-    set_seed(int(cfg.seed))
-    s = setup(cfg)
-    train_idx, val_idx = fewshot_indices(s, pc, int(cfg.seed))
-    meta = {"model": str(cfg.model.name), "task": str(cfg.task.name)}
+    pc = spec.probe
+    set_seed(spec.seed)
+    s = setup(spec)
+    train_idx, val_idx = fewshot_indices(s, pc, spec.seed)
+    meta = {"model": spec.model.name, "task": spec.task}
     A.save_tensors(out / A.INIT, adapter_state_dict(s.built.model.net), meta)  # before any step
     A.write_json(out / A.FEWSHOT, {"train": train_idx, "val": val_idx, "shots": pc.shots, "val_shots": pc.val_shots})
-    _, main = C.task_metrics(cfg)
-    tc = C.train_config(cfg, metric=main, epochs=pc.epochs, batch_size=pc.batch_size, max_steps=None,
-                        **({"lr": pc.lr} if pc.lr else {}), **({"head_lr": pc.head_lr} if pc.head_lr else {}))
+    main = spec.main_metric
+    tc = replace(spec.train, metric=main, epochs=pc.epochs, batch_size=pc.batch_size, max_steps=None,
+                 **({"lr": pc.lr} if pc.lr else {}), **({"head_lr": pc.head_lr} if pc.head_lr else {}))
     few_train = s.data.train.select(train_idx)
-    result = fit(s.built.model, loader(s, few_train, tc, train=True, seed=int(cfg.seed)), None, tc,
+    result = fit(s.built.model, loader(s, few_train, tc, train=True, seed=spec.seed), None, tc,
                  device=s.device, metrics=s.metrics, hooks=Hooks(validate=validator(s, tc, few_shot_sets(s, val_idx))),
                  log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, checkpoint=out / CK.FILE)
-    save_trained(s, out, cfg)
+    save_trained(s, out, spec)
     return {"a_ref": result.best_metric, "metric": main, "best_epoch": result.best_epoch, "steps": result.steps,
             "train_examples": len(train_idx), "val_examples": len(val_idx), "train_wall_s": result.wall_s}

@@ -9,19 +9,19 @@ head (selected on the validation split) and the training curve.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from partial_lora import artifacts as A
 from partial_lora import checkpoint as CK
-from partial_lora import config as C
 from partial_lora import distributed as D
 from partial_lora.allocation import lr_scale_auto
 from partial_lora.lora import LoRABranch
-from partial_lora.stages.base import is_sparse, loader, save_trained, setup_run, validator
+from partial_lora.spec import RunSpec
+from partial_lora.stages.base import loader, save_trained, setup_run, validator
 from partial_lora.tracking import Tracker
 from partial_lora.train import JsonlLog, fit, set_seed
 
@@ -35,14 +35,14 @@ def rewind(branches: dict[str, LoRABranch], init: dict[str, torch.Tensor]) -> No
         D.assign(b.lora_B, init[f"{lid}.lora_B"][b.rows.cpu()].to(b.lora_B.device))
 
 
-def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
+def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
     out = A.stage_dir(run_dir, NAME)
-    rc = C.retrain_config(cfg)
-    set_seed(int(cfg.seed))
-    s = setup_run(cfg, run_dir)
+    rc = spec.retrain
+    set_seed(spec.seed)
+    s = setup_run(spec, run_dir)
     init_file = A.stage_dir(run_dir, A.PROBE) / A.INIT
     init = "fresh"
-    if is_sparse(cfg) and rc.init == "rewind":
+    if spec.sparse and rc.init == "rewind":
         if init_file.exists():
             rewind(s.branches, A.load_tensors(init_file))
             init = "rewind"
@@ -61,29 +61,29 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict[
                      for lid, b in s.branches.items()}
     else:
         scale = lr_scale_auto(density, rc.lr_scale_cap)
-    _, main = C.task_metrics(cfg)
-    tc = C.train_config(cfg, metric=main, adapter_lr_scale=scale)
+    main = spec.main_metric
+    tc = replace(spec.train, metric=main, adapter_lr_scale=scale)
     val = s.data.val if s.multi is None else [p.val for p in s.multi.parts]
     if not any(p.requires_grad for p in s.built.model.parameters()):
         # adapter=head on a causal LM: no adapter and no head, so the run scores the model as it is.
         print("[plr] retrain: nothing to train (adapter=head on a model without a new head); "
               "evaluating the model as it is (zero-shot)")
-        save_trained(s, out, cfg)
+        save_trained(s, out, spec)
         return {f"best_val_{main}": None, "best_epoch": None, "steps": 0, "train_wall_s": 0.0,
                 "adapter_params": 0, "density": 0.0, "adapter_lr_scale": scale, "init": init, "rank": None,
                 "head_params": 0, "train_examples": len(s.data.train), "history": []}
-    result = fit(s.built.model, loader(s, s.data.train, tc, train=True, seed=int(cfg.seed)), None, tc,
+    result = fit(s.built.model, loader(s, s.data.train, tc, train=True, seed=spec.seed), None, tc,
                  device=s.device, metrics=s.metrics, hooks=s.train_hooks(validator(s, tc, val)),
                  log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, checkpoint=out / CK.FILE,
                  layer_lr_scales=per_layer)
     if D.launched():  # each process loaded only its shard of every batch
         print(f"[plr] {NAME}: rank {D.rank()} of {D.world_size()} trained on {result.examples} examples "
               f"in {result.steps} steps", flush=True)
-    save_trained(s, out, cfg)
+    save_trained(s, out, spec)
     return {f"best_val_{main}": result.best_metric, "best_epoch": result.best_epoch, "steps": result.steps,
             "train_wall_s": result.wall_s, "adapter_params": n_adapter, "density": density,
             "adapter_lr_scale": scale, "layer_lr_scales": per_layer, "init": init,
             "rank": next(iter(s.branches.values())).r if s.branches else
-            (None if cfg.adapter.get("method") == "head" else int(cfg.adapter.r)),
+            (None if spec.method == "head" else spec.lora.r),
             "head_params": sum(p.numel() for p in s.built.model.head_parameters()),
             "train_examples": len(s.data.train), "history": result.history}

@@ -1,0 +1,184 @@
+"""The run's typed spec: the composed config, checked and converted once, at the edge.
+
+`config.validate(cfg)` builds one frozen `RunSpec` from the Hydra config; the pipeline and its
+stages read it (`run(spec, run_dir, tracker)`), never the DictConfig. Every value in it has its
+type and range checked already, so a stage can trust it. The core never imports Hydra, and this
+module imports none of it either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from partial_lora.allocation import AllocationConfig
+from partial_lora.data.base import TaskSpec
+from partial_lora.errors import PlrError
+from partial_lora.lora import LoRAConfig
+from partial_lora.masks import MaskConfig
+from partial_lora.models import ModelSpec
+from partial_lora.peft_baselines import PeftSpec
+from partial_lora.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """`adapter.probe`: the short few-shot dense-LoRA run that the allocation reads.
+
+    Attributes:
+        shots / val_shots: examples per class in the few-shot train and (disjoint) validation sets.
+        epochs / batch_size: the probe's training length.
+        lr / head_lr: None uses the trainer's.
+        short_classes: `error` or `shrink` for classes with fewer than shots + val_shots
+            examples (see `data.split.few_shot`).
+    """
+
+    shots: int = 16
+    val_shots: int = 16
+    epochs: float = 10
+    batch_size: int = 16
+    lr: float | None = None
+    head_lr: float | None = None
+    short_classes: str = "shrink"
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """`retrain`: how the sparse adapter restarts and learns.
+
+    Attributes:
+        init: `rewind` (the probe's initial values restricted to R × C) or `fresh`.
+        adapter_lr_scale: a number, or `auto` = 1/sqrt(kept density) capped at `lr_scale_cap` [ours].
+        lr_scale_cap: the cap of `auto`.
+        lr_scale_per_layer: with `auto`, use each layer's own kept density instead of the
+            adapter's overall density (a dense layer then keeps the base learning rate).
+    """
+
+    init: str = "rewind"
+    adapter_lr_scale: float | str = "auto"
+    lr_scale_cap: float = 8.0
+    lr_scale_per_layer: bool = False
+
+    def __post_init__(self) -> None:
+        if self.init not in ("rewind", "fresh"):
+            raise PlrError(f"retrain.init must be rewind or fresh, got '{self.init}'")
+        s = self.adapter_lr_scale
+        if s != "auto" and (isinstance(s, str) or s <= 0):
+            raise PlrError(f"retrain.adapter_lr_scale must be a positive number or auto, got '{s}'")
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """`adapter.match`: a parameter target for matched-budget baselines (at most one key set).
+
+    Attributes:
+        run: a finished run dir whose adapter parameter count is the target.
+        budget: a number of adapter parameters.
+        rank: the parameter count of a dense LoRA of this rank on the same layers.
+    """
+
+    run: str | None = None
+    budget: int | None = None
+    rank: int | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("run", "budget", "rank") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise PlrError(f"adapter.match takes one of run, budget or rank, got {' and '.join(given)}; keep one")
+        for key in ("budget", "rank"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise PlrError(f"adapter.match.{key} must be a positive integer, got {v!r}")
+
+    @property
+    def active(self) -> bool:
+        return any(getattr(self, k) is not None for k in ("run", "budget", "rank"))
+
+    def target(self, per_rank: int) -> int | None:
+        """The parameter target, given a dense LoRA's parameters per unit of rank on these layers."""
+        if self.budget is not None:
+            return self.budget
+        if self.rank is not None:
+            return self.rank * per_rank
+        if self.run is not None:
+            return _run_adapter_params(self.run)
+        return None
+
+
+def _run_adapter_params(run: str) -> int:
+    from pathlib import Path
+
+    from partial_lora import artifacts as A
+
+    path = Path(run).expanduser() / A.RESULTS
+    if not path.is_file():
+        raise PlrError(f"adapter.match.run={run} has no {A.RESULTS} (not a finished plr run); point it at a finished run "
+                       "or set adapter.match.budget=<parameters>")
+    results = A.read_json(path)
+    params = (results.get("params") or {}).get("adapter")
+    if results.get("status") != "complete" or not params:
+        raise PlrError(f"adapter.match.run={run} did not finish (status {results.get('status')!r}); finish it first "
+                       "or set adapter.match.budget=<parameters>")
+    return int(params)
+
+
+@dataclass(frozen=True)
+class TaskPart:
+    """One task of the run: the only one, or one member of a multi-task run.
+
+    Attributes:
+        task: where its data is and how it is shaped.
+        metrics: the metrics it reports; `main` selects checkpoints.
+    """
+
+    task: TaskSpec
+    metrics: tuple[str, ...]
+    main: str
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a run reads, typed and checked (`config.validate` builds it).
+
+    Attributes:
+        task: the run's task name (`multi`/`commonsense` for a multi-task run).
+        parts: the task, or the members of a multi-task run, in order.
+        multi: whether the run trains several tasks at once through one head each.
+        metrics / main_metric: what the run reports and selects on (`mean` for a multi-task run).
+        scoring: how a causal LM scores a choice (`sum` or `mean` of its tokens' log-probabilities).
+        method: `adapter.method` (`lora`, `partial`, `uniform`, `lora_matched`, `head`, a PEFT method).
+        sparsity: `adapter.sparsity`, a number in [0, 1) or `auto`.
+        peft: the PEFT baseline's settings (None for plr's own adapters).
+        match: the parameter target of the matched-budget controls.
+        settings: the resolved config as plain containers, what run dirs and allocations record.
+    """
+
+    seed: int
+    model: ModelSpec
+    task: str
+    parts: tuple[TaskPart, ...]
+    multi: bool
+    metrics: tuple[str, ...]
+    main_metric: str
+    scoring: str
+    method: str
+    lora: LoRAConfig
+    sparsity: float | str
+    probe: ProbeConfig
+    allocation: AllocationConfig
+    mask: MaskConfig
+    retrain: RetrainConfig
+    match: MatchConfig
+    train: TrainConfig
+    peft: PeftSpec | None
+    settings: Mapping[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the run trains a masked adapter (adapter.sparsity is auto or > 0)."""
+        return self.sparsity != 0
+
+    @property
+    def causal(self) -> bool:
+        return self.model.family == "hf-causal"
