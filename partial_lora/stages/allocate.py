@@ -108,15 +108,10 @@ def _search(spec: RunSpec, run_dir: Path, s: Setup, layers: list[AL.Layer], acfg
     tc = spec.train
     model.to(s.device).eval()
     # The few-shot validation set is tiny: collate (tokenise / transform) it once for all evaluations.
-    # A multi-task run scores each member on its own few-shot set through its own head.
-    sets = few_shot_sets(s, fewshot["val"])
-    if s.multi is None:
-        main = spec.main_metric
-        scored = [(model, list(loader(s, sets, tc, train=False)), main)]
-    else:
-        main = "mean"
-        scored = [(model.view(i), list(loader(s, d, tc, train=False)), m.main)
-                  for i, (m, d) in enumerate(zip(s.multi.members, sets, strict=True))]
+    # Each part (a multi-task run's member) is scored on its own few-shot set through its own head.
+    main = spec.main_metric
+    scored = [(p.view, list(loader(s, d, tc, train=False)), p.main)
+              for p, d in zip(s.parts(), few_shot_sets(s, fewshot["val"]), strict=True)]
     n_batches = sum(len(b) for _, b, _ in scored)
     dtype = autocast_dtype(tc, s.device)
     by_loss = acfg.metric == "loss"

@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
@@ -30,6 +31,24 @@ from partial_lora.models import Built, build_model
 from partial_lora.data.base import TaskSpec
 from partial_lora.spec import MatchConfig, RunSpec
 from partial_lora.train import Hooks, ResumableSampler, TrainConfig, autocast_dtype, evaluate, resolve_device
+
+
+@dataclass(frozen=True)
+class Part:
+    """One task the run trains and scores: the only task of a single-task run, or one member of a
+    multi-task run. A single-task run is a multi-task run with one part, whose metrics keep
+    their bare names (`val_accuracy`, not `val_<task>_accuracy`).
+
+    Attributes:
+        name: the member's task name; "" for the only task of a single-task run.
+        view: the model as this task sees it (its own head).
+    """
+
+    name: str
+    metrics: list[str]
+    main: str
+    data: TaskData
+    view: Any
 
 
 @dataclass
@@ -66,6 +85,29 @@ class Setup:
         """Trainable adapter parameters (the head not counted)."""
         assert self.adapter is not None
         return self.adapter.num_parameters()
+
+    def parts(self) -> list[Part]:
+        """The run's tasks in order: one for a single-task run, each member for a multi-task run."""
+        if self.multi is None:
+            return [Part("", self.metrics, self.main_metric, self.data, self.built.model)]
+        return [Part(m.name, list(m.metrics), m.main, d, self.built.model.view(i))
+                for i, (m, d) in enumerate(zip(self.multi.members, self.multi.parts, strict=True))]
+
+    def merge(self, per_part: list[dict[str, float]]) -> dict[str, float]:
+        """The run's metrics from its parts': a single task's as they are; a multi-task run's as
+        `<task>_<metric>` per member, `mean` (of the members' main metrics) and `loss`."""
+        return dict(per_part[0]) if self.multi is None else MT.mean_of_members(per_part, self.multi.members)
+
+    def test_counts(self) -> dict[str, Any]:
+        """The test examples evaluated: in all, per further evaluation set of a single task, or per
+        member (with the members and their metrics) of a multi-task run."""
+        parts = self.parts()
+        out: dict[str, Any] = {"test_examples": sum(len(p.data.test) for p in parts)}
+        if self.multi is None:
+            return {**out, **{f"test_{n}_examples": len(d) for n, d in self.data.extra.items()}}
+        return {**out, "members": [p.name for p in parts],
+                "member_metrics": {p.name: {"metrics": p.metrics, "main": p.main} for p in parts},
+                **{f"test_{p.name}_examples": len(p.data.test) for p in parts}}
 
     def train_hooks(self, validate: Callable[[], dict[str, float]]) -> Hooks:
         """`train.fit`'s hooks: the validation, and what the adapter adds to training (AdaLoRA)."""
@@ -194,43 +236,27 @@ def loader(s: Setup, split: datasets.Dataset, tc: TrainConfig, *, train: bool, s
     return DataLoader(split, batch_size=tc.batch_size, sampler=sampler, drop_last=False, **common)
 
 
-def validator(s: Setup, tc: TrainConfig, sets: datasets.Dataset | list[datasets.Dataset],
-              metrics: list[str] | None = None) -> Callable[[], dict[str, float]]:
-    """A function returning the metrics (and `loss`) of the model now, on fixed evaluation sets.
-
-    Single task: `sets` is one split, scored with `metrics` (default: the task's). Multi-task:
-    one split per member, each scored with its member's metrics through its own head; the
-    result has `<task>_<metric>` per member, `mean` (of the members' main metrics) and `loss`
-    (the mean of the members' losses). Loaders are built once (text is tokenised once).
-    """
+def validator(s: Setup, tc: TrainConfig, sets: list[datasets.Dataset]) -> Callable[[], dict[str, float]]:
+    """A function returning the metrics (and `loss`) of the model now, on fixed evaluation sets:
+    one per part (`Setup.parts`), each scored with its task's metrics through its own head, then
+    merged (`Setup.merge`). Loaders are built once (text is tokenised once)."""
     dtype = autocast_dtype(tc, s.device)
-    if s.multi is None:
-        one = loader(s, sets, tc, train=False)
-        return lambda: evaluate(s.built.model, one, s.device, dtype, metrics or s.metrics)
-    model = s.built.model
-    members = s.multi.members
+    parts = s.parts()
     loaders = [loader(s, d, tc, train=False) for d in sets]
-
-    def run() -> dict[str, float]:
-        return MT.mean_of_members([evaluate(model.view(i), ld, s.device, dtype, m.metrics)
-                                   for i, (m, ld) in enumerate(zip(members, loaders, strict=True))], members)
-
-    return run
+    return lambda: s.merge([evaluate(p.view, ld, s.device, dtype, p.metrics)
+                            for p, ld in zip(parts, loaders, strict=True)])
 
 
 def member_rows(s: Setup, union_idx: list[int]) -> list[list[int]]:
-    """Indices into the union's train split, as per-member indices into each member's train split."""
-    assert s.multi is not None
-    starts = MT.offsets([p.train for p in s.multi.parts])
+    """Indices into the train split (a multi-task run's union), as indices into each part's own."""
+    starts = MT.offsets([p.data.train for p in s.parts()])
     ends = starts[1:] + [len(s.data.train)]
     return [[j - a for j in union_idx if a <= j < b] for a, b in zip(starts, ends, strict=True)]
 
 
-def few_shot_sets(s: Setup, val_idx: list[int]) -> datasets.Dataset | list[datasets.Dataset]:
-    """The probe's few-shot validation set(s): one split, or one per member of a multi-task run."""
-    if s.multi is None:
-        return s.data.train.select(val_idx)
-    return [p.train.select(rows) for p, rows in zip(s.multi.parts, member_rows(s, val_idx), strict=True)]
+def few_shot_sets(s: Setup, val_idx: list[int]) -> list[datasets.Dataset]:
+    """The probe's few-shot validation sets, one per part (`Setup.parts`)."""
+    return [p.data.train.select(rows) for p, rows in zip(s.parts(), member_rows(s, val_idx), strict=True)]
 
 
 def setup_run(run: RunSpec, run_dir: Path) -> Setup:

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 from partial_lora import artifacts as A
-from partial_lora import multitask as MT
 from partial_lora.metrics import compute_metrics
 from partial_lora.spec import RunSpec
 from partial_lora.stages.base import load_trained, loader, setup_run
@@ -31,7 +30,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
     s = setup_run(spec, run_dir)
     load_trained(s, A.stage_dir(run_dir, A.RETRAIN))
     tc = spec.train
-    model = s.built.model.to(s.device)
+    s.built.model.to(s.device)
     dtype = autocast_dtype(tc, s.device)
     if s.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(s.device)
@@ -43,24 +42,17 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
         table.add(split_name, task, logits, labels)
         return {**compute_metrics(logits, labels, metrics), "loss": loss}
 
-    if s.multi is None:
-        sets = [("val", s.data.val), ("test", s.data.test), *((f"test_{n}", d) for n, d in s.data.extra.items())]
-        for split_name, split in sets:
-            out.update({f"{split_name}_{k}": v for k, v in score(model, split, s.metrics, split_name).items()})
-        out.update(test_examples=len(s.data.test), **{f"test_{n}_examples": len(d) for n, d in s.data.extra.items()})
-    else:  # per member through its own head: `<split>_<task>_<metric>`, and the mean over members
-        members = s.multi.members
-        for split_name in ("val", "test"):
-            per_member = [score(model.view(i), getattr(part, split_name), list(m.metrics), split_name, m.name)
-                          for i, (m, part) in enumerate(zip(members, s.multi.parts, strict=True))]
-            out.update({f"{split_name}_{k}": v for k, v in MT.mean_of_members(per_member, members).items()})
-        for i, (m, part) in enumerate(zip(members, s.multi.parts, strict=True)):
-            for name, d in part.extra.items():
-                for k, v in score(model.view(i), d, list(m.metrics), f"test_{name}", m.name).items():
-                    out[f"test_{m.name}_{name}_{k}"] = v
-        out.update(test_examples=sum(len(p.test) for p in s.multi.parts), members=[m.name for m in members],
-                   member_metrics={m.name: {"metrics": list(m.metrics), "main": m.main} for m in members},
-                   **{f"test_{m.name}_examples": len(p.test) for m, p in zip(members, s.multi.parts, strict=True)})
+    # Each part (a multi-task run's member) through its own head, then merged: a single task's
+    # `<split>_<metric>`, a multi-task run's `<split>_<task>_<metric>` and the mean over members.
+    parts = s.parts()
+    for split_name in ("val", "test"):
+        per_part = [score(p.view, getattr(p.data, split_name), p.metrics, split_name, p.name) for p in parts]
+        out.update({f"{split_name}_{k}": v for k, v in s.merge(per_part).items()})
+    for p in parts:  # further evaluation sets (MNLI mismatched): test_[<task>_]<set>_<metric>
+        for name, d in p.data.extra.items():
+            for k, v in score(p.view, d, p.metrics, f"test_{name}", p.name).items():
+                out[f"test_{p.name + '_' if p.name else ''}{name}_{k}"] = v
+    out.update(s.test_counts())
     A.write_predictions(A.stage_dir(run_dir, NAME) / A.PREDICTIONS, table.columns())
     out.update(adapter_params=s.adapter_params(), dense_lora_params=s.dense_lora_params,
                head_params=sum(p.numel() for p in s.built.model.head_parameters()))

@@ -26,12 +26,11 @@ NAME = A.PROBE
 
 
 def fewshot_indices(s: Setup, pc: ProbeConfig, seed: int) -> tuple[list[int], list[int]]:
-    """Few-shot train and validation indices into the training split (of the union, for a
-    multi-task run: each member's few-shot sets, drawn per member, then shifted to the union)."""
-    if s.multi is None:
-        return few_shot(s.data.train, pc.shots, pc.val_shots, seed, s.data.label_names, pc.short_classes)
+    """Few-shot train and validation indices into the training split: each part's few-shot sets,
+    drawn per part, then shifted to where the part starts (a multi-task run's union)."""
     train, val = [], []
-    for part, start in zip(s.multi.parts, offsets([p.train for p in s.multi.parts]), strict=True):
+    parts = [p.data for p in s.parts()]
+    for part, start in zip(parts, offsets([p.train for p in parts]), strict=True):
         t, v = few_shot(part.train, pc.shots, pc.val_shots, seed, part.label_names, pc.short_classes)
         train += [start + i for i in t]
         val += [start + i for i in v]

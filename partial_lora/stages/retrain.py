@@ -63,7 +63,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
         scale = lr_scale_auto(density, rc.lr_scale_cap)
     main = spec.main_metric
     tc = replace(spec.train, metric=main, adapter_lr_scale=scale)
-    val = s.data.val if s.multi is None else [p.val for p in s.multi.parts]
+    val = [p.data.val for p in s.parts()]
     if not any(p.requires_grad for p in s.built.model.parameters()):
         # adapter=head on a causal LM: no adapter and no head, so the run scores the model as it is.
         print("[plr] retrain: nothing to train (adapter=head on a model without a new head); "
