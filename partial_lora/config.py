@@ -366,20 +366,19 @@ def validate(cfg: DictConfig) -> RunSpec:
                        "kind of input: list tasks of one kind")
     parts = []
     for task in tasks:
-        node = OmegaConf.create({"task": task})
-        tspec = task_spec(node)
-        metrics, main = task_metrics(node)
-        parts.append(TaskPart(tspec, tuple(metrics), main))
         kind = task.get("kind", "text")
         causal = spec.family == "hf-causal"
         if causal and kind == "text":
-            _check_verbalized(task)
+            _check_verbalized(task)  # before the type checks: its messages say what a verbalizer is
         elif causal != (kind == "choice"):
             raise PlrError(f"model '{spec.name}' ({spec.family}) cannot run task '{task.name}' ({kind}): "
                            + ("a causal LM answers multiple-choice tasks (task=boolq, commonsense...) and text "
                               "classification tasks that give task.prompt and task.verbalizer (task=rt-polarity...)"
                               if causal else "multiple-choice tasks need a causal LM (model=tiny-llama, "
                               "gemma3-270m, llama-7b...)"))
+        node = OmegaConf.create({"task": task})
+        metrics, main = task_metrics(node)
+        parts.append(TaskPart(task_spec(node), tuple(metrics), main))
         if str(task.get("scoring", "sum")) not in ("sum", "mean"):
             raise PlrError(f"task.scoring must be sum or mean, got '{task.get('scoring')}'")
     lora = lora_config(cfg, spec)

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 from partial_lora import artifacts as A
-from partial_lora import config as C
 from partial_lora.export.card import ExportInfo, model_card
 from partial_lora.export.convert import (ADAPTER, DELTA_ATOL, Target, base_reference, check_deltas, check_extra,
                                          check_plr_adapter, copy_weights, find_targets, fresh_base, layer_table,
@@ -121,9 +120,10 @@ def export_run(run_dir: Path, out_dir: Path, *, merged: bool = False, force: boo
     check_run(run_dir)
     check_out_dir(out_dir, run_dir, force)
     cfg = load_config(run_dir)
-    spec = C.model_spec(cfg)
     echo(f"[plr] export: rebuilding the trained model of {run_dir}")
     s = rebuild(cfg, run_dir)
+    assert s.run is not None
+    spec = s.run.model
     run_net = s.built.model.net
     targets = find_targets(run_net)
     check_plr_adapter(s, cfg, targets)

@@ -181,10 +181,10 @@ def expected_stages(results: dict[str, Any] | None, cfg: DictConfig | None, run_
         return [s for s in A.STAGES if s in results["stages"]]
     if cfg is not None:
         from partial_lora import config as C
-        from partial_lora.stages import plan
+        from partial_lora.stages import stages_for
 
-        try:
-            return plan(C.validate(C.saved_run(cfg, run_dir)))
+        try:  # only what decides the stages: a report reads runs whatever else their config holds
+            return stages_for(C.sparsity(cfg), C.mask_config(cfg).method, C.allocation_config(cfg).allocator)
         except (PlrError, OmegaConfBaseException):
             pass
     return [s for s in A.STAGES if A.stage_dir(run_dir, s).is_dir()]

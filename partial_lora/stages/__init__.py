@@ -48,16 +48,20 @@ REGISTRY: dict[str, StageFn] = {
 
 
 def plan(spec: RunSpec) -> list[str]:
-    """The stages a config runs, in order.
+    """The stages a run runs, in order (see `stages_for`)."""
+    return stages_for(spec.sparsity, spec.mask.method, spec.allocation.allocator)
+
+
+def stages_for(sp: float | str, mask_method: str, allocator: str) -> list[str]:
+    """The stages of a run with this sparsity, mask method and allocator, in order.
 
     Dense LoRA (sparsity 0): retrain, evaluate. Uniform sparsity (a number): allocate, extract,
     retrain, evaluate, with no probe unless the masks need one (probe_magnitude).
     `sparsity=auto`: all five, the probe only when the allocator or masks read it.
     """
-    sp = spec.sparsity
     if sp == 0:
         return [A.RETRAIN, A.EVALUATE]
-    needs_probe = spec.mask.method == "probe_magnitude" or (sp == "auto" and spec.allocation.allocator in NEEDS_PROBE)
+    needs_probe = mask_method == "probe_magnitude" or (sp == "auto" and allocator in NEEDS_PROBE)
     return ([A.PROBE] if needs_probe else []) + [A.ALLOCATE, A.EXTRACT, A.RETRAIN, A.EVALUATE]
 
 
