@@ -33,7 +33,7 @@ from partial_lora.peft_baselines import METHODS as PEFT_METHODS
 from partial_lora.peft_baselines import PeftSpec
 from partial_lora.masks import MaskConfig
 from partial_lora.spec import MatchConfig, ProbeConfig, RetrainConfig, RunSpec, TaskPart
-from partial_lora.train import TrainConfig
+from partial_lora.recipe import TrainConfig
 
 __all__ = ["MaskConfig", "MatchConfig", "ProbeConfig", "RetrainConfig", "RunSpec", "TaskPart", "validate"]
 

@@ -19,7 +19,7 @@ from partial_lora.lora import LoRAConfig
 from partial_lora.masks import MaskConfig
 from partial_lora.models import ModelSpec
 from partial_lora.peft_baselines import PeftSpec
-from partial_lora.train import TrainConfig
+from partial_lora.recipe import TrainConfig
 
 
 @dataclass(frozen=True)
