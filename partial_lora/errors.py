@@ -8,6 +8,7 @@ for every bad input a user can type.
 from __future__ import annotations
 
 import errno
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,3 +55,9 @@ def disk_full_is_one_line(where: Path) -> Iterator[None]:
             raise
         raise PlrError(f"no space left on the disk of {where} ({e}); free some space and rerun the same "
                        "command: it resumes from the last finished stage or checkpoint") from None
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one error line and exit non-zero (a traceback only with HYDRA_FULL_ERROR=1)."""
+    print(f"plr: error: {message}", file=sys.stderr)
+    sys.exit(code)

