@@ -10,7 +10,7 @@ from partial_lora import allocation as AL
 from partial_lora import config as C
 from partial_lora.errors import PlrError
 from partial_lora.masks import count, kept, rank_random
-from partial_lora.stages import plan, run_pipeline
+from partial_lora.stages import format_results, plan, run_pipeline
 
 LAYERS = [AL.Layer("a", 64, 32), AL.Layer("b", 64, 32), AL.Layer("c", 64, 32)]
 
@@ -97,7 +97,11 @@ def test_one_sided_masks_and_proportional_budget_end_to_end(tmp_path):
     cfg = _cfg("adapter.mask.sides=rows", "adapter.allocation.allocator=proportional",
                "adapter.allocation.budget=0.6")  # one side whole: at least half of dense
     C.validate(cfg)
-    run_pipeline(cfg, tmp_path / "run", echo=lambda s: None)
+    results = run_pipeline(cfg, tmp_path / "run", echo=lambda s: None)
+    # the results table has no threshold to show for a budget split (it crashed on target=None)
+    table = format_results(results)
+    assert "keep ratio per layer (proportional)" in table and "target" not in table
+    assert f"allocation {results['allocation']['joint_accuracy']:.4f}" in table
     masks = json.loads((tmp_path / "run/extract/masks.json").read_text())
     for la in masks["layers"].values():
         assert la["cols"] == la["d_in"] and la["rows"] <= la["d_out"]

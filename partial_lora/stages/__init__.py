@@ -213,8 +213,9 @@ def format_results(r: dict[str, Any]) -> str:
                      f"{al['ratio_median']:g} · max {al['ratio_max']:g}")
         if al.get("a_ref") is not None:
             what = "loss" if al.get("metric") == "loss" else r["main_metric"]
+            target = "" if al.get("target") is None else f" · target {al['target']:.4f}"  # none: proportional
             lines.append(f"  probe few-shot {what}: a_ref {al['a_ref']:.4f} · no adapter a_0 {al['a_0']:.4f}"
-                         f" · target {al['target']:.4f} · allocation {al['joint_accuracy']:.4f}")
+                         f"{target} · allocation {al['joint_accuracy']:.4f}")
     walls = " · ".join(f"{s} {w:.1f} s" for s, w in r["wall_s"].items() if w is not None)
     total = sum(w for w in r["wall_s"].values() if w is not None)
     lines.append(f"  wall time: {walls} · total {total:.1f} s")
