@@ -257,6 +257,16 @@ def test_a_variant_runs_its_own_partial_family_and_shares_the_rest(tmp_path):
     assert ("C3", "partial", "lora") in rows  # the default reading keeps its rows
     arms = [a["arm"] for a in arm_rows(collect(tmp_path))]
     assert arms == ["lora", "partial", "partial@gain", "uniform@gain"]
+    # a variant that sets its own budget: the matched controls match its run, not the budget (two budgets refuse)
+    prop = Selection(models=["minilm"], tasks=["rt-polarity"], seeds=[0], arms=["uniform", "lora-matched"],
+                     variant="prop", variant_overrides=["adapter.allocation.allocator=proportional",
+                                                        "adapter.allocation.budget=0.25", "+adapter.match.rank=2"])
+    pj = {j.arm: j for j in plan(tmp_path, prop)}
+    assert "adapter.allocation.budget=0.25" in pj["partial@prop"].overrides
+    for arm in ("uniform@prop", "lora-matched@prop"):
+        assert f"adapter.match.run={pj['partial@prop'].run_dir}" in pj[arm].overrides
+        assert "++adapter.allocation.allocator=proportional" in pj[arm].overrides
+        assert not [o for o in pj[arm].overrides if "budget" in o or "match.rank" in o]
     for bad, message in ((Selection(variant="Gain!", variant_overrides=["a=1"]), "--variant 'Gain!' must be"),
                          (Selection(variant="gain"), "needs its overrides"),
                          (Selection(variant_overrides=["a=1"]), "--set needs --variant"),

@@ -58,6 +58,15 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
 
 # The arms built on Partial-LoRA's settings: a variant's overrides go to these.
 VARIANT_ARMS = (PARTIAL, "partial-random", "uniform", "lora-matched", "partial-r32-rank1")
+# The matched controls take their budget from the variant's Partial-LoRA run (adapter.match.run), so a
+# variant's own budget keys (how *it* picks its budget, e.g. allocator=proportional with a budget) stay off
+# them: given both, a run refuses two budgets.
+MATCHED_CONTROLS = ("uniform", "lora-matched")
+BUDGET_KEYS = ("adapter.allocation.budget", "adapter.match.")
+
+
+def _sets_budget(override: str) -> bool:
+    return override.lstrip("+").split("=", 1)[0].startswith(BUDGET_KEYS)
 
 
 def arm_dir_name(arm: str, variant: str | None) -> str:
@@ -187,7 +196,8 @@ def plan(out: Path, sel: Selection) -> list[Job]:
                         # The Partial-LoRA arm takes them as typed (a misspelt key fails there, and the
                         # arms that read it are skipped); its controls add any key their adapter lacks
                         # (lora_matched has no adapter.allocation node).
-                        own += [o if arm == PARTIAL else f"++{o.lstrip('+')}" for o in sel.variant_overrides]
+                        own += [o if arm == PARTIAL else f"++{o.lstrip('+')}" for o in sel.variant_overrides
+                                if not (arm in MATCHED_CONTROLS and _sets_budget(o))]
                     overrides = (*suite.recipe(task), f"task={task}", *own, f"seed={seed}", f"label={name}",
                                  *sel.extra)
                     jobs.append(Job(model, task, name, seed, run_dir(out, model, task, name, seed), overrides,
