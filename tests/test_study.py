@@ -12,7 +12,7 @@ import pytest
 from partial_lora import stats as ST
 from partial_lora.errors import PlrError
 from partial_lora.study import Selection, execute, plan
-from partial_lora.study.claims import CLAIMS, arm_rows, claim_rows, collect, markdown
+from partial_lora.study.claims import CLAIMS, ClaimRow, Study, arm_rows, claim_rows, collect, markdown, rule_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,6 +80,30 @@ def test_pooled_comparisons_average_tasks_and_regression_uses_correlation():
 ])
 def test_the_verdict_rule_at_its_edges(low, high, kind, expected):
     assert ST.verdict(low, high, kind) == expected
+
+
+def test_the_default_rule_at_its_edges():
+    """(i) >= 60% fewer parameters, (ii) C3 >= -1 point, (iii) R >= 0, each at its edge; unmeasured is not met."""
+    def row(key: str, task: str, mean: float, reduction: float | None, method: str = "partial") -> ClaimRow:
+        claim = next(c for c in CLAIMS if c.key == key)
+        claim = type(claim)(claim.key, claim.text, method, claim.control, claim.kind)
+        return ClaimRow(claim, task, "minilm", ST.Comparison(mean, (mean,), mean - 1, mean + 1, (0,)), 1.0, 1.0,
+                        reduction)
+    rows = [row("C3", "a", -1.0, 60.0), row("R", "a", 0.0, 60.0),          # every check at its edge: met
+            row("C3", "b", -1.01, 80.0), row("R", "b", 2.0, 80.0),         # (ii) just fails
+            row("C3", "c", 0.5, 59.9), row("R", "c", 1.0, 59.9),           # (i) just fails
+            row("C3", "d", 0.5, 70.0), row("R", "d", -0.01, 70.0),         # (iii) just fails
+            row("C3", "e", 0.5, 70.0),                                      # R not run: unknown
+            row("C3", "pooled", 0.0, 70.0), row("C1", "a", 0.0, 70.0),     # neither counts
+            row("C3", "a", -3.0, 90.0, method="partial@v"), row("R", "a", 1.0, 90.0, method="partial@v")]
+    rules = {(r.reading, r.task): r for r in rule_rows(rows)}
+    assert set(rules) == {("partial", t) for t in "abcde"} | {("partial@v", "a")}
+    assert [rules["partial", t].meets for t in "abcde"] == [True, False, False, False, None]
+    assert rules["partial", "b"].checks == (True, False, True) and rules["partial", "e"].checks == (True, True, None)
+    assert rules["partial@v", "a"].checks == (True, False, True)
+    md = markdown(Study([]), rows, [])
+    assert "## The default rule" in md and "| minilm | partial | 5 | 1 (a) |" in md
+    assert "| minilm | partial@v | 1 | 0 |" in md
 
 
 def test_bad_comparisons_are_one_line():
