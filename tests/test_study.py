@@ -237,6 +237,15 @@ def test_plr_study_end_to_end_on_a_tiny_model(tmp_path):
     assert "| C3 | minilm | bbc-news | partial − lora | matches |" in md
     assert "| C2b |" not in md  # partial-random was not run: no row for the claims that need it
     assert (out / "study.csv").exists() and (out / "study.png").stat().st_size > 1000
+    # the search's signal: only the partial arm searched; its row is read from its own run dir
+    alloc = json.loads((out / "runs/minilm/bbc-news/partial/seed0/allocate/allocation.json").read_text())
+    probe = json.loads((out / "runs/minilm/bbc-news/partial/seed0/probe/metrics.json").read_text())
+    floor = sum(la["ratio"] <= min(alloc["grid"]) for la in alloc["layers"])
+    gain = (alloc["a_ref"] - alloc["a_0"]) * probe["val_examples"]
+    assert "## The allocation search's signal" in md and "| minilm | bbc-news | lora | 0 |" not in md
+    assert (f"| minilm | bbc-news | partial | 0 | threshold | {probe['val_examples']} | {alloc['a_ref']:.3f} | "
+            f"{alloc['a_0']:.3f} | {gain:.1f} | {alloc['target']:.3f} | {alloc['joint_accuracy']:.3f} | "
+            f"{floor} of {len(alloc['layers'])} |") in md
     for arm in ("partial", "lora"):
         run = out / "runs/minilm/bbc-news" / arm / "seed0"
         results = json.loads((run / "results.json").read_text())

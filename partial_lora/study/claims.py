@@ -254,7 +254,9 @@ def arm_rows(study: Study) -> list[dict[str, Any]]:
     return out
 
 
-def markdown(study: Study, rows: Sequence[ClaimRow], arms: Sequence[dict[str, Any]]) -> str:
+def markdown(study: Study, rows: Sequence[ClaimRow], arms: Sequence[dict[str, Any]],
+             extra: Sequence[str] = ()) -> str:
+    """study.md: every arm, the claims, the default rule, then `extra` sections and the unfinished runs."""
     lines = ["# plr study", "", "## Every arm", "",
              "Test metric, mean ± std over seeds; adapter parameters (the head not counted); reduction against "
              "dense LoRA r=8 (the `lora` arm) on the same task; mean wall time per run.", "",
@@ -281,7 +283,7 @@ def markdown(study: Study, rows: Sequence[ClaimRow], arms: Sequence[dict[str, An
                      f"{c.mean:+.2f} | {per_seed} | [{c.low:+.2f}, {c.high:+.2f}] | "
                      f"{r.method_params:,.0f} / {r.control_params:,.0f} | {red} | **{r.verdict}** |")
     lines += ["", "Claims: " + "; ".join(f"{c.key}: {c.text}" for c in CLAIMS) + "."]
-    lines += _rule_markdown(rule_rows(rows))
+    lines += [*_rule_markdown(rule_rows(rows)), *extra]
     if study.missing:
         lines += ["", f"Unfinished runs ({len(study.missing)}), not counted:", "",
                   *[f"- {p}" for p in study.missing]]
