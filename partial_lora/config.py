@@ -27,7 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from partial_lora.allocation import AllocationConfig
 from partial_lora.data.base import TaskSpec
 from partial_lora.errors import PlrError
-from partial_lora.lora import LoRAConfig
+from partial_lora.inject import LoRAConfig
 from partial_lora.models import ModelSpec, torch_dtype
 from partial_lora.peft_baselines import METHODS as PEFT_METHODS
 from partial_lora.peft_baselines import PeftSpec

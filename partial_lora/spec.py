@@ -15,7 +15,7 @@ from typing import Any
 from partial_lora.allocation import AllocationConfig
 from partial_lora.data.base import TaskSpec
 from partial_lora.errors import PlrError
-from partial_lora.lora import LoRAConfig
+from partial_lora.inject import LoRAConfig
 from partial_lora.masks import MaskConfig
 from partial_lora.models import ModelSpec
 from partial_lora.peft_baselines import PeftSpec

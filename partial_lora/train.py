@@ -32,7 +32,7 @@ from partial_lora import artifacts as A
 from partial_lora import checkpoint as CK
 from partial_lora import distributed as D
 from partial_lora.errors import Interrupted, PlrError
-from partial_lora.lora import iter_branches
+from partial_lora.inject import iter_branches
 from partial_lora.metrics import compute_metrics
 from partial_lora.models import Classifier
 from partial_lora.recipe import TrainConfig, lr_lambda
@@ -371,7 +371,7 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
     """Train adapter + head; keep the state with the best validation `cfg.metric`.
 
     The model must already be frozen except for its adapter and head (see
-    `lora.freeze_for_adapter`): every other trainable parameter (plr's LoRA branches, or a PEFT
+    `inject.freeze_for_adapter`): every other trainable parameter (plr's LoRA branches, or a PEFT
     adapter) learns at the adapter learning rate. `layer_lr_scales` (layer id -> factor)
     further multiplies the adapter learning rate of single plr layers; missing layers use 1.
 

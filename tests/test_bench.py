@@ -111,7 +111,7 @@ def test_target_verdicts():
 def test_deberta_v3_base_size_is_the_real_models_shape():
     from transformers import AutoModelForSequenceClassification
 
-    from partial_lora.lora import LoRAConfig, find_targets
+    from partial_lora.inject import LoRAConfig, find_targets
 
     size = step_time.SIZES["deberta-v3-base"]
     cfg = size.config()

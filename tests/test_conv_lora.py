@@ -21,8 +21,8 @@ from partial_lora.data.base import TaskSpec
 from partial_lora.data.registry import load_task
 from partial_lora.errors import PlrError
 from partial_lora.export import export_run
-from partial_lora.lora import (LoRABranch, LoRAConfig, LoRAConv, base_weights, count_adapter_parameters,
-                               inject_lora, iter_branches)
+from partial_lora.inject import LoRAConfig, base_weights, count_adapter_parameters, inject_lora, iter_branches
+from partial_lora.lora import LoRABranch, LoRAConv
 from partial_lora.models import build_model
 
 from test_export import assert_exported_logits_match, assert_nontrivial_b, make_run

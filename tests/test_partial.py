@@ -11,7 +11,7 @@ from partial_lora import allocation as AL
 from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora.errors import PlrError
-from partial_lora.lora import LoRAConfig, inject_lora, iter_branches
+from partial_lora.inject import LoRAConfig, inject_lora, iter_branches
 from partial_lora.masks import count, element_masks, rank_random, rank_subspace, subspace_k
 from partial_lora.models import build_model
 from partial_lora.stages import plan, run_pipeline

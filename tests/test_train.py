@@ -8,7 +8,7 @@ import torch
 
 from partial_lora.data import TaskSpec, load_task
 from partial_lora.errors import PlrError
-from partial_lora.lora import LoRAConfig, adapter_state_dict, freeze_for_adapter, inject_lora
+from partial_lora.inject import LoRAConfig, adapter_state_dict, freeze_for_adapter, inject_lora
 from partial_lora.metrics import compute_metrics
 from partial_lora.models import build_model
 from partial_lora.stages.base import Setup, loader

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from partial_lora.lora import (
+from partial_lora.inject import (
     LoRAConfig,
     count_adapter_parameters,
     find_targets,

@@ -49,7 +49,7 @@ from partial_lora.export.layout import (CARD, CONFIG, HYDRA_CONFIG, HYDRA_OVERRI
 from partial_lora.export.merged import save_merged
 from partial_lora.export.publish import _write, check_out_dir
 from partial_lora.export.run import check_run, load_config, rebuild
-from partial_lora.lora import count_adapter_parameters
+from partial_lora.inject import count_adapter_parameters
 
 __all__ = [
     "ADAPTER", "CARD", "CONFIG", "DELTA_ATOL", "HYDRA_CONFIG", "HYDRA_OVERRIDES", "LAYERS", "MASKS", "MERGED",

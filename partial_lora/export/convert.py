@@ -17,7 +17,8 @@ from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora.errors import PlrError, first_line
 from partial_lora.export.layout import _read_optional
-from partial_lora.lora import LoRABranch, LoRALinear, layer_id
+from partial_lora.inject import layer_id
+from partial_lora.lora import LoRABranch, LoRALinear
 from partial_lora.models import ModelSpec, build_model, resolve_source
 from partial_lora.stages.base import Setup
 from partial_lora.train import set_seed

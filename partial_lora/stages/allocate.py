@@ -20,7 +20,7 @@ from partial_lora import allocation as AL
 from partial_lora import artifacts as A
 from partial_lora import distributed as D
 from partial_lora.errors import PlrError
-from partial_lora.lora import base_weights
+from partial_lora.inject import base_weights
 from partial_lora.masks import LayerInfo, Ranking, count, rank_layer, subspace_k
 from partial_lora.metrics import compute_metrics
 from partial_lora.replay import BlockReplay

@@ -23,7 +23,8 @@ from partial_lora.data.verbalizer import as_choices
 from partial_lora.errors import PlrError
 from partial_lora import distributed as D
 from partial_lora import peft_baselines as PB
-from partial_lora.lora import WHOLE, LoRABranch, dims, find_targets, freeze_for_adapter, inject_lora
+from partial_lora.inject import WHOLE, dims, find_targets, freeze_for_adapter, inject_lora
+from partial_lora.lora import LoRABranch
 from partial_lora import multitask as MT
 from partial_lora.causal_lm import CausalLM
 from partial_lora.adapters import Adapter, PeftAdapter, PlrAdapter
@@ -198,7 +199,7 @@ def total_steps(tc: TrainConfig, n_train: int) -> int:
 
 
 def params_per_rank(net: torch.nn.Module, found: Mapping[str, Mapping[str, tuple[int, int]]]) -> int:
-    """Parameters of a dense LoRA per unit of rank on the targeted layers (`lora.find_targets`):
+    """Parameters of a dense LoRA per unit of rank on the targeted layers (`inject.find_targets`):
     the sum of d_out + d_in."""
     return sum(d_out + dims(net.get_submodule(name))[1]
                for name, slices in found.items() for _, d_out in slices.values())

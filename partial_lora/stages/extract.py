@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from partial_lora import artifacts as A
 from partial_lora.errors import PlrError
-from partial_lora.lora import base_weights, load_adapter_state_dict
+from partial_lora.inject import base_weights, load_adapter_state_dict
 from partial_lora.masks import LayerInfo, element_masks, rank_layer
 from partial_lora.spec import RunSpec
 from partial_lora.stages.base import setup

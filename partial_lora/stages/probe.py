@@ -15,7 +15,7 @@ from typing import Any
 from partial_lora import artifacts as A
 from partial_lora import checkpoint as CK
 from partial_lora.data.split import few_shot
-from partial_lora.lora import adapter_state_dict
+from partial_lora.inject import adapter_state_dict
 from partial_lora.multitask import offsets
 from partial_lora.spec import ProbeConfig, RunSpec
 from partial_lora.stages.base import Setup, few_shot_sets, loader, save_trained, setup, validator
