@@ -9,12 +9,7 @@ by line, to `metrics.jsonl` so a crashed run still leaves its curve behind.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
-import math
-import os
-import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -22,79 +17,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
-from partial_lora import artifacts as A
 from partial_lora import checkpoint as CK
 from partial_lora import distributed as D
+from partial_lora.curve import JsonlLog
 from partial_lora.errors import Interrupted, PlrError
 from partial_lora.inject import iter_branches
-from partial_lora.metrics import compute_metrics
 from partial_lora.models import Classifier
-from partial_lora.recipe import TrainConfig, lr_lambda
+from partial_lora.optimizer import start_training
+from partial_lora.predict import evaluate
+from partial_lora.recipe import TrainConfig
+from partial_lora.runtime import _to, autocast_dtype, use_deterministic_algorithms
 
-__all__ = ["FitResult", "Hooks", "JsonlLog", "TrainConfig", "evaluate", "fit", "lr_lambda", "predict", "set_seed"]
-
-
-def set_seed(seed: int) -> None:
-    """Seed every RNG a run touches; call before any model is built."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PlrError(f"device '{name}' asked for but CUDA is not available; set trainer.device=cpu or auto")
-    return torch.device(name)
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda"):
-        return None
-    return torch.bfloat16
-
-
-def _to(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-
-
-@torch.no_grad()
-def predict(model: Classifier, loader: Iterable[Mapping[str, Tensor]], device: torch.device,
-            dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """Logits, labels and mean loss over a loader (model put in eval mode, then restored)."""
-    was_training = model.training
-    model.eval()
-    all_logits, all_labels, loss_sum, n = [], [], 0.0, 0
-    for batch in loader:
-        batch = _to(batch, device)
-        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            logits = model(batch)
-        loss_sum += model.loss(logits, batch).item() * len(batch["labels"])
-        n += len(batch["labels"])
-        all_logits.append(logits.float().cpu())
-        all_labels.append(batch["labels"].cpu())
-    model.train(was_training)
-    if n == 0:
-        raise PlrError("evaluation split is empty; check task.val_split / task.test_split / max_eval_samples")
-    return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy(), loss_sum / n
-
-
-def evaluate(model: Classifier, loader: Iterable[Mapping[str, Tensor]], device: torch.device,
-             dtype: torch.dtype | None = None, metrics: Iterable[str] = ("accuracy",)) -> dict[str, float]:
-    """Task metrics and mean loss on a loader."""
-    logits, labels, loss = predict(model, loader, device, dtype)
-    out = compute_metrics(logits, labels, metrics)
-    out["loss"] = loss
-    return out
+__all__ = ["FitResult", "Hooks", "fit"]
 
 
 class ResumableSampler(RandomSampler):
@@ -121,37 +60,6 @@ class FitResult:
     examples: int = 0  # the training rows this process took (under data parallel: its shard), resumed steps excluded
 
 
-class JsonlLog:
-    """Append-only metrics log, flushed per line, optionally mirrored to a tracker."""
-
-    def __init__(self, path: Path | None, tracker: Any | None = None, prefix: str = "") -> None:
-        self.path, self.tracker, self.prefix = path, tracker, prefix
-
-    def reset(self, keep_until_step: int | None = None) -> None:
-        """Start the curve: empty, or (resuming) keep the records up to a checkpoint's step."""
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if keep_until_step is not None and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= keep_until_step:
-                        kept.append(line + "\n")
-                except json.JSONDecodeError:
-                    break  # a line cut by the kill: nothing after it is kept
-        with A.atomic_path(self.path) as tmp:
-            tmp.write_text("".join(kept))
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        if self.path is not None and D.is_main():
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        if self.tracker is not None:
-            step = record.get("step")
-            self.tracker.log({f"{self.prefix}{k}": v for k, v in record.items() if k != "step"}, step=step)
-
-
 @dataclass(frozen=True)
 class Hooks:
     """What a caller adds to `fit`, each optional.
@@ -166,35 +74,6 @@ class Hooks:
     validate: Callable[[], dict[str, float]] | None = None
     after_step: Callable[[int], None] | None = None
     extra_loss: Callable[[], Tensor] | None = None
-
-
-def optimizer_groups(model: Classifier, cfg: TrainConfig,
-                     layer_lr_scales: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
-    """AdamW's parameter groups: the adapter (one group per learning-rate scale) and the head."""
-    by_scale: dict[float, list[nn.Parameter]] = {}
-    for lid, branch in iter_branches(model.net):
-        scale = float((layer_lr_scales or {}).get(lid, 1.0))
-        by_scale.setdefault(scale, []).extend(p for p in (branch.lora_A, branch.lora_B) if p.requires_grad)
-    head = [p for p in model.head_parameters() if p.requires_grad]
-    grouped = {id(p) for p in head} | {id(p) for ps in by_scale.values() for p in ps}
-    others = [p for p in model.net.parameters() if p.requires_grad and id(p) not in grouped]
-    if others:  # a PEFT adapter
-        by_scale.setdefault(1.0, []).extend(others)
-    groups = [{"params": ps, "lr": cfg.lr * cfg.adapter_lr_scale * sc, "name": f"adapter x{sc:g}"}
-              for sc, ps in sorted(by_scale.items())]
-    groups.append({"params": head, "lr": cfg.lr if cfg.head_lr is None else cfg.head_lr, "name": "head"})
-    groups = [g for g in groups if g["params"]]
-    if not groups:
-        raise PlrError("nothing to train: no adapter or head parameters require gradients")
-    return groups
-
-
-def step_plan(train_loader: DataLoader, cfg: TrainConfig) -> tuple[int, int]:
-    """(optimizer steps per epoch, total steps): `cfg.max_steps`, else `cfg.epochs` of the loader."""
-    if len(train_loader) == 0:
-        raise PlrError("the training split is empty; check the task's split settings")
-    per_epoch = max(1, len(train_loader) // cfg.grad_accum)
-    return per_epoch, cfg.max_steps or max(1, int(math.ceil(cfg.epochs * per_epoch)))
 
 
 def _shares(train_loader: DataLoader, i: int, batch: Mapping[str, Tensor], model: Classifier) -> tuple[int, float]:
@@ -272,22 +151,6 @@ def _start_epoch(t: CK.Training, epoch: int, train_loader: DataLoader, resume_ep
         sampler.skip = skip * int(getattr(train_loader.batch_sampler, "batch_size", 1) or 1)
     state.epoch, state.batches_done = epoch, skip
     return skip
-
-
-def start_training(model: Classifier, train_loader: DataLoader, cfg: TrainConfig, device: torch.device,
-                   layer_lr_scales: Mapping[str, float] | None, checkpoint: Path | None) -> tuple[CK.Training, int, int]:
-    """AdamW, the schedule and the training state, resumed from `checkpoint` when it exists.
-    Returns (state, total steps, epochs)."""
-    model.to(device)
-    opt = torch.optim.AdamW(optimizer_groups(model, cfg, layer_lr_scales), weight_decay=cfg.weight_decay)
-    steps_per_epoch, total = step_plan(train_loader, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup_ratio, cfg.schedule, cfg.warmup_steps))
-    trainable = {n: p for n, p in model.net.named_parameters() if p.requires_grad}
-    # A checkpoint is only taken up by the same run: same recipe, data size and trainable shapes.
-    fingerprint = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in _FREE_TO_CHANGE},
-                   "total_steps": total, "examples": len(train_loader.dataset),
-                   "trainable": {n: list(p.shape) for n, p in trainable.items()}}
-    return CK.Training.start(checkpoint, trainable, opt, sched, fingerprint), total, max(1, math.ceil(total / steps_per_epoch))
 
 
 @dataclass
@@ -433,23 +296,6 @@ def _progress_bar(total: int, step: int, desc: str, show: bool) -> Any:
     tty = sys.stderr.isatty()
     return tqdm(total=total, initial=step, desc=desc, disable=not show, dynamic_ncols=True, leave=tty,
                 mininterval=0.1 if tty else 30.0)
-
-
-# Settings that do not change what training computes: a checkpoint survives changing them.
-_FREE_TO_CHANGE = ("progress", "num_workers", "eval_batch_size", "device", "checkpoint_every", "max_bad_steps",
-                   "eval_every_epochs", "compile", "strategy")
-
-
-def use_deterministic_algorithms() -> None:
-    """Deterministic kernels everywhere (`trainer.deterministic=true`).
-
-    On CUDA this costs speed: cuBLAS needs a fixed workspace (`CUBLAS_WORKSPACE_CONFIG`, set
-    here before the first CUDA matmul), cuDNN stops autotuning, some ops use slower
-    deterministic kernels, and an op without one raises an error instead of running.
-    """
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True)
 
 
 def _non_finite_message(cfg: TrainConfig, step: int, epoch: int, bad: int, checkpoint: Path | None) -> str:

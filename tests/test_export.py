@@ -26,9 +26,9 @@ from partial_lora import config as C
 from partial_lora.errors import PlrError
 from partial_lora.export import export_run, load_config, rebuild
 from partial_lora.models import build_model
+from partial_lora.runtime import set_seed
 from partial_lora.stages import run_pipeline
 from partial_lora.stages.base import loader
-from partial_lora.train import set_seed
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 ATOL = 1e-5

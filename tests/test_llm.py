@@ -15,8 +15,8 @@ from partial_lora.data.collate import ChoiceCollate
 from partial_lora.errors import PlrError
 from partial_lora.metrics import compute_metrics
 from partial_lora.models import ModelSpec, build_model
+from partial_lora.predict import predict
 from partial_lora.stages import run_pipeline
-from partial_lora.train import predict
 
 ROWS = [
     {"prompt": "Question: Which gas do plants take in?\nChoices: (A) oxygen (B) carbon dioxide (C) helium\nAnswer:",

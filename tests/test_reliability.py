@@ -160,7 +160,7 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
 
 
 def test_bad_steps_up_to_the_limit_are_skipped(tmp_path):
-    from partial_lora.train import TrainConfig
+    from partial_lora.recipe import TrainConfig
 
     with pytest.raises(PlrError, match="max_bad_steps"):
         TrainConfig(max_bad_steps=-1)

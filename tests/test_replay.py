@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_module
 from partial_lora.replay import BlockReplay, find_blocks
 from partial_lora.stages.base import loader, setup
 from partial_lora import config as C
-from partial_lora.train import predict, set_seed
+from partial_lora.predict import predict
+from partial_lora.runtime import set_seed
 
 
 def _setup(*overrides):

@@ -128,9 +128,9 @@ def test_proportional_needs_a_budget(tmp_path):
 def test_truncation_restores_the_pretrained_weights(tmp_path):
     """After the search, W0 is the pretrained weight again (the retrain starts from the real model)."""
     from partial_lora.inject import base_weights
+    from partial_lora.runtime import set_seed
     from partial_lora.stages import allocate
     from partial_lora.stages.base import setup
-    from partial_lora.train import set_seed
 
     cfg = _cfg("adapter.allocation.allocator=truncation")
     run_pipeline(cfg, tmp_path / "run", echo=lambda s: None)

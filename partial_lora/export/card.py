@@ -178,7 +178,7 @@ def _load_snippet(c: ExportInfo) -> list[str]:
                 "from peft import PeftModel",
                 "from partial_lora import config as C",
                 "from partial_lora.models import build_model",
-                "from partial_lora.train import set_seed",
+                "from partial_lora.runtime import set_seed",
                 "",
                 f'cfg = OmegaConf.load("{out}/{CONFIG}")',
                 "set_seed(int(cfg.seed))  # the random-init base depends on the seed",

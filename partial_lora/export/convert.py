@@ -20,8 +20,8 @@ from partial_lora.export.layout import _read_optional
 from partial_lora.inject import layer_id
 from partial_lora.lora import LoRABranch, LoRALinear
 from partial_lora.models import ModelSpec, build_model, resolve_source
+from partial_lora.runtime import set_seed
 from partial_lora.stages.base import Setup
-from partial_lora.train import set_seed
 
 ADAPTER = "default"  # PEFT's adapter name
 DELTA_ATOL = 1e-6    # self-check: PEFT's ΔW against plr's, per module

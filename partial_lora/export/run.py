@@ -11,8 +11,8 @@ from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora.errors import PlrError, first_line
 from partial_lora.export.layout import HYDRA_CONFIG
+from partial_lora.runtime import set_seed
 from partial_lora.stages.base import Setup, load_trained, setup_run
-from partial_lora.train import set_seed
 
 
 def check_run(run_dir: Path) -> None:

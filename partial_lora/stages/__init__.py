@@ -26,11 +26,11 @@ from partial_lora import config as C
 from partial_lora import distributed as D
 from partial_lora import rundir as RD
 from partial_lora.allocation import NEEDS_PROBE
+from partial_lora.runtime import resolve_device
 from partial_lora.spec import RunSpec
 from partial_lora.errors import Interrupted, PlrError, disk_full_is_one_line
 from partial_lora.stages import allocate, evaluate, extract, probe, retrain
 from partial_lora.tracking import Tracker
-from partial_lora.train import resolve_device
 
 StageFn = Callable[[RunSpec, Path, "Tracker | None"], dict[str, Any]]
 

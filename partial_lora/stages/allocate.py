@@ -23,11 +23,12 @@ from partial_lora.errors import PlrError
 from partial_lora.inject import base_weights
 from partial_lora.masks import LayerInfo, Ranking, count, rank_layer, subspace_k
 from partial_lora.metrics import compute_metrics
+from partial_lora.predict import predict
 from partial_lora.replay import BlockReplay
+from partial_lora.runtime import autocast_dtype, set_seed
 from partial_lora.spec import RunSpec
 from partial_lora.stages.base import Setup, few_shot_sets, load_trained, loader, setup
 from partial_lora.tracking import Tracker
-from partial_lora.train import autocast_dtype, predict, set_seed
 
 NAME = A.ALLOCATE
 

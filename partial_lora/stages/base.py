@@ -31,7 +31,10 @@ from partial_lora.adapters import Adapter, PeftAdapter, PlrAdapter
 from partial_lora.models import Built, build_model
 from partial_lora.data.base import TaskSpec
 from partial_lora.spec import MatchConfig, RunSpec
-from partial_lora.train import Hooks, ResumableSampler, TrainConfig, autocast_dtype, evaluate, resolve_device
+from partial_lora.predict import evaluate
+from partial_lora.recipe import TrainConfig
+from partial_lora.runtime import autocast_dtype, resolve_device
+from partial_lora.train import Hooks, ResumableSampler
 
 
 @dataclass(frozen=True)

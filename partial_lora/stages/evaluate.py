@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from partial_lora import artifacts as A
 from partial_lora.metrics import compute_metrics
+from partial_lora.predict import predict
+from partial_lora.runtime import autocast_dtype, set_seed
 from partial_lora.spec import RunSpec
 from partial_lora.stages.base import load_trained, loader, setup_run
 from partial_lora.tracking import Tracker
-from partial_lora.train import autocast_dtype, predict, set_seed
 
 NAME = A.EVALUATE
 

@@ -17,10 +17,10 @@ from partial_lora import artifacts as A
 from partial_lora.errors import PlrError
 from partial_lora.inject import base_weights, load_adapter_state_dict
 from partial_lora.masks import LayerInfo, element_masks, rank_layer
+from partial_lora.runtime import set_seed
 from partial_lora.spec import RunSpec
 from partial_lora.stages.base import setup
 from partial_lora.tracking import Tracker
-from partial_lora.train import set_seed
 
 NAME = A.EXTRACT
 

@@ -19,11 +19,13 @@ from partial_lora import artifacts as A
 from partial_lora import checkpoint as CK
 from partial_lora import distributed as D
 from partial_lora.allocation import lr_scale_auto
+from partial_lora.curve import JsonlLog
 from partial_lora.lora import LoRABranch
+from partial_lora.runtime import set_seed
 from partial_lora.spec import RunSpec
 from partial_lora.stages.base import loader, save_trained, setup_run, validator
 from partial_lora.tracking import Tracker
-from partial_lora.train import JsonlLog, fit, set_seed
+from partial_lora.train import fit
 
 NAME = A.RETRAIN
 
