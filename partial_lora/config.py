@@ -6,20 +6,16 @@ and the stages read that; the core modules never see a DictConfig.
 
 The schemas are the dataclasses themselves (`schemas()`: one per config group, each beside the
 code it configures). Each group's values are checked against the field annotations by
-`check_type`, which never coerces. That is why they are not registered as Hydra structured
+`typecheck.check_type`, which never coerces. That is why they are not registered as Hydra structured
 configs in the ConfigStore: OmegaConf's typed nodes convert what they can (measured with
 omegaconf 2.3: `'3'` becomes 3 in an int field, `'yes'` and 1 become True in a bool field), and a
 wrong type must be refused, not converted. Unknown keys fail at composition (the YAMLs are
-struct) or in `_build`.
+struct) or in `typecheck._build`.
 """
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
-import types
-import typing
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -34,6 +30,7 @@ from partial_lora.peft_baselines import PeftSpec
 from partial_lora.masks import MaskConfig
 from partial_lora.spec import MatchConfig, ProbeConfig, RetrainConfig, RunSpec, TaskPart
 from partial_lora.recipe import TrainConfig
+from partial_lora.typecheck import _build, check_type
 
 __all__ = ["MaskConfig", "MatchConfig", "ProbeConfig", "RetrainConfig", "RunSpec", "TaskPart", "validate"]
 
@@ -43,80 +40,6 @@ def plain(node: Any) -> Any:
     if isinstance(node, DictConfig | ListConfig):
         return OmegaConf.to_container(node, resolve=True)
     return node
-
-
-_KIND = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
-_PLURAL = {int: "whole numbers", float: "numbers", bool: "true/false values", str: "strings"}
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether a config value has the annotated type. Never coerces: 1.5 is no int, "3" no number,
-    true no number; an int is a float (widening loses nothing)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any or hint is object:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if origin is typing.Literal:
-        return value in args
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin in (tuple, list, Sequence, collections.abc.Sequence) or hint in (tuple, list):
-        if not isinstance(value, list | tuple):
-            return False
-        inner = [a for a in args if a is not Ellipsis]
-        return not inner or all(_fits(v, inner[0]) for v in value)
-    if origin in (dict, Mapping, collections.abc.Mapping) or hint is dict:
-        if not isinstance(value, Mapping):
-            return False
-        return len(args) < 2 or all(_fits(v, args[1]) for v in value.values())
-    return True  # nested dataclasses: checked where they are read
-
-
-def _describe(hint: Any) -> str:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args) + (" (or null)" if type(None) in typing.get_args(hint) else "")
-    if typing.get_origin(hint) is typing.Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(hint)))
-    if typing.get_origin(hint) in (dict, collections.abc.Mapping):
-        return "a mapping" + (f" to {_PLURAL.get(args[1], _describe(args[1]))}" if len(args) == 2 and args[1] is not Any else "")
-    if typing.get_origin(hint) in (tuple, list, collections.abc.Sequence):
-        return "a list" + (f" of {_PLURAL.get(args[0], _describe(args[0]))}" if args and args[0] is not Ellipsis else "")
-    return _KIND.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def check_type(key: str, value: Any, hint: Any) -> None:
-    """Refuse a value of the wrong type in one line (a wrong type is refused, never coerced).
-
-    Raises:
-        PlrError: names the key, the value, the expected type, and an example.
-    """
-    if not _fits(value, hint):
-        got = "a string" if isinstance(value, str) else type(value).__name__
-        raise PlrError(f"{key}={value!r} must be {_describe(hint)}, got {got}; fix that override")
-
-
-def _build(cls: type, values: Mapping[str, Any], group: str, extra: tuple[str, ...] = ()) -> Any:
-    """Instantiate a dataclass from a config group, rejecting keys it does not know and values of
-    the wrong type (checked against the field annotations)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names - set(extra))
-    if unknown:
-        raise PlrError(f"unknown key {group}.{unknown[0]}; known keys: {', '.join(sorted(names | set(extra)))}")
-    hints = typing.get_type_hints(cls)
-    for k, v in values.items():
-        if k in names:
-            check_type(f"{group}.{k}", v, hints[k])
-    return cls(**{k: v for k, v in values.items() if k in names})
 
 
 def schemas() -> dict[str, type]:
