@@ -13,8 +13,8 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from partial_lora import peft_baselines as PB
+from partial_lora.classifier import Classifier
 from partial_lora.inject import adapter_state_dict, count_adapter_parameters, load_adapter_state_dict
-from partial_lora.models import Classifier
 from partial_lora.train import Hooks
 
 

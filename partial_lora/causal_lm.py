@@ -12,8 +12,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from partial_lora.classifier import Classifier
 from partial_lora.errors import PlrError
-from partial_lora.models import Classifier
 
 
 SCORING = ("sum", "mean")

@@ -9,12 +9,12 @@ Four families behind one factory (`MODELS`):
 
 `pretrained: false` builds a random model from `config` (the `tiny-*` test models). A source
 `package:<module>[/<subdir>]` points inside an installed Python package (the MiniLM fixture), and
-`fetch:<source>` at an entry of the `plr fetch` cache (Gemma 3 270M).
+`fetch:<source>` at an entry of the `plr fetch` cache (Gemma 3 270M): see `model_source`.
+The backbone is wrapped in a `classifier.Classifier`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from torch import Tensor, nn
+from torch import nn
 
-from partial_lora import distributed as D
+from partial_lora.causal_lm import CausalLM
+from partial_lora.classifier import Classifier
 from partial_lora.data.base import ImagePreprocess
 from partial_lora.errors import PlrError
-from partial_lora.hub import check_local_path, load_from_hub, looks_local
+from partial_lora.hub import load_from_hub, looks_local
+from partial_lora.model_source import _first_line, _hf_load, _load_local, resolve_source
 
 
 @dataclass(frozen=True)
@@ -83,68 +84,6 @@ class ModelSpec:
     head_init: str = "model"
 
 
-class Classifier(nn.Module):
-    """A backbone `net` with one call convention: `logits = model(batch)`.
-
-    Adapters are injected into `net`, so layer ids are the backbone's own module names.
-    """
-
-    def __init__(self, net: nn.Module, family: str, head_modules: Sequence[str]) -> None:
-        super().__init__()
-        self.net = net
-        self.family = family
-        self.head_modules = list(head_modules)
-        self.frozen_norm = False  # set by build_model from ModelSpec.frozen_norm
-
-    def train(self, mode: bool = True) -> "Classifier":
-        """`nn.Module.train`, except that with `frozen_norm` the backbone's batch norms stay in eval mode."""
-        super().train(mode)
-        if mode and self.frozen_norm:
-            for name, m in self.net.named_modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
-                        name == h or name.startswith(h + ".") for h in self.head_modules):
-                    m.eval()
-        return self
-
-    def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
-        if self.family == "timm":
-            return self.net(batch["pixel_values"])
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return self.net(**inputs).logits
-
-    def loss(self, out: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
-        """The training loss of a forward's output: cross-entropy, or MSE for a 1-output head."""
-        return loss_fn(out, batch["labels"])
-
-    def loss_units(self, batch: Mapping[str, Tensor]) -> int | None:
-        """How many units `loss` is a mean over in `batch`, when they are not its rows (None: a
-        per-row mean). Data parallel weighs each process's mean loss by its share of them."""
-        return None
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        return [p for n in self.head_modules for p in self.net.get_submodule(n).parameters()]
-
-    def head_state_dict(self) -> dict[str, Tensor]:
-        """Head tensors keyed by their names in `net` (e.g. `classifier.weight`)."""
-        return {f"{n}.{k}": D.full(v.detach()).cpu().clone() for n in self.head_modules  # FSDP: gathered
-                for k, v in self.net.get_submodule(n).state_dict().items()}
-
-    def load_head_state_dict(self, state: Mapping[str, Tensor], source: str = "head") -> None:
-        own = self.head_state_dict()
-        if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
-            raise PlrError(f"{source} does not fit this model's head (another model or label count?); "
-                           "rerun the stage that wrote it")
-        for n in self.head_modules:
-            for k, v in self.net.get_submodule(n).state_dict(keep_vars=True).items():
-                D.assign(v, state[f"{n}.{k}"])  # FSDP: this process's shard of it
-
-
-def loss_fn(logits: Tensor, labels: Tensor) -> Tensor:
-    if logits.shape[-1] == 1:  # regression head (STS-B)
-        return nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
-    return nn.functional.cross_entropy(logits.float(), labels)
-
-
 @dataclass
 class Built:
     """What the factory returns: the model and how to feed it."""
@@ -153,48 +92,6 @@ class Built:
     tokenizer: Any | None = None
     image: ImagePreprocess | None = None
     max_length: int = 128
-
-
-def resolve_source(source: str | None, key: str = "model.source") -> tuple[str, bool]:
-    """Return (name or path, is_local) for a model source string."""
-    if not source:
-        raise PlrError(f"the model has no source; set {key}=<hub id or local dir>")
-    if source.startswith("fetch:"):
-        from partial_lora.fetch import resolve_uri
-
-        return str(resolve_uri(source, what=f"{key}={source}")), True
-    if source.startswith("package:"):
-        module, _, sub = source[len("package:"):].partition("/")
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
-            raise PlrError(f"package '{module}' is not installed; pip install {module.replace('_', '-')} "
-                           "(or pip install 'plr[offline]')")
-        return str(Path(spec.submodule_search_locations[0]) / sub), True
-    if looks_local(source):
-        return str(check_local_path(source, what="model", key=key)), True
-    return source, False
-
-
-def _hf_load(fn: Callable[..., Any], source: str | None, revision: str | None, key: str, **kw: Any) -> Any:
-    path, local = resolve_source(source, key)
-    if local:
-        return _load_local(fn, path, source, key, **kw)
-    return load_from_hub(lambda lfo: fn(path, revision=revision, local_files_only=lfo, **kw), path,
-                         what="model", key=key)
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
-
-
-def _load_local(fn: Callable[..., Any], path: str, source: str | None, key: str, **kw: Any) -> Any:
-    """`fn(path)` for a local folder, with a folder that transformers cannot read (no or corrupt
-    config.json, no or truncated weights) turned into one line naming the folder and the cause."""
-    try:
-        return fn(path, **kw)
-    except (OSError, ValueError, SafetensorError) as e:
-        raise PlrError(f"{key}={source} cannot be loaded from '{path}': {_first_line(e)}; point {key} at a "
-                       "save_pretrained folder (config.json and model.safetensors) or re-download it") from None
 
 
 def _unused_source(spec: ModelSpec) -> None:
@@ -348,8 +245,6 @@ def build_hf_causal(spec: ModelSpec, num_labels: int) -> Built:
     """A causal LM (no new head): `num_labels` is the most answer choices a task has."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from partial_lora.causal_lm import CausalLM  # here: causal_lm imports Classifier from this module
-
     _quiet_transformers()
     dtype = torch_dtype(spec)
     if spec.pretrained:
@@ -402,4 +297,3 @@ def build_model(spec: ModelSpec, num_labels: int) -> Built:
         except AttributeError:
             raise PlrError(f"head module '{name}' is not in model '{spec.name}'; fix model.head_modules") from None
     return built
-

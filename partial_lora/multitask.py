@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from partial_lora.causal_lm import CausalLM
+from partial_lora.classifier import Classifier, loss_fn
 from partial_lora.data.base import TaskData
 from partial_lora.errors import PlrError
-from partial_lora.models import Classifier, loss_fn
 
 MEAN = "mean"
 

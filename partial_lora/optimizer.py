@@ -18,9 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from partial_lora import checkpoint as CK
+from partial_lora.classifier import Classifier
 from partial_lora.errors import PlrError
 from partial_lora.inject import iter_branches
-from partial_lora.models import Classifier
 from partial_lora.recipe import TrainConfig, lr_lambda
 
 

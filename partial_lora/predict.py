@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from partial_lora.classifier import Classifier
 from partial_lora.errors import PlrError
 from partial_lora.metrics import compute_metrics
-from partial_lora.models import Classifier
 from partial_lora.runtime import _to
 
 

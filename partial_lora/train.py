@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 
 from partial_lora import checkpoint as CK
 from partial_lora import distributed as D
+from partial_lora.classifier import Classifier
 from partial_lora.curve import JsonlLog
 from partial_lora.errors import Interrupted, PlrError
 from partial_lora.inject import iter_branches
-from partial_lora.models import Classifier
 from partial_lora.optimizer import start_training
 from partial_lora.predict import evaluate
 from partial_lora.recipe import TrainConfig

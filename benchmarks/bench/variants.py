@@ -19,7 +19,7 @@ from partial_lora.inject import (
     inject_lora,
     layer_id,
 )
-from partial_lora.models import Classifier
+from partial_lora.classifier import Classifier
 
 from .sizes import Size
 

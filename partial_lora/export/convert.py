@@ -19,7 +19,8 @@ from partial_lora.errors import PlrError, first_line
 from partial_lora.export.layout import _read_optional
 from partial_lora.inject import layer_id
 from partial_lora.lora import LoRABranch, LoRALinear
-from partial_lora.models import ModelSpec, build_model, resolve_source
+from partial_lora.model_source import resolve_source
+from partial_lora.models import ModelSpec, build_model
 from partial_lora.runtime import set_seed
 from partial_lora.stages.base import Setup
 

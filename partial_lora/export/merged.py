@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from partial_lora import config as C
-from partial_lora.models import ModelSpec, resolve_source
+from partial_lora.model_source import resolve_source
+from partial_lora.models import ModelSpec
 from partial_lora.stages.base import Setup
 
 

@@ -1,0 +1,61 @@
+"""Where a model's files are, and loading them with one-line errors.
+
+A model source is a hub id, a local folder, `package:<module>[/<subdir>]` (inside an installed
+Python package: the MiniLM fixture) or `fetch:<source>` (an entry of the `plr fetch` cache:
+Gemma 3 270M); `resolve_source` turns it into a name or path. A local folder that transformers
+cannot read, and a hub id that is neither cached nor reachable, become one `PlrError` line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+
+from partial_lora.errors import PlrError
+from partial_lora.hub import check_local_path, load_from_hub, looks_local
+
+
+def resolve_source(source: str | None, key: str = "model.source") -> tuple[str, bool]:
+    """Return (name or path, is_local) for a model source string."""
+    if not source:
+        raise PlrError(f"the model has no source; set {key}=<hub id or local dir>")
+    if source.startswith("fetch:"):
+        from partial_lora.fetch import resolve_uri
+
+        return str(resolve_uri(source, what=f"{key}={source}")), True
+    if source.startswith("package:"):
+        module, _, sub = source[len("package:"):].partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise PlrError(f"package '{module}' is not installed; pip install {module.replace('_', '-')} "
+                           "(or pip install 'plr[offline]')")
+        return str(Path(spec.submodule_search_locations[0]) / sub), True
+    if looks_local(source):
+        return str(check_local_path(source, what="model", key=key)), True
+    return source, False
+
+
+def _hf_load(fn: Callable[..., Any], source: str | None, revision: str | None, key: str, **kw: Any) -> Any:
+    path, local = resolve_source(source, key)
+    if local:
+        return _load_local(fn, path, source, key, **kw)
+    return load_from_hub(lambda lfo: fn(path, revision=revision, local_files_only=lfo, **kw), path,
+                         what="model", key=key)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+
+
+def _load_local(fn: Callable[..., Any], path: str, source: str | None, key: str, **kw: Any) -> Any:
+    """`fn(path)` for a local folder, with a folder that transformers cannot read (no or corrupt
+    config.json, no or truncated weights) turned into one line naming the folder and the cause."""
+    try:
+        return fn(path, **kw)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise PlrError(f"{key}={source} cannot be loaded from '{path}': {_first_line(e)}; point {key} at a "
+                       "save_pretrained folder (config.json and model.safetensors) or re-download it") from None
