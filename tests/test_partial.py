@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from partial_lora import allocation as AL
 from partial_lora import artifacts as A
 from partial_lora import config as C
+from partial_lora import search as AS
 from partial_lora.errors import PlrError
 from partial_lora.inject import LoRAConfig, inject_lora, iter_branches
 from partial_lora.masks import count, element_masks, rank_random, rank_subspace, subspace_k
@@ -39,7 +40,7 @@ PENALTIES = {
 
 def test_joint_threshold_allocation_has_the_known_answer():
     cfg = AL.AllocationConfig(tau=0.9, grid=GRID, mode="joint")
-    alloc = AL.threshold(LAYERS, 4, cfg, evaluate=synthetic(PENALTIES), a_ref=1.0, a_0=0.2)
+    alloc = AS.threshold(LAYERS, 4, cfg, evaluate=synthetic(PENALTIES), a_ref=1.0, a_0=0.2)
     assert alloc.ratios() == {"a": FLOOR, "b": 0.5, "c": 1.0}
     assert alloc.target == pytest.approx(0.9)
     assert alloc.joint_accuracy == pytest.approx(0.94) and alloc.joint_accuracy >= alloc.target
@@ -51,7 +52,7 @@ def test_joint_threshold_allocation_has_the_known_answer():
 
 def test_independent_mode_is_the_literal_reading_and_warns(caplog):
     cfg = AL.AllocationConfig(tau=0.9, grid=GRID, mode="independent", floor_warning=0.5)
-    alloc = AL.threshold(LAYERS, 4, cfg, evaluate=synthetic(PENALTIES), a_ref=1.0, a_0=0.2)
+    alloc = AS.threshold(LAYERS, 4, cfg, evaluate=synthetic(PENALTIES), a_ref=1.0, a_0=0.2)
     assert alloc.ratios() == {"a": FLOOR, "b": FLOOR, "c": 1.0}
     assert alloc.joint_accuracy == pytest.approx(0.88)  # recorded: the literal reading overshoots the target
     assert alloc.joint_accuracy < alloc.target
@@ -59,9 +60,9 @@ def test_independent_mode_is_the_literal_reading_and_warns(caplog):
 
 
 def test_relative_to_gain_moves_the_target():
-    assert AL.target_accuracy(0.9, 0.5, 0.9, "gain") == pytest.approx(0.5 + 0.9 * 0.4)
+    assert AS.target_accuracy(0.9, 0.5, 0.9, "gain") == pytest.approx(0.5 + 0.9 * 0.4)
     cfg = AL.AllocationConfig(tau=0.95, grid=GRID, relative_to="gain")
-    alloc = AL.threshold(LAYERS, 4, cfg, evaluate=synthetic(PENALTIES), a_ref=1.0, a_0=0.0)
+    alloc = AS.threshold(LAYERS, 4, cfg, evaluate=synthetic(PENALTIES), a_ref=1.0, a_0=0.0)
     assert alloc.target == pytest.approx(0.95)
     assert alloc.ratios() == {"a": 0.5, "b": 0.5, "c": 1.0}  # 0.94 < 0.95: nobody may drop below 1/2
 

@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_module
 
 from partial_lora import allocation as AL
 from partial_lora import config as C
+from partial_lora import search as AS
 from partial_lora.errors import PlrError
 from partial_lora.masks import count, kept, rank_random
 from partial_lora.stages import format_results, plan, run_pipeline
@@ -37,7 +38,7 @@ def test_budget_rescaling_honours_the_sides():
 
 def test_threshold_search_records_its_name_and_sides():
     cfg = AL.AllocationConfig(tau=0.9, grid=(1.0, 0.5, 0.25))
-    alloc = AL.threshold(LAYERS, 4, cfg, evaluate=lambda ratios: 1.0, a_ref=1.0, a_0=0.5, sides="cols",
+    alloc = AS.threshold(LAYERS, 4, cfg, evaluate=lambda ratios: 1.0, a_ref=1.0, a_0=0.5, sides="cols",
                          allocator="truncation")
     assert alloc.allocator == "truncation" and alloc.sides == "cols"
     assert all((la.rows, la.cols) == (64, count(0.25, 32)) for la in alloc.layers)
@@ -51,7 +52,7 @@ def sensitive(drops):
 def test_proportional_splits_the_budget_by_sensitivity():
     cfg = AL.AllocationConfig(allocator="proportional", grid=(1.0, 0.5, 0.125))
     budget = 0.3 * 4 * 3 * (64 + 32)
-    alloc = AL.proportional(LAYERS, 4, cfg, budget, evaluate=sensitive({"a": 0.3, "b": 0.1, "c": 0.0}),
+    alloc = AS.proportional(LAYERS, 4, cfg, budget, evaluate=sensitive({"a": 0.3, "b": 0.1, "c": 0.0}),
                             a_ref=1.0, a_0=0.4)
     la = {x.name: x for x in alloc.layers}
     assert la["a"].sensitivity == pytest.approx(0.3) and la["c"].sensitivity == pytest.approx(0.0)
@@ -65,7 +66,7 @@ def test_proportional_splits_the_budget_by_sensitivity():
 
 def test_proportional_without_any_sensitivity_is_an_even_split():
     cfg = AL.AllocationConfig(allocator="proportional")
-    alloc = AL.proportional(LAYERS, 4, cfg, 0.25, evaluate=lambda r: 0.8, a_ref=0.8, a_0=0.5)
+    alloc = AS.proportional(LAYERS, 4, cfg, 0.25, evaluate=lambda r: 0.8, a_ref=0.8, a_0=0.5)
     assert len({(la.rows, la.cols) for la in alloc.layers}) == 1
     assert abs(alloc.params() - 0.25 * alloc.dense_params()) <= 4 * len(LAYERS)
 

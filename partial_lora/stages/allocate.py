@@ -19,6 +19,7 @@ import torch
 from partial_lora import allocation as AL
 from partial_lora import artifacts as A
 from partial_lora import distributed as D
+from partial_lora import search as AS
 from partial_lora.errors import PlrError
 from partial_lora.inject import base_weights
 from partial_lora.masks import LayerInfo, Ranking, count, rank_layer, subspace_k
@@ -194,10 +195,10 @@ def _search(spec: RunSpec, run_dir: Path, s: Setup, layers: list[AL.Layer], acfg
               f"relative_to={acfg.relative_to}, {len(layers)} layers, grid {list(acfg.grid)}")
         if acfg.allocator == "proportional":
             assert budget is not None
-            alloc = AL.proportional(layers, spec.lora.r, acfg, budget, evaluate=score, a_ref=a_ref, a_0=a_0,
+            alloc = AS.proportional(layers, spec.lora.r, acfg, budget, evaluate=score, a_ref=a_ref, a_0=a_0,
                                     sides=sides)
         else:
-            alloc = AL.threshold(layers, spec.lora.r, acfg, evaluate=score, a_ref=a_ref, a_0=a_0,
+            alloc = AS.threshold(layers, spec.lora.r, acfg, evaluate=score, a_ref=a_ref, a_0=a_0,
                                  sides=sides, allocator=acfg.allocator)
     alloc.replayed_share = replay.saved_share
     set_ratios({})
