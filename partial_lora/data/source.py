@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import datasets
 
 from partial_lora.data.base import TaskSpec
-from partial_lora.data.split import missing_split, used_splits
+from partial_lora.data.split import used_splits
+from partial_lora.data.split_files import (_EXTENSIONS, Files, _built, _check_splits, _from_files, _prepare,
+                                           converted_layout, hub_layout_splits)
 from partial_lora.errors import PlrError, first_line
 from partial_lora.hub import check_local_path, load_from_hub, looks_local
 
@@ -40,14 +42,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("parquet", "csv", "json", "imagefolder")
 CONVERTED = "refs/convert/parquet"  # the Hub's parquet conversion of every public dataset repo
-_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
-_SHARD = re.compile(r"^(?P<split>\w+?)-\d{5}-of-\d{5}$")  # train-00000-of-00001
-_NUMBERED = re.compile(r"^\d+$")                           # <split>/0000.parquet
 _SCRIPT = re.compile(r"Dataset scripts are no longer supported, but found (?P<file>\S+)")
-_PARTIAL = "partial-"
-
-Files = dict[str, list[str]]
-Rebuild = Callable[[Files, datasets.Features | None], datasets.DatasetBuilder]
 
 
 # --- the only two calls that ask the Hub (tests point them at local layouts) ------------------
@@ -72,50 +67,6 @@ def hub_files(repo: str, revision: str) -> list[str]:
     from huggingface_hub import HfApi
 
     return HfApi().list_repo_files(repo, repo_type="dataset", revision=revision)
-
-
-# --- layouts --------------------------------------------------------------------------------
-
-
-def hub_layout_splits(path: Path) -> tuple[str, dict[str, list[str]]] | None:
-    """(format, split -> files) when every data file under `path` names its split the Hub's way.
-
-    Returns None for any other layout (then `datasets` infers the splits).
-    """
-    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in _EXTENSIONS
-                   and not any(part.startswith(".") for part in f.relative_to(path).parts))
-    formats = {_EXTENSIONS[f.suffix.lower()] for f in files}
-    if not files or len(formats) != 1:
-        return None
-    splits: dict[str, list[str]] = {}
-    shard_dirs: set[Path] = set()
-    for f in files:
-        m = _SHARD.match(f.stem)
-        if m:
-            split = m["split"]
-            shard_dirs.add(f.parent)
-        elif _NUMBERED.match(f.stem) and f.parent != path:
-            split = f.parent.name
-        else:
-            return None
-        splits.setdefault(split, []).append(str(f))
-    if len(shard_dirs) > 1:  # shards in several folders: several configs (set task.subset) or a custom layout
-        return None
-    first = {"train": 0, "validation": 1, "test": 2}
-    return formats.pop(), dict(sorted(splits.items(), key=lambda kv: (first.get(kv[0], 3), kv[0])))
-
-
-def converted_layout(paths: Sequence[str]) -> dict[str, Files]:
-    """config -> split folder -> parquet files, from the file list of a `refs/convert/parquet` branch.
-
-    Split folders keep their names, so a partial conversion shows as `partial-<split>`.
-    """
-    configs: dict[str, Files] = {}
-    for p in sorted(paths):
-        parts = p.split("/")
-        if len(parts) == 3 and parts[2].endswith(".parquet"):
-            configs.setdefault(parts[0], {}).setdefault(parts[1], []).append(p)
-    return configs
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -238,50 +189,6 @@ def _converted_config(spec: TaskSpec, configs: Mapping[str, Files]) -> str:
         return "default"
     raise PlrError(f"task.subset={spec.subset!r} is not a config of the parquet conversion of '{spec.path}' "
                    f"({CONVERTED}; configs: {', '.join(configs)}); set task.subset=<one of those>")
-
-
-def _check_splits(wanted: Mapping[str, str], available: Sequence[str], where: str) -> None:
-    """Every used split exists, and none of them is a partial conversion."""
-    for key, split in wanted.items():
-        if split in available and not split.startswith(_PARTIAL):
-            continue
-        if _PARTIAL + split in available or split.startswith(_PARTIAL):
-            split = split.removeprefix(_PARTIAL)
-            raise PlrError(f"{where} holds only part of split '{split}' (folder {_PARTIAL}{split}: the Hub converts "
-                           f"only the first part of a large dataset), and using it would silently truncate the data; "
-                           f"download the full dataset and set task.path=<local dir>")
-        raise missing_split(key, split, available)
-
-
-def _prepare(builder: datasets.DatasetBuilder, rebuild: Rebuild, wanted: Mapping[str, str],
-             where: str) -> datasets.DatasetDict:
-    """Download and prepare only the used splits of a resolved builder.
-
-    When the builder knows more splits than the run uses, a second builder of just their data
-    files is made (keeping the source's features, e.g. `ClassLabel` names from the dataset card);
-    its cache entry is its own, so it never mixes with a full copy.
-    """
-    files = {str(split): list(paths) for split, paths in (builder.config.data_files or {}).items()}
-    available = list(files) or [str(split) for split in builder.info.splits or {}]
-    if available:
-        _check_splits(wanted, available, where)
-    splits = list(dict.fromkeys(wanted.values()))
-    if files and set(files) != set(splits):
-        builder = rebuild({s: files[s] for s in splits}, builder.info.features)
-    return _built(builder, splits)
-
-
-def _built(builder: datasets.DatasetBuilder, splits: Sequence[str]) -> datasets.DatasetDict:
-    builder.download_and_prepare()
-    return datasets.DatasetDict({s: builder.as_dataset(split=s) for s in splits})
-
-
-def _from_files(fmt: str, files: Mapping[str, list[str]], wanted: Mapping[str, str],
-                where: str) -> datasets.DatasetDict:
-    """A packaged builder (`parquet`, `csv`, ...) on the used splits' files of a known layout."""
-    _check_splits(wanted, list(files), where)
-    splits = list(dict.fromkeys(wanted.values()))
-    return _built(datasets.load_dataset_builder(fmt, data_files={s: files[s] for s in splits}), splits)
 
 
 def _load_local(spec: TaskSpec, path: Path, wanted: Mapping[str, str]) -> datasets.DatasetDict:
