@@ -14,11 +14,11 @@ from PIL import Image
 
 from fixtures import GLUE, VISION, write_commonsense, write_glue, write_vision
 from partial_lora import config as C
-from partial_lora.cli import CONF_DIR
 from partial_lora.data import TaskSpec, load_task
 from partial_lora.data.split import few_shot, split_task
 from partial_lora.errors import PlrError
 from partial_lora.metrics import compute_metrics
+from partial_lora.overrides import CONF_DIR
 from partial_lora.stages import run_pipeline
 
 datasets.disable_progress_bars()

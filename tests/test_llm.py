@@ -10,11 +10,11 @@ from omegaconf import OmegaConf
 from fixtures import write_commonsense
 from partial_lora import config as C
 from partial_lora.causal_lm import CausalLM
-from partial_lora.cli import CONF_DIR
 from partial_lora.data.collate import ChoiceCollate
 from partial_lora.errors import PlrError
 from partial_lora.metrics import compute_metrics
 from partial_lora.models import ModelSpec, build_model
+from partial_lora.overrides import CONF_DIR
 from partial_lora.predict import predict
 from partial_lora.stages import run_pipeline
 
