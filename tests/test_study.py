@@ -12,7 +12,9 @@ import pytest
 from partial_lora import stats as ST
 from partial_lora.errors import PlrError
 from partial_lora.study import Selection, execute, plan
-from partial_lora.study.claims import CLAIMS, ClaimRow, Study, arm_rows, claim_rows, collect, markdown, rule_rows
+from partial_lora.study.claims import CLAIMS, ClaimRow, arm_rows, claim_rows, collect, markdown
+from partial_lora.study.rule import markdown as rule_markdown
+from partial_lora.study.rule import rule_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +103,7 @@ def test_the_default_rule_at_its_edges():
     assert [rules["partial", t].meets for t in "abcde"] == [True, False, False, False, None]
     assert rules["partial", "b"].checks == (True, False, True) and rules["partial", "e"].checks == (True, True, None)
     assert rules["partial@v", "a"].checks == (True, False, True)
-    md = markdown(Study([]), rows, [])
+    md = "\n".join(rule_markdown(rule_rows(rows)))
     assert "## The default rule" in md and "| minilm | partial | 5 | 1 (a) |" in md
     assert "| minilm | partial@v | 1 | 0 |" in md
 

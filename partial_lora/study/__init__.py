@@ -5,8 +5,8 @@
 
 `plan` lays out tasks × seeds × arms (`study.plan`), `execute` runs what has not finished
 (`study.run`), and `write` turns the finished runs into `study.md` (every arm, the claims
-table with paired bootstrap CIs and verdicts, the default rule, and what each allocation search
-saw: `study.search`), `study.csv` and `study.png` (`study.claims`).
+table with paired bootstrap CIs and verdicts, the default rule of `study.rule`, and what each
+allocation search saw: `study.search`), `study.csv` and `study.png` (`study.claims`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 from partial_lora import artifacts as A
 from partial_lora.study.claims import arm_rows, claim_rows, collect, markdown
 from partial_lora.study.plan import ARMS, SUITES, Selection, plan
+from partial_lora.study.rule import markdown as rule_markdown
+from partial_lora.study.rule import rule_rows
 from partial_lora.study.run import execute
 from partial_lora.study.search import markdown as search_markdown
 from partial_lora.study.search import search_rows
@@ -30,7 +32,8 @@ def write(out: Path, n_boot: int = 2000) -> list[Path]:
     arms = arm_rows(study)
     rows = claim_rows(study, n_boot=n_boot)
     md = out / "study.md"
-    A.write_text(md, markdown(study, rows, arms, extra=search_markdown(search_rows(study))))
+    A.write_text(md, markdown(study, rows, arms,
+                              extra=[*rule_markdown(rule_rows(rows)), *search_markdown(search_rows(study))]))
     path_csv = out / "study.csv"
     with A.atomic_path(path_csv) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
