@@ -244,4 +244,3 @@ def markdown(study: Study, rows: Sequence[ClaimRow], arms: Sequence[dict[str, An
         lines += ["", f"Unfinished runs ({len(study.missing)}), not counted:", "",
                   *[f"- {p}" for p in study.missing]]
     return "\n".join(lines) + "\n"
-
