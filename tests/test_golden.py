@@ -11,7 +11,9 @@ them, and says so in its commit:
 Floating-point results depend on the CPU kernels: the same torch and the same capability string
 (AVX512) on another CPU model gave other last bits (1e-6 on an adapter entry). So recordings are
 kept per platform (torch version, CPU capability, CPU family/model, torch threads); on a platform
-with no recording the case is skipped with the platform named. To add one, record on the commit
+with no recording the case is skipped with the platform named. The cases run at torch's default
+thread count (the `default_threads` fixture), also under pytest-xdist, whose workers otherwise take
+a share of the cores each (conftest.py). To add one, record on the commit
 before a change (so the change is checked against what the code gave before it).
 """
 
@@ -85,7 +87,7 @@ def _outputs(run_dir: Path, results: dict) -> tuple[dict[str, torch.Tensor], dic
 
 
 @pytest.mark.parametrize("name", ["partial", "dense", "uniform", "multi", "causal"])
-def test_results_are_bit_identical_to_the_recorded_ones(name, tmp_path):
+def test_results_are_bit_identical_to_the_recorded_ones(name, tmp_path, default_threads):
     golden = _golden_dir() / f"{name}.safetensors"
     if not RECORD:
         if not golden.exists():

@@ -99,14 +99,15 @@ def test_grad_accumulation_counts_optimizer_steps(model_spec):
 
 def test_lora_on_real_minilm_learns_bbc_news(model_spec):
     """The real pretrained MiniLM with LoRA learns BBC News on a small CPU budget, and the adapter is
-    what learns: the head alone, trained the same way, stays near chance (seed 0: LoRA 0.81, head
-    0.24; chance is 0.2 for 5 balanced-ish classes)."""
+    what learns: the head alone, trained the same way, stays near chance (seed 0, 32 tokens: LoRA
+    0.86, head 0.30; chance is 0.2 for 5 balanced-ish classes)."""
+    data = load_task(TaskSpec(name="bbc-news", loader="bbc-news", max_train_samples=160, max_eval_samples=100))
+    spec = model_spec("minilm")
+
     def train(lora: bool) -> float:
         set_seed(0)
-        data = load_task(TaskSpec(name="bbc-news", loader="bbc-news", max_train_samples=160, max_eval_samples=100))
-        spec = model_spec("minilm")
         built = build_model(spec, data.num_labels)
-        built.max_length = 64  # short inputs keep this test to seconds; titles + lead carry the topic
+        built.max_length = 32  # short inputs keep this test to seconds; the title and lead carry the topic
         branches = inject_lora(built.model.net, LoRAConfig(r=8, alpha=16, targets=tuple(spec.lora_targets["qv"]),
                                                            exclude=tuple(spec.head_modules))) if lora else {}
         freeze_for_adapter(built.model.net, spec.head_modules)
