@@ -152,6 +152,9 @@ def study_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-stale", action="store_true", help="reuse finished runs made with other settings than "
                         "their arm has now (by default they run again from the first stage that differs)")
     parser.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap replicates (default 2000)")
+    parser.add_argument("--compare", nargs=2, action="append", metavar=("METHOD", "CONTROL"),
+                        help="print the paired difference of two finished arms (e.g. partial@a partial@b), per task "
+                        "and pooled, with its CI; run nothing, write nothing (repeat for several pairs)")
     return parser
 
 
@@ -169,6 +172,11 @@ def study_command(argv: list[str]) -> int:
     try:
         jobs = ST.plan(args.out, ST.Selection(args.model, args.tasks, args.seeds, args.arms, extra, args.variant,
                                                     args.variant_overrides))
+        if args.compare:
+            from partial_lora.study.claims import collect, comparison_markdown, comparison_rows
+
+            print(comparison_markdown(comparison_rows(collect(args.out), args.compare, n_boot=args.bootstrap)), end="")
+            return 0
         if args.dry_run:
             n_done = 0
             for job in jobs:

@@ -228,6 +228,35 @@ def test_claims_pair_runs_example_by_example(tmp_path):
     assert row["std"] is None and "| lora | 1.0000 | 0 |" in markdown(one, [], arm_rows(one))
 
 
+def test_compare_pairs_any_two_arms_and_refuses_unknown_or_disjoint_ones(tmp_path, capsys):
+    """`plr study --compare A B`: two readings paired example by example, per task and pooled, with both
+    verdicts; a typo or two arms with no task and seed in common is one line."""
+    from partial_lora.commands import study_command
+
+    base = plan(tmp_path, Selection(models=["minilm"], tasks=["rt-polarity", "vader-tweets"], seeds=[0, 1],
+                                    arms=["partial"]))
+    var = plan(tmp_path, Selection(models=["minilm"], tasks=["rt-polarity", "vader-tweets"], seeds=[0, 1],
+                                   arms=["partial"], variant="a", variant_overrides=["adapter.allocation.tau=0.8"]))
+    labels = np.tile([0, 1], 50)
+    for j in base + var:
+        preds = labels.copy()
+        if j.arm == "partial":
+            preds[:3] = 1 - preds[:3]  # the variant is 3 points above the default reading
+        fake_run(j, float((preds == labels).mean()), labels, preds)
+    other = plan(tmp_path, Selection(models=["minilm"], tasks=["vader-movies"], seeds=[0], arms=["lora"]))
+    fake_run(other[0], 1.0, labels)
+    assert study_command(["--out", str(tmp_path), "--compare", "partial@a", "partial", "--bootstrap", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "| minilm | rt-polarity | partial@a − partial | +3.00 | +3.00, +3.00 |" in out
+    assert "| minilm | pooled | partial@a − partial | +3.00 |" in out and out.count("| holds | holds |") == 3
+    assert not (tmp_path / "study.md").exists()  # runs nothing, writes nothing
+    for pair, msg in ((["partial@b", "partial"], "no finished run of arm 'partial@b'"),
+                      (["lora", "partial"], "no task and seed in common")):
+        with pytest.raises(SystemExit) as e:
+            study_command(["--out", str(tmp_path), "--compare", *pair])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
 def test_plr_study_end_to_end_on_a_tiny_model(tmp_path):
     out = tmp_path / "study"
     cmd = [sys.executable, "-m", "partial_lora.cli", "study", "--model", "minilm", "--tasks", "bbc-news",

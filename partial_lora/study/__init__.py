@@ -1,12 +1,13 @@
 """`plr study`: does Partial-LoRA beat its matched-budget controls? Runs and judges the claims.
 
     plr study [--model minilm|gemma3-270m] [--tasks ...] [--seeds ...] [--arms ...] [--out DIR]
-              [--dry-run] [--tables-only] [-- extra overrides]
+              [--dry-run] [--tables-only] [--compare METHOD CONTROL] [-- extra overrides]
 
 `plan` lays out tasks × seeds × arms (`study.plan`), `execute` runs what has not finished
 (`study.run`), and `write` turns the finished runs into `study.md` (every arm, the claims
 table with paired bootstrap CIs and verdicts, the default rule of `study.rule`, and what each
 allocation search saw: `study.search`), `study.csv` and `study.png` (`study.claims`).
+`--compare` pairs any two finished arms the same way (`claims.comparison_rows`) and only prints.
 """
 
 from __future__ import annotations

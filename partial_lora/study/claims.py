@@ -152,39 +152,85 @@ class ClaimRow:
 def claim_rows(study: Study, n_boot: int = 2000, seed: int = 0) -> list[ClaimRow]:
     """Each claim per (model, task) with at least one paired seed, then pooled over those tasks."""
     _test_predictions_of.cache_clear()  # a table reads the files as they are now
-    by = study.by()
     rows: list[ClaimRow] = []
     for model in sorted({r.model for r in study.runs}):
-        tasks = sorted({r.task for r in study.runs if r.model == model})
         variants = sorted({v for r in study.runs if r.model == model for v in [split_arm(r.arm)[1]] if v})
         for variant, base in ((v, c) for v in [None, *variants] for c in CLAIMS):
             # A variant's claims: its own Partial-LoRA arms against the shared or its own controls.
             claim = replace(base, method=arm_dir_name(base.method, variant), control=arm_dir_name(base.control, variant))
-            pooled, metrics, mp, cp, red = [], [], [], [], []
-            for task in tasks:
-                m, c = by.get((model, task, claim.method), {}), by.get((model, task, claim.control), {})
-                pairs = paired(m, c)
-                if not pairs:
-                    continue
-                dense = by.get((model, task, "lora"), {})
-                metric = next(iter(m.values())).metric
-                comp = ST.compare([pairs], [metric], n_boot=n_boot, seed=seed)
-                m_params = statistics.mean(m[s].params for s in pairs)
-                c_params = statistics.mean(c[s].params for s in pairs)
-                d_params = statistics.mean(r.params for r in dense.values()) if dense else None
-                reduction = 100 * (1 - m_params / d_params) if d_params else None
-                rows.append(ClaimRow(claim, task, model, comp, m_params, c_params, reduction))
-                pooled.append(pairs)
-                metrics.append(metric)
-                mp.append(m_params)
-                cp.append(c_params)
-                if reduction is not None:
-                    red.append(reduction)
-            if len(pooled) > 1:
-                comp = ST.compare(pooled, metrics, n_boot=n_boot, seed=seed)
-                rows.append(ClaimRow(claim, "pooled", model, comp, statistics.mean(mp), statistics.mean(cp),
-                                     statistics.mean(red) if red else None))
+            rows += pair_rows(study, model, claim, n_boot=n_boot, seed=seed)
     return rows
+
+
+def pair_rows(study: Study, model: str, claim: Claim, n_boot: int = 2000, seed: int = 0) -> list[ClaimRow]:
+    """`claim.method` against `claim.control` on each of `model`'s tasks where both have a seed in common,
+    then pooled over those tasks (when more than one)."""
+    by = study.by()
+    rows: list[ClaimRow] = []
+    pooled, metrics, mp, cp, red = [], [], [], [], []
+    for task in sorted({r.task for r in study.runs if r.model == model}):
+        m, c = by.get((model, task, claim.method), {}), by.get((model, task, claim.control), {})
+        pairs = paired(m, c)
+        if not pairs:
+            continue
+        dense = by.get((model, task, "lora"), {})
+        metric = next(iter(m.values())).metric
+        comp = ST.compare([pairs], [metric], n_boot=n_boot, seed=seed)
+        m_params = statistics.mean(m[s].params for s in pairs)
+        c_params = statistics.mean(c[s].params for s in pairs)
+        d_params = statistics.mean(r.params for r in dense.values()) if dense else None
+        reduction = 100 * (1 - m_params / d_params) if d_params else None
+        rows.append(ClaimRow(claim, task, model, comp, m_params, c_params, reduction))
+        pooled.append(pairs)
+        metrics.append(metric)
+        mp.append(m_params)
+        cp.append(c_params)
+        if reduction is not None:
+            red.append(reduction)
+    if len(pooled) > 1:
+        comp = ST.compare(pooled, metrics, n_boot=n_boot, seed=seed)
+        rows.append(ClaimRow(claim, "pooled", model, comp, statistics.mean(mp), statistics.mean(cp),
+                             statistics.mean(red) if red else None))
+    return rows
+
+
+def comparison_rows(study: Study, pairs: Sequence[tuple[str, str]], n_boot: int = 2000,
+                    seed: int = 0) -> list[ClaimRow]:
+    """Any two arms, method − control, paired like the claims (`plr study --compare METHOD CONTROL`):
+    how the method search compares two readings, e.g. `partial@a` against `partial@b`.
+
+    Raises:
+        PlrError: an arm with no finished run, or two arms with no (model, task, seed) in common.
+    """
+    _test_predictions_of.cache_clear()
+    known = {r.arm for r in study.runs}
+    rows: list[ClaimRow] = []
+    for method, control in pairs:
+        for arm in (method, control):
+            if arm not in known:
+                raise PlrError(f"--compare: no finished run of arm '{arm}' in this study; its arms are: "
+                               f"{', '.join(sorted(known))}")
+        claim = Claim("vs", f"{method} against {control}", method, control, "beats")
+        found = [row for model in sorted({r.model for r in study.runs}) for row in pair_rows(study, model, claim,
+                                                                                             n_boot, seed)]
+        if not found:
+            raise PlrError(f"--compare: {method} and {control} have no task and seed in common; run both on the "
+                           "same ones")
+        rows += found
+    return rows
+
+
+def comparison_markdown(rows: Sequence[ClaimRow]) -> str:
+    """The `--compare` table: each pair's paired difference, its CI, and both verdicts (matches, beats)."""
+    lines = ["| model | task | method − control | difference (pts) | per seed | 95% CI | params (method / control) | "
+             "matches (−1) | beats (0) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r.comparison
+        per_seed = ", ".join(f"{d:+.2f}" for d in c.per_seed)
+        lines.append(f"| {r.model} | {r.task} | {r.claim.method} − {r.claim.control} | {c.mean:+.2f} | {per_seed} | "
+                     f"[{c.low:+.2f}, {c.high:+.2f}] | {r.method_params:,.0f} / {r.control_params:,.0f} | "
+                     f"{c.verdict('matches')} | {c.verdict('beats')} |")
+    return "\n".join(lines) + "\n"
 
 
 def arm_rows(study: Study) -> list[dict[str, Any]]:
