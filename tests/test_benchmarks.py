@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 from PIL import Image
+from safetensors.torch import load_file
 
 from fixtures import GLUE, VISION, write_commonsense, write_glue, write_vision
 from partial_lora import config as C
@@ -259,7 +260,7 @@ def test_every_experiment_is_covered():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_runs_one_step(experiment, tmp_path):
     adapter = "partial" if experiment in ("glue-stsb", "glue-mnli", "vtab", "commonsense", "offline-gemma",
-                                          "offline-effnet", "partial-paper", "partial-best") else "lora"
+                                          "offline-effnet", "partial-paper", "partial-best", "partial-element") else "lora"
     cfg = cfg_of(f"experiment={experiment}", f"adapter={adapter}", *tiny_overrides(experiment, tmp_path / "data"),
                  *TINY_TRAIN, *(TINY_PROBE if adapter == "partial" else []))
     C.validate(cfg)
@@ -272,6 +273,12 @@ def test_experiment_composes_and_runs_one_step(experiment, tmp_path):
         assert json.loads((tmp_path / "run/allocate/allocation.json").read_text())["relative_to"] == "gain"
         scales = results["stages"]["retrain"]["layer_lr_scales"]
         assert scales and all(v >= 1 for v in scales.values()) and results["stages"]["retrain"]["adapter_lr_scale"] == 1
+    if experiment == "partial-element":  # a quarter of dense LoRA's parameters, as element masks
+        alloc = json.loads((tmp_path / "run/allocate/allocation.json").read_text())
+        assert alloc["allocator"] == "proportional"
+        assert results["params"]["adapter"] == pytest.approx(0.25 * results["params"]["dense_lora_same_rank"], rel=0.02)
+        masks = load_file(tmp_path / "run/extract/masks.safetensors")
+        assert any(k.endswith(".mask_B") and m.dim() == 2 for k, m in masks.items())  # entry masks, not rows/cols
     if experiment == "glue-mnli":
         assert results["eval_sets"] == ["mismatched"]
         assert 0 <= results["metrics"]["test_mismatched_accuracy"] <= 1
