@@ -254,7 +254,8 @@ def tiny_overrides(experiment: str, root: Path) -> list[str]:
 
 def test_every_experiment_is_covered():
     assert set(EXPERIMENTS) == {"smoke", "smoke-vision", "vtab", "commonsense", "offline-minilm", "offline-gemma",
-                                "offline-effnet", "partial-paper", "partial-best", *(f"glue-{t}" for t in GLUE)}
+                                "offline-effnet", "partial-paper", "partial-best", "partial-element",
+                                *(f"glue-{t}" for t in GLUE)}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
