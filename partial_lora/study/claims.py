@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -152,23 +152,24 @@ class ClaimRow:
 def claim_rows(study: Study, n_boot: int = 2000, seed: int = 0) -> list[ClaimRow]:
     """Each claim per (model, task) with at least one paired seed, then pooled over those tasks."""
     _test_predictions_of.cache_clear()  # a table reads the files as they are now
+    by = study.by()
     rows: list[ClaimRow] = []
     for model in sorted({r.model for r in study.runs}):
         variants = sorted({v for r in study.runs if r.model == model for v in [split_arm(r.arm)[1]] if v})
         for variant, base in ((v, c) for v in [None, *variants] for c in CLAIMS):
             # A variant's claims: its own Partial-LoRA arms against the shared or its own controls.
             claim = replace(base, method=arm_dir_name(base.method, variant), control=arm_dir_name(base.control, variant))
-            rows += pair_rows(study, model, claim, n_boot=n_boot, seed=seed)
+            rows += pair_rows(by, model, claim, n_boot=n_boot, seed=seed)
     return rows
 
 
-def pair_rows(study: Study, model: str, claim: Claim, n_boot: int = 2000, seed: int = 0) -> list[ClaimRow]:
+def pair_rows(by: Mapping[tuple[str, str, str], dict[int, Run]], model: str, claim: Claim, n_boot: int = 2000,
+              seed: int = 0) -> list[ClaimRow]:
     """`claim.method` against `claim.control` on each of `model`'s tasks where both have a seed in common,
-    then pooled over those tasks (when more than one)."""
-    by = study.by()
+    then pooled over those tasks (when more than one). `by` is the study's runs grouped by `Study.by`."""
     rows: list[ClaimRow] = []
     pooled, metrics, mp, cp, red = [], [], [], [], []
-    for task in sorted({r.task for r in study.runs if r.model == model}):
+    for task in sorted({t for m, t, _ in by if m == model}):
         m, c = by.get((model, task, claim.method), {}), by.get((model, task, claim.control), {})
         pairs = paired(m, c)
         if not pairs:
@@ -203,6 +204,7 @@ def comparison_rows(study: Study, pairs: Sequence[tuple[str, str]], n_boot: int 
         PlrError: an arm with no finished run, or two arms with no (model, task, seed) in common.
     """
     _test_predictions_of.cache_clear()
+    by = study.by()
     known = {r.arm for r in study.runs}
     rows: list[ClaimRow] = []
     for method, control in pairs:
@@ -211,8 +213,8 @@ def comparison_rows(study: Study, pairs: Sequence[tuple[str, str]], n_boot: int 
                 raise PlrError(f"--compare: no finished run of arm '{arm}' in this study; its arms are: "
                                f"{', '.join(sorted(known))}")
         claim = Claim("vs", f"{method} against {control}", method, control, "beats")
-        found = [row for model in sorted({r.model for r in study.runs}) for row in pair_rows(study, model, claim,
-                                                                                             n_boot, seed)]
+        found = [row for model in sorted({r.model for r in study.runs})
+                 for row in pair_rows(by, model, claim, n_boot, seed)]
         if not found:
             raise PlrError(f"--compare: {method} and {control} have no task and seed in common; run both on the "
                            "same ones")
