@@ -154,7 +154,8 @@ def study_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap replicates (default 2000)")
     parser.add_argument("--compare", nargs=2, action="append", metavar=("METHOD", "CONTROL"),
                         help="print the paired difference of two finished arms (e.g. partial@a partial@b), per task "
-                        "and pooled, with its CI; run nothing, write nothing (repeat for several pairs)")
+                        "and pooled, with its CI, on the runs that --model/--tasks/--seeds leave; run nothing, write nothing "
+                        "(repeat for several pairs)")
     return parser
 
 
@@ -175,7 +176,8 @@ def study_command(argv: list[str]) -> int:
         if args.compare:
             from partial_lora.study.claims import collect, comparison_markdown, comparison_rows
 
-            print(comparison_markdown(comparison_rows(collect(args.out), args.compare, n_boot=args.bootstrap)), end="")
+            study = collect(args.out).narrow(args.model, args.tasks, args.seeds)
+            print(comparison_markdown(comparison_rows(study, args.compare, n_boot=args.bootstrap)), end="")
             return 0
         if args.dry_run:
             n_done = 0

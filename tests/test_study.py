@@ -250,6 +250,12 @@ def test_compare_pairs_any_two_arms_and_refuses_unknown_or_disjoint_ones(tmp_pat
     assert "| minilm | rt-polarity | partial@a − partial | +3.00 | +3.00, +3.00 |" in out
     assert "| minilm | pooled | partial@a − partial | +3.00 |" in out and out.count("| holds | holds |") == 3
     assert not (tmp_path / "study.md").exists()  # runs nothing, writes nothing
+    # --tasks and --seeds narrow the pairs: one task, one seed, so no pooled row
+    assert study_command(["--out", str(tmp_path), "--compare", "partial@a", "partial", "--tasks", "vader-tweets",
+                          "--seeds", "1", "--bootstrap", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "| minilm | vader-tweets | partial@a − partial | +3.00 | +3.00 |" in out
+    assert "rt-polarity" not in out and "pooled" not in out
     for pair, msg in ((["partial@b", "partial"], "no finished run of arm 'partial@b'"),
                       (["lora", "partial"], "no task and seed in common")):
         with pytest.raises(SystemExit) as e:

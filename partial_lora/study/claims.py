@@ -86,6 +86,13 @@ class Study:
     runs: list[Run]
     missing: list[Path] = field(default_factory=list)
 
+    def narrow(self, models: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
+               seeds: Sequence[int] | None = None) -> "Study":
+        """The runs of these models, tasks and seeds only (None: all of them)."""
+        keep = [r for r in self.runs if (models is None or r.model in models) and (tasks is None or r.task in tasks)
+                and (seeds is None or r.seed in seeds)]
+        return Study(keep, self.missing)
+
     def by(self) -> dict[tuple[str, str, str], dict[int, Run]]:
         out: dict[tuple[str, str, str], dict[int, Run]] = defaultdict(dict)
         for r in self.runs:
@@ -210,7 +217,8 @@ def comparison_rows(study: Study, pairs: Sequence[tuple[str, str]], n_boot: int 
     for method, control in pairs:
         for arm in (method, control):
             if arm not in known:
-                raise PlrError(f"--compare: no finished run of arm '{arm}' in this study; its arms are: "
+                raise PlrError(f"--compare: no finished run of arm '{arm}' in this study (within --model/--tasks/--seeds); "
+                               "its arms there are: "
                                f"{', '.join(sorted(known))}")
         claim = Claim("vs", f"{method} against {control}", method, control, "beats")
         found = [row for model in sorted({r.model for r in study.runs})
