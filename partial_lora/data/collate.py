@@ -5,6 +5,7 @@ They are top-level classes (not closures) so DataLoader worker processes can pic
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +45,32 @@ def pretokenize(ds: Any, tokenizer: Any, max_length: int) -> Any:
 
     keep = ("label", "task_id")
     return ds.map(encode, batched=True, remove_columns=[c for c in ds.column_names if c not in keep],
-                  desc="tokenising")
+                  desc="tokenising", new_fingerprint=_fingerprint(ds, tokenizer, max_length, pair))
+
+
+def _fingerprint(ds: Any, tokenizer: Any, max_length: int, pair: bool) -> str | None:
+    """The tokenised split's `datasets` fingerprint (its cache key), from what decides the token ids.
+
+    Left to itself, `datasets` pickles `encode` with the whole tokenizer to hash it, about a second
+    per split and stage. A fast tokenizer's own JSON (vocabulary, normaliser, pre- and post-processor,
+    added tokens) names it exactly and serialises in milliseconds; the truncation and padding that
+    a call leaves set on it are left out, so the key does not depend on what it tokenised before. A
+    tokenizer without one (None) leaves the hashing to `datasets`.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    # `tokenizers` writes its fields in a fixed order, truncation and padding (what the last call left
+    # set; the call below sets its own) before added_tokens: hash from there on.
+    text = backend.to_str()
+    start = text.find('"added_tokens":')
+    if start < 0:
+        return None
+    parts = ("plr-pretokenize-1", ds._fingerprint, type(tokenizer).__name__,
+             hashlib.sha256(text[start:].encode()).hexdigest(), str(max_length), str(pair),
+             repr(sorted(tokenizer.special_tokens_map.items())), repr(tokenizer.model_input_names),
+             tokenizer.truncation_side, tokenizer.padding_side)
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
 class TextCollate:
