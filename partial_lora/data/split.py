@@ -212,8 +212,7 @@ def _carve(ds: datasets.Dataset, size: int, seed: int,
 
 def _carve_groups(ds: datasets.Dataset, size: int, seed: int,
                   group: str) -> tuple[datasets.Dataset, datasets.Dataset]:
-    keys = column(ds, group).astype(object)
-    names, inverse, counts = np.unique(keys.astype(str), return_inverse=True, return_counts=True)
+    names, inverse, counts = np.unique(column(ds, group).astype(str), return_inverse=True, return_counts=True)
     order = np.random.default_rng(seed).permutation(len(names))
     taken = order[:int(np.searchsorted(np.cumsum(counts[order]), size)) + 1]
     if len(taken) >= len(names):
