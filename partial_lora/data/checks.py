@@ -21,8 +21,10 @@ import math
 from collections.abc import Callable
 
 import datasets
+import numpy as np
 
 from partial_lora.data.base import TaskData, TaskSpec
+from partial_lora.data.split import cells, column
 from partial_lora.errors import PlrError, first_line
 
 log = logging.getLogger(__name__)
@@ -61,8 +63,7 @@ def _bad_text(v: object) -> str | None:
 def _check_text(data: TaskData, policy: str, key: Callable[[str], str]) -> None:
     for name, extra, ds in _splits(data):
         for col in (c for c in TEXT_COLUMNS if c in ds.column_names):
-            values = ds[col]
-            bad = [(i, why) for i, v in enumerate(values) if (why := _bad_text(v)) is not None]
+            bad = [(i, why) for i, v in enumerate(cells(ds, col)) if (why := _bad_text(v)) is not None]
             if not bad:
                 continue
             if policy == "error":
@@ -141,14 +142,15 @@ def check(data: TaskData, spec: TaskSpec) -> TaskData:
         unseen = sorted(set(ds.unique("label")) - seen)
         if not unseen:
             continue
-        rows = sum(1 for y in ds["label"] if y not in seen)
+        keep = np.isin(column(ds, "label"), sorted(seen))
+        rows = int((~keep).sum())
         shown = ", ".join(names[int(i)] for i in unseen[:3]) + (", ..." if len(unseen) > 3 else "")
         if spec.unseen_labels == "error":
             raise PlrError(f"split '{name}' of task '{spec.name}' has {rows} rows with labels the training split "
                            f"never has ({shown}); fix the splits, or set task.unseen_labels=drop to drop those rows")
         log.warning("dropped %d rows of split '%s' with labels absent from train (%s; task.unseen_labels=drop)",
                     rows, name, shown)
-        _replace(data, name, extra, ds.filter(lambda y: y in seen, input_columns="label"))
+        _replace(data, name, extra, ds.select(np.flatnonzero(keep)))
     for name, _, ds in _splits(data):
         if len(ds) == 0:
             raise PlrError(f"split '{name}' of task '{spec.name}' is empty after dropping rows; fix the data")

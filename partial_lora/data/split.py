@@ -175,6 +175,12 @@ def column(ds: datasets.Dataset, name: str) -> np.ndarray:
     return ds.select_columns([name]).with_format("arrow")[:][name].to_numpy()
 
 
+def cells(ds: datasets.Dataset, name: str) -> list:
+    """One column as Python values (None for a null), read through Arrow like `column`: for checks
+    that look at each cell's type."""
+    return ds.select_columns([name]).with_format("arrow")[:][name].to_pylist()
+
+
 def _labels(ds: datasets.Dataset) -> np.ndarray:
     return column(ds, "label")
 
