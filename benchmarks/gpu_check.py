@@ -13,8 +13,8 @@ What it does, in order (each part is timed; a failing part is reported and the n
    code 0, results.json status complete, the run's env.json saw CUDA; prints the test metric and
    the wall time of every stage;
 3. the ViT-B/16 step-time benchmark in bf16 (benchmarks/step_time.py's functions): floor, PEFT
-   LoRA, dense LoRA (ours), Partial-LoRA ρ=0.125, as time and memory ratios with the issue's
-   targets (met / not met; a benchmark, never a failure).
+   LoRA, dense LoRA (ours), Partial-LoRA ρ=0.125 (per layer and with a shared input), as time and
+   memory ratios with the issue's targets (met / not met; a benchmark, never a failure).
 
 Everything printed also goes to `--out` (default outputs/gpu-check.txt), line by line, so a run
 cut short still leaves its file. Exit status: 0 when parts 1-3 ran (whatever the ratios), 1 when

@@ -10,6 +10,8 @@ shares its frozen weights, and all variants see the same batch. Variants:
 - `dense LoRA (ours)`: `partial_lora.inject.inject_lora` keeping every row and column (ρ = 1).
 - `Partial-LoRA ρ=…`: the same layer with ρ·d_out random rows and ρ·d_in random columns kept in
   every adapted layer (fixed seed, `torch.randperm`).
+- `Partial-LoRA ρ=…, shared input`: the same, but the layers that read one input tensor (q and v)
+  keep one random column set per input group and gather it once (`adapter.mask.shared_input`).
 
 A step is forward + loss + backward + AdamW step + zero_grad over the trainable parameters only
 (adapter + classification head). The variants are timed *interleaved*: after `--warmup` steps
@@ -72,13 +74,13 @@ from bench.report import (
     targets,
 )
 from bench.sizes import ALIASES, DEBERTA_V3_BASE, SIZES, Size, build_backbone, make_batch
-from bench.variants import Variant, make_floor, make_ours, make_peft, random_keep
+from bench.variants import Variant, input_groups, make_floor, make_ours, make_peft, random_keep, shared_keep
 
 __all__ = [
     # bench.sizes
     "ALIASES", "DEBERTA_V3_BASE", "SIZES", "Size", "build_backbone", "make_batch",
     # bench.variants
-    "Variant", "make_floor", "make_ours", "make_peft", "random_keep",
+    "Variant", "input_groups", "make_floor", "make_ours", "make_peft", "random_keep", "shared_keep",
     # bench.measure
     "MiB", "Result", "Stepper", "adapter_limit", "measure", "measure_interleaved",
     # bench.report
@@ -100,7 +102,8 @@ class SizeRun:
 
 
 def run_size(size: Size, device: torch.device, amp: torch.dtype | None, *, steps: int, warmup: int,
-             densities: Sequence[float] = (1.0, 0.5, 0.25, 0.125), r: int = 8, alpha: float = 16.0,
+             densities: Sequence[float] = (1.0, 0.5, 0.25, 0.125), shared: Sequence[float] = (TARGET_DENSITY,),
+             r: int = 8, alpha: float = 16.0,
              batch: int | None = None, seq_len: int | None = None, peft: bool = True,
              verbose: bool = False, echo: Callable[[str], None] = print) -> SizeRun:
     """Build every variant of one size, time them interleaved, and measure memory."""
@@ -120,6 +123,7 @@ def run_size(size: Size, device: torch.device, amp: torch.dtype | None, *, steps
     if peft:
         makers.append((make_peft, (r, alpha)))
     makers += [(make_ours, (r, alpha, d)) for d in densities]
+    makers += [(make_ours, (r, alpha, d, True)) for d in shared if d < 1]
     variants = []
     for make, extra in makers:
         torch.manual_seed(0)  # the same adapter init draws for every variant
@@ -128,6 +132,7 @@ def run_size(size: Size, device: torch.device, amp: torch.dtype | None, *, steps
     results = measure_interleaved([v.model for v in variants], data, device, amp, steps, warmup)
     for v, res in zip(variants, results, strict=True):
         res.label, res.adapter_params, res.kind, res.density = v.label, v.adapter_params, v.kind, v.density
+        res.shared = v.shared
         if verbose:
             echo(f"  {v.label}: steps ms {[round(1e3 * t, 1) for t in res.times]}, last loss {res.loss:.4f}")
     head_params = sum(p.numel() for n in size.head_modules for p in backbone.get_submodule(n).parameters())
@@ -159,6 +164,9 @@ def parse(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha / r)")
     p.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125],
                    help="Partial-LoRA keep ratios ρ on rows and cols; 1 = dense LoRA (ours)")
+    p.add_argument("--shared-densities", type=float, nargs="*", default=[0.125],
+                   help="keep ratios of Partial-LoRA with a shared input (adapter.mask.shared_input: one random "
+                        "column set and one gather per input group); none: leave the variant out")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = torch.autocast (CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -171,6 +179,8 @@ def parse(argv: Iterable[str] | None = None) -> argparse.Namespace:
         p.error("--steps must be ≥ 1 and --warmup ≥ 0")
     if any(not 0 < d <= 1 for d in args.densities):
         p.error("--densities must lie in (0, 1]")
+    if any(not 0 < d < 1 for d in args.shared_densities):
+        p.error("--shared-densities must lie in (0, 1)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda asked for but CUDA is not available")
     return args
@@ -193,8 +203,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     found: list[Target] = []
     for name in sizes:
         run = run_size(SIZES[name], device, amp, steps=args.steps, warmup=args.warmup, densities=args.densities,
-                       r=args.r, alpha=args.alpha, batch=args.batch, seq_len=args.seq_len, verbose=args.verbose,
-                       echo=lambda s: print(s, flush=True))
+                       shared=args.shared_densities, r=args.r, alpha=args.alpha, batch=args.batch,
+                       seq_len=args.seq_len, verbose=args.verbose, echo=lambda s: print(s, flush=True))
         report_size(run, device, echo=lambda s: print(s, flush=True))
         found += targets(run.size, run.results, device)
     demo_lines, demo = demo_target(args.demo_run)

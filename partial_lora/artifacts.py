@@ -260,7 +260,9 @@ def write_masks(run_dir: Path, tensors: Mapping[str, torch.Tensor], meta: Mappin
                 layers: Mapping[str, Mapping[str, Any]], **info: Any) -> None:
     """The extract stage's masks: `{layer_id}.rows` / `.cols` (int64) and, for element masks,
     `.mask_B` / `.mask_A` (uint8) in `masks.safetensors`; `meta` (model, method, granularity), `info`
-    and the per-layer shapes and counts in `masks.json`, which `read_masks` checks against the model."""
+    and the per-layer shapes and counts in `masks.json`, which `read_masks` checks against the model.
+    With `adapter.mask.shared_input`, `info` has `input_groups`: lists of layer ids that read one
+    input tensor and keep nested column sets (`read_input_groups`)."""
     d = stage_dir(run_dir, EXTRACT)
     save_tensors(d / MASKS, tensors, meta)
     write_json(d / MASKS_JSON, {**meta, **info, "layers": layers})
@@ -283,3 +285,14 @@ def read_masks(run_dir: Path, model_name: str) -> tuple[Keep, Keep]:
         if f"{lid}.mask_A" in t:
             element[lid] = (t[f"{lid}.mask_B"].bool(), t[f"{lid}.mask_A"].bool())
     return keep, element
+
+
+def read_input_groups(run_dir: Path) -> list[list[str]]:
+    """The extract stage's input groups (`adapter.mask.shared_input`): layer ids that read one input
+    tensor; [] for masks made without the option (and for masks files from before it)."""
+    path = stage_dir(run_dir, EXTRACT) / MASKS_JSON
+    groups = read_json(path).get("input_groups") or []
+    if not isinstance(groups, list) or not all(isinstance(g, list) and all(isinstance(x, str) for x in g)
+                                               for g in groups):
+        raise PlrError(f"corrupt artifact {path}: input_groups must be lists of layer ids; rerun extract")
+    return groups

@@ -314,6 +314,10 @@ def validate(cfg: DictConfig) -> RunSpec:
     probe = probe_config(cfg)
     allocation = allocation_config(cfg)
     mask = mask_config(cfg)
+    if mask.shared_input and lora.dropout > 0:
+        raise PlrError(f"adapter.mask.shared_input gathers one input for the layers that read it, so they cannot draw "
+                       f"their own input dropout (adapter.dropout={lora.dropout}); set adapter.dropout=0 or "
+                       "adapter.mask.shared_input=false")
     retrain = retrain_config(cfg)
     peft = peft_spec(cfg)
     if peft is not None and sp != 0:

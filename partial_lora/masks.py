@@ -10,12 +10,17 @@ which lets the allocator try a whole grid of ratios without re-ranking.
 - `random`: a seeded random permutation (the paper's control: random rows/columns at the
   right per-layer ratio work about as well).
 - `probe_magnitude` [ours]: rows/columns with the largest norms of the probe's ΔW = s·B·A.
+
+With `adapter.mask.shared_input` [ours], the layers that read one input tensor (an *input group*,
+e.g. query and value of one attention block; `partial_lora.input_groups`) share one column
+ranking (`rank_group`): each keeps the top `count(ρ, d_in)` of it, so their column sets nest and
+the forward gathers the input once for all of them. Rows stay ranked per layer.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +131,10 @@ class MaskConfig:
         seed: seed of random masks (None: the run's seed).
         sides: which factor sides the keep ratio masks [ours]: `both` (rows of B and columns of
             A, the paper's form), `rows` (rows of B only, every column of A kept) or `cols`.
+        shared_input: layers that read the same input tensor keep nested column sets drawn from
+            one ranking of their group, and the forward gathers that input once per group [ours]
+            (`rank_group`, `lora.InputGroup`): less activation memory, at the cost of the
+            members' column sets no longer being chosen independently.
     """
 
     method: str = "subspace"
@@ -133,6 +142,7 @@ class MaskConfig:
     energy: float = 0.9
     seed: int | None = None
     sides: str = "both"
+    shared_input: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in MASKERS:
@@ -147,6 +157,9 @@ class MaskConfig:
             raise PlrError(f"adapter.mask.sides must be one of {', '.join(SIDES)}, got '{self.sides}'")
         if self.sides != "both" and self.granularity == "element":
             raise PlrError("adapter.mask.sides applies to row/column masks; drop it with granularity=element")
+        if self.shared_input and self.granularity == "element":
+            raise PlrError("adapter.mask.shared_input shares the kept columns of layers that read one input, and "
+                           "element masks keep no columns; set adapter.mask.shared_input=false with granularity=element")
 
 
 def _need_probe(info: LayerInfo) -> Tensor:
@@ -160,6 +173,27 @@ def rank_layer(method: str, info: LayerInfo, seed: int = 0, energy: float = 0.9)
     if method not in MASKERS:
         raise PlrError(f"unknown adapter.mask.method '{method}'; use one of: {', '.join(MASKERS)}")
     return MASKERS[method](info, seed, energy)
+
+
+def rank_group(method: str, infos: Sequence[LayerInfo], seed: int = 0, energy: float = 0.9) -> Tensor:
+    """One column ranking for the layers of an input group [ours, `adapter.mask.shared_input`].
+
+    The mask method runs once on the members stacked along the output dimension: `subspace` on
+    the SVD of their W0 slices concatenated (column scores as in `rank_subspace`), `random` on
+    one permutation seeded by `layer_seed(seed, <the first member's name>)`, `probe_magnitude`
+    on the stacked probe updates. Each member then keeps a prefix of this ranking, so the kept
+    column sets of the group nest.
+
+    Raises:
+        PlrError: the members do not have the same input size (they cannot read one tensor).
+    """
+    if len({info.w0.shape[1] for info in infos}) != 1:
+        raise PlrError(f"input group {[i.name for i in infos][:3]} mixes layers of different input sizes; "
+                       "rerun extract (the masks come from another model?)")
+    deltas = [info.probe_delta for info in infos]
+    stacked = LayerInfo(infos[0].name, torch.cat([info.w0 for info in infos]),
+                        None if any(d is None for d in deltas) else torch.cat(deltas))  # type: ignore[arg-type]
+    return rank_layer(method, stacked, seed, energy).cols
 
 
 def element_masks(d_out: int, d_in: int, r: int, ratio: float, seed: int, layer: str) -> tuple[Tensor, Tensor]:

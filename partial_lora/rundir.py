@@ -51,7 +51,7 @@ FREE = ("run_dir", "out_root", "name", "label", "from_run", "logger.", "adapter.
 _RETRAIN_ONLY = ("retrain.", "trainer.epochs", "trainer.max_steps")
 LATER: dict[str, tuple[str, ...]] = {
     A.PROBE: (*_RETRAIN_ONLY, "adapter.sparsity", "adapter.allocation.", "adapter.mask.", "adapter.match."),
-    A.ALLOCATE: _RETRAIN_ONLY,
+    A.ALLOCATE: (*_RETRAIN_ONLY, "adapter.mask.shared_input"),  # the search ranks each layer on its own
     A.EXTRACT: _RETRAIN_ONLY,
     A.RETRAIN: (),
     A.EVALUATE: (),

@@ -22,9 +22,10 @@ from bench import report  # noqa: E402  (owns DEMO_RUNS, read by find_demo_run)
 
 TARGET_LINES = ["dense LoRA (ours) time ≤ 1.00× PEFT LoRA", "dense LoRA (ours) memory ≤ 1.00× PEFT LoRA",
                 "Partial-LoRA ρ=0.125 time ≤ 1.05× the floor",
-                "Partial-LoRA ρ=0.125 memory above the floor ≤ 0.30× dense LoRA's"]
+                "Partial-LoRA ρ=0.125 memory above the floor ≤ 0.30× dense LoRA's",
+                "Partial-LoRA ρ=0.125, shared input memory above the floor ≤ 0.16× dense LoRA's (the goal)"]
 VARIANTS = ["floor (frozen, no adapter)", "PEFT LoRA", "dense LoRA (ours)", "Partial-LoRA ρ=0.5",
-            "Partial-LoRA ρ=0.25", "Partial-LoRA ρ=0.125"]
+            "Partial-LoRA ρ=0.25", "Partial-LoRA ρ=0.125", "Partial-LoRA ρ=0.125, shared input"]
 
 
 def write_run(run: Path, walls: dict, status: str = "complete") -> Path:
@@ -64,6 +65,8 @@ def test_step_time_tiny_prints_ratio_rows_and_targets(tmp_path, capsys, one_thre
     share = [ln for ln in out.splitlines() if "allocation ≤ 15% of the pipeline" in ln]
     assert len(share) == 1 and share[0].lstrip().startswith("[met]") and "10.0%" in share[0]
     assert "allocate 10.0 s (10.0%)" in out
+    goal = target_line(out, "tiny-vit", TARGET_LINES[-1])
+    assert "the analytic limit of this ratio is" in goal and "per-layer column sets: limit" in goal
 
 
 def test_step_time_without_a_demo_run_says_make_demo(tmp_path, monkeypatch):
@@ -87,20 +90,26 @@ def test_demo_run_default_is_the_newest_complete_run(tmp_path, monkeypatch):
     assert target.value == pytest.approx(0.3) and target.met is False and "NOT MET" in target.line()
 
 
-@pytest.mark.parametrize("density", [1.0, 0.125])
-def test_the_memory_above_the_floor_is_the_analytic_limit(density, one_thread):
+@pytest.mark.parametrize("density, shared", [(1.0, False), (0.125, False), (0.125, True)])
+def test_the_memory_above_the_floor_is_the_analytic_limit(density, shared, one_thread):
     """What plr's branches save for backward plus AdamW's moments, above the floor, is exactly what
-    `adapter_limit` counts: the rank-r code, x at the kept columns (per layer), or x itself once
-    per shared input (dense), nothing more."""
+    `adapter_limit` counts: the rank-r code, x at the kept columns (per layer), x itself once
+    per shared input (dense), or one x_U per input group (shared input), nothing more."""
     torch.set_num_threads(1)
     size = step_time.SIZES["tiny-vit"]
     backbone = step_time.build_backbone(size)
     batch = step_time.make_batch(size, backbone, 2, 16, torch.device("cpu"))
-    floor, ours = step_time.make_floor(backbone, size), step_time.make_ours(backbone, size, 8, 16.0, density)
+    floor = step_time.make_floor(backbone, size)
+    ours = step_time.make_ours(backbone, size, 8, 16.0, density, shared=shared)
+    assert ours.shared == shared and ours.label.endswith(", shared input") == shared
     base, adapted = (step_time.Stepper(v.model, batch, torch.device("cpu"), None) for v in (floor, ours))
     base_mib, adapted_mib = base.memory()[0], adapted.memory()[0]
     assert adapted.limit_mib is not None and adapted.limit_mib > 0
     assert adapted_mib - base_mib == pytest.approx(adapted.limit_mib, rel=1e-9)
+    if shared:  # one x_U per block instead of x_Cq and x_Cv: less than the per-layer variant's
+        per_layer = step_time.Stepper(step_time.make_ours(backbone, size, 8, 16.0, density).model, batch,
+                                      torch.device("cpu"), None)
+        assert adapted_mib < per_layer.memory()[0] and adapted.limit_mib < per_layer.limit_mib
 
 
 def test_target_verdicts():

@@ -155,6 +155,18 @@ def test_hf_vit_partial_export(tmp_path):
     assert "AutoModelForImageClassification" not in (tmp_path / "out/README.md").read_text()  # random init: plr recipe
 
 
+def test_shared_input_run_exports_plain_masks_with_equal_logits(tmp_path):
+    # adapter.mask.shared_input: plr's model gathers q's and v's input once (nested columns, 6 and 7
+    # of 32 with spectrum ratios); the export holds the plain per-layer masks and gives its logits
+    run = make_run(tmp_path / "run", "experiment=smoke", "adapter.allocation.allocator=spectrum",
+                   "adapter.allocation.energy=0.5", "adapter.mask.shared_input=true")
+    export_run(run, tmp_path / "out", echo=lambda s: None)
+    s, _ = first_batch(run)
+    assert any(b.input_group is not None and b.group_pos is not None for b in s.branches.values())
+    assert_nontrivial_b(run, tmp_path / "out")
+    assert_exported_logits_match(run, tmp_path / "out")
+
+
 def test_element_masks_are_multiplied_in(tmp_path):
     run = make_run(tmp_path / "run", "experiment=smoke", "adapter.sparsity=0.5", "adapter.mask.granularity=element",
                    "adapter.mask.method=random")

@@ -28,6 +28,7 @@ class Result:
     kind: str = ""  # "floor" | "peft" | "ours"
     density: float | None = None
     limit_mib: float | None = None  # plr's adapter: the least it can save above the floor (`adapter_limit`)
+    shared: bool = False  # ours with adapter.mask.shared_input (one gather per input group)
 
     def memory(self, device: torch.device) -> float:
         """The headline memory: the CUDA step peak on CUDA, the saved-tensor proxy on CPU."""
@@ -53,10 +54,13 @@ def adapter_limit(model: nn.Module) -> tuple[Callable[[], float], list]:
     the input at its kept columns x_C (N × |C|), or, for a branch that keeps every column, the
     input itself once per distinct input (layers that read the same tensor, as q and v do, share
     it), and AdamW's two moments per adapter parameter (and its step count per factor). With per-layer column sets, two sparse
-    layers on one input save two x_C where dense LoRA saves one x: the limit counts that.
+    layers on one input save two x_C where dense LoRA saves one x: the limit counts that. A
+    branch in an input group (`adapter.mask.shared_input`) instead shares its group's x_U (N × |U|,
+    U the union of the group's kept columns) once per input, and, when its own columns are not
+    all of U and x requires grad, saves its A scattered into U (r × |U|).
 
     Returns (a function giving the MiB counted so far, the hook handles to remove)."""
-    shared: dict[tuple[int, int] | None, int] = {}
+    shared: dict[tuple, int] = {}
     own = [0]
 
     def hook(mod: nn.Module, args: tuple) -> None:
@@ -65,8 +69,16 @@ def adapter_limit(model: nn.Module) -> tuple[Callable[[], float], list]:
         n = x.numel() // mod.in_features
         for b in mod.branches.values():
             own[0] += (n * b.r + (0 if b.all_rows else mod.out_features * b.r)) * es
-            if b.all_cols:
-                shared[_storage_key(x)] = n * mod.in_features * es
+            group = b.input_group
+            if group is not None:
+                if group.full:
+                    shared[("x", _storage_key(x))] = n * mod.in_features * es
+                else:
+                    shared[("x_U", id(group), _storage_key(x))] = n * group.size * es
+                if b.group_pos is not None and x.requires_grad:
+                    own[0] += b.r * group.size * es
+            elif b.all_cols:
+                shared[("x", _storage_key(x))] = n * mod.in_features * es
             else:
                 own[0] += n * len(b.cols) * es
 

@@ -1,4 +1,5 @@
-"""The variants of one backbone: the no-adapter floor, PEFT LoRA, dense LoRA (ours) and Partial-LoRA.
+"""The variants of one backbone: the no-adapter floor, PEFT LoRA, dense LoRA (ours) and Partial-LoRA
+(per-layer random columns, or with a shared input: nested random columns per input group).
 
 Each is a deep copy that shares the backbone's frozen weights (`_copy`).
 """
@@ -20,8 +21,9 @@ from partial_lora.inject import (
     layer_id,
 )
 from partial_lora.classifier import Classifier
+from partial_lora.input_groups import attach, trace
 
-from .sizes import Size
+from .sizes import Size, make_batch
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Variant:
     adapter_params: int
     layers: int = 0
     density: float | None = None  # ours only
+    shared: bool = False  # ours only: adapter.mask.shared_input (one gather per input group)
 
 
 def _is_head(name: str, size: Size) -> bool:
@@ -112,12 +115,50 @@ def random_keep(net: nn.Module, cfg: LoRAConfig, density: float, seed: int = 0) 
     return keep
 
 
-def make_ours(backbone: nn.Module, size: Size, r: int, alpha: float, density: float) -> Variant:
+def input_groups(backbone: nn.Module, size: Size, cfg: LoRAConfig) -> list[list[str]]:
+    """The backbone's input groups (`partial_lora.input_groups.trace`): one forward pass of one example
+    through a copy with dense LoRA injected."""
+    net = _copy(backbone, size)
+    inject_lora(net, cfg)
+    device = next(backbone.parameters()).device
+    batch = make_batch(size, backbone, 1, 8, device)
+    model = Classifier(net, size.family, size.head_modules)
+    return trace(net, lambda: model(batch))
+
+
+def shared_keep(keep: dict[str, tuple[Tensor, Tensor]], groups: list[list[str]], density: float,
+                d_in: dict[str, int], seed: int = 1) -> dict[str, tuple[Tensor, Tensor]]:
+    """`keep` with the columns of every input group drawn from one random permutation of the group
+    (nested sets, here equal ones: one ρ everywhere); rows stay per layer."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(keep)
+    for group in groups:
+        n = d_in[group[0]]
+        cols = torch.randperm(n, generator=g)[: max(1, round(density * n))].sort().values
+        for lid in group:
+            out[lid] = (keep[lid][0], cols)
+    return out
+
+
+def make_ours(backbone: nn.Module, size: Size, r: int, alpha: float, density: float,
+              shared: bool = False) -> Variant:
+    """plr's adapter at keep ratio ρ = `density` (1: dense LoRA); `shared`: the columns of the layers
+    that read one input are nested per group and the input is gathered once per group
+    (`adapter.mask.shared_input`)."""
     net = _copy(backbone, size)
     cfg = LoRAConfig(r=r, alpha=alpha, dropout=0.0, targets=size.targets, exclude=size.head_modules)
-    inject_lora(net, cfg, None if density >= 1 else random_keep(net, cfg, density))
+    keep = None if density >= 1 else random_keep(net, cfg, density)
+    groups = input_groups(backbone, size, cfg) if shared and keep is not None else []
+    if groups:
+        d_in = {layer_id(name, key): net.get_submodule(name).in_features
+                for name, slices in find_targets(net, cfg).items() for key in slices}
+        keep = shared_keep(keep, groups, density, d_in)  # type: ignore[arg-type]
+    branches = inject_lora(net, cfg, keep)
+    attach(branches, groups)
     freeze_for_adapter(net, size.head_modules)
     counts = count_adapter_parameters(net)
     label = "dense LoRA (ours)" if density >= 1 else f"Partial-LoRA ρ={density:g}"
+    if groups:
+        label += ", shared input"
     return Variant(label, "ours", Classifier(net, size.family, size.head_modules), counts["adapter"],
-                   counts["layers"], density=min(density, 1.0))
+                   counts["layers"], density=min(density, 1.0), shared=bool(groups))

@@ -80,6 +80,7 @@ def reuse_from_run(spec: RunSpec, run_dir: Path, stages: list[str], echo: Callab
             continue
         if name == A.ALLOCATE:
             theirs = A.read_json(A.stage_dir(src, name) / A.ALLOCATION).get("settings")
+            theirs = allocate.resolved(theirs) if isinstance(theirs, dict) else theirs
             ours = allocate.settings(spec)
             if theirs != ours or not A.is_done(run_dir, A.PROBE) and A.PROBE in stages:
                 diff = sorted(k for k in set(ours) | set(theirs or {}) if (theirs or {}).get(k) != ours.get(k))

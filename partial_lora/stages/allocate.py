@@ -5,6 +5,11 @@ trained probe adapter at grid ratios and measures few-shot validation accuracy);
 `adapter.sparsity=<s>` keeps a uniform 1 − s everywhere without a probe. Writes
 `allocation.json` (ratio, rows, cols and every accuracy tried per layer; a_ref, a_0, τ, target)
 and `allocation.png`.
+
+The search ranks every layer's rows and columns on its own, also with `adapter.mask.shared_input`
+(where extract draws the columns of layers that read one input from one ranking of their group):
+the search's masks may already differ from the final ones, as with `allocation.search_masks`.
+So the option is not an allocation setting, and `from_run` reuses an allocation across it.
 """
 
 from __future__ import annotations
@@ -47,7 +52,17 @@ def settings(spec: RunSpec) -> dict[str, Any]:
            "task": spec.task, "seed": spec.seed}
     if mcfg.sides != "both":  # recorded only when set, so allocations made before the option stay reusable
         out["mask_sides"] = mcfg.sides
-    return out
+    return resolved(out)
+
+
+def resolved(settings: dict[str, Any]) -> dict[str, Any]:
+    """Allocation settings with `relative_to: null` written as what it means (`probe`, or `gain`
+    with metric=loss), so an allocation made with the default is reused by a run that names it.
+    Also applied to settings recorded before this, which kept the null."""
+    allocation = dict(settings.get("allocation") or {})
+    if allocation.get("relative_to") is None:
+        allocation["relative_to"] = "gain" if allocation.get("metric") == "loss" else "probe"
+    return {**settings, "allocation": allocation}
 
 
 def search_method(spec: RunSpec) -> str:

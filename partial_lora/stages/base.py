@@ -6,7 +6,7 @@ Stages call these with the `RunSpec` that `config.validate` built; nothing here 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from partial_lora.errors import PlrError
 from partial_lora import distributed as D
 from partial_lora import peft_baselines as PB
 from partial_lora.inject import WHOLE, dims, find_targets, freeze_for_adapter, inject_lora
+from partial_lora.input_groups import attach as attach_input_groups
 from partial_lora.lora import LoRABranch
 from partial_lora import multitask as MT
 from partial_lora.causal_lm import CausalLM
@@ -139,10 +140,13 @@ def _load_one(spec: TaskSpec, causal: bool = False) -> TaskData:
 
 
 def setup(run: RunSpec, keep: Mapping[str, tuple[Tensor | None, Tensor | None]] | None = None,
-          data: TaskData | None = None) -> Setup:
+          data: TaskData | None = None, groups: Sequence[Sequence[str]] = ()) -> Setup:
     """Load data, build the model with a fresh head, inject LoRA (kept rows/cols from `keep`), freeze.
 
-    The caller seeds the RNGs first, so the head and adapter initialisation follow the seed.
+    `groups` are input groups (`input_groups.attach`, adapter.mask.shared_input): their branches
+    gather their shared input once. They are attached before FSDP shards the model, so their index
+    buffers go where the branches' go. The caller seeds the RNGs first, so the head and adapter
+    initialisation follow the seed.
     """
     multi = load_multi(run) if run.multi else None
     data = multi.union if multi is not None else (data or load_data(run))
@@ -176,6 +180,8 @@ def setup(run: RunSpec, keep: Mapping[str, tuple[Tensor | None, Tensor | None]] 
                      multi, run)
     # adapter=head: no LoRA at all, only the head trains (the no-adapter reference).
     branches = {} if run.method == "head" else inject_lora(net, lcfg, keep)
+    if groups:
+        attach_input_groups(branches, groups)
     freeze_for_adapter(net, spec.head_modules)
     if D.sharded():
         shard(net, list(found))
@@ -264,11 +270,12 @@ def few_shot_sets(s: Setup, val_idx: list[int]) -> list[datasets.Dataset]:
 
 
 def setup_run(run: RunSpec, run_dir: Path) -> Setup:
-    """`setup` with the run's masks (from the extract stage) when the adapter is sparse."""
+    """`setup` with the run's masks (from the extract stage) when the adapter is sparse, and their
+    input groups (adapter.mask.shared_input) attached."""
     if not run.sparse:
         return setup(run)
     keep, element = A.read_masks(run_dir, run.model.name)
-    s = setup(run, keep)
+    s = setup(run, keep, groups=A.read_input_groups(run_dir))
     for lid, (mask_b, mask_a) in element.items():
         s.branches[lid].set_element_masks(mask_b, mask_a)
     return s
