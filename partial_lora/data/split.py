@@ -172,13 +172,17 @@ def column(ds: datasets.Dataset, name: str) -> np.ndarray:
 
     `np.asarray(ds[name])` walks the column row by row in `datasets` 4+, about 40x slower: it was a
     tenth of a smoke run's wall time, since every stage carves its splits again."""
-    return ds.select_columns([name]).with_format("arrow")[:][name].to_numpy()
+    return _arrow(ds, name).to_numpy()
 
 
 def cells(ds: datasets.Dataset, name: str) -> list:
     """One column as Python values (None for a null), read through Arrow like `column`: for checks
     that look at each cell's type."""
-    return ds.select_columns([name]).with_format("arrow")[:][name].to_pylist()
+    return _arrow(ds, name).to_pylist()
+
+
+def _arrow(ds: datasets.Dataset, name: str):  # -> pyarrow.ChunkedArray
+    return ds.select_columns([name]).with_format("arrow")[:][name]
 
 
 def _labels(ds: datasets.Dataset) -> np.ndarray:
