@@ -210,3 +210,35 @@ def test_allocation_replay_finds_the_same_allocation_with_and_without_replay(tmp
     out = capsys.readouterr().out
     assert "ratio replay/full:" in out and "identical: True" in out
     assert allocation_replay.main([str(tmp_path)]) == 2  # not a run dir with a probe: one line, exit 2
+
+
+def test_stage_profile_counts_each_second_once_in_the_innermost_part():
+    import stage_profile
+
+    ticks = iter([0.0, 1.0, 3.0, 4.0, 10.0, 10.5])  # a 4 s call holding a 2 s one, then 0.5 s of another
+    clock = stage_profile.Clock(timer=lambda: next(ticks))
+    clock.stage = "probe"
+    with clock.part("other"):
+        with clock.part("train"):
+            pass
+    clock.stage = "allocate"
+    with clock.part("search"):
+        pass
+    assert dict(clock.spent) == {("probe", "other"): 2.0, ("probe", "train"): 2.0, ("allocate", "search"): 0.5}
+
+
+def test_stage_profile_splits_each_stage_and_puts_plr_back(capsys):
+    import stage_profile
+
+    from partial_lora import predict, stages
+    from partial_lora.stages import base
+
+    before = (predict.evaluate, base.evaluate, dict(stages.REGISTRY))
+    stage_profile.main(["--threads", "1", "experiment=smoke"])
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    for stage in ("probe", "allocate", "extract", "retrain", "evaluate"):
+        wall, seconds = float(rows[stage][1]), [float(x) for x in rows[stage][2::2]]
+        assert len(seconds) == len(stage_profile.ORDER) and abs(sum(seconds) - wall) < 0.1 * len(seconds)
+    assert float(rows["probe"][2 + 2 * stage_profile.ORDER.index("train")]) > 0  # the probe trains
+    assert float(rows["allocate"][2 + 2 * stage_profile.ORDER.index("search")]) > 0  # the search evaluates
+    assert (predict.evaluate, base.evaluate, dict(stages.REGISTRY)) == before

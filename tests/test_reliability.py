@@ -214,6 +214,7 @@ BATTERY = [
     (["adapter.allocation.tau=0"], "adapter.allocation.tau"),
     (["adapter.allocation.grid=[]"], "grid"),
     (["adapter.targets=[nothing_here]"], "match no nn.Linear"),
+    (["task=hf-text"], "task.path is required"),
     (["task=hf-text", "task.path=/does/not/exist"], "does not exist; set task.path"),
     (["task=hf-text", "task.path=DATA", "task.text_column=review"], "task.text_column='review' is not a column"),
     (["trainer.batch_size=0"], "trainer.batch_size must be at least 1"),

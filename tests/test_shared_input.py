@@ -232,7 +232,11 @@ def test_trace_groups_the_slices_of_a_fused_qkv(model_spec):
 # ----------------------------------------------------------------------------- the pipeline
 
 
-def test_pipeline_with_shared_input_records_nested_groups_and_retrains_through_them(tmp_path):
+def test_pipeline_with_shared_input_records_nested_groups_and_retrains_through_them(tmp_path, monkeypatch):
+    import partial_lora.stages.extract as extract
+
+    built = []  # the layers extract builds a LayerInfo for, in order: each once, grouped or not
+    monkeypatch.setattr(extract, "LayerInfo", lambda name, *a: built.append(name) or LayerInfo(name, *a))
     # spectrum gives q and v other keep ratios (6 and 7 of 32 columns): nested, not equal
     cfg = compose_cfg("adapter.allocation.allocator=spectrum", "adapter.allocation.energy=0.5",
                       "adapter.mask.method=random", "adapter.mask.shared_input=true", "trainer.max_steps=1")
@@ -246,6 +250,9 @@ def test_pipeline_with_shared_input_records_nested_groups_and_retrains_through_t
         sets = sorted((set(keep[lid][1].tolist()) for lid in group), key=len)
         assert len(sets[0]) < len(sets[1]) and sets[0] < sets[1]  # nested
     branches = dict(iter_branches(setup_run(C.validate(cfg), tmp_path).built.model.net))
+    layer_ids = list(json.loads((tmp_path / "extract/masks.json").read_text())["layers"])
+    assert layer_ids == list(branches)  # in the model's order, grouped layers too
+    assert sorted(built) == sorted(branches) and len(set(built)) == len(built)  # each layer's once, grouped too
     for group in groups:  # retrain, evaluate and export see the groups: one gather of x_U per block
         shared = {id(branches[lid].input_group) for lid in group}
         assert len(shared) == 1 and branches[group[0]].input_group is not None

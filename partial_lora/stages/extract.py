@@ -56,15 +56,11 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
 
     shared = mcfg.shared_input  # row/column masks only (MaskConfig refuses it with element masks)
     groups = input_groups(spec, s) if shared else []
-    group_cols = {}  # layer id -> its group's column ranking
-    for group in groups:
-        cols = rank_group(mcfg.method, [layer_info(lid) for lid in group], seed, mcfg.energy)
-        group_cols.update(dict.fromkeys(group, cols))
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
-    for lid, b in s.branches.items():
-        info = layer_info(lid)
-        rho = ratios[lid]
+
+    def keep(lid: str, info: LayerInfo, group_cols: torch.Tensor | None) -> None:
+        b, rho = s.branches[lid], ratios[lid]
         if mcfg.granularity == "element":
             rows, cols = torch.arange(b.d_out), torch.arange(b.d_in)
             mask_b, mask_a = element_masks(b.d_out, b.d_in, b.r, rho, seed, lid)
@@ -72,13 +68,26 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
             params = int(mask_b.sum() + mask_a.sum())
         else:
             ranking = rank_layer(mcfg.method, info, seed, mcfg.energy)
-            if lid in group_cols:  # a prefix of the group's ranking: the group's column sets nest
-                ranking = Ranking(ranking.rows, group_cols[lid])
+            if group_cols is not None:  # a prefix of the group's ranking: the group's column sets nest
+                ranking = Ranking(ranking.rows, group_cols)
             rows, cols = ranking.keep(rho, mcfg.sides)
             params = b.r * (len(rows) + len(cols))
         tensors[f"{lid}.rows"], tensors[f"{lid}.cols"] = rows.long(), cols.long()
         layers[lid] = {"ratio": rho, "d_out": b.d_out, "d_in": b.d_in, "rows": len(rows), "cols": len(cols),
                        "params": params}
+
+    # A group's members are ranked together for their columns and then one by one for their rows, each
+    # member's LayerInfo built once and let go with its group; every other layer on its own.
+    grouped = {lid for group in groups for lid in group}
+    for group in groups:
+        infos = [layer_info(lid) for lid in group]
+        cols = rank_group(mcfg.method, infos, seed, mcfg.energy)
+        for lid, info in zip(group, infos, strict=True):
+            keep(lid, info, cols)
+    for lid in s.branches:
+        if lid not in grouped:
+            keep(lid, layer_info(lid), None)
+    layers = {lid: layers[lid] for lid in s.branches}  # masks.json lists the layers in the model's order
     meta = {"model": spec.model.name, "method": mcfg.method, "granularity": mcfg.granularity}
     info_groups = {"input_groups": groups} if shared else {}  # recorded only with the option: masks stay as they were
     A.write_masks(run_dir, tensors, meta, layers, r=spec.lora.r, seed=seed, **info_groups)
