@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torchvision.transforms import InterpolationMode, v2
 
 from partial_lora.data.base import ImagePreprocess, Kind
 from partial_lora.errors import PlrError
@@ -109,6 +108,10 @@ class ImageCollate:
     """
 
     def __init__(self, preprocess: ImagePreprocess, train: bool = False):
+        # Imported here, not at the top: torchvision (and the torch._dynamo it loads) takes seconds, which
+        # text runs and a config error should not pay.
+        from torchvision.transforms import InterpolationMode, v2
+
         self.preprocess = preprocess
         self.train = train
         try:

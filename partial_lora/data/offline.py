@@ -9,7 +9,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits as sk_digits
 
 from partial_lora.data.base import TaskData, TaskSpec
 from partial_lora.data.split import task_data
@@ -59,6 +58,8 @@ def _bbc_root() -> Path:
 
 def load_digits(spec: TaskSpec) -> TaskData:
     """scikit-learn's 1,797 handwritten digits (8x8, 10 classes) as grayscale PIL images."""
+    from sklearn.datasets import load_digits as sk_digits  # here: importing sklearn takes a second or more
+
     bunch = sk_digits()
     # Pixel values are counts 0..16; stretch them to the 0..255 range image models expect.
     pixels = np.round(bunch.images * (255 / 16)).astype(np.uint8)

@@ -21,7 +21,6 @@ from collections.abc import Mapping, Sequence
 
 import datasets
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from partial_lora.data.base import PROTOCOLS, Kind, TaskData, TaskSpec
 from partial_lora.errors import PlrError
@@ -205,6 +204,8 @@ def _carve(ds: datasets.Dataset, size: int, seed: int,
     """
     if group is not None:
         return _carve_groups(ds, size, seed, group)
+    from sklearn.model_selection import train_test_split  # here: importing sklearn takes a second or more
+
     idx = np.arange(len(ds))
     labels = _labels(ds)
     if _is_regression(labels):
