@@ -140,12 +140,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", default=[])
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
+    import datasets
     import torch
     from hydra import compose, initialize_config_module
 
     from partial_lora.stages import run_pipeline
 
     torch.set_num_threads(args.threads)
+    datasets.disable_progress_bars()  # as `plr train` does: the table is what this prints
     clock = Clock()
     t0 = time.perf_counter()
     with initialize_config_module("partial_lora.conf", version_base="1.3"):
