@@ -134,7 +134,7 @@ def report(clock: Clock, total: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> Clock:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("overrides", nargs="*", default=[])
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         run_pipeline(cfg, Path(tmp) / "run")
     print(report(clock, time.perf_counter() - t0))
     print(f"({' '.join(args.overrides) or 'the offline demo'}, {args.threads} thread(s))")
+    return clock
 
 
 if __name__ == "__main__":

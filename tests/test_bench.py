@@ -234,11 +234,12 @@ def test_stage_profile_splits_each_stage_and_puts_plr_back(capsys):
     from partial_lora.stages import base
 
     before = (predict.evaluate, base.evaluate, dict(stages.REGISTRY))
-    stage_profile.main(["--threads", "1", "experiment=smoke"])
+    clock = stage_profile.main(["--threads", "1", "experiment=smoke"])
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
     for stage in ("probe", "allocate", "extract", "retrain", "evaluate"):
         wall, seconds = float(rows[stage][1]), [float(x) for x in rows[stage][2::2]]
         assert len(seconds) == len(stage_profile.ORDER) and abs(sum(seconds) - wall) < 0.1 * len(seconds)
-    assert float(rows["probe"][2 + 2 * stage_profile.ORDER.index("train")]) > 0  # the probe trains
-    assert float(rows["allocate"][2 + 2 * stage_profile.ORDER.index("search")]) > 0  # the search evaluates
+    # the printed seconds are rounded to 0.1 s, which a tiny model's parts can be under: read the clock
+    assert clock.spent["probe", "train"] > 0 and clock.spent["retrain", "train"] > 0  # both train
+    assert clock.spent["allocate", "search"] > 0 and ("probe", "search") not in clock.spent  # only the search searches
     assert (predict.evaluate, base.evaluate, dict(stages.REGISTRY)) == before
