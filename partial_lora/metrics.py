@@ -8,10 +8,8 @@ raw outputs. The GLUE metrics: CoLA `mcc`; MRPC and QQP `f1` (of the positive cl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-
 import warnings
-
+from collections.abc import Callable, Iterable
 from types import ModuleType
 
 import numpy as np
