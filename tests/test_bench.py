@@ -243,3 +243,30 @@ def test_stage_profile_splits_each_stage_and_puts_plr_back(capsys):
     assert clock.spent["probe", "train"] > 0 and clock.spent["retrain", "train"] > 0  # both train
     assert clock.spent["allocate", "search"] > 0 and ("probe", "search") not in clock.spent  # only the search searches
     assert (predict.evaluate, base.evaluate, dict(stages.REGISTRY)) == before
+
+
+def test_flop_rate_measures_the_peak_the_eval_forward_and_the_train_step(capsys, one_thread):
+    import flop_rate
+
+    before = torch.is_grad_enabled()
+    rates = flop_rate.main([*one_thread, "--repeats", "1", "--batch", "8", "--train-batch", "4", "--peak-n", "256",
+                            "experiment=smoke"])
+    out = capsys.readouterr().out
+    assert [r.name for r in rates] == ["eval forward", "train step"] and [r.batch for r in rates] == [8, 4]
+    forward, step = rates
+    # a train step on half the rows still counts more matrix FLOPs than the forward (backward ≈ 2× forward)
+    assert 0 < forward.flops < step.flops and all(r.seconds > 0 for r in rates)
+    assert all(0 < share <= 1 for r in rates for _, share in r.top) and len(forward.top) == 5
+    assert all(0 < r.matmul_flops <= r.flops and 0 < r.matmul_share < 1 for r in rates)
+    assert "matmul peak (256x256)" in out and "top ops, train step:" in out and "tiny-bert" in out
+    assert "matrix products of the eval forward:" in out
+    assert torch.is_grad_enabled() == before
+
+
+def test_flop_rate_count_is_the_matrix_products():
+    import flop_rate
+
+    a, b = torch.randn(16, 32), torch.randn(32, 8)
+    c = torch.randn(2, 16, 32)
+    total, by_op = flop_rate.count_flops(lambda: (a @ b, torch.bmm(c, b.expand(2, 32, 8))))
+    assert by_op == {"mm": 2 * 16 * 32 * 8, "bmm": 2 * 2 * 16 * 32 * 8} and total == sum(by_op.values())
