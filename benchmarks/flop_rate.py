@@ -145,32 +145,48 @@ def report(rates: list[Rate], roof: Rate, title: str) -> str:
     return "\n".join(lines)
 
 
+def _positive(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> list[Rate]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch", type=int, default=64, help="examples in the eval forward (the demo's eval batch)")
-    p.add_argument("--train-batch", type=int, default=32, help="examples in the train step (the demo's batch)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per part (the median is reported)")
-    p.add_argument("--peak-n", type=int, default=2048, help="size of the square matrices of the peak")
-    p.add_argument("--top", type=int, default=5, help="ops listed per part")
+    p.add_argument("--threads", type=_positive, default=2)
+    p.add_argument("--batch", type=_positive, default=64, help="examples in the eval forward (the demo's eval batch)")
+    p.add_argument("--train-batch", type=_positive, default=32, help="examples in the train step (the demo's batch)")
+    p.add_argument("--repeats", type=_positive, default=5, help="timed calls per part (the median is reported)")
+    p.add_argument("--peak-n", type=_positive, default=2048, help="size of the square matrices of the peak")
+    p.add_argument("--top", type=_positive, default=5, help="ops listed per part")
     p.add_argument("overrides", nargs="*", default=[])
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     import datasets
     import torch
     from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
 
     from partial_lora.config import validate
+    from partial_lora.errors import PlrError
     from partial_lora.runtime import _to, autocast_dtype, set_seed
     from partial_lora.stages.base import loader, setup
 
     torch.set_num_threads(args.threads)
     datasets.disable_progress_bars()
-    with initialize_config_module("partial_lora.conf", version_base="1.3"):
-        cfg = compose("config", overrides=["trainer.progress=false", *args.overrides])
-    spec = validate(cfg)
-    set_seed(spec.seed)
-    s = setup(spec)
+    try:
+        with initialize_config_module("partial_lora.conf", version_base="1.3"):
+            cfg = compose("config", overrides=["trainer.progress=false", *args.overrides])
+        spec = validate(cfg)
+        set_seed(spec.seed)
+        s = setup(spec)
+    except (PlrError, HydraException) as e:  # a bad override or value, a missing fetch: one line
+        raise SystemExit(f"flop_rate: {str(e).strip().splitlines()[0]}") from None
     model, device = s.built.model.to(s.device), s.device
     n = min(len(s.data.train), max(args.batch, args.train_batch))
     examples = s.data.train.select(range(n))

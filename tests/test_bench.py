@@ -270,3 +270,15 @@ def test_flop_rate_count_is_the_matrix_products():
     c = torch.randn(2, 16, 32)
     total, by_op = flop_rate.count_flops(lambda: (a @ b, torch.bmm(c, b.expand(2, 32, 8))))
     assert by_op == {"mm": 2 * 16 * 32 * 8, "bmm": 2 * 2 * 16 * 32 * 8} and total == sum(by_op.values())
+
+
+def test_flop_rate_bad_input_is_one_line(capsys, one_thread):
+    import flop_rate
+
+    with pytest.raises(SystemExit) as e:
+        flop_rate.main(["--batch", "0", "experiment=smoke"])
+    assert e.value.code == 2 and "'0' is not a whole number >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^flop_rate: task.path is required"):
+        flop_rate.main([*one_thread, "experiment=smoke", "task=hf-text"])
+    with pytest.raises(SystemExit, match="^flop_rate: .*no-such-task"):
+        flop_rate.main([*one_thread, "task=no-such-task"])
