@@ -8,12 +8,13 @@ reach it), and the learning-rate schedule is fixed by the planned epochs, so a p
 after `p` evaluated epochs without a strict improvement follows the full probe's path exactly up to
 where it stops. It ends with the same adapter, the same a_ref and so the same allocation if and only
 if the full probe's best epoch comes before that stop. That can be read off the per-epoch
-validation metrics in `probe/metrics.jsonl`, with no new run.
+validation scores in `probe/metrics.jsonl`, in the metric its `metrics.json` says it selected on,
+with no new run.
 
-For every distinct probe under `<out>/runs/<model>/<task>/<arm>/seed<n>/` (arms sharing one probe
-count once), and each patience, this prints how many probes would have ended on another epoch (another allocation) and
-how many probe epochs would have been saved. Restored run dirs (`experiments/ledger.py --restore`)
-hold no probe and are skipped.
+For every distinct finished probe under `<out>/runs/<model>/<task>/<arm>/seed<n>/` (arms sharing one
+probe count once), and each patience, this prints how many probes would have ended on another epoch
+(another allocation) and how many probe epochs would have been saved. Restored run dirs
+(`experiments/ledger.py --restore`) hold no probe and are skipped.
 """
 
 from __future__ import annotations
@@ -48,17 +49,15 @@ def stop(scores: list[float], patience: int) -> tuple[int, int]:
     return best, len(scores)
 
 
-def read_curve(path: Path, run: str) -> Curve | None:
-    """The probe's validation scores by epoch (the main metric's `val_` key, the first one logged)."""
-    scores: list[float] = []
-    key = None
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        vals = [k for k in rec if k.startswith("val_")]
-        if not vals:
-            continue
-        key = key or vals[0]
-        scores.append(float(rec[key]))
+def read_curve(probe: Path, run: str) -> Curve | None:
+    """A finished probe's validation scores by epoch, in the metric it selected its epoch on (the
+    `metric` of its `metrics.json`); None for a probe still running or evaluated only once."""
+    try:
+        key = "val_" + json.loads((probe / "metrics.json").read_text())["metric"]
+        lines = (probe / "metrics.jsonl").read_text().splitlines()
+    except (OSError, ValueError, KeyError):
+        return None
+    scores = [float(rec[key]) for rec in map(json.loads, lines) if key in rec]
     return Curve(run, scores) if len(scores) > 1 else None
 
 
@@ -66,9 +65,9 @@ def curves(out: Path) -> list[Curve]:
     """Each distinct probe once: arms that share a probe (the study's variants reuse the default
     arm's with `from_run`, or train the same one again) have the same model, task, seed and scores."""
     found: dict[tuple, Curve] = {}
-    for path in sorted(out.glob("runs/*/*/*/seed*/probe/metrics.jsonl")):
-        model, task, _, seed = path.parts[-6:-2]
-        curve = read_curve(path, "/".join(path.parts[-6:-2]))
+    for probe in sorted(out.glob("runs/*/*/*/seed*/probe")):
+        model, task, _, seed = probe.parts[-5:-1]
+        curve = read_curve(probe, "/".join(probe.parts[-5:-1]))
         if curve is not None:
             found.setdefault((model, task, seed, tuple(curve.scores)), curve)
     return list(found.values())
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--patience takes whole numbers >= 1 (evaluated epochs without an improvement)")
     found = curves(args.out)
     if not found:
-        raise SystemExit(f"no probe curves under {args.out}/runs/*/*/*/seed*/probe/metrics.jsonl; "
+        raise SystemExit(f"no finished probe under {args.out}/runs/*/*/*/seed*/probe; "
                          "point --out at a plr study dir whose Partial-LoRA runs ran here")
     if args.runs:
         for c in found:

@@ -6,14 +6,18 @@ import pytest
 from fixtures import load_script
 
 
-def write_curve(out, arm, seed, scores, model="minilm", task="rt-polarity"):
+def write_curve(out, arm, seed, scores, model="minilm", task="rt-polarity", finished=True):
     probe = out / "runs" / model / task / arm / f"seed{seed}" / "probe"
     probe.mkdir(parents=True)
     lines = []
     for epoch, score in enumerate(scores):
         lines.append(json.dumps({"step": epoch * 5 + 1, "epoch": epoch, "loss": 0.7, "lr": 1e-3}))  # a step record
-        lines.append(json.dumps({"step": epoch * 5 + 5, "epoch": epoch, "val_accuracy": score, "val_macro_f1": 0.1}))
+        # the metric the probe selects on is not the first `val_` key: the replay must read it by name
+        lines.append(json.dumps({"step": epoch * 5 + 5, "epoch": epoch, "val_loss": 1.0 - score,
+                                 "val_macro_f1": 0.1, "val_accuracy": score}))
     (probe / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if finished:
+        (probe / "metrics.json").write_text(json.dumps({"metric": "accuracy", "best_epoch": scores.index(max(scores))}))
 
 
 @pytest.mark.parametrize("scores,patience,kept,ran", [
@@ -33,6 +37,7 @@ def test_table_counts_distinct_probes_and_the_epochs_saved(tmp_path, capsys):
     write_curve(out, "partial@lr4", 0, [0.5, 0.6, 0.6, 0.6, 0.9])  # the same probe again: counted once
     write_curve(out, "partial", 1, [0.5, 0.7, 0.6, 0.6, 0.6])  # best 1
     (out / "runs/minilm/rt-polarity/uniform/seed0").mkdir(parents=True)  # no probe: skipped
+    write_curve(out, "partial", 2, [0.5, 0.9], finished=False)  # a probe still running: skipped
     assert pp.main(["--out", str(out), "--patience", "2", "3"]) == 0
     text = capsys.readouterr().out
     assert "2 probe curves, 10 probe epochs in all; the full probe's best epoch: 4, 1" in text
@@ -43,7 +48,7 @@ def test_table_counts_distinct_probes_and_the_epochs_saved(tmp_path, capsys):
 
 def test_no_curves_or_a_bad_patience_is_one_line(tmp_path):
     pp = load_script("probe_patience")
-    with pytest.raises(SystemExit, match="no probe curves under"):
+    with pytest.raises(SystemExit, match="no finished probe under"):
         pp.main(["--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="whole numbers >= 1"):
         pp.main(["--out", str(tmp_path), "--patience", "0"])
