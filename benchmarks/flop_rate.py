@@ -126,7 +126,8 @@ def peak(device: Any, n: int, repeats: int, dtype: Any = None) -> Rate:
     import torch
 
     a, b = (torch.randn(n, n, device=device, dtype=dtype or torch.float32) for _ in range(2))
-    return measure(f"matmul peak ({n}x{n})", None, lambda: a @ b, device, repeats, 0)
+    flops, _ = count_flops(lambda: a @ b)
+    return Rate(f"matmul peak ({n}x{n})", None, flops, median_seconds(lambda: a @ b, device, repeats), [])
 
 
 def report(rates: list[Rate], roof: Rate, title: str) -> str:
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> list[Rate]:
     from hydra.errors import HydraException
 
     from partial_lora.config import validate
-    from partial_lora.errors import PlrError
+    from partial_lora.errors import PlrError, first_line
     from partial_lora.runtime import _to, autocast_dtype, set_seed
     from partial_lora.stages.base import loader, setup
 
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> list[Rate]:
         set_seed(spec.seed)
         s = setup(spec)
     except (PlrError, HydraException) as e:  # a bad override or value, a missing fetch: one line
-        raise SystemExit(f"flop_rate: {str(e).strip().splitlines()[0]}") from None
+        raise SystemExit(f"flop_rate: {first_line(e)}") from None
     model, device = s.built.model.to(s.device), s.device
     n = min(len(s.data.train), max(args.batch, args.train_batch))
     examples = s.data.train.select(range(n))
