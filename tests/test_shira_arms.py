@@ -1,0 +1,119 @@
+"""PEFT's SHiRA with a mask plr draws at another run's budget: `adapter=shira_random` (Random Masking)
+and `adapter=shira_snip` (SHiRA's SNIP mask), on tiny runs."""
+
+import json
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from safetensors.torch import load_file
+from torch import nn
+
+from partial_lora import peft_baselines as PB
+from partial_lora.allocation import lr_scale_auto
+from partial_lora.errors import PlrError
+from partial_lora.stages import run_pipeline
+
+# tiny-bert, targets q and v: 2 layers x 2 modules, each 32 x 32
+LAYERS, ENTRIES = 4, 32 * 32
+PER_RANK = 4 * (32 + 32)
+FAST = ["experiment=smoke", "trainer.max_steps=2"]
+
+
+def run(run_dir, *overrides: str) -> dict:
+    with initialize_config_module("partial_lora.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[*FAST, *overrides])
+    return run_pipeline(cfg, run_dir, echo=lambda s: None)
+
+
+def test_random_entries_are_pefts_random_mask_at_its_own_size():
+    from peft.tuners.shira.mask_functions import random_mask
+
+    layer = nn.Linear(48, 32)
+    for r, seed in ((1, 0), (2, 7), (5, 123)):
+        theirs = torch.stack(torch.where(random_mask(layer, r, random_seed=seed) == 1))
+        assert torch.equal(PB.random_entries(32, 48, r * (32 + 48), seed), theirs)
+    assert PB.random_entries(32, 48, 37, 7).shape == (2, 37)  # and any other count
+
+
+def test_shira_counts_split_the_target_exactly_at_one_density():
+    shapes = {"a": (32, 32), "b": (32, 64), "c": (16, 16)}
+    total = sum(o * i for o, i in shapes.values())
+    for target in (10, 1001, 2048, total):
+        counts = PB.shira_counts(target, shapes)
+        assert sum(counts.values()) == target
+        for k, (o, i) in shapes.items():
+            assert abs(counts[k] - target * o * i / total) < 1  # the same density in every layer, to one entry
+    for target, message in ((0, "outside what the adapted layers hold"), (total + 1, "outside"),
+                            (2, "leaves layer c with none")):
+        with pytest.raises(PlrError, match=message):
+            PB.shira_counts(target, shapes)
+
+
+@pytest.fixture(scope="module")
+def partial_run(tmp_path_factory):
+    """A finished Partial-LoRA run to match (uniform sparsity keeps it fast and above the floor)."""
+    d = tmp_path_factory.mktemp("shira") / "partial"
+    return d, run(d, "adapter.sparsity=0.7")
+
+
+def _saved_entries(run_dir) -> dict[str, torch.Tensor]:
+    """The SHiRA indices PEFT saved with the trained adapter, by module name."""
+    saved = load_file(run_dir / "retrain" / "adapter.safetensors")
+    return {k.split("base_model.model.", 1)[1].split(".shira_indices")[0]: v.long()
+            for k, v in saved.items() if "shira_indices" in k}
+
+
+@pytest.mark.parametrize("mask", ["random", "snip"])
+def test_shira_arm_trains_exactly_the_matched_budget(tmp_path, partial_run, mask):
+    p_dir, partial = partial_run
+    target = partial["params"]["adapter"]
+    res = run(tmp_path / "a", f"adapter=shira_{mask}", f"adapter.match.run={p_dir}")
+    assert res["status"] == "complete" and list(res["stages"]) == ["extract", "retrain", "evaluate"]
+    gap = (res["params"]["adapter"] - target) / target
+    assert abs(gap) <= 0.02 and res["params"]["adapter"] == target  # measured gap: 0
+    assert res["stages"]["extract"]["gap_pct"] == 0.0
+    info = json.loads((tmp_path / "a" / "extract" / "masks.json").read_text())
+    assert info["granularity"] == "shira" and info["method"] == mask and info["target"] == target
+    assert sum(la["params"] for la in info["layers"].values()) == target
+    assert len({round(la["density"], 3) for la in info["layers"].values()}) == 1  # one density (equal layers)
+    assert ("snip" in info) == (mask == "snip")
+    # PEFT trained the entries plr drew, saved them with the adapter, and evaluate reloaded them
+    masks = load_file(tmp_path / "a" / "extract" / "masks.safetensors")
+    saved = _saved_entries(tmp_path / "a")
+    assert saved.keys() == set(info["layers"])
+    assert all(torch.equal(saved[m], masks[f"{m}.entries"]) for m in saved)
+    # the same lr rule as Partial-LoRA at that density (retrain.adapter_lr_scale=auto)
+    density = target / res["params"]["dense_lora_same_rank"]
+    assert math.isclose(res["stages"]["retrain"]["adapter_lr_scale"], lr_scale_auto(density))
+
+
+def test_shira_masks_are_seeded_and_snip_is_not_random(tmp_path, partial_run):
+    p_dir, _ = partial_run
+
+    def entries(name, *overrides):
+        run(tmp_path / name, *overrides, f"adapter.match.run={p_dir}")
+        return {k: v.tolist() for k, v in load_file(tmp_path / name / "extract" / "masks.safetensors").items()}
+
+    snip = entries("snip", "adapter=shira_snip")
+    assert entries("snip2", "adapter=shira_snip") == snip
+    assert entries("snip_seed1", "adapter=shira_snip", "seed=1") != snip  # other rows, another head
+    rand = entries("random", "adapter=shira_random")
+    assert rand != snip and entries("random_seed1", "adapter=shira_random", "seed=1") != rand
+    # per-layer seeds: two equal-shaped layers do not share one random support
+    assert len({json.dumps(v) for v in rand.values()}) == LAYERS
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["adapter.match.budget=1001"], 1001),
+    (["adapter.match.rank=8"], 8 * PER_RANK),  # the entries of adapter=shira (PEFT's own) at r = 8
+])
+def test_shira_arm_takes_a_budget_or_a_rank_as_its_target(tmp_path, overrides, expected):
+    res = run(tmp_path, "adapter=shira_random", *overrides)
+    assert res["params"]["adapter"] == expected
+
+
+def test_pefts_own_shira_is_unchanged(tmp_path):
+    res = run(tmp_path, "adapter=shira")
+    assert list(res["stages"]) == ["retrain", "evaluate"] and res["params"]["adapter"] == 8 * PER_RANK
