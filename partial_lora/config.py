@@ -334,8 +334,9 @@ def validate(cfg: DictConfig) -> RunSpec:
         raise PlrError(f"adapter={cfg.adapter.method} is a dense PEFT baseline; set adapter.sparsity=0")
     match = match_config(cfg)
     if peft is not None and peft.shira_mask is not None and not match.active:
-        raise PlrError(f"adapter.shira.mask={peft.shira_mask} draws SHiRA's mask at another run's budget and has none to "
-                       "match: set adapter.match.run=<a finished Partial-LoRA run dir> (or adapter.match.budget=<entries>)")
+        m = peft.shira_mask
+        raise PlrError(f"adapter=shira_{m} (adapter.shira.mask={m}) trains SHiRA at another run's budget and has none "
+                       "to match: set adapter.match.run=<a finished Partial-LoRA run dir> (or adapter.match.budget=<entries>)")
     snip = snip_config(cfg)
     if match.active and allocation.budget is not None and sp != 0:
         raise PlrError("adapter.match and adapter.allocation.budget both set a budget; keep one")

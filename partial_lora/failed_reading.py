@@ -67,7 +67,8 @@ def tolerance(metric: str, level: float, n: int) -> float:
 def floor_line(allocation: Mapping[str, Any], grid: list[float], adapter_params: int | None,
                relative_to: str | None) -> str | None:
     """The line for an allocation with every layer at the grid's floor (None: it is not)."""
-    if allocation.get("allocator") not in SEARCHES or not grid or (allocation.get("floor_share") or 0.0) < 1.0:
+    if (allocation.get("allocator") not in SEARCHES or not grid or min(grid) >= 1
+            or (allocation.get("floor_share") or 0.0) < 1.0):  # a grid of only 1: dense, nothing was searched
         return None
     fix = ("adapter.allocation.relative_to=gain (the target counts the probe's gain over no adapter; "
            "or experiment=partial-best)" if relative_to == "probe"

@@ -117,3 +117,34 @@ def test_shira_arm_takes_a_budget_or_a_rank_as_its_target(tmp_path, overrides, e
 def test_pefts_own_shira_is_unchanged(tmp_path):
     res = run(tmp_path, "adapter=shira")
     assert list(res["stages"]) == ["retrain", "evaluate"] and res["params"]["adapter"] == 8 * PER_RANK
+
+
+@pytest.mark.parametrize("args, message", [
+    (["adapter.mask.method=snop"], "unknown adapter.mask.method 'snop'; use one of: subspace, random, probe_magnitude, snip"),
+    (["adapter=snip", "adapter.snip.batches=0"], "adapter.snip.batches must be >= 1 batch"),
+    (["adapter=snip", "adapter.snip.batch_size=0"], "adapter.snip.batch_size must be >= 1"),
+    (["adapter=snip", "adapter.snip.batches=2.5"], "adapter.snip.batches=2.5 must be a whole number"),
+    (["adapter=shira_snip", "adapter.snip.batches=-1", "adapter.match.budget=100"], "adapter.snip.batches must be >= 1"),
+    (["adapter=shira_random"], "has none to match: set adapter.match.run=<a finished Partial-LoRA run dir>"),
+    (["adapter=shira_snip"], "adapter=shira_snip (adapter.shira.mask=snip) trains SHiRA at another run's budget and has "
+                             "none to match"),
+    (["adapter=shira_random", "adapter.shira.mask=grad", "adapter.match.budget=100"], "unknown adapter.shira.mask 'grad'"),
+    (["adapter=lora", "+adapter.shira.mask=random"], "adapter.shira.mask applies to SHiRA"),
+    (["adapter=shira_random", "adapter.match.run=/no/such/run"], "adapter.match.run=/no/such/run has no results.json"),
+    (["adapter=shira_random", "adapter.match.budget=5000"], "a SHiRA budget of 5,000 entries is outside what the adapted "
+                                                            "layers hold (1 to 4,096)"),
+])
+def test_bad_input_of_the_new_arms_is_one_line(args, message, tmp_path, capsys, monkeypatch):
+    """Exit code 2, one `plr: error:` line naming the fix, no stage done (as tests/test_reliability.py's battery)."""
+    from partial_lora import cli
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    run_dir = tmp_path / "run"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "experiment=smoke", *args, f"run_dir={run_dir}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("plr: error:") and "\n" not in err, err
+    assert message in err, err
+    assert not run_dir.exists() or not any(run_dir.rglob("done"))

@@ -206,7 +206,7 @@ def failed_reading(spec: RunSpec, run_dir: Path, stages: dict[str, dict[str, Any
         grid = A.read_json(path).get("grid") or []
         lines.append(FR.floor_line(al, grid, ev.get("adapter_params", al.get("params")), spec.allocation.relative_to))
     main = spec.main_metric
-    lines.append(FR.constant_line(main, ev.get(f"val_{main}"), ev.get("constant_level"), ev.get("val_count"),
+    lines.append(FR.constant_line(main, ev.get(f"val_{main}"), ev.get("constant_level"), ev.get("constant_n"),
                                   spec.train.lr, rt.get("adapter_lr_scale"), spec.sparse))
     return [line for line in lines if line]
 

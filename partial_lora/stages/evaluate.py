@@ -8,7 +8,7 @@ output), `score` (the predicted class's softmax probability, or the regression o
 can be paired example by example (`plr study`, error analysis).
 
 For a single-task run it also records the main metric's constant-prediction level on the
-validation split (`constant_level`, with `val_count` examples; `partial_lora.failed_reading`), so
+validation split (`constant_level`, with `constant_n` examples; `partial_lora.failed_reading`), so
 the run's results can say when its score is no better than ignoring the input.
 """
 
@@ -63,7 +63,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
     out.update(s.test_counts())
     if s.multi is None:  # not prefixed val_: results.json's metrics stay the task's own
         outputs, labels = seen["val"]
-        out.update(constant_level=constant_level(outputs, labels, spec.main_metric), val_count=len(labels))
+        out.update(constant_level=constant_level(outputs, labels, spec.main_metric), constant_n=len(labels))
     A.write_predictions(A.stage_dir(run_dir, NAME) / A.PREDICTIONS, table.columns())
     out.update(adapter_params=s.adapter_params(), dense_lora_params=s.dense_lora_params,
                head_params=sum(p.numel() for p in s.built.model.head_parameters()))
