@@ -12,8 +12,8 @@ How S is measured [ours where the peers are silent]: the loss is the task's trai
 (`model.loss`) of the model as plr builds it, with its fresh head and no adapter update (a
 freshly injected LoRA has B = 0), in eval mode (no dropout), with W0's gradient enabled for this
 pass only (`torch.autograd.grad`: no `.grad` is left behind). The batches are `SnipConfig.batches`
-batches of `batch_size` training rows drawn without replacement by a permutation seeded with the
-run's seed (`examples`), so the same seed reads the same rows. |W0 ⊙ g| is taken per batch and
+batches of `batch_size` training examples drawn without replacement by a permutation seeded with
+the run's seed (`examples`), so the same seed reads the same examples. |W0 ⊙ g| is taken per batch and
 summed (the absolute value inside the sum, so opposite gradients of two batches do not cancel).
 """
 
@@ -37,7 +37,7 @@ class SnipConfig:
 
     Attributes:
         batches: how many training batches (at least 1).
-        batch_size: rows per batch; None: the trainer's batch size.
+        batch_size: examples per batch; None: the trainer's batch size.
     """
 
     batches: int = 4
@@ -51,11 +51,11 @@ class SnipConfig:
                            f"{self.batch_size}; e.g. adapter.snip.batch_size=32")
 
 
-def examples(n_rows: int, batches: int, batch_size: int, seed: int) -> list[int]:
-    """The training rows SNIP reads, in batch order: the first batches·batch_size of a permutation of
-    range(n_rows) seeded with `seed` (all rows when there are fewer)."""
+def examples(n_train: int, batches: int, batch_size: int, seed: int) -> list[int]:
+    """The training examples SNIP reads (indices into the training split), in batch order: the first
+    batches·batch_size of a permutation of range(n_train) seeded with `seed` (all when there are fewer)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randperm(n_rows, generator=g)[: batches * batch_size].tolist()
+    return torch.randperm(n_train, generator=g)[: batches * batch_size].tolist()
 
 
 def importance(loss: Callable[[B], Tensor], weights: Mapping[str, Tensor], batches: Iterable[B]) -> dict[str, Tensor]:

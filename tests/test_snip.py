@@ -123,7 +123,7 @@ def test_snip_rows_at_one_ratio_matched_to_a_partial_run(tmp_path, partial_run):
     info = json.loads((tmp_path / "a" / "extract" / "masks.json").read_text())
     assert info["method"] == "snip" and "probe" not in res["stages"]
     assert info["snip"]["batches"] == 4 and info["snip"]["batch_size"] == 16 and info["snip"]["seed"] == 0
-    assert len(info["snip"]["rows"]) == 64 == len(set(info["snip"]["rows"]))
+    assert len(info["snip"]["examples"]) == 64 == len(set(info["snip"]["examples"]))
     ratios = {la["ratio"] for la in info["layers"].values()}
     assert len(ratios) == 1  # uniform
     # a budget it can reach exactly: every layer keeps 10 of 32 rows and columns
@@ -133,7 +133,7 @@ def test_snip_rows_at_one_ratio_matched_to_a_partial_run(tmp_path, partial_run):
     again = run(tmp_path / "c", "adapter=snip", "adapter.match.budget=640")
     assert _kept(tmp_path / "b") == _kept(tmp_path / "c")
     other = run(tmp_path / "d", "adapter=snip", "adapter.match.budget=640", "seed=1")
-    assert json.loads((tmp_path / "d" / "extract" / "masks.json").read_text())["snip"]["rows"] != info["snip"]["rows"]
+    assert json.loads((tmp_path / "d" / "extract" / "masks.json").read_text())["snip"]["examples"] != info["snip"]["examples"]
     assert again["params"]["adapter"] == other["params"]["adapter"] == 640
 
 

@@ -133,7 +133,6 @@ def input_groups(spec: RunSpec, s: Setup) -> list[list[str]]:
     return IG.trace(s.built.model.net, lambda: predict(model, batches, s.device, autocast_dtype(spec.train, s.device)))
 
 
-
 def snip_scores(spec: RunSpec, s: Setup, layers: Mapping[str, tuple[str, int, int]]) -> tuple[dict[str, torch.Tensor],
                                                                                               dict[str, Any]]:
     """SNIP importance (`partial_lora.snip.importance`) of the W0 slice of each layer, and what was read.
@@ -143,15 +142,16 @@ def snip_scores(spec: RunSpec, s: Setup, layers: Mapping[str, tuple[str, int, in
 
     Returns:
         The scores by layer id (d_out × d_in, on the run's device), and the record for masks.json:
-        the batches, their size, the seed and the training rows read, in order.
+        the batches, their size, the seed and the training examples read (indices into the
+        training split), in order.
     """
     if D.sharded():
         raise PlrError("SNIP importance needs each W0 whole on one process, and trainer.strategy=fsdp shards it; "
                        "use trainer.strategy=ddp with adapter.mask.method=snip or adapter=shira_snip")
     cfg, tc = spec.snip, spec.train
     size = cfg.batch_size or tc.batch_size
-    rows = SN.examples(len(s.data.train), cfg.batches, size, spec.seed)
-    batches = loader(s, s.data.train.select(rows), replace(tc, eval_batch_size=size), train=False)
+    examples = SN.examples(len(s.data.train), cfg.batches, size, spec.seed)
+    batches = loader(s, s.data.train.select(examples), replace(tc, eval_batch_size=size), train=False)
     model = s.built.model.to(s.device)
     net = model.net
     weights = {m: net.get_submodule(m).weight for m, _, _ in layers.values()}
@@ -170,10 +170,10 @@ def snip_scores(spec: RunSpec, s: Setup, layers: Mapping[str, tuple[str, int, in
         model.train(was_training)
     scores = {lid: full[m].reshape(full[m].shape[0], -1)[offset:offset + d_out]
               for lid, (m, offset, d_out) in layers.items()}
-    n_batches = -(-len(rows) // size)
-    print(f"[plr] snip: importance of {len(layers)} layers from {n_batches} training batches of {size} rows "
+    n_batches = -(-len(examples) // size)
+    print(f"[plr] snip: importance of {len(layers)} layers from {n_batches} training batches of {size} examples "
           f"(seed {spec.seed})")
-    return scores, {"batches": n_batches, "batch_size": size, "seed": spec.seed, "rows": rows}
+    return scores, {"batches": n_batches, "batch_size": size, "seed": spec.seed, "examples": examples}
 
 
 def snip_of_branches(spec: RunSpec, s: Setup) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
