@@ -65,6 +65,10 @@ class PeftSpec:
         if self.shira_mask is not None and self.method != "shira":
             raise PlrError(f"adapter.shira.mask applies to SHiRA, not adapter={self.method}; drop it or use "
                            "adapter=shira_random / adapter=shira_snip")
+        ignored = sorted(set(self.options) & {"r", "mask_type", "random_seed"}) if self.shira_mask else []
+        if ignored:
+            raise PlrError(f"adapter.peft.{ignored[0]} does not apply to adapter=shira_{self.shira_mask}: plr draws its "
+                           "mask at the matched budget, seeded by the run's seed; drop it")
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,6 @@ def peft_config(spec: PeftSpec, targets: Sequence[str], total_steps: int) -> Any
         if spec.method == "vera":
             return peft.VeraConfig(r=opts.pop("r", 256), vera_dropout=spec.dropout, **common, **opts)
         if spec.shira_mask is not None:  # plr sets the mask after injection (set_shira_masks): r is a placeholder
-            opts.pop("r", None)
             return peft.ShiraConfig(r=1, **common, **opts)
         return peft.ShiraConfig(r=opts.pop("r", spec.r), **common, **opts)
     except (TypeError, ValueError) as e:

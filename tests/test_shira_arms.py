@@ -131,6 +131,8 @@ def test_pefts_own_shira_is_unchanged(tmp_path):
     (["adapter=shira_random", "adapter.shira.mask=grad", "adapter.match.budget=100"], "unknown adapter.shira.mask 'grad'"),
     (["adapter=lora", "+adapter.shira.mask=random"], "adapter.shira.mask applies to SHiRA"),
     (["adapter=shira_random", "adapter.match.run=/no/such/run"], "adapter.match.run=/no/such/run has no results.json"),
+    (["adapter=shira_random", "adapter.match.budget=100", "+adapter.peft.random_seed=3"],
+     "adapter.peft.random_seed does not apply to adapter=shira_random"),
     (["adapter=shira_random", "adapter.match.budget=5000"], "a SHiRA budget of 5,000 entries is outside what the adapted "
                                                             "layers hold (1 to 4,096)"),
 ])
