@@ -160,7 +160,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
             echo(f"[plr] {name}: done in {metrics['wall_s']:.1f} s")
         results = collect_results(spec, run_dir, done)
         A.write_json(run_dir / A.RESULTS, results)
-    for line in results["failed_reading"]:  # the run's log (and the console): never silent
+    for line in results["failed_reading"] if D.is_main() else []:  # the run's log (and the console): never silent
         log.warning(line)
     return results
 
