@@ -150,3 +150,22 @@ def test_bad_input_of_the_new_arms_is_one_line(args, message, tmp_path, capsys, 
     assert err.startswith("plr: error:") and "\n" not in err, err
     assert message in err, err
     assert not run_dir.exists() or not any(run_dir.rglob("done"))
+
+
+def test_matching_at_the_ledgers_minilm_budgets():
+    """The matching rules at MiniLM's shapes (12 q/v layers of 384 x 384, r = 8) for every MiniLM Partial-LoRA
+    budget in the study's ledger: SHiRA's split is exact; one keep ratio (adapter=snip, as adapter=uniform)
+    lands on these budgets exactly too (each is a multiple of 192 = 12 layers x 2 sides x r)."""
+    from pathlib import Path
+
+    from partial_lora import allocation as AL
+
+    ledger = Path(__file__).resolve().parents[1] / "docs" / "results" / "study-runs.jsonl"
+    rows = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
+    budgets = sorted({r["params"]["adapter"] for r in rows if r["model"] == "minilm" and r["arm"] == "partial"})
+    assert len(budgets) >= 10
+    layers = [AL.Layer(f"layer{i}", 384, 384) for i in range(12)]
+    for b in budgets:
+        assert sum(PB.shira_counts(b, {la.name: (384, 384) for la in layers}).values()) == b
+        uniform = AL.rescale_to_budget(AL.uniform(layers, 8, 0.5), b).params()
+        assert abs(uniform - b) <= 0.02 * b and (b % 192 or uniform == b)
