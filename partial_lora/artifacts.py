@@ -287,6 +287,21 @@ def read_masks(run_dir: Path, model_name: str) -> tuple[Keep, Keep]:
     return keep, element
 
 
+def read_shira_masks(run_dir: Path, model_name: str) -> dict[str, torch.Tensor]:
+    """The SHiRA entries plr drew in the extract stage (`adapter.shira.mask`): `{module}.entries`, (2, k)
+    int64 row and column indices, by module name; checked against the model."""
+    d = stage_dir(run_dir, EXTRACT)
+    info = read_json(d / MASKS_JSON)
+    if info.get("model") != model_name or info.get("granularity") != "shira":
+        raise PlrError(f"{d / MASKS} holds no SHiRA masks of model '{model_name}' (it has {info.get('granularity')} "
+                       f"masks of '{info.get('model')}'); rerun extract")
+    t = load_tensors(d / MASKS)
+    try:
+        return {lid: t[f"{lid}.entries"] for lid in info["layers"]}
+    except KeyError:
+        raise PlrError(f"{d / MASKS} lacks a layer that masks.json lists (truncated or foreign file); rerun extract") from None
+
+
 def read_input_groups(run_dir: Path) -> list[list[str]]:
     """The extract stage's input groups (`adapter.mask.shared_input`): layer ids that read one input
     tensor; [] for masks made without the option (and for masks files from before it)."""

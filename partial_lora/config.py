@@ -26,10 +26,11 @@ from partial_lora.errors import PlrError
 from partial_lora.inject import LoRAConfig
 from partial_lora.models import ModelSpec, torch_dtype
 from partial_lora.peft_baselines import METHODS as PEFT_METHODS
-from partial_lora.peft_baselines import PeftSpec
+from partial_lora.peft_baselines import PeftSpec, ShiraMaskConfig
 from partial_lora.masks import MaskConfig
 from partial_lora.spec import MatchConfig, ProbeConfig, RetrainConfig, RunSpec, TaskPart
 from partial_lora.recipe import TrainConfig
+from partial_lora.snip import SnipConfig
 from partial_lora.typecheck import _build, check_type
 
 __all__ = ["MaskConfig", "MatchConfig", "ProbeConfig", "RetrainConfig", "RunSpec", "TaskPart", "validate"]
@@ -46,7 +47,8 @@ def schemas() -> dict[str, type]:
     """Each config group's schema, by its key: the dataclass whose fields are the group's keys
     (type-checked by `_build`, range- and choice-checked by the dataclass or the converter)."""
     return {"trainer": TrainConfig, "adapter.probe": ProbeConfig, "adapter.allocation": AllocationConfig,
-            "adapter.mask": MaskConfig, "adapter.match": MatchConfig, "retrain": RetrainConfig,
+            "adapter.mask": MaskConfig, "adapter.match": MatchConfig, "adapter.snip": SnipConfig,
+            "adapter.shira": ShiraMaskConfig, "retrain": RetrainConfig,
             "model": ModelSpec, "task": TaskSpec}
 
 
@@ -235,10 +237,18 @@ def mask_config(cfg: DictConfig) -> MaskConfig:
 def peft_spec(cfg: DictConfig) -> PeftSpec | None:
     """The PEFT baseline of `adapter.method` (None for plr's own adapters)."""
     method = str(cfg.adapter.get("method", "lora"))
+    shira = _build(ShiraMaskConfig, _node(cfg, "adapter.shira"), "adapter.shira")
     if method not in PEFT_METHODS:
+        if shira.mask is not None:
+            raise PlrError(f"adapter.shira.mask applies to SHiRA, not adapter.method={method}; drop it or use "
+                           "adapter=shira_random / adapter=shira_snip")
         return None
     a = cfg.adapter
-    return PeftSpec(method, int(a.r), float(a.alpha), float(a.dropout), _node(cfg, "adapter.peft"))
+    return PeftSpec(method, int(a.r), float(a.alpha), float(a.dropout), _node(cfg, "adapter.peft"), shira.mask)
+
+
+def snip_config(cfg: DictConfig) -> SnipConfig:
+    return _build(SnipConfig, _node(cfg, "adapter.snip"), "adapter.snip")
 
 
 def match_config(cfg: DictConfig) -> MatchConfig:
@@ -323,6 +333,11 @@ def validate(cfg: DictConfig) -> RunSpec:
     if peft is not None and sp != 0:
         raise PlrError(f"adapter={cfg.adapter.method} is a dense PEFT baseline; set adapter.sparsity=0")
     match = match_config(cfg)
+    if peft is not None and peft.shira_mask is not None and not match.active:
+        m = peft.shira_mask
+        raise PlrError(f"adapter=shira_{m} (adapter.shira.mask={m}) trains SHiRA at another run's budget and has none "
+                       "to match: set adapter.match.run=<a finished Partial-LoRA run dir> (or adapter.match.budget=<entries>)")
+    snip = snip_config(cfg)
     if match.active and allocation.budget is not None and sp != 0:
         raise PlrError("adapter.match and adapter.allocation.budget both set a budget; keep one")
     method = str(cfg.adapter.get("method", "lora"))
@@ -332,5 +347,5 @@ def validate(cfg: DictConfig) -> RunSpec:
     return RunSpec(seed=int(cfg.seed), model=spec, task=str(cfg.task.name), parts=tuple(parts), multi=multi,
                    metrics=tuple(metrics), main_metric=main, scoring=str(cfg.task.get("scoring", "sum")),
                    method=method, lora=lora, sparsity=sp, probe=probe, allocation=allocation, mask=mask,
-                   retrain=retrain, match=match, train=train, peft=peft,
+                   retrain=retrain, match=match, train=train, peft=peft, snip=snip,
                    settings=OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]

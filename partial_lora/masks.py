@@ -10,6 +10,9 @@ which lets the allocator try a whole grid of ratios without re-ranking.
 - `random`: a seeded random permutation (the paper's control: random rows/columns at the
   right per-layer ratio work about as well).
 - `probe_magnitude` [ours]: rows/columns with the largest norms of the probe's ΔW = s·B·A.
+- `snip` (TASO-style, reconstructed [ours]): rows/columns with the largest summed SNIP importance
+  of W0 on the task loss, Σ_j S[i, j] and Σ_i S[i, j] with S = Σ_batches |W0 ⊙ ∂L/∂W0|
+  (`partial_lora.snip`; the extract stage measures S).
 
 With `adapter.mask.shared_input` [ours], the layers that read one input tensor (an *input group*,
 e.g. query and value of one attention block; `partial_lora.input_groups`) share one column
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from partial_lora import snip as SN
 from partial_lora.errors import PlrError
 
 
@@ -102,6 +106,11 @@ def rank_probe_magnitude(delta: Tensor) -> Ranking:
     return Ranking(_order(d.norm(dim=1)), _order(d.norm(dim=0)))
 
 
+def rank_snip(scores: Tensor) -> Ranking:
+    """Rank rows / columns by their summed SNIP importance (`snip.row_scores`, `snip.col_scores`)."""
+    return Ranking(_order(SN.row_scores(scores)).cpu(), _order(SN.col_scores(scores)).cpu())
+
+
 @dataclass(frozen=True)
 class LayerInfo:
     """What a mask maker may look at for one adapted layer."""
@@ -109,6 +118,7 @@ class LayerInfo:
     name: str
     w0: Tensor                   # the frozen weight slice this branch adapts (d_out × d_in)
     probe_delta: Tensor | None   # the probe's ΔW on that slice, if a probe ran
+    snip: Tensor | None = None   # SNIP importance of that slice (d_out × d_in), when the method needs it
 
 
 Masker = Callable[[LayerInfo, int, float], Ranking]
@@ -117,6 +127,7 @@ MASKERS: dict[str, Masker] = {
     "subspace": lambda info, seed, energy: rank_subspace(info.w0, energy),
     "random": lambda info, seed, energy: rank_random(info.w0.shape[0], info.w0.shape[1], seed, info.name),
     "probe_magnitude": lambda info, seed, energy: rank_probe_magnitude(_need_probe(info)),
+    "snip": lambda info, seed, energy: rank_snip(_need_snip(info)),
 }
 
 
@@ -125,7 +136,7 @@ class MaskConfig:
     """`adapter.mask`: which rows/columns are kept.
 
     Attributes:
-        method: `subspace`, `random` or `probe_magnitude`.
+        method: `subspace`, `random`, `probe_magnitude` or `snip` (its batches: `adapter.snip`).
         granularity: `rowcol` (structured, compact) or `element` (random entries; ablation only).
         energy: share of W0's spectral energy defining the top-k subspace.
         seed: seed of random masks (None: the run's seed).
@@ -169,6 +180,12 @@ def _need_probe(info: LayerInfo) -> Tensor:
     return info.probe_delta
 
 
+def _need_snip(info: LayerInfo) -> Tensor:
+    if info.snip is None:  # the stages measure it whenever the method is snip
+        raise PlrError(f"adapter.mask.method=snip has no SNIP importance for layer {info.name}; rerun the stage")
+    return info.snip
+
+
 def rank_layer(method: str, info: LayerInfo, seed: int = 0, energy: float = 0.9) -> Ranking:
     if method not in MASKERS:
         raise PlrError(f"unknown adapter.mask.method '{method}'; use one of: {', '.join(MASKERS)}")
@@ -181,8 +198,9 @@ def rank_group(method: str, infos: Sequence[LayerInfo], seed: int = 0, energy: f
     The mask method runs once on the members stacked along the output dimension: `subspace` on
     the SVD of their W0 slices concatenated (column scores as in `rank_subspace`), `random` on
     one permutation seeded by `layer_seed(seed, <the first member's name>)`, `probe_magnitude`
-    on the stacked probe updates. Each member then keeps a prefix of this ranking, so the kept
-    column sets of the group nest.
+    on the stacked probe updates, `snip` on the stacked SNIP scores (a column's sum over every
+    member's rows). Each member then keeps a prefix of this ranking, so the kept column sets of
+    the group nest.
 
     Raises:
         PlrError: the members do not have the same input size (they cannot read one tensor).
@@ -191,8 +209,10 @@ def rank_group(method: str, infos: Sequence[LayerInfo], seed: int = 0, energy: f
         raise PlrError(f"input group {[i.name for i in infos][:3]} mixes layers of different input sizes; "
                        "rerun extract (the masks come from another model?)")
     deltas = [info.probe_delta for info in infos]
+    snips = [info.snip for info in infos]
     stacked = LayerInfo(infos[0].name, torch.cat([info.w0 for info in infos]),
-                        None if any(d is None for d in deltas) else torch.cat(deltas))  # type: ignore[arg-type]
+                        None if any(d is None for d in deltas) else torch.cat(deltas),  # type: ignore[arg-type]
+                        None if any(s is None for s in snips) else torch.cat(snips))  # type: ignore[arg-type]
     return rank_layer(method, stacked, seed, energy).cols
 
 

@@ -13,6 +13,17 @@ Per-method options (`adapter.peft.*`) go to the PEFT config as they are. Default
   default 0.5) is added to the loss, as PEFT's own forward would.
 - `vera`: `r` = 256 (the VeRA paper's GLUE setting) unless `adapter.peft.r` says otherwise.
 - `shira`: `r` sets the number of trainable entries to that of a rank-r LoRA (PEFT's meaning).
+
+SHiRA at a matched budget (`adapter.shira.mask`, [ours]): `adapter=shira_random` (Random Masking:
+random entries at the same density in every layer) and `adapter=shira_snip` (SHiRA's SNIP mask:
+each layer's entries with the largest |W0 ⊙ ∂L/∂W0|). plr draws the mask in the extract stage
+at the parameter target of `adapter.match` (`shira_counts`: exactly the target, split over the
+layers at one density) and gives it to PEFT's SHiRA layers (`set_shira_masks`). Not through
+`ShiraConfig.mask_fn`: PEFT requires a mask function to return exactly r·(d_out + d_in) entries
+per layer (`ShiraLayer.update_layer` checks it), a multiple of d_out + d_in that cannot land on
+another run's parameter count. So PEFT injects SHiRA at r = 1, and plr then sets each layer's
+entry indices and its zero-initialised trainable vector, the two tensors `mask_fn` would have
+decided. PEFT saves and reloads those indices with the adapter (`shira_indices`).
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from torch import Tensor, nn
 from partial_lora.errors import PlrError, first_line
 
 METHODS = ("peft_lora", "dora", "adalora", "vera", "shira")
+SHIRA_MASKS = ("random", "snip")
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,7 @@ class PeftSpec:
         method: one of `METHODS`.
         r / alpha / dropout: plr's adapter settings (rank, scaling numerator, dropout).
         options: method-specific PEFT config values (`adapter.peft`), passed through.
+        shira_mask: SHiRA only: `random` or `snip` when plr draws the mask (`ShiraMaskConfig`).
     """
 
     method: str
@@ -44,10 +57,90 @@ class PeftSpec:
     alpha: float = 16.0
     dropout: float = 0.0
     options: Mapping[str, Any] = field(default_factory=dict)
+    shira_mask: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise PlrError(f"unknown PEFT baseline '{self.method}'; use one of: {', '.join(METHODS)}")
+        if self.shira_mask is not None and self.method != "shira":
+            raise PlrError(f"adapter.shira.mask applies to SHiRA, not adapter={self.method}; drop it or use "
+                           "adapter=shira_random / adapter=shira_snip")
+        ignored = sorted(set(self.options) & {"r", "mask_type", "random_seed"}) if self.shira_mask else []
+        if ignored:
+            raise PlrError(f"adapter.peft.{ignored[0]} does not apply to adapter=shira_{self.shira_mask}: plr draws its "
+                           "mask at the matched budget, seeded by the run's seed; drop it")
+
+
+@dataclass(frozen=True)
+class ShiraMaskConfig:
+    """`adapter.shira`: who draws SHiRA's mask.
+
+    Attributes:
+        mask: None: PEFT's own (r·(d_out + d_in) random entries per layer, `adapter=shira`);
+            `random` or `snip`: plr draws it at the budget of `adapter.match` (`adapter=shira_random`,
+            `adapter=shira_snip`).
+    """
+
+    mask: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mask is not None and self.mask not in SHIRA_MASKS:
+            raise PlrError(f"unknown adapter.shira.mask '{self.mask}'; use one of: {', '.join(SHIRA_MASKS)} "
+                           "(or null for PEFT's own mask)")
+
+
+def shira_counts(target: int, shapes: Mapping[str, tuple[int, int]]) -> dict[str, int]:
+    """Trainable entries per layer for a total of exactly `target`, at one density in every layer.
+
+    Each layer's share is target·d_out·d_in / Σ d_out·d_in, rounded down, and the remainder goes one
+    entry each to the layers with the largest fractional parts (ties: the earlier layer).
+
+    Raises:
+        PlrError: the target is more than the layers hold, or leaves a layer with no entry.
+    """
+    sizes = {k: d_out * d_in for k, (d_out, d_in) in shapes.items()}
+    total = sum(sizes.values())
+    if not 0 < target <= total:
+        raise PlrError(f"a SHiRA budget of {target:,} entries is outside what the adapted layers hold (1 to {total:,}); "
+                       "match another run or set adapter.match.budget within that range")
+    share = {k: target * n / total for k, n in sizes.items()}
+    counts = {k: int(v) for k, v in share.items()}
+    left = target - sum(counts.values())
+    for k in sorted(share, key=lambda k: -(share[k] - counts[k]))[:left]:  # sorted() is stable
+        counts[k] += 1
+    empty = [k for k, n in counts.items() if n == 0]
+    if empty:
+        raise PlrError(f"a SHiRA budget of {target:,} entries leaves layer {empty[0]} with none at one density; "
+                       "raise the budget (adapter.match) or adapt fewer layers")
+    return counts
+
+
+def random_entries(d_out: int, d_in: int, k: int, seed: int) -> Tensor:
+    """k random entries of a d_out × d_in weight as (2, k) int64 (row, column) pairs in row-major
+    order: PEFT's `random_mask` draw (the first k of a permutation of the d_out·d_in entries from a
+    generator seeded with `seed`) at any k, not only r·(d_out + d_in)."""
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(d_out * d_in, generator=g)[:k].sort().values
+    return torch.stack([flat // d_in, flat % d_in])
+
+
+def set_shira_masks(net: nn.Module, masks: Mapping[str, Tensor]) -> None:
+    """Give each PEFT SHiRA layer of `net` (by module name) the entries `masks[name]` ((2, k) row and
+    column indices) and a zero-initialised trainable vector of k values (PEFT's own init).
+
+    Raises:
+        PlrError: a module named by `masks` is not a SHiRA layer of `net`.
+    """
+    from peft.tuners.shira.layer import ShiraLayer
+
+    for name, idx in masks.items():
+        layer = net.get_submodule(name)
+        if not isinstance(layer, ShiraLayer):
+            raise PlrError(f"the SHiRA masks name module '{name}', which this model's SHiRA did not adapt; "
+                           "rerun extract (the masks come from another model or target set)")
+        for adapter, old in layer.shira_weight.items():
+            layer.shira_weight[adapter] = nn.Parameter(torch.zeros(idx.shape[1], dtype=old.dtype, device=old.device))
+            layer.shira_indices[adapter] = idx.to(device=old.device, dtype=torch.int)
 
 
 def peft_config(spec: PeftSpec, targets: Sequence[str], total_steps: int) -> Any:
@@ -71,6 +164,8 @@ def peft_config(spec: PeftSpec, targets: Sequence[str], total_steps: int) -> Any
                                       tfinal=tfinal, **common, **opts)
         if spec.method == "vera":
             return peft.VeraConfig(r=opts.pop("r", 256), vera_dropout=spec.dropout, **common, **opts)
+        if spec.shira_mask is not None:  # plr sets the mask after injection (set_shira_masks): r is a placeholder
+            return peft.ShiraConfig(r=1, **common, **opts)
         return peft.ShiraConfig(r=opts.pop("r", spec.r), **common, **opts)
     except (TypeError, ValueError) as e:
         first = first_line(e)
@@ -78,11 +173,15 @@ def peft_config(spec: PeftSpec, targets: Sequence[str], total_steps: int) -> Any
 
 
 def inject_peft(net: nn.Module, spec: PeftSpec, targets: Sequence[str], head_modules: Sequence[str],
-                total_steps: int) -> Any:
+                total_steps: int, masks: Mapping[str, Tensor] | None = None) -> Any:
     """Inject the PEFT adapter into `net` in place; return the `PeftModel` that manages it.
 
-    Only the adapter (as PEFT marks it) and the head modules are left trainable.
+    Only the adapter (as PEFT marks it) and the head modules are left trainable. `masks` are the
+    SHiRA entries plr drew (`adapter.shira.mask`; the extract stage's), by module name.
     """
+    if (spec.shira_mask is not None) != (masks is not None):
+        raise PlrError(f"adapter.shira.mask={spec.shira_mask} needs the extract stage's masks"
+                       if masks is None else "SHiRA masks given to an adapter that draws none; rerun the run")
     import peft
 
     cfg = peft_config(spec, targets, total_steps)
@@ -92,6 +191,8 @@ def inject_peft(net: nn.Module, spec: PeftSpec, targets: Sequence[str], head_mod
         first = first_line(e)
         raise PlrError(f"adapter={spec.method}: PEFT could not adapt this model ({first}); "
                        "choose other adapter.targets") from None
+    if masks is not None:
+        set_shira_masks(net, masks)
     for name in head_modules:
         for p in net.get_submodule(name).parameters():
             p.requires_grad_(True)

@@ -49,9 +49,13 @@ FREE = ("run_dir", "out_root", "name", "label", "from_run", "logger.", "adapter.
         "trainer.compile", "trainer.strategy")
 # Keys a stage does not read (only the stages after it do).
 _RETRAIN_ONLY = ("retrain.", "trainer.epochs", "trainer.max_steps")
+# SNIP's batches (`adapter.snip`) are read by extract, and by allocate when its search ranks with
+# SNIP; SHiRA's mask (`adapter.shira`) by extract alone.
 LATER: dict[str, tuple[str, ...]] = {
-    A.PROBE: (*_RETRAIN_ONLY, "adapter.sparsity", "adapter.allocation.", "adapter.mask.", "adapter.match."),
-    A.ALLOCATE: (*_RETRAIN_ONLY, "adapter.mask.shared_input"),  # the search ranks each layer on its own
+    A.PROBE: (*_RETRAIN_ONLY, "adapter.sparsity", "adapter.allocation.", "adapter.mask.", "adapter.match.",
+              "adapter.snip.", "adapter.shira."),
+    A.ALLOCATE: (*_RETRAIN_ONLY, "adapter.mask.shared_input",  # the search ranks each layer on its own
+                 "adapter.shira."),
     A.EXTRACT: _RETRAIN_ONLY,
     A.RETRAIN: (),
     A.EVALUATE: (),

@@ -20,6 +20,7 @@ from partial_lora.masks import MaskConfig
 from partial_lora.models import ModelSpec
 from partial_lora.peft_baselines import PeftSpec
 from partial_lora.recipe import TrainConfig
+from partial_lora.snip import SnipConfig
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ class RunSpec:
         sparsity: `adapter.sparsity`, a number in [0, 1) or `auto`.
         peft: the PEFT baseline's settings (None for plr's own adapters).
         match: the parameter target of the matched-budget controls.
+        snip: the batches SNIP importance is measured on (`adapter.mask.method=snip`, `adapter=shira_snip`).
         settings: the resolved config as plain containers, what run dirs and allocations record.
     """
 
@@ -173,6 +175,7 @@ class RunSpec:
     train: TrainConfig
     peft: PeftSpec | None
     settings: Mapping[str, Any] = field(repr=False, compare=False)
+    snip: SnipConfig = field(default_factory=SnipConfig)
 
     @property
     def sparse(self) -> bool:

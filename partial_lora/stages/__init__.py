@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from partial_lora import artifacts as A
 from partial_lora import checkpoint as CK
 from partial_lora import config as C
 from partial_lora import distributed as D
+from partial_lora import failed_reading as FR
 from partial_lora import rundir as RD
 from partial_lora.allocation import NEEDS_PROBE
 from partial_lora.runtime import resolve_device
@@ -31,6 +33,8 @@ from partial_lora.spec import RunSpec
 from partial_lora.errors import Interrupted, PlrError, disk_full_is_one_line
 from partial_lora.stages import allocate, evaluate, extract, probe, retrain
 from partial_lora.tracking import Tracker
+
+log = logging.getLogger("plr")
 
 StageFn = Callable[[RunSpec, Path, "Tracker | None"], dict[str, Any]]
 
@@ -48,7 +52,10 @@ REGISTRY: dict[str, StageFn] = {
 
 
 def plan(spec: RunSpec) -> list[str]:
-    """The stages a run runs, in order (see `stages_for`)."""
+    """The stages a run runs, in order (see `stages_for`); a SHiRA whose mask plr draws
+    (`adapter.shira.mask`) runs extract (the mask), retrain and evaluate."""
+    if spec.peft is not None and spec.peft.shira_mask is not None:
+        return [A.EXTRACT, A.RETRAIN, A.EVALUATE]
     return stages_for(spec.sparsity, spec.mask.method, spec.allocation.allocator)
 
 
@@ -153,6 +160,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
             echo(f"[plr] {name}: done in {metrics['wall_s']:.1f} s")
         results = collect_results(spec, run_dir, done)
         A.write_json(run_dir / A.RESULTS, results)
+    for line in results["failed_reading"] if D.is_main() else []:  # the run's log (and the console): never silent
+        log.warning(line)
     return results
 
 
@@ -183,7 +192,23 @@ def collect_results(spec: RunSpec, run_dir: Path, stages: dict[str, dict[str, An
                                              "target", "joint_accuracy", "floor_share", "evaluations")} if al else None,
         "wall_s": {s: m.get("wall_s") for s, m in stages.items()},
         "stages": {s: {k: v for k, v in m.items() if k != "history"} for s, m in stages.items()},
+        "failed_reading": failed_reading(spec, run_dir, stages),
     }
+
+
+def failed_reading(spec: RunSpec, run_dir: Path, stages: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per sign that the run's reading failed (`partial_lora.failed_reading`): an allocation
+    with every layer at the grid's floor, a validation score near the constant-prediction level."""
+    lines = []
+    al, ev, rt = stages.get(A.ALLOCATE), stages.get(A.EVALUATE, {}), stages.get(A.RETRAIN, {})
+    path = A.stage_dir(run_dir, A.ALLOCATE) / A.ALLOCATION
+    if al and path.exists():
+        grid = A.read_json(path).get("grid") or []
+        lines.append(FR.floor_line(al, grid, ev.get("adapter_params", al.get("params")), spec.allocation.relative_to))
+    main = spec.main_metric
+    lines.append(FR.constant_line(main, ev.get(f"val_{main}"), ev.get("constant_level"), ev.get("constant_n"),
+                                  spec.train.lr, rt.get("adapter_lr_scale"), spec.sparse))
+    return [line for line in lines if line]
 
 
 def format_results(r: dict[str, Any]) -> str:
@@ -217,6 +242,8 @@ def format_results(r: dict[str, Any]) -> str:
             target = "" if al.get("target") is None else f" · target {al['target']:.4f}"  # none: proportional
             lines.append(f"  probe few-shot {what}: a_ref {al['a_ref']:.4f} · no adapter a_0 {al['a_0']:.4f}"
                          f"{target} · allocation {al['joint_accuracy']:.4f}")
+    for line in r.get("failed_reading") or []:
+        lines.append(f"  ! {line}")
     walls = " · ".join(f"{s} {w:.1f} s" for s, w in r["wall_s"].items() if w is not None)
     total = sum(w for w in r["wall_s"].values() if w is not None)
     lines.append(f"  wall time: {walls} · total {total:.1f} s")

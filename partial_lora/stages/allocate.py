@@ -34,6 +34,7 @@ from partial_lora.replay import BlockReplay
 from partial_lora.runtime import autocast_dtype, set_seed
 from partial_lora.spec import RunSpec
 from partial_lora.stages.base import Setup, few_shot_sets, load_trained, loader, setup
+from partial_lora.stages.extract import snip_of_branches
 from partial_lora.tracking import Tracker
 
 NAME = A.ALLOCATE
@@ -52,6 +53,8 @@ def settings(spec: RunSpec) -> dict[str, Any]:
            "task": spec.task, "seed": spec.seed}
     if mcfg.sides != "both":  # recorded only when set, so allocations made before the option stay reusable
         out["mask_sides"] = mcfg.sides
+    if out["search_masks"] == "snip":  # the search ranks by SNIP importance: its batches matter
+        out["snip"] = {"batches": spec.snip.batches, "batch_size": spec.snip.batch_size or spec.train.batch_size}
     return resolved(out)
 
 
@@ -120,6 +123,9 @@ def _search(spec: RunSpec, run_dir: Path, s: Setup, layers: list[AL.Layer], acfg
     truncation, the adapter dense) and `proportional` (sensitivities at the floor, then a budget split)."""
     probe = A.stage_dir(run_dir, A.PROBE)
     net, model = s.built.model.net, s.built.model
+    method = search_method(spec)
+    # SNIP reads W0's gradient with no adapter update and the fresh head: before the probe is loaded.
+    snip = snip_of_branches(spec, s)[0] if method == "snip" else {}
     load_trained(s, probe)
     fewshot = A.read_json(probe / A.FEWSHOT)
     tc = spec.train
@@ -133,13 +139,12 @@ def _search(spec: RunSpec, run_dir: Path, s: Setup, layers: list[AL.Layer], acfg
     dtype = autocast_dtype(tc, s.device)
     by_loss = acfg.metric == "loss"
     mcfg = spec.mask
-    method = search_method(spec)
     mask_seed = spec.seed if mcfg.seed is None else mcfg.seed
     weights = base_weights(net)
     dense = {lid: (D.full(b.lora_B.detach()).clone(), D.full(b.lora_A.detach()).clone())
              for lid, b in s.branches.items()}
     rankings: dict[str, Ranking] = {
-        lid: rank_layer(method, LayerInfo(lid, weights[lid], b.delta_weight()), mask_seed, mcfg.energy)
+        lid: rank_layer(method, LayerInfo(lid, weights[lid], b.delta_weight(), snip.get(lid)), mask_seed, mcfg.energy)
         for lid, b in s.branches.items()}
     cache: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -140,8 +140,11 @@ def _load_one(spec: TaskSpec, causal: bool = False) -> TaskData:
 
 
 def setup(run: RunSpec, keep: Mapping[str, tuple[Tensor | None, Tensor | None]] | None = None,
-          data: TaskData | None = None, groups: Sequence[Sequence[str]] = ()) -> Setup:
+          data: TaskData | None = None, groups: Sequence[Sequence[str]] = (),
+          shira: Mapping[str, Tensor] | None = None) -> Setup:
     """Load data, build the model with a fresh head, inject LoRA (kept rows/cols from `keep`), freeze.
+
+    `shira` is the entries of a SHiRA whose mask plr drew (`adapter.shira.mask`, the extract stage's).
 
     `groups` are input groups (`input_groups.attach`, adapter.mask.shared_input): their branches
     gather their shared input once. They are attached before FSDP shards the model, so their index
@@ -175,7 +178,8 @@ def setup(run: RunSpec, keep: Mapping[str, tuple[Tensor | None, Tensor | None]] 
         if any(set(slices) != {WHOLE} for slices in found.values()):
             raise PlrError(f"adapter={pspec.method} adapts whole modules, not slices of a fused projection "
                            f"({lcfg.targets}); set adapter.targets=[qkv] (or another whole-module list)")
-        model = PB.inject_peft(net, pspec, list(found), spec.head_modules, total_steps(run.train, len(data.train)))
+        model = PB.inject_peft(net, pspec, list(found), spec.head_modules, total_steps(run.train, len(data.train)),
+                               masks=shira)
         return Setup(data, built, {}, device, metrics, main, per_rank * lcfg.r, PeftAdapter(built.model, model, pspec),
                      multi, run)
     # adapter=head: no LoRA at all, only the head trains (the no-adapter reference).
@@ -271,7 +275,9 @@ def few_shot_sets(s: Setup, val_idx: list[int]) -> list[datasets.Dataset]:
 
 def setup_run(run: RunSpec, run_dir: Path) -> Setup:
     """`setup` with the run's masks (from the extract stage) when the adapter is sparse, and their
-    input groups (adapter.mask.shared_input) attached."""
+    input groups (adapter.mask.shared_input) attached; a SHiRA with plr's mask gets its entries."""
+    if run.peft is not None and run.peft.shira_mask is not None:
+        return setup(run, shira=A.read_shira_masks(run_dir, run.model.name))
     if not run.sparse:
         return setup(run)
     keep, element = A.read_masks(run_dir, run.model.name)

@@ -6,6 +6,10 @@ prediction goes to `evaluate/predictions.parquet` (one row each: `split`, `task`
 multi-task member, `index` into that split, `label`, `prediction` (class id, or the regression
 output), `score` (the predicted class's softmax probability, or the regression output)), so runs
 can be paired example by example (`plr study`, error analysis).
+
+For a single-task run it also records the main metric's constant-prediction level on the
+validation split (`constant_level`, with `constant_n` examples; `partial_lora.failed_reading`), so
+the run's results can say when its score is no better than ignoring the input.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from partial_lora import artifacts as A
+from partial_lora.failed_reading import constant_level
 from partial_lora.metrics import compute_metrics
 from partial_lora.predict import predict
 from partial_lora.runtime import autocast_dtype, set_seed
@@ -37,10 +42,12 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
         torch.cuda.reset_peak_memory_stats(s.device)
     out: dict[str, Any] = {}
     table = Predictions()
+    seen: dict[str, tuple[int, np.ndarray]] = {}  # split -> (outputs per example, labels), a single task's
 
     def score(view: Any, split: Any, metrics: list[str], split_name: str, task: str = "") -> dict[str, float]:
         logits, labels, loss = predict(view, loader(s, split, tc, train=False), s.device, dtype)
         table.add(split_name, task, logits, labels)
+        seen[split_name] = (logits.shape[-1], labels)
         return {**compute_metrics(logits, labels, metrics), "loss": loss}
 
     # Each part (a multi-task run's member) through its own head, then merged: a single task's
@@ -54,6 +61,9 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
             for k, v in score(p.view, d, p.metrics, f"test_{name}", p.name).items():
                 out[f"test_{p.name + '_' if p.name else ''}{name}_{k}"] = v
     out.update(s.test_counts())
+    if s.multi is None:  # not prefixed val_: results.json's metrics stay the task's own
+        outputs, labels = seen["val"]
+        out.update(constant_level=constant_level(outputs, labels, spec.main_metric), constant_n=len(labels))
     A.write_predictions(A.stage_dir(run_dir, NAME) / A.PREDICTIONS, table.columns())
     out.update(adapter_params=s.adapter_params(), dense_lora_params=s.dense_lora_params,
                head_params=sum(p.numel() for p in s.built.model.head_parameters()))
