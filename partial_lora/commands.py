@@ -226,9 +226,9 @@ def _print_plan(jobs: list, slots: list, resources: dict | None) -> None:
         tasks, arms, seeds = ({getattr(j, k) for j in js} for k in ("task", "arm", "seed"))
         print(f"[plr] study: {model}: {len(tasks)} task(s) x {len(arms)} arm(s) x {len(seeds)} seed(s) = "
               f"{len(js)} runs")
-    where = ("each run one SLURM job: " + " ".join(f"{k}={v}" for k, v in resources.items())) if resources is not None \
-        else f"{len(slots)} at a time: " + ", ".join(s.name for s in slots)
-    print(f"[plr] study: {where}")
+    submit = None if resources is None else "[slurm " + " ".join(f"{k}={v}" for k, v in resources.items()) + "] "
+    print(f"[plr] study: {len(slots)} at a time" + (f" ({', '.join(s.name for s in slots)})" if submit is None else
+                                                     ", each run one SLURM job with the resources shown"))
     n_done = 0
     for job in jobs:
         done = finished(job.run_dir) is not None
@@ -236,7 +236,7 @@ def _print_plan(jobs: list, slots: list, resources: dict | None) -> None:
         n_done += done
         state = "run  " if not done else "stale" if diff else "reuse"
         why = f"   # made with {RD.describe(diff, limit=4)}" if diff else ""
-        print(f"{state} {' '.join(job.command())}{why}")
+        print(f"{state} {submit if submit and state != 'reuse' else ''}{' '.join(job.command())}{why}")
     print(f"[plr] study: {len(jobs)} runs planned, {n_done} finished already")
 
 

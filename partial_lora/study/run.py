@@ -111,8 +111,11 @@ def check(jobs: Sequence[Job]) -> None:
             except PlrError as e:
                 raise PlrError(f"{what} of the study: {e}") from None
             except Exception as e:  # noqa: BLE001 - Hydra reports a bad override in many exception types
-                raise PlrError(f"{what} of the study does not compose ({first_line(e) or type(e).__name__}); fix "
-                               "its overrides in the suite, or the overrides after --") from None
+                why = first_line(e) or type(e).__name__
+                hint = (" (a key this arm's config lacks: set it for the arms that have it, in the suite's "
+                        "arm_overrides, or add it with ++key=value)" if why.startswith("Could not override") else "")
+                raise PlrError(f"{what} of the study does not compose ({why.rstrip('.')}){hint}; fix its overrides in "
+                               "the suite, or the overrides after --") from None
 
 
 def execute(jobs: Sequence[Job], *, runner: Callable[[Job], int] | None = None, launcher: S.Launcher | None = None,
