@@ -139,7 +139,7 @@ def study_parser() -> argparse.ArgumentParser:
                      "ordinary `plr train` run in <out>/runs/<model>/<task>/<arm>/seed<n> (finished runs are reused, "
                      "an unfinished one resumes; its output goes to <out>/logs/<model>/<task>/<arm>/seed<n>.log), then "
                      "study.md / study.csv / study.png with each claim judged on paired differences (hierarchical "
-                     f"bootstrap CI). Built-in suites (partial_lora/conf/study/): {', '.join(builtin())}; without "
+                     f"bootstrap CI). Built-in suites (partial_lora/study/suites/): {', '.join(builtin())}; without "
                      f"--suite: {', '.join(OFFLINE)}. Arms: " + "; ".join(f"{a.name} ({a.about})" for a in ARMS.values()),
                      epilog="Overrides after -- go to every run, e.g. -- trainer.num_workers=16 (-- model=NAME runs the "
                      "suite on another model, in its own <model> folder)")

@@ -181,6 +181,17 @@ def test_the_paper_suites_dry_runs_list_every_task_arm_and_seed_with_its_recipe(
     assert not out.exists()  # a dry run writes nothing
 
 
+def test_every_builtin_suite_loads_and_says_how_to_run_it():
+    from partial_lora.study.suite import SUITE_DIR, builtin, load
+
+    assert builtin() == ["commonsense", "efficientnet-lite0", "gemma3-270m", "glue", "minilm", "vtab"]
+    for name in builtin():
+        suite = load(name)
+        assert suite.tasks and suite.seeds and suite.arms and suite.source == SUITE_DIR / f"{name}.yaml"
+        head = suite.source.read_text().splitlines()[:6]
+        assert head[0].startswith("#") and any(f"plr study --suite {name}" in ln for ln in head), name
+
+
 def test_make_reproduce_dry_targets_are_plr_study(tmp_path):
     venv = Path(sys.prefix)  # the venv running the tests; -o: never (re)install it from here
     res = subprocess.run(["make", "-s", "reproduce-glue-dry", f"VENV={venv}", "-o", str(venv / ".installed"),

@@ -214,6 +214,14 @@ class Inline:
 GENERIC = ("timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node", "tasks_per_node")
 
 
+def _submitit() -> Any:
+    try:
+        import submitit
+    except ImportError:
+        raise PlrError("--launcher slurm needs submitit: pip install 'plr[slurm]'") from None
+    return submitit
+
+
 def slurm_resources(sets: Sequence[str] = ()) -> tuple[dict[str, Any], int]:
     """The resources of each submission, from `conf/hydra/launcher/slurm.yaml` and `--slurm KEY=VALUE`,
     and how many runs may be submitted at once (its array_parallelism).
@@ -223,8 +231,8 @@ def slurm_resources(sets: Sequence[str] = ()) -> tuple[dict[str, Any], int]:
     """
     import yaml
     from omegaconf import OmegaConf
-    from submitit.slurm.slurm import SlurmExecutor
 
+    SlurmExecutor = _submitit().SlurmExecutor
     base = OmegaConf.to_container(OmegaConf.load(SLURM_YAML), resolve=False)
     assert isinstance(base, dict)
     for key in ("defaults", "submitit_folder"):  # Hydra's own: the study keeps submitit's files in <out>/.submitit
@@ -253,8 +261,7 @@ class Submitit:
     which runs the same submission on this machine)."""
 
     def __init__(self, folder: Path, resources: Mapping[str, Any], cluster: str = "slurm") -> None:
-        import submitit
-
+        submitit = _submitit()
         if cluster == "slurm" and shutil.which("sbatch") is None:
             raise PlrError("--launcher slurm: no SLURM on this machine (sbatch not found); run plr study on a "
                            "machine that submits to the cluster, or try the submissions here with "

@@ -1,6 +1,6 @@
 """A study suite is a YAML file: a model, its tasks, seeds and arms, and the overrides every run starts from.
 
-    plr study --suite vtab                 a built-in suite: partial_lora/conf/study/vtab.yaml
+    plr study --suite vtab                 a built-in suite: partial_lora/study/suites/vtab.yaml
     plr study --suite path/to/mine.yaml    a suite of your own
 
 The keys (each file's comments say what its values are and where they come from):
@@ -16,8 +16,9 @@ The keys (each file's comments say what its values are and where they come from)
     out: outputs/study             the study folder when --out is not given (default outputs/study-<name>)
 
 A file is checked once where it is read (a wrong type is refused, never coerced; an unknown key,
-arm or task config is one line) and becomes a frozen `Suite`. These files are not a Hydra group:
-`plr train` never composes them; `plr study` turns each (task, arm, seed) into `plr train` overrides.
+arm or task config is one line) and becomes a frozen `Suite`. The files live beside this module,
+not in conf/: they are not a Hydra group that `plr train` composes; `plr study` turns each
+(task, arm, seed) into `plr train` overrides.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from partial_lora.errors import PlrError, first_line
 from partial_lora.typecheck import _build, check_type
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-SUITE_DIR = CONF / "study"
+SUITE_DIR = Path(__file__).resolve().parent / "suites"
 # What `plr study` runs when no suite is named: the offline suites, on the CPU.
 OFFLINE = ("minilm", "efficientnet-lite0", "gemma3-270m")
 TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,59}")
@@ -94,7 +95,7 @@ class _Task:
 
 
 def builtin() -> list[str]:
-    """The built-in suites' names (partial_lora/conf/study/*.yaml)."""
+    """The built-in suites' names (partial_lora/study/suites/*.yaml)."""
     return sorted(p.stem for p in SUITE_DIR.glob("*.yaml"))
 
 
