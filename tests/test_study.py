@@ -365,7 +365,7 @@ def test_a_finished_run_made_with_other_settings_runs_again_from_the_stage_that_
         return 0
 
     jobs = plan(tmp_path, Selection(suites=["minilm"], tasks=["bbc-news"], seeds=[0], arms=["lora", "uniform"],
-                                    extra=["experiment=smoke"]))
+                                    extra=["experiment=smoke", "model=tiny-bert"]))
     assert execute(jobs, runner=runner, echo=lambda m: None) == [] and sorted(calls) == ["lora", "partial", "uniform"]
     calls.clear()
     assert execute(jobs, runner=runner, echo=lambda m: None) == [] and calls == []  # same settings: all reused

@@ -354,8 +354,14 @@ def run(jobs: Sequence[Job], launcher: Launcher, slots: Sequence[Slot], *, ok: C
                     pending.remove(job)
                     started += 1
                     echo(f"[plr] study {started}/{n} [{slot.name}]: {' '.join(job.command())}")
-                    running[job.run_dir] = (job, slot, launcher.start(job, slot), time.perf_counter())
                     progressed = True
+                    try:
+                        running[job.run_dir] = (job, slot, launcher.start(job, slot), time.perf_counter())
+                    except (OSError, RuntimeError, ValueError) as e:  # e.g. sbatch refused the submission
+                        free.insert(0, slot)
+                        bad.add(job.run_dir)
+                        failures.append(Failure(job, f"not started: {first_line(e) or type(e).__name__}"))
+                        echo(f"[plr] study: could not start {job.run_dir} ({first_line(e)}); the study goes on")
                 for key, (job, slot, handle, t0) in list(running.items()):
                     code = handle.poll()
                     if code is None:
