@@ -71,7 +71,7 @@ offline-table-dry: $(STAMP) ## print the offline-table plan (plr study --dry-run
 
 STUDY_ARGS ?=
 .PHONY: study study-dry
-study: $(STAMP) ## the claims study: MiniLM x 6 tasks x 9 arms x 3 seeds + Gemma, resumable -> outputs/study/study.md (needs make fetch; STUDY_ARGS="--tasks ...")
+study: $(STAMP) ## the claims study of the offline suites (MiniLM, EfficientNet-Lite0, Gemma), resumable -> outputs/study/study.md (needs make fetch; STUDY_ARGS="--jobs 2 --tasks ...")
 	$(BIN)/plr study $(STUDY_ARGS)
 
 study-dry: $(STAMP) ## print the study's plan (what runs, what is reused)

@@ -193,27 +193,30 @@ def _study_folder(args: argparse.Namespace, suites: list) -> Path:
 
 
 def _slots_and_launcher(args: argparse.Namespace, out: Path):
-    """The slots and the launcher of `--jobs`, `--gpus` or `--launcher` (checked, not started by a dry run)."""
+    """The slots of `--jobs`, `--gpus` or `--launcher`, checked, and a function that makes the launcher
+    (called only when the study runs: submitit creates its folder)."""
     from partial_lora.study import schedule as S
 
+    if args.jobs is not None and args.jobs < 1:
+        raise PlrError(f"--jobs {args.jobs}: run at least one run at a time (--jobs 1 or more)")
     if args.launcher != "process":
         if args.gpus is not None:
             raise PlrError(f"--gpus is for runs on this machine; with --launcher {args.launcher} each SLURM job gets "
                            "its GPUs from --slurm gpus_per_node=N")
         resources, parallel = S.slurm_resources(args.slurm)
         slots = [S.Slot(f"slurm{i}", {}) for i in range(args.jobs or parallel)]
-        if args.dry_run:
-            return slots, None, resources
         cluster = "slurm" if args.launcher == "slurm" else "local"
-        return slots, S.Submitit(out / ".submitit", resources, cluster=cluster), resources
+        if cluster == "slurm" and not args.dry_run:
+            S.check_slurm()
+        return slots, lambda: S.Submitit(out / ".submitit", resources, cluster=cluster), resources
     if args.slurm:
         raise PlrError("--slurm sets the resources of SLURM jobs; add --launcher slurm")
     if args.gpus is not None:
         if args.jobs is not None:
             raise PlrError("give --jobs or --gpus, not both: with --gpus one run goes to each GPU at a time (list an "
                            "id twice, --gpus 0,0,1,1, for two runs per GPU)")
-        return S.gpu_slots(args.gpus, check=not args.dry_run), S.Processes(), None
-    return S.cpu_slots(1 if args.jobs is None else args.jobs), S.Processes(), None
+        return S.gpu_slots(args.gpus, check=not args.dry_run), S.Processes, None
+    return S.cpu_slots(1 if args.jobs is None else args.jobs), S.Processes, None
 
 
 def _print_plan(jobs: list, slots: list, resources: dict | None) -> None:
@@ -273,7 +276,7 @@ def study_command(argv: list[str]) -> int:
                 _print_plan(jobs, slots, resources)
                 return 0
             with RD.locked(out, what="study folder", other="give this study another --out"):
-                failed = ST.execute(jobs, launcher=launcher, slots=slots, keep_stale=args.keep_stale)
+                failed = ST.execute(jobs, launcher=launcher(), slots=slots, keep_stale=args.keep_stale)
                 written = ST.write(out, n_boot=args.bootstrap)
         else:
             from partial_lora.study.claims import collect

@@ -321,6 +321,9 @@ GOOD = "model: tiny-bert\ntasks: [bbc-news]\nseeds: [0]\n"
     (lambda p: ["--suite", _write(p, GOOD), "--slurm", "partition=gpu"], "--slurm sets the resources of SLURM jobs"),
     (lambda p: ["--suite", _write(p, GOOD), "--launcher", "submitit-local", "--slurm", "partiton=gpu"],
      "--slurm partiton: not a resource"),
+    (lambda p: ["--suite", _write(p, GOOD), "--launcher", "submitit-local", "--slurm", "mem_gb=lots"],
+     "--slurm mem_gb='lots' must be a number, got a string; fix that --slurm"),
+    (lambda p: ["--suite", _write(p, GOOD), "--launcher", "slurm", "--jobs", "0", "--dry-run"], "--jobs 0: run at least"),
     (lambda p: ["--dry-run", "--tasks", "nonexistent"], "no run planned: --tasks nonexistent names no task"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, make_args, message):

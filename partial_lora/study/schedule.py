@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from partial_lora.errors import PlrError, first_line
+from partial_lora.typecheck import check_type
 from partial_lora.study.plan import Job
 
 SLURM_YAML = Path(__file__).resolve().parents[1] / "conf" / "hydra" / "launcher" / "slurm.yaml"
@@ -246,6 +247,9 @@ def slurm_resources(sets: Sequence[str] = ()) -> tuple[dict[str, Any], int]:
             raise PlrError(f"--slurm {key}: not a resource submitit's SLURM executor knows; use one of "
                            f"{', '.join(sorted(valid | {'array_parallelism'}))}")
         base[key] = yaml.safe_load(value)
+    for key in GENERIC:  # submitit asserts these types at submission: refuse a wrong one now, in one line
+        if base.get(key) is not None:
+            check_type(f"--slurm {key}", base[key], float if key == "mem_gb" else int, fix="fix that --slurm")
     parallel = base.pop("array_parallelism", 64)
     if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
         raise PlrError(f"--slurm array_parallelism={parallel!r} must be a whole number >= 1")
@@ -256,16 +260,22 @@ def _executor_parameters(resources: Mapping[str, Any]) -> dict[str, Any]:
     return {k if k in GENERIC else f"slurm_{k}": v for k, v in resources.items()}
 
 
+def check_slurm() -> None:
+    """Raises PlrError where no SLURM submits (no sbatch on the PATH)."""
+    if shutil.which("sbatch") is None:
+        raise PlrError("--launcher slurm: no SLURM on this machine (sbatch not found); run plr study on a "
+                       "machine that submits to the cluster, or try the submissions here with "
+                       "--launcher submitit-local")
+
+
 class Submitit:
     """Each run one SLURM job submitted through submitit (`cluster="local"`: submitit's local executor,
     which runs the same submission on this machine)."""
 
     def __init__(self, folder: Path, resources: Mapping[str, Any], cluster: str = "slurm") -> None:
         submitit = _submitit()
-        if cluster == "slurm" and shutil.which("sbatch") is None:
-            raise PlrError("--launcher slurm: no SLURM on this machine (sbatch not found); run plr study on a "
-                           "machine that submits to the cluster, or try the submissions here with "
-                           "--launcher submitit-local")
+        if cluster == "slurm":
+            check_slurm()
         self.resources = dict(resources)
         self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
         try:
