@@ -26,7 +26,7 @@ POS, NEG, FILLER = "good great fine nice happy".split(), "bad awful poor sad dul
 
 
 def user_suite(root: Path, arms: list[str], seeds: tuple[int, ...] = (0,), task_overrides: list[str] | None = None,
-               **keys: str) -> Path:
+               more_tasks: tuple[str, ...] = (), **keys: str) -> Path:
     """A suite of the user's own: tiny BERT on a generated CSV task (review -> y), given as an override list."""
     rng = np.random.default_rng(0)
     data = root / "mine.csv"
@@ -38,6 +38,7 @@ def user_suite(root: Path, arms: list[str], seeds: tuple[int, ...] = (0,), task_
             w.writerow([" ".join(words), "pos" if i % 2 else "neg"])
     overrides = task_overrides or ["task=hf-text", f"task.path={data}", "task.text_column=review", "task.label_column=y"]
     lines = ["# tests: a user suite", "model: tiny-bert", "tasks:", "  - name: mine", f"    overrides: [{', '.join(overrides)}]",
+             *more_tasks,
              f"seeds: [{', '.join(map(str, seeds))}]", f"arms: [{', '.join(arms)}]",
              "recipe: [trainer.epochs=1, trainer.batch_size=16, trainer.max_steps=3]",
              "arm_overrides:", "  partial: [adapter.probe.shots=4, adapter.probe.val_shots=4, adapter.probe.epochs=1]",
@@ -70,8 +71,16 @@ def complete(run_dir: Path) -> bool:
 def test_a_user_suite_runs_two_runs_at_once_in_dependency_order_and_judges_the_claims(tmp_path):
     arms = ["lora", "partial", "uniform"]
     out = tmp_path / "study"
-    done = study("--suite", str(user_suite(tmp_path, arms)), "--jobs", "2", "--bootstrap", "200", "--out", str(out))
-    assert done.returncode == 0, done.stderr[-2000:]
+    gone = ["  - name: gone", f"    overrides: [task=hf-text, task.path={tmp_path / 'gone.csv'}]"]  # its file is missing
+    done = study("--suite", str(user_suite(tmp_path, arms, more_tasks=gone)), "--jobs", "2", "--bootstrap", "200",
+                 "--out", str(out))
+    # The task whose data is missing fails (its uniform run, which reads its partial run, is skipped); the
+    # study goes on, lists them at the end with their logs, and exits 1.
+    assert done.returncode == 1 and "plr: error: 3 run(s) of the study failed or were skipped" in done.stderr
+    for arm, why in (("lora", "exit 2"), ("partial", "exit 2"), ("uniform", "skipped")):  # plr train: exit 2
+        log = out / "logs/tiny-bert/gone" / arm / "seed0.log"
+        assert f"  {out}/runs/tiny-bert/gone/{arm}/seed0  ({why}" in done.stdout and f"log {log})" in done.stdout
+    assert "gone.csv" in (out / "logs/tiny-bert/gone/lora/seed0.log").read_text()  # the log says why
     md = (out / "study.md").read_text()
     assert "| C3 | tiny-bert | mine | partial − lora | matches |" in md
     assert "| C2a | tiny-bert | mine | partial − uniform | beats |" in md
