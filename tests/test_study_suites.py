@@ -240,9 +240,6 @@ class Fake:
                 pass
         return Handle()
 
-    def describe(self, slot):
-        return ""
-
 
 def test_the_scheduler_fills_its_slots_keeps_the_order_and_skips_what_reads_a_failed_run(tmp_path):
     jobs = plan(tmp_path, Selection(suites=["minilm"], tasks=["rt-polarity"], seeds=[0, 1],

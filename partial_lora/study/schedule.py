@@ -55,7 +55,6 @@ class Handle(Protocol):
 
 class Launcher(Protocol):
     def start(self, job: Job, slot: Slot) -> Handle: ...
-    def describe(self, slot: Slot) -> str: ...  # what the dry run prints of a slot's resources
 
 
 def cores() -> int:
@@ -182,9 +181,6 @@ class Processes:
     def start(self, job: Job, slot: Slot) -> Handle:
         return _Process(job, slot)
 
-    def describe(self, slot: Slot) -> str:
-        return " ".join(f"{k}={v}" for k, v in slot.env.items() if k != "MKL_NUM_THREADS")
-
 
 class _Done:
     def __init__(self, code: int) -> None:
@@ -205,9 +201,6 @@ class Inline:
 
     def start(self, job: Job, slot: Slot) -> Handle:
         return _Done(self.runner(job))
-
-    def describe(self, slot: Slot) -> str:
-        return ""
 
 
 # --- SLURM through submitit -----------------------------------------------------------------------
@@ -286,9 +279,6 @@ class Submitit:
     def start(self, job: Job, slot: Slot) -> Handle:
         self.executor.update_parameters(name=f"plr-{job.task}-{job.arm}-s{job.seed}")
         return _Submitted(self.executor.submit(run_logged, _argv(job), dict(slot.env), str(_log_of(job))))
-
-    def describe(self, slot: Slot) -> str:
-        return "slurm " + " ".join(f"{k}={v}" for k, v in self.resources.items())
 
 
 class _Submitted:
