@@ -9,19 +9,21 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-# Reproduction sweeps (see `make help` and README "Reproducing the paper's benchmarks"):
-GPUS    ?= 0                   # CUDA device ids, one sweep process each: GPUS=0,1,2,3
+# The paper's benchmarks as claims studies, `plr study --suite vtab|glue|commonsense` (see `make help`
+# and README "The paper's benchmarks"):
+GPUS    ?= 0                   # CUDA device ids, one run per GPU at a time: GPUS=0,1,2,3
 DEVICE  ?= auto                # trainer.device of every run: auto | cuda | cpu
-SEEDS   ?= 0,1,2
-METHODS ?= lora,partial        # adapter configs swept
-TASKS   ?=                     # comma-separated subset of the suite's tasks (empty: all eight; commonsense: members)
-MODEL   ?=                     # model config (empty: vit-b / deberta-v3-base / llama-7b; e.g. MODEL=vit-b-timm)
-OUT     ?=                     # output root (empty: outputs/reproduce-<suite>)
+SEEDS   ?=                     # narrow to these seeds, e.g. SEEDS=0 (empty: the suite's 0,1,2)
+ARMS    ?=                     # narrow to these arms, e.g. ARMS=lora,partial (empty: the suite's arms)
+TASKS   ?=                     # narrow to these tasks, e.g. TASKS=rte,mrpc (empty: the suite's)
+MODEL   ?=                     # another model config, e.g. MODEL=vit-b-timm (its runs go to runs/<MODEL>/)
+OUT     ?=                     # the study folder (empty: outputs/study-<suite>)
 EXTRA   ?=                     # further Hydra overrides for every run, e.g. EXTRA="trainer.num_workers=16"
-HUB_OFFLINE ?= 0               # the sweeps download from the Hub; 1 = use the local HF cache only
-REPRO = $(BIN)/python experiments/reproduce.py --gpus $(strip $(GPUS)) --device $(strip $(DEVICE)) \
-	--seeds $(strip $(SEEDS)) --methods $(strip $(METHODS)) $(if $(strip $(TASKS)),--tasks $(strip $(TASKS))) \
-	$(if $(strip $(MODEL)),--model $(strip $(MODEL))) $(if $(strip $(OUT)),--out $(strip $(OUT)))
+HUB_OFFLINE ?= 0               # the runs download from the Hub; 1 = use the local HF cache only
+REPRO = $(BIN)/plr study --gpus $(strip $(GPUS)) $(if $(strip $(SEEDS)),--seeds $(strip $(SEEDS))) \
+	$(if $(strip $(ARMS)),--arms $(strip $(ARMS))) $(if $(strip $(TASKS)),--tasks $(strip $(TASKS))) \
+	$(if $(strip $(OUT)),--out $(strip $(OUT)))
+REPRO_RUNS = -- trainer.device=$(strip $(DEVICE)) $(if $(strip $(MODEL)),model=$(strip $(MODEL))) $(EXTRA)
 
 # Benchmarks (benchmarks/README.md): `make bench` on CPU, `make gpu-check` on a CUDA machine.
 BENCH_ARGS     ?= --sizes vit-b deberta-v3-base --device cpu --threads 1 --batch 4 --steps 5 --warmup 1
@@ -69,7 +71,7 @@ offline-table-dry: $(STAMP) ## print the offline-table plan (plr study --dry-run
 
 STUDY_ARGS ?=
 .PHONY: study study-dry
-study: $(STAMP) ## the claims study: MiniLM x 6 tasks x 9 arms x 3 seeds + Gemma, resumable -> outputs/study/study.md (needs make fetch; STUDY_ARGS="--tasks ...")
+study: $(STAMP) ## the claims study of the offline suites (MiniLM, EfficientNet-Lite0, Gemma), resumable -> outputs/study/study.md (needs make fetch; STUDY_ARGS="--jobs 2 --tasks ...")
 	$(BIN)/plr study $(STUDY_ARGS)
 
 study-dry: $(STAMP) ## print the study's plan (what runs, what is reused)
@@ -85,23 +87,23 @@ gpu-check: $(STAMP) ## CUDA: device, plr train in bf16 on the GPU, ViT-B step-ti
 reproduce-vision reproduce-glue reproduce-commonsense: export HF_HUB_OFFLINE = $(strip $(HUB_OFFLINE))
 reproduce-vision reproduce-glue reproduce-commonsense: export HF_DATASETS_OFFLINE = $(strip $(HUB_OFFLINE))
 
-reproduce-vision: $(STAMP) ## CUDA: 8 VTAB-1k tasks x {LoRA, Partial-LoRA} x 3 seeds on ViT-B/16, then plr report
-	$(REPRO) vision -- $(EXTRA)
+reproduce-vision: $(STAMP) ## CUDA: the claims study on 8 VTAB-1k tasks x 9 arms x 3 seeds, ViT-B/16 (plr study --suite vtab)
+	$(REPRO) --suite vtab $(REPRO_RUNS)
 
-reproduce-glue: $(STAMP) ## CUDA: 8 GLUE tasks x {LoRA, Partial-LoRA} x 3 seeds on DeBERTa-v3-base, then plr report
-	$(REPRO) glue -- $(EXTRA)
+reproduce-glue: $(STAMP) ## CUDA: the claims study on 8 GLUE tasks x 9 arms x 3 seeds, DeBERTa-v3-base (plr study --suite glue)
+	$(REPRO) --suite glue $(REPRO_RUNS)
 
-reproduce-commonsense: $(STAMP) ## CUDA: commonsense-8 trained jointly on LLaMA-7B, {LoRA, Partial-LoRA} x 3 seeds (MODEL=llama3-8b...), then plr report
-	$(REPRO) commonsense -- $(EXTRA)
+reproduce-commonsense: $(STAMP) ## CUDA: the claims study on commonsense-8 trained jointly, 8 arms x 3 seeds, LLaMA-7B (MODEL=llama3-8b...)
+	$(REPRO) --suite commonsense $(REPRO_RUNS)
 
-reproduce-vision-dry: $(STAMP) ## print the reproduce-vision commands without running them
-	$(REPRO) vision --dry-run -- $(EXTRA)
+reproduce-vision-dry: $(STAMP) ## print the reproduce-vision plan (every run, its recipe, what is done) without running it
+	$(REPRO) --suite vtab --dry-run $(REPRO_RUNS)
 
-reproduce-glue-dry: $(STAMP) ## print the reproduce-glue commands without running them
-	$(REPRO) glue --dry-run -- $(EXTRA)
+reproduce-glue-dry: $(STAMP) ## print the reproduce-glue plan without running it
+	$(REPRO) --suite glue --dry-run $(REPRO_RUNS)
 
-reproduce-commonsense-dry: $(STAMP) ## print the reproduce-commonsense commands without running them
-	$(REPRO) commonsense --dry-run -- $(EXTRA)
+reproduce-commonsense-dry: $(STAMP) ## print the reproduce-commonsense plan without running it
+	$(REPRO) --suite commonsense --dry-run $(REPRO_RUNS)
 
 clean: ## remove outputs (not .venv)
 	rm -rf outputs multirun .pytest_cache

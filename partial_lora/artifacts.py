@@ -233,6 +233,7 @@ def env_info() -> dict[str, Any]:
         "python": sys.version.split()[0], "platform": platform.platform(), "argv": sys.argv,
         "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "threads": torch.get_num_threads(),  # the CPU threads the run used (`plr study --jobs N` splits the cores)
         "packages": versions,
     }
 

@@ -58,11 +58,14 @@ commands:
                       Tomatoes, VADER, debates, Gemma 3 270M) into the cache ($PLR_CACHE, default
                       ~/.cache/plr) and extract them; after that those tasks and models run offline
                       e.g.  plr fetch rt-polarity gemma3-270m
-  study [--model M] [--tasks T...] [--seeds S...] [--arms A...] [--variant NAME --set K=V ...] [--out DIR]
-        [--dry-run] [-- overrides]
-                      the claims study: tasks x seeds x arms (dense LoRA, Partial-LoRA, its matched
-                      controls...), resumable; writes study.md (claims with paired bootstrap CIs and
-                      verdicts), study.csv, study.png.  e.g.  plr study --tasks rt-polarity --seeds 0
+  study [--suite NAME|FILE.yaml] [--tasks T...] [--seeds S...] [--arms A...] [--variant NAME --set K=V ...]
+        [--out DIR] [--jobs N | --gpus 0,1 | --launcher slurm] [--dry-run] [-- overrides]
+                      the claims study: a suite's tasks x seeds x arms (dense LoRA, Partial-LoRA, its
+                      matched controls...), several runs at once, resumable; writes study.md (claims
+                      with paired bootstrap CIs and verdicts), study.csv, study.png.
+                      e.g.  plr study --tasks rt-polarity --seeds 0 --jobs 2
+                            plr study --suite vtab --gpus 0,1,2,3     (the paper's benchmarks: vtab, glue, commonsense)
+                            plr study --suite mine.yaml               (your own task: see `plr study --help`)
                       --variant NAME --set K=V: another reading of Partial-LoRA, judged against its own
                       matched controls.  e.g.  --variant gain --set adapter.allocation.relative_to=gain
   export RUN_DIR OUT_DIR [--merged] [--force]

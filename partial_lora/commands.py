@@ -115,29 +115,40 @@ def fetch_command(argv: list[str]) -> int:
 
 
 def study_parser() -> argparse.ArgumentParser:
-    from partial_lora.study import ARMS, SUITES
+    from partial_lora.study import ARMS
+    from partial_lora.study.suite import OFFLINE, builtin
 
     def names(text: str) -> list[str]:
         return [t for t in text.replace(",", " ").split() if t]
 
-    def seeds(text: str) -> list[int]:
-        try:
-            return [int(t) for t in names(text)]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--seeds takes whole numbers, got '{text}'") from None
+    def numbers(flag: str):
+        def parse(text: str) -> list[int]:
+            try:
+                return [int(t) for t in names(text)]
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{flag} takes whole numbers, got '{text}'") from None
+        return parse
 
-    parser = Parser(prog="plr study", description="The claims study: every (task, seed, arm) is an ordinary "
-                     "`plr train` run in <out>/runs/<model>/<task>/<arm>/seed<n> (finished runs are reused, an "
-                     "unfinished one resumes), then study.md / study.csv / study.png with each claim judged on "
-                     "paired differences (hierarchical bootstrap CI). Suites: " +
-                     "; ".join(f"{m}: tasks {', '.join(s.tasks)}, seeds {', '.join(map(str, s.seeds))}"
-                               for m, s in SUITES.items()) + ". Arms: " + "; ".join(f"{a.name} ({a.about})"
-                                                                                    for a in ARMS.values()),
-                     epilog="Overrides after -- go to every run, e.g. -- trainer.device=cuda")
-    parser.add_argument("--model", type=names, metavar="M", help="suites to run (default: all): "
-                        + ", ".join(SUITES))
+    def count(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--jobs takes a whole number, got '{text}'") from None
+
+    parser = Parser(prog="plr study", description="The claims study: every (task, arm, seed) of a suite is an "
+                     "ordinary `plr train` run in <out>/runs/<model>/<task>/<arm>/seed<n> (finished runs are reused, "
+                     "an unfinished one resumes; its output goes to <out>/logs/<model>/<task>/<arm>/seed<n>.log), then "
+                     "study.md / study.csv / study.png with each claim judged on paired differences (hierarchical "
+                     f"bootstrap CI). Built-in suites (partial_lora/study/suites/): {', '.join(builtin())}; without "
+                     f"--suite: {', '.join(OFFLINE)}. Arms: " + "; ".join(f"{a.name} ({a.about})" for a in ARMS.values()),
+                     epilog="Overrides after -- go to every run, e.g. -- trainer.num_workers=16 (-- model=NAME runs the "
+                     "suite on another model, in its own <model> folder)")
+    parser.add_argument("--suite", type=names, metavar="S", help="the suite(s) to run: a built-in name ("
+                        + ", ".join(builtin()) + ") or a suite file (path/to/mine.yaml); comma separated")
+    parser.add_argument("--model", type=names, metavar="M", help="the same as --suite, for the offline suites "
+                        "(named after their models): " + ", ".join(OFFLINE))
     parser.add_argument("--tasks", type=names, metavar="T", help="narrow to these tasks (comma or space separated)")
-    parser.add_argument("--seeds", type=seeds, metavar="S", help="narrow to these seeds")
+    parser.add_argument("--seeds", type=numbers("--seeds"), metavar="S", help="narrow to these seeds")
     parser.add_argument("--arms", type=names, metavar="A", help="narrow to these arms (the Partial-LoRA run that "
                         "an arm reads is added)")
     parser.add_argument("--variant", metavar="NAME", help="run another reading of Partial-LoRA under this name: "
@@ -145,23 +156,95 @@ def study_parser() -> argparse.ArgumentParser:
                         "lora-matched match its budget); the other arms are shared with the default reading")
     parser.add_argument("--set", dest="variant_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="an override of the --variant (repeat for several)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/study"), metavar="DIR",
-                        help="the study folder (default outputs/study)")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan (what runs, what is reused); run nothing")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="the study folder (default: the suite's, "
+                        "outputs/study for the offline suites, else outputs/study-<suite>)")
+    parser.add_argument("--jobs", type=count, metavar="N", help="run up to N runs at once on this machine's CPU; "
+                        "each gets cores // N threads (default 1: one run with all the cores)")
+    parser.add_argument("--gpus", type=numbers("--gpus"), metavar="IDS", help="CUDA device ids, e.g. 0,1,2,3: one "
+                        "run per GPU at a time (CUDA_VISIBLE_DEVICES); list an id twice for two runs on it")
+    parser.add_argument("--launcher", choices=("process", "slurm", "submitit-local"), default="process",
+                        help="process (default): runs on this machine; slurm: each run one SLURM job, submitted "
+                        "through submitit with the resources of partial_lora/conf/hydra/launcher/slurm.yaml; "
+                        "submitit-local: the same submissions run by submitit's local executor (a check before "
+                        "a cluster)")
+    parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE", help="a resource of every "
+                        "SLURM job, e.g. --slurm partition=gpu --slurm timeout_min=240 (repeat for several)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (what runs, what is reused, "
+                        "where); run nothing")
     parser.add_argument("--tables-only", action="store_true", help="write the tables from the finished runs; run nothing")
     parser.add_argument("--keep-stale", action="store_true", help="reuse finished runs made with other settings than "
                         "their arm has now (by default they run again from the first stage that differs)")
     parser.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap replicates (default 2000)")
     parser.add_argument("--compare", nargs=2, action="append", metavar=("METHOD", "CONTROL"),
                         help="print the paired difference of two finished arms (e.g. partial@a partial@b), per task "
-                        "and pooled, with its CI, on the runs that --model/--tasks/--seeds leave; run nothing, write nothing "
-                        "(repeat for several pairs)")
+                        "and pooled, with its CI, on the runs that --suite/--tasks/--seeds leave; run nothing, write "
+                        "nothing (repeat for several pairs)")
     return parser
+
+
+def _study_folder(args: argparse.Namespace, suites: list) -> Path:
+    if args.out is not None:
+        return args.out
+    folders = sorted({str(s.folder) for s in suites})
+    if len(folders) > 1:
+        raise PlrError(f"the suites {', '.join(s.name for s in suites)} keep their runs in different folders "
+                       f"({', '.join(folders)}); run them one at a time, or give --out DIR")
+    return Path(folders[0])
+
+
+def _slots_and_launcher(args: argparse.Namespace, out: Path):
+    """The slots of `--jobs`, `--gpus` or `--launcher`, checked, and a function that makes the launcher
+    (called only when the study runs: submitit creates its folder)."""
+    from partial_lora.study import schedule as S
+
+    if args.jobs is not None and args.jobs < 1:
+        raise PlrError(f"--jobs {args.jobs}: run at least one run at a time (--jobs 1 or more)")
+    if args.launcher != "process":
+        if args.gpus is not None:
+            raise PlrError(f"--gpus is for runs on this machine; with --launcher {args.launcher} each SLURM job gets "
+                           "its GPUs from --slurm gpus_per_node=N")
+        resources, parallel = S.slurm_resources(args.slurm)
+        slots = [S.Slot(f"slurm{i}", {}) for i in range(args.jobs or parallel)]
+        cluster = "slurm" if args.launcher == "slurm" else "local"
+        if cluster == "slurm" and not args.dry_run:
+            S.check_slurm()
+        return slots, lambda: S.Submitit(out / ".submitit", resources, cluster=cluster), resources
+    if args.slurm:
+        raise PlrError("--slurm sets the resources of SLURM jobs; add --launcher slurm")
+    if args.gpus is not None:
+        if args.jobs is not None:
+            raise PlrError("give --jobs or --gpus, not both: with --gpus one run goes to each GPU at a time (list an "
+                           "id twice, --gpus 0,0,1,1, for two runs per GPU)")
+        return S.gpu_slots(args.gpus, check=not args.dry_run), S.Processes, None
+    return S.cpu_slots(1 if args.jobs is None else args.jobs), S.Processes, None
+
+
+def _print_plan(jobs: list, slots: list, resources: dict | None) -> None:
+    from partial_lora.study.run import finished, stale
+
+    groups: dict[str, list] = {}
+    for job in jobs:
+        groups.setdefault(job.model, []).append(job)
+    for model, js in groups.items():
+        tasks, arms, seeds = ({getattr(j, k) for j in js} for k in ("task", "arm", "seed"))
+        print(f"[plr] study: {model}: {len(tasks)} task(s) x {len(arms)} arm(s) x {len(seeds)} seed(s) = "
+              f"{len(js)} runs")
+    submit = None if resources is None else "[slurm " + " ".join(f"{k}={v}" for k, v in resources.items()) + "] "
+    print(f"[plr] study: {len(slots)} at a time" + (f" ({', '.join(s.name for s in slots)})" if submit is None else
+                                                     ", each run one SLURM job with the resources shown"))
+    n_done = 0
+    for job in jobs:
+        done = finished(job.run_dir) is not None
+        diff = stale(job) if done else {}
+        n_done += done
+        state = "run  " if not done else "stale" if diff else "reuse"
+        why = f"   # made with {RD.describe(diff, limit=4)}" if diff else ""
+        print(f"{state} {submit if submit and state != 'reuse' else ''}{' '.join(job.command())}{why}")
+    print(f"[plr] study: {len(jobs)} runs planned, {n_done} finished already")
 
 
 def study_command(argv: list[str]) -> int:
     from partial_lora import study as ST
-    from partial_lora.study.run import finished, stale
 
     extra: list[str] = []
     if "--" in argv:
@@ -171,27 +254,38 @@ def study_command(argv: list[str]) -> int:
     if args.bootstrap < 100:
         fail(f"--bootstrap={args.bootstrap} is too few replicates for a 95% CI; use 1000 or more")
     try:
-        jobs = ST.plan(args.out, ST.Selection(args.model, args.tasks, args.seeds, args.arms, extra, args.variant,
-                                                    args.variant_overrides))
+        if args.suite is not None and args.model is not None:
+            raise PlrError("--model is another name for --suite; give one of them")
+        named = args.suite if args.suite is not None else args.model
+        sel = ST.Selection(named, args.tasks, args.seeds, args.arms, extra, args.variant, args.variant_overrides)
+        suites = sel.resolved()
+        out = _study_folder(args, suites)
+        jobs = ST.plan(out, sel)
         if args.compare:
             from partial_lora.study.claims import collect, comparison_markdown, comparison_rows
 
-            study = collect(args.out).narrow(args.model, args.tasks, args.seeds)
+            models = None if named is None else sorted({j.model for j in jobs})
+            study = collect(out).narrow(models, args.tasks, args.seeds)
             print(comparison_markdown(comparison_rows(study, args.compare, n_boot=args.bootstrap)), end="")
             return 0
-        if args.dry_run:
-            n_done = 0
-            for job in jobs:
-                done = finished(job.run_dir) is not None
-                diff = stale(job) if done else {}
-                n_done += done
-                state = "run  " if not done else "stale" if diff else "reuse"
-                why = f"   # made with {RD.describe(diff, limit=4)}" if diff else ""
-                print(f"{state} {' '.join(job.command())}{why}")
-            print(f"[plr] study: {len(jobs)} runs planned, {n_done} finished already")
-            return 0
-        failed = [] if args.tables_only else ST.execute(jobs, keep_stale=args.keep_stale)
-        written = ST.write(args.out, n_boot=args.bootstrap)
+        failed = []
+        if not args.tables_only:
+            slots, launcher, resources = _slots_and_launcher(args, out)
+            ST.check(jobs)
+            if args.dry_run:
+                _print_plan(jobs, slots, resources)
+                return 0
+            with RD.locked(out, what="study folder", other="give this study another --out"):
+                failed = ST.execute(jobs, launcher=launcher(), slots=slots, keep_stale=args.keep_stale)
+                written = ST.write(out, n_boot=args.bootstrap)
+        else:
+            from partial_lora.study.claims import collect
+
+            collect(out)  # a folder with no runs is refused before the lock creates it
+            with RD.locked(out, what="study folder", other="give this study another --out"):
+                written = ST.write(out, n_boot=args.bootstrap)
+    except KeyboardInterrupt:
+        return 130
     except PlrError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -200,7 +294,10 @@ def study_command(argv: list[str]) -> int:
     print(written[0].read_text(), end="")
     print(f"[plr] study: wrote {', '.join(str(p) for p in written)}")
     if failed:
+        print(f"[plr] study: {len(failed)} run(s) failed or were skipped; the same command resumes them:")
+        for f in failed:
+            print(f"  {f.job.run_dir}  ({f.why}; log {f.job.log})")
         print(f"plr: error: {len(failed)} run(s) of the study failed or were skipped: "
-              f"{', '.join(str(j.run_dir) for j in failed[:3])}{', ...' if len(failed) > 3 else ''}", file=sys.stderr)
+              f"{', '.join(str(f.job.run_dir) for f in failed[:3])}{', ...' if len(failed) > 3 else ''}", file=sys.stderr)
         return 1
     return 0

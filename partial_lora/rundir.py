@@ -193,8 +193,9 @@ def _holder(run_dir: Path) -> str:
 
 
 @contextmanager
-def locked(run_dir: Path) -> Iterator[None]:
-    """Hold the run dir's lock for the block.
+def locked(run_dir: Path, what: str = "run dir", other: str = "choose another run_dir") -> Iterator[None]:
+    """Hold the run dir's lock for the block (`what`/`other`: how the refusal names the folder and the
+    way out; `plr study` holds its study folder the same way).
 
     Raises:
         PlrError: another process holds it (named, with pid, host and start time).
@@ -204,8 +205,8 @@ def locked(run_dir: Path) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        raise PlrError(f"run dir {run_dir} is in use by {_holder(run_dir)}; wait for it to finish, stop it, or "
-                       "choose another run_dir") from None
+        raise PlrError(f"{what} {run_dir} is in use by {_holder(run_dir)}; wait for it to finish, stop it, or "
+                       f"{other}") from None
     try:
         try:
             user = getpass.getuser()

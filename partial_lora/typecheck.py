@@ -66,7 +66,7 @@ def _describe(hint: Any) -> str:
     return _KIND.get(hint, getattr(hint, "__name__", str(hint)))
 
 
-def check_type(key: str, value: Any, hint: Any) -> None:
+def check_type(key: str, value: Any, hint: Any, fix: str = "fix that override") -> None:
     """Refuse a value of the wrong type in one line (a wrong type is refused, never coerced).
 
     Raises:
@@ -74,18 +74,20 @@ def check_type(key: str, value: Any, hint: Any) -> None:
     """
     if not _fits(value, hint):
         got = "a string" if isinstance(value, str) else type(value).__name__
-        raise PlrError(f"{key}={value!r} must be {_describe(hint)}, got {got}; fix that override")
+        raise PlrError(f"{key}={value!r} must be {_describe(hint)}, got {got}; {fix}")
 
 
-def _build(cls: type, values: Mapping[str, Any], group: str, extra: tuple[str, ...] = ()) -> Any:
+def _build(cls: type, values: Mapping[str, Any], group: str, extra: tuple[str, ...] = (),
+           fix: str = "fix that override") -> Any:
     """Instantiate a dataclass from a config group, rejecting keys it does not know and values of
     the wrong type (checked against the field annotations)."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names - set(extra))
     if unknown:
-        raise PlrError(f"unknown key {group}.{unknown[0]}; known keys: {', '.join(sorted(names | set(extra)))}")
+        raise PlrError(f"unknown key {group}.{unknown[0]}; known keys: {', '.join(sorted(names | set(extra)))}"
+                       + ("" if fix == "fix that override" else f"; {fix}"))
     hints = typing.get_type_hints(cls)
     for k, v in values.items():
         if k in names:
-            check_type(f"{group}.{k}", v, hints[k])
+            check_type(f"{group}.{k}", v, hints[k], fix)
     return cls(**{k: v for k, v in values.items() if k in names})

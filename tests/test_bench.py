@@ -282,3 +282,11 @@ def test_flop_rate_bad_input_is_one_line(capsys, one_thread):
         flop_rate.main([*one_thread, "experiment=smoke", "task=hf-text"])
     with pytest.raises(SystemExit, match="^flop_rate: .*no-such-task"):
         flop_rate.main([*one_thread, "task=no-such-task"])
+
+
+def test_study_jobs_needs_two_cores(capsys):
+    import study_jobs
+
+    with pytest.raises(SystemExit) as e:
+        study_jobs.main(["--cores", "1"])
+    assert e.value.code == 2 and "--cores must be >= 2" in capsys.readouterr().err

@@ -129,8 +129,8 @@ def test_the_default_plan_covers_every_task_seed_and_arm(tmp_path):
     gemma = [j for j in jobs if j.model == "gemma3-270m"]
     assert {j.task for j in gemma} == {"rt-polarity"} and {j.seed for j in gemma} == {0, 1} and len(gemma) == 10
     for j in jobs:  # every arm that reads Partial-LoRA's run comes after it
-        if j.after is not None:
-            assert jobs.index(next(k for k in jobs if k.run_dir == j.after)) < jobs.index(j)
+        for after in j.after:
+            assert jobs.index(next(k for k in jobs if k.run_dir == after)) < jobs.index(j)
     rand = next(j for j in jobs if j.arm == "partial-random" and j.task == "rt-polarity" and j.seed == 1)
     assert f"from_run={tmp_path}/runs/minilm/rt-polarity/partial/seed1" in rand.overrides
     assert "adapter.mask.method=random" in rand.overrides and "experiment=offline-minilm" in rand.overrides
@@ -142,17 +142,17 @@ def test_the_default_plan_covers_every_task_seed_and_arm(tmp_path):
 
 
 def test_narrowing_adds_the_partial_run_an_arm_reads_and_refuses_unknown_names(tmp_path):
-    jobs = plan(tmp_path, Selection(models=["minilm"], tasks=["rt-polarity"], seeds=[2], arms=["uniform"],
+    jobs = plan(tmp_path, Selection(suites=["minilm"], tasks=["rt-polarity"], seeds=[2], arms=["uniform"],
                                     extra=["trainer.device=cpu"]))
     assert [j.arm for j in jobs] == ["partial", "uniform"]
     assert all(j.overrides[-1] == "trainer.device=cpu" and "seed=2" in j.overrides for j in jobs)
-    for sel, message in ((Selection(models=["bert"]), "unknown model 'bert'"),
+    for sel, message in ((Selection(suites=["bert"]), "unknown suite 'bert'"),
                          (Selection(arms=["lora", "dora"]), "unknown arm 'dora'"),
-                         (Selection(models=["gemma3-270m"], tasks=["vader-tweets"]), "unknown task of the gemma3-270m"),
+                         (Selection(suites=["gemma3-270m"], tasks=["vader-tweets"]), "unknown task of the gemma3-270m"),
                          (Selection(seeds=[-1]), "--seeds must be >= 0")):
         with pytest.raises(PlrError, match=message):
             plan(tmp_path, sel)
-    # --tasks without --model keeps each suite's own tasks: Gemma has no vader-tweets part.
+    # --tasks without --suite keeps each suite's own tasks: Gemma has no vader-tweets part.
     assert {j.model for j in plan(tmp_path, Selection(tasks=["vader-tweets"]))} == {"minilm"}
 
 
@@ -170,7 +170,7 @@ def fake_run(job, value: float, labels=None, preds=None) -> int:
 
 
 def test_execute_reuses_finished_runs_resumes_unfinished_ones_and_skips_orphans(tmp_path):
-    jobs = plan(tmp_path, Selection(models=["minilm"], tasks=["rt-polarity"], seeds=[0], arms=["lora", "uniform"]))
+    jobs = plan(tmp_path, Selection(suites=["minilm"], tasks=["rt-polarity"], seeds=[0], arms=["lora", "uniform"]))
     calls = []
 
     def runner(job):
@@ -198,13 +198,14 @@ def test_execute_reuses_finished_runs_resumes_unfinished_ones_and_skips_orphans(
     execute(jobs, runner=watching, echo=lambda m: None)
     assert seen == [(jobs[1].arm, False)]
 
-    other = plan(tmp_path / "b", Selection(models=["minilm"], tasks=["rt-polarity"], seeds=[0], arms=["uniform"]))
+    other = plan(tmp_path / "b", Selection(suites=["minilm"], tasks=["rt-polarity"], seeds=[0], arms=["uniform"]))
     failed = execute(other, runner=lambda job: 1, echo=lambda m: None)
-    assert [j.arm for j in failed] == ["partial", "uniform"]  # partial failed; uniform, which reads it, skipped
+    assert [f.job.arm for f in failed] == ["partial", "uniform"]  # partial failed; uniform, which reads it, skipped
+    assert failed[0].why == "exit 1" and failed[1].why.startswith("skipped")
 
 
 def test_claims_pair_runs_example_by_example(tmp_path):
-    jobs = plan(tmp_path, Selection(models=["minilm"], tasks=["rt-polarity", "vader-tweets"], seeds=[0, 1],
+    jobs = plan(tmp_path, Selection(suites=["minilm"], tasks=["rt-polarity", "vader-tweets"], seeds=[0, 1],
                                     arms=["lora", "partial", "partial-random"]))
     labels = np.tile([0, 1], 50)
     for j in jobs:
@@ -233,9 +234,9 @@ def test_compare_pairs_any_two_arms_and_refuses_unknown_or_disjoint_ones(tmp_pat
     verdicts; a typo or two arms with no task and seed in common is one line."""
     from partial_lora.commands import study_command
 
-    base = plan(tmp_path, Selection(models=["minilm"], tasks=["rt-polarity", "vader-tweets"], seeds=[0, 1],
+    base = plan(tmp_path, Selection(suites=["minilm"], tasks=["rt-polarity", "vader-tweets"], seeds=[0, 1],
                                     arms=["partial"]))
-    var = plan(tmp_path, Selection(models=["minilm"], tasks=["rt-polarity", "vader-tweets"], seeds=[0, 1],
+    var = plan(tmp_path, Selection(suites=["minilm"], tasks=["rt-polarity", "vader-tweets"], seeds=[0, 1],
                                    arms=["partial"], variant="a", variant_overrides=["adapter.allocation.tau=0.8"]))
     labels = np.tile([0, 1], 50)
     for j in base + var:
@@ -243,7 +244,7 @@ def test_compare_pairs_any_two_arms_and_refuses_unknown_or_disjoint_ones(tmp_pat
         if j.arm == "partial":
             preds[:3] = 1 - preds[:3]  # the variant is 3 points above the default reading
         fake_run(j, float((preds == labels).mean()), labels, preds)
-    other = plan(tmp_path, Selection(models=["minilm"], tasks=["vader-movies"], seeds=[0], arms=["lora"]))
+    other = plan(tmp_path, Selection(suites=["minilm"], tasks=["vader-movies"], seeds=[0], arms=["lora"]))
     fake_run(other[0], 1.0, labels)
     assert study_command(["--out", str(tmp_path), "--compare", "partial@a", "partial", "--bootstrap", "200"]) == 0
     out = capsys.readouterr().out
@@ -267,24 +268,24 @@ def test_plr_study_end_to_end_on_a_tiny_model(tmp_path):
     out = tmp_path / "study"
     cmd = [sys.executable, "-m", "partial_lora.cli", "study", "--model", "minilm", "--tasks", "bbc-news",
            "--seeds", "0", "--arms", "lora,partial", "--bootstrap", "200", "--out", str(out), "--",
-           "experiment=smoke"]
+           "experiment=smoke", "model=tiny-bert"]  # another model than the suite's: its own <model> folder
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     md = (out / "study.md").read_text()
-    assert "| C3 | minilm | bbc-news | partial − lora | matches |" in md
+    assert "| C3 | tiny-bert | bbc-news | partial − lora | matches |" in md
     assert "| C2b |" not in md  # partial-random was not run: no row for the claims that need it
     assert (out / "study.csv").exists() and (out / "study.png").stat().st_size > 1000
     # the search's signal: only the partial arm searched; its row is read from its own run dir
-    alloc = json.loads((out / "runs/minilm/bbc-news/partial/seed0/allocate/allocation.json").read_text())
-    probe = json.loads((out / "runs/minilm/bbc-news/partial/seed0/probe/metrics.json").read_text())
+    alloc = json.loads((out / "runs/tiny-bert/bbc-news/partial/seed0/allocate/allocation.json").read_text())
+    probe = json.loads((out / "runs/tiny-bert/bbc-news/partial/seed0/probe/metrics.json").read_text())
     floor = sum(la["ratio"] <= min(alloc["grid"]) for la in alloc["layers"])
     gain = (alloc["a_ref"] - alloc["a_0"]) * probe["val_examples"]
-    assert "## The allocation search's signal" in md and "| minilm | bbc-news | lora | 0 |" not in md
-    assert (f"| minilm | bbc-news | partial | 0 | threshold | {probe['val_examples']} | {alloc['a_ref']:.3f} | "
+    assert "## The allocation search's signal" in md and "| tiny-bert | bbc-news | lora | 0 |" not in md
+    assert (f"| tiny-bert | bbc-news | partial | 0 | threshold | {probe['val_examples']} | {alloc['a_ref']:.3f} | "
             f"{alloc['a_0']:.3f} | {gain:.1f} | {alloc['target']:.3f} | {alloc['joint_accuracy']:.3f} | "
             f"{floor} of {len(alloc['layers'])} |") in md
     for arm in ("partial", "lora"):
-        run = out / "runs/minilm/bbc-news" / arm / "seed0"
+        run = out / "runs/tiny-bert/bbc-news" / arm / "seed0"
         results = json.loads((run / "results.json").read_text())
         pred = pd.read_parquet(run / "evaluate/predictions.parquet")
         for split in ("val", "test"):
@@ -297,12 +298,12 @@ def test_plr_study_end_to_end_on_a_tiny_model(tmp_path):
 
 
 def test_a_variant_runs_its_own_partial_family_and_shares_the_rest(tmp_path):
-    base = plan(tmp_path, Selection(models=["minilm"], tasks=["rt-polarity"], seeds=[0], arms=["lora", "partial"]))
+    base = plan(tmp_path, Selection(suites=["minilm"], tasks=["rt-polarity"], seeds=[0], arms=["lora", "partial"]))
     for j in base:
         fake_run(j, 0.8)
     (base[0].run_dir / "probe").mkdir()
     (base[0].run_dir / "probe" / "done").write_text("")
-    sel = Selection(models=["minilm"], tasks=["rt-polarity"], seeds=[0], arms=["lora", "partial", "uniform"],
+    sel = Selection(suites=["minilm"], tasks=["rt-polarity"], seeds=[0], arms=["lora", "partial", "uniform"],
                     variant="gain", variant_overrides=["adapter.allocation.relative_to=gain"])
     jobs = {j.arm: j for j in plan(tmp_path, sel)}
     assert set(jobs) == {"lora", "partial@gain", "uniform@gain"}
@@ -312,7 +313,7 @@ def test_a_variant_runs_its_own_partial_family_and_shares_the_rest(tmp_path):
     assert p.run_dir.name == "seed0" and p.run_dir.parent.name == "partial@gain" and "label=partial@gain" in p.overrides
     assert "adapter.allocation.relative_to=gain" in p.overrides
     assert f"from_run={tmp_path}/runs/minilm/rt-polarity/partial/seed0" in p.overrides  # the default's probe
-    assert jobs["uniform@gain"].after == p.run_dir  # matched to the variant's own budget
+    assert jobs["uniform@gain"].after == (p.run_dir,)  # matched to the variant's own budget
     assert f"adapter.match.run={p.run_dir}" in jobs["uniform@gain"].overrides
     assert "++adapter.allocation.relative_to=gain" in jobs["uniform@gain"].overrides  # added where absent
     labels = np.tile([0, 1], 50)
@@ -328,7 +329,7 @@ def test_a_variant_runs_its_own_partial_family_and_shares_the_rest(tmp_path):
     arms = [a["arm"] for a in arm_rows(collect(tmp_path))]
     assert arms == ["lora", "partial", "partial@gain", "uniform@gain"]
     # a variant that sets its own budget: the matched controls match its run, not the budget (two budgets refuse)
-    prop = Selection(models=["minilm"], tasks=["rt-polarity"], seeds=[0], arms=["uniform", "lora-matched"],
+    prop = Selection(suites=["minilm"], tasks=["rt-polarity"], seeds=[0], arms=["uniform", "lora-matched"],
                      variant="prop", variant_overrides=["adapter.allocation.allocator=proportional",
                                                         "adapter.allocation.budget=0.25", "+adapter.match.rank=2"])
     pj = {j.arm: j for j in plan(tmp_path, prop)}
@@ -363,8 +364,8 @@ def test_a_finished_run_made_with_other_settings_runs_again_from_the_stage_that_
         run_pipeline(cfg, job.run_dir, echo=lambda s: None)
         return 0
 
-    jobs = plan(tmp_path, Selection(models=["minilm"], tasks=["bbc-news"], seeds=[0], arms=["lora", "uniform"],
-                                    extra=["experiment=smoke"]))
+    jobs = plan(tmp_path, Selection(suites=["minilm"], tasks=["bbc-news"], seeds=[0], arms=["lora", "uniform"],
+                                    extra=["experiment=smoke", "model=tiny-bert"]))
     assert execute(jobs, runner=runner, echo=lambda m: None) == [] and sorted(calls) == ["lora", "partial", "uniform"]
     calls.clear()
     assert execute(jobs, runner=runner, echo=lambda m: None) == [] and calls == []  # same settings: all reused

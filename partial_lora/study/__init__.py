@@ -1,13 +1,16 @@
 """`plr study`: does Partial-LoRA beat its matched-budget controls? Runs and judges the claims.
 
-    plr study [--model minilm|gemma3-270m] [--tasks ...] [--seeds ...] [--arms ...] [--out DIR]
-              [--dry-run] [--tables-only] [--compare METHOD CONTROL] [-- extra overrides]
+    plr study [--suite NAME|FILE.yaml] [--tasks ...] [--seeds ...] [--arms ...] [--out DIR]
+              [--jobs N | --gpus 0,1 | --launcher slurm] [--dry-run] [--tables-only]
+              [--compare METHOD CONTROL] [-- extra overrides]
 
-`plan` lays out tasks × seeds × arms (`study.plan`), `execute` runs what has not finished
-(`study.run`), and `write` turns the finished runs into `study.md` (every arm, the claims
-table with paired bootstrap CIs and verdicts, the default rule of `study.rule`, and what each
-allocation search saw: `study.search`), `study.csv` and `study.png` (`study.claims`).
-`--compare` pairs any two finished arms the same way (`claims.comparison_rows`) and only prints.
+A suite (`study.suite`, a YAML file) names a model, tasks, seeds, arms and the recipe; `plan`
+lays out tasks × seeds × arms (`study.plan`), `execute` runs what has not finished, several runs
+at once and in dependency order (`study.run`, `study.schedule`), and `write` turns the finished
+runs into `study.md` (every arm, the claims table with paired bootstrap CIs and verdicts, the
+default rule of `study.rule`, and what each allocation search saw: `study.search`), `study.csv`
+and `study.png` (`study.claims`). `--compare` pairs any two finished arms the same way
+(`claims.comparison_rows`) and only prints.
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ from pathlib import Path
 
 from partial_lora import artifacts as A
 from partial_lora.study.claims import arm_rows, claim_rows, collect, markdown
-from partial_lora.study.plan import ARMS, SUITES, Selection, plan
+from partial_lora.study.plan import ARMS, Selection, plan
 from partial_lora.study.rule import markdown as rule_markdown
 from partial_lora.study.rule import rule_rows
-from partial_lora.study.run import execute
+from partial_lora.study.run import check, execute
 from partial_lora.study.search import markdown as search_markdown
 from partial_lora.study.search import search_rows
 
-__all__ = ["ARMS", "SUITES", "Selection", "execute", "plan", "write"]
+__all__ = ["ARMS", "Selection", "check", "execute", "plan", "write"]
 
 
 def write(out: Path, n_boot: int = 2000) -> list[Path]:

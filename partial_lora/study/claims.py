@@ -57,20 +57,28 @@ CLAIMS = (
 
 @dataclass
 class Run:
+    """A finished run, or one member task of a finished multi-task run (`member`; its task is
+    `<task>/<member>`, so the claims are judged per member and pooled over the members: the pooled
+    difference is the difference in the run's `mean`)."""
+
     model: str
     task: str
     arm: str
     seed: int
     dir: Path
     results: dict[str, Any]
+    member: str | None = None
 
     @property
     def metric(self) -> str:
+        if self.member is not None:
+            return self.results["member_metrics"][self.member]["main"]
         return self.results["main_metric"]
 
     @property
     def value(self) -> float:
-        return float(self.results["metrics"][f"test_{self.metric}"])
+        key = f"test_{self.member}_{self.metric}" if self.member is not None else f"test_{self.metric}"
+        return float(self.results["metrics"][key])
 
     @property
     def params(self) -> int:
@@ -89,7 +97,8 @@ class Study:
     def narrow(self, models: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
                seeds: Sequence[int] | None = None) -> "Study":
         """The runs of these models, tasks and seeds only (None: all of them)."""
-        keep = [r for r in self.runs if (models is None or r.model in models) and (tasks is None or r.task in tasks)
+        keep = [r for r in self.runs if (models is None or r.model in models)
+                and (tasks is None or r.task in tasks or r.task.split("/")[0] in tasks)
                 and (seeds is None or r.seed in seeds)]
         return Study(keep, self.missing)
 
@@ -112,20 +121,28 @@ def collect(out: Path) -> Study:
         if results is None:
             missing.append(d)
             continue
-        runs.append(Run(model, task, arm, int(d.name[4:]), d, results))
+        seed = int(d.name[4:])
+        members = results.get("members") if results.get("member_metrics") else None
+        if members:  # a multi-task run: one entry per member task
+            runs += [Run(model, f"{task}/{m}", arm, seed, d, results, member=m) for m in members]
+        else:
+            runs.append(Run(model, task, arm, seed, d, results))
     return Study(runs, missing)
 
 
 @functools.lru_cache(maxsize=None)
-def _test_predictions_of(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+def _test_predictions_of(run_dir: Path, member: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     df = A.read_predictions(run_dir)
-    df = df[df["split"] == "test"].sort_values("index")
+    df = df[df["split"] == "test"]
+    if member is not None:
+        df = df[df["task"] == member]
+    df = df.sort_values("index")
     return df["label"].to_numpy(), df["prediction"].to_numpy()
 
 
 def _test_predictions(run: Run) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, predictions) on the test split; each run's file is read once, whatever the claims."""
-    return _test_predictions_of(run.dir)
+    """(labels, predictions) on the test split (of its member task); each file is read once per member."""
+    return _test_predictions_of(run.dir, run.member)
 
 
 def paired(method: dict[int, Run], control: dict[int, Run]) -> dict[int, ST.Paired]:

@@ -1,4 +1,8 @@
-"""The claims study's plan: tasks × seeds × arms, each arm an ordinary `plr train` run.
+"""The claims study's plan: a suite's tasks × seeds × arms, each an ordinary `plr train` run (a `Job`).
+
+A suite (`study.suite`: a YAML file) gives the model, the tasks, seeds and arms and the recipe; an
+arm (`ARMS`) gives its overrides and whether it reads Partial-LoRA's run. A job is data: its
+overrides, its run dir, its log and the run dirs it reads; `study.schedule` runs any list of them.
 
 Every run has a fixed dir, `<out>/runs/<model>/<task>/<arm>/seed<n>`, so a study that stops can
 be started again: finished runs are reused and an unfinished one resumes from its checkpoint.
@@ -23,6 +27,7 @@ from pathlib import Path
 
 from partial_lora import artifacts as A
 from partial_lora.errors import PlrError
+from partial_lora.study.suite import OFFLINE, Suite, load
 
 PARTIAL = "partial"
 VARIANT_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,39}")
@@ -80,40 +85,18 @@ def split_arm(name: str) -> tuple[str, str | None]:
 
 
 @dataclass(frozen=True)
-class Suite:
-    """A model's part of the study: its tasks, arms, seeds and per-task recipe overrides."""
-
-    model: str
-    tasks: tuple[str, ...]
-    arms: tuple[str, ...]
-    seeds: tuple[int, ...]
-    recipe: Callable[[str], list[str]]
-
-
-def _minilm_recipe(task: str) -> list[str]:
-    # BBC News keeps the offline demo's recipe (the default trainer), so its row is the README's.
-    return [] if task == "bbc-news" else ["experiment=offline-minilm"]
-
-
-SUITES: dict[str, Suite] = {
-    "minilm": Suite("minilm", ("bbc-news", "rt-polarity", "vader-movies", "vader-movies-score", "vader-tweets",
-                               "debates-speaker"), tuple(ARMS), (0, 1, 2), _minilm_recipe),
-    "efficientnet-lite0": Suite("efficientnet-lite0", ("mnist-5k",), tuple(a for a in ARMS if a != "peft-lora"),
-                                (0, 1, 2), lambda task: ["experiment=offline-effnet"]),
-    "gemma3-270m": Suite("gemma3-270m", ("rt-polarity",), ("head", "lora", PARTIAL, "uniform", "lora-matched"),
-                         (0, 1), lambda task: ["experiment=offline-gemma"]),
-}
-
-
-@dataclass(frozen=True)
 class Job:
+    """One run of the study: its `plr train` overrides, its fixed run dir, its log, and the runs it reads
+    (they run first; when one of them fails, this one is skipped)."""
+
     model: str
     task: str
     arm: str
     seed: int
     run_dir: Path
     overrides: tuple[str, ...]
-    after: Path | None = None  # the run this one reads (the same task and seed's Partial-LoRA run)
+    after: tuple[Path, ...] = ()
+    log: Path | None = None
 
     def command(self) -> list[str]:
         return ["plr", "train", *self.overrides, f"run_dir={self.run_dir}"]
@@ -123,13 +106,16 @@ class Job:
 class Selection:
     """What `plr study` was asked to run (None: the suite's own)."""
 
-    models: Sequence[str] | None = None
+    suites: Sequence[str | Suite] | None = None  # built-in names, suite files, or Suites (None: the offline ones)
     tasks: Sequence[str] | None = None
     seeds: Sequence[int] | None = None
     arms: Sequence[str] | None = None
     extra: Sequence[str] = field(default_factory=list)
     variant: str | None = None  # a named reading of Partial-LoRA ...
     variant_overrides: Sequence[str] = field(default_factory=list)  # ... and its overrides
+
+    def resolved(self) -> list[Suite]:
+        return [s if isinstance(s, Suite) else load(s) for s in (self.suites or OFFLINE)]
 
 
 def _check_variant(sel: Selection) -> None:
@@ -156,41 +142,49 @@ def _known(kind: str, values: Sequence, known: Sequence) -> None:
         raise PlrError(f"unknown {kind} '{bad[0]}' for plr study; choose from: {', '.join(map(str, known))}")
 
 
+def model_of(suite: Suite, extra: Sequence[str]) -> str:
+    """The model the suite's runs use: the suite's, or the last `model=` among the overrides after `--`
+    (so its runs go to their own <model> folder and never mix with the suite model's)."""
+    chosen = [o.split("=", 1)[1] for o in extra if o.split("=", 1)[0] == "model"]
+    return chosen[-1] if chosen else suite.model
+
+
 def plan(out: Path, sel: Selection) -> list[Job]:
     """The jobs in run order: seed by seed, task by task, Partial-LoRA before the arms that read it.
 
     Raises:
-        PlrError: an unknown model, arm or seed; a task that is not in the chosen suite.
+        PlrError: an unknown suite, arm or seed; a task that is not in the chosen suite; a selection
+            that leaves no run.
     """
-    models = list(sel.models or SUITES)
-    _known("model", models, list(SUITES))
+    suites = sel.resolved()
     _check_variant(sel)
     if sel.arms is not None:
         _known("arm", sel.arms, list(ARMS))
+    if sel.seeds is not None and any(s < 0 for s in sel.seeds):
+        raise PlrError(f"--seeds must be >= 0, got {list(sel.seeds)}")
     jobs: list[Job] = []
-    for model in models:
-        suite = SUITES[model]
-        tasks = list(sel.tasks or suite.tasks)
-        if sel.tasks is not None and sel.models is None:  # --tasks without --model: each suite keeps what it has
-            tasks = [t for t in tasks if t in suite.tasks]
+    for suite in suites:
+        model = model_of(suite, sel.extra)
+        known = [t.name for t in suite.tasks]
+        tasks = list(sel.tasks or known)
+        if sel.tasks is not None and sel.suites is None:  # --tasks without --suite: each suite keeps what it has
+            tasks = [t for t in tasks if t in known]
         else:
-            _known(f"task of the {model} suite", tasks, suite.tasks)
+            _known(f"task of the {suite.name} suite", tasks, known)
         arms = [a for a in suite.arms if sel.arms is None or a in sel.arms]
         if any(ARMS[a].needs_partial for a in arms) and PARTIAL not in arms:
             arms.insert(0, PARTIAL)  # the arms that read it need it: run it too
         seeds = list(sel.seeds if sel.seeds is not None else suite.seeds)
-        if any(s < 0 for s in seeds):
-            raise PlrError(f"--seeds must be >= 0, got {seeds}")
         for seed in seeds:
-            for task in tasks:
-                partial = run_dir(out, model, task, arm_dir_name(PARTIAL, sel.variant), seed)
+            for task in map(suite.task, tasks):
+                partial = run_dir(out, model, task.name, arm_dir_name(PARTIAL, sel.variant), seed)
                 ordered = sorted(arms, key=lambda a: (a != PARTIAL, ARMS[a].needs_partial))
                 for arm in ordered:
                     a = ARMS[arm]
                     name = arm_dir_name(arm, sel.variant)
                     own = list(a.overrides(partial))
                     if name != arm:  # the variant's reading
-                        default = run_dir(out, model, task, PARTIAL, seed)
+                        default = run_dir(out, model, task.name, PARTIAL, seed)
                         if arm == PARTIAL and A.is_done(default, A.PROBE):
                             own.append(f"from_run={default}")  # its probe, when the probe's settings match
                         # The Partial-LoRA arm takes them as typed (a misspelt key fails there, and the
@@ -198,8 +192,30 @@ def plan(out: Path, sel: Selection) -> list[Job]:
                         # (lora_matched has no adapter.allocation node).
                         own += [o if arm == PARTIAL else f"++{o.lstrip('+')}" for o in sel.variant_overrides
                                 if not (arm in MATCHED_CONTROLS and _sets_budget(o))]
-                    overrides = (*suite.recipe(task), f"task={task}", *own, f"seed={seed}", f"label={name}",
-                                 *sel.extra)
-                    jobs.append(Job(model, task, name, seed, run_dir(out, model, task, name, seed), overrides,
-                                    partial if a.needs_partial else None))
-    return jobs
+                    overrides = (f"model={suite.model}", *suite.recipe_of(task), *task.overrides, *own,
+                                 *suite.arm_overrides.get(arm, ()), f"seed={seed}", f"label={name}", *sel.extra)
+                    where = run_dir(out, model, task.name, name, seed)
+                    jobs.append(Job(model, task.name, name, seed, where, overrides,
+                                    (partial,) if a.needs_partial else (), log_path(out, where)))
+    return _unique(jobs, sel)
+
+
+def log_path(out: Path, run: Path) -> Path:
+    """`<out>/logs/<model>/<task>/<arm>/seed<n>.log`: the run's output, one file per run."""
+    return out / "logs" / run.relative_to(out / "runs").with_suffix(".log")
+
+
+def _unique(jobs: list[Job], sel: Selection) -> list[Job]:
+    """The jobs, each run dir once; refuses an empty plan and two suites that plan one run dir differently."""
+    if not jobs:
+        what = ", ".join(s if isinstance(s, str) else s.name for s in (sel.suites or OFFLINE))
+        raise PlrError(f"no run planned: --tasks {','.join(sel.tasks or [])} names no task of the suite(s) {what}; "
+                       "see `plr study --help` for their tasks" if sel.tasks else
+                       f"no run planned for the suite(s) {what}; check --tasks, --seeds and --arms")
+    seen: dict[Path, Job] = {}
+    for job in jobs:
+        other = seen.setdefault(job.run_dir, job)
+        if other is not job and other.overrides != job.overrides:
+            raise PlrError(f"two suites plan the run dir {job.run_dir} with other settings; run them with "
+                           "different --out folders")
+    return list(seen.values())

@@ -45,7 +45,11 @@ def search_rows(study: Study) -> list[SearchRow]:
     """One row per finished run that searched its own allocation (a run restored from the ledger, or one
     that read another run's allocation, has none of its own)."""
     out = []
+    seen: set = set()
     for run in study.runs:
+        if run.dir in seen:
+            continue  # a multi-task run's members share its one search
+        seen.add(run.dir)
         path = A.stage_dir(run.dir, A.ALLOCATE) / A.ALLOCATION
         probe = A.stage_dir(run.dir, A.PROBE) / A.METRICS
         if not (path.exists() and probe.exists()):
@@ -55,7 +59,8 @@ def search_rows(study: Study) -> list[SearchRow]:
             continue  # an allocator that read no probe
         val_examples = int(A.read_json(probe).get("val_examples") or 0)
         floor = min(alloc.grid) if alloc.grid else None
-        out.append(SearchRow(run.model, run.task, run.arm, run.seed, alloc.allocator, alloc.metric or "task",
+        task = run.task if run.member is None else run.task.rsplit("/", 1)[0]
+        out.append(SearchRow(run.model, task, run.arm, run.seed, alloc.allocator, alloc.metric or "task",
                              val_examples, alloc.a_ref, alloc.a_0, alloc.target, alloc.joint_accuracy,
                              len(alloc.layers), sum(floor is not None and la.ratio <= floor for la in alloc.layers),
                              sum(la.ratio >= 1.0 for la in alloc.layers), alloc.params()))
