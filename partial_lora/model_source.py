@@ -42,9 +42,10 @@ def resolve_source(source: str | None, key: str = "model.source") -> tuple[str, 
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def refuse_pickle_only(source: str | None, key: str = "model.source") -> None:
-    """A local model folder with a pickle checkpoint and no safetensors weights is refused in one line:
-    plr never unpickles (unpickling can run code; torch's weights_only mode only narrows that)."""
+def refuse_pickle_only(source: str | None, key: str = "model.source", transformers: bool = True) -> None:
+    """A local model folder with a pickle checkpoint and no safetensors weights is refused in one line,
+    with a command that converts it (transformers' own save, or torch's weights-only reader for a
+    timm state dict): plr never unpickles (unpickling can run code; weights_only only narrows that)."""
     if not source:
         return
     path, local = resolve_source(source, key)
@@ -53,10 +54,12 @@ def refuse_pickle_only(source: str | None, key: str = "model.source") -> None:
         return
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLES)
     if pickles:
+        convert = (f"from transformers import AutoModel; AutoModel.from_pretrained('{path}').save_pretrained('{path}')"
+                   if transformers else f"import torch, safetensors.torch as st; st.save_file(torch.load('{folder / pickles[0]}', "
+                   f"weights_only=True), '{folder / 'model.safetensors'}')")
         raise PlrError(f"{key}={source} holds only a pickle checkpoint ({pickles[0]}), and plr never unpickles a file "
-                       "(it can run code); convert it to safetensors where you trust it, e.g. `python -c \"from "
-                       f"transformers import AutoModel; AutoModel.from_pretrained('{path}').save_pretrained('{path}')\"` "
-                       "(writes model.safetensors), then run again")
+                       f"(it can run code); convert it to safetensors where you trust it, e.g. `python -c \"{convert}\"`, "
+                       "then run again")
 
 
 def _hf_load(fn: Callable[..., Any], source: str | None, revision: str | None, key: str, **kw: Any) -> Any:

@@ -227,7 +227,7 @@ def build_timm(spec: ModelSpec, num_labels: int) -> Built:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise PlrError(f"model.source={arch}: '{path / 'config.json'}' is missing or not a timm config "
                            f"({_first_line(e)}); download the timm model with `hf download` into '{path}'") from None
-        refuse_pickle_only(arch, "model.source")
+        refuse_pickle_only(arch, "model.source", transformers=False)
         weights = path / "model.safetensors"
         if not weights.exists():
             raise PlrError(f"no model.safetensors in '{path}'; download the timm model with `hf download` into it")

@@ -278,17 +278,22 @@ def test_unfinished_run_is_a_one_line_error(bert_run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_non_empty_out_dir_needs_force(bert_run, tmp_path):
+def test_non_empty_out_dir_needs_force_and_force_replaces_only_an_earlier_export(bert_run, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(PlrError, match="not empty.*--force"):
         export_run(bert_run, out, echo=lambda s: None)
-    assert (out / "keep.txt").exists()
+    with pytest.raises(PlrError, match=r"holds files that are not a plr export \(keep.txt\); --force replaces only"):
+        export_run(bert_run, out, force=True, echo=lambda s: None)  # plr deletes only what it wrote
+    assert (out / "keep.txt").read_bytes() == b"x" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     with pytest.raises(PlrError, match="run dir itself"):
         export_run(bert_run, bert_run.parent, force=True, echo=lambda s: None)
-    export_run(bert_run, out, force=True, echo=lambda s: None)
-    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
+    (out / "keep.txt").unlink()
+    export_run(bert_run, out, echo=lambda s: None)
+    first = (out / "adapter_model.safetensors").stat().st_ino
+    export_run(bert_run, out, force=True, echo=lambda s: None)  # an earlier export is replaced
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_model.safetensors").stat().st_ino != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old folders left
 
 
