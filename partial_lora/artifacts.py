@@ -137,6 +137,10 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write_bytes(path, data)
+
+
 def write_text(path: Path, text: str) -> None:
     _atomic_write_bytes(path, text.encode())
 

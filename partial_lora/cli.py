@@ -320,9 +320,10 @@ def main(argv: list[str] | None = None) -> int:
             if D.launched() and value_of(rest, "run_dir") is None:
                 fail(f"under a multi-process launch (WORLD_SIZE={D.world_size()}) every process must write to the "
                      "same run dir; add run_dir=<dir> to the command")
-            if not any(a in ("-m", "--multirun") for a in rest):
+            if not any(a in ("-m", "--multirun") for a in rest) and D.is_main():
+                # Rank 0 alone: under torchrun the others would find the run dir rank 0 is making.
                 run_dir = _pin_run_dir(rest, cfg)
-                CLAIM = RD.Claim(run_dir) if run_dir is not None and D.is_main() else None
+                CLAIM = RD.Claim(run_dir) if run_dir is not None else None
             check_writable(rest)
         sys.argv = ["plr train", *rest]
         try:

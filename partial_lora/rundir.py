@@ -270,13 +270,18 @@ def _entries(root: Path) -> set[str]:
     return out
 
 
+REWRITTEN = (str(A.HYDRA_CONFIG), str(HYDRA_YAML), str(A.HYDRA_OVERRIDES), A.GIT, A.ENV)
+
+
 class Claim:
     """What a `plr train` command may delete: only what it created.
 
     Made before the command creates anything (`cli.main`): it records whether the run dir existed,
     which of its parent folders did not, and every entry under it. `undo` removes, deepest first,
     the files and links that were not there then and the folders that were not there then and
-    are empty by now; then the run dir and the parents it created, if empty. It never removes a
+    are empty by now; then the run dir and the parents it created, if empty. The files a run
+    rewrites when it starts (`.hydra/*.yaml`, git.json, env.json) get their earlier bytes back; a
+    log is appended to, not restored. It never removes a
     folder with content it did not make, never follows a link, and never uses rmtree. `keep`
     settles the claim without removing anything (a resumable run, or a run dir in use by another
     process).
@@ -287,6 +292,8 @@ class Claim:
         self.existed = run_dir.is_dir()
         self.before = _entries(run_dir) if self.existed else set()
         self.made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # deepest first
+        # The files a run rewrites whole when it starts (small): put back as they were by `undo`.
+        self.saved = {rel: (run_dir / rel).read_bytes() for rel in REWRITTEN if (run_dir / rel).is_file()}
         self.settled = False
 
     def keep(self) -> None:
@@ -320,6 +327,10 @@ class Claim:
         return removed + self._remove_made()
 
     def _remove_new(self) -> list[str]:
+        for rel, data in self.saved.items():
+            path = self.run_dir / rel
+            if not path.is_file() or path.read_bytes() != data:
+                A.write_bytes(path, data)
         removed = []
         for rel in sorted(_entries(self.run_dir) - self.before, key=lambda r: (-len(Path(r).parts), r)):
             path = self.run_dir / rel

@@ -246,6 +246,10 @@ def _read_error(spec: TaskSpec, path: Path, e: Exception, logs: Sequence[str]) -
     named = [f for f in read if any(f in t for t in texts)]
     culprit = named[0] if named else next((m["file"] for t in texts if (m := _NAMED.search(t))), None)
     culprit = culprit or (read[0] if len(read) == 1 else _failing_file(read))
+    if culprit is None and len(read) > 1:  # each file reads on its own: they disagree with each other
+        return PlrError(f"the data files of task.path='{spec.path}' do not agree on their columns' types "
+                        f"({type(inner).__name__}: {first}); give every split file the same columns with values of "
+                        "the same type (e.g. every label a whole number, or every one a decimal)")
     what = f"{culprit} of task.path='{spec.path}'" if culprit else f"the dataset at task.path='{spec.path}'"
     return PlrError(f"could not read {what} ({type(inner).__name__}: {first}); fix or replace that file, point "
                     "task.path at parquet/csv/json files or a folder of them (or an image folder), and set "
