@@ -256,7 +256,7 @@ Keep = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 def read_allocation(run_dir: Path) -> Allocation:
     """The allocate stage's per-layer keep ratios, checked: a damaged or foreign file (no layers, a
-    ratio that is no number in (0, 1]) is one line naming it and how to remake it."""
+    ratio that is no finite number) is one line naming it and how to remake it."""
     import math
 
     from partial_lora.allocation import Allocation
@@ -265,13 +265,13 @@ def read_allocation(run_dir: Path) -> Allocation:
     raw = read_json(path)
     try:
         alloc = Allocation.from_json(raw)
-        bad = next((la.name for la in alloc.layers if not (isinstance(la.ratio, int | float)
-                    and math.isfinite(la.ratio) and 0 < la.ratio <= 1)), None)
+        bad = next((la.name for la in alloc.layers if isinstance(la.ratio, bool)
+                    or not isinstance(la.ratio, int | float) or not math.isfinite(la.ratio)), None)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         what = f"no '{e.args[0]}'" if isinstance(e, KeyError) else first_line(e) or type(e).__name__
         raise PlrError(f"corrupt artifact {path} ({what}); {_rerun_hint(path)}") from None
     if bad is not None or not alloc.layers:
-        what = f"layer '{bad}' has no keep ratio in (0, 1]" if bad is not None else "no layers"
+        what = f"layer '{bad}' has no keep ratio" if bad is not None else "no layers"
         raise PlrError(f"corrupt artifact {path} ({what}); {_rerun_hint(path)}")
     return alloc
 

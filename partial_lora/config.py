@@ -331,7 +331,7 @@ def validate(cfg: DictConfig) -> RunSpec:
     for task in tasks:
         kind = task.get("kind", "text")
         causal = spec.family == "hf-causal"
-        if (spec.family in IMAGE_FAMILIES) != (kind == "image"):
+        if not causal and (spec.family in IMAGE_FAMILIES) != (kind == "image"):
             reads = "images" if spec.family in IMAGE_FAMILIES else "text"
             raise PlrError(f"model '{spec.name}' ({spec.family}) reads {reads}, but task '{task.name}' is a {kind} task; "
                            + ("choose a text model (model=minilm, tiny-bert, roberta-base...)" if kind != "image"
@@ -347,8 +347,9 @@ def validate(cfg: DictConfig) -> RunSpec:
                               "gemma3-270m, llama-7b...)"))
         node = OmegaConf.create({"task": task})
         metrics, main = task_metrics(node)
-        _check_metrics(str(task.get("name")), bool(task.get("regression", False)), metrics)
-        parts.append(TaskPart(task_spec(node), tuple(metrics), main))
+        tspec = task_spec(node)
+        _check_metrics(tspec.name, tspec.regression, metrics)
+        parts.append(TaskPart(tspec, tuple(metrics), main))
         if str(task.get("scoring", "sum")) not in ("sum", "mean"):
             raise PlrError(f"task.scoring must be sum or mean, got '{task.get('scoring')}'")
     lora = lora_config(cfg, spec)

@@ -133,7 +133,8 @@ def check_complete(missing: Sequence[str], spec: ModelSpec) -> None:
     if absent:
         raise PlrError(f"model.source={spec.source} lacks {len(absent)} of model {spec.name}'s pretrained weights "
                        f"({absent[0]}{', ...' if len(absent) > 1 else ''}), which would start random; point "
-                       "model.source at a complete checkpoint of this architecture (or re-download it)")
+                       "model.source at a complete checkpoint of this architecture (or re-download it), or, if those "
+                       "modules are meant to be new, list them in model.head_modules (they then train with the head)")
 
 
 def _pretrained(fn: Callable[..., Any], spec: ModelSpec, **kw: Any) -> nn.Module:

@@ -215,6 +215,8 @@ def check_writable(overrides: list[str]) -> None:
     """`run_dir=` / `out_root=` must be creatable and writable, before any work starts."""
     for key in ("run_dir", "out_root"):
         value = value_of(overrides, key)
+        if value is not None and not value.strip():
+            fail(f"{key}= is empty; name a folder ({key}=outputs), or leave {key} out")
         if not value or "$" in value:
             continue
         path = Path(value).expanduser()

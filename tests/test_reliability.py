@@ -284,6 +284,7 @@ BATTERY = [
     (["adapter.allocation.grid=[0.5,nan]"], "adapter.allocation.grid=[0.5, nan] holds nan, which is not a finite number"),
     (["retrain.lr_scale_cap=0"], "retrain.lr_scale_cap must be positive"),
     (["run_dir="], "run_dir= is empty"),
+    (["out_root="], "out_root= is empty"),
     (["adapter.r"], "'adapter.r' is not an override; write key=value"),
     (["hydra/launcher=joblib"], "unknown hydra/launcher 'joblib'; choose one of plr's launchers: slurm"),
     (["run_dir=W/ré sult ☃/x"], "quote a value that holds spaces or other characters: \"run_dir='W/ré sult ☃/x'\""),
