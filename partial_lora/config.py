@@ -1,7 +1,10 @@
 """Turn the composed Hydra config into one typed `RunSpec`, validating every value.
 
 This is where user input is checked: each bad value becomes one `PlrError` line naming the
-key and the fix, raised before any work starts. `validate(cfg)` returns the run's `RunSpec`,
+key and the fix, raised before any work starts. Beyond types: no number may be nan or inf
+(`typecheck`), seeds lie in [0, 2^32-1], a group may not be replaced by one value
+(`adapter.allocation=5`), the model must read the task's kind of input, and a task's metrics
+must be known and of its kind (correlations for regression). `validate(cfg)` returns the run's `RunSpec`,
 and the stages read that; the core modules never see a DictConfig.
 
 The schemas are the dataclasses themselves (`schemas()`: one per config group, each beside the

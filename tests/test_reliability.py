@@ -285,6 +285,7 @@ BATTERY = [
     (["retrain.lr_scale_cap=0"], "retrain.lr_scale_cap must be positive"),
     (["run_dir="], "run_dir= is empty"),
     (["out_root="], "out_root= is empty"),
+    (["run_dir=DATA"], "data.csv is a file; name a new folder"),
     (["adapter.r"], "'adapter.r' is not an override; write key=value"),
     (["hydra/launcher=joblib"], "unknown hydra/launcher 'joblib'; choose one of plr's launchers: slurm"),
     (["run_dir=W/ré sult ☃/x"], "quote a value that holds spaces or other characters: \"run_dir='W/ré sult ☃/x'\""),

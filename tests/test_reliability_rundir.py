@@ -136,6 +136,14 @@ def test_the_default_run_dir_is_resolved_once_and_a_failure_removes_it_and_the_f
     assert f"run_dir=outputs/bbc-news-tiny-bert-lora/{run_dir.name}" in (run_dir / A.HYDRA_OVERRIDES).read_text()
 
 
+def test_a_quoted_run_dir_with_spaces_runs_there_and_leaves_no_folder_named_with_the_quotes(tmp_path, capsys):
+    cwd = tmp_path / "cwd"
+    code, _, err = plr(capsys, "train", *DENSE, "run_dir='W/ré sult ☃/x'")
+    assert code == 0, err
+    assert sorted(p.name for p in cwd.iterdir()) == ["W"]
+    assert json.loads((cwd / "W" / "ré sult ☃" / "x" / A.RESULTS).read_text())["status"] == "complete"
+
+
 # --- item 2: the data is part of a run's identity ----------------------------------------------------
 
 
