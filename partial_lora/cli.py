@@ -101,8 +101,10 @@ def _settle(run_dir: Path, claim: RD.Claim | None) -> bool:
     """After a failure: keep the run dir when a stage finished or checkpointed (it can be resumed),
     else remove what this command created (`rundir.Claim`). Returns whether it is resumable."""
     resumable = any(RD.resumable(run_dir, s) for s in A.STAGES)
-    if claim is not None:
-        claim.keep() if resumable else claim.undo(holding_lock=True)
+    if claim is not None and resumable:
+        claim.keep()
+    elif claim is not None:
+        claim.undo(holding_lock=True)
     return resumable
 
 

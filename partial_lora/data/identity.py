@@ -5,7 +5,9 @@ content-addressed, such as a Hub file URL that names its commit) inside `recordi
 `registry.load_task` opens around each load; the task's `TaskData.sources` maps each source to its
 digest. Each stage's fingerprint holds them (`rundir`), so a rerun or resume after a data file
 changed is refused, naming the file, instead of training the later stages on other data than the
-earlier ones.
+earlier ones. A source is named where it does not depend on the machine: a file under `task.path`
+by `task.path` and its place in it (`data/train.csv`), a fetched table by its `fetch:` reference, the
+built-in corpora by name; so a run dir moved with its data to another folder still matches.
 
 The digest is BLAKE2b (16 bytes) of the file's bytes, read in 4 MiB blocks, once per load and
 file; it reads each file once at disk speed (see the README for the measured cost).
@@ -22,7 +24,7 @@ import contextvars
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import datasets
 
@@ -79,6 +81,20 @@ def note_file(path: str | Path) -> str:
 
 def is_local(path: str) -> bool:
     return "://" not in path and Path(path).is_file()
+
+
+def named(sources: Mapping[str, str], path: str | None) -> dict[str, str]:
+    """`sources` with each local file under `path` (a task's `task.path`) named by `path` and its place in it."""
+    if not path or "://" in path or ":" in path.split("/")[0]:
+        return dict(sorted(sources.items()))
+    root = Path(path).expanduser().resolve()
+    out = {}
+    for key, digest in sources.items():
+        p = Path(key)
+        if p.is_absolute() and (p == root or root in p.parents):
+            key = path if p == root else str(PurePath(path) / p.relative_to(root))
+        out[key] = digest
+    return dict(sorted(out.items()))
 
 
 def content_cache_dir(files: Iterable[str]) -> str:

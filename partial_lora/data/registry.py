@@ -55,5 +55,5 @@ def load_task(spec: TaskSpec) -> TaskData:
                        f"(task.label_column='{spec.label_column}': {shown}); set task.label_column to the column "
                        f"with {spec.num_labels} classes, or task.num_labels={data.num_labels}")
     data = checks.check(data, spec)
-    data.sources = dict(sorted(sources.items()))
+    data.sources = identity.named(sources, spec.path)
     return data
