@@ -13,9 +13,10 @@ somebody's folder).
 `--allow-hydra-code`: callbacks, a launcher outside plr's own list (`conf/hydra/launcher`), a
 sweeper, logging configs (`logging.config` builds handlers by import path), a search path or config
 dir (a config found there could hold any of these), any `_target_`, and Hydra's
-`--experimental-rerun` (it unpickles). Allowed: `hydra/launcher=<plr's>` and its options, the run
-and sweep dirs, `hydra.sweeper.params`, `hydra.verbose`, `hydra.job.*` and Hydra's own logging
-presets (`hydra/job_logging=disabled`). `cli.main` runs the checks.
+`--experimental-rerun` (it unpickles). Allowed: `hydra/launcher=<plr's>` and its options, the
+sweep dirs, `hydra.sweeper.params`, `hydra.verbose`, `hydra.job.*` and Hydra's own logging
+presets (`hydra/job_logging=disabled`); `hydra.run.dir` is refused in favour of `run_dir`, which
+plr checks. `cli.main` runs the checks.
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ def check_hydra(overrides: Sequence[str], allow_code: bool = False) -> None:
             fail(f"'{o.input_line}' puts a config into Hydra's own settings, where Hydra may import and run it{hint}")
         if not key.startswith("hydra"):
             continue
+        if key in ("hydra.run", "hydra.run.dir"):
+            fail(f"'{o.input_line}' would bypass plr's checks of the run dir; set run_dir=<dir> instead")
         if key.startswith("hydra/"):
             values = [str(v) for v in o.sweep_string_iterator()] if o.is_sweep_override() else [str(o.value())]
             if key == "hydra/launcher":

@@ -288,6 +288,7 @@ BATTERY = [
     (["run_dir=DATA"], "data.csv is a file; name a new folder"),
     (["adapter.r"], "'adapter.r' is not an override; write key=value"),
     (["hydra/launcher=joblib"], "unknown hydra/launcher 'joblib'; choose one of plr's launchers: slurm"),
+    (["hydra.run.dir=."], "'hydra.run.dir=.' would bypass plr's checks of the run dir; set run_dir=<dir> instead"),
     (["run_dir=W/ré sult ☃/x"], "quote a value that holds spaces or other characters: \"run_dir='W/ré sult ☃/x'\""),
     (["task=hf-text", "task.path=DATA", "+task.regression=true"], "metric 'accuracy' scores classes"),
     (["model.source=SRC/pickle-only", "model.pretrained=true"], "holds only a pickle checkpoint (pytorch_model.bin)"),

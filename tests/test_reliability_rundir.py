@@ -250,7 +250,7 @@ def test_every_hydra_way_to_run_code_is_refused(override, capsys):
 def test_hydra_settings_that_run_no_code_pass():
     from partial_lora.overrides import check_hydra
 
-    check_hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.sweep.dir=out", "hydra.run.dir=x",
+    check_hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.sweep.dir=out",
                  "hydra.sweeper.params.seed=0,1", "hydra/job_logging=disabled", "hydra.verbose=true", "-m",
                  "--cfg", "job", "seed=1"])
 
