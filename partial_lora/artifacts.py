@@ -1,6 +1,7 @@
 """The only module that knows the run dir's file names and formats.
 
-Tensors go to `.safetensors`, everything else to JSON; no pickle is ever loaded. Every write
+Tensors go to `.safetensors`, everything else to JSON; no pickle is ever loaded, and the typed
+readers check what they read (a damaged file is one line naming it and the stage that remakes it). Every write
 is atomic (temporary file in the same directory, then `os.replace`; a whole folder, such as an
 export or a fetched cache entry, through `atomic_dir`), and a stage counts as
 finished only once its `done` marker exists, so a killed run never leaves a half-written
@@ -136,6 +137,10 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write_bytes(path, data)
+
+
 def write_text(path: Path, text: str) -> None:
     _atomic_write_bytes(path, text.encode())
 
@@ -251,10 +256,25 @@ Keep = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def read_allocation(run_dir: Path) -> Allocation:
-    """The allocate stage's per-layer keep ratios."""
+    """The allocate stage's per-layer keep ratios, checked: a damaged or foreign file (no layers, a
+    ratio that is no finite number) is one line naming it and how to remake it."""
+    import math
+
     from partial_lora.allocation import Allocation
 
-    return Allocation.from_json(read_json(stage_dir(run_dir, ALLOCATE) / ALLOCATION))
+    path = stage_dir(run_dir, ALLOCATE) / ALLOCATION
+    raw = read_json(path)
+    try:
+        alloc = Allocation.from_json(raw)
+        bad = next((la.name for la in alloc.layers if isinstance(la.ratio, bool)
+                    or not isinstance(la.ratio, int | float) or not math.isfinite(la.ratio)), None)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        what = f"no '{e.args[0]}'" if isinstance(e, KeyError) else first_line(e) or type(e).__name__
+        raise PlrError(f"corrupt artifact {path} ({what}); {_rerun_hint(path)}") from None
+    if bad is not None or not alloc.layers:
+        what = f"layer '{bad}' has no keep ratio" if bad is not None else "no layers"
+        raise PlrError(f"corrupt artifact {path} ({what}); {_rerun_hint(path)}")
+    return alloc
 
 
 def write_masks(run_dir: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str],

@@ -10,6 +10,14 @@
 
 `train` and `resume` live here; the other commands' parsers are in `partial_lora.commands`, and the
 checks on train's overrides in `partial_lora.overrides`.
+
+A failed or interrupted `plr train` removes what it wrote itself and nothing else: `main` makes a
+`rundir.Claim` on the run dir before anything is created (the default `outputs/<name>/<time>` is
+resolved once here and passed on as `run_dir=`, so the claim and Hydra agree on it), and the run
+settles it: kept when a stage finished or checkpointed (resumable), undone otherwise.
+`plr resume` rebuilds a run from its recorded plr settings only: the entries of
+`.hydra/overrides.yaml` that are not plr settings (Hydra's, flags) are left out, so a run dir
+from someone else runs no code.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -28,12 +36,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from partial_lora import artifacts as A
-from partial_lora import checkpoint as CK
 from partial_lora import distributed as D
 from partial_lora import rundir as RD
 from partial_lora.commands import Parser, export_command, fetch_command, report_command, study_command
 from partial_lora.errors import Interrupted, PlrError, fail, first_line
-from partial_lora.overrides import check_choices, check_keys, check_writable
+from partial_lora.overrides import (ALLOW_HYDRA_CODE, check_choices, check_hydra, check_keys, check_run_dir,
+                                   check_writable, parse, value_of)
 
 USAGE = """usage: plr <command> [args]
 
@@ -41,6 +49,9 @@ commands:
   train [overrides]   run probe → allocate → extract → retrain → evaluate (Hydra overrides; -m for sweeps)
                       e.g.  plr train model=minilm task=bbc-news adapter=lora seed=1
   train --help        list config groups, their options and the composed config
+  train --allow-hydra-code [overrides]
+                      let hydra.* overrides that import and run code through (callbacks, other
+                      launchers, sweepers, logging configs, --config-dir); refused without it
   report PATH... [--out DIR] [--metric NAME]
                       tables (markdown, csv) and a plot over finished runs: each method's test
                       metrics as mean ± std over seeds, per task; lists unfinished runs
@@ -79,10 +90,25 @@ run `plr train --help` for the config groups, `plr report --help` / `plr export 
 
 SWEEP_FAILURES: list[str] = []  # run dirs of multirun jobs that failed (the sweep goes on)
 RERUN_FROM: str | None = None  # `plr train --rerun-from STAGE`: that stage and the later ones run again
+CLAIM: RD.Claim | None = None  # what this `plr train` may delete on failure: only what it created
 
 
-def _fresh(run_dir: Path) -> bool:
-    return not any(A.stage_dir(run_dir, s).exists() for s in A.STAGES)
+def _claim_of(run_dir: Path, sweeping: bool) -> RD.Claim | None:
+    """The command's claim, if it is on this run dir (a single run, on the main process)."""
+    if sweeping or CLAIM is None or not D.is_main():
+        return None
+    return CLAIM if CLAIM.run_dir.resolve() == run_dir.resolve() else None
+
+
+def _settle(run_dir: Path, claim: RD.Claim | None) -> bool:
+    """After a failure: keep the run dir when a stage finished or checkpointed (it can be resumed),
+    else remove what this command created (`rundir.Claim`). Returns whether it is resumable."""
+    resumable = any(RD.resumable(run_dir, s) for s in A.STAGES)
+    if claim is not None and resumable:
+        claim.keep()
+    elif claim is not None:
+        claim.undo(holding_lock=True)
+    return resumable
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -92,12 +118,14 @@ def _train(cfg: DictConfig) -> float | None:
     datasets.disable_progress_bars()  # "Map/Filter" bars on every load would drown the training bar
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    fresh = _fresh(run_dir)
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
+    claim = _claim_of(run_dir, sweeping)
     try:
         with RD.locked(run_dir) if D.is_main() else contextlib.nullcontext():
-            return _train_locked(cfg, run_dir, fresh, sweeping)
+            return _train_locked(cfg, run_dir, claim, sweeping)
     except PlrError as e:  # the run dir is in use: touch nothing of it
+        if claim is not None and not claim.settled:
+            claim.keep()
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         if sweeping:
@@ -116,7 +144,7 @@ def _write_hydra(run_dir: Path, cfg: DictConfig) -> None:
     A.write_text(run_dir / A.HYDRA_OVERRIDES, OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))))
 
 
-def _train_locked(cfg: DictConfig, run_dir: Path, fresh: bool, sweeping: bool) -> float | None:
+def _train_locked(cfg: DictConfig, run_dir: Path, claim: RD.Claim | None, sweeping: bool) -> float | None:
     from partial_lora import config as C
     from partial_lora.stages import format_results, run_pipeline
     from partial_lora.tracking import make_tracker
@@ -140,18 +168,21 @@ def _train_locked(cfg: DictConfig, run_dir: Path, fresh: bool, sweeping: bool) -
             if tracker is not None:
                 tracker.finish()
     except KeyboardInterrupt as e:  # Ctrl-C: one line, the way back, exit 130 (the shell's code for SIGINT)
+        resumable = _settle(run_dir, claim)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        resumable = any(A.is_done(run_dir, s) or (A.stage_dir(run_dir, s) / CK.FILE).exists() for s in A.STAGES)
-        if fresh and not resumable and D.is_main():
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume from: leave no run dir behind
-            print("plr: interrupted before any stage finished or checkpointed; nothing was kept", file=sys.stderr)
+        if not resumable:  # nothing to resume from: what this run wrote is gone, and only that
+            print("plr: interrupted before any stage finished or checkpointed; removed what this run had written "
+                  "(nothing else)", file=sys.stderr)
         else:
             where = e.where() if isinstance(e, Interrupted) else "start-up"
             print(f"plr: interrupted at {where}; resume with `plr resume {run_dir}`", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not (sweeping or isinstance(e, PlrError)):
+        full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+        if not sweeping:
+            _settle(run_dir, claim)  # a bug's traceback too: no half-made run dir for the next command to trip on
+        if full or not (sweeping or isinstance(e, PlrError)):
             raise
         if sweeping:
             # One failed job must not end a sweep of many: record why in the run dir (the report
@@ -164,10 +195,6 @@ def _train_locked(cfg: DictConfig, run_dir: Path, fresh: bool, sweeping: bool) -
             print(f"plr: error: {first_line(message) or type(e).__name__} (run dir {run_dir}; "
                   "the sweep goes on)", file=sys.stderr)
             return None
-        if fresh and not any(A.is_done(run_dir, s) for s in A.STAGES):
-            # Nothing of value was written: leave no half-made run dir behind.
-            if D.is_main():
-                shutil.rmtree(run_dir, ignore_errors=True)
         fail(str(e))
         return None
     print(format_results(results))
@@ -195,10 +222,70 @@ def _resume(argv: list[str]) -> int:
         return 2
     if not isinstance(overrides, list):
         fail(f"{overrides_file} holds no list of overrides; resume with `plr train <the overrides> run_dir={run_dir}`")
-    kept = [str(o) for o in overrides if not str(o).startswith(("run_dir=", "out_root="))]
+    kept, left_out = _plr_settings([str(o) for o in overrides])
+    if left_out:
+        print(f"[plr] resume: left out {len(left_out)} entr{'y' if len(left_out) == 1 else 'ies'} of {overrides_file} "
+              f"that {'is' if len(left_out) == 1 else 'are'} not a plr setting ({_short(left_out[0])}"
+              f"{', ...' if len(left_out) > 1 else ''}): a run dir's files never run code", flush=True)
     again = ["--rerun-from", args.rerun_from] if args.rerun_from else []
     print(f"[plr] resume: plr train {' '.join([*kept, f'run_dir={run_dir}', *again])}", flush=True)
     return main(["train", *kept, f"run_dir={run_dir}", *again])
+
+
+def _plr_settings(entries: list[str]) -> tuple[list[str], list[str]]:
+    """(plr's own overrides, the rest) of a recorded `.hydra/overrides.yaml`: an override of a plr key
+    or group is kept; Hydra's settings (which Hydra never records there), flags, and anything that
+    does not parse as one override are left out, and so are run_dir / out_root (the run dir is given)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser, kept, left = OverridesParser.create(), [], []
+    for entry in entries:
+        try:
+            parsed = parser.parse_overrides([entry]) if "=" in entry and not entry.startswith("-") else []
+        except OverrideParseException:
+            parsed = []
+        key = str(parsed[0].key_or_group) if len(parsed) == 1 else ""
+        if key in ("run_dir", "out_root"):
+            continue
+        if not key or key.startswith("hydra") or str(parsed[0].package or "").startswith("hydra"):
+            left.append(entry)
+        else:
+            kept.append(entry)
+    return kept, left
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _take_flag(args: list[str], flag: str) -> tuple[list[str], bool]:
+    """`args` without `flag`, and whether it was there."""
+    return [a for a in args if a != flag], flag in args
+
+
+_BARE = re.compile(r"[\w./\-]+")
+
+
+def _pin_run_dir(rest: list[str], cfg: DictConfig) -> Path | None:
+    """The run dir this command writes (checked by `overrides.check_run_dir`), with the default
+    (`${out_root}/${name}/${now:...}`) resolved here once and appended as `run_dir=<it>`, so Hydra
+    uses the same folder that the claim was made on. None when it cannot be known before Hydra runs
+    (a value Hydra's grammar cannot carry bare or quoted, an interpolation Hydra alone resolves)."""
+    given = value_of(rest, "run_dir")
+    if given is not None and "${" not in given:
+        return check_run_dir(given)
+    try:
+        resolved = str(OmegaConf.select(cfg, "run_dir", throw_on_resolution_failure=True))
+    except Exception:  # noqa: BLE001 - e.g. ${hydra:...}: Hydra alone resolves it; no claim, nothing deleted
+        return None
+    if not _BARE.fullmatch(resolved):
+        if "'" in resolved or "\\" in resolved or "${" in resolved:
+            return None
+        rest.append(f"run_dir='{resolved}'")
+    else:
+        rest.append(f"run_dir={resolved}")
+    return check_run_dir(resolved)
 
 
 def _take_rerun_from(args: list[str]) -> list[str]:
@@ -226,16 +313,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
+        global CLAIM
+        CLAIM = None
         rest = _take_rerun_from(rest)
+        rest, allow_code = _take_flag(rest, ALLOW_HYDRA_CODE)
+        check_hydra(rest, allow_code)
+        parse(rest)
         check_choices(rest)
-        if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "-i") for a in rest):
-            check_keys(rest)
-            check_writable(rest)
-            if D.launched() and not any(a.startswith("run_dir=") for a in rest):
+        if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "-i", "--hydra-help") for a in rest):
+            cfg = check_keys(rest)
+            if D.launched() and value_of(rest, "run_dir") is None:
                 fail(f"under a multi-process launch (WORLD_SIZE={D.world_size()}) every process must write to the "
                      "same run dir; add run_dir=<dir> to the command")
+            if not any(a in ("-m", "--multirun") for a in rest) and D.is_main():
+                # Rank 0 alone: under torchrun the others would find the run dir rank 0 is making.
+                run_dir = _pin_run_dir(rest, cfg)
+                CLAIM = RD.Claim(run_dir) if run_dir is not None else None
+            check_writable(rest)
         sys.argv = ["plr train", *rest]
-        _train()
+        try:
+            _train()
+        except BaseException:
+            if CLAIM is not None and not CLAIM.settled:
+                CLAIM.undo()  # a failure before the run took its lock (Hydra's start-up, a refused check)
+            raise
+        finally:
+            CLAIM = None
         if SWEEP_FAILURES:
             print(f"plr: error: {len(SWEEP_FAILURES)} run(s) of the sweep failed (each has {A.ERROR}): "
                   f"{', '.join(SWEEP_FAILURES[:3])}{', ...' if len(SWEEP_FAILURES) > 3 else ''}", file=sys.stderr)

@@ -60,7 +60,7 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--merged", action="store_true",
                         help="also write OUT_DIR/merged/: the base with the adapter merged in (+ tokenizer or "
                              "image processor when the model has one)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--force", action="store_true", help="replace an earlier export in OUT_DIR (never other files)")
     return parser
 
 

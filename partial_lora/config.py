@@ -1,7 +1,10 @@
 """Turn the composed Hydra config into one typed `RunSpec`, validating every value.
 
 This is where user input is checked: each bad value becomes one `PlrError` line naming the
-key and the fix, raised before any work starts. `validate(cfg)` returns the run's `RunSpec`,
+key and the fix, raised before any work starts. Beyond types: no number may be nan or inf
+(`typecheck`), seeds lie in [0, 2^32-1], a group may not be replaced by one value
+(`adapter.allocation=5`), the model must read the task's kind of input, and a task's metrics
+must be known and of its kind (correlations for regression). `validate(cfg)` returns the run's `RunSpec`,
 and the stages read that; the core modules never see a DictConfig.
 
 The schemas are the dataclasses themselves (`schemas()`: one per config group, each beside the
@@ -122,9 +125,31 @@ def _compose_tasks(names: list[str]) -> list[DictConfig]:
         return [one(n) for n in names]
 
 
+MAX_SEED = 2**32 - 1  # numpy's seed range; torch's and Python's take it too, with room for derived seeds
+
+
+def _group(cfg: DictConfig, key: str) -> dict:
+    """A config group's values as a plain dict; a group replaced by one value (`adapter.allocation=5`)
+    is refused in one line."""
+    node = OmegaConf.select(cfg, key)
+    values = plain(node) if node is not None else {}
+    if not isinstance(values, dict):
+        raise PlrError(f"{key}={values!r} replaces a group of settings with one value; set its keys one by one "
+                       f"({key}.<key>=<value>, see `plr train --help`)")
+    return values
+
+
+def check_seed(key: str, value: object) -> None:
+    """A seed is a whole number in [0, MAX_SEED]."""
+    check_type(key, value, int)
+    if not 0 <= int(value) <= MAX_SEED:  # type: ignore[call-overload]
+        raise PlrError(f"{key} must be in [0, {MAX_SEED}], got {value}; e.g. {key}=0")
+
+
 def task_spec(cfg: DictConfig) -> TaskSpec:
-    values = plain(cfg.task)
+    values = _group(cfg, "task")
     spec = _build(TaskSpec, values, "task", TASK_EXTRA)
+    check_seed("task.split_seed", spec.split_seed)
     for key in ("val_fraction", "test_fraction"):
         v = getattr(spec, key)
         if not 0 <= v < 1:
@@ -151,7 +176,7 @@ def task_metrics(cfg: DictConfig) -> tuple[list[str], str]:
 
 
 def model_spec(cfg: DictConfig) -> ModelSpec:
-    spec = _build(ModelSpec, plain(cfg.model), "model", MODEL_EXTRA)
+    spec = _build(ModelSpec, _group(cfg, "model"), "model", MODEL_EXTRA)
     if spec.max_length < 1:
         raise PlrError(f"model.max_length must be >= 1 token, got {spec.max_length}; set model.max_length=128 "
                        "(at most the model's position embeddings)")
@@ -184,7 +209,7 @@ def lora_config(cfg: DictConfig, spec: ModelSpec | None = None) -> LoRAConfig:
 
 
 def train_config(cfg: DictConfig, **override: Any) -> TrainConfig:
-    values = {**plain(cfg.trainer), **override}
+    values = {**_group(cfg, "trainer"), **override}
     return _build(TrainConfig, values, "trainer")
 
 
@@ -206,8 +231,7 @@ def sparsity(cfg: DictConfig) -> float | str:
 
 
 def _node(cfg: DictConfig, key: str) -> dict:
-    node = OmegaConf.select(cfg, key)
-    return plain(node) if node is not None else {}
+    return _group(cfg, key)
 
 
 def probe_config(cfg: DictConfig) -> ProbeConfig:
@@ -275,6 +299,25 @@ def _check_verbalized(task: DictConfig) -> None:
         raise PlrError(f"task.verbalizer of task {name} must map each class to its answer, got {plain(task.verbalizer)!r}")
 
 
+IMAGE_FAMILIES = ("hf-vision", "timm")
+
+
+def _check_metrics(task: str, regression: bool, metrics: list[str]) -> None:
+    """A regression task is scored by correlations and errors, a classification task by classes."""
+    from partial_lora.metrics import METRICS, REGRESSION_METRICS
+
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise PlrError(f"unknown metric '{unknown[0]}' of task '{task}'; set task.metrics to names from: "
+                       f"{', '.join(METRICS)}")
+    wrong = [m for m in metrics if (m in REGRESSION_METRICS) != regression]
+    if wrong:
+        fits = ", ".join(REGRESSION_METRICS) if regression else "accuracy, f1 ..."
+        raise PlrError(f"task '{task}' is a {'regression' if regression else 'classification'} task, but metric "
+                       f"'{wrong[0]}' scores {'classes' if regression else 'regression'}; set task.metrics and "
+                       f"task.metric to metrics of its kind ({fits})")
+
+
 def saved_run(cfg: DictConfig, run_dir: Any) -> DictConfig:
     """A run dir's saved config (`.hydra/config.yaml`) with `run_dir` set to where it is: the saved
     default `${out_root}/${name}/${now:...}` resolves only inside the Hydra app that made it."""
@@ -301,6 +344,12 @@ def validate(cfg: DictConfig) -> RunSpec:
     for task in tasks:
         kind = task.get("kind", "text")
         causal = spec.family == "hf-causal"
+        if not causal and (spec.family in IMAGE_FAMILIES) != (kind == "image"):
+            reads = "images" if spec.family in IMAGE_FAMILIES else "text"
+            raise PlrError(f"model '{spec.name}' ({spec.family}) reads {reads}, but task '{task.name}' is a {kind} task; "
+                           + ("choose a text model (model=minilm, tiny-bert, roberta-base...)" if kind != "image"
+                              else "choose an image model (model=vit-b, tiny-vit, efficientnet-lite0...)")
+                           + " or a task of its kind")
         if causal and kind == "text":
             _check_verbalized(task)  # before the type checks: its messages say what a verbalizer is
         elif causal != (kind == "choice"):
@@ -311,7 +360,9 @@ def validate(cfg: DictConfig) -> RunSpec:
                               "gemma3-270m, llama-7b...)"))
         node = OmegaConf.create({"task": task})
         metrics, main = task_metrics(node)
-        parts.append(TaskPart(task_spec(node), tuple(metrics), main))
+        tspec = task_spec(node)
+        _check_metrics(tspec.name, tspec.regression, metrics)
+        parts.append(TaskPart(tspec, tuple(metrics), main))
         if str(task.get("scoring", "sum")) not in ("sum", "mean"):
             raise PlrError(f"task.scoring must be sum or mean, got '{task.get('scoring')}'")
     lora = lora_config(cfg, spec)
@@ -321,6 +372,7 @@ def validate(cfg: DictConfig) -> RunSpec:
     check_type("seed", cfg.seed, int)
     if int(cfg.seed) < 0:
         raise PlrError(f"seed must be >= 0, got {cfg.seed}")
+    check_seed("seed", cfg.seed)
     probe = probe_config(cfg)
     allocation = allocation_config(cfg)
     mask = mask_config(cfg)

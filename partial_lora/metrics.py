@@ -69,6 +69,9 @@ METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 }
 
 
+REGRESSION_METRICS = ("pearson", "spearman")  # what scores a regression task (task.regression=true)
+
+
 def compute_metrics(logits: np.ndarray, labels: np.ndarray, names: Iterable[str]) -> dict[str, float]:
     """The named metrics of one evaluation."""
     out = {}

@@ -1,4 +1,4 @@
-"""Where a model's files are, and loading them with one-line errors.
+"""Where a model's files are, and loading them with one-line errors (never unpickling).
 
 A model source is a hub id, a local folder, `package:<module>[/<subdir>]` (inside an installed
 Python package: the MiniLM fixture) or `fetch:<source>` (an entry of the `plr fetch` cache:
@@ -37,6 +37,29 @@ def resolve_source(source: str | None, key: str = "model.source") -> tuple[str, 
     if looks_local(source):
         return str(check_local_path(source, what="model", key=key)), True
     return source, False
+
+
+PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickle_only(source: str | None, key: str = "model.source", transformers: bool = True) -> None:
+    """A local model folder with a pickle checkpoint and no safetensors weights is refused in one line,
+    with a command that converts it (transformers' own save, or torch's weights-only reader for a
+    timm state dict): plr never unpickles (unpickling can run code; weights_only only narrows that)."""
+    if not source:
+        return
+    path, local = resolve_source(source, key)
+    folder = Path(path)
+    if not local or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLES)
+    if pickles:
+        convert = (f"from transformers import AutoModel; AutoModel.from_pretrained('{path}').save_pretrained('{path}')"
+                   if transformers else f"import torch, safetensors.torch as st; st.save_file(torch.load('{folder / pickles[0]}', "
+                   f"weights_only=True), '{folder / 'model.safetensors'}')")
+        raise PlrError(f"{key}={source} holds only a pickle checkpoint ({pickles[0]}), and plr never unpickles a file "
+                       f"(it can run code); convert it to safetensors where you trust it, e.g. `python -c \"{convert}\"`, "
+                       "then run again")
 
 
 def _hf_load(fn: Callable[..., Any], source: str | None, revision: str | None, key: str, **kw: Any) -> Any:

@@ -11,6 +11,12 @@ Four families behind one factory (`MODELS`):
 `package:<module>[/<subdir>]` points inside an installed Python package (the MiniLM fixture), and
 `fetch:<source>` at an entry of the `plr fetch` cache (Gemma 3 270M): see `model_source`.
 The backbone is wrapped in a `classifier.Classifier`.
+
+Pretrained weights are read from safetensors only: a source that holds only a pickle checkpoint
+(`pytorch_model.bin`, `*.pt`) is refused in one line that says how to convert it, since
+unpickling can run code. Every weight of the backbone must come from the source: a checkpoint
+that lacks some (a truncated or foreign `model.safetensors`) is refused, naming one, instead of
+training on a partly random backbone; only the new head (`head_modules`) starts random.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from partial_lora.classifier import Classifier
 from partial_lora.data.base import ImagePreprocess
 from partial_lora.errors import PlrError
 from partial_lora.hub import load_from_hub, looks_local
-from partial_lora.model_source import _first_line, _hf_load, _load_local, resolve_source
+from partial_lora.model_source import _first_line, _hf_load, _load_local, refuse_pickle_only, resolve_source
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,45 @@ def _check_vocab(net: nn.Module, tok: Any, spec: ModelSpec) -> None:
                        f"embeddings hold {rows:,}; set model.tokenizer to the model's own tokenizer")
 
 
+def _is_head(key: str, head_modules: Sequence[str]) -> bool:
+    return any(key == h or key.startswith(h + ".") for h in head_modules)
+
+
+def check_complete(missing: Sequence[str], spec: ModelSpec) -> None:
+    """Refuse a checkpoint that lacks weights of the backbone (those would start random).
+
+    Raises:
+        PlrError: names how many are missing and the first, and the fix.
+    """
+    absent = sorted(k for k in missing if not _is_head(k, spec.head_modules))
+    if absent:
+        raise PlrError(f"model.source={spec.source} lacks {len(absent)} of model {spec.name}'s pretrained weights "
+                       f"({absent[0]}{', ...' if len(absent) > 1 else ''}), which would start random; point "
+                       "model.source at a complete checkpoint of this architecture (or re-download it), or, if those "
+                       "modules are meant to be new, list them in model.head_modules (they then train with the head)")
+
+
+def _pretrained(fn: Callable[..., Any], spec: ModelSpec, **kw: Any) -> nn.Module:
+    """A transformers model from `spec.source`, from safetensors only, with every backbone weight."""
+    refuse_pickle_only(spec.source, "model.source")
+    net, info = _hf_load(fn, spec.source, spec.revision, "model.source", use_safetensors=True,
+                         output_loading_info=True, **kw)
+    check_complete(list(info.get("missing_keys", ())), spec)
+    return net
+
+
+def check_positions(net: nn.Module, spec: ModelSpec) -> None:
+    """`model.max_length` must fit the model's absolute position embeddings (BERT, RoBERTa...)."""
+    for name, module in net.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding):
+            pad = module.padding_idx
+            usable = module.num_embeddings - (pad + 1 if pad is not None else 0)  # RoBERTa counts from padding_idx + 1
+            if spec.max_length > usable:
+                raise PlrError(f"model.max_length={spec.max_length} is more than the {usable} positions model "
+                               f"{spec.name} has; set model.max_length={usable} or less")
+            return
+
+
 def _quiet_transformers() -> None:
     # "Some weights were newly initialized" is expected (we add a head); keep the console clean.
     from transformers.utils import logging as hf_logging
@@ -126,14 +171,15 @@ def build_hf_text(spec: ModelSpec, num_labels: int) -> Built:
 
     _quiet_transformers()
     if spec.pretrained:
-        net = _hf_load(AutoModelForSequenceClassification.from_pretrained, spec.source, spec.revision,
-                       "model.source", num_labels=num_labels, ignore_mismatched_sizes=True)
+        net = _pretrained(AutoModelForSequenceClassification.from_pretrained, spec, num_labels=num_labels,
+                          ignore_mismatched_sizes=True)
     else:
         kwargs = dict(spec.config)
         cfg = AutoConfig.for_model(kwargs.pop("model_type"), num_labels=num_labels, **kwargs)
         net = AutoModelForSequenceClassification.from_config(cfg)
     if num_labels == 1:
         net.config.problem_type = "regression"
+    check_positions(net, spec)
     tok = _hf_load(AutoTokenizer.from_pretrained, spec.tokenizer or spec.source, spec.revision, "model.tokenizer")
     _check_vocab(net, tok, spec)
     return Built(Classifier(net, spec.family, spec.head_modules), tokenizer=tok, max_length=spec.max_length)
@@ -144,8 +190,8 @@ def build_hf_vision(spec: ModelSpec, num_labels: int) -> Built:
 
     _quiet_transformers()
     if spec.pretrained:
-        net = _hf_load(AutoModelForImageClassification.from_pretrained, spec.source, spec.revision,
-                       "model.source", num_labels=num_labels, ignore_mismatched_sizes=True)
+        net = _pretrained(AutoModelForImageClassification.from_pretrained, spec, num_labels=num_labels,
+                          ignore_mismatched_sizes=True)
         proc = _hf_load(AutoImageProcessor.from_pretrained, spec.source, spec.revision, "model.source")
         size = proc.size.get("height") or proc.size.get("shortest_edge") or net.config.image_size
         image = ImagePreprocess(size=int(size), mean=tuple(proc.image_mean), std=tuple(proc.image_std))
@@ -182,8 +228,9 @@ def build_timm(spec: ModelSpec, num_labels: int) -> Built:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise PlrError(f"model.source={arch}: '{path / 'config.json'}' is missing or not a timm config "
                            f"({_first_line(e)}); download the timm model with `hf download` into '{path}'") from None
-        weights = next((path / f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).exists()), None)
-        if weights is None:
+        refuse_pickle_only(arch, "model.source", transformers=False)
+        weights = path / "model.safetensors"
+        if not weights.exists():
             raise PlrError(f"no model.safetensors in '{path}'; download the timm model with `hf download` into it")
         # timm's push_to_hub writes `model_args` for non-default shapes (timm >= 1.0 includes
         # num_classes there: the task decides that); the YAML's config wins.
@@ -192,6 +239,7 @@ def build_timm(spec: ModelSpec, num_labels: int) -> Built:
                                                       pretrained_cfg_overlay={"file": str(weights)},
                                                       **{**model_args, **kwargs}),
                           str(path), arch, "model.source")
+        _check_timm_complete(net, weights, spec)
     else:
         net = load_from_hub(lambda lfo: _timm_from_hub(arch, num_labels, lfo, kwargs), arch,
                             what="model", key="model.source")
@@ -204,6 +252,16 @@ def build_timm(spec: ModelSpec, num_labels: int) -> Built:
                             crop_pct=float(data_cfg.get("crop_pct", 1.0)))
     image = _override_image(image, spec.image)
     return Built(Classifier(net, spec.family, spec.head_modules), image=image)
+
+
+def _check_timm_complete(net: nn.Module, weights: Path, spec: ModelSpec) -> None:
+    """timm loads a checkpoint for another class count without strictness: check that every weight
+    of the backbone was in the file."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        stored = set(f.keys())
+    check_complete([k for k in net.state_dict() if k not in stored], spec)
 
 
 def _timm_from_hub(arch: str, num_labels: int, local_only: bool, kwargs: Mapping[str, Any]) -> nn.Module:
@@ -248,8 +306,7 @@ def build_hf_causal(spec: ModelSpec, num_labels: int) -> Built:
     _quiet_transformers()
     dtype = torch_dtype(spec)
     if spec.pretrained:
-        net = _hf_load(AutoModelForCausalLM.from_pretrained, spec.source, spec.revision, "model.source",
-                       **({"dtype": dtype} if dtype is not None else {}))
+        net = _pretrained(AutoModelForCausalLM.from_pretrained, spec, **({"dtype": dtype} if dtype is not None else {}))
     else:
         kwargs = dict(spec.config)
         net = AutoModelForCausalLM.from_config(AutoConfig.for_model(kwargs.pop("model_type"), **kwargs))

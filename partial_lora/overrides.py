@@ -1,25 +1,144 @@
 """`plr train`'s overrides, checked before Hydra runs: each mistake is one line, not Hydra's report.
 
-An unknown group choice (`model=foo`), an unknown key (`trainer.lerning_rate=1`: the overrides
-are composed once) and a `run_dir`/`out_root` that cannot be written are refused before any work
-starts. `cli.main` runs the checks.
+Every argument is parsed on its own with Hydra's own override parser, so a bad one is named
+(with the hint to quote a value that holds spaces or other characters the grammar does not take
+bare). An argument without `=` and a deletion (`~key`) are refused: plr reads every key it
+defines. An unknown group choice (`model=foo`), an unknown key (`trainer.lerning_rate=1`: the
+overrides are composed once), and a `run_dir`/`out_root` that cannot be written are refused
+before any work starts, as is a `run_dir` that is a file, empty (`run_dir=`), or a folder that
+holds other files and no plr run (plr deletes only what it wrote, so it never writes a run into
+somebody's folder).
+
+`hydra.*` overrides that make Hydra import and run code are refused unless the command carries
+`--allow-hydra-code`: callbacks, a launcher outside plr's own list (`conf/hydra/launcher`), a
+sweeper, logging configs (`logging.config` builds handlers by import path), a search path or config
+dir (a config found there could hold any of these), any `_target_`, and Hydra's
+`--experimental-rerun` (it unpickles). Allowed: `hydra/launcher=<plr's>` and its options, the
+sweep dirs, `hydra.sweeper.params`, `hydra.verbose`, `hydra.job.*` and Hydra's own logging
+presets (`hydra/job_logging=disabled`); `hydra.run.dir` is refused in favour of `run_dir`, which
+plr checks. `cli.main` runs the checks.
 """
 
 from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from partial_lora.errors import fail, first_line
 
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 GROUPS = ("model", "task", "adapter", "trainer", "logger", "experiment")
+ALLOW_HYDRA_CODE = "--allow-hydra-code"
+# Hydra's own flags that plr passes on; the others (`--config-dir`, `--experimental-rerun` ...) need
+# ALLOW_HYDRA_CODE.
+SAFE_FLAGS = ("-m", "--multirun", "-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "--resolve",
+              "-p", "--package", "--version", "-sc", "--shell-completion")
+_VALUE_FLAGS = ("-c", "--cfg", "-i", "--info", "-p", "--package", "-sc", "--shell-completion")
+# Hydra keys that import and run code, by prefix of the key (after + / ++ / ~).
+_CODE_KEYS = ("hydra.callbacks", "hydra.sweeper", "hydra.job_logging", "hydra.hydra_logging", "hydra.searchpath",
+              "hydra.launcher._target_")
+_SAFE_SWEEPER_KEYS = ("hydra.sweeper.params",)  # the basic sweeper's grid: values, no import paths
+_HYDRA_PRESETS = {"hydra/job_logging": ("default", "disabled", "none", "stdout"),
+                  "hydra/hydra_logging": ("default", "disabled", "none", "hydra_debug")}
 
 
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _arguments(overrides: Sequence[str]) -> list[str]:
+    """The overrides among train's arguments (not flags, nor the values of Hydra's flags that take one)."""
+    out, skip = [], False
+    for a in overrides:
+        if skip:
+            skip = False
+            continue
+        if a.startswith("-") and not a.startswith("~"):
+            skip = a in _VALUE_FLAGS
+            continue
+        out.append(a)
+    return out
+
+
+def parse(overrides: Sequence[str]) -> list[Any]:
+    """Each override parsed on its own by Hydra's parser (hydra.core.override_parser Override objects).
+
+    Exits with one line naming the first that does not parse, an argument without `=`, or a `~key`
+    deletion.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser, parsed = OverridesParser.create(), []
+    for arg in _arguments(overrides):
+        if arg.startswith("~"):
+            key = arg[1:].partition("=")[0]
+            fail(f"'{arg}' deletes {key}, which plr reads; set it instead ({key}=<value>, or {key}=null where the "
+                 "key allows none)")
+        if "=" not in arg:
+            fail(f"'{arg}' is not an override; write key=value (e.g. trainer.lr=1e-3), or group=option "
+                 "(e.g. model=minilm); see `plr train --help`")
+        try:
+            parsed.extend(parser.parse_overrides([arg]))
+        except OverrideParseException as e:
+            key, _, value = arg.partition("=")
+            fail(f"cannot parse the override '{arg}' ({first_line(e)}); quote a value that holds spaces or other "
+                 f"characters: \"{key}='{value}'\" (the double quotes are for the shell)")
+    return parsed
+
+
+def _key(o: Any) -> str:
+    return str(o.key_or_group)
+
+
+def _has_target(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return any(str(k) in ("_target_", "()") or _has_target(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_target(v) for v in value)
+    return False
+
+
+def check_hydra(overrides: Sequence[str], allow_code: bool = False) -> None:
+    """Refuse `hydra.*` overrides and Hydra flags that make Hydra import and run code (see the module
+    docstring), unless `allow_code` (`--allow-hydra-code`)."""
+    if allow_code:
+        return
+    hint = f"; plr refuses Hydra settings that import and run code unless the command has {ALLOW_HYDRA_CODE}"
+    for a in overrides:
+        flag = a.partition("=")[0]
+        if a.startswith("-") and not a.startswith("~") and flag not in SAFE_FLAGS:
+            fail(f"'{a}' is a Hydra option that loads configs or pickles from elsewhere{hint}")
+    launchers = group_options("hydra/launcher")
+    for o in parse(overrides):
+        key = _key(o)
+        if key != "hydra/launcher" and str(o.package or "").startswith("hydra"):
+            fail(f"'{o.input_line}' puts a config into Hydra's own settings, where Hydra may import and run it{hint}")
+        if not key.startswith("hydra"):
+            continue
+        if key in ("hydra.run", "hydra.run.dir"):
+            fail(f"'{o.input_line}' would bypass plr's checks of the run dir; set run_dir=<dir> instead")
+        if key.startswith("hydra/"):
+            values = [str(v) for v in o.sweep_string_iterator()] if o.is_sweep_override() else [str(o.value())]
+            if key == "hydra/launcher":
+                bad = [v for v in values if v not in launchers]
+                if bad:
+                    fail(f"unknown hydra/launcher '{bad[0]}'; choose one of plr's launchers: {', '.join(launchers)} "
+                         f"(conf/hydra/launcher){hint}")
+                continue
+            if key in _HYDRA_PRESETS and all(v in _HYDRA_PRESETS[key] for v in values):
+                continue
+            fail(f"'{o.input_line}' selects a Hydra config that may import and run code{hint}")
+        parts = key.split(".")
+        code = (any(key == p or key.startswith(p + ".") for p in _CODE_KEYS)
+                and not any(key == p or key.startswith(p + ".") for p in _SAFE_SWEEPER_KEYS))
+        if code or "_target_" in parts or "()" in parts or key in ("hydra", "hydra.launcher") \
+                or (not o.is_sweep_override() and _has_target(o.value())):
+            fail(f"'{o.input_line}' makes Hydra import and run code{hint}")
 
 
 def check_choices(overrides: list[str]) -> None:
@@ -37,26 +156,21 @@ def check_choices(overrides: list[str]) -> None:
                 fail(f"unknown {key} '{v}'; choose one of: {', '.join(group_options(key))}")
 
 
-def check_keys(overrides: list[str]) -> None:
+def check_keys(overrides: list[str]) -> Any:
     """Unknown config keys (`trainer.lerning_rate=1`) get one line instead of Hydra's report.
 
-    The overrides are composed once (a sweep by its first value) before Hydra runs anything.
+    The overrides are composed once (a sweep by its first value) before Hydra runs anything; the
+    composed config (a DictConfig, without Hydra's own node) is returned.
     """
     from hydra import compose, initialize_config_module
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import ConfigCompositionException, OverrideParseException
+    from hydra.errors import ConfigCompositionException
 
-    args = [a for a in overrides if not a.startswith("-") and "=" in a and not a.lstrip("+~").startswith("hydra")]
-    try:
-        parsed = OverridesParser.create().parse_overrides(args)
-    except OverrideParseException as e:
-        fail(f"cannot parse the overrides ({first_line(e)}); write them as key=value")
-        return
+    parsed = [o for o in parse(overrides) if not _key(o).startswith("hydra")]
     single = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override()
               else o.input_line for o in parsed]
     try:
         with initialize_config_module("partial_lora.conf", version_base="1.3"):
-            compose("config", overrides=single)
+            return compose("config", overrides=single)
     except ConfigCompositionException as e:
         first = first_line(e)
         key = re.search(r"override '([^']+)'", first)
@@ -68,11 +182,45 @@ def check_keys(overrides: list[str]) -> None:
         fail(f"{first_line(e) or type(e).__name__}; see `plr train --help`")
 
 
+def value_of(overrides: Sequence[str], key: str) -> str | None:
+    """The value the overrides give `key` (unquoted by Hydra's parser; the last one wins), or None
+    when none sets it or it is a sweep."""
+    found = None
+    for o in parse(overrides):
+        if _key(o) == key:
+            found = None if o.is_sweep_override() or o.value() is None else str(o.value())
+    return found
+
+
+def check_run_dir(value: str) -> Path:
+    """A `run_dir` plr may write a run into: new, empty, or a plr run dir (to continue or redo it).
+
+    Exits with one line for an empty value, a file, or a folder that holds other files and no plr
+    run (plr deletes only what it wrote; a run written into somebody's folder would mix with it).
+    """
+    from partial_lora import rundir as RD
+
+    if not value.strip():
+        fail("run_dir= is empty; name a folder (run_dir=outputs/my-run), or leave run_dir out for "
+             "outputs/<name>/<time>")
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        fail(f"run_dir={value} is a file; name a new folder, or the run dir of an earlier run to continue it")
+    if path.is_dir() and not RD.is_run_dir(path):
+        first = next(iter(sorted(p.name for p in path.iterdir())), None)
+        if first is not None:
+            fail(f"run_dir={value} is a folder that holds other files ({first}, ...) and no plr run; plr writes a run "
+                 "into a new or empty folder, or continues one in its own run dir: choose a new run_dir")
+    return path
+
+
 def check_writable(overrides: list[str]) -> None:
     """`run_dir=` / `out_root=` must be creatable and writable, before any work starts."""
-    for arg in overrides:
-        key, _, value = arg.partition("=")
-        if key not in ("run_dir", "out_root") or not value or "$" in value:
+    for key in ("run_dir", "out_root"):
+        value = value_of(overrides, key)
+        if value is not None and not value.strip():
+            fail(f"{key}= is empty; name a folder ({key}=outputs), or leave {key} out")
+        if not value or "$" in value:
             continue
         path = Path(value).expanduser()
         try:

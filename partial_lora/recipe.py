@@ -77,7 +77,7 @@ class TrainConfig:
             (self.grad_accum >= 1, f"trainer.grad_accum must be at least 1, got {self.grad_accum}"),
             (self.lr > 0, f"trainer.lr must be positive, got {self.lr}"),
             (self.head_lr is None or self.head_lr >= 0, f"trainer.head_lr must be >= 0, got {self.head_lr}"),
-            (self.adapter_lr_scale > 0, f"adapter_lr_scale must be positive, got {self.adapter_lr_scale}"),
+            (self.adapter_lr_scale > 0, f"trainer.adapter_lr_scale must be positive, got {self.adapter_lr_scale}"),
             (self.epochs > 0 or (self.max_steps or 0) > 0, "trainer.epochs (or trainer.max_steps) must be positive"),
             (0 <= self.warmup_ratio < 1, f"trainer.warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
             (self.warmup_steps is None or self.warmup_steps >= 0,

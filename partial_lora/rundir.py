@@ -15,7 +15,17 @@
 - **`--rerun-from STAGE`** deletes that stage and every later one (and `results.json`), so they
   run again with the new settings; the earlier stages must still match.
 
-Stages finished before fingerprints existed have none, and are not checked.
+- **The data.** A stage's fingerprint also holds the identity of the data it was made from
+  (`data:<source>` keys: a content digest of each data file the task read, see `data.identity`),
+  which `run_pipeline` compares before any stage runs: a rerun or resume after a data file changed
+  is refused in one line naming the file and the `--rerun-from` stage.
+- **Only what it made.** A failed or interrupted run removes what it wrote itself and nothing else
+  (`Claim`): the files and folders that were not there when the command started, unless a
+  finished stage or a checkpoint makes the run resumable, in which case all stays. A folder that
+  holds other files and no plr run (`is_run_dir`) is refused as a run dir before anything starts.
+
+Stages finished before fingerprints existed have none, and are not checked; a stage that started
+but neither finished nor checkpointed is not compared either (it starts over anyway).
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ from partial_lora.errors import PlrError
 
 LOCK, HOLDER = ".lock", ".lock.json"
 FINGERPRINT = "fingerprint.json"
+CHECKPOINT = "checkpoint.safetensors"  # checkpoint.FILE (not imported: checkpoint imports torch)
+DATA = "data:"  # fingerprint keys of the data identity: data:<source> -> content digest
 HYDRA_YAML = A.HYDRA_CONFIG.parent / "hydra.yaml"
 
 # Keys that never change a stage's output: where and under what name a run goes, how it is
@@ -81,15 +93,17 @@ def settings(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if not _matches(k, FREE)}
 
 
-def fingerprint(config: Mapping[str, Any], stage: str) -> dict[str, Any]:
-    """The settings that determine `stage`'s output (JSON round-tripped, as it is stored)."""
+def fingerprint(config: Mapping[str, Any], stage: str, data: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The settings that determine `stage`'s output (JSON round-tripped, as it is stored), and the
+    identity of its data (`data`: source -> digest, stored as `data:<source>` keys) when given."""
     keep = {k: v for k, v in settings(config).items() if not _matches(k, LATER[stage])}
+    keep.update({DATA + str(k): v for k, v in (data or {}).items()})
     return json.loads(json.dumps(keep, default=A.json_default, sort_keys=True))
 
 
-def record(run_dir: Path, stage: str, config: Mapping[str, Any]) -> None:
+def record(run_dir: Path, stage: str, config: Mapping[str, Any], data: Mapping[str, str] | None = None) -> None:
     """Write the stage's fingerprint (when it starts, so a checkpointed stage has one too)."""
-    A.write_json(A.stage_dir(run_dir, stage) / FINGERPRINT, fingerprint(config, stage))
+    A.write_json(A.stage_dir(run_dir, stage) / FINGERPRINT, fingerprint(config, stage, data))
 
 
 def _recorded(run_dir: Path, stage: str) -> dict[str, Any] | None:
@@ -122,10 +136,26 @@ def made_with(run_dir: Path, stage: str) -> dict[str, Any] | None:
 def changed(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{key: (theirs, ours)} for the recorded keys whose value differs now.
 
-    A key that the record lacks is not compared: it is an option added since, and a new option's
-    default keeps the old behaviour (so adding an option does not invalidate every run dir).
+    A settings key that the record lacks is not compared: it is an option added since, and a new
+    option's default keeps the old behaviour (so adding an option does not invalidate every run
+    dir). The data is compared only when both sides have its identity, and then whole: a data file
+    that is new, gone or changed is a difference (None stands for "absent").
     """
-    return {k: (theirs[k], ours.get(k)) for k in sorted(theirs) if ours.get(k) != theirs[k]}
+    out = {k: (theirs[k], ours.get(k)) for k in sorted(theirs)
+           if not k.startswith(DATA) and ours.get(k) != theirs[k]}
+    mine, yours = _data(theirs), _data(ours)
+    if mine and yours:
+        out.update({k: (mine.get(k), yours.get(k)) for k in sorted(set(mine) | set(yours)) if mine.get(k) != yours.get(k)})
+    return out
+
+
+def _data(fp: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fp.items() if k.startswith(DATA)}
+
+
+def resumable(run_dir: Path, stage: str) -> bool:
+    """Whether `stage` finished or left a checkpoint (what a rerun would keep or continue from)."""
+    return A.is_done(run_dir, stage) or (A.stage_dir(run_dir, stage) / CHECKPOINT).exists()
 
 
 def _show(v: Any) -> str:
@@ -133,12 +163,14 @@ def _show(v: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def differences(run_dir: Path, config: Mapping[str, Any]) -> dict[str, dict[str, tuple[Any, Any]]]:
-    """Per stage with a fingerprint: {key: (recorded, now)} for every key that differs."""
+def differences(run_dir: Path, config: Mapping[str, Any],
+                data: Mapping[str, str] | None = None) -> dict[str, dict[str, tuple[Any, Any]]]:
+    """Per stage with a fingerprint that finished or checkpointed: {key: (recorded, now)} for every
+    key that differs (the data's identity too, when `data` is given)."""
     out: dict[str, dict[str, tuple[Any, Any]]] = {}
     for stage in A.STAGES:
-        theirs = _recorded(run_dir, stage)
-        if theirs is not None and (diff := changed(theirs, fingerprint(config, stage))):
+        theirs = _recorded(run_dir, stage) if resumable(run_dir, stage) else None
+        if theirs is not None and (diff := changed(theirs, fingerprint(config, stage, data))):
             out[stage] = diff
     return out
 
@@ -152,17 +184,26 @@ def describe(diff: Mapping[str, Mapping[str, tuple[Any, Any]]], limit: int = 6) 
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def check(run_dir: Path, config: Mapping[str, Any]) -> None:
-    """Refuse a run dir whose stages were made with other settings.
+def check(run_dir: Path, config: Mapping[str, Any], data: Mapping[str, str] | None = None) -> None:
+    """Refuse a run dir whose stages were made with other settings, or from other data.
 
     Raises:
         PlrError: one line with the differing keys (then and now), the stages they touch, and
-            the two ways on: a new run_dir, or --rerun-from the earliest such stage.
+            the two ways on: a new run_dir, or --rerun-from the earliest such stage. For the data:
+            the files that changed (or are new, or gone) and the earliest stage made from them.
     """
-    diff = differences(run_dir, config)
+    diff = differences(run_dir, config, data)
     if not diff:
         return
     first = next(s for s in A.STAGES if s in diff)
+    files = {k[len(DATA):]: v for per in diff.values() for k, v in per.items() if k.startswith(DATA)}
+    if files:
+        (name, (then, now)), more = next(iter(files.items())), len(files) - 1
+        what = "is new" if then is None else "is gone" if now is None else "changed"
+        raise PlrError(f"the data changed since {first} of run dir {run_dir} was made from it: {name} {what}"
+                       + (f" (and {more} more file{'s' if more > 1 else ''})" if more else "")
+                       + f"; restore it, choose a new run_dir, or add --rerun-from {first} to redo {first} and "
+                       "every later stage from the data as it is now")
     raise PlrError(f"run dir {run_dir} was made with other settings ({describe(diff)}; in {', '.join(diff)}); "
                    f"choose a new run_dir, or add --rerun-from {first} to redo {first} and every later stage "
                    "with these settings")
@@ -218,3 +259,104 @@ def locked(run_dir: Path, what: str = "run dir", other: str = "choose another ru
     finally:
         (run_dir / HOLDER).unlink(missing_ok=True)
         lock.release()
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether a folder is (or was begun as) a plr run dir: its `.hydra/`, lock, results or a stage folder."""
+    return any((path / name).exists() for name in (".hydra", LOCK, A.RESULTS, *A.STAGES))
+
+
+def _entries(root: Path) -> set[str]:
+    """Every file, folder and link under `root`, as paths relative to it (links are not followed)."""
+    out: set[str] = set()
+    for top, dirs, files in os.walk(root):
+        rel = Path(top).relative_to(root)
+        out.update(str(rel / n) for n in (*dirs, *files))
+    return out
+
+
+REWRITTEN = (str(A.HYDRA_CONFIG), str(HYDRA_YAML), str(A.HYDRA_OVERRIDES), A.GIT, A.ENV)
+
+
+class Claim:
+    """What a `plr train` command may delete: only what it created.
+
+    Made before the command creates anything (`cli.main`): it records whether the run dir existed,
+    which of its parent folders did not, and every entry under it. `undo` removes, deepest first,
+    the files and links that were not there then and the folders that were not there then and
+    are empty by now; then the run dir and the parents it created, if empty. The files a run
+    rewrites when it starts (`.hydra/*.yaml`, git.json, env.json) get their earlier bytes back; a
+    log is appended to, not restored. It never removes a
+    folder with content it did not make, never follows a link, and never uses rmtree. `keep`
+    settles the claim without removing anything (a resumable run, or a run dir in use by another
+    process).
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.existed = run_dir.is_dir()
+        self.before = _entries(run_dir) if self.existed else set()
+        self.made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # deepest first
+        # The files a run rewrites whole when it starts (small): put back as they were by `undo`.
+        self.saved = {rel: (run_dir / rel).read_bytes() for rel in REWRITTEN if (run_dir / rel).is_file()}
+        self.settled = False
+
+    def keep(self) -> None:
+        self.settled = True
+
+    def undo(self, *, holding_lock: bool = False) -> list[str]:
+        """Remove what this command created (see the class); returns what it removed, relative to the run dir.
+
+        Without `holding_lock` it takes the run dir's lock first, and removes nothing if another
+        process holds it (the new entries may be that process's).
+        """
+        if self.settled:
+            return []
+        self.settled = True
+        if not self.run_dir.is_dir():
+            return self._remove_made()
+        if holding_lock:
+            return self._remove_new() + self._remove_made()
+        lock = FileLock(str(self.run_dir / LOCK), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return []
+        try:
+            removed = self._remove_new()
+        finally:
+            lock.release()
+        if (self.run_dir / LOCK).exists() and LOCK not in self.before:
+            (self.run_dir / LOCK).unlink(missing_ok=True)
+            removed.append(LOCK)
+        return removed + self._remove_made()
+
+    def _remove_new(self) -> list[str]:
+        for rel, data in self.saved.items():
+            path = self.run_dir / rel
+            if not path.is_file() or path.read_bytes() != data:
+                A.write_bytes(path, data)
+        removed = []
+        for rel in sorted(_entries(self.run_dir) - self.before, key=lambda r: (-len(Path(r).parts), r)):
+            path = self.run_dir / rel
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    path.rmdir()  # emptied by now unless it holds something it had before (then kept)
+                else:
+                    path.unlink()
+                removed.append(rel)
+            except OSError:
+                continue
+        return removed
+
+    def _remove_made(self) -> list[str]:
+        removed = []
+        for folder in self.made:
+            if not folder.exists():
+                continue
+            try:
+                folder.rmdir()
+                removed.append(str(folder))
+            except OSError:
+                break  # not empty (or gone): its parents are not ours to clear either
+        return removed

@@ -67,6 +67,9 @@ class RetrainConfig:
         s = self.adapter_lr_scale
         if s != "auto" and (isinstance(s, str) or s <= 0):
             raise PlrError(f"retrain.adapter_lr_scale must be a positive number or auto, got '{s}'")
+        if self.lr_scale_cap <= 0:
+            raise PlrError(f"retrain.lr_scale_cap must be positive (the largest scale adapter_lr_scale=auto gives), got "
+                           f"{self.lr_scale_cap}; e.g. retrain.lr_scale_cap=8")
 
 
 @dataclass(frozen=True)

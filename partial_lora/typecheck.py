@@ -1,14 +1,18 @@
 """Config values checked against type annotations, never coerced.
 
 `check_type` refuses a value whose type is not the annotated one in one line (1.5 is no int,
-"3" no number, true no number; an int is a float); `_build` makes a dataclass from a config
-group's values that way, refusing keys it does not know. Nothing here knows plr's config.
+"3" no number, true no number; an int is a float), and a non-finite number (nan, inf, -inf, also
+inside a list or mapping) in any field: one rule for every float plr reads, applied where the
+value is read, so `trainer.epochs=inf` or `adapter.allocation.budget=nan` never reach a loop or a
+comparison that a NaN silently passes. `_build` makes a dataclass from a config group's values
+that way, refusing keys it does not know. Nothing here knows plr's config.
 """
 
 from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -66,8 +70,20 @@ def _describe(hint: Any) -> str:
     return _KIND.get(hint, getattr(hint, "__name__", str(hint)))
 
 
+def non_finite(value: Any) -> float | None:
+    """The first nan or infinite float in a value (searched through lists and mappings), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else value
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return next((bad for v in value if (bad := non_finite(v)) is not None), None)
+    return None
+
+
 def check_type(key: str, value: Any, hint: Any, fix: str = "fix that override") -> None:
-    """Refuse a value of the wrong type in one line (a wrong type is refused, never coerced).
+    """Refuse a value of the wrong type, or a non-finite number, in one line (a wrong type is
+    refused, never coerced).
 
     Raises:
         PlrError: names the key, the value, the expected type, and an example.
@@ -75,6 +91,10 @@ def check_type(key: str, value: Any, hint: Any, fix: str = "fix that override") 
     if not _fits(value, hint):
         got = "a string" if isinstance(value, str) else type(value).__name__
         raise PlrError(f"{key}={value!r} must be {_describe(hint)}, got {got}; {fix}")
+    bad = non_finite(value)
+    if bad is not None:
+        what = "is not a finite number" if isinstance(value, float) else f"holds {bad!r}, which is not a finite number"
+        raise PlrError(f"{key}={value!r} {what}; give {key} a finite value (plr refuses nan and inf in every setting)")
 
 
 def _build(cls: type, values: Mapping[str, Any], group: str, extra: tuple[str, ...] = (),

@@ -215,7 +215,9 @@ def test_dense_lora_run_exports_without_masks(tmp_path):
 
 
 def test_pretrained_local_source_loads_with_plain_transformers(tmp_path):
-    """A local save_pretrained base without a pooler: the loader draws it at random, so it is saved too."""
+    """A local save_pretrained base without a pooler: a source that lacks backbone weights is refused
+    (they would start random), unless the model lists them as new (model.head_modules); then they
+    train with the head and are saved too."""
     from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -223,13 +225,15 @@ def test_pretrained_local_source_loads_with_plain_transformers(tmp_path):
     bert_config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                              intermediate_size=64, max_position_embeddings=128)
     BertModel(bert_config, add_pooling_layer=False).save_pretrained(src)
-    run = make_run(tmp_path / "run", "experiment=smoke", "adapter.sparsity=0.5", "model.pretrained=true",
-                   f"+model.source={src}")
+    source = ["experiment=smoke", "adapter.sparsity=0.5", "model.pretrained=true", f"+model.source={src}"]
+    with pytest.raises(PlrError, match=r"lacks 2 of model tiny-bert's pretrained weights \(bert.pooler.dense.bias"):
+        make_run(tmp_path / "refused", *source)
+    run = make_run(tmp_path / "run", *source, "model.head_modules=[bert.pooler,classifier]")
     out = tmp_path / "out"
     export_run(run, out, echo=lambda s: None)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(src.resolve())
-    assert "bert.pooler.dense" in config["modules_to_save"]
+    assert any(m.startswith("bert.pooler") for m in config["modules_to_save"])
     s, batch = first_batch(run)
     base = AutoModelForSequenceClassification.from_pretrained(config["base_model_name_or_path"],
                                                               num_labels=s.data.num_labels)
@@ -239,7 +243,7 @@ def test_pretrained_local_source_loads_with_plain_transformers(tmp_path):
     torch.testing.assert_close(peft_logits(model, batch, "hf-text"), ours, atol=ATOL, rtol=0)
     card = (out / "README.md").read_text()
     assert f'AutoModelForSequenceClassification.from_pretrained("{src.resolve()}", num_labels=5)' in card
-    assert "bert.pooler.dense" in card
+    assert "bert.pooler" in card
 
 
 def test_pretrained_hf_vit_merged_keeps_its_image_processor(tmp_path):
@@ -278,17 +282,22 @@ def test_unfinished_run_is_a_one_line_error(bert_run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_non_empty_out_dir_needs_force(bert_run, tmp_path):
+def test_non_empty_out_dir_needs_force_and_force_replaces_only_an_earlier_export(bert_run, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(PlrError, match="not empty.*--force"):
         export_run(bert_run, out, echo=lambda s: None)
-    assert (out / "keep.txt").exists()
+    with pytest.raises(PlrError, match=r"holds files that are not a plr export \(keep.txt\); --force replaces only"):
+        export_run(bert_run, out, force=True, echo=lambda s: None)  # plr deletes only what it wrote
+    assert (out / "keep.txt").read_bytes() == b"x" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     with pytest.raises(PlrError, match="run dir itself"):
         export_run(bert_run, bert_run.parent, force=True, echo=lambda s: None)
-    export_run(bert_run, out, force=True, echo=lambda s: None)
-    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
+    (out / "keep.txt").unlink()
+    export_run(bert_run, out, echo=lambda s: None)
+    first = (out / "adapter_model.safetensors").stat().st_ino
+    export_run(bert_run, out, force=True, echo=lambda s: None)  # an earlier export is replaced
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_model.safetensors").stat().st_ino != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old folders left
 
 
@@ -341,3 +350,23 @@ def test_force_never_deletes_a_run_dir_or_anything_inside_one(bert_run, tmp_path
     with pytest.raises(PlrError, match="holds the run dir .*--force would delete it"):
         export_run(bert_run, tmp_path / "sweep", force=True, echo=lambda s: None)
     assert (other / ".hydra" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("out", ["..", "."])
+def test_export_into_the_working_folder_or_above_it_is_one_line_and_deletes_nothing(bert_run, tmp_path, capsys,
+                                                                                    monkeypatch, out):
+    """`plr export RUN .. --force` ended in a traceback (os.replace on '..'); with an absolute path the same
+    command would have replaced the user's folder. It is refused, and the folder is left as it was."""
+    from partial_lora import cli
+
+    here = tmp_path / "mine" / "work"
+    here.mkdir(parents=True)
+    (tmp_path / "mine" / "user.txt").write_text("mine\n")
+    monkeypatch.chdir(here)
+    before = sorted((p.relative_to(tmp_path), p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export", str(bert_run), out, "--force"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("plr: error:") and "\n" not in err, err
+    assert f"out dir '{out}' is the working folder or holds it" in err
+    assert sorted((p.relative_to(tmp_path), p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*")) == before

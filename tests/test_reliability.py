@@ -202,6 +202,8 @@ def corrupt_run(tmp_path: Path) -> Path:
     return run_dir
 
 
+SPLITS = ["task=hf-text", "task.val_split=validation", "task.test_split=test"]  # a folder of three split files
+
 BATTERY = [
     (["model=nope"], "unknown model 'nope'"),
     (["task=nope"], "unknown task 'nope'"),
@@ -265,6 +267,44 @@ BATTERY = [
     (["task=hf-text", "task.path=DATA_DIR/latin1.csv"], "is not UTF-8 text (it holds the byte 0xe9)"),
     (["task=hf-text", "task.path=DATA_DIR/empty.csv"], "is an empty file (0 bytes)"),
     (["task=hf-text", "task.path=DATA", "task.data_format=xml"], "task.data_format='xml' is not supported"),
+    # issue 35: each of these was a traceback, a silent exit 0 or a wrong message, most leaving a half-made run dir
+    (["~adapter.r"], "'~adapter.r' deletes adapter.r, which plr reads; set it instead"),
+    (["adapter.allocation=5"], "adapter.allocation=5 replaces a group of settings with one value"),
+    (["model=tiny-vit"], "model 'tiny-vit' (hf-vision) reads images, but task 'bbc-news' is a text task"),
+    (["model.max_length=100000"], "model.max_length=100000 is more than the 128 positions model tiny-bert has"),
+    (["seed=99999999999999999999"], "seed must be in [0, 4294967295], got 99999999999999999999"),
+    (["task.split_seed=-3"], "task.split_seed must be in [0, 4294967295]"),
+    (["trainer.epochs=inf"], "trainer.epochs=inf is not a finite number"),
+    (["trainer.max_grad_norm=nan"], "trainer.max_grad_norm=nan is not a finite number"),
+    (["adapter.allocation.budget=nan"], "adapter.allocation.budget=nan is not a finite number"),
+    (["adapter.allocation.floor_warning=nan"], "adapter.allocation.floor_warning=nan is not a finite number"),
+    (["adapter.alpha=nan"], "adapter.alpha=nan is not a finite number"),
+    (["adapter.alpha=inf"], "adapter.alpha=inf is not a finite number"),
+    (["trainer.weight_decay=inf"], "trainer.weight_decay=inf is not a finite number"),
+    (["adapter.allocation.grid=[0.5,nan]"], "adapter.allocation.grid=[0.5, nan] holds nan, which is not a finite number"),
+    (["retrain.lr_scale_cap=0"], "retrain.lr_scale_cap must be positive"),
+    (["run_dir="], "run_dir= is empty"),
+    (["out_root="], "out_root= is empty"),
+    (["run_dir=DATA"], "data.csv is a file; name a new folder"),
+    (["adapter.r"], "'adapter.r' is not an override; write key=value"),
+    (["hydra/launcher=joblib"], "unknown hydra/launcher 'joblib'; choose one of plr's launchers: slurm"),
+    (["hydra.run.dir=."], "'hydra.run.dir=.' would bypass plr's checks of the run dir; set run_dir=<dir> instead"),
+    (["run_dir=W/ré sult ☃/x"], "quote a value that holds spaces or other characters: \"run_dir='W/ré sult ☃/x'\""),
+    (["task=hf-text", "task.path=DATA", "+task.regression=true"], "metric 'accuracy' scores classes"),
+    (["model.source=SRC/pickle-only", "model.pretrained=true"], "holds only a pickle checkpoint (pytorch_model.bin)"),
+    (["model.source=SRC/partial", "model.pretrained=true"], "lacks 22 of model tiny-bert's pretrained weights"),
+    (["model=tiny-vit-timm", "task=digits", "model.pretrained=true", "model.config.architecture=null",
+      "model.source=SRC/timm-pickle"], "holds only a pickle checkpoint (pytorch_model.bin)"),
+    (["model=tiny-vit-timm", "task=digits", "model.pretrained=true", "model.config.architecture=null",
+      "model.source=SRC/timm-partial"], "lacks 25 of model tiny-vit-timm's pretrained weights"),
+    ([*SPLITS, "task.path=DATA_DIR/columns"], "validation.csv has {'label'} and lacks {'category'}"),
+    ([*SPLITS, "task.path=DATA_DIR/header-only"], "header-only/train.csv (split train) holds a header and no rows"),
+    ([*SPLITS, "task.path=DATA_DIR/empty-val"], "empty-val/validation.csv (split validation) is an empty file"),
+    ([*SPLITS, "task.path=DATA_DIR/bad-parquet"], "could not read DATA_DIR/bad-parquet/train.parquet of task.path"),
+    ([*SPLITS, "task.path=DATA_DIR/bad-jsonl"], "could not read DATA_DIR/bad-jsonl/train.jsonl of task.path"),
+    ([*SPLITS, "task.path=DATA_DIR/inf-score", "+task.regression=true", "task.metrics=[pearson]", "task.metric=pearson"],
+     "split 'test' row 0 is inf (1 such row); a regression target must be a finite number"),
+    ([*SPLITS, "task.path=DATA_DIR/mixed-types"], "do not agree on their columns' types"),
 ]
 
 
@@ -289,19 +329,83 @@ def battery_data(tmp_path_factory):
     (root / "src" / "bad-config" / "config.json").write_text("{not json")
     weights = root / "src" / "truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _bad_sources(root / "src", good)
+    _bad_folders(root)
     return root
+
+
+def _bad_sources(src: Path, good: Path) -> None:
+    """Model folders a pickle-only or a partial checkpoint, for transformers and for timm."""
+    import timm
+    from safetensors.torch import save_file
+
+    state = load_file(good / "model.safetensors")
+    (src / "pickle-only").mkdir()
+    (src / "pickle-only" / "config.json").write_bytes((good / "config.json").read_bytes())
+    torch.save(state, src / "pickle-only" / "pytorch_model.bin")
+    shutil.copytree(good, src / "partial")
+    first = sorted(state)[0]
+    save_file({first: state[first]}, src / "partial" / "model.safetensors", metadata={"format": "pt"})
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, embed_dim=32, depth=2,
+                            num_heads=2).state_dict()
+    for name in ("timm-pickle", "timm-partial"):
+        (src / name).mkdir()
+        (src / name / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224", "num_classes": 10}))
+    torch.save(vit, src / "timm-pickle" / "pytorch_model.bin")
+    save_file({k: vit[k].contiguous() for k in sorted(vit)[:5]}, src / "timm-partial" / "model.safetensors")
+
+
+def _bad_folders(root: Path) -> None:
+    """Folders of train/validation/test files, each broken in one way."""
+    import pandas as pd
+
+    def rows(n: int, at: int, label: str = "label") -> str:
+        return f"text,{label}\n" + "".join(f"sample {at + i} is {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(n))
+
+    def folder(name: str, train: str = "label") -> Path:
+        d = root / name
+        d.mkdir()
+        (d / "train.csv").write_text(rows(40, 0, train))
+        (d / "validation.csv").write_text(rows(10, 100))
+        (d / "test.csv").write_text(rows(10, 200))
+        return d
+
+    folder("columns", train="category")                        # train names its label column otherwise
+    (folder("header-only") / "train.csv").write_text("text,label\n")
+    (folder("empty-val") / "validation.csv").write_bytes(b"")
+    d = folder("bad-parquet")
+    for split in ("train", "validation", "test"):
+        pd.read_csv(d / f"{split}.csv").to_parquet(d / f"{split}.parquet")
+        (d / f"{split}.csv").unlink()
+    (d / "train.parquet").write_bytes((d / "train.parquet").read_bytes()[:300])  # truncated
+    d = folder("bad-jsonl")
+    for split in ("train", "validation", "test"):
+        frame = pd.read_csv(d / f"{split}.csv")
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in frame.to_dict("records")))
+        (d / f"{split}.csv").unlink()
+    lines = (d / "train.jsonl").read_text().splitlines()
+    (d / "train.jsonl").write_text("\n".join([*lines[:3], lines[3][:-3], *lines[4:]]) + "\n")  # one broken line
+    d = folder("inf-score")  # a regression target of inf; the others are scores
+    for split, n, at in (("train", 40, 0), ("validation", 10, 100), ("test", 10, 200)):
+        (d / f"{split}.csv").write_text("text,label\n" + "".join(
+            f"sample {at + i},{'inf' if split == 'test' and i == 0 else (i % 9) / 7}\n" for i in range(n)))
+    d = folder("mixed-types")  # each file reads alone; a decimal label in test only
+    (d / "test.csv").write_text("text,label\n" + "".join(f"sample {200 + i},{i / 7}\n" for i in range(10)))
 
 
 @pytest.mark.parametrize("args, message", BATTERY, ids=[" ".join(a) for a, _ in BATTERY])
 def test_bad_input_battery(args, message, battery_data, tmp_path, capsys, monkeypatch):
-    """Each mistake: exit code 2, one `plr: error:` line naming the fix, no traceback, no stage done.
+    """Each mistake: exit code 2, one `plr: error:` line naming the fix, no traceback, and no run dir left.
 
     Run in-process through `cli.main` (the subprocess path is covered in test_cli.py).
     """
     from partial_lora import cli
 
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # a case that would write into the working folder writes here
     args = [a.replace("DATA_DIR", str(battery_data)).replace("DATA", str(battery_data / "data.csv")).replace("SRC", str(battery_data / "src")) for a in args]
+    message = message.replace("DATA_DIR", str(battery_data))
     run_dir = None
     if any("CORRUPT" in a for a in args):
         corrupt = str(corrupt_run(tmp_path))
@@ -316,8 +420,10 @@ def test_bad_input_battery(args, message, battery_data, tmp_path, capsys, monkey
     err = capsys.readouterr().err.strip()
     assert err.startswith("plr: error:") and "\n" not in err, err
     assert message in err, err
+    assert "Traceback" not in err
     if run_dir is not None:
-        assert not run_dir.exists() or not any(run_dir.rglob("done"))
+        assert not run_dir.exists()  # no half-made run dir (.lock, .hydra, a fingerprint) for the next command to trip on
+    assert not any((tmp_path / "cwd").iterdir())
 
 
 def test_a_full_disk_is_one_line_leaves_no_partial_file_and_a_rerun_completes(tmp_path, capsys, monkeypatch):

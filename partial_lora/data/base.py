@@ -106,7 +106,8 @@ class TaskData:
 
     Every split has `label` (int in [0, num_labels), or a float score for regression) and either
     `text` (plus `text_pair` for sentence pairs) or `image` (a PIL image). `extra` holds further
-    evaluation sets by name (MNLI mismatched).
+    evaluation sets by name (MNLI mismatched). `sources` is the data's identity: each data file
+    (or content-addressed source) the load read, with its digest (`data.identity`).
     """
 
     name: str
@@ -117,6 +118,7 @@ class TaskData:
     label_names: list[str] = field(default_factory=list)
     extra: dict[str, datasets.Dataset] = field(default_factory=dict)
     regression: bool = False
+    sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_labels(self) -> int:

@@ -7,6 +7,8 @@
 - A text cell that is empty, null/NaN or not a string (a numeric column read as text) is an
   error naming the split and the row, or with `task.bad_text=drop` such rows are dropped with one
   warning.
+- A regression target that is not a finite number (inf) is an error naming the split and the
+  row (null/NaN targets count as unlabelled and were dropped before).
 - An image that does not decode (truncated, corrupt, or a path that is gone) is an error naming
   its file (or split and row), or with `task.bad_images=drop` such rows are dropped with one
   warning. Each split is decoded once per process (keyed by its fingerprint): the first stage
@@ -114,6 +116,19 @@ def _check_images(data: TaskData, policy: str) -> None:
         _replace(data, name, extra, ds.select([i for i in range(len(ds)) if i not in drop]))
 
 
+def _check_scores(data: TaskData, spec: TaskSpec) -> None:
+    """A regression target must be a finite number: an inf would pass the loss as inf and the
+    correlations as 0 (a constant), so the run would finish with a meaningless score."""
+    for name, _, ds in _splits(data):
+        labels = np.asarray(column(ds, "label"), dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(labels))
+        if len(bad):
+            raise PlrError(f"task.label_column='{spec.label_column}' of split '{name}' row {int(bad[0])} is "
+                           f"{float(labels[bad[0]])} ({len(bad)} such row{'s' if len(bad) > 1 else ''}); a regression "
+                           "target must be a finite number: "
+                           "fix or drop those rows")
+
+
 def check(data: TaskData, spec: TaskSpec) -> TaskData:
     """Refuse (or, where the task says so, drop) degenerate data; returns the data to use.
 
@@ -130,6 +145,8 @@ def check(data: TaskData, spec: TaskSpec) -> TaskData:
         _check_text(data, spec.bad_text, lambda c: f"task.{c}_column='{columns[c]}'")
     if data.kind == "image":
         _check_images(data, spec.bad_images)
+    if data.regression:
+        _check_scores(data, spec)
     if data.regression or data.kind not in ("text", "image"):
         return data
     seen = set(data.train.unique("label"))

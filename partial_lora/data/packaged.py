@@ -22,6 +22,7 @@ from pathlib import Path
 import datasets
 import pandas as pd
 
+from partial_lora.data import identity
 from partial_lora.data.base import TaskData, TaskSpec
 from partial_lora.data.split import task_data
 from partial_lora.errors import PlrError
@@ -35,6 +36,7 @@ def read_table(spec: TaskSpec, columns: tuple[str, ...]) -> pd.DataFrame:
     path = resolve_uri(spec.path, what=f"task {spec.name}") if spec.path.startswith(SCHEME) else Path(spec.path)
     if not path.is_file():
         raise PlrError(f"task.path='{spec.path}' is not a file; point it at the task's parquet file")
+    identity.note(spec.path, identity.digest_file(path))  # by its fetch: reference, not this machine's cache path
     try:
         df = pd.read_parquet(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from partial_lora.data import checks
+from partial_lora.data import checks, identity
 from partial_lora.data.base import TaskData, TaskSpec
 from partial_lora.data.commonsense import load_choice
 from partial_lora.data.generation import load_generation
@@ -35,11 +35,14 @@ def load_task(spec: TaskSpec) -> TaskData:
         PlrError: an unknown loader, a kind mismatch, a class count other than `task.num_labels`,
             degenerate data (`checks`),
             or any data problem the loader reports.
+
+    The returned data's `sources` are what the loader read, each with its digest (`data.identity`).
     """
     loader = TASKS.get(spec.loader)
     if loader is None:
         raise PlrError(f"unknown task loader '{spec.loader}'; choose one of: {', '.join(TASKS)} (task.loader)")
-    data = loader(spec)
+    with identity.recording() as sources:
+        data = loader(spec)
     if data.kind != spec.kind:
         # A wrong kind would silently pick the wrong collate and model head later on.
         raise PlrError(f"task.kind='{spec.kind}' does not match loader '{spec.loader}', which yields {data.kind} "
@@ -51,4 +54,6 @@ def load_task(spec: TaskSpec) -> TaskData:
         raise PlrError(f"task.num_labels={spec.num_labels} but the data has {data.num_labels} labels "
                        f"(task.label_column='{spec.label_column}': {shown}); set task.label_column to the column "
                        f"with {spec.num_labels} classes, or task.num_labels={data.num_labels}")
-    return checks.check(data, spec)
+    data = checks.check(data, spec)
+    data.sources = identity.named(sources, spec.path)
+    return data

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
 
+from partial_lora.data import identity
 from partial_lora.data.base import TaskSpec
 from partial_lora.data.split import used_splits
 from partial_lora.data.split_files import (_EXTENSIONS, Files, _built, _check_splits, _from_files, _prepare,
@@ -121,7 +123,7 @@ def _load_hub(spec: TaskSpec, wanted: Mapping[str, str], cached: bool) -> datase
         return _load_converted(spec, wanted, script["file"])
     where = f"dataset '{repo}'" + (f" (revision {spec.revision})" if spec.revision else "")
 
-    def rebuild(files: Files, features: datasets.Features | None) -> datasets.DatasetBuilder:
+    def rebuild(files: Files, features: datasets.Features | None, _cache_dir: str | None) -> datasets.DatasetBuilder:
         return hub_builder(repo, builder.config.name, spec.revision, files, features, cache_id(spec, splits, False))
 
     return _prepare(builder, rebuild, wanted, where)
@@ -192,59 +194,131 @@ def _converted_config(spec: TaskSpec, configs: Mapping[str, Files]) -> str:
 
 
 def _load_local(spec: TaskSpec, path: Path, wanted: Mapping[str, str]) -> datasets.DatasetDict:
-    """Load a local file (one `train` split) or directory (splits as laid out, else inferred by `datasets`)."""
+    """Load a local file (one `train` split) or directory (splits as laid out, else inferred by
+    `datasets`); a failure is one line naming the file (`datasets`' own log lines are held back)."""
+    with _held_logs() as logs:
+        try:
+            return _read_local(spec, path, wanted)
+        except PlrError:
+            raise
+        except Exception as e:  # noqa: BLE001 - datasets raises FileNotFoundError, ValueError, ArrowInvalid...
+            raise _read_error(spec, path, e, logs) from None
+
+
+@contextmanager
+def _held_logs() -> Iterator[list[str]]:
+    """`datasets`' log records during the block, collected instead of printed (a failed read is reported
+    once, in plr's line; the records may name the file)."""
+    logger = logging.getLogger("datasets")
+    records: list[str] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    saved = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [Hold(logging.WARNING)], False
+    try:
+        yield records
+    finally:
+        logger.handlers, logger.propagate = saved
+
+
+def _read_error(spec: TaskSpec, path: Path, e: Exception, logs: Sequence[str]) -> PlrError:
+    """One line for a local dataset that `datasets` could not read: the file and column when known."""
+    chain = _chain(e)
+    cause = next((c for c in chain if isinstance(c, UnicodeDecodeError)), None)
+    if cause is not None:
+        return PlrError(f"task.path='{spec.path}' is not UTF-8 text (it holds the byte {cause.object[cause.start]:#04x}); "
+                        "re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT")
+    texts = [str(c) for c in chain] + list(logs)
+    columns = next((m for t in texts if (m := _COLUMNS.search(t))), None)
+    if columns is not None:
+        return PlrError(f"the data files of task.path='{spec.path}' do not share their columns: {columns['file']} has "
+                        f"{columns['new']} and lacks {columns['missing']}, which the file read first has; give every "
+                        "split file the same columns (task.text_column, task.label_column)")
+    inner = next((c for c in reversed(chain) if first_line(c) and not first_line(c).startswith(
+        "An error occurred while generating")), e)
+    first = first_line(inner) or type(inner).__name__
+    if _SCRIPT.search(first):
+        _refuse_script_only(spec, path, force=True)
+    read = [f for f in identity.current() if identity.is_local(f)]
+    named = [f for f in read if any(f in t for t in texts)]
+    culprit = named[0] if named else next((m["file"] for t in texts if (m := _NAMED.search(t))), None)
+    culprit = culprit or (read[0] if len(read) == 1 else _failing_file(read))
+    if culprit is None and len(read) > 1:  # each file reads on its own: they disagree with each other
+        return PlrError(f"the data files of task.path='{spec.path}' do not agree on their columns' types "
+                        f"({type(inner).__name__}: {first}); give every split file the same columns with values of "
+                        "the same type (e.g. every label a whole number, or every one a decimal)")
+    what = f"{culprit} of task.path='{spec.path}'" if culprit else f"the dataset at task.path='{spec.path}'"
+    return PlrError(f"could not read {what} ({type(inner).__name__}: {first}); fix or replace that file, point "
+                    "task.path at parquet/csv/json files or a folder of them (or an image folder), and set "
+                    "task.data_format if the format cannot be inferred")
+
+
+def _failing_file(files: Sequence[str]) -> str | None:
+    """The first of `files` that `datasets` cannot read on its own (tried only after a load failed, in a
+    scratch cache), or None."""
+    import tempfile
+
+    for f in files:
+        fmt = _EXTENSIONS.get(Path(f).suffix.lower())
+        if fmt is None:
+            continue
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                datasets.load_dataset_builder(fmt, data_files=[f], cache_dir=scratch).download_and_prepare()
+            except Exception:  # noqa: BLE001 - any failure names this file
+                return f
+    return None
+
+
+_COLUMNS = re.compile(r"there are \d+ new columns \((?P<new>.*?)\) and \d+ missing columns \((?P<missing>.*?)\)"
+                      r".*?generating data using\s+(?P<file>[^\s,]+)", re.S)
+_NAMED = re.compile(r"(?:from|file) '(?P<file>[^']+)'")
+
+
+def _read_local(spec: TaskSpec, path: Path, wanted: Mapping[str, str]) -> datasets.DatasetDict:
     fmt = spec.data_format
     where = f"the dataset at task.path='{spec.path}'"
-    try:
-        if path.is_file():
-            if path.stat().st_size == 0:
-                raise PlrError(f"task.path='{spec.path}' is an empty file (0 bytes); point task.path at the data")
-            if fmt == "imagefolder":
-                raise PlrError(f"task.data_format=imagefolder needs a folder, but task.path='{spec.path}' is a file; "
-                               f"set task.path=<the folder holding train/, test/ ...>")
-            fmt = fmt or _EXTENSIONS.get(path.suffix.lower())
-            if fmt is None:
-                raise PlrError(f"task.path='{spec.path}' is a file of unknown format; use a "
-                               f"{'/'.join(_EXTENSIONS)} file or set task.data_format=<one of: parquet, csv, json>")
-            return _from_files(fmt, {"train": [str(path)]}, wanted, where)
-        name = spec.subset
-        if name and (path / name).is_dir():
-            # `hf download ... --local-dir DIR` keeps one subfolder per config (e.g. glue/sst2/).
-            path, name = path / name, None
-        layout = hub_layout_splits(path) if fmt in (None, "parquet", "csv", "json") and not name else None
-        if layout is not None and fmt in (None, layout[0]):
-            return _from_files(layout[0], layout[1], wanted, where)
-        _refuse_script_only(spec, path)
+    if path.is_file():
+        if path.stat().st_size == 0:
+            raise PlrError(f"task.path='{spec.path}' is an empty file (0 bytes); point task.path at the data")
+        if fmt == "imagefolder":
+            raise PlrError(f"task.data_format=imagefolder needs a folder, but task.path='{spec.path}' is a file; "
+                           f"set task.path=<the folder holding train/, test/ ...>")
+        fmt = fmt or _EXTENSIONS.get(path.suffix.lower())
         if fmt is None:
-            builder = datasets.load_dataset_builder(str(path), name)
+            raise PlrError(f"task.path='{spec.path}' is a file of unknown format; use a "
+                           f"{'/'.join(_EXTENSIONS)} file or set task.data_format=<one of: parquet, csv, json>")
+        return _from_files(fmt, {"train": [str(path)]}, wanted, where)
+    name = spec.subset
+    if name and (path / name).is_dir():
+        # `hf download ... --local-dir DIR` keeps one subfolder per config (e.g. glue/sst2/).
+        path, name = path / name, None
+    layout = hub_layout_splits(path) if fmt in (None, "parquet", "csv", "json") and not name else None
+    if layout is not None and fmt in (None, layout[0]):
+        return _from_files(layout[0], layout[1], wanted, where)
+    _refuse_script_only(spec, path)
+    if fmt is None:
+        builder = datasets.load_dataset_builder(str(path), name)
 
-            def rebuild(files: Files, features: datasets.Features | None) -> datasets.DatasetBuilder:
-                return datasets.load_dataset_builder(str(path), builder.config.name, data_files=files,
-                                                     features=features)
+        def rebuild(files: Files, features: datasets.Features | None, cache: str | None) -> datasets.DatasetBuilder:
+            return datasets.load_dataset_builder(str(path), builder.config.name, data_files=files,
+                                                 features=features, cache_dir=cache)
 
-            return _prepare(builder, rebuild, wanted, where)
-        if name:
-            raise PlrError(f"task.subset='{name}' is not a subfolder of '{path}'; set task.subset=null or "
-                           f"task.path=<the folder holding that config's files>")
-        packaged = fmt
+        return _prepare(builder, rebuild, wanted, where, local=True)
+    if name:
+        raise PlrError(f"task.subset='{name}' is not a subfolder of '{path}'; set task.subset=null or "
+                       f"task.path=<the folder holding that config's files>")
+    packaged = fmt
 
-        def rebuild_packaged(files: Files, features: datasets.Features | None) -> datasets.DatasetBuilder:
-            return datasets.load_dataset_builder(packaged, data_files=files, features=features)
+    def rebuild_packaged(files: Files, features: datasets.Features | None,
+                         cache: str | None) -> datasets.DatasetBuilder:
+        return datasets.load_dataset_builder(packaged, data_files=files, features=features, cache_dir=cache)
 
-        return _prepare(datasets.load_dataset_builder(fmt, data_dir=str(path)), rebuild_packaged, wanted, where)
-    except PlrError:
-        raise
-    except Exception as e:  # noqa: BLE001 - datasets raises FileNotFoundError, ValueError, ArrowInvalid...
-        first = first_line(e)
-        cause = next((c for c in _chain(e) if isinstance(c, UnicodeDecodeError)), None)
-        if cause is not None:
-            raise PlrError(f"task.path='{spec.path}' is not UTF-8 text (it holds the byte {cause.object[cause.start]:#04x}); "
-                           "re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT") from None
-        if _SCRIPT.search(first):
-            _refuse_script_only(spec, path, force=True)
-        raise PlrError(f"could not read the dataset at task.path='{spec.path}' ({type(e).__name__}: {first}); "
-                       f"point task.path at a parquet/csv/json file or a folder of them (or an image folder), "
-                       f"and set task.data_format if the format cannot be inferred") from e
+    return _prepare(datasets.load_dataset_builder(fmt, data_dir=str(path)), rebuild_packaged, wanted, where,
+                    local=True)
 
 
 def _chain(e: BaseException) -> list[BaseException]:

@@ -4,7 +4,10 @@ The Hub names each file's split in two layouts: `<split>-00000-of-00001.parquet`
 `hf download --local-dir` gives) and `<split>/0000.parquet` folders (its `refs/convert/parquet`
 branch); `hub_layout_splits` and `converted_layout` read them, keeping the split names exactly.
 `_prepare` and `_from_files` download and prepare the used splits only, once `_check_splits`
-has refused a missing split or a partial conversion.
+has refused a missing split or a partial conversion. Local files are first checked for being
+empty or a header without rows (named, in one line), then prepared into a cache folder named by
+their content (`identity.content_cache_dir`), so an edited file is never read back from a stale
+cache; `_built` records what it read in the task's data identity.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import datasets
 
+from partial_lora.data import identity
 from partial_lora.data.split import missing_split
 from partial_lora.errors import PlrError
 
@@ -25,7 +29,8 @@ _NUMBERED = re.compile(r"^\d+$")                           # <split>/0000.parque
 _PARTIAL = "partial-"
 
 Files = dict[str, list[str]]
-Rebuild = Callable[[Files, datasets.Features | None], datasets.DatasetBuilder]
+# (the used splits' files, the source's features, a cache dir or None) -> a builder of only those files
+Rebuild = Callable[[Files, datasets.Features | None, str | None], datasets.DatasetBuilder]
 
 
 def hub_layout_splits(path: Path) -> tuple[str, dict[str, list[str]]] | None:
@@ -83,31 +88,74 @@ def _check_splits(wanted: Mapping[str, str], available: Sequence[str], where: st
 
 
 def _prepare(builder: datasets.DatasetBuilder, rebuild: Rebuild, wanted: Mapping[str, str],
-             where: str) -> datasets.DatasetDict:
+             where: str, local: bool = False) -> datasets.DatasetDict:
     """Download and prepare only the used splits of a resolved builder.
 
     When the builder knows more splits than the run uses, a second builder of just their data
     files is made (keeping the source's features, e.g. `ClassLabel` names from the dataset card);
-    its cache entry is its own, so it never mixes with a full copy.
+    its cache entry is its own, so it never mixes with a full copy. A `local` source's files are
+    checked and always rebuilt into a cache folder named by their content.
     """
     files = {str(split): list(paths) for split, paths in (builder.config.data_files or {}).items()}
     available = list(files) or [str(split) for split in builder.info.splits or {}]
     if available:
         _check_splits(wanted, available, where)
     splits = list(dict.fromkeys(wanted.values()))
-    if files and set(files) != set(splits):
-        builder = rebuild({s: files[s] for s in splits}, builder.info.features)
+    used = {s: files[s] for s in splits if s in files}
+    if local and used:
+        check_files(used)
+        builder = rebuild(used, builder.info.features, identity.content_cache_dir(f for fs in used.values() for f in fs))
+    elif files and set(files) != set(splits):
+        builder = rebuild(used, builder.info.features, None)
     return _built(builder, splits)
 
 
 def _built(builder: datasets.DatasetBuilder, splits: Sequence[str]) -> datasets.DatasetDict:
+    files = builder.config.data_files or {}
+    if files:
+        identity.note_files({s: files[s] for s in splits if s in files})
+    else:  # a prepared cache entry (offline Hub load): its folder is named by the repo's commit
+        identity.note(f"{getattr(builder, 'repo_id', None) or builder.dataset_name} ({builder.config_id})",
+                      Path(builder.cache_dir).name)
     builder.download_and_prepare()
     return datasets.DatasetDict({s: builder.as_dataset(split=s) for s in splits})
 
 
 def _from_files(fmt: str, files: Mapping[str, list[str]], wanted: Mapping[str, str],
                 where: str) -> datasets.DatasetDict:
-    """A packaged builder (`parquet`, `csv`, ...) on the used splits' files of a known layout."""
+    """A packaged builder (`parquet`, `csv`, ...) on the used splits' local files of a known layout,
+    prepared into a cache folder named by their content."""
     _check_splits(wanted, list(files), where)
     splits = list(dict.fromkeys(wanted.values()))
-    return _built(datasets.load_dataset_builder(fmt, data_files={s: files[s] for s in splits}), splits)
+    used = {s: list(files[s]) for s in splits}
+    check_files(used)
+    cache = identity.content_cache_dir(f for fs in used.values() for f in fs)
+    return _built(datasets.load_dataset_builder(fmt, data_files=used, cache_dir=cache), splits)
+
+
+def check_files(files: Mapping[str, Sequence[str]]) -> None:
+    """Every local data file holds rows: an empty file or a CSV/JSON Lines file without a row is named.
+
+    Raises:
+        PlrError: the file, the split it holds, and what is wrong with it.
+    """
+    for split, paths in files.items():
+        for f in paths:
+            path = Path(f)
+            if "://" in f or not path.is_file():
+                continue
+            if path.stat().st_size == 0:
+                raise PlrError(f"{f} (split {split}) is an empty file (0 bytes); fill it or remove it")
+            suffix = path.suffix.lower()
+            if suffix in (".csv", ".jsonl", ".json") and not _has_rows(path, header=suffix == ".csv"):
+                what = "a header and no rows" if suffix == ".csv" else "no rows"
+                raise PlrError(f"{f} (split {split}) holds {what}; add its rows or remove the file")
+
+
+def _has_rows(path: Path, header: bool) -> bool:
+    """Whether a text table has a non-blank line (after its header line); reads only until it finds one."""
+    with open(path, "rb") as f:
+        lines = (line for line in f if line.strip())
+        if header and next(lines, None) is None:
+            return False
+        return next(lines, None) is not None

@@ -4,8 +4,10 @@ One stage = one function `run(spec, run_dir, tracker) -> metrics`, where `spec` 
 `RunSpec` (`config.validate` builds it from the composed config, once). A stage reads its inputs
 from files in the run dir and writes its outputs to `run_dir/<stage>/`; the pipeline writes the
 stage's `metrics.json` and `done` marker when it returns, and skips stages already done. Each stage
-records its settings' fingerprint when it starts; a run dir made with other settings is refused
-(`partial_lora.rundir`).
+records its settings' fingerprint when it starts, with the identity of the task's data (a content
+digest per data file, `data.identity`); a run dir made with other settings, or from data that has
+changed since, is refused (`partial_lora.rundir`). The pipeline loads the task once, before any
+stage, to learn that identity, and the stages reuse that load (`base.data_loaded_once`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from partial_lora.runtime import resolve_device
 from partial_lora.spec import RunSpec
 from partial_lora.errors import Interrupted, PlrError, disk_full_is_one_line
 from partial_lora.stages import allocate, evaluate, extract, probe, retrain
+from partial_lora.stages import base as B
 from partial_lora.tracking import Tracker
 
 log = logging.getLogger("plr")
@@ -72,7 +75,8 @@ def stages_for(sp: float | str, mask_method: str, allocator: str) -> list[str]:
     return ([A.PROBE] if needs_probe else []) + [A.ALLOCATE, A.EXTRACT, A.RETRAIN, A.EVALUATE]
 
 
-def reuse_from_run(spec: RunSpec, run_dir: Path, stages: list[str], echo: Callable[[str], None]) -> None:
+def reuse_from_run(spec: RunSpec, run_dir: Path, stages: list[str], echo: Callable[[str], None],
+                   data: dict[str, str] | None = None) -> None:
     """Copy another run's probe (when its settings are this run's) and its allocation (when the
     allocation settings match too) into this run dir."""
     settings = dict(spec.settings)
@@ -102,12 +106,12 @@ def reuse_from_run(spec: RunSpec, run_dir: Path, stages: list[str], echo: Callab
                         raise PlrError(f"from_run={src} has {key}={C.plain(a)}, this run {C.plain(b)}; its probe "
                                        f"does not apply (use a run with the same {key})")
             theirs = RD.made_with(src, name)
-            diff = RD.changed(theirs, RD.fingerprint(settings, name)) if theirs is not None else {}
-            if diff:  # e.g. other probe shots or learning rate: the probe is not this run's
+            diff = RD.changed(theirs, RD.fingerprint(settings, name, data)) if theirs is not None else {}
+            if diff:  # e.g. other probe shots or learning rate, or other data: the probe is not this run's
                 echo(f"[plr] from_run: probe settings differ ({', '.join(diff)}); probing again")
                 continue
         shutil.copytree(A.stage_dir(src, name), A.stage_dir(run_dir, name), dirs_exist_ok=True)
-        RD.record(run_dir, name, settings)  # valid for this run's settings
+        RD.record(run_dir, name, settings, data)  # valid for this run's settings
         echo(f"[plr] from_run: reusing {name} from {src}")
 
 
@@ -118,14 +122,20 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
     The composed config becomes the run's `RunSpec` here (`config.validate`), which the stages read.
     """
     spec = C.validate(cfg)
+    with B.data_loaded_once():
+        return _run_stages(spec, run_dir, tracker, echo)
+
+
+def _run_stages(spec: RunSpec, run_dir: Path, tracker: Tracker | None, echo: Callable[[str], None]) -> dict[str, Any]:
     stages = plan(spec)
     D.init(resolve_device(spec.train.device))  # under torchrun: join the group before any barrier
     D.use(spec.train.strategy)  # fsdp: every process runs every stage on its shard of the model
     settings = dict(spec.settings)
+    data = B.data_identity(spec)  # loads the task (once: the stages reuse it), before anything is written
     if D.is_main():
-        RD.check(run_dir, settings)  # a run dir made with other settings is refused
+        RD.check(run_dir, settings, data)  # a run dir made with other settings, or from other data, is refused
         if settings.get("from_run"):
-            reuse_from_run(spec, run_dir, stages, echo)
+            reuse_from_run(spec, run_dir, stages, echo, data)
     done: dict[str, dict[str, Any]] = {}
     with disk_full_is_one_line(run_dir):
         for name in stages:
@@ -142,7 +152,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
                 continue
             echo(f"[plr] {name} ...")
             if D.is_main():
-                RD.record(run_dir, name, settings)
+                RD.record(run_dir, name, settings, data)
             t0 = time.perf_counter()
             try:
                 with contextlib.nullcontext() if name in DATA_PARALLEL or D.sharded() else D.alone():
