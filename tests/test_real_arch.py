@@ -9,8 +9,10 @@ real YAMLs on both ViT variants and on a Llama with grouped-query attention.
 Slow (each skips only when `plr fetch` has not been run): the fetched models.
 """
 
+import dataclasses
 import io
 import json
+from collections import Counter
 import warnings
 import zipfile
 from pathlib import Path
@@ -474,8 +476,171 @@ def test_a_broken_or_foreign_gguf_is_one_line_and_leaves_nothing(tiny_gguf, tmp_
         assert cache_names(root) == []
 
 
+# --- ELPV: real solar-cell images (CC-BY-NC-SA-4.0) ------------------------------------------------
+
+def elpv_wheel(path: Path, n: int = 60, bad_line: str | None = None) -> tuple[Path, list[tuple[float, str]]]:
+    """elpv-dataset's wheel layout: labels.csv (path, probability, type) and 300x300 grayscale PNGs."""
+    from PIL import Image
+
+    from partial_lora.data import elpv as E
+
+    rng = np.random.default_rng(0)
+    labels = [(float(E.PROBABILITIES[i % 4]), E.TYPES[(i // 4) % 2]) for i in range(n)]
+    lines = [f"images/cell{i + 1:04d}.png  {p!r:<20} {t}" for i, (p, t) in enumerate(labels)]
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(E.LABELS_MEMBER, "\n".join(lines + ([bad_line] if bad_line else [])) + "\n")
+        for i, (p, _) in enumerate(labels):
+            img = np.full((E.SIDE, E.SIDE), 60 + int(150 * p), dtype=np.uint8) + rng.integers(0, 4, (E.SIDE, E.SIDE),
+                                                                                              dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(img, mode="L").save(buf, format="PNG")
+            z.writestr(f"{E.IMAGES_DIR}images/cell{i + 1:04d}.png", buf.getvalue())
+        z.writestr(E.LICENSE_MEMBER, "## creative commons\nAttribution-NonCommercial-ShareAlike 4.0\n")
+    return path, labels
+
+
+def test_elpv_entry_and_tasks(tmp_path):
+    from partial_lora.data import TaskSpec
+    from partial_lora.data.elpv import load_elpv
+
+    wheel, labels = elpv_wheel(tmp_path / "elpv.whl")
+    root = tmp_path / "cache"
+    folder = F.fetch("elpv-defect", root=root, downloader=local_downloader({"elpv-dataset": wheel}), echo=lambda m: None)
+    assert "NonCommercial" in (folder / "LICENSE.md").read_text()
+    assert "CC-BY-NC-SA-4.0" in json.loads((folder / F.MANIFEST).read_text())["license"]
+    for column, expected in (("defect", [int(p >= 0.5) for p, _ in labels]), ("type", [t == "poly" for p, t in labels])):
+        spec = TaskSpec(name=f"elpv-{column}", loader="elpv", kind="image", path=str(folder / "elpv.parquet"),
+                        label_column=column, test_fraction=0.2, val_fraction=0.1, protocol="1k", vtab_train=30,
+                        vtab_val=10)
+        data = load_elpv(spec)
+        assert (len(data.train), len(data.val), len(data.test)) == (30, 10, 12)
+        full = load_elpv(dataclasses.replace(spec, protocol="full"))
+        assert sorted(full.test["label"]) == sorted(data.test["label"])  # one fixed test split
+        got = Counter(int(r["label"]) for d in (full.train, full.val, full.test) for r in d)
+        assert got == Counter(int(x) for x in expected)  # every cell, labelled as the annotation says
+        row = data.test[0]
+        assert row["image"].size == (300, 300) and row["image"].mode == "L"
+        brightness = float(np.asarray(row["image"]).mean())  # the generated images encode their probability
+        if column == "defect":
+            assert (brightness >= 60 + 150 * 0.5) == bool(row["label"])
+    with pytest.raises(PlrError, match="not an elpv label"):
+        load_elpv(TaskSpec(name="elpv-x", loader="elpv", path=str(folder / "elpv.parquet"), label_column="label"))
+    broken, _ = elpv_wheel(tmp_path / "bad.whl", n=8, bad_line="images/cell0009.png 0.5 mono")
+    with pytest.raises(PlrError, match="fetching elpv failed.*probability 0.5"):
+        F.fetch("elpv", root=root, force=True, downloader=local_downloader({"elpv-dataset": broken}), echo=lambda m: None)
+    assert F.check_entry(F.resolve("elpv"), root) == folder  # the good entry stays
+    cfg = cfg_of("task=elpv-type", "model=dinov2-vits")
+    assert (cfg.task.path, cfg.task.label_column, cfg.task.num_labels) == ("fetch:elpv/elpv.parquet", "type", 2)
+
+
 # --- the fetched models (slow) ------------------------------------------------------------------
 
 def needs(source):
     if F.check_entry(F.resolve(source)) is None:
         pytest.skip(f"`plr fetch {source}` has not been run (cache {F.cache_root()})")
+
+
+def _compose(*overrides):
+    return cfg_of(*overrides)
+
+
+@pytest.mark.slow
+def test_real_dinov2_matches_its_graph_and_both_variants_agree_on_digits():
+    needs("dinov2-vits")
+    needs("mnist-5k")
+    from partial_lora.data.collate import make_collate
+    from partial_lora.stages.base import load_data
+
+    folder = F.require("dinov2-vits", what="test")
+    reference = json.loads((folder / D.REFERENCE).read_text())
+    assert reference["max_abs_difference_to_graph"] <= D.ATOL and reference["max_abs_difference_timm_to_hf"] == 0.0
+    assert reference["parameters"] == 22_056_576
+    data = load_data(C.validate(_compose("experiment=offline-dinov2")))
+    rows = [data.test[i] for i in range(8)]
+    feats = {}
+    for name in ("dinov2-vits", "dinov2-vits-timm"):
+        built = build_model(C.model_spec(_compose("experiment=offline-dinov2", f"model={name}")), 10)
+        assert built.image.size == 112
+        batch = make_collate("image", image=built.image)(rows)
+        feats[name] = _features(name, built, batch["pixel_values"])
+        if name == "dinov2-vits":  # trained LayerScale (the init is 1.0 here, 1e-5 in timm)
+            scale = built.model.net.dinov2.encoder.layer[0].layer_scale1.lambda1.detach()
+            assert 0.05 < float(scale.abs().mean()) < 0.9
+    torch.testing.assert_close(feats["dinov2-vits"], feats["dinov2-vits-timm"], atol=1e-5, rtol=0)
+
+
+def _train(tmp_path, *overrides):
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "_".join(o.replace("=", "-") for o in overrides)
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin",
+           "PLR_CACHE": str(F.cache_root()), "HOME": str(Path.home())}
+    done = subprocess.run([sys.executable, "-m", "partial_lora.cli", "train", "experiment=offline-dinov2",
+                           "trainer.progress=false", f"run_dir={run_dir}", *overrides], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    needs("smollm2-135m")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = F.require("smollm2-135m", what="test")
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.slow
+def test_real_smollm2_is_a_gqa_llama_that_knows_english(smollm2):
+    from transformers import LlamaForCausalLM
+
+    net, tok = smollm2
+    assert isinstance(net, LlamaForCausalLM)
+    c = net.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.vocab_size) == \
+        (30, 576, 9, 3, 49152)
+    assert sum(p.numel() for p in net.parameters()) == 134_515_008  # the embedding is tied to the LM head
+    assert net.model.layers[0].self_attn.k_proj.out_features == 192  # 3 KV heads of 64
+
+    def loss(text):
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            return net(input_ids=ids, labels=ids).loss.item()
+
+    assert loss("The capital of France is Paris, and the capital of Italy is Rome.") < \
+        loss("Rome capital the Paris is France, of and Italy the capital is of.") - 2
+
+
+@pytest.mark.slow
+def test_real_smollm2_scorer_equals_a_brute_force_log_likelihood_with_bos(smollm2):
+    from partial_lora.causal_lm import CausalLM
+    from partial_lora.data.collate import ChoiceCollate
+    from partial_lora.stages.base import load_data
+
+    net, tok = smollm2
+    data = load_data(C.validate(_compose("experiment=offline-smollm2")))
+    rows = [data.test[i] for i in range(3)] + [
+        {"prompt": "Question: What is the capital of France?\nAnswer:", "choices": ["Paris", "the city of Lyon", "Rome"],
+         "label": 0},
+        {"prompt": "The opposite of hot is", "choices": ["cold", "lukewarm water"], "label": 0}]
+    model = CausalLM(net, 3)
+    with torch.no_grad():
+        scores = model(ChoiceCollate(tok, 128, shared_prompt=False)(rows))
+        shared = model(ChoiceCollate(tok, 128)(rows[:3]))
+    for i, row in enumerate(rows):
+        prompt = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        for j, choice in enumerate(row["choices"]):
+            # The brute force: BOS (<|im_start|>, which plr puts first) + prompt + " choice" as the tokenizer
+            # splits it, every answer token's log-probability from the full logits.
+            ids = [tok.bos_token_id] + tok(f"{row['prompt']} {choice}", add_special_tokens=False)["input_ids"]
+            assert ids[0] == 1 and ids[1:len(prompt) + 1] == prompt
+            with torch.no_grad():
+                logp = net(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+            expected = sum(float(logp[t - 1, ids[t]]) for t in range(len(prompt) + 1, len(ids)))
+            assert float(scores[i, j]) == pytest.approx(expected, abs=2e-4), (i, j)
+            if i < 3:
+                assert float(shared[i, j]) == pytest.approx(expected, abs=2e-4)
+        assert all(float(s) == float("-inf") for s in scores[i, len(row["choices"]):])
+    assert int(scores[3].argmax()) == 0  # Paris
