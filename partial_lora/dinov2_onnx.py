@@ -262,7 +262,9 @@ def write_entry(model: Any, out: Any, config: Mapping[str, Any] = VITS, check_si
     import torch
     from safetensors.torch import save_file
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the per-tensor loading bar
     state = {k: torch.from_numpy(v.copy()) for k, v in backbone_state(model, config).items()}
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     hf_config = Dinov2Config(**hub_config(config))

@@ -49,8 +49,10 @@ def convert(gguf: Path, out: Path, expected: Mapping[str, Any] = SMOLLM2) -> Non
     """Dequantise the GGUF at `gguf` into a `LlamaForCausalLM` + tokenizer folder at `out`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
     check_metadata(gguf, expected)
+    hf_logging.disable_progress_bar()  # the per-tensor dequantising and loading bars
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     if not isinstance(model, LlamaForCausalLM):
