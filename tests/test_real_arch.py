@@ -580,7 +580,21 @@ def _train(tmp_path, *overrides):
                            "trainer.progress=false", f"run_dir={run_dir}", *overrides], capture_output=True, text=True,
                           env=env, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads((run_dir / "metrics.json").read_text())
+    return json.loads((run_dir / "results.json").read_text())["metrics"]
+
+
+@pytest.mark.slow
+def test_real_dinov2_lora_learns_digits_well_above_head_only(tmp_path):
+    """A short LoRA run (2 epochs, 300 val and 300 test digits) against the head alone on the same
+    recipe. Measured on the full recipe (3 epochs, 1,000 test digits, seed 0): head 0.680, LoRA r=8 0.881."""
+    needs("dinov2-vits")
+    needs("mnist-5k")
+    short = ("trainer.epochs=2", "+task.max_eval_samples=300")
+    head = _train(tmp_path, "adapter=head", *short)
+    lora = _train(tmp_path, "adapter=lora", *short)
+    assert head["test_examples"] == lora["test_examples"] == 300
+    assert lora["test_accuracy"] >= head["test_accuracy"] + 0.1, (head, lora)
+    assert lora["test_accuracy"] >= 0.75
 
 
 @pytest.fixture(scope="module")
