@@ -98,26 +98,29 @@ def backbone_state(model: Any, config: Mapping[str, Any] = VITS) -> dict[str, np
     for name, tensor in inits.items():
         if name.startswith(SCOPE + "."):
             put(name[len(SCOPE) + 1:], numpy_helper.to_array(tensor), name)
-    class_part = grid_part = None
+    position: dict[str, np.ndarray] = {}  # "class" and "grid", the two parts of the position embedding
     for node in graph.node:
         anonymous = [i for i in node.input if i.startswith(ANONYMOUS) and i in inits]
         if not anonymous:
             continue
-        (name,) = anonymous if len(anonymous) == 1 else (None,)
-        if name is None:
+        if len(anonymous) != 1:
             raise ValueError(f"ONNX node {node.name} reads {len(anonymous)} anonymous tensors, not one")
+        name = anonymous[0]
         value = numpy_helper.to_array(inits[name])
+        embeddings = node.name.startswith(f"/{SCOPE}/embeddings/")
         matmul = _MATMUL.match(node.name) if node.op_type == "MatMul" else None
         if matmul:  # `/backbone/encoder/layer.3/mlp/fc1/MatMul`: [in, out] -> the Linear's [out, in] weight
             module = matmul["module"].replace("/", ".")
             put(f"{module}.weight", np.ascontiguousarray(value.T), node.name)
-        elif node.name.startswith(f"/{SCOPE}/embeddings/") and node.op_type == "Concat" and value.shape[:2] == (1, 1):
-            class_part = value
-        elif node.name.startswith(f"/{SCOPE}/embeddings/") and node.op_type == "Reshape" and value.ndim == 3:
-            grid_part = value
+        elif embeddings and node.op_type in ("Concat", "Reshape") and value.ndim == 3:
+            part = "class" if node.op_type == "Concat" and value.shape[:2] == (1, 1) else "grid"
+            if part in position or (part == "grid" and node.op_type != "Reshape"):
+                raise ValueError(f"ONNX node {node.name} reads a second or unexpected position-embedding part")
+            position[part] = value
         elif node.name.startswith(f"/{SCOPE}/"):
             raise ValueError(f"ONNX node {node.name} ({node.op_type}) reads the anonymous tensor {name}, which "
                              "this converter does not know")
+    class_part, grid_part = position.get("class"), position.get("grid")
     if class_part is None or grid_part is None:
         raise ValueError("the ONNX graph has no split position embedding (a [1, 1, D] class part read by a Concat "
                          "and a [1, G*G, D] grid read by a Reshape under /backbone/embeddings/)")
