@@ -309,6 +309,6 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
            license="Apache-2.0 (the package's LICENSE)"),
     Source("elpv", (Package("elpv-dataset", "1.0.0.post1"),), build_elpv, ("elpv.parquet", "LICENSE.md"),
            provides=("elpv-defect", "elpv-type"),
-           about="2,624 electroluminescence images of solar cells (300x300 grayscale): defect probability, mono/poly",
+           about="2,624 electroluminescence images of solar cells (300x300 grayscale); CC-BY-NC-SA-4.0, non-commercial",
            license="CC-BY-NC-SA-4.0: non-commercial use only (LICENSE.md in the entry)"),
 )}
