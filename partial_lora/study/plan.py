@@ -48,8 +48,9 @@ class Arm:
 
     `needs_partial`: it reads that run (its budget or its allocation). `probes`: it probes and
     allocates itself, so its tuned runs reuse its untuned run's probe and allocation. `keeps`: keys
-    of its own that a variant's overrides do not replace (the SNIP arms keep their mask method).
-    `tuned`: a tuning grid applies to it.
+    of its own that a variant's overrides do not replace (a key, or a prefix ending in '.'): the SNIP
+    arms keep their mask method, the SHiRA arms their mask and one scale, the rank-1-budget arm its
+    budget. `tuned`: a tuning grid applies to it.
     """
 
     name: str
@@ -62,6 +63,9 @@ class Arm:
 
 
 SNIP_KEEPS = ("adapter.mask.method", "adapter.mask.granularity")
+# SHiRA draws its own mask (adapter.shira), and its PEFT layers have no per-layer scale to apply.
+SHIRA_KEEPS = ("adapter.mask.", "retrain.lr_scale_per_layer")
+BUDGET_KEYS = ("adapter.allocation.budget", "adapter.match.")
 
 ARMS: dict[str, Arm] = {a.name: a for a in (
     # Not tuned: no adapter, and its head learns at the rate every arm's head shares.
@@ -77,14 +81,14 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("lora-matched", "dense LoRA at the rank closest to Partial-LoRA's budget",
         lambda p: ["adapter=lora_matched", f"adapter.match.run={p}"], needs_partial=True),
     Arm("partial-r32-rank1", "Partial-LoRA at r=32 rescaled to the budget of a dense rank-1 LoRA",
-        lambda p: ["adapter.r=32", "adapter.match.rank=1"], probes=True),
+        lambda p: ["adapter.r=32", "adapter.match.rank=1"], probes=True, keeps=BUDGET_KEYS),
     Arm("lora-r1", "dense LoRA r=1", lambda p: ["adapter=lora", "adapter.r=1"]),
     Arm("peft-lora", "PEFT's LoRA r=8 (cross-check of plr's layer)", lambda p: ["adapter=peft_lora"]),
     # The peer methods a user would pick instead, at Partial-LoRA's budget (docs/method.md, "Peer methods").
     Arm("shira-random", "Random Masking: PEFT's SHiRA with a random mask at Partial-LoRA's budget",
-        lambda p: ["adapter=shira_random", f"adapter.match.run={p}"], needs_partial=True),
+        lambda p: ["adapter=shira_random", f"adapter.match.run={p}"], needs_partial=True, keeps=SHIRA_KEEPS),
     Arm("shira-snip", "PEFT's SHiRA with a SNIP mask at Partial-LoRA's budget",
-        lambda p: ["adapter=shira_snip", f"adapter.match.run={p}"], needs_partial=True),
+        lambda p: ["adapter=shira_snip", f"adapter.match.run={p}"], needs_partial=True, keeps=SHIRA_KEEPS),
     Arm("snip-rows", "TASO-style rows/cols of largest SNIP importance at one ratio, at Partial-LoRA's budget",
         lambda p: ["adapter=snip", f"adapter.match.run={p}"], needs_partial=True, keeps=SNIP_KEEPS),
     # At Partial-LoRA's own per-layer allocation (named like partial-random: '@' would read as a variant).
@@ -101,11 +105,14 @@ VARIANT_ARMS = (PARTIAL, "partial-random", "uniform", "lora-matched", "partial-r
 # variant's own budget keys (how *it* picks its budget, e.g. allocator=proportional with a budget) stay off
 # them: given both, a run refuses two budgets.
 MATCHED_CONTROLS = ("uniform", "lora-matched", "snip-rows", "shira-random", "shira-snip")
-BUDGET_KEYS = ("adapter.allocation.budget", "adapter.match.")
 
 
 def _key(override: str) -> str:
     return override.lstrip("+").split("=", 1)[0]
+
+
+def _kept(key: str, keeps: tuple[str, ...]) -> bool:
+    return any(key.startswith(k) if k.endswith(".") else key == k for k in keeps)
 
 
 def _sets_budget(override: str) -> bool:
@@ -277,7 +284,7 @@ class _Planner:
             # it are skipped); its controls add any key their adapter lacks (lora_matched has no
             # adapter.allocation node). An arm's own keys (the SNIP arms' mask method) stay its own.
             own += [o if arm == PARTIAL else f"++{o.lstrip('+')}" for o in sel.variant_overrides
-                    if not (arm in MATCHED_CONTROLS and _sets_budget(o)) and _key(o) not in a.keeps]
+                    if not (arm in MATCHED_CONTROLS and _sets_budget(o)) and not _kept(_key(o), a.keeps)]
         after = (partial,) if a.needs_partial else ()
         tail: tuple[str, ...] = ()
         if tuned is not None:
