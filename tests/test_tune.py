@@ -196,7 +196,7 @@ def test_the_grid_runs_on_seed_0_and_the_other_seeds_at_its_choice_made_on_valid
         last_grid = max(ran.index((f"{arm}+retrain.lr+{v}", "seed0")) for v in VAL[arm])
         assert ran.index((f"{arm}+retrain.lr+{value}", "seed1")) > last_grid  # after the grid ended
     assert not [a for a, _ in ran if a.startswith("head+")]
-    assert any(f"the grid chose lora+retrain.lr+0.005 for rt-polarity" in m for m in lines)
+    assert any("the grid chose lora+retrain.lr+0.005 for rt-polarity" in m for m in lines)
     # the same command again: everything is reused
     calls.clear()
     assert execute(jobs, runner=runner, echo=lambda m: None) == [] and calls == []
@@ -213,7 +213,7 @@ def test_the_grid_runs_on_seed_0_and_the_other_seeds_at_its_choice_made_on_valid
            "0.01 0.7000 -> 0.002" in out
     assert "19 runs planned (9 at the shared setting, 6 on the tuning grid, 4 at the grid's choice), 19 finished " \
            "already" in out
-    assert f"reuse plr train" in out and "wait " not in out and f"run_dir={runs}/lora+retrain.lr+0.005/seed2" in out
+    assert "reuse plr train" in out and "wait " not in out and f"run_dir={runs}/lora+retrain.lr+0.005/seed2" in out
 
 
 def test_a_failed_grid_value_is_left_out_of_the_choice(tmp_path):
