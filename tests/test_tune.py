@@ -131,6 +131,10 @@ def test_the_tuning_plan_is_the_grid_on_the_choice_seed_and_the_other_seeds_wait
     assert [(j.arm, j.seed) for j in one] == [("partial-r32-rank1", 2), ("partial-r32-rank1", 0),
                                               *(("partial-r32-rank1+retrain.lr+" + v, 0) for v in ("0.002", "0.005", "0.01")),
                                               ("partial-r32-rank1+retrain.lr+{choice}", 2)]
+    # an arm's Partial-LoRA run, added because the arm reads it, is not tuned unless asked for
+    only = plan(tmp_path, Selection(suites=["fair-minilm"], tasks=["rt-polarity"], seeds=[0], arms=["uniform"],
+                                    tune=G.parse(GRID)))
+    assert [j.arm for j in only] == ["partial", "uniform", *(f"uniform+retrain.lr+{v}" for v in ("0.002", "0.005", "0.01"))]
     # the suite's tune: is the default; --tune none turns it off
     assert len(plan(tmp_path, Selection(suites=["fair-minilm"], tasks=["rt-polarity"], seeds=[0]))) == 12 + 11 * 5
     assert len(plan(tmp_path, Selection(suites=["fair-minilm"], tasks=["rt-polarity"], seeds=[0], tune=None))) == 12

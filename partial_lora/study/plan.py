@@ -247,11 +247,13 @@ def plan(out: Path, sel: Selection) -> list[Job]:
         if tune is None:
             continue
         first = min(suite.seeds)  # the choice seed
-        tuned = [a for a in arms if ARMS[a].tuned]
+        asked = sel.arms if sel.arms is not None else suite.arms  # not a Partial-LoRA run added for its readers
+        tuned = [a for a in arms if ARMS[a].tuned and a in asked]
+        read = {a for a in tuned if ARMS[a].probes}  # the untuned runs the grid reads ...
+        read |= {PARTIAL} if any(ARMS[a].needs_partial for a in tuned) else set()
         for task in map(suite.task, tasks):
             grid = {arm: [plan_one.job(task, arm, first, (tune.key, v)) for v in tune.values] for arm in tuned}
-            # The untuned runs the grid reads (Partial-LoRA's, an arm's own probe), when --seeds left them out.
-            read = {a for a in tuned if ARMS[a].probes} | ({PARTIAL} if any(ARMS[a].needs_partial for a in tuned) else set())
+            # ... are planned on the choice seed too when --seeds left it out
             jobs += [plan_one.job(task, arm, first) for arm in arms if first not in seeds and arm in read]
             jobs += [j for arm in tuned for j in grid[arm]]
             for seed in (s for s in seeds if s != first):
