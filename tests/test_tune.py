@@ -72,6 +72,16 @@ def test_a_bad_grid_is_one_line(text, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_suites_tune_is_checked_where_the_file_is_read():
+    from partial_lora.study.suite import parse
+
+    suite = {"model": "minilm", "tasks": ["rt-polarity"], "seeds": [0, 1], "arms": ["lora"]}
+    assert parse({**suite, "tune": "retrain.lr=1e-2,3e-3"}, "mine").tune == G.Tune("retrain.lr", ("0.003", "0.01"))
+    assert parse(suite, "mine").tune is None
+    with pytest.raises(PlrError, match=r"suite mine.tune: retrain.lr: 'x' is not a number.*; fix the suite file"):
+        parse({**suite, "tune": "retrain.lr=1e-2,x"}, "mine")
+
+
 def test_bad_grids_and_unknown_arms_are_one_plr_error_line_each(tmp_path, capsys):
     from partial_lora.commands import study_command
 
