@@ -377,3 +377,16 @@ def test_retrain_lr_is_the_adapters_rate_for_every_adapter_kind_and_the_head_kee
 
         with pytest.raises(PlrError, match="retrain.lr must be a positive learning rate"):
             validate(compose("config", overrides=["retrain.lr=0"]))
+
+
+def test_a_study_restored_from_the_ledger_whole_reruns_nothing(tmp_path):
+    """After the fair study, its runs merged into the ledger and restored (slim dirs, no probe): the same command
+    finds every run, the tuned ones too, and materialises nothing."""
+    jobs = plan(tmp_path, Selection(suites=["fair-minilm"], tasks=["rt-polarity"], seeds=[0, 1], arms=["partial"],
+                                    tune=G.parse("retrain.lr=2e-3,1e-2")))
+    for j in (j.at("0.01") if j.waits else j for j in jobs):
+        fake(j.run_dir, 0.8 if j.arm.endswith("0.01") else 0.7)
+        (j.run_dir / RESTORED).write_text("restored\n")
+    calls = []
+    assert execute(jobs, runner=lambda j: calls.append(j) or 0, echo=lambda m: None) == [] and calls == []
+    assert all((j.run_dir / RESTORED).exists() for j in jobs if not j.waits)

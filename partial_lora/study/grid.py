@@ -35,7 +35,8 @@ CHOICE = "{choice}"      # the value in a run that waits on the choice (its dir 
 KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 # Keys the study sets itself on every run: a grid over them would mean another study.
 STUDY_KEYS = ("seed", "run_dir", "label", "from_run", "model", "task", "experiment", "out_root", "name")
-EXAMPLE = "--tune retrain.lr=2e-3,5e-3,1e-2,2e-2,5e-2"
+EXAMPLE_GRID = "retrain.lr=2e-3,5e-3,1e-2,2e-2,5e-2"
+EXAMPLE = f"--tune {EXAMPLE_GRID}"
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,8 @@ def restored_sources(jobs: Sequence[Job]) -> dict[Path, int]:
     planned = {j.run_dir for j in jobs}
     out: dict[Path, int] = {}
     for job in jobs:
-        if not job.waits and finished(job.run_dir) is not None:
+        known = resolve(job, complete=True) if job.waits else job
+        if known is not None and finished(known.run_dir) is not None:
             continue
         for src in stage_sources(job):
             if src in planned and (src / RESTORED).exists():
@@ -184,7 +185,7 @@ def check(jobs: Sequence[Job]) -> None:
                     _, key, value = G.split(job.arm)
                     raise PlrError(f"--tune {key}: {key}={value} does not compose for arm '{name}' "
                                    f"({why.rstrip('.')}); give a key of plr train's config (plr train --help), e.g. "
-                                   f"{G.EXAMPLE[7:]}") from None
+                                   f"{G.EXAMPLE_GRID}") from None
                 hint = (" (a key this arm's config lacks: set it for the arms that have it, in the suite's "
                         "arm_overrides, or add it with ++key=value)" if why.startswith("Could not override") else "")
                 raise PlrError(f"{what} of the study does not compose ({why.rstrip('.')}){hint}; fix its overrides in "
