@@ -7,7 +7,9 @@ Run dirs live on one machine; a lost machine loses every figure that only they h
 `<out>/runs/<model>/<task>/<arm>/seed<n>/results.json` and merges each complete run into the
 ledger, one JSON line per run, keyed by (model, task, arm, seed): a run already there is replaced
 by its newer record. Each line keeps what the tables read (the main metric, the val/test metrics,
-adapter parameters, wall time per stage) and where it came from (the plr commit, the date).
+adapter parameters, wall time per stage, the retrain's peak memory) and where it came from (the plr
+commit, the date). An arm is its run dir's name as it is: `partial@gain` (a variant), `partial+retrain.lr+0.01`
+(a tuned run of `plr study --tune`).
 
 Each run's test-split predictions (what the paired bootstrap CIs of `plr study` pair example by
 example) are kept beside the ledger, `<ledger dir>/predictions/<model>/<task>/<arm>/seed<n>.parquet`,
@@ -26,7 +28,7 @@ import json
 import time
 from pathlib import Path
 
-KEEP = ("main_metric", "metrics", "params", "wall_s", "label", "git")
+KEEP = ("main_metric", "metrics", "params", "wall_s", "peak_memory", "label", "git")
 PREDICTIONS = Path("evaluate") / "predictions.parquet"  # a run dir's per-example predictions (artifacts.py)
 RESTORED = "RESTORED"  # marks a slim run dir written by --restore
 

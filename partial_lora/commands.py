@@ -156,6 +156,13 @@ def study_parser() -> argparse.ArgumentParser:
                         "lora-matched match its budget); the other arms are shared with the default reading")
     parser.add_argument("--set", dest="variant_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="an override of the --variant (repeat for several)")
+    parser.add_argument("--tune", metavar="KEY=V1,V2,...", help="tune a setting per arm, e.g. --tune "
+                        "retrain.lr=2e-3,5e-3,1e-2,2e-2,5e-2: for each (task, arm) every value runs on the choice "
+                        "seed (the suite's smallest seed, 0 in every built-in suite), the value with the best "
+                        "validation main metric is chosen (ties to the smaller; no test number chooses), and the "
+                        "other seeds run at it (the chosen value's choice-seed run is reused). Runs go to "
+                        "<arm>+KEY+VALUE/seed<n>; the arm's own dir keeps the shared setting. The head arm is not "
+                        "tuned. Overrides the suite's tune:; --tune none turns it off")
     parser.add_argument("--out", type=Path, metavar="DIR", help="the study folder (default: the suite's, "
                         "outputs/study for the offline suites, else outputs/study-<suite>)")
     parser.add_argument("--jobs", type=count, metavar="N", help="run up to N runs at once on this machine's CPU; "
@@ -219,28 +226,68 @@ def _slots_and_launcher(args: argparse.Namespace, out: Path):
     return S.cpu_slots(1 if args.jobs is None else args.jobs), S.Processes, None
 
 
+def _grid_lines(jobs: list) -> list[str]:
+    """One line per (task, arm) tuning grid: each value's validation score on the choice seed, and the choice."""
+    from partial_lora.study import grid as G
+    from partial_lora.study.run import finished, val_score
+
+    grids: dict[tuple, list] = {}
+    for job in jobs:
+        base, key, value = G.split(job.arm)
+        if key is not None and not job.waits:
+            grids.setdefault((job.model, job.task, base, key, job.seed), []).append((value, job.run_dir))
+    lines = []
+    for (model, task, arm, key, seed), runs in grids.items():
+        scores = {v: val_score(finished(d)) for v, d in runs}
+        done = sum(finished(d) is not None for _, d in runs)
+        cells = " · ".join(f"{v} {'-' if scores[v] is None else format(scores[v], '.4f')}" for v, _ in runs)
+        choice = (f"-> {G.choose(scores)}" if done == len(runs) else
+                  f"-> chosen when the grid has run ({done} of {len(runs)} finished)")
+        lines.append(f"tune  {model}/{task}/{arm} {key} on seed {seed} (validation): {cells} {choice}")
+    return lines
+
+
 def _print_plan(jobs: list, slots: list, resources: dict | None) -> None:
-    from partial_lora.study.run import finished, stale
+    from partial_lora.study import grid as G
+    from partial_lora.study.run import finished, grid_state, resolve, restored_sources, stale
 
     groups: dict[str, list] = {}
     for job in jobs:
         groups.setdefault(job.model, []).append(job)
     for model, js in groups.items():
-        tasks, arms, seeds = ({getattr(j, k) for j in js} for k in ("task", "arm", "seed"))
-        print(f"[plr] study: {model}: {len(tasks)} task(s) x {len(arms)} arm(s) x {len(seeds)} seed(s) = "
-              f"{len(js)} runs")
+        tasks, seeds = ({getattr(j, k) for j in js} for k in ("task", "seed"))
+        arms = {G.split(j.arm)[0] for j in js}
+        tuned = any(G.split(j.arm)[1] for j in js)
+        print(f"[plr] study: {model}: {len(tasks)} task(s) x {len(arms)} arm(s) x {len(seeds)} seed(s)"
+              + (f", and the tuning grid: {len(js)} runs" if tuned else f" = {len(js)} runs"))
     submit = None if resources is None else "[slurm " + " ".join(f"{k}={v}" for k, v in resources.items()) + "] "
     print(f"[plr] study: {len(slots)} at a time" + (f" ({', '.join(s.name for s in slots)})" if submit is None else
                                                      ", each run one SLURM job with the resources shown"))
-    n_done = 0
+    restored = restored_sources(jobs)
+    n_done, kinds = 0, {"shared": 0, "grid": 0, "choice": 0}
     for job in jobs:
-        done = finished(job.run_dir) is not None
+        kinds["choice" if job.waits else "shared" if G.split(job.arm)[1] is None else "grid"] += 1
+        if job.waits:
+            known = resolve(job, complete=True)
+            if known is None:
+                state = grid_state(job)
+                print(f"wait  {' '.join(job.command())}   # at the grid's choice ({sum(d for _, d, _ in state)} of "
+                      f"{len(state)} grid runs finished)")
+                continue
+            job = known
+        done = finished(job.run_dir) is not None and job.run_dir not in restored
         diff = stale(job) if done else {}
         n_done += done
         state = "run  " if not done else "stale" if diff else "reuse"
-        why = f"   # made with {RD.describe(diff, limit=4)}" if diff else ""
+        why = (f"   # made with {RD.describe(diff, limit=4)}" if diff else
+               f"   # restored from the ledger: runs again, {restored[job.run_dir]} run(s) reuse its probe and "
+               "allocation" if job.run_dir in restored else "")
         print(f"{state} {submit if submit and state != 'reuse' else ''}{' '.join(job.command())}{why}")
-    print(f"[plr] study: {len(jobs)} runs planned, {n_done} finished already")
+    for line in _grid_lines(jobs):
+        print(line)
+    tuned = (f" ({kinds['shared']} at the shared setting, {kinds['grid']} on the tuning grid, {kinds['choice']} at "
+             "the grid's choice)" if kinds["grid"] else "")
+    print(f"[plr] study: {len(jobs)} runs planned{tuned}, {n_done} finished already")
 
 
 def study_command(argv: list[str]) -> int:
@@ -257,7 +304,10 @@ def study_command(argv: list[str]) -> int:
         if args.suite is not None and args.model is not None:
             raise PlrError("--model is another name for --suite; give one of them")
         named = args.suite if args.suite is not None else args.model
-        sel = ST.Selection(named, args.tasks, args.seeds, args.arms, extra, args.variant, args.variant_overrides)
+        from partial_lora.study import grid as G
+
+        tune = True if args.tune is None else G.parse(args.tune)
+        sel = ST.Selection(named, args.tasks, args.seeds, args.arms, extra, args.variant, args.variant_overrides, tune)
         suites = sel.resolved()
         out = _study_folder(args, suites)
         jobs = ST.plan(out, sel)

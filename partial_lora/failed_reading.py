@@ -81,18 +81,20 @@ def floor_line(allocation: Mapping[str, Any], grid: list[float], adapter_params:
 
 
 def constant_line(metric: str, value: float | None, level: float | None, n: int | None, lr: float,
-                  scale: float | None, sparse: bool) -> str | None:
-    """The line for a validation score near the constant-prediction level (None: it is not)."""
+                  scale: float | None, sparse: bool, lr_key: str = "trainer.lr") -> str | None:
+    """The line for a validation score near the constant-prediction level (None: it is not). `lr_key`
+    names the setting `lr` came from (`retrain.lr`, when set, is the adapter's rate with no scale)."""
     if value is None or level is None or not n:
         return None
     tol = tolerance(metric, level, n)
     if value > level + tol:
         return None
     what = "a constant prediction's score" if metric in CORRELATIONS else "always predicting one class"
-    rate = f"trainer.lr {lr:g}" + ("" if scale is None or scale == 1 else
-                                   f" x retrain.adapter_lr_scale {scale:.2f} = {lr * scale:.3g}")
-    fix = "a trainer.lr chosen on the validation split" + (
-        " (or retrain.lr_scale_per_layer=true, which kept the study's sparse runs from collapsing)" if sparse else "")
+    rate = f"{lr_key} {lr:g}" + ("" if scale is None or scale == 1 else
+                                 f" x retrain.adapter_lr_scale {scale:.2f} = {lr * scale:.3g}")
+    fix = f"a {lr_key} chosen on the validation split" + (
+        " (or retrain.lr_scale_per_layer=true, which kept the study's sparse runs from collapsing)"
+        if sparse and lr_key == "trainer.lr" else "")
     return (f"failed reading: validation {metric} {value:.4f} is within {tol:.3f} of {level:.4f}, what {what} "
             f"scores on the {n} validation examples; likely cause: the adapter's learning rate ({rate}): too high "
             f"collapses training to one answer, too low never leaves it; avoid it with {fix}")

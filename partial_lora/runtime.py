@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -31,6 +32,29 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise PlrError(f"device '{name}' asked for but CUDA is not available; set trainer.device=cpu or auto")
     return torch.device(name)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting the peak of `peak_memory` here (CUDA; a process's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, float | str | None]:
+    """The peak memory of the training: on CUDA the most tensor memory allocated on the device since
+    `reset_peak_memory` (`cuda_max_allocated`); elsewhere the process's peak resident set size
+    (`max_rss`, from `resource.getrusage`), which counts everything the process ever held: the model,
+    the data, Python, and the stages that ran before in the same process."""
+    if device.type == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                "peak_memory_measure": "cuda_max_allocated"}
+    try:
+        import resource
+    except ImportError:  # not on Unix: no measure
+        return {"peak_memory_mb": None, "peak_memory_measure": None}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"peak_memory_mb": rss / 2**20 if sys.platform == "darwin" else rss / 2**10,
+            "peak_memory_measure": "max_rss"}
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:

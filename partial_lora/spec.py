@@ -54,14 +54,22 @@ class RetrainConfig:
         lr_scale_cap: the cap of `auto`.
         lr_scale_per_layer: with `auto`, use each layer's own kept density instead of the
             adapter's overall density (a dense layer then keeps the base learning rate).
+        lr: the adapter's learning rate in the retrain [ours], replacing `trainer.lr` times
+            `adapter_lr_scale` (and `lr_scale_per_layer`); the head keeps `trainer.head_lr` (or
+            `trainer.lr`), the probe the trainer's. None: today's rate. What `plr study --tune
+            retrain.lr=...` chooses per arm on validation.
     """
 
     init: str = "rewind"
     adapter_lr_scale: float | str = "auto"
     lr_scale_cap: float = 8.0
     lr_scale_per_layer: bool = False
+    lr: float | None = None
 
     def __post_init__(self) -> None:
+        if self.lr is not None and self.lr <= 0:
+            raise PlrError(f"retrain.lr must be a positive learning rate (or null: trainer.lr x "
+                           f"retrain.adapter_lr_scale), got {self.lr}")
         if self.init not in ("rewind", "fresh"):
             raise PlrError(f"retrain.init must be rewind or fresh, got '{self.init}'")
         s = self.adapter_lr_scale

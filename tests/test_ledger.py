@@ -90,3 +90,32 @@ def test_predictions_outlive_the_run_dirs_and_restore_gives_the_claims_table(tmp
         rec["seed"] = 9
         into.write_text(into.read_text() + json.dumps(rec) + "\n")
         ledger.restore(into, dest)
+
+
+def test_tuned_runs_and_their_peak_memory_go_through_the_ledger_and_the_choice_reads_them_back(tmp_path):
+    """A tuned run's arm dir (`<arm>+<key>+<value>`) is an arm like any other in the ledger; its record keeps the
+    retrain's peak memory, and the restored dirs give the same choice."""
+    import pandas as pd
+
+    from partial_lora.study import choice as CH
+    from partial_lora.study.claims import collect
+    from partial_lora.study.run import RESTORED
+
+    ledger = load_script("ledger")
+    assert ledger.RESTORED == RESTORED  # the mark the study reads is the one the ledger writes
+    out, into = tmp_path / "study", tmp_path / "docs/results/runs.jsonl"
+    for arm, acc in (("partial", 0.7), ("partial+retrain.lr+0.002", 0.72), ("partial+retrain.lr+0.01", 0.8)):
+        run = write_run(out, "minilm", "rt-polarity", arm, 0, acc)
+        results = json.loads((run / "results.json").read_text())
+        (run / "results.json").write_text(json.dumps({**results, "peak_memory": {"mb": 812.5, "measure": "max_rss"}}))
+        (run / "evaluate").mkdir()
+        pd.DataFrame({"split": "test", "index": range(4), "label": [0, 1, 0, 1], "prediction": [0, 1, 1, 1]}).to_parquet(
+            run / "evaluate/predictions.parquet", index=False)
+    assert ledger.merge(out, into) == (3, 3)
+    rec = ledger.read(into)[("minilm", "rt-polarity", "partial+retrain.lr+0.01", 0)]
+    assert rec["peak_memory"] == {"mb": 812.5, "measure": "max_rss"}
+    assert ledger.restore(into, tmp_path / "restored") == 3
+    for where in (out, tmp_path / "restored"):
+        (found,) = CH.choices(collect(where))
+        assert (found.arm, found.key, found.value, found.scores, found.shared) == (
+            "partial", "retrain.lr", "0.01", {"0.002": 0.72, "0.01": 0.8}, 0.7)

@@ -169,3 +169,16 @@ def test_matching_at_the_ledgers_minilm_budgets():
         assert sum(PB.shira_counts(b, {la.name: (384, 384) for la in layers}).values()) == b
         uniform = AL.rescale_to_budget(AL.uniform(layers, 8, 0.5), b).params()
         assert abs(uniform - b) <= 0.02 * b and (b % 192 or uniform == b)
+
+
+def test_an_unfinished_shira_run_is_expected_to_run_extract_retrain_and_evaluate(tmp_path):
+    """`plr report` lists what an unfinished run has still to do from its config: a SHiRA whose mask plr draws
+    runs extract too (its mask), not only retrain and evaluate."""
+    from partial_lora.report.runs import expected_stages
+
+    with initialize_config_module("partial_lora.conf", version_base="1.3"):
+        for adapter, stages in (("adapter=shira_random", ["extract", "retrain", "evaluate"]),
+                                ("adapter=shira", ["retrain", "evaluate"]), ("adapter=lora", ["retrain", "evaluate"])):
+            cfg = compose("config", overrides=[*FAST, adapter, "adapter.match.budget=300"] if "random" in adapter
+                          else [*FAST, adapter])
+            assert expected_stages(None, cfg, tmp_path) == stages, adapter

@@ -184,7 +184,9 @@ def expected_stages(results: dict[str, Any] | None, cfg: DictConfig | None, run_
         from partial_lora.stages import stages_for
 
         try:  # only what decides the stages: a report reads runs whatever else their config holds
-            return stages_for(C.sparsity(cfg), C.mask_config(cfg).method, C.allocation_config(cfg).allocator)
+            peft = C.peft_spec(cfg)
+            return stages_for(C.sparsity(cfg), C.mask_config(cfg).method, C.allocation_config(cfg).allocator,
+                              peft.shira_mask if peft is not None else None)
         except (PlrError, OmegaConfBaseException):
             pass
     return [s for s in A.STAGES if A.stage_dir(run_dir, s).is_dir()]

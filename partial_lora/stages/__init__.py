@@ -57,18 +57,20 @@ REGISTRY: dict[str, StageFn] = {
 def plan(spec: RunSpec) -> list[str]:
     """The stages a run runs, in order (see `stages_for`); a SHiRA whose mask plr draws
     (`adapter.shira.mask`) runs extract (the mask), retrain and evaluate."""
-    if spec.peft is not None and spec.peft.shira_mask is not None:
-        return [A.EXTRACT, A.RETRAIN, A.EVALUATE]
-    return stages_for(spec.sparsity, spec.mask.method, spec.allocation.allocator)
+    return stages_for(spec.sparsity, spec.mask.method, spec.allocation.allocator,
+                      spec.peft.shira_mask if spec.peft is not None else None)
 
 
-def stages_for(sp: float | str, mask_method: str, allocator: str) -> list[str]:
+def stages_for(sp: float | str, mask_method: str, allocator: str, shira_mask: str | None = None) -> list[str]:
     """The stages of a run with this sparsity, mask method and allocator, in order.
 
     Dense LoRA (sparsity 0): retrain, evaluate. Uniform sparsity (a number): allocate, extract,
     retrain, evaluate, with no probe unless the masks need one (probe_magnitude).
-    `sparsity=auto`: all five, the probe only when the allocator or masks read it.
+    `sparsity=auto`: all five, the probe only when the allocator or masks read it. A SHiRA whose
+    mask plr draws (`shira_mask`): extract (the mask), retrain, evaluate.
     """
+    if shira_mask is not None:
+        return [A.EXTRACT, A.RETRAIN, A.EVALUATE]
     if sp == 0:
         return [A.RETRAIN, A.EVALUATE]
     needs_probe = mask_method == "probe_magnitude" or (sp == "auto" and allocator in NEEDS_PROBE)
@@ -185,6 +187,7 @@ def collect_results(spec: RunSpec, run_dir: Path, stages: dict[str, dict[str, An
     if stages.get(A.RETRAIN, {}).get("rank") is not None:  # lora_matched chooses its rank at run time
         adapter["r"] = int(stages[A.RETRAIN]["rank"])
     dense, sparse = ev.get("dense_lora_params"), ev.get("adapter_params")
+    rt = stages.get(A.RETRAIN, {})  # its peak memory: the training's (runtime.peak_memory)
     return {
         "status": "complete" if all(s in stages for s in plan(spec)) else "incomplete",
         "run_dir": str(run_dir), "name": str(settings["name"]), "label": str(settings.get("label") or adapter["name"]),
@@ -201,6 +204,8 @@ def collect_results(spec: RunSpec, run_dir: Path, stages: dict[str, dict[str, An
         "allocation": {k: al.get(k) for k in ("allocator", "metric", "ratio_min", "ratio_median", "ratio_max", "a_ref", "a_0",
                                              "target", "joint_accuracy", "floor_share", "evaluations")} if al else None,
         "wall_s": {s: m.get("wall_s") for s, m in stages.items()},
+        "peak_memory": None if rt.get("peak_memory_mb") is None else
+        {"mb": rt["peak_memory_mb"], "measure": rt.get("peak_memory_measure")},
         "stages": {s: {k: v for k, v in m.items() if k != "history"} for s, m in stages.items()},
         "failed_reading": failed_reading(spec, run_dir, stages),
     }
@@ -216,8 +221,10 @@ def failed_reading(spec: RunSpec, run_dir: Path, stages: dict[str, dict[str, Any
         grid = A.read_json(path).get("grid") or []
         lines.append(FR.floor_line(al, grid, ev.get("adapter_params", al.get("params")), spec.allocation.relative_to))
     main = spec.main_metric
+    lr, scale, key = ((spec.retrain.lr, None, "retrain.lr") if spec.retrain.lr is not None else
+                      (spec.train.lr, rt.get("adapter_lr_scale"), "trainer.lr"))
     lines.append(FR.constant_line(main, ev.get(f"val_{main}"), ev.get("constant_level"), ev.get("constant_n"),
-                                  spec.train.lr, rt.get("adapter_lr_scale"), spec.sparse))
+                                  lr, scale, spec.sparse, lr_key=key))
     return [line for line in lines if line]
 
 

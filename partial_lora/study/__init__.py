@@ -1,8 +1,8 @@
 """`plr study`: does Partial-LoRA beat its matched-budget controls? Runs and judges the claims.
 
     plr study [--suite NAME|FILE.yaml] [--tasks ...] [--seeds ...] [--arms ...] [--out DIR]
-              [--jobs N | --gpus 0,1 | --launcher slurm] [--dry-run] [--tables-only]
-              [--compare METHOD CONTROL] [-- extra overrides]
+              [--tune KEY=V1,V2,...] [--jobs N | --gpus 0,1 | --launcher slurm] [--dry-run]
+              [--tables-only] [--compare METHOD CONTROL] [-- extra overrides]
 
 A suite (`study.suite`, a YAML file) names a model, tasks, seeds, arms and the recipe; `plan`
 lays out tasks × seeds × arms (`study.plan`), `execute` runs what has not finished, several runs
@@ -11,6 +11,12 @@ runs into `study.md` (every arm, the claims table with paired bootstrap CIs and 
 default rule of `study.rule`, and what each allocation search saw: `study.search`), `study.csv`
 and `study.png` (`study.claims`). `--compare` pairs any two finished arms the same way
 (`claims.comparison_rows`) and only prints.
+
+With a tuning grid (`--tune`, `study.grid`), every tuned arm also runs at each value on the choice
+seed and at the chosen value on the other seeds (`study.choice`), and study.md adds the tuning
+table, each claim at the shared setting -> at the tuned one, and the default rule on the tuned
+arms. Either way it ends with the method table (`study.methods`, also `method-table.md`): one
+row per arm pooled over tasks, at the tuned rates when there are some.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ import csv
 from pathlib import Path
 
 from partial_lora import artifacts as A
-from partial_lora.study.claims import arm_rows, claim_rows, collect, markdown
-from partial_lora.study.plan import ARMS, Selection, plan
+from partial_lora.study import choice as CH
+from partial_lora.study import methods as M
+from partial_lora.study.claims import arm_rows, change_markdown, claim_rows, collect, markdown
+from partial_lora.study.plan import ARMS, Selection, plan, split_arm
 from partial_lora.study.rule import markdown as rule_markdown
 from partial_lora.study.rule import rule_rows
 from partial_lora.study.run import check, execute
@@ -31,13 +39,29 @@ __all__ = ["ARMS", "Selection", "check", "execute", "plan", "write"]
 
 
 def write(out: Path, n_boot: int = 2000) -> list[Path]:
-    """study.md, study.csv and study.png from the finished runs under `out`."""
-    study = collect(out)
+    """study.md, study.csv, study.png and method-table.md from the finished runs under `out`."""
+    full = collect(out)
+    shared = CH.shared_view(full)
+    study = CH.without_unchosen(full)  # every arm: the shared runs and each grid's chosen value
     arms = arm_rows(study)
-    rows = claim_rows(study, n_boot=n_boot)
+    rows = claim_rows(shared, n_boot=n_boot)
+    extra = [*rule_markdown(rule_rows(rows)), *search_markdown(search_rows(shared))]
+    found = CH.choices(full)
+    rates = M.rates_of(found)
+    tuned_rows: list = []
+    by_method, setting = shared, "every arm at the suite's shared setting"
+    for key in CH.keys(full):
+        view = CH.tuned_view(full, key)
+        tuned = claim_rows(view, n_boot=n_boot)
+        tuned_rows += [(key, r) for r in tuned]
+        extra += [*CH.markdown([c for c in found if c.key == key]), *change_markdown(rows, tuned, key, rates)]
+        extra += rule_markdown(rule_rows(tuned), title=f"The default rule, each arm at its tuned {key}")
+        by_method, setting = view, f"each arm at its tuned {key}; head at the shared setting"
+    methods = M.method_rows(by_method, rates, n_boot=n_boot)
+    extra += ["", "## The method table", "", M.markdown(methods, setting).rstrip()]
+    table = M.write(out, methods, setting)
     md = out / "study.md"
-    A.write_text(md, markdown(study, rows, arms,
-                              extra=[*rule_markdown(rule_rows(rows)), *search_markdown(search_rows(study))]))
+    A.write_text(md, markdown(study, rows, arms, extra=extra))
     path_csv = out / "study.csv"
     with A.atomic_path(path_csv) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
@@ -48,15 +72,20 @@ def write(out: Path, n_boot: int = 2000) -> list[Path]:
             w.writerow(["arm", a["model"], a["task"], a["arm"], a["metric"], f"{a['mean']:.6f}", sd,
                         " ".join(map(str, a["seeds"])), f"{a['params']:.0f}",
                         "" if a["reduction_pct"] is None else f"{a['reduction_pct']:.2f}", "", "", ""])
-        for r in rows:
+        for kind, r in [*(("claim", r) for r in rows), *((f"claim tuned {k}", r) for k, r in tuned_rows)]:
             c = r.comparison
-            w.writerow(["claim", r.model, r.task, f"{r.claim.key}: {r.claim.method} - {r.claim.control}", "points",
+            w.writerow([kind, r.model, r.task, f"{r.claim.key}: {r.claim.method} - {r.claim.control}", "points",
                         f"{c.mean:.4f}", "", " ".join(map(str, c.seeds)), f"{r.method_params:.0f}",
                         "" if r.reduction_pct is None else f"{r.reduction_pct:.2f}", f"{c.low:.4f}", f"{c.high:.4f}",
                         r.verdict])
+        for ch in found:  # the tuning grid: each value's validation score; the chosen one's verdict column says so
+            for value, score in ch.scores.items():
+                w.writerow([f"tune {ch.key}", ch.model, ch.task, f"{ch.arm} {ch.key}={value}", f"val_{ch.metric}",
+                            "" if score is None else f"{score:.6f}", "", str(ch.seed), "", "", "", "",
+                            "chosen" if value == ch.value else ""])
     png = out / "study.png"
     plot(arms, png)
-    return [md, path_csv, png]
+    return [md, path_csv, png, table]
 
 
 def plot(arms: list[dict], path: Path) -> None:
@@ -74,7 +103,7 @@ def plot(arms: list[dict], path: Path) -> None:
     for ax, (model, task) in zip(axes.flat, panels):
         for a in (a for a in arms if (a["model"], a["task"]) == (model, task)):
             x = max(a["params"], 1.0)  # the head-only arm (0 adapter parameters) sits at the left edge
-            ax.errorbar([x], [a["mean"]], yerr=[a["std"] or 0.0], fmt="o", color=colours.get(a["arm"], "k"),
+            ax.errorbar([x], [a["mean"]], yerr=[a["std"] or 0.0], fmt="o", color=colours.get(split_arm(a["arm"])[0], "k"),
                         label=a["arm"], capsize=3)
         ax.set_xscale("log")
         ax.set_title(f"{task} · {model}", fontsize=9)

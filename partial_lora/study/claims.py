@@ -260,15 +260,53 @@ def comparison_markdown(rows: Sequence[ClaimRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def change_markdown(shared: Sequence[ClaimRow], tuned: Sequence[ClaimRow], key: str,
+                    rates: Mapping[tuple[str, str, str], str]) -> list[str]:
+    """Each claim row at the shared setting -> at the tuned one (`study.choice.tuned_view`): the
+    difference, its CI and the verdict at each, and the values the two arms were tuned to on the task
+    (`rates`: (model, task, arm) -> value; `shared`: the arm has no grid)."""
+    def ident(r: ClaimRow) -> tuple[str, str, str, str, str]:
+        return r.claim.key, r.model, r.task, r.claim.method, r.claim.control
+
+    before, after = {ident(r): r for r in shared}, {ident(r): r for r in tuned}
+    order = list(before) + [k for k in after if k not in before]
+
+    def cell(r: ClaimRow | None) -> str:
+        if r is None:
+            return "-"
+        c = r.comparison
+        return f"{c.mean:+.2f} [{c.low:+.2f}, {c.high:+.2f}]"
+
+    lines = ["", f"## Claims: shared setting → each arm at its tuned {key}", "",
+             f"Each claim at the suite's shared setting (as in the claims table above) and with both arms at their "
+             f"own {key}, chosen per task on the validation split of the choice seed (the tuning table). Difference "
+             "method − control in points, 95% CI, verdicts as above. Rates: the values chosen for method / control "
+             "on the task ('shared': that arm is not tuned). '-': not measured.", "",
+             "| claim | model | task | method − control | kind | shared: difference [95% CI] | "
+             "tuned: difference [95% CI] | verdict shared → tuned | rates (method / control) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for k in order:
+        b, a = before.get(k), after.get(k)
+        r = b or a
+        assert r is not None
+        task = r.task.split("/")[0]
+        rate = ("-" if r.task == "pooled" else
+                f"{rates.get((r.model, task, r.claim.method), 'shared')} / {rates.get((r.model, task, r.claim.control), 'shared')}")
+        verdict = f"{b.verdict if b else '-'} → **{a.verdict if a else '-'}**"
+        lines.append(f"| {r.claim.key} | {r.model} | {r.task} | {r.claim.method} − {r.claim.control} | {r.claim.kind} | "
+                     f"{cell(b)} | {cell(a)} | {verdict} | {rate} |")
+    return lines
+
+
 def arm_rows(study: Study) -> list[dict[str, Any]]:
     """One row per (model, task, arm): the test metric's mean ± std over seeds, parameters, time."""
     by = study.by()
     out = []
     order = {a: i for i, a in enumerate(ARMS)}
-    def key(item: tuple[tuple[str, str, str], Any]) -> tuple[str, str, str, int]:
+    def key(item: tuple[tuple[str, str, str], Any]) -> tuple[str, str, str, int, str]:
         (model, task, arm), _ = item
         base, variant = split_arm(arm)
-        return model, task, variant or "", order.get(base, 99)
+        return model, task, variant or "", order.get(base, 99), arm
 
     for (model, task, arm), runs in sorted(by.items(), key=key):
         values = [r.value for r in runs.values()]

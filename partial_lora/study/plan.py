@@ -16,18 +16,27 @@ controls (uniform, lora_matched) match the variant's own budget. The arms that d
 Partial-LoRA (head, dense LoRA, ...) are shared with the default reading and run once. The
 variant's Partial-LoRA run reuses the default one's probe (`from_run`) when the probe's
 settings are the same.
+
+A **tuning grid** (`plr study --tune retrain.lr=...`, `study.grid`) adds, per task and tuned arm,
+a run per value on the choice seed (`<arm dir>+<key>+<value>/seed<n>`) and, per other seed, a run
+that waits on the choice (`Job.grid`; `study.choice` makes it a run at the chosen value once the
+grid's runs ended). A tuned run reads the same runs as the arm at the shared setting: arms built on
+Partial-LoRA's run read the untuned `partial` run of the seed, and an arm that probes and allocates
+itself (`Arm.probes`) reuses its own untuned run's probe and allocation (`from_run`), so every value
+of the grid trains the very same masks.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from partial_lora import artifacts as A
 from partial_lora.errors import PlrError
-from partial_lora.study.suite import OFFLINE, Suite, load
+from partial_lora.study import grid as G
+from partial_lora.study.suite import OFFLINE, Suite, SuiteTask, load
 
 PARTIAL = "partial"
 VARIANT_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,39}")
@@ -35,18 +44,35 @@ VARIANT_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,39}")
 
 @dataclass(frozen=True)
 class Arm:
-    """One arm: its overrides, given the dir of the same task and seed's Partial-LoRA run."""
+    """One arm: its overrides, given the dir of the same task and seed's Partial-LoRA run.
+
+    `needs_partial`: it reads that run (its budget or its allocation). `probes`: it probes and
+    allocates itself, so its tuned runs reuse its untuned run's probe and allocation. `keeps`: keys
+    of its own that a variant's overrides do not replace (a key, or a prefix ending in '.'): the SNIP
+    arms keep their mask method, the SHiRA arms their mask and one scale, the rank-1-budget arm its
+    budget. `tuned`: a tuning grid applies to it.
+    """
 
     name: str
     about: str
     overrides: Callable[[Path], list[str]]
     needs_partial: bool = False
+    probes: bool = False
+    keeps: tuple[str, ...] = ()
+    tuned: bool = True
 
+
+SNIP_KEEPS = ("adapter.mask.method", "adapter.mask.granularity")
+# SHiRA draws its own mask (adapter.shira), and its PEFT layers have no per-layer scale to apply.
+SHIRA_KEEPS = ("adapter.mask.", "retrain.lr_scale_per_layer")
+BUDGET_KEYS = ("adapter.allocation.budget", "adapter.match.")
 
 ARMS: dict[str, Arm] = {a.name: a for a in (
-    Arm("head", "only the task head trains (no adapter; zero-shot on a causal LM)", lambda p: ["adapter=head"]),
+    # Not tuned: no adapter, and its head learns at the rate every arm's head shares.
+    Arm("head", "only the task head trains (no adapter; zero-shot on a causal LM)", lambda p: ["adapter=head"],
+        tuned=False),
     Arm("lora", "dense LoRA r=8", lambda p: ["adapter=lora"]),
-    Arm(PARTIAL, "Partial-LoRA with the default settings (adapter.sparsity=auto)", lambda p: []),
+    Arm(PARTIAL, "Partial-LoRA with the default settings (adapter.sparsity=auto)", lambda p: [], probes=True),
     Arm("partial-random", "Partial-LoRA's allocation with random rows/cols",
         lambda p: [f"from_run={p}", "adapter.mask.method=random", "adapter.allocation.search_masks=subspace"],
         needs_partial=True),
@@ -55,23 +81,42 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("lora-matched", "dense LoRA at the rank closest to Partial-LoRA's budget",
         lambda p: ["adapter=lora_matched", f"adapter.match.run={p}"], needs_partial=True),
     Arm("partial-r32-rank1", "Partial-LoRA at r=32 rescaled to the budget of a dense rank-1 LoRA",
-        lambda p: ["adapter.r=32", "adapter.match.rank=1"]),
+        lambda p: ["adapter.r=32", "adapter.match.rank=1"], probes=True, keeps=BUDGET_KEYS),
     Arm("lora-r1", "dense LoRA r=1", lambda p: ["adapter=lora", "adapter.r=1"]),
     Arm("peft-lora", "PEFT's LoRA r=8 (cross-check of plr's layer)", lambda p: ["adapter=peft_lora"]),
+    # The peer methods a user would pick instead, at Partial-LoRA's budget (docs/method.md, "Peer methods").
+    Arm("shira-random", "Random Masking: PEFT's SHiRA with a random mask at Partial-LoRA's budget",
+        lambda p: ["adapter=shira_random", f"adapter.match.run={p}"], needs_partial=True, keeps=SHIRA_KEEPS),
+    Arm("shira-snip", "PEFT's SHiRA with a SNIP mask at Partial-LoRA's budget",
+        lambda p: ["adapter=shira_snip", f"adapter.match.run={p}"], needs_partial=True, keeps=SHIRA_KEEPS),
+    Arm("snip-rows", "TASO-style rows/cols of largest SNIP importance at one ratio, at Partial-LoRA's budget",
+        lambda p: ["adapter=snip", f"adapter.match.run={p}"], needs_partial=True, keeps=SNIP_KEEPS),
+    # At Partial-LoRA's own per-layer allocation (named like partial-random: '@' would read as a variant).
+    Arm("partial-snip", "Partial-LoRA's allocation with the rows/cols of largest SNIP importance",
+        lambda p: [f"from_run={p}", "adapter.mask.method=snip", "adapter.allocation.search_masks=subspace"],
+        needs_partial=True, keeps=SNIP_KEEPS),
 )}
 
 
 # The arms built on Partial-LoRA's settings: a variant's overrides go to these.
-VARIANT_ARMS = (PARTIAL, "partial-random", "uniform", "lora-matched", "partial-r32-rank1")
+VARIANT_ARMS = (PARTIAL, "partial-random", "uniform", "lora-matched", "partial-r32-rank1", "partial-snip",
+                "snip-rows", "shira-random", "shira-snip")
 # The matched controls take their budget from the variant's Partial-LoRA run (adapter.match.run), so a
 # variant's own budget keys (how *it* picks its budget, e.g. allocator=proportional with a budget) stay off
 # them: given both, a run refuses two budgets.
-MATCHED_CONTROLS = ("uniform", "lora-matched")
-BUDGET_KEYS = ("adapter.allocation.budget", "adapter.match.")
+MATCHED_CONTROLS = ("uniform", "lora-matched", "snip-rows", "shira-random", "shira-snip")
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+").split("=", 1)[0]
+
+
+def _kept(key: str, keeps: tuple[str, ...]) -> bool:
+    return any(key.startswith(k) if k.endswith(".") else key == k for k in keeps)
 
 
 def _sets_budget(override: str) -> bool:
-    return override.lstrip("+").split("=", 1)[0].startswith(BUDGET_KEYS)
+    return _key(override).startswith(BUDGET_KEYS)
 
 
 def arm_dir_name(arm: str, variant: str | None) -> str:
@@ -79,8 +124,9 @@ def arm_dir_name(arm: str, variant: str | None) -> str:
 
 
 def split_arm(name: str) -> tuple[str, str | None]:
-    """A run dir's arm name -> (arm, variant or None)."""
-    arm, _, variant = name.partition("@")
+    """A run dir's arm name -> (arm, variant or None); a tuned run's setting (`+key+value`,
+    `study.grid.split`) is part of neither: `partial@gain+retrain.lr+0.01` -> (partial, gain)."""
+    arm, _, variant = G.split(name)[0].partition("@")
     return arm, variant or None
 
 
@@ -97,9 +143,22 @@ class Job:
     overrides: tuple[str, ...]
     after: tuple[Path, ...] = ()
     log: Path | None = None
+    grid: tuple[tuple[str, Path], ...] = ()  # a run at the grid's choice: the grid's (value, run dir) it waits on
 
     def command(self) -> list[str]:
         return ["plr", "train", *self.overrides, f"run_dir={self.run_dir}"]
+
+    @property
+    def waits(self) -> bool:
+        """A run at the grid's choice, not made yet (`{choice}` stands for the value in its dir and overrides)."""
+        return bool(self.grid)
+
+    def at(self, value: str) -> "Job":
+        """This waiting run at the chosen value."""
+        def put(text: str) -> str:
+            return text.replace(G.CHOICE, value)
+        return Job(self.model, self.task, put(self.arm), self.seed, Path(put(str(self.run_dir))),
+                   tuple(map(put, self.overrides)), self.after, None if self.log is None else Path(put(str(self.log))))
 
 
 @dataclass
@@ -113,6 +172,10 @@ class Selection:
     extra: Sequence[str] = field(default_factory=list)
     variant: str | None = None  # a named reading of Partial-LoRA ...
     variant_overrides: Sequence[str] = field(default_factory=list)  # ... and its overrides
+    tune: G.Tune | bool | None = True  # a grid (study.grid); True: each suite's own `tune:`; None: none
+
+    def tune_of(self, suite: Suite) -> G.Tune | None:
+        return suite.tune if self.tune is True else self.tune or None
 
     def resolved(self) -> list[Suite]:
         return [s if isinstance(s, Suite) else load(s) for s in (self.suites or OFFLINE)]
@@ -150,7 +213,9 @@ def model_of(suite: Suite, extra: Sequence[str]) -> str:
 
 
 def plan(out: Path, sel: Selection) -> list[Job]:
-    """The jobs in run order: seed by seed, task by task, Partial-LoRA before the arms that read it.
+    """The jobs in run order: seed by seed, task by task, Partial-LoRA before the arms that read it;
+    with a tuning grid, then per task the grid's runs on the choice seed and the runs that wait on
+    its choice (the other seeds).
 
     Raises:
         PlrError: an unknown suite, arm or seed; a task that is not in the chosen suite; a selection
@@ -174,30 +239,68 @@ def plan(out: Path, sel: Selection) -> list[Job]:
         arms = [a for a in suite.arms if sel.arms is None or a in sel.arms]
         if any(ARMS[a].needs_partial for a in arms) and PARTIAL not in arms:
             arms.insert(0, PARTIAL)  # the arms that read it need it: run it too
+        arms.sort(key=lambda a: (a != PARTIAL, ARMS[a].needs_partial))
         seeds = list(sel.seeds if sel.seeds is not None else suite.seeds)
-        for seed in seeds:
-            for task in map(suite.task, tasks):
-                partial = run_dir(out, model, task.name, arm_dir_name(PARTIAL, sel.variant), seed)
-                ordered = sorted(arms, key=lambda a: (a != PARTIAL, ARMS[a].needs_partial))
-                for arm in ordered:
-                    a = ARMS[arm]
-                    name = arm_dir_name(arm, sel.variant)
-                    own = list(a.overrides(partial))
-                    if name != arm:  # the variant's reading
-                        default = run_dir(out, model, task.name, PARTIAL, seed)
-                        if arm == PARTIAL and A.is_done(default, A.PROBE):
-                            own.append(f"from_run={default}")  # its probe, when the probe's settings match
-                        # The Partial-LoRA arm takes them as typed (a misspelt key fails there, and the
-                        # arms that read it are skipped); its controls add any key their adapter lacks
-                        # (lora_matched has no adapter.allocation node).
-                        own += [o if arm == PARTIAL else f"++{o.lstrip('+')}" for o in sel.variant_overrides
-                                if not (arm in MATCHED_CONTROLS and _sets_budget(o))]
-                    overrides = (f"model={suite.model}", *suite.recipe_of(task), *task.overrides, *own,
-                                 *suite.arm_overrides.get(arm, ()), f"seed={seed}", f"label={name}", *sel.extra)
-                    where = run_dir(out, model, task.name, name, seed)
-                    jobs.append(Job(model, task.name, name, seed, where, overrides,
-                                    (partial,) if a.needs_partial else (), log_path(out, where)))
+        plan_one = _Planner(out, suite, model, sel)
+        jobs += [plan_one.job(task, arm, seed) for seed in seeds for task in map(suite.task, tasks) for arm in arms]
+        tune = sel.tune_of(suite)
+        if tune is None:
+            continue
+        first = min(suite.seeds)  # the choice seed
+        asked = sel.arms if sel.arms is not None else suite.arms  # not a Partial-LoRA run added for its readers
+        tuned = [a for a in arms if ARMS[a].tuned and a in asked]
+        read = {a for a in tuned if ARMS[a].probes}  # the untuned runs the grid reads ...
+        read |= {PARTIAL} if any(ARMS[a].needs_partial for a in tuned) else set()
+        for task in map(suite.task, tasks):
+            grid = {arm: [plan_one.job(task, arm, first, (tune.key, v)) for v in tune.values] for arm in tuned}
+            # ... are planned on the choice seed too when --seeds left it out
+            jobs += [plan_one.job(task, arm, first) for arm in arms if first not in seeds and arm in read]
+            jobs += [j for arm in tuned for j in grid[arm]]
+            for seed in (s for s in seeds if s != first):
+                for arm in tuned:
+                    waiting = plan_one.job(task, arm, seed, (tune.key, G.CHOICE))
+                    jobs.append(replace(waiting, grid=tuple(zip(tune.values, (j.run_dir for j in grid[arm])))))
     return _unique(jobs, sel)
+
+
+@dataclass(frozen=True)
+class _Planner:
+    """The jobs of one suite: an arm's run on a task and seed, at the shared setting or a grid's value."""
+
+    out: Path
+    suite: Suite
+    model: str
+    sel: Selection
+
+    def job(self, task: SuiteTask, arm: str, seed: int, tuned: tuple[str, str] | None = None) -> Job:
+        out, model, sel, variant = self.out, self.model, self.sel, self.sel.variant
+        partial = run_dir(out, model, task.name, arm_dir_name(PARTIAL, variant), seed)
+        a = ARMS[arm]
+        name = arm_dir_name(arm, variant)
+        own = list(a.overrides(partial))
+        if name != arm:  # the variant's reading
+            default = run_dir(out, model, task.name, PARTIAL, seed)
+            if arm == PARTIAL and A.is_done(default, A.PROBE):
+                own.append(f"from_run={default}")  # its probe, when the probe's settings match
+            # The Partial-LoRA arm takes them as typed (a misspelt key fails there, and the arms that read
+            # it are skipped); its controls add any key their adapter lacks (lora_matched has no
+            # adapter.allocation node). An arm's own keys (the SNIP arms' mask method) stay its own.
+            own += [o if arm == PARTIAL else f"++{o.lstrip('+')}" for o in sel.variant_overrides
+                    if not (arm in MATCHED_CONTROLS and _sets_budget(o)) and not _kept(_key(o), a.keeps)]
+        after = (partial,) if a.needs_partial else ()
+        tail: tuple[str, ...] = ()
+        if tuned is not None:
+            key, value = tuned
+            if a.probes:  # its probe and allocation: those of its run at the shared setting
+                untuned = run_dir(out, model, task.name, name, seed)
+                own = [o for o in own if not o.startswith("from_run=")] + [f"from_run={untuned}"]
+                after = (*after, untuned)
+            name = G.dir_name(name, key, value)
+            tail = (f"{key}={value}",)  # last: the grid's value wins over the overrides after --
+        overrides = (f"model={self.suite.model}", *self.suite.recipe_of(task), *task.overrides, *own,
+                     *self.suite.arm_overrides.get(arm, ()), f"seed={seed}", f"label={name}", *sel.extra, *tail)
+        where = run_dir(out, model, task.name, name, seed)
+        return Job(model, task.name, name, seed, where, overrides, after, log_path(out, where))
 
 
 def log_path(out: Path, run: Path) -> Path:

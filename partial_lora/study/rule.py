@@ -57,11 +57,11 @@ def rule_rows(rows: Sequence[ClaimRow]) -> list[RuleRow]:
     return out
 
 
-def markdown(rules: Sequence[RuleRow]) -> list[str]:
+def markdown(rules: Sequence[RuleRow], title: str = "The default rule") -> list[str]:
     if not rules:
         return []
     mark = {True: "yes", False: "no", None: "-"}
-    lines = ["", "## The default rule", "",
+    lines = ["", f"## {title}", "",
              f"A reading meets the rule on a task when (i) it has at least {RULE_REDUCTION_PCT:.0f}% fewer adapter "
              f"parameters than dense LoRA r=8, (ii) its mean difference against dense LoRA (C3) is at least "
              f"{RULE_VS_DENSE:g} point and (iii) its mean difference against the dense LoRA rank-matched to its "

@@ -7,7 +7,9 @@ submitted through submitit with the resources of `conf/hydra/launcher/slurm.yaml
 starts a job in a slot and is polled for its exit code. `run` keeps every slot busy with the next
 job whose runs it reads (`Job.after`) have finished; a job whose run failed is skipped, a failed
 job does not stop the others, and each run's output goes to its own log (`Job.log`), which marks
-when the run started and ended.
+when the run started and ended. A job that waits on a tuning grid's choice (`Job.waits`) becomes a
+run at the chosen value (`resolve`) as soon as every run of its grid has ended, while the other
+grids still run.
 """
 
 from __future__ import annotations
@@ -319,13 +321,16 @@ def _term_is_interrupt() -> Iterator[None]:
 
 
 def run(jobs: Sequence[Job], launcher: Launcher, slots: Sequence[Slot], *, ok: Callable[[Job], bool],
-        ready: Callable[[Path], bool], echo: Callable[[str], None] = print, poll_s: float = 0.2) -> list[Failure]:
+        ready: Callable[[Path], bool], echo: Callable[[str], None] = print, poll_s: float = 0.2,
+        resolve: Callable[[Job], Job | None] | None = None) -> list[Failure]:
     """Run every job, up to one per slot at once, each after the runs it reads; return the failures.
 
     Args:
         jobs: in plan order (the order they start in when slots are free).
         ok: whether a job that exited 0 left a finished run.
         ready: whether a run dir a job reads, that is not among `jobs`, has finished.
+        resolve: a waiting job (`Job.waits`) at its grid's choice, called once every run of the grid
+            has ended (None: no grid run finished, and the job is skipped); a finished run is reused.
     """
     pending = list(jobs)
     planned = {j.run_dir for j in jobs}
@@ -347,6 +352,25 @@ def run(jobs: Sequence[Job], launcher: Launcher, slots: Sequence[Slot], *, ok: C
                         failures.append(Failure(job, f"skipped: {failed_dep} did not finish"))
                         bad.add(job.run_dir)
                         progressed = True
+                        continue
+                    if job.waits:
+                        if any(d in planned and d not in good | bad for _, d in job.grid):
+                            continue  # the grid still runs
+                        pending.remove(job)
+                        progressed = True
+                        chosen = resolve(job) if resolve is not None else None
+                        if chosen is None:
+                            echo(f"[plr] study: skip {job.run_dir} (no run of its grid finished)")
+                            failures.append(Failure(job, "skipped: no run of its tuning grid finished"))
+                            bad.add(job.run_dir)
+                        elif ready(chosen.run_dir):
+                            echo(f"[plr] study: {chosen.run_dir} (the grid's choice) finished already; reused")
+                            good.add(chosen.run_dir)
+                        else:
+                            echo(f"[plr] study: the grid chose {chosen.arm} for {job.task}; seed {job.seed} runs "
+                                 f"at it")
+                            pending.insert(0, chosen)
+                            planned.add(chosen.run_dir)
                         continue
                     if not free or any(d in planned and d not in good for d in job.after):
                         continue

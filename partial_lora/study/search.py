@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from partial_lora import artifacts as A
+from partial_lora.study import grid as G
 from partial_lora.study.claims import Study
 
 
@@ -47,8 +48,8 @@ def search_rows(study: Study) -> list[SearchRow]:
     out = []
     seen: set = set()
     for run in study.runs:
-        if run.dir in seen:
-            continue  # a multi-task run's members share its one search
+        if run.dir in seen or G.SEP in run.arm:
+            continue  # a multi-task run's members share its one search; a tuned run reuses its arm's
         seen.add(run.dir)
         path = A.stage_dir(run.dir, A.ALLOCATE) / A.ALLOCATION
         probe = A.stage_dir(run.dir, A.PROBE) / A.METRICS

@@ -14,6 +14,7 @@ The keys (each file's comments say what its values are and where they come from)
     recipe: [experiment=offline-minilm]   overrides of every run, before the task's and the arm's
     arm_overrides: {partial: [adapter.allocation.tau=0.8]}   added to that arm's runs
     out: outputs/study             the study folder when --out is not given (default outputs/study-<name>)
+    tune: retrain.lr=2e-3,5e-3,1e-2   a tuning grid, as `--tune` takes it (study/grid.py; --tune overrides it)
 
 A file is checked once where it is read (a wrong type is refused, never coerced; an unknown key,
 arm or task config is one line) and becomes a frozen `Suite`. The files live beside this module,
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from partial_lora.errors import PlrError, first_line
+from partial_lora.study import grid as G
 from partial_lora.typecheck import _build, check_type
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -61,6 +63,7 @@ class Suite:
     arm_overrides: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     out: Path | None = None
     source: Path | None = None
+    tune: G.Tune | None = None
 
     def task(self, name: str) -> SuiteTask:
         return next(t for t in self.tasks if t.name == name)
@@ -85,6 +88,7 @@ class _File:
     recipe: list[str] = field(default_factory=list)
     arm_overrides: dict[str, list[str]] = field(default_factory=dict)
     out: str | None = None
+    tune: str | None = None
 
 
 @dataclass
@@ -167,8 +171,12 @@ def parse(values: Mapping[str, Any], name: str, source: Path | None = None) -> S
     if not arms:
         raise PlrError(f"{where}: arms is empty; list at least one of {', '.join(ARMS)} (or leave arms out for all)")
     extra = {a: _overrides(f"{where}.arm_overrides.{a}", o) for a, o in f.arm_overrides.items()}
+    try:
+        tune = None if f.tune is None else G.parse(f.tune, where=f"{where}.tune:")
+    except PlrError as e:
+        raise PlrError(f"{e}; fix the suite file") from None
     return Suite(name, f.model, tasks, tuple(f.seeds), arms, _overrides(f"{where}.recipe", f.recipe), extra,
-                 None if f.out is None else Path(f.out), source)
+                 None if f.out is None else Path(f.out), source, tune)
 
 
 def load(name_or_path: str) -> Suite:
