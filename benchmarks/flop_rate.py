@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> list[Rate]:
 
     from partial_lora.config import validate
     from partial_lora.errors import PlrError, first_line
-    from partial_lora.runtime import _to, autocast_dtype, set_seed
+    from partial_lora.training.runtime import _to, autocast_dtype, set_seed
     from partial_lora.stages.base import loader, setup
 
     torch.set_num_threads(args.threads)

@@ -7,7 +7,7 @@ Runs the pipeline (`stages.run_pipeline`) in a fresh temporary run dir with a fe
 functions wrapped in timers, and prints, for each stage, its wall time split into:
 
 - `setup`: building the model and loading and tokenising the data (`stages.base.setup`);
-- `train`: the training epochs' forward, backward and optimizer steps (`train._train_epoch`);
+- `train`: the training epochs' forward, backward and optimizer steps (`loop._train_epoch`);
 - `scoring`: evaluation passes outside the search (per-epoch validation and the evaluate stage,
   `predict.evaluate`);
 - `search`: the allocation search's forward passes over its few-shot set (`predict.predict`
@@ -38,11 +38,11 @@ from typing import Any
 
 PARTS = {  # (module, function) -> the part it is counted in
     ("partial_lora.stages.base", "setup"): "setup",
-    ("partial_lora.train", "_train_epoch"): "train",
-    ("partial_lora.predict", "evaluate"): "scoring",
-    ("partial_lora.predict", "predict"): "search",
-    ("partial_lora.masks", "rank_layer"): "rankings",
-    ("partial_lora.checkpoint", "save"): "writes",
+    ("partial_lora.training.loop", "_train_epoch"): "train",
+    ("partial_lora.training.predict", "evaluate"): "scoring",
+    ("partial_lora.training.predict", "predict"): "search",
+    ("partial_lora.adapter.masks", "rank_layer"): "rankings",
+    ("partial_lora.training.checkpoint", "save"): "writes",
     ("partial_lora.artifacts", "save_tensors"): "writes",
     ("partial_lora.stages.allocate", "plot"): "plot",
 }

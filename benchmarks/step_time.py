@@ -7,7 +7,7 @@ shares its frozen weights, and all variants see the same batch. Variants:
   the target layers are made to require grad, so backward runs down to the first adapted layer,
   exactly as far as any adapter on those layers needs it (see `make_floor`).
 - `PEFT LoRA`: `peft.get_peft_model` with the same targets, rank and alpha, dropout 0.
-- `dense LoRA (ours)`: `partial_lora.inject.inject_lora` keeping every row and column (ρ = 1).
+- `dense LoRA (ours)`: `partial_lora.adapter.inject.inject_lora` keeping every row and column (ρ = 1).
 - `Partial-LoRA ρ=…`: the same layer with ρ·d_out random rows and ρ·d_in random columns kept in
   every adapted layer (fixed seed, `torch.randperm`).
 - `Partial-LoRA ρ=…, shared input`: the same, but the layers that read one input tensor (q and v)

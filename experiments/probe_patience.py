@@ -31,7 +31,7 @@ class Curve:
     scores: list[float]  # the validation metric after each evaluated epoch, in order
 
     def best(self) -> int:
-        """The epoch the full probe keeps: the first to reach the best score (`train._select`: strict >)."""
+        """The epoch the full probe keeps: the first to reach the best score (`loop._select`: strict >)."""
         return self.scores.index(max(self.scores))
 
 

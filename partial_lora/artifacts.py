@@ -30,7 +30,8 @@ from partial_lora import distributed as D
 from partial_lora.errors import PlrError, first_line
 
 if TYPE_CHECKING:
-    from partial_lora.allocation import Allocation
+    from partial_lora.adapter.masks import Keep
+    from partial_lora.allocation.allocators import Allocation
 
 STAGES = ("probe", "allocate", "extract", "retrain", "evaluate")
 PROBE, ALLOCATE, EXTRACT, RETRAIN, EVALUATE = STAGES  # each stage's folder (and its module's NAME)
@@ -252,15 +253,13 @@ def write_run_info(run_dir: Path) -> None:
 # ------------------------------------------------------------------------------ typed readers
 
 
-Keep = dict[str, tuple[torch.Tensor, torch.Tensor]]
-
 
 def read_allocation(run_dir: Path) -> Allocation:
     """The allocate stage's per-layer keep ratios, checked: a damaged or foreign file (no layers, a
     ratio that is no finite number) is one line naming it and how to remake it."""
     import math
 
-    from partial_lora.allocation import Allocation
+    from partial_lora.allocation.allocators import Allocation
 
     path = stage_dir(run_dir, ALLOCATE) / ALLOCATION
     raw = read_json(path)

@@ -93,7 +93,7 @@ def fetch_parser() -> argparse.ArgumentParser:
 
 
 def fetch_command(argv: list[str]) -> int:
-    from partial_lora import fetch as F
+    from partial_lora.fetch import cache as F
 
     args = fetch_parser().parse_args(argv)
     if args.list or not args.names:

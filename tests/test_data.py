@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from partial_lora import hub  # noqa: E402
+from partial_lora.fetch import hub  # noqa: E402
 from partial_lora.data import TASKS, ImagePreprocess, TaskSpec, load_task, make_collate  # noqa: E402
 from partial_lora.data.split import split_task  # noqa: E402
 from partial_lora.errors import PlrError  # noqa: E402

@@ -25,8 +25,8 @@ from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora.errors import PlrError
 from partial_lora.export import export_run, load_config, rebuild
-from partial_lora.models import build_model
-from partial_lora.runtime import set_seed
+from partial_lora.models.backbones import build_model
+from partial_lora.training.runtime import set_seed
 from partial_lora.stages import run_pipeline
 from partial_lora.stages.base import loader
 

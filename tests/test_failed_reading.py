@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 
-from partial_lora import failed_reading as FR
+from partial_lora.training import failed_reading as FR
 from partial_lora.stages import format_results, run_pipeline
 
 

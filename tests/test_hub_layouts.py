@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_module
 
 from fixtures import COMMONSENSE_FEATURES, commonsense_row, write_glue, write_vision
 from partial_lora import config as C
-from partial_lora import hub
+from partial_lora.fetch import hub
 from partial_lora.data import TaskSpec, load_task
 from partial_lora.data import source as S
 from partial_lora.errors import PlrError

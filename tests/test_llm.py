@@ -9,13 +9,13 @@ from omegaconf import OmegaConf
 
 from fixtures import write_commonsense
 from partial_lora import config as C
-from partial_lora.causal_lm import CausalLM
+from partial_lora.models.causal_lm import CausalLM
 from partial_lora.data.collate import ChoiceCollate
 from partial_lora.errors import PlrError
-from partial_lora.metrics import compute_metrics
-from partial_lora.models import ModelSpec, build_model
+from partial_lora.training.metrics import compute_metrics
+from partial_lora.models.backbones import ModelSpec, build_model
 from partial_lora.overrides import CONF_DIR
-from partial_lora.predict import predict
+from partial_lora.training.predict import predict
 from partial_lora.stages import run_pipeline
 
 ROWS = [

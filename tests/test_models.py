@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from partial_lora.errors import PlrError
-from partial_lora.models import ModelSpec, build_model
+from partial_lora.models.backbones import ModelSpec, build_model
 
 
 def same_backbone(a, b, skip=("classifier", "head")):

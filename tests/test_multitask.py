@@ -8,8 +8,8 @@ from hydra import compose, initialize_config_module
 
 from fixtures import write_glue, write_vision
 from partial_lora import config as C
-from partial_lora import multitask as MT
-from partial_lora.classifier import Classifier
+from partial_lora.models import multitask as MT
+from partial_lora.models.classifier import Classifier
 from partial_lora.errors import PlrError
 from partial_lora.report import build
 from partial_lora.stages import format_results, run_pipeline

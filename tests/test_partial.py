@@ -7,14 +7,14 @@ import torch
 from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 
-from partial_lora import allocation as AL
+from partial_lora.allocation import allocators as AL
 from partial_lora import artifacts as A
 from partial_lora import config as C
-from partial_lora import search as AS
+from partial_lora.allocation import search as AS
 from partial_lora.errors import PlrError
-from partial_lora.inject import LoRAConfig, inject_lora, iter_branches
-from partial_lora.masks import count, element_masks, rank_random, rank_subspace, subspace_k
-from partial_lora.models import build_model
+from partial_lora.adapter.inject import LoRAConfig, inject_lora, iter_branches
+from partial_lora.adapter.masks import count, element_masks, rank_random, rank_subspace, subspace_k
+from partial_lora.models.backbones import build_model
 from partial_lora.stages import plan, run_pipeline
 from partial_lora.stages.base import setup_run
 from partial_lora.stages.retrain import rewind

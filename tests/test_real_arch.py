@@ -24,12 +24,12 @@ from hydra import compose, initialize_config_module
 from torch import nn
 
 from partial_lora import config as C
-from partial_lora import dinov2_onnx as D
-from partial_lora import fetch as F
-from partial_lora import smollm2_gguf as G
+from partial_lora.fetch import dinov2_onnx as D
+from partial_lora.fetch import cache as F
+from partial_lora.fetch import smollm2_gguf as G
 from partial_lora.errors import PlrError
-from partial_lora.inject import find_targets
-from partial_lora.models import build_model
+from partial_lora.adapter.inject import find_targets
+from partial_lora.models.backbones import build_model
 
 TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 4,
             "image_size": 24, "mlp_ratio": 4, "layerscale_value": 0.5}
@@ -489,7 +489,7 @@ def elpv_wheel(path: Path, n: int = 60, bad_line: str | None = None) -> tuple[Pa
     """elpv-dataset's wheel layout: labels.csv (path, probability, type) and 300x300 grayscale PNGs."""
     from PIL import Image
 
-    from partial_lora.data import elpv as E
+    from partial_lora.fetch import elpv as E
 
     rng = np.random.default_rng(0)
     labels = [(float(E.PROBABILITIES[i % 4]), E.TYPES[(i // 4) % 2]) for i in range(n)]
@@ -637,7 +637,7 @@ def test_real_smollm2_is_a_gqa_llama_that_knows_english(smollm2):
 
 @pytest.mark.slow
 def test_real_smollm2_scorer_equals_a_brute_force_log_likelihood_with_bos(smollm2):
-    from partial_lora.causal_lm import CausalLM
+    from partial_lora.models.causal_lm import CausalLM
     from partial_lora.data.collate import ChoiceCollate
     from partial_lora.stages.base import load_data
 

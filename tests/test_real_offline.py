@@ -5,7 +5,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from partial_lora import config as C
-from partial_lora import fetch as F
+from partial_lora.fetch import cache as F
 from partial_lora.stages.base import load_data
 
 pytestmark = pytest.mark.slow
@@ -71,7 +71,7 @@ def test_gemma_tokenizer_splits_prompt_and_answer_as_the_brute_force_scorer(gemm
 
 def test_gemma_one_row_scores_equal_the_row_per_choice_scores(gemma):
     from partial_lora.data.collate import ChoiceCollate
-    from partial_lora.causal_lm import CausalLM
+    from partial_lora.models.causal_lm import CausalLM
 
     net, tok = gemma
     model = CausalLM(net, 2)

@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 
-from partial_lora import checkpoint as CK
+from partial_lora.training import checkpoint as CK
 from partial_lora import config as C
 from partial_lora.errors import PlrError
 from partial_lora.stages import run_pipeline
@@ -159,7 +159,7 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
 
 
 def test_bad_steps_up_to_the_limit_are_skipped(tmp_path):
-    from partial_lora.recipe import TrainConfig
+    from partial_lora.training.recipe import TrainConfig
 
     with pytest.raises(PlrError, match="max_bad_steps"):
         TrainConfig(max_bad_steps=-1)

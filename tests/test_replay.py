@@ -1,4 +1,4 @@
-"""Block replay (partial_lora.replay): the allocator's evaluations give identical outputs, faster."""
+"""Block replay (partial_lora.allocation.replay): the allocator's evaluations give identical outputs, faster."""
 
 import logging
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from partial_lora.replay import BlockReplay, find_blocks
+from partial_lora.allocation.replay import BlockReplay, find_blocks
 from partial_lora.stages.base import loader, setup
 from partial_lora import config as C
-from partial_lora.predict import predict
-from partial_lora.runtime import set_seed
+from partial_lora.training.predict import predict
+from partial_lora.training.runtime import set_seed
 
 
 def _setup(*overrides):

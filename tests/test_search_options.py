@@ -6,11 +6,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from partial_lora import allocation as AL
+from partial_lora.allocation import allocators as AL
 from partial_lora import config as C
-from partial_lora import search as AS
+from partial_lora.allocation import search as AS
 from partial_lora.errors import PlrError
-from partial_lora.masks import count, kept, rank_random
+from partial_lora.adapter.masks import count, kept, rank_random
 from partial_lora.stages import format_results, plan, run_pipeline
 
 LAYERS = [AL.Layer("a", 64, 32), AL.Layer("b", 64, 32), AL.Layer("c", 64, 32)]
@@ -128,8 +128,8 @@ def test_proportional_needs_a_budget(tmp_path):
 
 def test_truncation_restores_the_pretrained_weights(tmp_path):
     """After the search, W0 is the pretrained weight again (the retrain starts from the real model)."""
-    from partial_lora.inject import base_weights
-    from partial_lora.runtime import set_seed
+    from partial_lora.adapter.inject import base_weights
+    from partial_lora.training.runtime import set_seed
     from partial_lora.stages import allocate
     from partial_lora.stages.base import setup
 

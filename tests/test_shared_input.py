@@ -16,11 +16,12 @@ from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora import rundir as RD
 from partial_lora.errors import PlrError
-from partial_lora.inject import LoRAConfig, inject_lora, iter_branches
-from partial_lora.input_groups import attach, trace
-from partial_lora.lora import InputGroup, LoRABranch, LoRALinear
-from partial_lora.masks import LayerInfo, MaskConfig, Ranking, rank_group, rank_layer, rank_random
-from partial_lora.models import build_model
+from partial_lora.adapter.inject import LoRAConfig, inject_lora, iter_branches
+from partial_lora.adapter.input_groups import attach, trace
+from partial_lora.adapter.input_groups import InputGroup
+from partial_lora.adapter.lora import LoRABranch, LoRALinear
+from partial_lora.adapter.masks import LayerInfo, MaskConfig, Ranking, rank_group, rank_layer, rank_random
+from partial_lora.models.backbones import build_model
 from partial_lora.stages import run_pipeline
 from partial_lora.stages.base import setup_run
 

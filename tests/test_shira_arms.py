@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 from torch import nn
 
-from partial_lora import peft_baselines as PB
-from partial_lora.allocation import lr_scale_auto
+from partial_lora.adapter import peft_baselines as PB
+from partial_lora.allocation.allocators import lr_scale_auto
 from partial_lora.errors import PlrError
 from partial_lora.stages import run_pipeline
 
@@ -158,7 +158,7 @@ def test_matching_at_the_ledgers_minilm_budgets():
     lands on these budgets exactly too (each is a multiple of 192 = 12 layers x 2 sides x r)."""
     from pathlib import Path
 
-    from partial_lora import allocation as AL
+    from partial_lora.allocation import allocators as AL
 
     ledger = Path(__file__).resolve().parents[1] / "docs" / "results" / "study-runs.jsonl"
     rows = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]

@@ -1,4 +1,4 @@
-"""SNIP importance |W0 ⊙ ∂L/∂W0| (partial_lora.snip) and the compact adapter ranked by it
+"""SNIP importance |W0 ⊙ ∂L/∂W0| (partial_lora.adapter.snip) and the compact adapter ranked by it
 (`adapter.mask.method=snip`): a hand-computed case, then tiny runs at one ratio and at
 Partial-LoRA's own allocation."""
 
@@ -12,9 +12,9 @@ from torch import nn
 
 from partial_lora import artifacts as A
 from partial_lora import config as C
-from partial_lora import snip as SN
+from partial_lora.adapter import snip as SN
 from partial_lora.errors import PlrError
-from partial_lora.masks import MASKERS, LayerInfo, rank_group, rank_layer
+from partial_lora.adapter.masks import MASKERS, LayerInfo, rank_group, rank_layer
 from partial_lora.stages import run_pipeline
 
 # W0 of a bias-free linear layer y = W0·x, and the loss L = ½‖y − t‖², so ∂L/∂W0 = (W0·x − t)·xᵀ.

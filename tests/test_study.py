@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from partial_lora import stats as ST
+from partial_lora.study import stats as ST
 from partial_lora.errors import PlrError
 from partial_lora.study import Selection, execute, plan
 from partial_lora.study.claims import CLAIMS, ClaimRow, arm_rows, claim_rows, collect, markdown

@@ -6,17 +6,17 @@ import math
 import pytest
 import torch
 
-from partial_lora.curve import JsonlLog
+from partial_lora.training.curve import JsonlLog
 from partial_lora.data import TaskSpec, load_task
 from partial_lora.errors import PlrError
-from partial_lora.inject import LoRAConfig, adapter_state_dict, freeze_for_adapter, inject_lora
-from partial_lora.metrics import compute_metrics
-from partial_lora.models import build_model
-from partial_lora.predict import evaluate
-from partial_lora.recipe import TrainConfig, lr_lambda
-from partial_lora.runtime import set_seed
+from partial_lora.adapter.inject import LoRAConfig, adapter_state_dict, freeze_for_adapter, inject_lora
+from partial_lora.training.metrics import compute_metrics
+from partial_lora.models.backbones import build_model
+from partial_lora.training.predict import evaluate
+from partial_lora.training.recipe import TrainConfig, lr_lambda
+from partial_lora.training.runtime import set_seed
 from partial_lora.stages.base import Setup, loader
-from partial_lora.train import fit
+from partial_lora.training.loop import fit
 
 
 def test_warmup_then_cosine_and_linear():

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_module
 
-from partial_lora import optimizer as OPT
+from partial_lora.training import optimizer as OPT
 from partial_lora.errors import PlrError
 from partial_lora.stages import run_pipeline
 from partial_lora.study import Selection, execute, plan
@@ -359,7 +359,7 @@ def _groups(tmp_path, monkeypatch, *overrides):
 
 
 def test_retrain_lr_is_the_adapters_rate_for_every_adapter_kind_and_the_head_keeps_its_own(tmp_path, monkeypatch):
-    from partial_lora.allocation import lr_scale_auto
+    from partial_lora.allocation.allocators import lr_scale_auto
 
     shared, res = _groups(tmp_path, monkeypatch, "adapter.sparsity=0.75")  # auto: 5e-3 x 1/sqrt(density)
     density = res["stages"]["retrain"]["density"]

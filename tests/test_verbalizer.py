@@ -6,7 +6,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from partial_lora import config as C
-from partial_lora import fetch as F
+from partial_lora.fetch import cache as F
 from partial_lora.data.base import TaskData
 from partial_lora.data.collate import ChoiceCollate
 from partial_lora.data.verbalizer import as_choices

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from partial_lora.inject import lora_layers
+from partial_lora.adapter.inject import lora_layers
 
 MiB = 2**20
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from partial_lora.inject import (
+from partial_lora.adapter.inject import (
     LoRAConfig,
     count_adapter_parameters,
     find_targets,
@@ -20,8 +20,8 @@ from partial_lora.inject import (
     inject_lora,
     layer_id,
 )
-from partial_lora.classifier import Classifier
-from partial_lora.input_groups import attach, trace
+from partial_lora.models.classifier import Classifier
+from partial_lora.adapter.input_groups import attach, trace
 
 from .sizes import Size, make_batch
 
@@ -116,7 +116,7 @@ def random_keep(net: nn.Module, cfg: LoRAConfig, density: float, seed: int = 0) 
 
 
 def input_groups(backbone: nn.Module, size: Size, cfg: LoRAConfig) -> list[list[str]]:
-    """The backbone's input groups (`partial_lora.input_groups.trace`): one forward pass of one example
+    """The backbone's input groups (`partial_lora.adapter.input_groups.trace`): one forward pass of one example
     through a copy with dense LoRA injected."""
     net = _copy(backbone, size)
     inject_lora(net, cfg)

@@ -26,7 +26,7 @@ from partial_lora.data import identity
 from partial_lora.data.base import TaskData, TaskSpec
 from partial_lora.data.split import task_data
 from partial_lora.errors import PlrError
-from partial_lora.fetch import SCHEME, resolve_uri
+from partial_lora.fetch.cache import SCHEME, resolve_uri
 
 
 def read_table(spec: TaskSpec, columns: tuple[str, ...]) -> pd.DataFrame:

@@ -35,10 +35,10 @@ import datasets
 from partial_lora.data import identity
 from partial_lora.data.base import TaskSpec
 from partial_lora.data.split import used_splits
-from partial_lora.data.split_files import (_EXTENSIONS, Files, _built, _check_splits, _from_files, _prepare,
+from partial_lora.data.split_files import (EXTENSIONS, Files, build_splits, check_splits, prepare_files, prepare_splits,
                                            converted_layout, hub_layout_splits)
 from partial_lora.errors import PlrError, first_line
-from partial_lora.hub import check_local_path, load_from_hub, looks_local
+from partial_lora.fetch.hub import check_local_path, load_from_hub, looks_local
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _load_hub(spec: TaskSpec, wanted: Mapping[str, str], cached: bool) -> datase
     def rebuild(files: Files, features: datasets.Features | None, _cache_dir: str | None) -> datasets.DatasetBuilder:
         return hub_builder(repo, builder.config.name, spec.revision, files, features, cache_id(spec, splits, False))
 
-    return _prepare(builder, rebuild, wanted, where)
+    return prepare_splits(builder, rebuild, wanted, where)
 
 
 def cache_id(spec: TaskSpec, splits: Sequence[str], converted: bool) -> str:
@@ -155,7 +155,7 @@ def _load_cached(repo: str, config_id: str, splits: Sequence[str]) -> datasets.D
     builder = Cache(repo_id=repo, dataset_name=name, config_name=config_id, version=version, hash=hash_)
     if not set(splits) <= set(builder.info.splits or {}):
         return None
-    return _built(builder, splits)
+    return build_splits(builder, splits)
 
 
 def _load_converted(spec: TaskSpec, wanted: Mapping[str, str], script: str) -> datasets.DatasetDict:
@@ -169,7 +169,7 @@ def _load_converted(spec: TaskSpec, wanted: Mapping[str, str], script: str) -> d
                        "task.path=<local dir>")
     config = _converted_config(spec, configs)
     where = f"the parquet conversion of '{repo}' ({CONVERTED}, config {config})"
-    _check_splits(wanted, list(configs[config]), where)
+    check_splits(wanted, list(configs[config]), where)
     splits = list(dict.fromkeys(wanted.values()))
     mapped = "" if spec.subset in (None, config) else f" (task.subset='{spec.subset}' is converted as '{config}')"
     log.warning("dataset '%s'%s holds a loading script (%s), which datasets %s no longer runs; reading the Hub's "
@@ -178,7 +178,7 @@ def _load_converted(spec: TaskSpec, wanted: Mapping[str, str], script: str) -> d
                 config, mapped, ", ".join(splits))
     builder = hub_builder(repo, None, CONVERTED, {s: configs[config][s] for s in splits},
                           config_id=cache_id(spec, splits, converted=True))
-    return _built(builder, splits)
+    return build_splits(builder, splits)
 
 
 def _converted_config(spec: TaskSpec, configs: Mapping[str, Files]) -> str:
@@ -262,7 +262,7 @@ def _failing_file(files: Sequence[str]) -> str | None:
     import tempfile
 
     for f in files:
-        fmt = _EXTENSIONS.get(Path(f).suffix.lower())
+        fmt = EXTENSIONS.get(Path(f).suffix.lower())
         if fmt is None:
             continue
         with tempfile.TemporaryDirectory() as scratch:
@@ -287,18 +287,18 @@ def _read_local(spec: TaskSpec, path: Path, wanted: Mapping[str, str]) -> datase
         if fmt == "imagefolder":
             raise PlrError(f"task.data_format=imagefolder needs a folder, but task.path='{spec.path}' is a file; "
                            f"set task.path=<the folder holding train/, test/ ...>")
-        fmt = fmt or _EXTENSIONS.get(path.suffix.lower())
+        fmt = fmt or EXTENSIONS.get(path.suffix.lower())
         if fmt is None:
             raise PlrError(f"task.path='{spec.path}' is a file of unknown format; use a "
-                           f"{'/'.join(_EXTENSIONS)} file or set task.data_format=<one of: parquet, csv, json>")
-        return _from_files(fmt, {"train": [str(path)]}, wanted, where)
+                           f"{'/'.join(EXTENSIONS)} file or set task.data_format=<one of: parquet, csv, json>")
+        return prepare_files(fmt, {"train": [str(path)]}, wanted, where)
     name = spec.subset
     if name and (path / name).is_dir():
         # `hf download ... --local-dir DIR` keeps one subfolder per config (e.g. glue/sst2/).
         path, name = path / name, None
     layout = hub_layout_splits(path) if fmt in (None, "parquet", "csv", "json") and not name else None
     if layout is not None and fmt in (None, layout[0]):
-        return _from_files(layout[0], layout[1], wanted, where)
+        return prepare_files(layout[0], layout[1], wanted, where)
     _refuse_script_only(spec, path)
     if fmt is None:
         builder = datasets.load_dataset_builder(str(path), name)
@@ -307,7 +307,7 @@ def _read_local(spec: TaskSpec, path: Path, wanted: Mapping[str, str]) -> datase
             return datasets.load_dataset_builder(str(path), builder.config.name, data_files=files,
                                                  features=features, cache_dir=cache)
 
-        return _prepare(builder, rebuild, wanted, where, local=True)
+        return prepare_splits(builder, rebuild, wanted, where, local=True)
     if name:
         raise PlrError(f"task.subset='{name}' is not a subfolder of '{path}'; set task.subset=null or "
                        f"task.path=<the folder holding that config's files>")
@@ -317,7 +317,7 @@ def _read_local(spec: TaskSpec, path: Path, wanted: Mapping[str, str]) -> datase
                          cache: str | None) -> datasets.DatasetBuilder:
         return datasets.load_dataset_builder(packaged, data_files=files, features=features, cache_dir=cache)
 
-    return _prepare(datasets.load_dataset_builder(fmt, data_dir=str(path)), rebuild_packaged, wanted, where,
+    return prepare_splits(datasets.load_dataset_builder(fmt, data_dir=str(path)), rebuild_packaged, wanted, where,
                     local=True)
 
 
@@ -333,7 +333,7 @@ def _chain(e: BaseException) -> list[BaseException]:
 def _refuse_script_only(spec: TaskSpec, path: Path, force: bool = False) -> None:
     """A local copy of a script-only repo (a `<name>.py` and no data files): say how to get its data."""
     scripts = sorted(p.name for p in path.glob("*.py"))
-    if not scripts or (not force and any(f.suffix.lower() in _EXTENSIONS for f in path.rglob("*"))):
+    if not scripts or (not force and any(f.suffix.lower() in EXTENSIONS for f in path.rglob("*"))):
         return
     raise PlrError(f"task.path='{spec.path}' holds a loading script ({scripts[0]}), which datasets "
                    f"{datasets.__version__} no longer runs; download the Hub's parquet conversion instead "

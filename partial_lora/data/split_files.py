@@ -3,11 +3,11 @@
 The Hub names each file's split in two layouts: `<split>-00000-of-00001.parquet` files (what
 `hf download --local-dir` gives) and `<split>/0000.parquet` folders (its `refs/convert/parquet`
 branch); `hub_layout_splits` and `converted_layout` read them, keeping the split names exactly.
-`_prepare` and `_from_files` download and prepare the used splits only, once `_check_splits`
+`prepare_splits` and `prepare_files` download and prepare the used splits only, once `check_splits`
 has refused a missing split or a partial conversion. Local files are first checked for being
 empty or a header without rows (named, in one line), then prepared into a cache folder named by
 their content (`identity.content_cache_dir`), so an edited file is never read back from a stale
-cache; `_built` records what it read in the task's data identity.
+cache; `build_splits` records what it read in the task's data identity.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from partial_lora.data.split import missing_split
 from partial_lora.errors import PlrError
 
 
-_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 _SHARD = re.compile(r"^(?P<split>\w+?)-\d{5}-of-\d{5}$")  # train-00000-of-00001
 _NUMBERED = re.compile(r"^\d+$")                           # <split>/0000.parquet
 _PARTIAL = "partial-"
@@ -38,9 +38,9 @@ def hub_layout_splits(path: Path) -> tuple[str, dict[str, list[str]]] | None:
 
     Returns None for any other layout (then `datasets` infers the splits).
     """
-    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in _EXTENSIONS
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in EXTENSIONS
                    and not any(part.startswith(".") for part in f.relative_to(path).parts))
-    formats = {_EXTENSIONS[f.suffix.lower()] for f in files}
+    formats = {EXTENSIONS[f.suffix.lower()] for f in files}
     if not files or len(formats) != 1:
         return None
     splits: dict[str, list[str]] = {}
@@ -74,7 +74,7 @@ def converted_layout(paths: Sequence[str]) -> dict[str, Files]:
     return configs
 
 
-def _check_splits(wanted: Mapping[str, str], available: Sequence[str], where: str) -> None:
+def check_splits(wanted: Mapping[str, str], available: Sequence[str], where: str) -> None:
     """Every used split exists, and none of them is a partial conversion."""
     for key, split in wanted.items():
         if split in available and not split.startswith(_PARTIAL):
@@ -87,7 +87,7 @@ def _check_splits(wanted: Mapping[str, str], available: Sequence[str], where: st
         raise missing_split(key, split, available)
 
 
-def _prepare(builder: datasets.DatasetBuilder, rebuild: Rebuild, wanted: Mapping[str, str],
+def prepare_splits(builder: datasets.DatasetBuilder, rebuild: Rebuild, wanted: Mapping[str, str],
              where: str, local: bool = False) -> datasets.DatasetDict:
     """Download and prepare only the used splits of a resolved builder.
 
@@ -99,7 +99,7 @@ def _prepare(builder: datasets.DatasetBuilder, rebuild: Rebuild, wanted: Mapping
     files = {str(split): list(paths) for split, paths in (builder.config.data_files or {}).items()}
     available = list(files) or [str(split) for split in builder.info.splits or {}]
     if available:
-        _check_splits(wanted, available, where)
+        check_splits(wanted, available, where)
     splits = list(dict.fromkeys(wanted.values()))
     used = {s: files[s] for s in splits if s in files}
     if local and used:
@@ -107,10 +107,10 @@ def _prepare(builder: datasets.DatasetBuilder, rebuild: Rebuild, wanted: Mapping
         builder = rebuild(used, builder.info.features, identity.content_cache_dir(f for fs in used.values() for f in fs))
     elif files and set(files) != set(splits):
         builder = rebuild(used, builder.info.features, None)
-    return _built(builder, splits)
+    return build_splits(builder, splits)
 
 
-def _built(builder: datasets.DatasetBuilder, splits: Sequence[str]) -> datasets.DatasetDict:
+def build_splits(builder: datasets.DatasetBuilder, splits: Sequence[str]) -> datasets.DatasetDict:
     files = builder.config.data_files or {}
     if files:
         identity.note_files({s: files[s] for s in splits if s in files})
@@ -121,16 +121,16 @@ def _built(builder: datasets.DatasetBuilder, splits: Sequence[str]) -> datasets.
     return datasets.DatasetDict({s: builder.as_dataset(split=s) for s in splits})
 
 
-def _from_files(fmt: str, files: Mapping[str, list[str]], wanted: Mapping[str, str],
+def prepare_files(fmt: str, files: Mapping[str, list[str]], wanted: Mapping[str, str],
                 where: str) -> datasets.DatasetDict:
     """A packaged builder (`parquet`, `csv`, ...) on the used splits' local files of a known layout,
     prepared into a cache folder named by their content."""
-    _check_splits(wanted, list(files), where)
+    check_splits(wanted, list(files), where)
     splits = list(dict.fromkeys(wanted.values()))
     used = {s: list(files[s]) for s in splits}
     check_files(used)
     cache = identity.content_cache_dir(f for fs in used.values() for f in fs)
-    return _built(datasets.load_dataset_builder(fmt, data_files=used, cache_dir=cache), splits)
+    return build_splits(datasets.load_dataset_builder(fmt, data_files=used, cache_dir=cache), splits)
 
 
 def check_files(files: Mapping[str, Sequence[str]]) -> None:

@@ -47,9 +47,9 @@ from partial_lora.export.convert import (ADAPTER, DELTA_ATOL, Target, base_refer
 from partial_lora.export.layout import (CARD, CONFIG, HYDRA_CONFIG, HYDRA_OVERRIDES, LAYERS, MASKS, MERGED,
                                         PEFT_CONFIG, PEFT_WEIGHTS)
 from partial_lora.export.merged import save_merged
-from partial_lora.export.publish import _write, check_out_dir
+from partial_lora.export.publish import write_folder, check_out_dir
 from partial_lora.export.run import check_run, load_config, rebuild
-from partial_lora.inject import count_adapter_parameters
+from partial_lora.adapter.inject import count_adapter_parameters
 
 __all__ = [
     "ADAPTER", "CARD", "CONFIG", "DELTA_ATOL", "HYDRA_CONFIG", "HYDRA_OVERRIDES", "LAYERS", "MASKS", "MERGED",
@@ -144,7 +144,7 @@ def export_run(run_dir: Path, out_dir: Path, *, merged: bool = False, force: boo
     notes = [f"saved in full as the base checkpoint lacks them: {', '.join(extra)}"] if extra else []
     info = ExportInfo(out_dir.resolve(), run_dir.resolve(), cfg, spec, s, reference, targets, layer_table(run_dir, cfg, targets),
                     params, stored, extra, merged, notes)
-    files = _write(out_dir, force, lambda tmp: _fill(tmp, info, peft_model))
+    files = write_folder(out_dir, force, lambda tmp: _fill(tmp, info, peft_model))
     return Exported(out_dir, files, [t.module for t in targets], targets[0].r, targets[0].alpha, params, stored,
                     reference, notes)
 

@@ -16,8 +16,8 @@ from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora.export.convert import Target
 from partial_lora.export.layout import (CONFIG, HYDRA_OVERRIDES, LAYERS, MASKS, MERGED, PEFT_CONFIG, PEFT_WEIGHTS,
-                                        _read_optional)
-from partial_lora.models import ModelSpec
+                                        read_optional)
+from partial_lora.models.backbones import ModelSpec
 from partial_lora.stages.base import Setup
 
 
@@ -119,7 +119,7 @@ def _ratio_table(layers: Mapping[str, Any]) -> list[str]:
 
 
 def _metric_lines(run_dir: Path) -> list[str]:
-    results = _read_optional(run_dir / A.RESULTS) or {}
+    results = read_optional(run_dir / A.RESULTS) or {}
     metrics = results.get("metrics") or {}
     if not metrics:
         return [f"No evaluation in the run (no {A.RESULTS} with metrics); finish its evaluate stage with `plr train`."]
@@ -163,7 +163,7 @@ def _provenance_lines(run_dir: Path) -> list[str]:
         command = "`" + " ".join(["plr", "train", *(shlex.quote(str(a)) for a in args)]) + "`"
     else:
         command = f"not recorded (no {HYDRA_OVERRIDES} in the run dir)"
-    git = _read_optional(run_dir / A.GIT) or {}
+    git = read_optional(run_dir / A.GIT) or {}
     sha = git.get("sha") or "unknown"
     dirty = " (with uncommitted changes)" if git.get("dirty") else ""
     return [f"- command: {command}", f"- plr git commit: `{sha}`{dirty}", f"- run dir: `{run_dir}`",
@@ -177,8 +177,8 @@ def _load_snippet(c: ExportInfo) -> list[str]:
         return ["from omegaconf import OmegaConf",
                 "from peft import PeftModel",
                 "from partial_lora import config as C",
-                "from partial_lora.models import build_model",
-                "from partial_lora.runtime import set_seed",
+                "from partial_lora.models.backbones import build_model",
+                "from partial_lora.training.runtime import set_seed",
                 "",
                 f'cfg = OmegaConf.load("{out}/{CONFIG}")',
                 "set_seed(int(cfg.seed))  # the random-init base depends on the seed",

@@ -16,12 +16,12 @@ from torch import Tensor, nn
 from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora.errors import PlrError, first_line
-from partial_lora.export.layout import _read_optional
-from partial_lora.inject import layer_id
-from partial_lora.lora import LoRABranch, LoRALinear
-from partial_lora.model_source import resolve_source
-from partial_lora.models import ModelSpec, build_model
-from partial_lora.runtime import set_seed
+from partial_lora.export.layout import read_optional
+from partial_lora.adapter.inject import layer_id
+from partial_lora.adapter.lora import LoRABranch, LoRALinear
+from partial_lora.models.source import resolve_source
+from partial_lora.models.backbones import ModelSpec, build_model
+from partial_lora.training.runtime import set_seed
 from partial_lora.stages.base import Setup
 
 ADAPTER = "default"  # PEFT's adapter name
@@ -220,8 +220,8 @@ def check_deltas(peft_model: Any, targets: Sequence[Target]) -> None:
 
 def layer_table(run_dir: Path, cfg: DictConfig, targets: Sequence[Target]) -> dict[str, Any]:
     """plr_layers.json: per layer id, where PEFT holds it and what it keeps (from extract/allocate)."""
-    masks = _read_optional(A.stage_dir(run_dir, A.EXTRACT) / A.MASKS_JSON)
-    alloc = _read_optional(A.stage_dir(run_dir, A.ALLOCATE) / A.ALLOCATION)
+    masks = read_optional(A.stage_dir(run_dir, A.EXTRACT) / A.MASKS_JSON)
+    alloc = read_optional(A.stage_dir(run_dir, A.ALLOCATE) / A.ALLOCATION)
     from_masks = (masks or {}).get("layers", {})
     from_alloc = {la["name"]: la for la in (alloc or {}).get("layers", [])}
     layers: dict[str, Any] = {}

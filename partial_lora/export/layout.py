@@ -13,5 +13,5 @@ MASKS, LAYERS, CONFIG = "plr_masks.safetensors", "plr_layers.json", "plr_config.
 CARD, MERGED = "README.md", "merged"
 
 
-def _read_optional(path: Path) -> Any:
+def read_optional(path: Path) -> Any:
     return A.read_json(path) if path.exists() else None

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from partial_lora import config as C
-from partial_lora.model_source import resolve_source
-from partial_lora.models import ModelSpec
+from partial_lora.models.source import resolve_source
+from partial_lora.models.backbones import ModelSpec
 from partial_lora.stages.base import Setup
 
 
@@ -39,7 +39,7 @@ def save_merged(peft_model: Any, s: Setup, spec: ModelSpec, dest: Path) -> list[
 def _image_processor(spec: ModelSpec) -> Any:
     from transformers import AutoImageProcessor
 
-    from partial_lora.hub import load_from_hub
+    from partial_lora.fetch.hub import load_from_hub
 
     path, local = resolve_source(spec.source)
     if local:

@@ -54,7 +54,7 @@ def check_out_dir(out_dir: Path, run_dir: Path, force: bool) -> None:
                            "earlier export, never other files: choose a new or empty folder")
 
 
-def _write(out_dir: Path, force: bool, fill: Callable[[Path], list[str]]) -> list[str]:
+def write_folder(out_dir: Path, force: bool, fill: Callable[[Path], list[str]]) -> list[str]:
     """Run `fill` on a temporary folder next to `out_dir`, then rename it into place (`artifacts.atomic_dir`)."""
     # Resolved: `..` or `.` as given have no name to rename the new folder to (os.replace failed on them).
     with A.atomic_dir(out_dir.resolve(), replace=force, busy=f"out dir '{out_dir}' is not empty; choose a new folder "

@@ -11,7 +11,7 @@ from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora.errors import PlrError, first_line
 from partial_lora.export.layout import HYDRA_CONFIG
-from partial_lora.runtime import set_seed
+from partial_lora.training.runtime import set_seed
 from partial_lora.stages.base import Setup, load_trained, setup_run
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from partial_lora.errors import PlrError
-from partial_lora.report.runs import Run, _display
+from partial_lora.report.runs import Run, display_path
 
 DIGITS = 4
 
@@ -153,7 +153,7 @@ def repeated_seed_notes(groups: Iterable[Group]) -> list[str]:
     for g in groups:
         repeated = sorted(s for s, n in Counter(g.seeds).items() if n > 1)
         if repeated:
-            dirs = ", ".join(_display(r.run_dir) for r in g.runs[:3]) + (", ..." if len(g.runs) > 3 else "")
+            dirs = ", ".join(display_path(r.run_dir) for r in g.runs[:3]) + (", ..." if len(g.runs) > 3 else "")
             notes.append(f"{g.task} / {g.label}: {len(g.runs)} runs but seed(s) {', '.join(map(str, repeated))} "
                          f"repeat, so the mean mixes different settings ({dirs}); give each setting its own label "
                          "(`plr train label=<name>`, or a \"label\" key in older runs' results.json)")

@@ -280,7 +280,7 @@ def with_members(run: Run) -> list[Run]:
     return out
 
 
-def _display(path: Path) -> str:
+def display_path(path: Path) -> str:
     """A path relative to the cwd when it is below it, else absolute."""
     try:
         return str(path.relative_to(Path.cwd().resolve()))

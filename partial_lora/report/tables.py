@@ -10,7 +10,7 @@ from typing import Any
 
 from partial_lora import artifacts as A
 from partial_lora.report.groups import DIGITS, Report, Stat
-from partial_lora.report.runs import Run, _display
+from partial_lora.report.runs import Run, display_path
 
 
 # ----------------------------------------------------------------------------------- markdown
@@ -86,7 +86,7 @@ def markdown(rep: Report) -> str:
         lines += ["No complete runs yet.", ""]
     if rep.unfinished:
         lines += ["## Incomplete or failed runs", ""]
-        rows = [[_display(r.run_dir), r.task or "?", r.label or "?", "?" if r.seed is None else r.seed, r.status,
+        rows = [[display_path(r.run_dir), r.task or "?", r.label or "?", "?" if r.seed is None else r.seed, r.status,
                  _unfinished_text(r)] for r in rep.unfinished]
         lines += _table(["run dir", "task", "label", "seed", "status", "missing stages / reason"], rows) + [""]
     if rep.notes:
@@ -146,7 +146,7 @@ def run_rows(rep: Report) -> tuple[list[str], list[list[Any]]]:
     metrics = list(dict.fromkeys(m for r in rep.runs for m in r.metrics))
     header = ["run_dir", "status", "task", "label", "model", "r", "seed", "missing_stages", "reason",
               *(m.removeprefix("test_") for m in metrics), "adapter_params", "head_params", "reduction_pct"]
-    rows = [[_display(r.run_dir), r.status, r.task or "", r.label or "", r.model or "", _num(r.r), _num(r.seed),
+    rows = [[display_path(r.run_dir), r.status, r.task or "", r.label or "", r.model or "", _num(r.r), _num(r.seed),
              " ".join(r.missing), r.reason, *(_num(r.metrics.get(m)) for m in metrics),
              _num(r.adapter_params), _num(r.head_params), _num(r.reduction_pct)] for r in rep.runs]
     return header, rows

@@ -24,13 +24,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from partial_lora import artifacts as A
-from partial_lora import checkpoint as CK
+from partial_lora.training import checkpoint as CK
 from partial_lora import config as C
 from partial_lora import distributed as D
-from partial_lora import failed_reading as FR
+from partial_lora.training import failed_reading as FR
 from partial_lora import rundir as RD
-from partial_lora.allocation import NEEDS_PROBE
-from partial_lora.runtime import resolve_device
+from partial_lora.allocation.allocators import NEEDS_PROBE
+from partial_lora.training.runtime import resolve_device
 from partial_lora.spec import RunSpec
 from partial_lora.errors import Interrupted, PlrError, disk_full_is_one_line
 from partial_lora.stages import allocate, evaluate, extract, probe, retrain
@@ -212,7 +212,7 @@ def collect_results(spec: RunSpec, run_dir: Path, stages: dict[str, dict[str, An
 
 
 def failed_reading(spec: RunSpec, run_dir: Path, stages: dict[str, dict[str, Any]]) -> list[str]:
-    """One line per sign that the run's reading failed (`partial_lora.failed_reading`): an allocation
+    """One line per sign that the run's reading failed (`partial_lora.training.failed_reading`): an allocation
     with every layer at the grid's floor, a validation score near the constant-prediction level."""
     lines = []
     al, ev, rt = stages.get(A.ALLOCATE), stages.get(A.EVALUATE, {}), stages.get(A.RETRAIN, {})

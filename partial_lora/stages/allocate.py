@@ -1,4 +1,4 @@
-"""allocate: a keep ratio per adapted layer (see `partial_lora.allocation`).
+"""allocate: a keep ratio per adapted layer (see `partial_lora.allocation.allocators`).
 
 `adapter.sparsity=auto` runs the configured allocator (threshold by default, which masks the
 trained probe adapter at grid ratios and measures few-shot validation accuracy);
@@ -21,17 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from partial_lora import allocation as AL
+from partial_lora.allocation import allocators as AL
 from partial_lora import artifacts as A
 from partial_lora import distributed as D
-from partial_lora import search as AS
+from partial_lora.allocation import search as AS
 from partial_lora.errors import PlrError
-from partial_lora.inject import base_weights
-from partial_lora.masks import LayerInfo, Ranking, count, rank_layer, subspace_k
-from partial_lora.metrics import compute_metrics
-from partial_lora.predict import predict
-from partial_lora.replay import BlockReplay
-from partial_lora.runtime import autocast_dtype, set_seed
+from partial_lora.adapter.inject import base_weights
+from partial_lora.adapter.masks import LayerInfo, Ranking, count, rank_layer, subspace_k
+from partial_lora.training.metrics import compute_metrics
+from partial_lora.training.predict import predict
+from partial_lora.allocation.replay import BlockReplay
+from partial_lora.training.runtime import autocast_dtype, set_seed
 from partial_lora.spec import RunSpec
 from partial_lora.stages.base import Setup, few_shot_sets, load_trained, loader, setup
 from partial_lora.stages.extract import snip_of_branches

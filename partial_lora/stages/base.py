@@ -23,20 +23,20 @@ from partial_lora.data.collate import pretokenize
 from partial_lora.data.verbalizer import as_choices
 from partial_lora.errors import PlrError
 from partial_lora import distributed as D
-from partial_lora import peft_baselines as PB
-from partial_lora.inject import WHOLE, dims, find_targets, freeze_for_adapter, inject_lora
-from partial_lora.input_groups import attach as attach_input_groups
-from partial_lora.lora import LoRABranch
-from partial_lora import multitask as MT
-from partial_lora.causal_lm import CausalLM
-from partial_lora.adapters import Adapter, PeftAdapter, PlrAdapter
-from partial_lora.models import Built, build_model
+from partial_lora.adapter import peft_baselines as PB
+from partial_lora.adapter.inject import WHOLE, dims, find_targets, freeze_for_adapter, inject_lora
+from partial_lora.adapter.input_groups import attach as attach_input_groups
+from partial_lora.adapter.lora import LoRABranch
+from partial_lora.models import multitask as MT
+from partial_lora.models.causal_lm import CausalLM
+from partial_lora.adapter.protocol import Adapter, PeftAdapter, PlrAdapter
+from partial_lora.models.backbones import Built, build_model
 from partial_lora.data.base import TaskSpec
 from partial_lora.spec import MatchConfig, RunSpec
-from partial_lora.predict import evaluate
-from partial_lora.recipe import TrainConfig
-from partial_lora.runtime import autocast_dtype, resolve_device
-from partial_lora.train import Hooks, ResumableSampler
+from partial_lora.training.predict import evaluate
+from partial_lora.training.recipe import TrainConfig
+from partial_lora.training.runtime import autocast_dtype, resolve_device
+from partial_lora.training.loop import Hooks, ResumableSampler
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class Setup:
                 **{f"test_{p.name}_examples": len(p.data.test) for p in parts}}
 
     def train_hooks(self, validate: Callable[[], dict[str, float]]) -> Hooks:
-        """`train.fit`'s hooks: the validation, and what the adapter adds to training (AdaLoRA)."""
+        """`loop.fit`'s hooks: the validation, and what the adapter adds to training (AdaLoRA)."""
         assert self.adapter is not None
         return self.adapter.hooks(validate)
 
@@ -233,7 +233,7 @@ def setup(run: RunSpec, keep: Mapping[str, tuple[Tensor | None, Tensor | None]] 
 def shard(net: torch.nn.Module, targets: list[str]) -> None:
     """FSDP (`trainer.strategy=fsdp`): each repeated block holding the target layers is one unit,
     the backbone (embeddings, norms, head) the root; say how much of the frozen base this process holds."""
-    from partial_lora.replay import find_blocks
+    from partial_lora.allocation.replay import find_blocks
 
     total = sum(p.numel() for p in net.parameters() if not p.requires_grad)
     hit = find_blocks(net, targets) if targets else None
@@ -244,7 +244,7 @@ def shard(net: torch.nn.Module, targets: list[str]) -> None:
 
 
 def total_steps(tc: TrainConfig, n_train: int) -> int:
-    """Optimizer steps of the retrain stage (what `train.fit` will run)."""
+    """Optimizer steps of the retrain stage (what `loop.fit` will run)."""
     per_epoch = max(1, math.ceil(n_train / tc.batch_size) // tc.grad_accum)
     return tc.max_steps or max(1, math.ceil(tc.epochs * per_epoch))
 

@@ -8,7 +8,7 @@ output), `score` (the predicted class's softmax probability, or the regression o
 can be paired example by example (`plr study`, error analysis).
 
 For a single-task run it also records the main metric's constant-prediction level on the
-validation split (`constant_level`, with `constant_n` examples; `partial_lora.failed_reading`), so
+validation split (`constant_level`, with `constant_n` examples; `partial_lora.training.failed_reading`), so
 the run's results can say when its score is no better than ignoring the input.
 """
 
@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 from partial_lora import artifacts as A
-from partial_lora.failed_reading import constant_level
-from partial_lora.metrics import compute_metrics
-from partial_lora.predict import predict
-from partial_lora.runtime import autocast_dtype, set_seed
+from partial_lora.training.failed_reading import constant_level
+from partial_lora.training.metrics import compute_metrics
+from partial_lora.training.predict import predict
+from partial_lora.training.runtime import autocast_dtype, set_seed
 from partial_lora.spec import RunSpec
 from partial_lora.stages.base import load_trained, loader, setup_run
 from partial_lora.tracking import Tracker

@@ -12,7 +12,7 @@ that read the same input tensor (`input_groups.trace`); each group's columns are
 nest and retraining gathers the input once per group. Rows are ranked per layer as without it.
 The groups are recorded in `masks.json` (`input_groups`).
 
-`adapter.mask.method=snip`: the SNIP importance of every layer's W0 (`partial_lora.snip`) is
+`adapter.mask.method=snip`: the SNIP importance of every layer's W0 (`partial_lora.adapter.snip`) is
 measured on the model as `setup` builds it (fresh head, LoRA's B = 0, so no adapter update),
 before the probe's adapter is loaded; the batches read are recorded in `masks.json` (`snip`).
 
@@ -33,15 +33,15 @@ from typing import Any
 import torch
 from partial_lora import artifacts as A
 from partial_lora import distributed as D
-from partial_lora import peft_baselines as PB
-from partial_lora import snip as SN
+from partial_lora.adapter import peft_baselines as PB
+from partial_lora.adapter import snip as SN
 from partial_lora.errors import PlrError
-from partial_lora.inject import WHOLE, base_weights, dims, find_targets, layer_id, load_adapter_state_dict
-from partial_lora import input_groups as IG
-from partial_lora.lora import LoRALinear
-from partial_lora.masks import LayerInfo, Ranking, element_masks, layer_seed, rank_group, rank_layer
-from partial_lora.predict import predict
-from partial_lora.runtime import autocast_dtype, set_seed
+from partial_lora.adapter.inject import WHOLE, base_weights, dims, find_targets, layer_id, load_adapter_state_dict
+from partial_lora.adapter import input_groups as IG
+from partial_lora.adapter.lora import LoRALinear
+from partial_lora.adapter.masks import LayerInfo, Ranking, element_masks, layer_seed, rank_group, rank_layer
+from partial_lora.training.predict import predict
+from partial_lora.training.runtime import autocast_dtype, set_seed
 from partial_lora.spec import RunSpec
 from partial_lora.stages.base import Setup, loader, params_per_rank, setup
 from partial_lora.tracking import Tracker
@@ -135,7 +135,7 @@ def input_groups(spec: RunSpec, s: Setup) -> list[list[str]]:
 
 def snip_scores(spec: RunSpec, s: Setup, layers: Mapping[str, tuple[str, int, int]]) -> tuple[dict[str, torch.Tensor],
                                                                                               dict[str, Any]]:
-    """SNIP importance (`partial_lora.snip.importance`) of the W0 slice of each layer, and what was read.
+    """SNIP importance (`partial_lora.adapter.snip.importance`) of the W0 slice of each layer, and what was read.
 
     Args:
         layers: layer id -> (module name, first output row of its slice, its rows).

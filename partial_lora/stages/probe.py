@@ -13,16 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from partial_lora import artifacts as A
-from partial_lora import checkpoint as CK
-from partial_lora.curve import JsonlLog
+from partial_lora.training import checkpoint as CK
+from partial_lora.training.curve import JsonlLog
 from partial_lora.data.split import few_shot
-from partial_lora.inject import adapter_state_dict
-from partial_lora.multitask import offsets
-from partial_lora.runtime import set_seed
+from partial_lora.adapter.inject import adapter_state_dict
+from partial_lora.models.multitask import offsets
+from partial_lora.training.runtime import set_seed
 from partial_lora.spec import ProbeConfig, RunSpec
 from partial_lora.stages.base import Setup, few_shot_sets, loader, save_trained, setup, validator
 from partial_lora.tracking import Tracker
-from partial_lora.train import Hooks, fit
+from partial_lora.training.loop import Hooks, fit
 
 NAME = A.PROBE
 

@@ -19,18 +19,18 @@ from typing import Any
 import torch
 
 from partial_lora import artifacts as A
-from partial_lora import checkpoint as CK
+from partial_lora.training import checkpoint as CK
 from partial_lora import distributed as D
-from partial_lora import runtime as RT
-from partial_lora.allocation import lr_scale_auto
-from partial_lora.curve import JsonlLog
-from partial_lora.lora import LoRABranch
-from partial_lora.recipe import TrainConfig
-from partial_lora.runtime import set_seed
+from partial_lora.training import runtime as RT
+from partial_lora.allocation.allocators import lr_scale_auto
+from partial_lora.training.curve import JsonlLog
+from partial_lora.adapter.lora import LoRABranch
+from partial_lora.training.recipe import TrainConfig
+from partial_lora.training.runtime import set_seed
 from partial_lora.spec import RunSpec
 from partial_lora.stages.base import loader, save_trained, setup_run, validator
 from partial_lora.tracking import Tracker
-from partial_lora.train import fit
+from partial_lora.training.loop import fit
 
 NAME = A.RETRAIN
 

@@ -28,12 +28,13 @@ from partial_lora import artifacts as A
 from partial_lora.study import choice as CH
 from partial_lora.study import methods as M
 from partial_lora.study.claims import arm_rows, change_markdown, claim_rows, collect, markdown
-from partial_lora.study.plan import ARMS, Selection, plan, split_arm
+from partial_lora.study.arms import ARMS
+from partial_lora.study.plan import Selection, plan, split_arm
 from partial_lora.study.rule import markdown as rule_markdown
 from partial_lora.study.rule import rule_rows
 from partial_lora.study.run import check, execute
-from partial_lora.study.search import markdown as search_markdown
-from partial_lora.study.search import search_rows
+from partial_lora.study.search_signal import markdown as search_markdown
+from partial_lora.study.search_signal import search_rows
 
 __all__ = ["ARMS", "Selection", "check", "execute", "plan", "write"]
 

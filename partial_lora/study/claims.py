@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 
 from partial_lora import artifacts as A
-from partial_lora import stats as ST
+from partial_lora.study import stats as ST
 from partial_lora.errors import PlrError
-from partial_lora.study.plan import ARMS, arm_dir_name, split_arm
+from partial_lora.study.arms import ARMS
+from partial_lora.study.plan import arm_dir_name, split_arm
 from partial_lora.study.run import finished
 
 

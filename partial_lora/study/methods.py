@@ -27,7 +27,8 @@ from pathlib import Path
 
 from partial_lora import artifacts as A
 from partial_lora.study.claims import Claim, Run, Study, pair_rows
-from partial_lora.study.plan import ARMS, split_arm
+from partial_lora.study.arms import ARMS
+from partial_lora.study.plan import split_arm
 
 DENSE = "lora"
 FILE = "method-table.md"

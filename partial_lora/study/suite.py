@@ -10,7 +10,7 @@ The keys (each file's comments say what its values are and where they come from)
       - rt-polarity                  {name: mine, overrides: [task=hf-text, task.path=/data/mine.csv]}
       - {name: bbc-news, recipe: []}   a task's own recipe replaces the suite's `recipe`
     seeds: [0, 1, 2]
-    arms: [head, lora, partial]    arms of partial_lora/study/plan.py ARMS (default: every arm)
+    arms: [head, lora, partial]    arms of partial_lora/study/arms.py ARMS (default: every arm)
     recipe: [experiment=offline-minilm]   overrides of every run, before the task's and the arm's
     arm_overrides: {partial: [adapter.allocation.tau=0.8]}   added to that arm's runs
     out: outputs/study             the study folder when --out is not given (default outputs/study-<name>)
@@ -32,7 +32,8 @@ from typing import Any
 
 from partial_lora.errors import PlrError, first_line
 from partial_lora.study import grid as G
-from partial_lora.typecheck import _build, check_type
+from partial_lora.study.arms import ARMS
+from partial_lora.typecheck import check_type, from_values
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SUITE_DIR = Path(__file__).resolve().parent / "suites"
@@ -123,7 +124,7 @@ def _task(where: str, raw: str | dict[str, Any]) -> SuiteTask:
     if "name" not in raw:
         raise PlrError(f"{where}: a task given as a mapping needs a name (name: mine, overrides: [...]); "
                        "fix the suite file")
-    t = _build(_Task, raw, f"{where}", fix="fix the suite file")
+    t = from_values(_Task, raw, f"{where}", fix="fix the suite file")
     if not TASK_NAME.fullmatch(t.name):
         raise PlrError(f"{where}.name '{t.name}' must be 1-60 lowercase letters, digits, '_', '.' or '-' (it names "
                        "the task's run dirs); fix the suite file")
@@ -142,15 +143,13 @@ def parse(values: Mapping[str, Any], name: str, source: Path | None = None) -> S
         PlrError: an unknown key, a value of the wrong type, an unknown arm or model, a task that is no
             task config and gives no overrides, a task named twice, no tasks or no seeds.
     """
-    from partial_lora.study.plan import ARMS
-
     where = f"suite {source if source is not None and source.parent != SUITE_DIR else name}"
     if not isinstance(values, Mapping):
         raise PlrError(f"{where}: the file must hold a mapping (model:, tasks:, seeds:, ...); fix the suite file")
     missing = [k for k in ("model", "tasks", "seeds") if k not in values]
     if missing:
         raise PlrError(f"{where}: no {missing[0]}: a suite names its model, tasks and seeds; fix the suite file")
-    f = _build(_File, values, where, fix="fix the suite file")
+    f = from_values(_File, values, where, fix="fix the suite file")
     for i, t in enumerate(f.tasks):  # the list's items are checked one by one, so the message names one
         check_type(f"{where}.tasks[{i}]", t, str | dict[str, Any], fix="fix the suite file")
     if f.model not in _options("model"):

@@ -17,7 +17,7 @@ plus the slice name for fused layers (`blocks.0.attn.qkv.q`).
 
 Branches that read the same input tensor (q and v of one attention block) each save their own
 gathered x_C for backward, where dense LoRA saves the one x they share. With
-`adapter.mask.shared_input` [ours] such branches form an `InputGroup`: their column sets nest (one
+`adapter.mask.shared_input` [ours] such branches form an input group: their column sets nest (one
 ranking for the group, `masks.rank_group`), the input is gathered once at the union U of them,
 x_U is what backward keeps, and each branch multiplies it by its A scattered into U's positions
 (r × |U|, zeros at the columns it does not keep). The update is the same; the saved input is
@@ -25,14 +25,14 @@ about ρ·d_in per group instead of ρ·d_in per branch. `input_groups` finds th
 them; merge, `delta_weight` and export do not see them.
 
 Injection into a model and the helpers that see every branch at once (merge, state dict,
-counts) are in `partial_lora.inject`.
+counts) are in `partial_lora.adapter.inject`.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,12 @@ from torch.nn import functional as F
 
 from partial_lora import distributed as D
 from partial_lora.errors import PlrError
+
+
+class SharedInput(Protocol):
+    """What a branch asks of its input group (`input_groups.InputGroup`): its rank-r code of x."""
+
+    def code(self, branch: LoRABranch, x: Tensor) -> Tensor: ...
 
 
 class LoRABranch(nn.Module):
@@ -77,7 +83,7 @@ class LoRABranch(nn.Module):
         self.register_buffer("mask_B", None)
         # Shared input gather (`InputGroup`, adapter.mask.shared_input only): the group's union of
         # kept columns U, and where this branch's columns sit in U (None: they are U).
-        self.input_group: InputGroup | None = None
+        self.input_group: SharedInput | None = None
         self.register_buffer("group_cols", None, persistent=False)
         self.register_buffer("group_pos", None, persistent=False)
         self.reset_parameters()
@@ -166,87 +172,6 @@ class LoRABranch(nn.Module):
         shared = ", input shared" if self.input_group is not None else ""
         return (f"r={self.r}, rows={len(self.rows)}/{self.d_out}, cols={len(self.cols)}/{self.d_in}, "
                 f"offset={self.offset}{shared}")
-
-
-class InputGroup:
-    """Branches that read one input tensor and gather it once [ours, `adapter.mask.shared_input`].
-
-    The first member called with an input x computes x_U = x[..., U] (U: the union of the members'
-    kept columns, sorted; with nested column sets, the largest of them) and caches it; the other
-    members called with the *same* tensor object (a weak reference, checked with its version
-    counter and the grad mode) get the cached x_U, so autograd saves it once for all of them. A
-    member multiplies x_U by its A scattered into U's positions (its A itself when its columns
-    are U). The cache lets go of x_U once every member has been served for that x (autograd
-    keeps what backward needs). A call with any other tensor gathers again, so a wrong group can
-    only cost the saving, never give another result. Not for branches with input dropout (each
-    would need its own dropout mask of x). `input_groups.attach` leaves out a member that keeps
-    every column (it reads x itself, as without a group) and `input_groups.trace` the `LoRAConv`
-    layers (their branches do not go through `hidden`).
-
-    Args:
-        members: two or more branches of the same input size, none with dropout, none already
-            in a group.
-
-    Raises:
-        PlrError: fewer than two members, different input sizes, dropout, or a branch in two groups.
-    """
-
-    def __init__(self, members: Sequence[LoRABranch]) -> None:
-        if len(members) < 2:
-            raise PlrError("an input group needs two or more LoRA branches")
-        if len({b.d_in for b in members}) != 1:
-            raise PlrError("an input group's branches must read inputs of one size; the groups do not fit this "
-                           "model (rerun extract)")
-        if any(isinstance(b.dropout, nn.Dropout) for b in members):
-            raise PlrError("adapter.mask.shared_input gathers one input for several layers, so they cannot draw "
-                           "their own input dropout; set adapter.dropout=0 or adapter.mask.shared_input=false")
-        if any(b.input_group is not None for b in members):
-            raise PlrError("a LoRA branch is in two input groups; the groups of the masks file overlap (rerun extract)")
-        union = torch.unique(torch.cat([b.cols.cpu() for b in members]))  # sorted
-        self.size, self.n = len(union), len(members)
-        self.full = self.size == members[0].d_in  # U is every column: x_U is x itself
-        for b in members:
-            device = b.cols.device
-            b.group_cols = None if self.full else union.to(device)
-            same = len(b.cols) == self.size
-            b.group_pos = None if same else torch.searchsorted(union, b.cols.cpu()).to(device)
-            b.input_group = self
-        self._ref: weakref.ref[Tensor] | None = None
-        self._state: tuple[int, bool] | None = None
-        self._xu: Tensor | None = None
-        self._served: set[int] = set()
-
-    def gather(self, x: Tensor, branch: LoRABranch) -> Tensor:
-        """x at the group's columns U: computed once per input tensor, shared by the members."""
-        if self.full:
-            return x
-        if not torch.compiler.is_compiling() and x.is_inference():  # no version counter: gather, uncached
-            return x.index_select(-1, branch.group_cols)
-        state = (x._version, torch.is_grad_enabled())
-        if self._xu is None or self._ref is None or self._ref() is not x or self._state != state:
-            self._xu = x.index_select(-1, branch.group_cols)
-            self._ref, self._state, self._served = weakref.ref(x), state, set()
-        xu = self._xu
-        self._served.add(id(branch))
-        if len(self._served) >= self.n:  # every member has it: drop the cache's reference
-            self.release()
-        return xu
-
-    def release(self) -> None:
-        """Forget the cached x_U (the next call gathers again)."""
-        self._xu = self._ref = self._state = None
-        self._served = set()
-
-    def code(self, branch: LoRABranch, x: Tensor) -> Tensor:
-        """A member's rank-r code of x, (..., r): x_U times its A scattered into U's positions."""
-        xu = self.gather(x, branch)
-        a = branch.factors()[1].to(xu.dtype)
-        if branch.group_pos is not None:
-            a = a.new_zeros(branch.r, xu.shape[-1]).index_copy(1, branch.group_pos, a)
-        return xu @ a.t()
-
-    def __getstate__(self) -> dict:  # a weak reference does not pickle; the cache need not travel
-        return {**self.__dict__, "_ref": None, "_state": None, "_xu": None, "_served": set()}
 
 
 class LoRALinear(nn.Module):

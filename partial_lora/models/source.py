@@ -16,7 +16,7 @@ from typing import Any
 from safetensors import SafetensorError
 
 from partial_lora.errors import PlrError
-from partial_lora.hub import check_local_path, load_from_hub, looks_local
+from partial_lora.fetch.hub import check_local_path, load_from_hub, looks_local
 
 
 def resolve_source(source: str | None, key: str = "model.source") -> tuple[str, bool]:
@@ -24,7 +24,7 @@ def resolve_source(source: str | None, key: str = "model.source") -> tuple[str, 
     if not source:
         raise PlrError(f"the model has no source; set {key}=<hub id or local dir>")
     if source.startswith("fetch:"):
-        from partial_lora.fetch import resolve_uri
+        from partial_lora.fetch.cache import resolve_uri
 
         return str(resolve_uri(source, what=f"{key}={source}")), True
     if source.startswith("package:"):
@@ -62,23 +62,24 @@ def refuse_pickle_only(source: str | None, key: str = "model.source", transforme
                        "then run again")
 
 
-def _hf_load(fn: Callable[..., Any], source: str | None, revision: str | None, key: str, **kw: Any) -> Any:
+def hf_load(fn: Callable[..., Any], source: str | None, revision: str | None, key: str, **kw: Any) -> Any:
     path, local = resolve_source(source, key)
     if local:
-        return _load_local(fn, path, source, key, **kw)
+        return load_local(fn, path, source, key, **kw)
     return load_from_hub(lambda lfo: fn(path, revision=revision, local_files_only=lfo, **kw), path,
                          what="model", key=key)
 
 
-def _first_line(e: BaseException) -> str:
+def short_cause(e: BaseException) -> str:
+    """An exception's first line without its full stop (its type when it has no message), for a one-line error."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
 
 
-def _load_local(fn: Callable[..., Any], path: str, source: str | None, key: str, **kw: Any) -> Any:
+def load_local(fn: Callable[..., Any], path: str, source: str | None, key: str, **kw: Any) -> Any:
     """`fn(path)` for a local folder, with a folder that transformers cannot read (no or corrupt
     config.json, no or truncated weights) turned into one line naming the folder and the cause."""
     try:
         return fn(path, **kw)
     except (OSError, ValueError, SafetensorError) as e:
-        raise PlrError(f"{key}={source} cannot be loaded from '{path}': {_first_line(e)}; point {key} at a "
+        raise PlrError(f"{key}={source} cannot be loaded from '{path}': {short_cause(e)}; point {key} at a "
                        "save_pretrained folder (config.json and model.safetensors) or re-download it") from None

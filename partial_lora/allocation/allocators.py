@@ -23,7 +23,7 @@ are kept. Allocators behind one interface (`ALLOCATORS`):
 - `rescale_to_budget`: scale any allocation so the total hits a parameter budget.
 
 The allocators that measure the probe (`threshold`, `truncation`, `proportional`) are in
-`partial_lora.search`. Nothing here or there touches a model: the threshold allocator calls an
+`partial_lora.allocation.search`. Nothing here or there touches a model: the threshold allocator calls an
 `evaluate(ratios) -> accuracy` function that the allocate stage provides.
 """
 
@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from partial_lora.errors import PlrError
-from partial_lora.masks import kept
+from partial_lora.adapter.masks import kept
 
 DEFAULT_GRID = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125)
 
@@ -64,7 +64,7 @@ class AllocationConfig:
             (None: the same as `adapter.mask.method`). Setting it apart lets a run keep an
             allocation found with subspace masks but retrain with random ones.
         replay_mb: memory budget (MiB) for replaying unchanged blocks' outputs between the
-            search's evaluations (`partial_lora.replay`); 0 computes every evaluation in full.
+            search's evaluations (`partial_lora.allocation.replay`); 0 computes every evaluation in full.
             Results are identical either way; only the time differs.
     """
 
@@ -184,18 +184,18 @@ class Allocation:
         return cls(**values)
 
 
-def _layer_alloc(layer: Layer, ratio: float, sides: str = "both") -> LayerAllocation:
+def layer_allocation(layer: Layer, ratio: float, sides: str = "both") -> LayerAllocation:
     rows, cols = kept(ratio, layer.d_out, layer.d_in, sides)
     return LayerAllocation(layer.name, layer.d_out, layer.d_in, ratio, rows, cols)
 
 
 def uniform(layers: Sequence[Layer], r: int, ratio: float, sides: str = "both") -> Allocation:
-    return Allocation("uniform", [_layer_alloc(la, ratio, sides) for la in layers], r, sides=sides)
+    return Allocation("uniform", [layer_allocation(la, ratio, sides) for la in layers], r, sides=sides)
 
 
 def spectrum(layers: Sequence[Layer], r: int, ks: Mapping[str, int], sides: str = "both") -> Allocation:
     """Ratio = k / min(d_out, d_in), with k the singular values holding the energy share (see masks)."""
-    return Allocation("spectrum", [_layer_alloc(la, min(1.0, ks[la.name] / min(la.d_out, la.d_in)), sides)
+    return Allocation("spectrum", [layer_allocation(la, min(1.0, ks[la.name] / min(la.d_out, la.d_in)), sides)
                                    for la in layers], r, sides=sides)
 
 
@@ -225,7 +225,7 @@ def rescale_to_budget(alloc: Allocation, budget: float) -> Allocation:
     scale = min((lo, hi), key=lambda s: abs(_params_at(alloc.layers, alloc.r, s, alloc.sides) - target))
     layers = []
     for la in alloc.layers:
-        new = _layer_alloc(Layer(la.name, la.d_out, la.d_in), min(1.0, la.ratio * scale), alloc.sides)
+        new = layer_allocation(Layer(la.name, la.d_out, la.d_in), min(1.0, la.ratio * scale), alloc.sides)
         new.tried, new.sensitivity = la.tried, la.sensitivity
         layers.append(new)
     out = Allocation(**{**{k: getattr(alloc, k) for k in alloc.__dataclass_fields__}, "layers": layers})

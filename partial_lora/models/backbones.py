@@ -9,7 +9,7 @@ Four families behind one factory (`MODELS`):
 
 `pretrained: false` builds a random model from `config` (the `tiny-*` test models). A source
 `package:<module>[/<subdir>]` points inside an installed Python package (the MiniLM fixture), and
-`fetch:<source>` at an entry of the `plr fetch` cache (Gemma 3 270M): see `model_source`.
+`fetch:<source>` at an entry of the `plr fetch` cache (Gemma 3 270M): see `source`.
 The backbone is wrapped in a `classifier.Classifier`.
 
 Pretrained weights are read from safetensors only: a source that holds only a pickle checkpoint
@@ -30,12 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from partial_lora.causal_lm import CausalLM
-from partial_lora.classifier import Classifier
+from partial_lora.models.causal_lm import CausalLM
+from partial_lora.models.classifier import Classifier
 from partial_lora.data.base import ImagePreprocess
 from partial_lora.errors import PlrError
-from partial_lora.hub import load_from_hub, looks_local
-from partial_lora.model_source import _first_line, _hf_load, _load_local, refuse_pickle_only, resolve_source
+from partial_lora.fetch.hub import load_from_hub, looks_local
+from partial_lora.models.source import short_cause, hf_load, load_local, refuse_pickle_only, resolve_source
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def check_complete(missing: Sequence[str], spec: ModelSpec) -> None:
 def _pretrained(fn: Callable[..., Any], spec: ModelSpec, **kw: Any) -> nn.Module:
     """A transformers model from `spec.source`, from safetensors only, with every backbone weight."""
     refuse_pickle_only(spec.source, "model.source")
-    net, info = _hf_load(fn, spec.source, spec.revision, "model.source", use_safetensors=True,
+    net, info = hf_load(fn, spec.source, spec.revision, "model.source", use_safetensors=True,
                          output_loading_info=True, **kw)
     check_complete(list(info.get("missing_keys", ())), spec)
     return net
@@ -180,7 +180,7 @@ def build_hf_text(spec: ModelSpec, num_labels: int) -> Built:
     if num_labels == 1:
         net.config.problem_type = "regression"
     check_positions(net, spec)
-    tok = _hf_load(AutoTokenizer.from_pretrained, spec.tokenizer or spec.source, spec.revision, "model.tokenizer")
+    tok = hf_load(AutoTokenizer.from_pretrained, spec.tokenizer or spec.source, spec.revision, "model.tokenizer")
     _check_vocab(net, tok, spec)
     return Built(Classifier(net, spec.family, spec.head_modules), tokenizer=tok, max_length=spec.max_length)
 
@@ -192,7 +192,7 @@ def build_hf_vision(spec: ModelSpec, num_labels: int) -> Built:
     if spec.pretrained:
         net = _pretrained(AutoModelForImageClassification.from_pretrained, spec, num_labels=num_labels,
                           ignore_mismatched_sizes=True)
-        proc = _hf_load(AutoImageProcessor.from_pretrained, spec.source, spec.revision, "model.source")
+        proc = hf_load(AutoImageProcessor.from_pretrained, spec.source, spec.revision, "model.source")
         size = proc.size.get("height") or proc.size.get("shortest_edge") or net.config.image_size
         image = ImagePreprocess(size=int(size), mean=tuple(proc.image_mean), std=tuple(proc.image_std))
     else:
@@ -227,7 +227,7 @@ def build_timm(spec: ModelSpec, num_labels: int) -> Built:
             meta["architecture"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise PlrError(f"model.source={arch}: '{path / 'config.json'}' is missing or not a timm config "
-                           f"({_first_line(e)}); download the timm model with `hf download` into '{path}'") from None
+                           f"({short_cause(e)}); download the timm model with `hf download` into '{path}'") from None
         refuse_pickle_only(arch, "model.source", transformers=False)
         weights = path / "model.safetensors"
         if not weights.exists():
@@ -235,7 +235,7 @@ def build_timm(spec: ModelSpec, num_labels: int) -> Built:
         # timm's push_to_hub writes `model_args` for non-default shapes (timm >= 1.0 includes
         # num_classes there: the task decides that); the YAML's config wins.
         model_args = {k: v for k, v in meta.get("model_args", {}).items() if k != "num_classes"}
-        net = _load_local(lambda _: timm.create_model(meta["architecture"], pretrained=True, num_classes=num_labels,
+        net = load_local(lambda _: timm.create_model(meta["architecture"], pretrained=True, num_classes=num_labels,
                                                       pretrained_cfg_overlay={"file": str(weights)},
                                                       **{**model_args, **kwargs}),
                           str(path), arch, "model.source")
@@ -316,7 +316,7 @@ def build_hf_causal(spec: ModelSpec, num_labels: int) -> Built:
         # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen).
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     net.config.use_cache = False  # training and scoring never reuse the KV cache
-    tok = _hf_load(AutoTokenizer.from_pretrained, spec.tokenizer or spec.source, spec.revision, "model.tokenizer")
+    tok = hf_load(AutoTokenizer.from_pretrained, spec.tokenizer or spec.source, spec.revision, "model.tokenizer")
     _check_vocab(net, tok, spec)
     return Built(CausalLM(net, num_labels), tokenizer=tok, max_length=spec.max_length)
 

@@ -1,7 +1,7 @@
 """Where and how a run computes: its seeds, its device, the autocast dtype, deterministic kernels.
 
 `set_seed` comes before any model is built; `resolve_device` and `autocast_dtype` turn
-`trainer.device` and `trainer.precision` into what `train.fit` and `predict.predict` run on.
+`trainer.device` and `trainer.precision` into what `loop.fit` and `predict.predict` run on.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from partial_lora.errors import PlrError
-from partial_lora.recipe import TrainConfig
+from partial_lora.training.recipe import TrainConfig
 
 
 def set_seed(seed: int) -> None:
@@ -63,7 +63,7 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return torch.bfloat16
 
 
-def _to(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+def to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 

@@ -12,10 +12,10 @@ which lets the allocator try a whole grid of ratios without re-ranking.
 - `probe_magnitude` [ours]: rows/columns with the largest norms of the probe's ΔW = s·B·A.
 - `snip` (TASO-style, reconstructed [ours]): rows/columns with the largest summed SNIP importance
   of W0 on the task loss, Σ_j S[i, j] and Σ_i S[i, j] with S = Σ_batches |W0 ⊙ ∂L/∂W0|
-  (`partial_lora.snip`; the extract stage measures S).
+  (`partial_lora.adapter.snip`; the extract stage measures S).
 
 With `adapter.mask.shared_input` [ours], the layers that read one input tensor (an *input group*,
-e.g. query and value of one attention block; `partial_lora.input_groups`) share one column
+e.g. query and value of one attention block; `partial_lora.adapter.input_groups`) share one column
 ranking (`rank_group`): each keeps the top `count(ρ, d_in)` of it, so their column sets nest and
 the forward gathers the input once for all of them. Rows stay ranked per layer.
 """
@@ -29,8 +29,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from partial_lora import snip as SN
+from partial_lora.adapter import snip as SN
 from partial_lora.errors import PlrError
+
+
+Keep = dict[str, tuple[Tensor, Tensor]]  # by layer id: two tensors (kept rows and columns, or element masks)
 
 
 def count(ratio: float, d: int) -> int:
@@ -144,7 +147,7 @@ class MaskConfig:
             A, the paper's form), `rows` (rows of B only, every column of A kept) or `cols`.
         shared_input: layers that read the same input tensor keep nested column sets drawn from
             one ranking of their group, and the forward gathers that input once per group [ours]
-            (`rank_group`, `lora.InputGroup`): less activation memory, at the cost of the
+            (`rank_group`, `input_groups.InputGroup`): less activation memory, at the cost of the
             members' column sets no longer being chosen independently.
     """
 

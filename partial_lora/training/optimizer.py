@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from partial_lora import checkpoint as CK
-from partial_lora.classifier import Classifier
+from partial_lora.training import checkpoint as CK
+from partial_lora.models.classifier import Classifier
 from partial_lora.errors import PlrError
-from partial_lora.inject import iter_branches
-from partial_lora.recipe import TrainConfig, lr_lambda
+from partial_lora.adapter.inject import iter_branches
+from partial_lora.training.recipe import TrainConfig, lr_lambda
 
 
 def optimizer_groups(model: Classifier, cfg: TrainConfig,

@@ -2,7 +2,7 @@
 
 `threshold` is the paper's Algorithm 1 (our reading; `mode=joint` or `independent`), and
 `truncation` runs the same search with another `evaluate`; `proportional` splits a parameter
-budget by each layer's measured sensitivity (`sensitivities`). See `partial_lora.allocation`
+budget by each layer's measured sensitivity (`sensitivities`). See `partial_lora.allocation.allocators`
 for what each allocator does and for the result they return (`Allocation`).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
-from partial_lora.allocation import Allocation, AllocationConfig, Layer, _layer_alloc, rescale_to_budget
+from partial_lora.allocation.allocators import Allocation, AllocationConfig, Layer, layer_allocation, rescale_to_budget
 
 log = logging.getLogger("plr")
 
@@ -26,7 +26,7 @@ def threshold(layers: Sequence[Layer], r: int, cfg: AllocationConfig, *,
               evaluate: Callable[[Mapping[str, float]], float], a_ref: float, a_0: float,
               progress: Callable[[str], None] = lambda s: None, sides: str = "both",
               allocator: str = "threshold") -> Allocation:
-    """The threshold allocator (see the module docstring of `partial_lora.allocation`).
+    """The threshold allocator (see the module docstring of `partial_lora.allocation.allocators`).
 
     Args:
         layers: the adapted layers.
@@ -84,7 +84,7 @@ def threshold(layers: Sequence[Layer], r: int, cfg: AllocationConfig, *,
     alloc = Allocation(allocator, [], r, sides=sides, tau=cfg.tau, metric=cfg.metric, a_ref=a_ref, a_0=a_0,
                        target=target, mode=cfg.mode, relative_to=cfg.relative_to, grid=[float(g) for g in cfg.grid])
     for la in layers:
-        la_alloc = _layer_alloc(la, final[la.name], sides)
+        la_alloc = layer_allocation(la, final[la.name], sides)
         la_alloc.tried, la_alloc.sensitivity = tried[la.name], sensitivity[la.name]
         alloc.layers.append(la_alloc)
     alloc.joint_accuracy = acc(final)
@@ -128,7 +128,7 @@ def proportional(layers: Sequence[Layer], r: int, cfg: AllocationConfig, budget:
     out = []
     for la in layers:
         ratio = min(1.0, max(1e-6, target * weights[la.name] / total / (r * (la.d_out + la.d_in))))
-        alloc_la = _layer_alloc(la, ratio, sides)
+        alloc_la = layer_allocation(la, ratio, sides)
         alloc_la.sensitivity = sens[la.name]
         out.append(alloc_la)
     alloc = Allocation("proportional", out, r, sides=sides, tau=cfg.tau, metric=cfg.metric, a_ref=a_ref, a_0=a_0,

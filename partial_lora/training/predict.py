@@ -1,6 +1,6 @@
 """Prediction over a loader: logits, labels and mean loss (`predict`), and task metrics from them (`evaluate`).
 
-`train.fit` validates with `evaluate` after its epochs; the allocate and evaluate stages call `predict`.
+`loop.fit` validates with `evaluate` after its epochs; the allocate and evaluate stages call `predict`.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from partial_lora.classifier import Classifier
+from partial_lora.models.classifier import Classifier
 from partial_lora.errors import PlrError
-from partial_lora.metrics import compute_metrics
-from partial_lora.runtime import _to
+from partial_lora.training.metrics import compute_metrics
+from partial_lora.training.runtime import to_device
 
 
 @torch.no_grad()
@@ -25,7 +25,7 @@ def predict(model: Classifier, loader: Iterable[Mapping[str, Tensor]], device: t
     model.eval()
     all_logits, all_labels, loss_sum, n = [], [], 0.0, 0
     for batch in loader:
-        batch = _to(batch, device)
+        batch = to_device(batch, device)
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(batch)
         loss_sum += model.loss(logits, batch).item() * len(batch["labels"])

@@ -22,16 +22,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
-from partial_lora import checkpoint as CK
+from partial_lora.training import checkpoint as CK
 from partial_lora import distributed as D
-from partial_lora.classifier import Classifier
-from partial_lora.curve import JsonlLog
+from partial_lora.models.classifier import Classifier
+from partial_lora.training.curve import JsonlLog
 from partial_lora.errors import Interrupted, PlrError
-from partial_lora.inject import iter_branches
-from partial_lora.optimizer import start_training
-from partial_lora.predict import evaluate
-from partial_lora.recipe import TrainConfig
-from partial_lora.runtime import _to, autocast_dtype, use_deterministic_algorithms
+from partial_lora.adapter.inject import iter_branches
+from partial_lora.training.optimizer import start_training
+from partial_lora.training.predict import evaluate
+from partial_lora.training.recipe import TrainConfig
+from partial_lora.training.runtime import to_device, autocast_dtype, use_deterministic_algorithms
 
 __all__ = ["FitResult", "Hooks", "fit"]
 
@@ -100,7 +100,7 @@ def _backward(model: Classifier, forward: Callable[[dict[str, Tensor]], Any], ba
               rows: int, weight: float, cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None,
               extra_loss: Callable[[], Tensor] | None) -> Tensor:
     """One micro-batch: the loss and its gradient (scaled for accumulation and for this process's share)."""
-    batch = _to(batch, device)
+    batch = to_device(batch, device)
     with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         loss = model.loss(forward(batch), batch)
         if extra_loss is not None:

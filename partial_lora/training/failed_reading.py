@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from partial_lora.metrics import compute_metrics
+from partial_lora.training.metrics import compute_metrics
 
 PROPORTIONS = ("accuracy", "f1", "macro_f1")
 CORRELATIONS = ("mcc", "pearson", "spearman")
@@ -41,7 +41,7 @@ def constant_level(n_outputs: int, labels: np.ndarray, metric: str) -> float | N
     Args:
         n_outputs: the model's outputs per example (classes or choices; 1 for a regression head).
         labels: the validation labels.
-        metric: a name from `partial_lora.metrics.METRICS`.
+        metric: a name from `partial_lora.training.metrics.METRICS`.
     """
     if metric in CORRELATIONS:
         return 0.0

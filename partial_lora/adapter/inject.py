@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from partial_lora import distributed as D
 from partial_lora.errors import PlrError
-from partial_lora.lora import LoRABranch, LoRAConv, LoRALinear
+from partial_lora.adapter.lora import LoRABranch, LoRAConv, LoRALinear
 
 WHOLE = "lora"  # branch key of an unsliced layer; never appears in layer ids
 

@@ -2,7 +2,7 @@
 
 It also gives the training loss of its output (`loss_fn`: cross-entropy, or MSE for a one-output
 regression head), its head's parameters and tensors, and keeps a frozen backbone's batch norms
-in eval mode. `models.build_model` builds one; `causal_lm.CausalLM` subclasses it and
+in eval mode. `backbones.build_model` builds one; `causal_lm.CausalLM` subclasses it and
 `multitask.MultiTask` wraps one behind the same calls.
 """
 

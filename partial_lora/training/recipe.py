@@ -1,5 +1,5 @@
 """The training recipe: `TrainConfig` (the `trainer` config group, range-checked) and the
-learning-rate schedule it names. `train.fit` runs it."""
+learning-rate schedule it names. `loop.fit` runs it."""
 
 from __future__ import annotations
 
