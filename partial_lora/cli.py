@@ -28,7 +28,9 @@ import os
 import re
 import sys
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -41,7 +43,7 @@ from partial_lora import rundir as RD
 from partial_lora.commands import Parser, export_command, fetch_command, report_command, study_command
 from partial_lora.errors import Interrupted, PlrError, fail, first_line
 from partial_lora.overrides import (ALLOW_HYDRA_CODE, check_choices, check_hydra, check_keys, check_run_dir,
-                                   check_writable, parse, value_of)
+                                   check_writable, compose_run, parse, apply_override, value_of)
 
 USAGE = """usage: plr <command> [args]
 
@@ -88,16 +90,104 @@ run `plr train --help` for the config groups, `plr report --help` / `plr export 
 `plr fetch --help` for their options."""
 
 
-SWEEP_FAILURES: list[str] = []  # run dirs of multirun jobs that failed (the sweep goes on)
-RERUN_FROM: str | None = None  # `plr train --rerun-from STAGE`: that stage and the later ones run again
-CLAIM: RD.Claim | None = None  # what this `plr train` may delete on failure: only what it created
+HELP_FLAGS = ("--help", "-h", "--cfg", "-c", "--info", "-i", "--hydra-help")
 
 
-def _claim_of(run_dir: Path, sweeping: bool) -> RD.Claim | None:
-    """The command's claim, if it is on this run dir (a single run, on the main process)."""
-    if sweeping or CLAIM is None or not D.is_main():
-        return None
-    return CLAIM if CLAIM.run_dir.resolve() == run_dir.resolve() else None
+@dataclass
+class Train:
+    """One `plr train` command, and what its job (or each job of a sweep) shares: no module state.
+
+    Attributes:
+        rerun_from: `--rerun-from STAGE`: that stage and the later ones run again.
+        claim: what this command may delete on failure (only what it created; `rundir.Claim`).
+        members: a multi-task run's member task configs, composed at the edge with the run's config.
+        failures: the run dirs of a sweep's jobs that failed (the sweep goes on).
+    """
+
+    rerun_from: str | None = None
+    claim: RD.Claim | None = None
+    members: list[DictConfig] | None = None
+    failures: list[str] = field(default_factory=list)
+
+    def claim_of(self, run_dir: Path, sweeping: bool) -> RD.Claim | None:
+        """The command's claim, if it is on this run dir (a single run, on the main process)."""
+        if sweeping or self.claim is None or not D.is_main():
+            return None
+        return self.claim if self.claim.run_dir.resolve() == run_dir.resolve() else None
+
+    def job(self, cfg: DictConfig) -> float | None:
+        """One run of the command, inside Hydra's job (its run dir, logging and `HydraConfig`)."""
+        import datasets
+
+        datasets.disable_progress_bars()  # "Map/Filter" bars on every load would drown the training bar
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
+        claim = self.claim_of(run_dir, sweeping)
+        try:
+            with RD.locked(run_dir) if D.is_main() else contextlib.nullcontext():
+                return self._locked(cfg, run_dir, claim, sweeping)
+        except PlrError as e:  # the run dir is in use: touch nothing of it
+            if claim is not None and not claim.settled:
+                claim.keep()
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            if sweeping:
+                self.failures.append(str(run_dir))
+                print(f"plr: error: {e} (the sweep goes on)", file=sys.stderr)
+                return None
+            fail(str(e))
+            return None
+
+    def _locked(self, cfg: DictConfig, run_dir: Path, claim: RD.Claim | None, sweeping: bool) -> float | None:
+        from partial_lora.stages import format_results, run_pipeline
+        from partial_lora.tracking import make_tracker
+
+        (run_dir / A.ERROR).unlink(missing_ok=True)
+
+        def checked(spec: Any) -> Any:  # the run dir is checked: record the run, open its tracker
+            if D.is_main():
+                _write_hydra(run_dir, cfg)
+            A.write_run_info(run_dir)
+            return None if not D.is_main() else make_tracker(  # under torchrun rank 0 alone logs
+                str(cfg.logger.kind), run_dir=run_dir, name=f"{spec.name}-s{spec.seed}", config=dict(spec.settings),
+                **{k: v for k, v in OmegaConf.to_container(cfg.logger, resolve=True).items() if k != "kind"})
+
+        try:
+            results = run_pipeline(cfg, run_dir, members=self.members, rerun_from=self.rerun_from, on_checked=checked)
+        except KeyboardInterrupt as e:  # Ctrl-C: one line, the way back, exit 130 (the shell's code for SIGINT)
+            resumable = _settle(run_dir, claim)
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            if not resumable:  # nothing to resume from: what this run wrote is gone, and only that
+                print("plr: interrupted before any stage finished or checkpointed; removed what this run had written "
+                      "(nothing else)", file=sys.stderr)
+            else:
+                where = e.where() if isinstance(e, Interrupted) else "start-up"
+                print(f"plr: interrupted at {where}; resume with `plr resume {run_dir}`", file=sys.stderr)
+            sys.exit(130)
+        except Exception as e:
+            full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+            if not sweeping:
+                _settle(run_dir, claim)  # a bug's traceback too: no half-made run dir for the next command to trip on
+            if full or not (sweeping or isinstance(e, PlrError)):
+                raise
+            if sweeping:
+                # One failed job must not end a sweep of many: record why in the run dir (the report
+                # lists it), say so, and go on to the next job. The sweep exits non-zero at the end.
+                message = str(e) if isinstance(e, PlrError) else f"{type(e).__name__}: {e}"
+                A.write_text(run_dir / A.ERROR,
+                             message + "\n" + ("" if isinstance(e, PlrError) else traceback.format_exc()))
+                if D.is_main() and not (run_dir / A.HYDRA_CONFIG).exists():
+                    _write_hydra(run_dir, cfg)  # so `plr report` lists the failed job with its settings
+                self.failures.append(str(run_dir))
+                print(f"plr: error: {first_line(message) or type(e).__name__} (run dir {run_dir}; "
+                      "the sweep goes on)", file=sys.stderr)
+                return None
+            fail(str(e))
+            return None
+        print(format_results(results))
+        return results["metrics"].get(f"test_{results['main_metric']}")
 
 
 def _settle(run_dir: Path, claim: RD.Claim | None) -> bool:
@@ -111,29 +201,9 @@ def _settle(run_dir: Path, claim: RD.Claim | None) -> bool:
     return resumable
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def _train(cfg: DictConfig) -> float | None:
-    import datasets
-
-    datasets.disable_progress_bars()  # "Map/Filter" bars on every load would drown the training bar
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
-    claim = _claim_of(run_dir, sweeping)
-    try:
-        with RD.locked(run_dir) if D.is_main() else contextlib.nullcontext():
-            return _train_locked(cfg, run_dir, claim, sweeping)
-    except PlrError as e:  # the run dir is in use: touch nothing of it
-        if claim is not None and not claim.settled:
-            claim.keep()
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        if sweeping:
-            SWEEP_FAILURES.append(str(run_dir))
-            print(f"plr: error: {e} (the sweep goes on)", file=sys.stderr)
-            return None
-        fail(str(e))
-        return None
+def _hydra_app(command: Train) -> Any:
+    """Hydra's own app around the command's job: for Hydra's flags (help, `--cfg`) and sweeps (`-m`)."""
+    return hydra.main(config_path="conf", config_name="config", version_base="1.3")(command.job)
 
 
 def _write_hydra(run_dir: Path, cfg: DictConfig) -> None:
@@ -142,63 +212,6 @@ def _write_hydra(run_dir: Path, cfg: DictConfig) -> None:
     A.write_text(run_dir / A.HYDRA_CONFIG, OmegaConf.to_yaml(cfg))
     A.write_text(run_dir / RD.HYDRA_YAML, OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})))
     A.write_text(run_dir / A.HYDRA_OVERRIDES, OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))))
-
-
-def _train_locked(cfg: DictConfig, run_dir: Path, claim: RD.Claim | None, sweeping: bool) -> float | None:
-    from partial_lora import config as C
-    from partial_lora.stages import format_results, run_pipeline
-    from partial_lora.tracking import make_tracker
-
-    (run_dir / A.ERROR).unlink(missing_ok=True)
-    try:
-        C.validate(cfg)
-        if D.is_main():
-            if RERUN_FROM:
-                RD.rerun_from(run_dir, RERUN_FROM)
-            RD.check(run_dir, OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-            _write_hydra(run_dir, cfg)
-        A.write_run_info(run_dir)
-        tracker = None if not D.is_main() else make_tracker(  # under torchrun rank 0 alone logs
-            str(cfg.logger.kind), run_dir=run_dir, name=f"{cfg.name}-s{cfg.seed}",
-            config=OmegaConf.to_container(cfg, resolve=True),
-            **{k: v for k, v in OmegaConf.to_container(cfg.logger, resolve=True).items() if k != "kind"})
-        try:
-            results = run_pipeline(cfg, run_dir, tracker)
-        finally:
-            if tracker is not None:
-                tracker.finish()
-    except KeyboardInterrupt as e:  # Ctrl-C: one line, the way back, exit 130 (the shell's code for SIGINT)
-        resumable = _settle(run_dir, claim)
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        if not resumable:  # nothing to resume from: what this run wrote is gone, and only that
-            print("plr: interrupted before any stage finished or checkpointed; removed what this run had written "
-                  "(nothing else)", file=sys.stderr)
-        else:
-            where = e.where() if isinstance(e, Interrupted) else "start-up"
-            print(f"plr: interrupted at {where}; resume with `plr resume {run_dir}`", file=sys.stderr)
-        sys.exit(130)
-    except Exception as e:
-        full = os.environ.get("HYDRA_FULL_ERROR") == "1"
-        if not sweeping:
-            _settle(run_dir, claim)  # a bug's traceback too: no half-made run dir for the next command to trip on
-        if full or not (sweeping or isinstance(e, PlrError)):
-            raise
-        if sweeping:
-            # One failed job must not end a sweep of many: record why in the run dir (the report
-            # lists it), say so, and go on to the next job. The sweep exits non-zero at the end.
-            message = str(e) if isinstance(e, PlrError) else f"{type(e).__name__}: {e}"
-            A.write_text(run_dir / A.ERROR, message + "\n" + ("" if isinstance(e, PlrError) else traceback.format_exc()))
-            if D.is_main() and not (run_dir / A.HYDRA_CONFIG).exists():
-                _write_hydra(run_dir, cfg)  # so `plr report` lists the failed job with its settings
-            SWEEP_FAILURES.append(str(run_dir))
-            print(f"plr: error: {first_line(message) or type(e).__name__} (run dir {run_dir}; "
-                  "the sweep goes on)", file=sys.stderr)
-            return None
-        fail(str(e))
-        return None
-    print(format_results(results))
-    return results["metrics"].get(f"test_{results['main_metric']}")
 
 
 def _resume(argv: list[str]) -> int:
@@ -267,31 +280,29 @@ def _take_flag(args: list[str], flag: str) -> tuple[list[str], bool]:
 _BARE = re.compile(r"[\w./\-]+")
 
 
-def _pin_run_dir(rest: list[str], cfg: DictConfig) -> Path | None:
-    """The run dir this command writes (checked by `overrides.check_run_dir`), with the default
-    (`${out_root}/${name}/${now:...}`) resolved here once and appended as `run_dir=<it>`, so Hydra
-    uses the same folder that the claim was made on. None when it cannot be known before Hydra runs
-    (a value Hydra's grammar cannot carry bare or quoted, an interpolation Hydra alone resolves)."""
-    given = value_of(rest, "run_dir")
+def _pin_run_dir(overrides: list[str], cfg: DictConfig) -> tuple[Path | None, str | None]:
+    """The run dir this command writes (checked by `overrides.check_run_dir`), and the override
+    `run_dir=<it>` that fixes the default (`${out_root}/${name}/${now:...}`) resolved here once, so
+    Hydra uses the folder that the claim was made on (None when the overrides give it already).
+    (None, None) when it cannot be known before Hydra runs (a value Hydra's grammar cannot carry bare
+    or quoted, an interpolation Hydra alone resolves)."""
+    given = value_of(overrides, "run_dir")
     if given is not None and "${" not in given:
-        return check_run_dir(given)
+        return check_run_dir(given), None
     try:
         resolved = str(OmegaConf.select(cfg, "run_dir", throw_on_resolution_failure=True))
     except Exception:  # noqa: BLE001 - e.g. ${hydra:...}: Hydra alone resolves it; no claim, nothing deleted
-        return None
+        return None, None
     if not _BARE.fullmatch(resolved):
         if "'" in resolved or "\\" in resolved or "${" in resolved:
-            return None
-        rest.append(f"run_dir='{resolved}'")
-    else:
-        rest.append(f"run_dir={resolved}")
-    return check_run_dir(resolved)
+            return None, None
+        return check_run_dir(resolved), f"run_dir='{resolved}'"
+    return check_run_dir(resolved), f"run_dir={resolved}"
 
 
-def _take_rerun_from(args: list[str]) -> list[str]:
-    """Strip `--rerun-from STAGE` (or `--rerun-from=STAGE`) from train's arguments into RERUN_FROM."""
-    global RERUN_FROM
-    out, i = [], 0
+def _take_rerun_from(args: list[str]) -> tuple[list[str], str | None]:
+    """train's arguments without `--rerun-from STAGE` (or `--rerun-from=STAGE`), and the stage."""
+    out, stage, i = [], None, 0
     while i < len(args):
         a = args[i]
         if a == "--rerun-from" or a.startswith("--rerun-from="):
@@ -299,11 +310,98 @@ def _take_rerun_from(args: list[str]) -> list[str]:
             i += 1 if "=" in a else 2
             if value not in A.STAGES:
                 fail(f"--rerun-from takes a stage, one of {', '.join(A.STAGES)}; got '{value}'")
-            RERUN_FROM = value
+            stage = value
             continue
         out.append(a)
         i += 1
-    return out
+    return out, stage
+
+
+def _check_launch(overrides: list[str]) -> None:
+    if D.launched() and value_of(overrides, "run_dir") is None:
+        fail(f"under a multi-process launch (WORLD_SIZE={D.world_size()}) every process must write to the "
+             "same run dir; add run_dir=<dir> to the command")
+
+
+def _train(rest: list[str]) -> int:
+    """`plr train`: the overrides checked, the config composed once and validated once (in the pipeline),
+    the run dir claimed and checked once; Hydra's own app for its flags and for sweeps."""
+    rest, rerun_from = _take_rerun_from(rest)
+    rest, allow_code = _take_flag(rest, ALLOW_HYDRA_CODE)
+    check_hydra(rest, allow_code)
+    parse(rest)
+    check_choices(rest)
+    command = Train(rerun_from=rerun_from)
+    try:
+        if any(a.startswith("-") for a in rest):
+            _run_hydra_app(command, rest)
+        else:
+            _run_once(command, rest)
+    except BaseException:
+        if command.claim is not None and not command.claim.settled:
+            command.claim.undo()  # a failure before the run took its lock (Hydra's start-up, a refused check)
+        raise
+    if command.failures:
+        failed = command.failures
+        print(f"plr: error: {len(failed)} run(s) of the sweep failed (each has {A.ERROR}): "
+              f"{', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_once(command: Train, overrides: list[str]) -> None:
+    """A single run: its config composed once (with Hydra's node), its multi-task members with it, the
+    run dir pinned and claimed, then the job run as Hydra's own `run` runs it (`run_job`: the run dir,
+    logging to train.log, `HydraConfig`, callbacks), on that one composed config."""
+    from hydra import initialize_config_module
+    from hydra._internal.callbacks import Callbacks
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.utils import run_job
+    from hydra.types import HydraContext
+
+    from partial_lora import config as C
+
+    with initialize_config_module("partial_lora.conf", version_base="1.3", job_name="train"):
+        app = GlobalHydra.instance().hydra
+        assert app is not None
+        cfg = compose_run(app, overrides)
+        try:
+            command.members = C.member_tasks(cfg) if C.is_multi(cfg) else None
+        except PlrError as e:
+            fail(str(e))
+        _check_launch(overrides)
+        pinned: list[str] = []
+        if D.is_main():  # rank 0 alone: under torchrun the others would find the run dir rank 0 is making
+            run_dir, line = _pin_run_dir(overrides, cfg)
+            if line is not None:
+                apply_override(cfg, line)
+                pinned.append(line)
+            command.claim = RD.Claim(run_dir) if run_dir is not None else None
+        check_writable([*overrides, *pinned])
+        if cfg.hydra.mode is None:
+            cfg.hydra.mode = RunMode.RUN
+        callbacks = Callbacks(cfg)
+        callbacks.on_run_start(config=cfg, config_name="config")
+        ret = run_job(hydra_context=HydraContext(config_loader=app.config_loader, callbacks=callbacks),
+                      task_function=command.job, config=cfg, job_dir_key="hydra.run.dir", job_subdir_key=None,
+                      configure_logging=True)
+        callbacks.on_run_end(config=cfg, config_name="config", job_return=ret)
+        _ = ret.return_value  # a failed job's exception, raised again
+
+
+def _run_hydra_app(command: Train, rest: list[str]) -> None:
+    """Hydra's flags (`--help`, `--cfg` ...) and sweeps (`-m`): Hydra's own app. A sweep's overrides are
+    composed once first (by their first values) so that a mistake is one line before any job starts."""
+    if not any(a in HELP_FLAGS for a in rest):
+        cfg = check_keys(rest)
+        _check_launch(rest)
+        if not any(a in ("-m", "--multirun") for a in rest) and D.is_main():
+            run_dir, line = _pin_run_dir(rest, cfg)
+            rest = rest + ([line] if line is not None else [])
+            command.claim = RD.Claim(run_dir) if run_dir is not None else None
+        check_writable(rest)
+    sys.argv = ["plr train", *rest]
+    _hydra_app(command)()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,37 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
-        global CLAIM
-        CLAIM = None
-        rest = _take_rerun_from(rest)
-        rest, allow_code = _take_flag(rest, ALLOW_HYDRA_CODE)
-        check_hydra(rest, allow_code)
-        parse(rest)
-        check_choices(rest)
-        if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "-i", "--hydra-help") for a in rest):
-            cfg = check_keys(rest)
-            if D.launched() and value_of(rest, "run_dir") is None:
-                fail(f"under a multi-process launch (WORLD_SIZE={D.world_size()}) every process must write to the "
-                     "same run dir; add run_dir=<dir> to the command")
-            if not any(a in ("-m", "--multirun") for a in rest) and D.is_main():
-                # Rank 0 alone: under torchrun the others would find the run dir rank 0 is making.
-                run_dir = _pin_run_dir(rest, cfg)
-                CLAIM = RD.Claim(run_dir) if run_dir is not None else None
-            check_writable(rest)
-        sys.argv = ["plr train", *rest]
-        try:
-            _train()
-        except BaseException:
-            if CLAIM is not None and not CLAIM.settled:
-                CLAIM.undo()  # a failure before the run took its lock (Hydra's start-up, a refused check)
-            raise
-        finally:
-            CLAIM = None
-        if SWEEP_FAILURES:
-            print(f"plr: error: {len(SWEEP_FAILURES)} run(s) of the sweep failed (each has {A.ERROR}): "
-                  f"{', '.join(SWEEP_FAILURES[:3])}{', ...' if len(SWEEP_FAILURES) > 3 else ''}", file=sys.stderr)
-            return 1
-        return 0
+        return _train(rest)
     if cmd == "report":
         return report_command(rest)
     if cmd == "resume":

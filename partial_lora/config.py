@@ -34,7 +34,7 @@ from partial_lora.adapter.masks import MaskConfig
 from partial_lora.spec import MatchConfig, ProbeConfig, RetrainConfig, RunSpec, TaskPart
 from partial_lora.training.recipe import TrainConfig
 from partial_lora.adapter.snip import SnipConfig
-from partial_lora.typecheck import check_type, from_values
+from partial_lora.typecheck import check_seed, check_type, from_values
 
 __all__ = ["MaskConfig", "MatchConfig", "ProbeConfig", "RetrainConfig", "RunSpec", "TaskPart", "validate"]
 
@@ -66,12 +66,10 @@ def is_multi(cfg: DictConfig) -> bool:
     return cfg.task.get("kind") == "multi"
 
 
-_MEMBERS: dict[str, list[DictConfig]] = {}
-
-
 def member_tasks(cfg: DictConfig) -> list[DictConfig]:
     """The member task configs of a multi-task run: `conf/task/<name>.yaml` for each of
     `task.names`, then `task.each` (every member) and `task.members.<name>` (one member) merged in.
+    Each member is composed once here; the CLI calls this at its edge, beside composing the run.
 
     Raises:
         PlrError: no names, an unknown task name, or an unknown key in the multi-task node.
@@ -94,14 +92,11 @@ def member_tasks(cfg: DictConfig) -> list[DictConfig]:
     stray = sorted(set(per) - set(names))
     if stray:
         raise PlrError(f"task.members.{stray[0]} is not in task.names={names}; add it there or drop the override")
-    key = repr((names, shared, each, per))
-    if key not in _MEMBERS:
-        members = []
-        for name, node in zip(names, _compose_tasks(names), strict=True):
-            node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))  # detached, not struct
-            members.append(OmegaConf.merge(node, shared, each, per.get(name) or {}))
-        _MEMBERS[key] = members
-    return _MEMBERS[key]
+    members = []
+    for name, node in zip(names, _compose_tasks(names), strict=True):
+        node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))  # detached, not struct
+        members.append(OmegaConf.merge(node, shared, each, per.get(name) or {}))
+    return members
 
 
 def _compose_tasks(names: list[str]) -> list[DictConfig]:
@@ -125,9 +120,6 @@ def _compose_tasks(names: list[str]) -> list[DictConfig]:
         return [one(n) for n in names]
 
 
-MAX_SEED = 2**32 - 1  # numpy's seed range; torch's and Python's take it too, with room for derived seeds
-
-
 def _group(cfg: DictConfig, key: str) -> dict:
     """A config group's values as a plain dict; a group replaced by one value (`adapter.allocation=5`)
     is refused in one line."""
@@ -139,28 +131,8 @@ def _group(cfg: DictConfig, key: str) -> dict:
     return values
 
 
-def check_seed(key: str, value: object) -> None:
-    """A seed is a whole number in [0, MAX_SEED]."""
-    check_type(key, value, int)
-    if not 0 <= int(value) <= MAX_SEED:  # type: ignore[call-overload]
-        raise PlrError(f"{key} must be in [0, {MAX_SEED}], got {value}; e.g. {key}=0")
-
-
 def task_spec(cfg: DictConfig) -> TaskSpec:
-    values = _group(cfg, "task")
-    spec = from_values(TaskSpec, values, "task", TASK_EXTRA)
-    check_seed("task.split_seed", spec.split_seed)
-    for key in ("val_fraction", "test_fraction"):
-        v = getattr(spec, key)
-        if not 0 <= v < 1:
-            raise PlrError(f"task.{key} must be in [0, 1), got {v}; fix that override")
-    n = spec.num_labels
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise PlrError(f"task.num_labels must be a positive number of classes (or null), got {n!r}; fix that override")
-    u = spec.unlabelled_value
-    if u is not None and (isinstance(u, bool) or not isinstance(u, int | float | str)):
-        raise PlrError(f"task.unlabelled_value must be a number, a string or null, got {u!r}; e.g. task.unlabelled_value=-1")
-    return spec
+    return from_values(TaskSpec, _group(cfg, "task"), "task", TASK_EXTRA)
 
 
 def task_metrics(cfg: DictConfig) -> tuple[list[str], str]:
@@ -176,11 +148,7 @@ def task_metrics(cfg: DictConfig) -> tuple[list[str], str]:
 
 
 def model_spec(cfg: DictConfig) -> ModelSpec:
-    spec = from_values(ModelSpec, _group(cfg, "model"), "model", MODEL_EXTRA)
-    if spec.max_length < 1:
-        raise PlrError(f"model.max_length must be >= 1 token, got {spec.max_length}; set model.max_length=128 "
-                       "(at most the model's position embeddings)")
-    return spec
+    return from_values(ModelSpec, _group(cfg, "model"), "model", MODEL_EXTRA)
 
 
 def lora_config(cfg: DictConfig, spec: ModelSpec | None = None) -> LoRAConfig:
@@ -190,22 +158,19 @@ def lora_config(cfg: DictConfig, spec: ModelSpec | None = None) -> LoRAConfig:
     check_type("adapter.r", a.r, int)
     check_type("adapter.alpha", a.alpha, float)
     check_type("adapter.dropout", a.dropout, float)
-    if int(a.r) <= 0:
-        raise PlrError(f"adapter.r must be a positive rank, got {a.r}; set adapter.r=8 (or any integer >= 1)")
-    if float(a.alpha) <= 0:
-        raise PlrError(f"adapter.alpha must be positive, got {a.alpha}; set adapter.alpha=16 for example")
-    if not 0 <= float(a.dropout) < 1:
-        raise PlrError(f"adapter.dropout must be in [0, 1), got {a.dropout}; fix that override")
+    LoRAConfig(r=int(a.r), alpha=float(a.alpha), dropout=float(a.dropout))  # the ranges, before the targets
     targets = plain(a.targets)
-    if isinstance(targets, str):
-        if targets not in spec.lora_targets:
-            raise PlrError(f"adapter.targets='{targets}' is not a target set of model '{spec.name}'; use one of "
+    target_set = targets if isinstance(targets, str) else None
+    if target_set is not None:
+        if target_set not in spec.lora_targets:
+            raise PlrError(f"adapter.targets='{target_set}' is not a target set of model '{spec.name}'; use one of "
                            f"{sorted(spec.lora_targets)} or a list of module patterns")
-        targets = spec.lora_targets[targets]
+        targets = spec.lora_targets[target_set]
     if not targets:
         raise PlrError("adapter.targets is empty; name a target set (qv, all) or module patterns")
     return LoRAConfig(r=int(a.r), alpha=float(a.alpha), dropout=float(a.dropout), targets=tuple(targets),
-                      fused={k: tuple(v) for k, v in spec.fused.items()}, exclude=tuple(spec.head_modules))
+                      fused={k: tuple(v) for k, v in spec.fused.items()}, exclude=tuple(spec.head_modules),
+                      target_set=target_set)
 
 
 def train_config(cfg: DictConfig, **override: Any) -> TrainConfig:
@@ -235,15 +200,7 @@ def _node(cfg: DictConfig, key: str) -> dict:
 
 
 def probe_config(cfg: DictConfig) -> ProbeConfig:
-    pc = from_values(ProbeConfig, _node(cfg, "adapter.probe"), "adapter.probe")
-    if pc.shots < 1 or pc.val_shots < 1:
-        raise PlrError(f"adapter.probe.shots and val_shots must be >= 1, got {pc.shots} and {pc.val_shots}")
-    if pc.epochs <= 0 or pc.batch_size < 1:
-        raise PlrError(f"adapter.probe.epochs must be positive and adapter.probe.batch_size >= 1, got {pc.epochs} "
-                       f"and {pc.batch_size}; fix that override")
-    if pc.short_classes not in ("error", "shrink"):
-        raise PlrError(f"adapter.probe.short_classes must be error or shrink, got '{pc.short_classes}'")
-    return pc
+    return from_values(ProbeConfig, _node(cfg, "adapter.probe"), "adapter.probe")
 
 
 def allocation_config(cfg: DictConfig) -> AllocationConfig:
@@ -326,16 +283,21 @@ def saved_run(cfg: DictConfig, run_dir: Any) -> DictConfig:
     return cfg
 
 
-def validate(cfg: DictConfig) -> RunSpec:
+def validate(cfg: DictConfig, members: list[DictConfig] | None = None) -> RunSpec:
     """Check everything a run will read, before the run dir gets any results, and return it as
-    one typed `RunSpec` (the one place for cross-field checks)."""
+    one typed `RunSpec` (the one place for cross-field checks).
+
+    Args:
+        members: a multi-task run's member task configs (`member_tasks`), when the caller has
+            composed them already (the CLI, at its edge); None composes them here.
+    """
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise PlrError(f"{missing[0]} is required by this config; set {missing[0]}=<value> on the command line")
     spec = model_spec(cfg)
     torch_dtype(spec)
     multi = is_multi(cfg)
-    tasks = member_tasks(cfg) if multi else [cfg.task]
+    tasks = (member_tasks(cfg) if members is None else members) if multi else [cfg.task]
     kinds = sorted({str(t.get("kind", "text")) for t in tasks})
     if len(kinds) > 1:
         raise PlrError(f"task.names mixes {' and '.join(kinds)} tasks; a multi-task run trains one backbone on one "
@@ -400,4 +362,10 @@ def validate(cfg: DictConfig) -> RunSpec:
                    metrics=tuple(metrics), main_metric=main, scoring=str(cfg.task.get("scoring", "sum")),
                    method=method, lora=lora, sparsity=sp, probe=probe, allocation=allocation, mask=mask,
                    retrain=retrain, match=match, train=train, peft=peft, snip=snip,
+                   name=str(cfg.name), label=str(cfg.get("label") or cfg.adapter.name), from_run=_from_run(cfg),
                    settings=OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+
+
+def _from_run(cfg: DictConfig) -> str | None:
+    value = cfg.get("from_run")
+    return str(value) if value else None

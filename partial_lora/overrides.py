@@ -21,9 +21,10 @@ plr checks. `cli.main` runs the checks.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,21 +157,13 @@ def check_choices(overrides: list[str]) -> None:
                 fail(f"unknown {key} '{v}'; choose one of: {', '.join(group_options(key))}")
 
 
-def check_keys(overrides: list[str]) -> Any:
-    """Unknown config keys (`trainer.lerning_rate=1`) get one line instead of Hydra's report.
-
-    The overrides are composed once (a sweep by its first value) before Hydra runs anything; the
-    composed config (a DictConfig, without Hydra's own node) is returned.
-    """
-    from hydra import compose, initialize_config_module
+@contextlib.contextmanager
+def one_line_composition_errors() -> Iterator[None]:
+    """Hydra's report of a config that does not compose (`trainer.lerning_rate=1`) as one line."""
     from hydra.errors import ConfigCompositionException
 
-    parsed = [o for o in parse(overrides) if not _key(o).startswith("hydra")]
-    single = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override()
-              else o.input_line for o in parsed]
     try:
-        with initialize_config_module("partial_lora.conf", version_base="1.3"):
-            return compose("config", overrides=single)
+        yield
     except ConfigCompositionException as e:
         first = first_line(e)
         key = re.search(r"override '([^']+)'", first)
@@ -180,6 +173,48 @@ def check_keys(overrides: list[str]) -> Any:
         fail(f"{first}; see `plr train --help`")
     except Exception as e:  # noqa: BLE001 - Hydra reports bad values in many exception types
         fail(f"{first_line(e) or type(e).__name__}; see `plr train --help`")
+
+
+def check_keys(overrides: list[str]) -> Any:
+    """Unknown config keys (`trainer.lerning_rate=1`) get one line instead of Hydra's report: a sweep's
+    overrides are composed once, by their first values, before Hydra runs any job; the composed config
+    (a DictConfig, without Hydra's own node) is returned.
+    """
+    from hydra import compose, initialize_config_module
+
+    parsed = [o for o in parse(overrides) if not _key(o).startswith("hydra")]
+    single = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override()
+              else o.input_line for o in parsed]
+    with one_line_composition_errors(), initialize_config_module("partial_lora.conf", version_base="1.3"):
+        return compose("config", overrides=single)
+
+
+def compose_run(app: Any, overrides: list[str]) -> Any:
+    """A single run's config, Hydra's own node included, composed once by the initialized Hydra `app`
+    as `@hydra.main` composes it (from the shell, with Hydra's logging configured); a config that
+    does not compose is one line."""
+    from hydra.types import RunMode
+
+    with one_line_composition_errors():
+        return app.compose_config("config", list(overrides), run_mode=RunMode.RUN, from_shell=True,
+                                  with_log_configuration=True)
+
+
+def apply_override(cfg: Any, line: str) -> None:
+    """Apply the override `line` (`key=value`) to a composed config as if the command had given it: the
+    value, parsed by Hydra's grammar, and what Hydra records of the overrides (`hydra.overrides.task`
+    and `hydra.job.override_dirname`, which Hydra builds from them)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    parser = OverridesParser.create()
+    (override,) = parser.parse_overrides([line])
+    OmegaConf.update(cfg, override.key_or_group, override.value(), merge=False)
+    task = [*cfg.hydra.overrides.task, line]
+    cfg.hydra.overrides.task = task
+    dirname = cfg.hydra.job.config.override_dirname
+    lines = sorted(o.input_line for o in parser.parse_overrides(task) if o.key_or_group not in dirname.exclude_keys)
+    cfg.hydra.job.override_dirname = re.sub("[=]", dirname.kv_sep, dirname.item_sep.join(lines))
 
 
 def value_of(overrides: Sequence[str], key: str) -> str | None:

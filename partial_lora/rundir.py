@@ -37,16 +37,19 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
 from partial_lora import artifacts as A
 from partial_lora.errors import PlrError
+
+if TYPE_CHECKING:
+    from partial_lora.spec import RunSpec
 
 LOCK, HOLDER = ".lock", ".lock.json"
 FINGERPRINT = "fingerprint.json"
@@ -131,6 +134,60 @@ def made_with(run_dir: Path, stage: str) -> dict[str, Any] | None:
     except Exception:  # noqa: BLE001 - an interpolation that needs Hydra's runtime (${now:...}, ${hydra:...})
         plain = OmegaConf.to_container(conf, resolve=False)
     return fingerprint(plain, stage)  # type: ignore[arg-type]
+
+
+def saved_values(run_dir: Path, keys: Sequence[str]) -> dict[str, Any] | None:
+    """The values of dotted `keys` in a run dir's `.hydra/config.yaml`, each resolved on its own
+    (None: the run dir has no saved config)."""
+    path = run_dir / A.HYDRA_CONFIG
+    if not path.is_file():
+        return None
+    conf = OmegaConf.load(path)
+    out = {}
+    for key in keys:
+        value = OmegaConf.select(conf, key)
+        out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return out
+
+
+def lookup(config: Mapping[str, Any], key: str) -> Any:
+    """A dotted key's value in a plain config (None when it is not there)."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def allocation_settings(spec: RunSpec) -> dict[str, Any]:
+    """What determines an allocation, as `allocation.json` records it (`settings`): a run whose
+    settings are equal reuses it through `from_run`. Read from the resolved config, as the stages'
+    fingerprints are, so that what earlier runs recorded compares equal."""
+    adapter = spec.settings["adapter"]
+    allocation = {k: v for k, v in (adapter.get("allocation") or {}).items()
+                  if k not in ("search_masks", "replay_mb")}  # neither changes what the search finds
+    mcfg = spec.mask
+    out = {"sparsity": spec.sparsity, "allocation": allocation, "probe": adapter.get("probe") or {},
+           "search_masks": spec.search_masks, "mask_energy": mcfg.energy,
+           "match": adapter.get("match") or {},
+           "r": spec.lora.r, "targets": adapter["targets"], "model": spec.model.name,
+           "task": spec.task, "seed": spec.seed}
+    if mcfg.sides != "both":  # recorded only when set, so allocations made before the option stay reusable
+        out["mask_sides"] = mcfg.sides
+    if out["search_masks"] == "snip":  # the search ranks by SNIP importance: its batches matter
+        out["snip"] = {"batches": spec.snip.batches, "batch_size": spec.snip.batch_size or spec.train.batch_size}
+    return resolved_allocation(out)
+
+
+def resolved_allocation(settings: dict[str, Any]) -> dict[str, Any]:
+    """Allocation settings with `relative_to: null` written as what it means (`probe`, or `gain`
+    with metric=loss), so an allocation made with the default is reused by a run that names it.
+    Also applied to settings recorded before this, which kept the null."""
+    allocation = dict(settings.get("allocation") or {})
+    if allocation.get("relative_to") is None:
+        allocation["relative_to"] = "gain" if allocation.get("metric") == "loss" else "probe"
+    return {**settings, "allocation": allocation}
 
 
 def changed(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -43,6 +43,15 @@ class ProbeConfig:
     head_lr: float | None = None
     short_classes: str = "shrink"
 
+    def __post_init__(self) -> None:
+        if self.shots < 1 or self.val_shots < 1:
+            raise PlrError(f"adapter.probe.shots and val_shots must be >= 1, got {self.shots} and {self.val_shots}")
+        if self.epochs <= 0 or self.batch_size < 1:
+            raise PlrError(f"adapter.probe.epochs must be positive and adapter.probe.batch_size >= 1, got {self.epochs} "
+                           f"and {self.batch_size}; fix that override")
+        if self.short_classes not in ("error", "shrink"):
+            raise PlrError(f"adapter.probe.short_classes must be error or shrink, got '{self.short_classes}'")
+
 
 @dataclass(frozen=True)
 class RetrainConfig:
@@ -164,7 +173,10 @@ class RunSpec:
         peft: the PEFT baseline's settings (None for plr's own adapters).
         match: the parameter target of the matched-budget controls.
         snip: the batches SNIP importance is measured on (`adapter.mask.method=snip`, `adapter=shira_snip`).
-        settings: the resolved config as plain containers, what run dirs and allocations record.
+        name / label: the run's name (its run dirs' folder) and its method's name in reports.
+        from_run: a run dir whose probe (and allocation, when its settings match) this run reuses.
+        settings: the resolved config as plain containers, what run dirs and allocations record
+            (the stages' fingerprints and `results.json`'s settings); the stages read the fields above.
     """
 
     seed: int
@@ -187,11 +199,19 @@ class RunSpec:
     peft: PeftSpec | None
     settings: Mapping[str, Any] = field(repr=False, compare=False)
     snip: SnipConfig = field(default_factory=SnipConfig)
+    name: str = ""
+    label: str = ""
+    from_run: str | None = None
 
     @property
     def sparse(self) -> bool:
         """Whether the run trains a masked adapter (adapter.sparsity is auto or > 0)."""
         return self.sparsity != 0
+
+    @property
+    def search_masks(self) -> str:
+        """The mask method the allocation search ranks with (allocation.search_masks, else mask.method)."""
+        return self.allocation.search_masks or self.mask.method
 
     @property
     def causal(self) -> bool:

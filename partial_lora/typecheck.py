@@ -111,3 +111,13 @@ def from_values(cls: type, values: Mapping[str, Any], group: str, extra: tuple[s
         if k in names:
             check_type(f"{group}.{k}", v, hints[k], fix)
     return cls(**{k: v for k, v in values.items() if k in names})
+
+
+MAX_SEED = 2**32 - 1  # numpy's seed range; torch's and Python's take it too, with room for derived seeds
+
+
+def check_seed(key: str, value: object) -> None:
+    """A seed is a whole number in [0, MAX_SEED]."""
+    check_type(key, value, int)
+    if not 0 <= int(value) <= MAX_SEED:  # type: ignore[call-overload]
+        raise PlrError(f"{key} must be in [0, {MAX_SEED}], got {value}; e.g. {key}=0")

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora.errors import PlrError
-from partial_lora.export import export_run, load_config, rebuild
+from partial_lora.export import export_run, load_spec, rebuild
 from partial_lora.models.backbones import build_model
 from partial_lora.training.runtime import set_seed
 from partial_lora.stages import run_pipeline
@@ -52,9 +52,9 @@ def make_run(run_dir: Path, *overrides: str) -> Path:
 
 def first_batch(run_dir: Path):
     """plr's trained model and a real eval batch of the run's test split."""
-    cfg = load_config(run_dir)
-    s = rebuild(cfg, run_dir)
-    batch = next(iter(loader(s, s.data.test, C.train_config(cfg), train=False)))
+    run = load_spec(run_dir)
+    s = rebuild(run, run_dir)
+    batch = next(iter(loader(s, s.data.test, run.train, train=False)))
     return s, batch
 
 

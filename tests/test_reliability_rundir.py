@@ -21,7 +21,6 @@ SPLITS = ["task=hf-text", "task.val_split=validation", "task.test_split=test"]
 
 @pytest.fixture(autouse=True)
 def _clean_cli_state(monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "RERUN_FROM", None)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")

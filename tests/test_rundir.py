@@ -40,8 +40,7 @@ def train(capsys, *args):
 
 
 @pytest.fixture(autouse=True)
-def _no_rerun_flag_left_over(monkeypatch):
-    monkeypatch.setattr(cli, "RERUN_FROM", None)
+def _no_full_error(monkeypatch):
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
 
 

@@ -169,14 +169,12 @@ def test_snip_settings_are_extract_settings_not_probe_settings():
     assert RD.changed(RD.fingerprint(a, A.PROBE), RD.fingerprint(b, A.PROBE)) == {}
     assert set(RD.changed(RD.fingerprint(a, A.EXTRACT), RD.fingerprint(b, A.EXTRACT))) == {"adapter.snip.batches"}
     # a search that ranks with SNIP allocates again when the batches change; one that ranks by subspace does not
-    from partial_lora.stages import allocate
-
     s1 = C.validate(cfg_of("adapter.mask.method=snip"))
     s2 = C.validate(cfg_of("adapter.mask.method=snip", "adapter.snip.batches=2"))
-    assert allocate.settings(s1) != allocate.settings(s2)
+    assert RD.allocation_settings(s1) != RD.allocation_settings(s2)
     fixed = ["adapter.allocation.search_masks=subspace"]
-    assert allocate.settings(C.validate(cfg_of("adapter.mask.method=snip", *fixed))) == \
-           allocate.settings(C.validate(cfg_of("adapter.mask.method=snip", "adapter.snip.batches=2", *fixed)))
+    assert RD.allocation_settings(C.validate(cfg_of("adapter.mask.method=snip", *fixed))) == \
+           RD.allocation_settings(C.validate(cfg_of("adapter.mask.method=snip", "adapter.snip.batches=2", *fixed)))
 
 
 def test_a_search_that_ranks_with_snip_runs_end_to_end(tmp_path):

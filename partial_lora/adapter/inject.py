@@ -59,6 +59,7 @@ class LoRAConfig:
         fused: fused module suffix -> slice names in output order, equal sizes
             (timm: `{"qkv": ["q", "k", "v"]}`).
         exclude: module names (or suffixes) never adapted, e.g. the classification head.
+        target_set: the model's target set the targets came from (`qv`, `all`), None for patterns.
     """
 
     r: int = 8
@@ -67,6 +68,15 @@ class LoRAConfig:
     targets: Sequence[str] = ("query", "value")
     fused: Mapping[str, Sequence[str]] = field(default_factory=dict)
     exclude: Sequence[str] = ()
+    target_set: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise PlrError(f"adapter.r must be a positive rank, got {self.r}; set adapter.r=8 (or any integer >= 1)")
+        if self.alpha <= 0:
+            raise PlrError(f"adapter.alpha must be positive, got {self.alpha:g}; set adapter.alpha=16 for example")
+        if not 0 <= self.dropout < 1:
+            raise PlrError(f"adapter.dropout must be in [0, 1), got {self.dropout:g}; fix that override")
 
 
 def _suffix_match(name: str, suffix: str) -> bool:

@@ -8,6 +8,9 @@ from typing import Literal
 
 import datasets
 
+from partial_lora.errors import PlrError
+from partial_lora.typecheck import check_seed
+
 Kind = Literal["text", "image", "choice"]
 PROTOCOLS = ("full", "1k", "vtab1k")  # 1k and vtab1k are one protocol (vtab1k: its vision name)
 
@@ -98,6 +101,20 @@ class TaskSpec:
     unseen_labels: str = "error"
     bad_text: str = "error"
     bad_images: str = "error"
+
+    def __post_init__(self) -> None:
+        check_seed("task.split_seed", self.split_seed)
+        for key in ("val_fraction", "test_fraction"):
+            v = getattr(self, key)
+            if not 0 <= v < 1:
+                raise PlrError(f"task.{key} must be in [0, 1), got {v}; fix that override")
+        n = self.num_labels
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise PlrError(f"task.num_labels must be a positive number of classes (or null), got {n!r}; fix that override")
+        u = self.unlabelled_value
+        if u is not None and (isinstance(u, bool) or not isinstance(u, int | float | str)):
+            raise PlrError(f"task.unlabelled_value must be a number, a string or null, got {u!r}; "
+                           "e.g. task.unlabelled_value=-1")
 
 
 @dataclass

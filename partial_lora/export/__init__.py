@@ -48,14 +48,14 @@ from partial_lora.export.layout import (CARD, CONFIG, HYDRA_CONFIG, HYDRA_OVERRI
                                         PEFT_CONFIG, PEFT_WEIGHTS)
 from partial_lora.export.merged import save_merged
 from partial_lora.export.publish import write_folder, check_out_dir
-from partial_lora.export.run import check_run, load_config, rebuild
+from partial_lora.export.run import check_run, load_config, load_spec, rebuild
 from partial_lora.adapter.inject import count_adapter_parameters
 
 __all__ = [
     "ADAPTER", "CARD", "CONFIG", "DELTA_ATOL", "HYDRA_CONFIG", "HYDRA_OVERRIDES", "LAYERS", "MASKS", "MERGED",
     "PEFT_CONFIG", "PEFT_WEIGHTS", "ExportInfo", "Exported", "Target", "base_reference", "check_deltas",
     "check_extra", "check_out_dir", "check_plr_adapter", "check_run", "copy_weights", "export_run", "find_targets",
-    "fresh_base", "layer_table", "load_config", "make_peft_model", "mask_tensors", "model_card", "peft_config",
+    "fresh_base", "layer_table", "load_config", "load_spec", "make_peft_model", "mask_tensors", "model_card", "peft_config",
     "plain_state", "rebuild", "save_merged", "unreproduced",
 ]
 
@@ -119,21 +119,20 @@ def export_run(run_dir: Path, out_dir: Path, *, merged: bool = False, force: boo
     """
     check_run(run_dir)
     check_out_dir(out_dir, run_dir, force)
-    cfg = load_config(run_dir)
+    run = load_spec(run_dir)
     echo(f"[plr] export: rebuilding the trained model of {run_dir}")
-    s = rebuild(cfg, run_dir)
-    assert s.run is not None
-    spec = s.run.model
+    s = rebuild(run, run_dir)
+    spec = run.model
     run_net = s.built.model.net
     targets = find_targets(run_net)
-    check_plr_adapter(s, cfg, targets)
+    check_plr_adapter(s, run, targets)
     # A pretrained base is built with another seed, so weights its loader draws at random show up.
-    base = fresh_base(spec, s.data.num_labels, int(cfg.seed) + (1 if spec.pretrained else 0))
+    base = fresh_base(spec, s.data.num_labels, run.seed + (1 if spec.pretrained else 0))
     extra = unreproduced(base, run_net, spec.head_modules)
-    check_extra(extra, spec, int(cfg.seed), targets)
+    check_extra(extra, spec, run.seed, targets)
     saved = [*spec.head_modules, *extra]
     reference = base_reference(spec)
-    peft_model = make_peft_model(base, peft_config(cfg, spec, targets, saved), reference)
+    peft_model = make_peft_model(base, peft_config(run, targets, saved), reference)
     copy_weights(peft_model, run_net, targets, saved)
     check_deltas(peft_model, targets)
     counts = count_adapter_parameters(run_net)
@@ -142,7 +141,7 @@ def export_run(run_dir: Path, out_dir: Path, *, merged: bool = False, force: boo
               "extra": sum(p.numel() for m in extra for p in run_net.get_submodule(m).parameters())}
     stored = sum(t.rank * (t.out_features + t.in_features) for t in targets)
     notes = [f"saved in full as the base checkpoint lacks them: {', '.join(extra)}"] if extra else []
-    info = ExportInfo(out_dir.resolve(), run_dir.resolve(), cfg, spec, s, reference, targets, layer_table(run_dir, cfg, targets),
+    info = ExportInfo(out_dir.resolve(), run_dir.resolve(), run, spec, s, reference, targets, layer_table(run_dir, run, targets),
                     params, stored, extra, merged, notes)
     files = write_folder(out_dir, force, lambda tmp: _fill(tmp, info, peft_model))
     return Exported(out_dir, files, [t.module for t in targets], targets[0].r, targets[0].alpha, params, stored,

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig
 
 from partial_lora import artifacts as A
 from partial_lora import config as C
@@ -18,6 +17,7 @@ from partial_lora.export.convert import Target
 from partial_lora.export.layout import (CONFIG, HYDRA_OVERRIDES, LAYERS, MASKS, MERGED, PEFT_CONFIG, PEFT_WEIGHTS,
                                         read_optional)
 from partial_lora.models.backbones import ModelSpec
+from partial_lora.spec import RunSpec
 from partial_lora.stages.base import Setup
 
 
@@ -27,7 +27,7 @@ class ExportInfo:
 
     out_dir: Path
     run_dir: Path
-    cfg: DictConfig
+    run: RunSpec
     spec: ModelSpec
     s: Setup
     base: str
@@ -48,7 +48,7 @@ def model_card(c: ExportInfo) -> str:
     if c.spec.pretrained and not Path(c.base).exists() and (c.spec.family != "timm" or "/" in c.base):
         front["base_model"] = c.base  # a hub id (a timm model name is not one)
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {method} adapter: {c.cfg.model.name} on {c.cfg.task.name} (seed {c.cfg.seed})", "",
+             f"# {method} adapter: {c.run.model.name} on {c.run.task} (seed {c.run.seed})", "",
              f"A {method} adapter exported by `plr export` from the run `{c.run_dir}`, saved in PEFT's LoRA format.",
              "", "## Base model", "", *_base_lines(c), "", "## Method", "", *_method_lines(c, method), "",
              "## Trainable parameters", "", *_param_lines(c), ""]
@@ -67,7 +67,7 @@ def _base_lines(c: ExportInfo) -> list[str]:
     if not spec.pretrained:
         return [f"`{spec.name}` ({spec.family}) is a **random-init** model config (`pretrained: false`): it has no "
                 "downloadable weights. Rebuild the base with plr from `plr_config.yaml`, seeded with the run's seed "
-                f"({c.cfg.seed}), as in *How to load*; the export checked that this reproduces the run's base weights "
+                f"({c.run.seed}), as in *How to load*; the export checked that this reproduces the run's base weights "
                 f"exactly. `base_model_name_or_path` is the config name `{c.base}`."]
     return [f"`{c.base}` ({spec.family}; plr model config `{spec.name}`"
             f"{f', revision {spec.revision}' if spec.revision else ''}) with a new {c.s.data.num_labels}-way head."]
@@ -77,8 +77,8 @@ def _method_lines(c: ExportInfo, method: str) -> list[str]:
     t0 = c.targets[0]
     fused = [t for t in c.targets if len(t.branches) > 1]
     lines = [f"- {method}, r = {t0.r}, alpha = {t0.alpha:g} (scale alpha / r = {t0.alpha / t0.r:g}), "
-             f"dropout {float(c.cfg.adapter.dropout):g}",
-             f"- targets ({len(c.targets)} modules): `{C.plain(c.cfg.adapter.targets)}` → "
+             f"dropout {c.run.lora.dropout:g}",
+             f"- targets ({len(c.targets)} modules): `{c.run.lora.target_set or list(c.run.lora.targets)}` → "
              + ", ".join(f"`{t.module}`" for t in c.targets[:4]) + (", ..." if len(c.targets) > 4 else ""),
              f"- trained head (PEFT `modules_to_save`): {', '.join(f'`{m}`' for m in c.spec.head_modules)}"]
     if c.extra_saved:

@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from partial_lora import artifacts as A
-from partial_lora import config as C
+from partial_lora.spec import RunSpec
 from partial_lora.errors import PlrError, first_line
 from partial_lora.export.layout import read_optional
 from partial_lora.adapter.inject import layer_id
@@ -85,11 +84,10 @@ def find_targets(net: nn.Module) -> list[Target]:
             for name, mod in net.named_modules() if isinstance(mod, LoRALinear)]
 
 
-def check_plr_adapter(s: Setup, cfg: DictConfig, targets: Sequence[Target]) -> None:
+def check_plr_adapter(s: Setup, run: RunSpec, targets: Sequence[Target]) -> None:
     """Only plr's own LoRA layers are converted (PEFT-backed baselines have none)."""
     if getattr(s, "peft", None) is not None or not targets:
-        method = cfg.adapter.get("method", cfg.adapter.get("name"))
-        raise PlrError(f"the run's adapter '{method}' is not plr's LoRA (a PEFT-backed baseline?), so there is "
+        raise PlrError(f"the run's adapter '{run.method}' is not plr's LoRA (a PEFT-backed baseline?), so there is "
                        "nothing to convert; export runs of adapter=partial, lora, uniform or lora_matched")
 
 
@@ -153,14 +151,15 @@ def base_reference(spec: ModelSpec) -> str:
 # ------------------------------------------------------------------------------------- PEFT model
 
 
-def peft_config(cfg: DictConfig, spec: ModelSpec, targets: Sequence[Target], modules_to_save: Sequence[str]) -> Any:
+def peft_config(run: RunSpec, targets: Sequence[Target], modules_to_save: Sequence[str]) -> Any:
     """PEFT's LoraConfig: exact module names, rank/alpha patterns for fused modules."""
     from peft import LoraConfig
 
+    spec = run.model
     r, alpha = targets[0].r, targets[0].alpha
     fused = [t for t in targets if len(t.branches) > 1]
     return LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=float(cfg.adapter.dropout), bias="none",
+        r=r, lora_alpha=alpha, lora_dropout=run.lora.dropout, bias="none",
         target_modules=[t.module for t in targets], modules_to_save=list(modules_to_save),
         rank_pattern={re.escape(t.module): t.rank for t in fused},
         alpha_pattern={re.escape(t.module): alpha * len(t.branches) for t in fused},
@@ -218,7 +217,7 @@ def check_deltas(peft_model: Any, targets: Sequence[Target]) -> None:
 # ----------------------------------------------------------------------------------- side files
 
 
-def layer_table(run_dir: Path, cfg: DictConfig, targets: Sequence[Target]) -> dict[str, Any]:
+def layer_table(run_dir: Path, run: RunSpec, targets: Sequence[Target]) -> dict[str, Any]:
     """plr_layers.json: per layer id, where PEFT holds it and what it keeps (from extract/allocate)."""
     masks = read_optional(A.stage_dir(run_dir, A.EXTRACT) / A.MASKS_JSON)
     alloc = read_optional(A.stage_dir(run_dir, A.ALLOCATE) / A.ALLOCATION)
@@ -235,8 +234,7 @@ def layer_table(run_dir: Path, cfg: DictConfig, targets: Sequence[Target]) -> di
             if lid in from_alloc and from_alloc[lid].get("sensitivity") is not None:
                 row["sensitivity"] = from_alloc[lid]["sensitivity"]
             layers[lid] = row
-    return {"method": str(cfg.adapter.get("method", cfg.adapter.get("name"))), "r": targets[0].r,
-            "alpha": targets[0].alpha, "sparsity": C.plain(cfg.adapter.get("sparsity", 0.0)),
+    return {"method": run.method, "r": targets[0].r, "alpha": targets[0].alpha, "sparsity": run.sparsity,
             "mask_method": (masks or {}).get("method"), "granularity": (masks or {}).get("granularity"),
             "allocator": (alloc or {}).get("allocator"), "layers": layers}
 

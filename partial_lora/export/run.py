@@ -11,6 +11,7 @@ from partial_lora import artifacts as A
 from partial_lora import config as C
 from partial_lora.errors import PlrError, first_line
 from partial_lora.export.layout import HYDRA_CONFIG
+from partial_lora.spec import RunSpec
 from partial_lora.training.runtime import set_seed
 from partial_lora.stages.base import Setup, load_trained, setup_run
 
@@ -38,9 +39,13 @@ def load_config(run_dir: Path) -> DictConfig:
     return cfg
 
 
-def rebuild(cfg: DictConfig, run_dir: Path) -> Setup:
+def load_spec(run_dir: Path) -> RunSpec:
+    """The run's `RunSpec`, from its saved config (checked as `plr train` checked it)."""
+    return C.validate(C.saved_run(load_config(run_dir), run_dir))
+
+
+def rebuild(spec: RunSpec, run_dir: Path) -> Setup:
     """The run's trained model, exactly as the evaluate stage builds it."""
-    spec = C.validate(C.saved_run(cfg, run_dir))
     set_seed(spec.seed)
     s = setup_run(spec, run_dir)
     load_trained(s, A.stage_dir(run_dir, A.RETRAIN))

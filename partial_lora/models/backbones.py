@@ -89,6 +89,11 @@ class ModelSpec:
     frozen_norm: bool = True
     head_init: str = "model"
 
+    def __post_init__(self) -> None:
+        if self.max_length < 1:
+            raise PlrError(f"model.max_length must be >= 1 token, got {self.max_length}; set model.max_length=128 "
+                           "(at most the model's position embeddings)")
+
 
 @dataclass
 class Built:

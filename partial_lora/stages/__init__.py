@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from partial_lora import artifacts as A
 from partial_lora.training import checkpoint as CK
@@ -81,8 +81,9 @@ def reuse_from_run(spec: RunSpec, run_dir: Path, stages: list[str], echo: Callab
                    data: dict[str, str] | None = None) -> None:
     """Copy another run's probe (when its settings are this run's) and its allocation (when the
     allocation settings match too) into this run dir."""
-    settings = dict(spec.settings)
-    src = Path(str(settings["from_run"])).expanduser()
+    assert spec.from_run is not None
+    settings = spec.settings
+    src = Path(spec.from_run).expanduser()
     if not (src / A.HYDRA_CONFIG).exists() and not A.is_done(src, A.PROBE) and not A.is_done(src, A.ALLOCATE):
         raise PlrError(f"from_run={src} is not a plr run dir (no .hydra/config.yaml and no finished probe or "
                        "allocate stage); point from_run at a run dir")
@@ -93,20 +94,18 @@ def reuse_from_run(spec: RunSpec, run_dir: Path, stages: list[str], echo: Callab
             continue
         if name == A.ALLOCATE:
             theirs = A.read_json(A.stage_dir(src, name) / A.ALLOCATION).get("settings")
-            theirs = allocate.resolved(theirs) if isinstance(theirs, dict) else theirs
-            ours = allocate.settings(spec)
+            theirs = RD.resolved_allocation(theirs) if isinstance(theirs, dict) else theirs
+            ours = RD.allocation_settings(spec)
             if theirs != ours or not A.is_done(run_dir, A.PROBE) and A.PROBE in stages:
                 diff = sorted(k for k in set(ours) | set(theirs or {}) if (theirs or {}).get(k) != ours.get(k))
                 echo(f"[plr] from_run: allocation settings differ ({', '.join(diff) or 'the probe'}); allocating again")
                 continue
         if name == A.PROBE:
-            theirs_cfg = OmegaConf.load(src / A.HYDRA_CONFIG) if (src / A.HYDRA_CONFIG).exists() else None
-            if theirs_cfg is not None:
-                for key in ("model.name", "task.name", "adapter.r", "adapter.targets", "seed"):
-                    a, b = OmegaConf.select(theirs_cfg, key), OmegaConf.select(OmegaConf.create(settings), key)
-                    if C.plain(a) != C.plain(b):
-                        raise PlrError(f"from_run={src} has {key}={C.plain(a)}, this run {C.plain(b)}; its probe "
-                                       f"does not apply (use a run with the same {key})")
+            keys = ("model.name", "task.name", "adapter.r", "adapter.targets", "seed")
+            for key, value in (RD.saved_values(src, keys) or {}).items():
+                if value != RD.lookup(settings, key):
+                    raise PlrError(f"from_run={src} has {key}={value}, this run {RD.lookup(settings, key)}; its probe "
+                                   f"does not apply (use a run with the same {key})")
             theirs = RD.made_with(src, name)
             diff = RD.changed(theirs, RD.fingerprint(settings, name, data)) if theirs is not None else {}
             if diff:  # e.g. other probe shots or learning rate, or other data: the probe is not this run's
@@ -118,26 +117,44 @@ def reuse_from_run(spec: RunSpec, run_dir: Path, stages: list[str], echo: Callab
 
 
 def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
-                 echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the plan's stages that are not done yet; return the run's results (also in results.json).
+                 echo: Callable[[str], None] = print, *, members: list[DictConfig] | None = None,
+                 rerun_from: str | None = None,
+                 on_checked: Callable[[RunSpec], Tracker | None] | None = None) -> dict[str, Any]:
+    """The one way into a run, for `plr train` and library callers alike: validate the composed config
+    once into the run's `RunSpec` (`config.validate`), check the run dir once (its stages' fingerprints
+    and the data's identity, `rundir.check`), then run the plan's stages that are not done yet; return
+    the run's results (also in results.json).
 
-    The composed config becomes the run's `RunSpec` here (`config.validate`), which the stages read.
+    Args:
+        members: a multi-task run's member task configs, composed at the CLI's edge (None: composed here).
+        rerun_from: `--rerun-from STAGE`: that stage and every later one are deleted (before the check).
+        on_checked: called once the run dir is checked and before any stage runs (the CLI writes
+            `.hydra/`, git.json and env.json and opens its tracker there); the tracker it returns is
+            used instead of `tracker`, and finished at the end.
     """
-    spec = C.validate(cfg)
+    spec = C.validate(cfg, members)
     with B.data_loaded_once():
-        return _run_stages(spec, run_dir, tracker, echo)
+        stages = plan(spec)
+        D.init(resolve_device(spec.train.device))  # under torchrun: join the group before any barrier
+        D.use(spec.train.strategy)  # fsdp: every process runs every stage on its shard of the model
+        data = B.data_identity(spec)  # loads the task (once: the stages reuse it), before anything is written
+        if D.is_main():
+            if rerun_from:
+                RD.rerun_from(run_dir, rerun_from)
+            RD.check(run_dir, spec.settings, data)  # a run dir made with other settings, or other data, is refused
+        if on_checked is not None:
+            tracker = on_checked(spec)
+        try:
+            if D.is_main() and spec.from_run:
+                reuse_from_run(spec, run_dir, stages, echo, data)
+            return _run_stages(spec, run_dir, tracker, echo, stages, data)
+        finally:
+            if on_checked is not None and tracker is not None:
+                tracker.finish()
 
 
-def _run_stages(spec: RunSpec, run_dir: Path, tracker: Tracker | None, echo: Callable[[str], None]) -> dict[str, Any]:
-    stages = plan(spec)
-    D.init(resolve_device(spec.train.device))  # under torchrun: join the group before any barrier
-    D.use(spec.train.strategy)  # fsdp: every process runs every stage on its shard of the model
-    settings = dict(spec.settings)
-    data = B.data_identity(spec)  # loads the task (once: the stages reuse it), before anything is written
-    if D.is_main():
-        RD.check(run_dir, settings, data)  # a run dir made with other settings, or from other data, is refused
-        if settings.get("from_run"):
-            reuse_from_run(spec, run_dir, stages, echo, data)
+def _run_stages(spec: RunSpec, run_dir: Path, tracker: Tracker | None, echo: Callable[[str], None],
+                stages: list[str], data: dict[str, str]) -> dict[str, Any]:
     done: dict[str, dict[str, Any]] = {}
     with disk_full_is_one_line(run_dir):
         for name in stages:
@@ -154,7 +171,7 @@ def _run_stages(spec: RunSpec, run_dir: Path, tracker: Tracker | None, echo: Cal
                 continue
             echo(f"[plr] {name} ...")
             if D.is_main():
-                RD.record(run_dir, name, settings, data)
+                RD.record(run_dir, name, spec.settings, data)
             t0 = time.perf_counter()
             try:
                 with contextlib.nullcontext() if name in DATA_PARALLEL or D.sharded() else D.alone():
@@ -182,15 +199,14 @@ def collect_results(spec: RunSpec, run_dir: Path, stages: dict[str, dict[str, An
     ev = stages.get(A.EVALUATE, {})
     al = stages.get(A.ALLOCATE, {})
     metrics, main = list(spec.metrics), spec.main_metric
-    settings = spec.settings
-    adapter = copy.deepcopy(settings["adapter"])
+    adapter = copy.deepcopy(spec.settings["adapter"])  # the adapter's settings as recorded (results.json)
     if stages.get(A.RETRAIN, {}).get("rank") is not None:  # lora_matched chooses its rank at run time
         adapter["r"] = int(stages[A.RETRAIN]["rank"])
     dense, sparse = ev.get("dense_lora_params"), ev.get("adapter_params")
     rt = stages.get(A.RETRAIN, {})  # its peak memory: the training's (runtime.peak_memory)
     return {
         "status": "complete" if all(s in stages for s in plan(spec)) else "incomplete",
-        "run_dir": str(run_dir), "name": str(settings["name"]), "label": str(settings.get("label") or adapter["name"]),
+        "run_dir": str(run_dir), "name": spec.name, "label": spec.label,
         "seed": spec.seed,
         "model": spec.model.name, "task": spec.task, "adapter": adapter,
         "main_metric": main, "task_metrics": metrics,

@@ -24,6 +24,7 @@ import torch
 from partial_lora.allocation import allocators as AL
 from partial_lora import artifacts as A
 from partial_lora import distributed as D
+from partial_lora import rundir as RD
 from partial_lora.allocation import search as AS
 from partial_lora.errors import PlrError
 from partial_lora.adapter.inject import base_weights
@@ -38,39 +39,6 @@ from partial_lora.stages.extract import snip_of_branches
 from partial_lora.tracking import Tracker
 
 NAME = A.ALLOCATE
-
-
-def settings(spec: RunSpec) -> dict[str, Any]:
-    """What determines an allocation: equal settings let `from_run` reuse it."""
-    adapter = spec.settings["adapter"]
-    allocation = {k: v for k, v in (adapter.get("allocation") or {}).items()
-                  if k not in ("search_masks", "replay_mb")}  # neither changes what the search finds
-    mcfg = spec.mask
-    out = {"sparsity": spec.sparsity, "allocation": allocation, "probe": adapter.get("probe") or {},
-           "search_masks": search_method(spec), "mask_energy": mcfg.energy,
-           "match": adapter.get("match") or {},
-           "r": spec.lora.r, "targets": adapter["targets"], "model": spec.model.name,
-           "task": spec.task, "seed": spec.seed}
-    if mcfg.sides != "both":  # recorded only when set, so allocations made before the option stay reusable
-        out["mask_sides"] = mcfg.sides
-    if out["search_masks"] == "snip":  # the search ranks by SNIP importance: its batches matter
-        out["snip"] = {"batches": spec.snip.batches, "batch_size": spec.snip.batch_size or spec.train.batch_size}
-    return resolved(out)
-
-
-def resolved(settings: dict[str, Any]) -> dict[str, Any]:
-    """Allocation settings with `relative_to: null` written as what it means (`probe`, or `gain`
-    with metric=loss), so an allocation made with the default is reused by a run that names it.
-    Also applied to settings recorded before this, which kept the null."""
-    allocation = dict(settings.get("allocation") or {})
-    if allocation.get("relative_to") is None:
-        allocation["relative_to"] = "gain" if allocation.get("metric") == "loss" else "probe"
-    return {**settings, "allocation": allocation}
-
-
-def search_method(spec: RunSpec) -> str:
-    """The mask method the threshold search uses (allocation.search_masks, else mask.method)."""
-    return spec.allocation.search_masks or spec.mask.method
 
 
 def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
@@ -105,7 +73,8 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
         # matched-budget controls: another run's parameter count, N, or dense LoRA at rank k
         alloc = AL.rescale_to_budget(alloc, budget)
     search_s = time.perf_counter() - t0
-    A.write_json(out / A.ALLOCATION, {**alloc.to_json(), "settings": settings(spec), "search_wall_s": search_s})
+    A.write_json(out / A.ALLOCATION, {**alloc.to_json(), "settings": RD.allocation_settings(spec),
+                                      "search_wall_s": search_s})
     plot(alloc, out / A.ALLOCATION_PNG, title=f"{spec.task} · {spec.model.name} · r={r}")
     ratios = [la.ratio for la in alloc.layers]
     return {"allocator": alloc.allocator, "params": alloc.params(), "dense_params": alloc.dense_params(),
@@ -123,7 +92,7 @@ def _search(spec: RunSpec, run_dir: Path, s: Setup, layers: list[AL.Layer], acfg
     truncation, the adapter dense) and `proportional` (sensitivities at the floor, then a budget split)."""
     probe = A.stage_dir(run_dir, A.PROBE)
     net, model = s.built.model.net, s.built.model
-    method = search_method(spec)
+    method = spec.search_masks
     # SNIP reads W0's gradient with no adapter update and the fresh head: before the probe is loaded.
     snip = snip_of_branches(spec, s)[0] if method == "snip" else {}
     load_trained(s, probe)
