@@ -8,7 +8,7 @@
 2. A generated CSV of `--mb` MB (text,label rows) in a temporary folder: the digest's throughput
    against `datasets`' preparation of the same file (CSV to Arrow, what a first load pays), in a
    scratch cache. The digest runs once per load and file; a run loads its task once
-   (`stages.base.data_loaded_once`). A measurement, not a test.
+   (`working_set.data.data_loaded_once`). A measurement, not a test.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/flop_rate.py --threads 1 experiment=offline-minilm task=rt-polarity
 
 Builds the model and data of one `plr train` configuration (the offline demo by default) with
-plr's own `stages.base.setup` (the adapter dense, as the probe trains it and as the allocation
+plr's own `working_set.build.setup` (the adapter dense, as the probe trains it and as the allocation
 search scores it), takes the first examples of the training split, and measures three things back
 to back in this one process:
 
@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> list[Rate]:
     from partial_lora.config import validate
     from partial_lora.errors import PlrError, first_line
     from partial_lora.training.runtime import _to, autocast_dtype, set_seed
-    from partial_lora.stages.base import loader, setup
+    from partial_lora.working_set.loaders import loader
+    from partial_lora.working_set.build import setup
 
     torch.set_num_threads(args.threads)
     datasets.disable_progress_bars()

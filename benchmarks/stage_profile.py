@@ -3,10 +3,10 @@
     .venv/bin/python benchmarks/stage_profile.py [--threads 2] [overrides ...]
     .venv/bin/python benchmarks/stage_profile.py --threads 1 experiment=offline-minilm task=rt-polarity
 
-Runs the pipeline (`stages.run_pipeline`) in a fresh temporary run dir with a few of plr's own
+Runs the pipeline (`pipeline.runner.run_pipeline`) in a fresh temporary run dir with a few of plr's own
 functions wrapped in timers, and prints, for each stage, its wall time split into:
 
-- `setup`: building the model and loading and tokenising the data (`stages.base.setup`);
+- `setup`: building the model and loading and tokenising the data (`working_set.build.setup`);
 - `train`: the training epochs' forward, backward and optimizer steps (`loop._train_epoch`);
 - `scoring`: evaluation passes outside the search (per-epoch validation and the evaluate stage,
   `predict.evaluate`);
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 PARTS = {  # (module, function) -> the part it is counted in
-    ("partial_lora.stages.base", "setup"): "setup",
+    ("partial_lora.working_set.build", "setup"): "setup",
     ("partial_lora.training.loop", "_train_epoch"): "train",
     ("partial_lora.training.predict", "evaluate"): "scoring",
     ("partial_lora.training.predict", "predict"): "search",
@@ -99,7 +99,7 @@ def instrument(clock: Clock) -> Iterator[None]:
     put everything back on leaving."""
     import importlib
 
-    from partial_lora import stages
+    from partial_lora.pipeline import runner as stages
 
     undo: list[tuple[Any, str, Any]] = []
     for (module, name), part in PARTS.items():
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> Clock:
     import torch
     from hydra import compose, initialize_config_module
 
-    from partial_lora.stages import run_pipeline
+    from partial_lora.pipeline.runner import run_pipeline
 
     torch.set_num_threads(args.threads)
     datasets.disable_progress_bars()  # as `plr train` does: the table is what this prints

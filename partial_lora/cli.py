@@ -140,7 +140,8 @@ class Train:
             return None
 
     def _locked(self, cfg: DictConfig, run_dir: Path, claim: RD.Claim | None, sweeping: bool) -> float | None:
-        from partial_lora.stages import format_results, run_pipeline
+        from partial_lora.pipeline.results import format_results
+        from partial_lora.pipeline.runner import run_pipeline
         from partial_lora.tracking import make_tracker
 
         (run_dir / A.ERROR).unlink(missing_ok=True)

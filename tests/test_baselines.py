@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from partial_lora import config as C
 from partial_lora.errors import PlrError
-from partial_lora.stages import run_pipeline
+from partial_lora.pipeline.runner import run_pipeline
 
 # tiny-bert, targets q and v: 2 layers x 2 modules x (32 + 32) = 256 parameters per unit of rank
 PER_RANK = 256

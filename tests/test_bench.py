@@ -198,7 +198,7 @@ def test_allocation_replay_finds_the_same_allocation_with_and_without_replay(tmp
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from partial_lora.stages import run_pipeline
+    from partial_lora.pipeline.runner import run_pipeline
 
     with initialize_config_module("partial_lora.conf", version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", "trainer.lr=0.05"])
@@ -230,9 +230,9 @@ def test_stage_profile_counts_each_second_once_in_the_innermost_part():
 def test_stage_profile_splits_each_stage_and_puts_plr_back(capsys):
     import stage_profile
 
-    from partial_lora import stages
+    from partial_lora.pipeline import runner as stages
     from partial_lora.training import predict
-    from partial_lora.stages import base
+    from partial_lora.working_set import loaders as base
 
     before = (predict.evaluate, base.evaluate, dict(stages.REGISTRY))
     clock = stage_profile.main(["--threads", "1", "experiment=smoke"])

@@ -20,7 +20,7 @@ from partial_lora.data.split import few_shot, split_task
 from partial_lora.errors import PlrError
 from partial_lora.training.metrics import compute_metrics
 from partial_lora.overrides import CONF_DIR
-from partial_lora.stages import run_pipeline
+from partial_lora.pipeline.runner import run_pipeline
 
 datasets.disable_progress_bars()
 

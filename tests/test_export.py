@@ -27,8 +27,8 @@ from partial_lora.errors import PlrError
 from partial_lora.export import export_run, load_spec, rebuild
 from partial_lora.models.backbones import build_model
 from partial_lora.training.runtime import set_seed
-from partial_lora.stages import run_pipeline
-from partial_lora.stages.base import loader
+from partial_lora.pipeline.runner import run_pipeline
+from partial_lora.working_set.loaders import loader
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 ATOL = 1e-5

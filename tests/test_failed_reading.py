@@ -12,7 +12,8 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from partial_lora.training import failed_reading as FR
-from partial_lora.stages import format_results, run_pipeline
+from partial_lora.pipeline.results import format_results
+from partial_lora.pipeline.runner import run_pipeline
 
 
 def test_constant_level_is_the_best_score_of_a_constant_prediction():

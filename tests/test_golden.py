@@ -43,7 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fixtures import write_commonsense, write_glue
-from partial_lora.stages import run_pipeline
+from partial_lora.pipeline.runner import run_pipeline
 
 GOLDEN = Path(__file__).parent / "golden"
 RECORD = os.environ.get("PLR_RECORD_GOLDEN") == "1"

@@ -16,7 +16,7 @@ from partial_lora.training.metrics import compute_metrics
 from partial_lora.models.backbones import ModelSpec, build_model
 from partial_lora.overrides import CONF_DIR
 from partial_lora.training.predict import predict
-from partial_lora.stages import run_pipeline
+from partial_lora.pipeline.runner import run_pipeline
 
 ROWS = [
     {"prompt": "Question: Which gas do plants take in?\nChoices: (A) oxygen (B) carbon dioxide (C) helium\nAnswer:",

@@ -12,7 +12,8 @@ from partial_lora.models import multitask as MT
 from partial_lora.models.classifier import Classifier
 from partial_lora.errors import PlrError
 from partial_lora.report import build
-from partial_lora.stages import format_results, run_pipeline
+from partial_lora.pipeline.results import format_results
+from partial_lora.pipeline.runner import run_pipeline
 
 
 def _cfg(*overrides):

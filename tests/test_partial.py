@@ -15,8 +15,9 @@ from partial_lora.errors import PlrError
 from partial_lora.adapter.inject import LoRAConfig, inject_lora, iter_branches
 from partial_lora.adapter.masks import count, element_masks, rank_random, rank_subspace, subspace_k
 from partial_lora.models.backbones import build_model
-from partial_lora.stages import plan, run_pipeline
-from partial_lora.stages.base import setup_run
+from partial_lora.pipeline.plan import plan
+from partial_lora.pipeline.runner import run_pipeline
+from partial_lora.working_set.build import setup_run
 from partial_lora.stages.retrain import rewind
 
 FLOOR = 0.125

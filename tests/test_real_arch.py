@@ -556,7 +556,7 @@ def test_real_dinov2_matches_its_graph_and_both_variants_agree_on_digits():
     needs("dinov2-vits")
     needs("mnist-5k")
     from partial_lora.data.collate import make_collate
-    from partial_lora.stages.base import load_data
+    from partial_lora.working_set.data import load_data
 
     folder = F.require("dinov2-vits", what="test")
     reference = json.loads((folder / D.REFERENCE).read_text())
@@ -639,7 +639,7 @@ def test_real_smollm2_is_a_gqa_llama_that_knows_english(smollm2):
 def test_real_smollm2_scorer_equals_a_brute_force_log_likelihood_with_bos(smollm2):
     from partial_lora.models.causal_lm import CausalLM
     from partial_lora.data.collate import ChoiceCollate
-    from partial_lora.stages.base import load_data
+    from partial_lora.working_set.data import load_data
 
     net, tok = smollm2
     data = load_data(C.validate(_compose("experiment=offline-smollm2")))

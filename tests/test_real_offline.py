@@ -6,7 +6,7 @@ from hydra import compose, initialize_config_module
 
 from partial_lora import config as C
 from partial_lora.fetch import cache as F
-from partial_lora.stages.base import load_data
+from partial_lora.working_set.data import load_data
 
 pytestmark = pytest.mark.slow
 

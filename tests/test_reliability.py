@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from partial_lora.training import checkpoint as CK
 from partial_lora import config as C
 from partial_lora.errors import PlrError
-from partial_lora.stages import run_pipeline
+from partial_lora.pipeline.runner import run_pipeline
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 # 120 small steps of dense LoRA on the tiny BERT: long enough to be killed in the middle of.

@@ -11,7 +11,7 @@ import pytest
 
 from partial_lora import artifacts as A
 from partial_lora import cli
-from partial_lora import stages as S
+from partial_lora.pipeline import runner as S
 from tests.test_reliability import crash_at_step
 
 SMOKE = ["experiment=smoke"]
@@ -178,7 +178,7 @@ def test_a_file_changed_with_its_size_and_mtime_kept_is_read_anew_and_the_task_l
                                                                                           monkeypatch):
     """`datasets` keys its cache by path and mtime: the second of two runs on one folder scored the
     test split with its old labels. Now the cache folder is named by the files' content."""
-    from partial_lora.stages import base as B
+    from partial_lora.working_set import data as B
 
     data = csv_task(tmp_path / "data")
     loads = []

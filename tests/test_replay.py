@@ -7,7 +7,8 @@ import torch
 from hydra import compose, initialize_config_module
 
 from partial_lora.allocation.replay import BlockReplay, find_blocks
-from partial_lora.stages.base import loader, setup
+from partial_lora.working_set.loaders import loader
+from partial_lora.working_set.build import setup
 from partial_lora import config as C
 from partial_lora.training.predict import predict
 from partial_lora.training.runtime import set_seed

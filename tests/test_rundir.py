@@ -14,7 +14,7 @@ from partial_lora import artifacts as A
 from partial_lora import cli
 from partial_lora import rundir as RD
 from partial_lora.errors import PlrError
-from partial_lora.stages import run_pipeline
+from partial_lora.pipeline.runner import run_pipeline
 from tests.test_reliability import crash_at_step
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}

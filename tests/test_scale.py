@@ -48,7 +48,7 @@ def test_pretokenised_batches_equal_on_the_fly_ones():
 
 @pytest.mark.slow  # inductor compiles for about a minute on 2 CPU cores
 def test_compile_flag_trains(tmp_path):
-    from partial_lora.stages import run_pipeline
+    from partial_lora.pipeline.runner import run_pipeline
 
     with initialize_config_module("partial_lora.conf", version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", "adapter=lora", "trainer.max_steps=1",
@@ -207,7 +207,7 @@ def test_fsdp_refuses_the_peft_baselines_in_one_line(monkeypatch):
     group is joined (so the error reaches the user instead of a hang)."""
     from partial_lora import distributed as D
     from partial_lora.errors import PlrError
-    from partial_lora.stages.base import setup
+    from partial_lora.working_set.build import setup
 
     with initialize_config_module("partial_lora.conf", version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", "adapter=peft_lora", "trainer.strategy=fsdp"])

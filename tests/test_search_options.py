@@ -11,7 +11,9 @@ from partial_lora import config as C
 from partial_lora.allocation import search as AS
 from partial_lora.errors import PlrError
 from partial_lora.adapter.masks import count, kept, rank_random
-from partial_lora.stages import format_results, plan, run_pipeline
+from partial_lora.pipeline.results import format_results
+from partial_lora.pipeline.plan import plan
+from partial_lora.pipeline.runner import run_pipeline
 
 LAYERS = [AL.Layer("a", 64, 32), AL.Layer("b", 64, 32), AL.Layer("c", 64, 32)]
 
@@ -131,7 +133,7 @@ def test_truncation_restores_the_pretrained_weights(tmp_path):
     from partial_lora.adapter.inject import base_weights
     from partial_lora.training.runtime import set_seed
     from partial_lora.stages import allocate
-    from partial_lora.stages.base import setup
+    from partial_lora.working_set.build import setup
 
     cfg = _cfg("adapter.allocation.allocator=truncation")
     run_pipeline(cfg, tmp_path / "run", echo=lambda s: None)

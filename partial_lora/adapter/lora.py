@@ -42,6 +42,13 @@ from partial_lora import distributed as D
 from partial_lora.errors import PlrError
 
 
+def lora_parameters(r: int, rows: int, cols: int) -> int:
+    """The entries of LoRA's factors at rank r on a kept block of `rows` × `cols`: B (rows × r) and A
+    (r × cols), r·(rows + cols). Dense LoRA keeps every row and column: r·(d_out + d_in). The one
+    place this count is written."""
+    return r * (rows + cols)
+
+
 class SharedInput(Protocol):
     """What a branch asks of its input group (`input_groups.InputGroup`): its rank-r code of x."""
 
@@ -162,11 +169,11 @@ class LoRABranch(nn.Module):
     def num_parameters(self) -> int:
         if self.mask_A is not None:
             return int(self.mask_A.sum()) + int(self.mask_B.sum())
-        return self.r * (len(self.rows) + len(self.cols))
+        return lora_parameters(self.r, len(self.rows), len(self.cols))
 
     def dense_num_parameters(self) -> int:
         """Parameters of a dense LoRA of the same rank on the same layer."""
-        return self.r * (self.d_out + self.d_in)
+        return lora_parameters(self.r, self.d_out, self.d_in)
 
     def extra_repr(self) -> str:
         shared = ", input shared" if self.input_group is not None else ""

@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from partial_lora.errors import PlrError
+from partial_lora.adapter.lora import lora_parameters
 from partial_lora.adapter.masks import kept
 
 DEFAULT_GRID = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125)
@@ -158,10 +159,10 @@ class Allocation:
         return {layer.name: layer.ratio for layer in self.layers}
 
     def params(self) -> int:
-        return sum(self.r * (la.rows + la.cols) for la in self.layers)
+        return sum(lora_parameters(self.r, la.rows, la.cols) for la in self.layers)
 
     def dense_params(self) -> int:
-        return sum(self.r * (la.d_out + la.d_in) for la in self.layers)
+        return sum(lora_parameters(self.r, la.d_out, la.d_in) for la in self.layers)
 
     def floor_share(self) -> float:
         if not self.grid:
@@ -200,7 +201,7 @@ def spectrum(layers: Sequence[Layer], r: int, ks: Mapping[str, int], sides: str 
 
 
 def _params_at(layers: Sequence[LayerAllocation], r: int, scale: float, sides: str = "both") -> int:
-    return sum(r * sum(kept(min(1.0, la.ratio * scale), la.d_out, la.d_in, sides)) for la in layers)
+    return sum(lora_parameters(r, *kept(min(1.0, la.ratio * scale), la.d_out, la.d_in, sides)) for la in layers)
 
 
 def rescale_to_budget(alloc: Allocation, budget: float) -> Allocation:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
+from partial_lora.adapter.lora import lora_parameters
 from partial_lora.allocation.allocators import Allocation, AllocationConfig, Layer, layer_allocation, rescale_to_budget
 
 log = logging.getLogger("plr")
@@ -122,12 +123,12 @@ def proportional(layers: Sequence[Layer], r: int, cfg: AllocationConfig, budget:
     sens = sensitivities(layers, cfg, evaluate=evaluate, a_ref=a_ref)
     mean = sum(sens.values()) / max(1, len(sens))
     weights = {k: v + share_floor * mean for k, v in sens.items()} if mean > 0 else {k: 1.0 for k in sens}
-    dense = sum(r * (la.d_out + la.d_in) for la in layers)
+    dense = sum(lora_parameters(r, la.d_out, la.d_in) for la in layers)
     target = budget * dense if budget <= 1 else budget
     total = sum(weights.values())
     out = []
     for la in layers:
-        ratio = min(1.0, max(1e-6, target * weights[la.name] / total / (r * (la.d_out + la.d_in))))
+        ratio = min(1.0, max(1e-6, target * weights[la.name] / total / lora_parameters(r, la.d_out, la.d_in)))
         alloc_la = layer_allocation(la, ratio, sides)
         alloc_la.sensitivity = sens[la.name]
         out.append(alloc_la)

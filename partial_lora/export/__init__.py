@@ -50,6 +50,7 @@ from partial_lora.export.merged import save_merged
 from partial_lora.export.publish import write_folder, check_out_dir
 from partial_lora.export.run import check_run, load_config, load_spec, rebuild
 from partial_lora.adapter.inject import count_adapter_parameters
+from partial_lora.adapter.lora import lora_parameters
 
 __all__ = [
     "ADAPTER", "CARD", "CONFIG", "DELTA_ATOL", "HYDRA_CONFIG", "HYDRA_OVERRIDES", "LAYERS", "MASKS", "MERGED",
@@ -139,7 +140,7 @@ def export_run(run_dir: Path, out_dir: Path, *, merged: bool = False, force: boo
     params = {"adapter": counts["adapter"], "dense_lora": counts["dense_lora"],
               "head": sum(p.numel() for p in s.built.model.head_parameters()),
               "extra": sum(p.numel() for m in extra for p in run_net.get_submodule(m).parameters())}
-    stored = sum(t.rank * (t.out_features + t.in_features) for t in targets)
+    stored = sum(lora_parameters(t.rank, t.out_features, t.in_features) for t in targets)
     notes = [f"saved in full as the base checkpoint lacks them: {', '.join(extra)}"] if extra else []
     info = ExportInfo(out_dir.resolve(), run_dir.resolve(), run, spec, s, reference, targets, layer_table(run_dir, run, targets),
                     params, stored, extra, merged, notes)

@@ -18,7 +18,7 @@ from partial_lora.export.layout import (CONFIG, HYDRA_OVERRIDES, LAYERS, MASKS, 
                                         read_optional)
 from partial_lora.models.backbones import ModelSpec
 from partial_lora.spec import RunSpec
-from partial_lora.stages.base import Setup
+from partial_lora.working_set.build import Setup
 
 
 @dataclass

@@ -21,7 +21,7 @@ from partial_lora.adapter.lora import LoRABranch, LoRALinear
 from partial_lora.models.source import resolve_source
 from partial_lora.models.backbones import ModelSpec, build_model
 from partial_lora.training.runtime import set_seed
-from partial_lora.stages.base import Setup
+from partial_lora.working_set.build import Setup
 
 ADAPTER = "default"  # PEFT's adapter name
 DELTA_ATOL = 1e-6    # self-check: PEFT's ΔW against plr's, per module

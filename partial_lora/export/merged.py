@@ -8,7 +8,7 @@ from typing import Any
 from partial_lora import config as C
 from partial_lora.models.source import resolve_source
 from partial_lora.models.backbones import ModelSpec
-from partial_lora.stages.base import Setup
+from partial_lora.working_set.build import Setup
 
 
 def save_merged(peft_model: Any, s: Setup, spec: ModelSpec, dest: Path) -> list[str]:

@@ -13,7 +13,8 @@ from partial_lora.errors import PlrError, first_line
 from partial_lora.export.layout import HYDRA_CONFIG
 from partial_lora.spec import RunSpec
 from partial_lora.training.runtime import set_seed
-from partial_lora.stages.base import Setup, load_trained, setup_run
+from partial_lora.working_set.build import Setup, setup_run
+from partial_lora.working_set.trained import load_trained
 
 
 def check_run(run_dir: Path) -> None:

@@ -174,14 +174,14 @@ def _number(x: Any) -> float | None:
 def expected_stages(results: dict[str, Any] | None, cfg: DictConfig | None, run_dir: Path) -> list[str]:
     """The stages this kind of run runs, in pipeline order.
 
-    From `results.json` when present (its `stages` keys), else `stages.plan` of the run's
+    From `results.json` when present (its `stages` keys), else `pipeline.plan` of the run's
     config; with neither (or a config `plan` rejects), the stage dirs that exist.
     """
     if results is not None and isinstance(results.get("stages"), dict) and results["stages"]:
         return [s for s in A.STAGES if s in results["stages"]]
     if cfg is not None:
         from partial_lora import config as C
-        from partial_lora.stages import stages_for
+        from partial_lora.pipeline.plan import stages_for
 
         try:  # only what decides the stages: a report reads runs whatever else their config holds
             peft = C.peft_spec(cfg)

@@ -34,7 +34,9 @@ from partial_lora.training.predict import predict
 from partial_lora.allocation.replay import BlockReplay
 from partial_lora.training.runtime import autocast_dtype, set_seed
 from partial_lora.spec import RunSpec
-from partial_lora.stages.base import Setup, few_shot_sets, load_trained, loader, setup
+from partial_lora.working_set.build import Setup, setup
+from partial_lora.working_set.loaders import few_shot_sets, loader
+from partial_lora.working_set.trained import load_trained
 from partial_lora.stages.extract import snip_of_branches
 from partial_lora.tracking import Tracker
 

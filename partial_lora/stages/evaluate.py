@@ -25,7 +25,9 @@ from partial_lora.training.metrics import compute_metrics
 from partial_lora.training.predict import predict
 from partial_lora.training.runtime import autocast_dtype, set_seed
 from partial_lora.spec import RunSpec
-from partial_lora.stages.base import load_trained, loader, setup_run
+from partial_lora.working_set.trained import load_trained
+from partial_lora.working_set.loaders import loader
+from partial_lora.working_set.build import setup_run
 from partial_lora.tracking import Tracker
 
 NAME = A.EVALUATE

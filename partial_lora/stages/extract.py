@@ -43,7 +43,9 @@ from partial_lora.adapter.masks import LayerInfo, Ranking, element_masks, layer_
 from partial_lora.training.predict import predict
 from partial_lora.training.runtime import autocast_dtype, set_seed
 from partial_lora.spec import RunSpec
-from partial_lora.stages.base import Setup, loader, params_per_rank, setup
+from partial_lora.working_set.build import Setup, setup
+from partial_lora.working_set.loaders import loader
+from partial_lora.adapter.inject import params_per_rank
 from partial_lora.tracking import Tracker
 
 NAME = A.EXTRACT

@@ -20,7 +20,9 @@ from partial_lora.adapter.inject import adapter_state_dict
 from partial_lora.models.multitask import offsets
 from partial_lora.training.runtime import set_seed
 from partial_lora.spec import ProbeConfig, RunSpec
-from partial_lora.stages.base import Setup, few_shot_sets, loader, save_trained, setup, validator
+from partial_lora.working_set.build import Setup, setup
+from partial_lora.working_set.loaders import few_shot_sets, loader, validator
+from partial_lora.working_set.trained import save_trained
 from partial_lora.tracking import Tracker
 from partial_lora.training.loop import Hooks, fit
 

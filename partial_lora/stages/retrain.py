@@ -28,7 +28,9 @@ from partial_lora.adapter.lora import LoRABranch
 from partial_lora.training.recipe import TrainConfig
 from partial_lora.training.runtime import set_seed
 from partial_lora.spec import RunSpec
-from partial_lora.stages.base import loader, save_trained, setup_run, validator
+from partial_lora.working_set.loaders import loader, validator
+from partial_lora.working_set.trained import save_trained
+from partial_lora.working_set.build import setup_run
 from partial_lora.tracking import Tracker
 from partial_lora.training.loop import fit
 

@@ -14,7 +14,7 @@
    correlations (a correlation's standard error around 0). Not checked: the log-likelihood of
    generation tasks and the mean over a multi-task run's members.
 
-Each sign becomes one line in the run's results table (`stages.format_results`), in
+Each sign becomes one line in the run's results table (`pipeline.results.format_results`), in
 `results.json` (`failed_reading`) and in its log, naming the likely cause and the setting that
 avoids it.
 """

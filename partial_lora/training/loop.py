@@ -241,7 +241,7 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
     With `checkpoint` (a file path), the whole training state is saved there at every epoch end
     and every `cfg.checkpoint_every` steps; if the file exists when `fit` starts, training
     resumes from it and takes exactly the steps an uninterrupted run would (the train loader
-    must use a `ResumableSampler` with the loader's generator, as `stages.base.loader` does).
+    must use a `ResumableSampler` with the loader's generator, as `working_set.loaders.loader` does).
     A step with a non-finite loss or gradient is skipped; more than `cfg.max_bad_steps` of
     them stop the run with a `PlrError`, leaving the last good checkpoint in place.
     """

@@ -45,11 +45,12 @@ def optimizer_groups(model: Classifier, cfg: TrainConfig,
     return groups
 
 
-def step_plan(train_loader: DataLoader, cfg: TrainConfig) -> tuple[int, int]:
-    """(optimizer steps per epoch, total steps): `cfg.max_steps`, else `cfg.epochs` of the loader."""
-    if len(train_loader) == 0:
+def step_plan(batches: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps) of a training on `batches` batches per epoch:
+    `cfg.max_steps`, else `cfg.epochs` of them (the one place that counts a training's steps)."""
+    if batches == 0:
         raise PlrError("the training split is empty; check the task's split settings")
-    per_epoch = max(1, len(train_loader) // cfg.grad_accum)
+    per_epoch = max(1, batches // cfg.grad_accum)
     return per_epoch, cfg.max_steps or max(1, int(math.ceil(cfg.epochs * per_epoch)))
 
 
@@ -59,7 +60,7 @@ def start_training(model: Classifier, train_loader: DataLoader, cfg: TrainConfig
     Returns (state, total steps, epochs)."""
     model.to(device)
     opt = torch.optim.AdamW(optimizer_groups(model, cfg, layer_lr_scales), weight_decay=cfg.weight_decay)
-    steps_per_epoch, total = step_plan(train_loader, cfg)
+    steps_per_epoch, total = step_plan(len(train_loader), cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, cfg.warmup_ratio, cfg.schedule, cfg.warmup_steps))
     trainable = {n: p for n, p in model.net.named_parameters() if p.requires_grad}
     # A checkpoint is only taken up by the same run: same recipe, data size and trainable shapes.

@@ -1,4 +1,5 @@
-"""What every stage builds from the run's spec: the task's data, the model with its adapter, loaders.
+"""The run's working set: its data, the model with a fresh head and its adapter injected (with the
+run's masks, when it has them), frozen for training (`setup`, `setup_run`).
 
 Stages call these with the `RunSpec` that `config.validate` built; nothing here reads the config.
 """
@@ -6,37 +7,31 @@ Stages call these with the `RunSpec` that `config.validate` built; nothing here 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from partial_lora import artifacts as A
-from partial_lora.data import TaskData, load_task, make_collate
-from partial_lora.data.collate import pretokenize
-from partial_lora.data.verbalizer import as_choices
-from partial_lora.errors import PlrError
 from partial_lora import distributed as D
 from partial_lora.adapter import peft_baselines as PB
-from partial_lora.adapter.inject import WHOLE, dims, find_targets, freeze_for_adapter, inject_lora
+from partial_lora.adapter.inject import WHOLE, find_targets, freeze_for_adapter, inject_lora, params_per_rank
 from partial_lora.adapter.input_groups import attach as attach_input_groups
 from partial_lora.adapter.lora import LoRABranch
-from partial_lora.models import multitask as MT
-from partial_lora.models.causal_lm import CausalLM
 from partial_lora.adapter.protocol import Adapter, PeftAdapter, PlrAdapter
+from partial_lora.data import TaskData
+from partial_lora.errors import PlrError
+from partial_lora.models import multitask as MT
 from partial_lora.models.backbones import Built, build_model
-from partial_lora.data.base import TaskSpec
+from partial_lora.models.causal_lm import CausalLM
 from partial_lora.spec import MatchConfig, RunSpec
-from partial_lora.training.predict import evaluate
-from partial_lora.training.recipe import TrainConfig
-from partial_lora.training.runtime import autocast_dtype, resolve_device
-from partial_lora.training.loop import Hooks, ResumableSampler
+from partial_lora.training.loop import Hooks
+from partial_lora.training.optimizer import step_plan
+from partial_lora.training.runtime import resolve_device
+from partial_lora.working_set.data import load_data, load_multi
 
 
 @dataclass(frozen=True)
@@ -121,62 +116,6 @@ class Setup:
         return self.adapter.hooks(validate)
 
 
-_ONCE: dict[str, Any] | None = None  # loaded data by task, inside `data_loaded_once` (run_pipeline)
-
-
-@contextmanager
-def data_loaded_once() -> Iterator[None]:
-    """Inside the block every stage gets the task's data from one load (the pipeline loads it first, to
-    check its identity against the run dir). Nothing modifies loaded data, so the stages read the same
-    rows as from their own loads; outside the block every call loads anew."""
-    global _ONCE
-    outer = _ONCE
-    _ONCE = {} if outer is None else outer
-    try:
-        yield
-    finally:
-        _ONCE = outer
-
-
-def _once(key: str, load: Callable[[], Any]) -> Any:
-    if _ONCE is None:
-        return load()
-    if key not in _ONCE:
-        _ONCE[key] = load()
-    return _ONCE[key]
-
-
-def load_data(run: RunSpec) -> TaskData:
-    """The task's data; for a multi-task run, the union of its members' (see `load_multi`)."""
-    return load_multi(run).union if run.multi else _load_one(run.parts[0].task, run.causal)
-
-
-def load_multi(run: RunSpec) -> MT.MultiTaskData:
-    """Each member task's data, and their union."""
-    def load() -> MT.MultiTaskData:
-        parts = [_load_one(p.task, run.causal) for p in run.parts]
-        return MT.combine(run.task, parts, [(list(p.metrics), p.main) for p in run.parts])
-
-    return _once(repr(("multi", run.task, run.parts, run.causal)), load)
-
-
-def data_identity(run: RunSpec) -> dict[str, str]:
-    """What the run's data was read from, each source with its content digest (`data.identity`)."""
-    parts = load_multi(run).parts if run.multi else [load_data(run)]
-    return dict(sorted({k: v for d in parts for k, v in d.sources.items()}.items()))
-
-
-def _load_one(spec: TaskSpec, causal: bool = False) -> TaskData:
-    """One task's data; a classification task read by a causal LM becomes prompt/answer choices."""
-    def load() -> TaskData:
-        data = load_task(spec)  # checks task.num_labels against the data
-        if causal and data.kind == "text":
-            data = replace(as_choices(data, spec.prompt, spec.verbalizer), sources=data.sources)
-        return data
-
-    return _once(repr(("one", spec, causal)), load)
-
-
 def setup(run: RunSpec, keep: Mapping[str, tuple[Tensor | None, Tensor | None]] | None = None,
           data: TaskData | None = None, groups: Sequence[Sequence[str]] = (),
           shira: Mapping[str, Tensor] | None = None) -> Setup:
@@ -216,8 +155,8 @@ def setup(run: RunSpec, keep: Mapping[str, tuple[Tensor | None, Tensor | None]] 
         if any(set(slices) != {WHOLE} for slices in found.values()):
             raise PlrError(f"adapter={pspec.method} adapts whole modules, not slices of a fused projection "
                            f"({lcfg.targets}); set adapter.targets=[qkv] (or another whole-module list)")
-        model = PB.inject_peft(net, pspec, list(found), spec.head_modules, total_steps(run.train, len(data.train)),
-                               masks=shira)
+        steps = step_plan(math.ceil(len(data.train) / run.train.batch_size), run.train)[1]  # AdaLoRA's schedule
+        model = PB.inject_peft(net, pspec, list(found), spec.head_modules, steps, masks=shira)
         return Setup(data, built, {}, device, metrics, main, per_rank * lcfg.r, PeftAdapter(built.model, model, pspec),
                      multi, run)
     # adapter=head: no LoRA at all, only the head trains (the no-adapter reference).
@@ -243,72 +182,12 @@ def shard(net: torch.nn.Module, targets: list[str]) -> None:
           f"{total:,} frozen parameters ({len(blocks)} block units and the root)", flush=True)
 
 
-def total_steps(tc: TrainConfig, n_train: int) -> int:
-    """Optimizer steps of the retrain stage (what `loop.fit` will run)."""
-    per_epoch = max(1, math.ceil(n_train / tc.batch_size) // tc.grad_accum)
-    return tc.max_steps or max(1, math.ceil(tc.epochs * per_epoch))
-
-
-def params_per_rank(net: torch.nn.Module, found: Mapping[str, Mapping[str, tuple[int, int]]]) -> int:
-    """Parameters of a dense LoRA per unit of rank on the targeted layers (`inject.find_targets`):
-    the sum of d_out + d_in."""
-    return sum(d_out + dims(net.get_submodule(name))[1]
-               for name, slices in found.items() for _, d_out in slices.values())
-
-
 def matched_rank(match: MatchConfig, per_rank: int) -> int:
     """`adapter=lora_matched`: the rank whose dense LoRA is closest to the match target (at least 1)."""
     target = match.target(per_rank)
     if target is None:
         raise PlrError("adapter=lora_matched needs adapter.match.run, adapter.match.budget or adapter.match.rank")
     return max(1, round(target / per_rank))
-
-
-def loader(s: Setup, split: datasets.Dataset, tc: TrainConfig, *, train: bool, seed: int = 0) -> DataLoader:
-    """A DataLoader over `split` with the model's own processor.
-
-    Text is tokenised once up front (cached by `datasets` for file-backed splits) and padded per
-    batch; images are decoded and transformed on the fly (training augmentation differs per epoch).
-    """
-    if s.data.kind == "text" and s.built.tokenizer is not None:
-        split = pretokenize(split, s.built.tokenizer, s.built.max_length)
-    collate = make_collate(s.data.kind, tokenizer=s.built.tokenizer, max_length=s.built.max_length,
-                           image=s.built.image, train=train)
-    if "task_id" in split.column_names:  # a multi-task union: each row says which head it trains
-        collate = MT.TaskIdCollate(collate)
-    gen = torch.Generator().manual_seed(seed)
-    common = dict(collate_fn=collate, generator=gen, num_workers=tc.num_workers, pin_memory=s.device.type == "cuda")
-    if not train:
-        return DataLoader(split, batch_size=tc.eval_batch_size, **common)
-    # The same order as `shuffle=True` with this generator, and resumable in mid-epoch.
-    sampler = ResumableSampler(split, generator=gen)
-    if D.active():  # data parallel: this process loads only its rows of each of the one-process batches
-        return DataLoader(split, batch_sampler=D.ShardedBatches(sampler, tc.batch_size, D.rank(), D.world_size()),
-                          **common)
-    return DataLoader(split, batch_size=tc.batch_size, sampler=sampler, drop_last=False, **common)
-
-
-def validator(s: Setup, tc: TrainConfig, sets: list[datasets.Dataset]) -> Callable[[], dict[str, float]]:
-    """A function returning the metrics (and `loss`) of the model now, on fixed evaluation sets:
-    one per part (`Setup.parts`), each scored with its task's metrics through its own head, then
-    merged (`Setup.merge`). Loaders are built once (text is tokenised once)."""
-    dtype = autocast_dtype(tc, s.device)
-    parts = s.parts()
-    loaders = [loader(s, d, tc, train=False) for d in sets]
-    return lambda: s.merge([evaluate(p.view, ld, s.device, dtype, p.metrics)
-                            for p, ld in zip(parts, loaders, strict=True)])
-
-
-def member_rows(s: Setup, union_idx: list[int]) -> list[list[int]]:
-    """Indices into the train split (a multi-task run's union), as indices into each part's own."""
-    starts = MT.offsets([p.data.train for p in s.parts()])
-    ends = starts[1:] + [len(s.data.train)]
-    return [[j - a for j in union_idx if a <= j < b] for a, b in zip(starts, ends, strict=True)]
-
-
-def few_shot_sets(s: Setup, val_idx: list[int]) -> list[datasets.Dataset]:
-    """The probe's few-shot validation sets, one per part (`Setup.parts`)."""
-    return [p.data.train.select(rows) for p, rows in zip(s.parts(), member_rows(s, val_idx), strict=True)]
 
 
 def setup_run(run: RunSpec, run_dir: Path) -> Setup:
@@ -325,20 +204,3 @@ def setup_run(run: RunSpec, run_dir: Path) -> Setup:
     return s
 
 
-def save_trained(s: Setup, out: Path, spec: RunSpec) -> None:
-    """Write a stage's trained adapter and head (probe, retrain)."""
-    meta = {"model": spec.model.name, "task": spec.task}
-    assert s.adapter is not None
-    A.save_tensors(out / A.ADAPTER, s.adapter.state_dict(), meta)
-    extra = s.adapter.extra_state()
-    if extra is not None:
-        A.write_json(out / A.PEFT_STATE, extra)
-    A.save_tensors(out / A.HEAD, s.built.model.head_state_dict(), meta)
-
-
-def load_trained(s: Setup, src: Path) -> None:
-    """Load the adapter and head that `save_trained` wrote into `src` (allocate, evaluate)."""
-    assert s.adapter is not None
-    extra = A.read_json(src / A.PEFT_STATE) if (src / A.PEFT_STATE).exists() else None
-    s.adapter.load(A.load_tensors(src / A.ADAPTER), extra, source=str(src / A.ADAPTER))
-    s.built.model.load_head_state_dict(A.load_tensors(src / A.HEAD), source=str(src / A.HEAD))
