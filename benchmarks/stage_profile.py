@@ -14,7 +14,7 @@ functions wrapped in timers, and prints, for each stage, its wall time split int
   called from the allocate stage), with the blocks it replays;
 - `rankings`: the row/column rankings (`masks.rank_layer`, an SVD per layer for `subspace`);
 - `writes`: writing checkpoints and tensors (`checkpoint.save`, `artifacts.save_tensors`);
-- `plot`: the allocation's plot (`stages.allocate.plot`, matplotlib's import included);
+- `plot`: the allocation's plot (`allocation.plot.plot`, matplotlib's import included);
 - `other`: the rest of the stage.
 
 Each second is counted once, in the innermost timed part it was spent in. Unlike cProfile, the
@@ -44,7 +44,7 @@ PARTS = {  # (module, function) -> the part it is counted in
     ("partial_lora.adapter.masks", "rank_layer"): "rankings",
     ("partial_lora.training.checkpoint", "save"): "writes",
     ("partial_lora.artifacts", "save_tensors"): "writes",
-    ("partial_lora.stages.allocate", "plot"): "plot",
+    ("partial_lora.allocation.plot", "plot"): "plot",
 }
 ORDER = ["setup", "train", "scoring", "search", "rankings", "writes", "plot", "other"]
 

@@ -31,8 +31,8 @@ from partial_lora.models.backbones import ModelSpec, torch_dtype
 from partial_lora.adapter.peft_baselines import METHODS as PEFT_METHODS
 from partial_lora.adapter.peft_baselines import PeftSpec, ShiraMaskConfig
 from partial_lora.adapter.masks import MaskConfig
-from partial_lora.spec import MatchConfig, ProbeConfig, RetrainConfig, RunSpec, TaskPart
-from partial_lora.training.recipe import TrainConfig
+from partial_lora.spec import MatchConfig, ProbeConfig, RunSpec, TaskPart
+from partial_lora.training.recipe import RetrainConfig, TrainConfig
 from partial_lora.adapter.snip import SnipConfig
 from partial_lora.typecheck import check_seed, check_type, from_values
 

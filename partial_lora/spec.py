@@ -19,7 +19,7 @@ from partial_lora.adapter.inject import LoRAConfig
 from partial_lora.adapter.masks import MaskConfig
 from partial_lora.models.backbones import ModelSpec
 from partial_lora.adapter.peft_baselines import PeftSpec
-from partial_lora.training.recipe import TrainConfig
+from partial_lora.training.recipe import RetrainConfig, TrainConfig
 from partial_lora.adapter.snip import SnipConfig
 
 
@@ -51,42 +51,6 @@ class ProbeConfig:
                            f"and {self.batch_size}; fix that override")
         if self.short_classes not in ("error", "shrink"):
             raise PlrError(f"adapter.probe.short_classes must be error or shrink, got '{self.short_classes}'")
-
-
-@dataclass(frozen=True)
-class RetrainConfig:
-    """`retrain`: how the sparse adapter restarts and learns.
-
-    Attributes:
-        init: `rewind` (the probe's initial values restricted to R × C) or `fresh`.
-        adapter_lr_scale: a number, or `auto` = 1/sqrt(kept density) capped at `lr_scale_cap` [ours].
-        lr_scale_cap: the cap of `auto`.
-        lr_scale_per_layer: with `auto`, use each layer's own kept density instead of the
-            adapter's overall density (a dense layer then keeps the base learning rate).
-        lr: the adapter's learning rate in the retrain [ours], replacing `trainer.lr` times
-            `adapter_lr_scale` (and `lr_scale_per_layer`); the head keeps `trainer.head_lr` (or
-            `trainer.lr`), the probe the trainer's. None: today's rate. What `plr study --tune
-            retrain.lr=...` chooses per arm on validation.
-    """
-
-    init: str = "rewind"
-    adapter_lr_scale: float | str = "auto"
-    lr_scale_cap: float = 8.0
-    lr_scale_per_layer: bool = False
-    lr: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.lr is not None and self.lr <= 0:
-            raise PlrError(f"retrain.lr must be a positive learning rate (or null: trainer.lr x "
-                           f"retrain.adapter_lr_scale), got {self.lr}")
-        if self.init not in ("rewind", "fresh"):
-            raise PlrError(f"retrain.init must be rewind or fresh, got '{self.init}'")
-        s = self.adapter_lr_scale
-        if s != "auto" and (isinstance(s, str) or s <= 0):
-            raise PlrError(f"retrain.adapter_lr_scale must be a positive number or auto, got '{s}'")
-        if self.lr_scale_cap <= 0:
-            raise PlrError(f"retrain.lr_scale_cap must be positive (the largest scale adapter_lr_scale=auto gives), got "
-                           f"{self.lr_scale_cap}; e.g. retrain.lr_scale_cap=8")
 
 
 @dataclass(frozen=True)
@@ -207,6 +171,11 @@ class RunSpec:
     def sparse(self) -> bool:
         """Whether the run trains a masked adapter (adapter.sparsity is auto or > 0)."""
         return self.sparsity != 0
+
+    @property
+    def mask_seed(self) -> int:
+        """The seed of the random masks (`adapter.mask.seed`, else the run's seed)."""
+        return self.seed if self.mask.seed is None else self.mask.seed
 
     @property
     def search_masks(self) -> str:

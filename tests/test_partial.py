@@ -18,7 +18,7 @@ from partial_lora.models.backbones import build_model
 from partial_lora.pipeline.plan import plan
 from partial_lora.pipeline.runner import run_pipeline
 from partial_lora.working_set.build import setup_run
-from partial_lora.stages.retrain import rewind
+from partial_lora.adapter.inject import rewind
 
 FLOOR = 0.125
 GRID = (1.0, 0.5, 0.25, FLOOR)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from partial_lora.adapter import peft_baselines as PB
-from partial_lora.allocation.allocators import lr_scale_auto
+from partial_lora.training.recipe import lr_scale_auto
 from partial_lora.errors import PlrError
 from partial_lora.pipeline.runner import run_pipeline
 

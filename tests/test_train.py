@@ -16,8 +16,8 @@ from partial_lora.training.predict import evaluate
 from partial_lora.training.recipe import TrainConfig, lr_lambda
 from partial_lora.training.runtime import set_seed
 from partial_lora.working_set.build import Setup
-from partial_lora.working_set.loaders import loader
-from partial_lora.training.loop import fit
+from partial_lora.working_set.loaders import loader, validator
+from partial_lora.training.loop import Hooks, fit
 
 
 def test_warmup_then_cosine_and_linear():
@@ -65,8 +65,8 @@ def test_fit_trains_selects_best_and_logs(model_spec, tmp_path):
     tc = TrainConfig(epochs=3, batch_size=16, lr=5e-3, progress=False)
     before = adapter_state_dict(s.built.model.net)
     log_path = tmp_path / "metrics.jsonl"
-    res = fit(s.built.model, loader(s, s.data.train, tc, train=True), loader(s, s.data.val, tc, train=False), tc,
-              device=s.device, log=JsonlLog(log_path))
+    res = fit(s.built.model, loader(s, s.data.train, tc, train=True), tc, device=s.device, log=JsonlLog(log_path),
+              hooks=Hooks(validate=validator(s, tc, [s.data.val])))
     after = adapter_state_dict(s.built.model.net)
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the adapter trained
     records = [json.loads(x) for x in log_path.read_text().splitlines()]
@@ -83,7 +83,7 @@ def test_layer_lr_scales_reach_single_layers(model_spec):
     frozen = "bert.encoder.layer.0.attention.self.query"
     before = adapter_state_dict(s.built.model.net)
     tc = TrainConfig(epochs=1, batch_size=8, lr=1e-2, progress=False)
-    fit(s.built.model, loader(s, s.data.train, tc, train=True), None, tc, device=s.device,
+    fit(s.built.model, loader(s, s.data.train, tc, train=True), tc, device=s.device,
         layer_lr_scales={frozen: 0.0})
     after = adapter_state_dict(s.built.model.net)
     assert torch.equal(before[f"{frozen}.lora_A"], after[f"{frozen}.lora_A"])  # learning rate 0: untouched
@@ -94,7 +94,7 @@ def test_layer_lr_scales_reach_single_layers(model_spec):
 def test_grad_accumulation_counts_optimizer_steps(model_spec):
     s = small_setup(model_spec, n_train=32)
     tc = TrainConfig(epochs=1, batch_size=8, grad_accum=2, progress=False)
-    res = fit(s.built.model, loader(s, s.data.train, tc, train=True), None, tc, device=s.device)
+    res = fit(s.built.model, loader(s, s.data.train, tc, train=True), tc, device=s.device)
     assert res.steps == 2
 
 
@@ -114,7 +114,7 @@ def test_lora_on_real_minilm_learns_bbc_news(model_spec):
         freeze_for_adapter(built.model.net, spec.head_modules)
         s = Setup(data, built, branches, torch.device("cpu"), ["accuracy"], "accuracy")
         tc = TrainConfig(epochs=2, batch_size=16, lr=5e-3, head_lr=5e-3, progress=False)
-        fit(built.model, loader(s, data.train, tc, train=True), None, tc, device=s.device)
+        fit(built.model, loader(s, data.train, tc, train=True), tc, device=s.device)
         return evaluate(built.model, loader(s, data.test, tc, train=False), s.device)["accuracy"]
 
     lora, head = train(lora=True), train(lora=False)
@@ -125,7 +125,7 @@ def test_progress_to_a_file_updates_at_most_every_30_s(model_spec, capsys):
     """Off a terminal (a log file), the bar redraws only every 30 s, not once per step."""
     s = small_setup(model_spec, n_train=64)
     tc = TrainConfig(epochs=3, batch_size=4, lr=1e-3, progress=True)  # 48 steps, a few seconds
-    fit(s.built.model, loader(s, s.data.train, tc, train=True), None, tc, device=s.device)
+    fit(s.built.model, loader(s, s.data.train, tc, train=True), tc, device=s.device)
     draws = capsys.readouterr().err.count("train:")
     assert 1 <= draws <= 3  # the opening draw (and a closing one), not one per step (48)
 
@@ -155,7 +155,7 @@ def test_a_non_finite_step_is_skipped_and_the_weights_stay_as_they_were(model_sp
             net.forward = forward
         tc = TrainConfig(epochs=1, max_steps=steps, batch_size=8, lr=5e-3, schedule="constant", warmup_ratio=0,
                          max_bad_steps=1, progress=False)
-        res = fit(s.built.model, loader(s, s.data.train, tc, train=True), None, tc, device=s.device)
+        res = fit(s.built.model, loader(s, s.data.train, tc, train=True), tc, device=s.device)
         return res, {**adapter_state_dict(net), **{str(i): p for i, p in enumerate(s.built.model.head_parameters())}}
 
     _, clean = train(4)

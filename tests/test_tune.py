@@ -359,7 +359,7 @@ def _groups(tmp_path, monkeypatch, *overrides):
 
 
 def test_retrain_lr_is_the_adapters_rate_for_every_adapter_kind_and_the_head_keeps_its_own(tmp_path, monkeypatch):
-    from partial_lora.allocation.allocators import lr_scale_auto
+    from partial_lora.training.recipe import lr_scale_auto
 
     shared, res = _groups(tmp_path, monkeypatch, "adapter.sparsity=0.75")  # auto: 5e-3 x 1/sqrt(density)
     density = res["stages"]["retrain"]["density"]

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from partial_lora import distributed as D
 from partial_lora.errors import PlrError
-from partial_lora.adapter.lora import LoRABranch, LoRAConv, LoRALinear, lora_parameters
+from partial_lora.adapter.lora import LoRABranch, LoRAConv, LoRALinear
+from partial_lora.adapter.masks import lora_parameters
 
 WHOLE = "lora"  # branch key of an unsliced layer; never appears in layer ids
 
@@ -239,6 +240,15 @@ def params_per_rank(net: nn.Module, found: Mapping[str, Mapping[str, tuple[int, 
     """Parameters of a dense LoRA per unit of rank on the targeted layers (`find_targets`)."""
     return sum(lora_parameters(1, d_out, dims(net.get_submodule(name))[1])
                for name, slices in found.items() for _, d_out in slices.values())
+
+
+def rewind(branches: Mapping[str, LoRABranch], init: Mapping[str, Tensor]) -> None:
+    """Load dense initial factors (the probe's, `{layer_id}.lora_A/B`) restricted to each branch's
+    kept block (`KeptBlock.select`): A[:, C] and B[R]. Under FSDP, this process's shard of each."""
+    for lid, b in branches.items():
+        lora_b, lora_a = b.kept.select(init[f"{lid}.lora_B"], init[f"{lid}.lora_A"])
+        D.assign(b.lora_A, lora_a.to(b.lora_A.device))
+        D.assign(b.lora_B, lora_b.to(b.lora_B.device))
 
 
 def count_adapter_parameters(model: nn.Module) -> dict[str, int]:

@@ -39,14 +39,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from partial_lora import distributed as D
+from partial_lora.adapter.masks import KeptBlock, lora_parameters
 from partial_lora.errors import PlrError
-
-
-def lora_parameters(r: int, rows: int, cols: int) -> int:
-    """The entries of LoRA's factors at rank r on a kept block of `rows` × `cols`: B (rows × r) and A
-    (r × cols), r·(rows + cols). Dense LoRA keeps every row and column: r·(d_out + d_in). The one
-    place this count is written."""
-    return r * (rows + cols)
 
 
 class SharedInput(Protocol):
@@ -98,6 +92,11 @@ class LoRABranch(nn.Module):
     @property
     def scale(self) -> float:
         return self.alpha / self.r
+
+    @property
+    def kept(self) -> KeptBlock:
+        """The branch's kept block R × C (`masks.KeptBlock`), from its index buffers."""
+        return KeptBlock(self.rows, self.cols, self.d_out, self.d_in)
 
     @property
     def all_rows(self) -> bool:

@@ -18,13 +18,20 @@ With `adapter.mask.shared_input` [ours], the layers that read one input tensor (
 e.g. query and value of one attention block; `partial_lora.adapter.input_groups`) share one column
 ranking (`rank_group`): each keeps the top `count(ρ, d_in)` of it, so their column sets nest and
 the forward gathers the input once for all of them. Rows stay ranked per layer.
+
+A row/column mask has one form, `KeptBlock`: the kept rows R and columns C of a d_out × d_in
+layer as sorted indices. The LoRA layer holds it as its index buffers (`LoRABranch.kept`), the
+allocation search multiplies the dense probe's factors by its 0/1 `multipliers`, export writes
+PEFT's factors zero-padded from it (`pad`), and the retrain rewinds to the probe's initial factors
+restricted to it (`select`). `build_masks` makes every layer's at its allocated ratio (extract).
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,6 +41,13 @@ from partial_lora.errors import PlrError
 
 
 Keep = dict[str, tuple[Tensor, Tensor]]  # by layer id: two tensors (kept rows and columns, or element masks)
+
+
+def lora_parameters(r: int, rows: int, cols: int) -> int:
+    """The entries of LoRA's factors at rank r on a kept block of `rows` × `cols`: B (rows × r) and A
+    (r × cols), r·(rows + cols). Dense LoRA keeps every row and column: r·(d_out + d_in). The one
+    place this count is written."""
+    return r * (rows + cols)
 
 
 def count(ratio: float, d: int) -> int:
@@ -52,6 +66,36 @@ def kept(ratio: float, d_out: int, d_in: int, sides: str = "both") -> tuple[int,
     rows = count(ratio, d_out) if sides in ("both", "rows") else d_out
     cols = count(ratio, d_in) if sides in ("both", "cols") else d_in
     return rows, cols
+
+
+@dataclass(frozen=True)
+class KeptBlock:
+    """The kept block R × C of one d_out × d_in layer: its kept rows and columns, sorted indices."""
+
+    rows: Tensor
+    cols: Tensor
+    d_out: int
+    d_in: int
+
+    def multipliers(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The 0/1 multipliers u_row (d_out × 1) and u_col (1 × d_in) that mask dense factors: B·u_row, A·u_col."""
+        rm = torch.zeros(self.d_out, 1, device=device)
+        rm[self.rows.to(device)] = 1
+        cm = torch.zeros(1, self.d_in, device=device)
+        cm[:, self.cols.to(device)] = 1
+        return rm, cm
+
+    def select(self, b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        """Dense factors (d_out × r, r × d_in) restricted to the block: B[R] and A[:, C]."""
+        return b[self.rows.to(b.device)], a[:, self.cols.to(a.device)]
+
+    def pad(self, b: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        """Compact factors (|R| × r, r × |C|) zero-padded to dense ones: B[R] = b, A[:, C] = a, zero elsewhere."""
+        b_full = b.new_zeros(self.d_out, b.shape[1])
+        a_full = a.new_zeros(a.shape[0], self.d_in)
+        b_full[self.rows.to(b.device)] = b
+        a_full[:, self.cols.to(a.device)] = a
+        return b_full, a_full
 
 
 @dataclass(frozen=True)
@@ -234,3 +278,49 @@ def element_masks(d_out: int, d_in: int, r: int, ratio: float, seed: int, layer:
         return m.view(shape)
 
     return mask((d_out, r)), mask((r, d_in))
+
+
+def build_masks(shapes: Mapping[str, tuple[int, int, int]], ratios: Mapping[str, float],
+                info: Callable[[str], LayerInfo], groups: Sequence[Sequence[str]], cfg: MaskConfig,
+                seed: int) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
+    """Every layer's masks at its allocated ratio, as `masks.safetensors` and `masks.json` hold them
+    (`artifacts.write_masks`): the tensors, and per layer its ratio, shape, kept rows and columns and
+    parameters, in the order of `shapes` (layer id -> d_out, d_in, r).
+
+    Row/column masks keep the top of each layer's ranking by `cfg.method` (`KeptBlock`); the members
+    of an input group (`groups`, `adapter.mask.shared_input`) keep a prefix of their group's column
+    ranking (`rank_group`), so their column sets nest, and rows ranked on their own. With
+    `granularity=element` every row and column stays and random entries of B and A are kept instead
+    (`element_masks`). `info(lid)` builds a layer's `LayerInfo` (its W0 ...): a group's members' are
+    built once and let go with their group, every other layer's on its own.
+    """
+    tensors: dict[str, Tensor] = {}
+    layers: dict[str, dict[str, Any]] = {}
+
+    def keep(lid: str, layer: LayerInfo, group_cols: Tensor | None) -> None:
+        (d_out, d_in, r), rho = shapes[lid], ratios[lid]
+        if cfg.granularity == "element":
+            rows, cols = torch.arange(d_out), torch.arange(d_in)
+            mask_b, mask_a = element_masks(d_out, d_in, r, rho, seed, lid)
+            tensors[f"{lid}.mask_B"], tensors[f"{lid}.mask_A"] = mask_b.to(torch.uint8), mask_a.to(torch.uint8)
+            params = int(mask_b.sum() + mask_a.sum())
+        else:
+            ranking = rank_layer(cfg.method, layer, seed, cfg.energy)
+            if group_cols is not None:  # a prefix of the group's ranking: the group's column sets nest
+                ranking = Ranking(ranking.rows, group_cols)
+            rows, cols = ranking.keep(rho, cfg.sides)
+            params = lora_parameters(r, len(rows), len(cols))
+        tensors[f"{lid}.rows"], tensors[f"{lid}.cols"] = rows.long(), cols.long()
+        layers[lid] = {"ratio": rho, "d_out": d_out, "d_in": d_in, "rows": len(rows), "cols": len(cols),
+                       "params": params}
+
+    grouped = {lid for group in groups for lid in group}
+    for group in groups:
+        infos = [info(lid) for lid in group]
+        cols = rank_group(cfg.method, infos, seed, cfg.energy)
+        for lid, layer in zip(group, infos, strict=True):
+            keep(lid, layer, cols)
+    for lid in shapes:
+        if lid not in grouped:
+            keep(lid, info(lid), None)
+    return tensors, {lid: layers[lid] for lid in shapes}

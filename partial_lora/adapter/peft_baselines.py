@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from partial_lora.adapter import snip as SN
+from partial_lora.adapter.masks import layer_seed
 from partial_lora.errors import PlrError, first_line
 
 METHODS = ("peft_lora", "dora", "adalora", "vera", "shira")
@@ -122,6 +124,22 @@ def random_entries(d_out: int, d_in: int, k: int, seed: int) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     flat = torch.randperm(d_out * d_in, generator=g)[:k].sort().values
     return torch.stack([flat // d_in, flat % d_in])
+
+
+def shira_entries(shapes: Mapping[str, tuple[int, int]], counts: Mapping[str, int], seed: int,
+                  scores: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """SHiRA's trainable entries of each module, (2, k) row and column indices: the `counts[name]`
+    entries of largest SNIP importance (`scores`, `adapter=shira_snip`), else a random draw seeded per
+    module from `seed` (`adapter=shira_random`)."""
+    if scores is not None:
+        return {name: SN.top_entries(scores[name], counts[name]) for name in shapes}
+    return {name: random_entries(*shapes[name], counts[name], layer_seed(seed, name)) for name in shapes}
+
+
+def shira_layers(shapes: Mapping[str, tuple[int, int]], counts: Mapping[str, int]) -> dict[str, dict[str, Any]]:
+    """What masks.json records of each module of a drawn SHiRA mask: its shape, entries and density."""
+    return {name: {"d_out": d_out, "d_in": d_in, "params": counts[name], "density": counts[name] / (d_out * d_in)}
+            for name, (d_out, d_in) in shapes.items()}
 
 
 def set_shira_masks(net: nn.Module, masks: Mapping[str, Tensor]) -> None:

@@ -29,13 +29,17 @@ The allocators that measure the probe (`threshold`, `truncation`, `proportional`
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+import statistics
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
 
 from partial_lora.errors import PlrError
-from partial_lora.adapter.lora import lora_parameters
-from partial_lora.adapter.masks import kept
+from partial_lora.adapter.masks import lora_parameters
+from partial_lora.adapter.masks import kept, subspace_k
 
 DEFAULT_GRID = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125)
 
@@ -164,6 +168,17 @@ class Allocation:
     def dense_params(self) -> int:
         return sum(lora_parameters(self.r, la.d_out, la.d_in) for la in self.layers)
 
+    def summary(self) -> dict[str, Any]:
+        """What the allocate stage reports (its metrics.json): the allocator, the parameter counts, the
+        ratios' spread, and what a search measured."""
+        ratios = [la.ratio for la in self.layers]
+        return {"allocator": self.allocator, "params": self.params(), "dense_params": self.dense_params(),
+                "reduction_pct": 100.0 * (1 - self.params() / self.dense_params()),
+                "ratio_min": min(ratios), "ratio_median": statistics.median(ratios), "ratio_max": max(ratios),
+                "metric": self.metric, "a_ref": self.a_ref, "a_0": self.a_0, "target": self.target,
+                "joint_accuracy": self.joint_accuracy, "evaluations": self.evaluations,
+                "replayed_share": self.replayed_share, "floor_share": self.floor_share()}
+
     def floor_share(self) -> float:
         if not self.grid:
             return 0.0
@@ -198,6 +213,29 @@ def spectrum(layers: Sequence[Layer], r: int, ks: Mapping[str, int], sides: str 
     """Ratio = k / min(d_out, d_in), with k the singular values holding the energy share (see masks)."""
     return Allocation("spectrum", [layer_allocation(la, min(1.0, ks[la.name] / min(la.d_out, la.d_in)), sides)
                                    for la in layers], r, sides=sides)
+
+
+def without_probe(sparsity: float | str, cfg: AllocationConfig, layers: Sequence[Layer], r: int, sides: str,
+                  budget: float | None, weights: Callable[[], Mapping[str, Tensor]],
+                  device: torch.device) -> Allocation | None:
+    """The allocation of the allocators that read no probe: uniform (`adapter.sparsity=<s>` keeps 1 − s
+    everywhere, or `allocator=uniform` at `ratio`) and spectrum (each layer's W0 from `weights`); None
+    for the allocators that search the probe (`NEEDS_PROBE`), once `proportional` has its budget."""
+    if sparsity != "auto":
+        return uniform(layers, r, 1.0 - float(sparsity), sides)
+    if cfg.allocator == "uniform":
+        if cfg.ratio is None:
+            raise PlrError("adapter.allocation.allocator=uniform needs adapter.allocation.ratio=<keep ratio> "
+                           "(or use adapter.sparsity=<s>)")
+        return uniform(layers, r, cfg.ratio, sides)
+    if cfg.allocator == "spectrum":
+        w = weights()
+        ks = {la.name: subspace_k(torch.linalg.svdvals(w[la.name].to(device).double()), cfg.energy) for la in layers}
+        return spectrum(layers, r, ks, sides)
+    if cfg.allocator == "proportional" and budget is None:
+        raise PlrError("adapter.allocation.allocator=proportional splits a budget: set adapter.allocation.budget="
+                       "<parameters, or a share of dense LoRA <= 1> or adapter.match.run/budget/rank")
+    return None
 
 
 def _params_at(layers: Sequence[LayerAllocation], r: int, scale: float, sides: str = "both") -> int:
@@ -236,8 +274,3 @@ def rescale_to_budget(alloc: Allocation, budget: float) -> Allocation:
 
 ALLOCATORS = ("threshold", "truncation", "proportional", "spectrum", "uniform")
 NEEDS_PROBE = ("threshold", "truncation", "proportional")  # allocators that read the trained probe
-
-
-def lr_scale_auto(alloc_density: float, cap: float = 8.0) -> float:
-    """`retrain.adapter_lr_scale=auto` [ours]: 1/sqrt(kept density), capped."""
-    return float(min(cap, 1.0 / math.sqrt(max(alloc_density, 1e-12))))

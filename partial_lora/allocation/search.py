@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
-from partial_lora.adapter.lora import lora_parameters
+from partial_lora.adapter.masks import lora_parameters
 from partial_lora.allocation.allocators import Allocation, AllocationConfig, Layer, layer_allocation, rescale_to_budget
 
 log = logging.getLogger("plr")

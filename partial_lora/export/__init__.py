@@ -50,7 +50,7 @@ from partial_lora.export.merged import save_merged
 from partial_lora.export.publish import write_folder, check_out_dir
 from partial_lora.export.run import check_run, load_config, load_spec, rebuild
 from partial_lora.adapter.inject import count_adapter_parameters
-from partial_lora.adapter.lora import lora_parameters
+from partial_lora.adapter.masks import lora_parameters
 
 __all__ = [
     "ADAPTER", "CARD", "CONFIG", "DELTA_ATOL", "HYDRA_CONFIG", "HYDRA_OVERRIDES", "LAYERS", "MASKS", "MERGED",

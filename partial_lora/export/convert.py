@@ -60,10 +60,10 @@ class Target:
         b_full = torch.zeros(self.out_features, self.rank)
         a_full = torch.zeros(self.rank, self.in_features)
         for i, br in enumerate(self.branches.values()):
-            b, a = (t.detach().float().cpu() for t in br.factors())
+            b, a = br.kept.pad(*(t.detach().float().cpu() for t in br.factors()))
             ranks = slice(i * br.r, (i + 1) * br.r)
-            b_full[br.out_index.cpu(), ranks] = b
-            a_full[ranks, br.cols.cpu()] = a
+            b_full[br.offset:br.offset + br.d_out, ranks] = b
+            a_full[ranks] = a
         return b_full, a_full
 
     def delta(self) -> Tensor:

@@ -17,18 +17,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
 from partial_lora import artifacts as A
-from partial_lora.training.failed_reading import constant_level
-from partial_lora.training.metrics import compute_metrics
-from partial_lora.training.predict import predict
-from partial_lora.training.runtime import autocast_dtype, set_seed
 from partial_lora.spec import RunSpec
-from partial_lora.working_set.trained import load_trained
-from partial_lora.working_set.loaders import loader
-from partial_lora.working_set.build import setup_run
 from partial_lora.tracking import Tracker
+from partial_lora.training.failed_reading import constant_level
+from partial_lora.training.predict import Predictions
+from partial_lora.training.runtime import autocast_dtype, set_seed
+from partial_lora.working_set.build import Part, setup_run
+from partial_lora.working_set.loaders import loader
+from partial_lora.working_set.trained import load_trained
 
 NAME = A.EVALUATE
 
@@ -37,34 +36,28 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
     set_seed(spec.seed)
     s = setup_run(spec, run_dir)
     load_trained(s, A.stage_dir(run_dir, A.RETRAIN))
-    tc = spec.train
     s.built.model.to(s.device)
-    dtype = autocast_dtype(tc, s.device)
+    table = Predictions(s.device, autocast_dtype(spec.train, s.device))
     if s.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(s.device)
-    out: dict[str, Any] = {}
-    table = Predictions()
-    seen: dict[str, tuple[int, np.ndarray]] = {}  # split -> (outputs per example, labels), a single task's
 
-    def score(view: Any, split: Any, metrics: list[str], split_name: str, task: str = "") -> dict[str, float]:
-        logits, labels, loss = predict(view, loader(s, split, tc, train=False), s.device, dtype)
-        table.add(split_name, task, logits, labels)
-        seen[split_name] = (logits.shape[-1], labels)
-        return {**compute_metrics(logits, labels, metrics), "loss": loss}
+    def score(p: Part, split: Any, name: str) -> dict[str, float]:
+        return table.score(p.view, loader(s, split, spec.train, train=False), p.metrics, name, p.name)
 
     # Each part (a multi-task run's member) through its own head, then merged: a single task's
     # `<split>_<metric>`, a multi-task run's `<split>_<task>_<metric>` and the mean over members.
+    out: dict[str, Any] = {}
     parts = s.parts()
-    for split_name in ("val", "test"):
-        per_part = [score(p.view, getattr(p.data, split_name), p.metrics, split_name, p.name) for p in parts]
-        out.update({f"{split_name}_{k}": v for k, v in s.merge(per_part).items()})
+    for split in ("val", "test"):
+        out.update({f"{split}_{k}": v for k, v in s.merge([score(p, getattr(p.data, split), split)
+                                                           for p in parts]).items()})
     for p in parts:  # further evaluation sets (MNLI mismatched): test_[<task>_]<set>_<metric>
         for name, d in p.data.extra.items():
-            for k, v in score(p.view, d, p.metrics, f"test_{name}", p.name).items():
-                out[f"test_{p.name + '_' if p.name else ''}{name}_{k}"] = v
+            out.update({f"test_{p.name + '_' if p.name else ''}{name}_{k}": v
+                        for k, v in score(p, d, f"test_{name}").items()})
     out.update(s.test_counts())
     if s.multi is None:  # not prefixed val_: results.json's metrics stay the task's own
-        outputs, labels = seen["val"]
+        outputs, labels = table.seen["val"]
         out.update(constant_level=constant_level(outputs, labels, spec.main_metric), constant_n=len(labels))
     A.write_predictions(A.stage_dir(run_dir, NAME) / A.PREDICTIONS, table.columns())
     out.update(adapter_params=s.adapter_params(), dense_lora_params=s.dense_lora_params,
@@ -72,27 +65,3 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
     if tracker is not None:
         tracker.log({f"{NAME}/{k}": v for k, v in out.items()})
     return out
-
-
-class Predictions:
-    """Per-example rows of every evaluated split, gathered for `predictions.parquet`."""
-
-    def __init__(self) -> None:
-        self.parts: list[dict[str, np.ndarray]] = []
-
-    def add(self, split: str, task: str, logits: np.ndarray, labels: np.ndarray) -> None:
-        n = len(labels)
-        if logits.shape[-1] == 1:  # a regression head: the output is the prediction
-            pred = score = logits.reshape(n).astype(np.float64)
-        else:
-            finite = np.where(np.isfinite(logits), logits, -np.inf)  # padded-out choices are -inf
-            probs = np.exp(finite - finite.max(-1, keepdims=True))
-            probs /= probs.sum(-1, keepdims=True)
-            pred = logits.argmax(-1)
-            score = probs[np.arange(n), pred]
-        self.parts.append({"split": np.full(n, split), "task": np.full(n, task), "index": np.arange(n),
-                           "label": labels, "prediction": pred, "score": score})
-
-    def columns(self) -> dict[str, np.ndarray]:
-        keys = ("split", "task", "index", "label", "prediction", "score")
-        return {k: np.concatenate([p[k] for p in self.parts]) for k in keys}

@@ -15,30 +15,16 @@ from typing import Any
 from partial_lora import artifacts as A
 from partial_lora.training import checkpoint as CK
 from partial_lora.training.curve import JsonlLog
-from partial_lora.data.split import few_shot
 from partial_lora.adapter.inject import adapter_state_dict
-from partial_lora.models.multitask import offsets
 from partial_lora.training.runtime import set_seed
-from partial_lora.spec import ProbeConfig, RunSpec
-from partial_lora.working_set.build import Setup, setup
-from partial_lora.working_set.loaders import few_shot_sets, loader, validator
+from partial_lora.spec import RunSpec
+from partial_lora.working_set.build import setup
+from partial_lora.working_set.loaders import few_shot_sets, fewshot_indices, loader, validator
 from partial_lora.working_set.trained import save_trained
 from partial_lora.tracking import Tracker
 from partial_lora.training.loop import Hooks, fit
 
 NAME = A.PROBE
-
-
-def fewshot_indices(s: Setup, pc: ProbeConfig, seed: int) -> tuple[list[int], list[int]]:
-    """Few-shot train and validation indices into the training split: each part's few-shot sets,
-    drawn per part, then shifted to where the part starts (a multi-task run's union)."""
-    train, val = [], []
-    parts = [p.data for p in s.parts()]
-    for part, start in zip(parts, offsets([p.train for p in parts]), strict=True):
-        t, v = few_shot(part.train, pc.shots, pc.val_shots, seed, part.label_names, pc.short_classes)
-        train += [start + i for i in t]
-        val += [start + i for i in v]
-    return train, val
 
 
 def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
@@ -54,8 +40,8 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
     tc = replace(spec.train, metric=main, epochs=pc.epochs, batch_size=pc.batch_size, max_steps=None,
                  **({"lr": pc.lr} if pc.lr else {}), **({"head_lr": pc.head_lr} if pc.head_lr else {}))
     few_train = s.data.train.select(train_idx)
-    result = fit(s.built.model, loader(s, few_train, tc, train=True, seed=spec.seed), None, tc,
-                 device=s.device, metrics=s.metrics, hooks=Hooks(validate=validator(s, tc, few_shot_sets(s, val_idx))),
+    result = fit(s.built.model, loader(s, few_train, tc, train=True, seed=spec.seed), tc,
+                 device=s.device, hooks=Hooks(validate=validator(s, tc, few_shot_sets(s, val_idx))),
                  log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, checkpoint=out / CK.FILE)
     save_trained(s, out, spec)
     return {"a_ref": result.best_metric, "metric": main, "best_epoch": result.best_epoch, "steps": result.steps,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,6 @@ from partial_lora.training.curve import JsonlLog
 from partial_lora.errors import Interrupted, PlrError
 from partial_lora.adapter.inject import iter_branches
 from partial_lora.training.optimizer import start_training
-from partial_lora.training.predict import evaluate
 from partial_lora.training.recipe import TrainConfig
 from partial_lora.training.runtime import to_device, autocast_dtype, use_deterministic_algorithms
 
@@ -64,8 +63,9 @@ class FitResult:
 class Hooks:
     """What a caller adds to `fit`, each optional.
 
-    validate: metrics by name (`cfg.metric` among them), replacing the evaluation on the
-        validation loader (a multi-task run validates each task on its own set).
+    validate: the validation's metrics by name (`cfg.metric` among them), after every
+        `cfg.eval_every_epochs` epochs (`working_set.loaders.validator`; a multi-task run
+        validates each task on its own set). None: nothing is selected, the last state is kept.
     after_step: called with the step index after each optimizer step, before the gradients are
         cleared (AdaLoRA's budget update reads them).
     extra_loss: added to the task loss (AdaLoRA's regulariser).
@@ -227,11 +227,11 @@ def _end_epoch(lp: _Loop, epoch: int) -> None:
     lp.t.save()
 
 
-def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | None, cfg: TrainConfig, *,
-        device: torch.device, log: JsonlLog | None = None, metrics: Iterable[str] = ("accuracy",),
-        desc: str = "train", layer_lr_scales: Mapping[str, float] | None = None, hooks: Hooks = Hooks(),
-        checkpoint: Path | None = None) -> FitResult:
-    """Train adapter + head; keep the state with the best validation `cfg.metric`.
+def fit(model: Classifier, train_loader: DataLoader, cfg: TrainConfig, *, device: torch.device,
+        log: JsonlLog | None = None, desc: str = "train", layer_lr_scales: Mapping[str, float] | None = None,
+        hooks: Hooks = Hooks(), checkpoint: Path | None = None) -> FitResult:
+    """Train adapter + head; keep the state with the best validation `cfg.metric` (`hooks.validate`;
+    without it, the last state).
 
     The model must already be frozen except for its adapter and head (see
     `inject.freeze_for_adapter`): every other trainable parameter (plr's LoRA branches, or a PEFT
@@ -245,7 +245,6 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
     A step with a non-finite loss or gradient is skipped; more than `cfg.max_bad_steps` of
     them stop the run with a `PlrError`, leaving the last good checkpoint in place.
     """
-    metrics = tuple(dict.fromkeys([cfg.metric, *metrics]))
     dtype = autocast_dtype(cfg, device)
     t, total, n_epochs = start_training(model, train_loader, cfg, device, layer_lr_scales, checkpoint)
     state, resume_epoch = t.progress, t.progress.epoch if t.resumed else None
@@ -257,8 +256,7 @@ def fit(model: Classifier, train_loader: DataLoader, val_loader: DataLoader | No
         use_deterministic_algorithms()
     # Data parallel under a launch: DDP's bucketed all-reduce, overlapped with the backward pass.
     wrapped = D.wrap(model, device, find_unused=_may_leave_unused(model))
-    validate = hooks.validate or ((lambda: evaluate(model, val_loader, device, dtype, metrics))
-                                  if val_loader is not None else None)
+    validate = hooks.validate
     lp = _Loop(model, wrapped, torch.compile(wrapped) if cfg.compile else wrapped, train_loader, cfg, t, total, device, dtype,
                hooks, log, _progress_bar(total, state.step, desc, cfg.progress), desc, checkpoint)
     t0 = time.perf_counter()

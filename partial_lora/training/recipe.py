@@ -1,12 +1,13 @@
 """The training recipe: `TrainConfig` (the `trainer` config group, range-checked) and the
-learning-rate schedule it names. `loop.fit` runs it."""
+learning-rate schedule it names, which `loop.fit` runs; and the retrain's (`RetrainConfig`, the
+`retrain` group): how a sparse adapter's learning rate is set (`retrain_recipe`)."""
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 from partial_lora import distributed as D
 from partial_lora.errors import PlrError
@@ -127,3 +128,67 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str,
         return max(0.0, decay((step - warmup) / max(1, total_steps - warmup)))
 
     return f
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """`retrain`: how the sparse adapter restarts and learns.
+
+    Attributes:
+        init: `rewind` (the probe's initial values restricted to R × C) or `fresh`.
+        adapter_lr_scale: a number, or `auto` = 1/sqrt(kept density) capped at `lr_scale_cap` [ours].
+        lr_scale_cap: the cap of `auto`.
+        lr_scale_per_layer: with `auto`, use each layer's own kept density instead of the
+            adapter's overall density (a dense layer then keeps the base learning rate).
+        lr: the adapter's learning rate in the retrain [ours], replacing `trainer.lr` times
+            `adapter_lr_scale` (and `lr_scale_per_layer`); the head keeps `trainer.head_lr` (or
+            `trainer.lr`), the probe the trainer's. None: today's rate. What `plr study --tune
+            retrain.lr=...` chooses per arm on validation.
+    """
+
+    init: str = "rewind"
+    adapter_lr_scale: float | str = "auto"
+    lr_scale_cap: float = 8.0
+    lr_scale_per_layer: bool = False
+    lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and self.lr <= 0:
+            raise PlrError(f"retrain.lr must be a positive learning rate (or null: trainer.lr x "
+                           f"retrain.adapter_lr_scale), got {self.lr}")
+        if self.init not in ("rewind", "fresh"):
+            raise PlrError(f"retrain.init must be rewind or fresh, got '{self.init}'")
+        s = self.adapter_lr_scale
+        if s != "auto" and (isinstance(s, str) or s <= 0):
+            raise PlrError(f"retrain.adapter_lr_scale must be a positive number or auto, got '{s}'")
+        if self.lr_scale_cap <= 0:
+            raise PlrError(f"retrain.lr_scale_cap must be positive (the largest scale adapter_lr_scale=auto gives), got "
+                           f"{self.lr_scale_cap}; e.g. retrain.lr_scale_cap=8")
+
+
+def lr_scale_auto(alloc_density: float, cap: float = 8.0) -> float:
+    """`retrain.adapter_lr_scale=auto` [ours]: 1/sqrt(kept density), capped."""
+    return float(min(cap, 1.0 / math.sqrt(max(alloc_density, 1e-12))))
+
+
+def retrain_recipe(train: TrainConfig, rc: RetrainConfig, metric: str, n_adapter: int, density: float,
+                   layer_densities: Mapping[str, float]) -> tuple[TrainConfig, dict[str, float] | None]:
+    """The retrain's recipe and per-layer learning-rate factors (None: one rate for the adapter).
+
+    `retrain.lr` set: the adapter learns at exactly that rate (scale 1, no per-layer factors) and the
+    head at `trainer.head_lr` (`trainer.lr` when that is null), so arms tuned to different adapter
+    rates share the head's. Else the adapter's rate is `trainer.lr` times `retrain.adapter_lr_scale`
+    (`auto`: 1/sqrt(kept `density`), capped; per layer, from `layer_densities`, with `lr_scale_per_layer`).
+    """
+    train = replace(train, metric=metric)
+    if rc.lr is not None:
+        head = train.lr if train.head_lr is None else train.head_lr
+        return replace(train, lr=rc.lr, head_lr=head, adapter_lr_scale=1.0), None
+    if n_adapter == 0:  # adapter=head: no adapter to scale
+        return replace(train, adapter_lr_scale=1.0), None
+    if rc.adapter_lr_scale != "auto":
+        return replace(train, adapter_lr_scale=float(rc.adapter_lr_scale)), None
+    if rc.lr_scale_per_layer:
+        return replace(train, adapter_lr_scale=1.0), {
+            lid: lr_scale_auto(d, rc.lr_scale_cap) for lid, d in layer_densities.items()}
+    return replace(train, adapter_lr_scale=lr_scale_auto(density, rc.lr_scale_cap)), None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import replace
 from typing import Any
 
@@ -14,7 +15,9 @@ from partial_lora.data.verbalizer import as_choices
 from partial_lora.models import multitask as MT
 from partial_lora.spec import RunSpec
 
-_ONCE: dict[str, Any] | None = None  # loaded data by task, inside `data_loaded_once` (run_pipeline)
+# The data loaded by task inside `data_loaded_once` (the pipeline's block); None outside it. A context
+# variable, not a module global: each context (a thread, a test) sees its own.
+_LOADED: ContextVar[dict[str, Any] | None] = ContextVar("plr_loaded_data", default=None)
 
 
 @contextmanager
@@ -22,21 +25,20 @@ def data_loaded_once() -> Iterator[None]:
     """Inside the block every stage gets the task's data from one load (the pipeline loads it first, to
     check its identity against the run dir). Nothing modifies loaded data, so the stages read the same
     rows as from their own loads; outside the block every call loads anew."""
-    global _ONCE
-    outer = _ONCE
-    _ONCE = {} if outer is None else outer
+    token = _LOADED.set(_LOADED.get() if _LOADED.get() is not None else {})
     try:
         yield
     finally:
-        _ONCE = outer
+        _LOADED.reset(token)
 
 
 def _once(key: str, load: Callable[[], Any]) -> Any:
-    if _ONCE is None:
+    loaded = _LOADED.get()
+    if loaded is None:
         return load()
-    if key not in _ONCE:
-        _ONCE[key] = load()
-    return _ONCE[key]
+    if key not in loaded:
+        loaded[key] = load()
+    return loaded[key]
 
 
 def load_data(run: RunSpec) -> TaskData:

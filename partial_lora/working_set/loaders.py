@@ -11,7 +11,9 @@ from torch.utils.data import DataLoader
 from partial_lora import distributed as D
 from partial_lora.data import make_collate
 from partial_lora.data.collate import pretokenize
+from partial_lora.data.split import few_shot
 from partial_lora.models import multitask as MT
+from partial_lora.spec import ProbeConfig
 from partial_lora.training.loop import ResumableSampler
 from partial_lora.training.predict import evaluate
 from partial_lora.training.recipe import TrainConfig
@@ -58,6 +60,18 @@ def member_rows(s: Setup, union_idx: list[int]) -> list[list[int]]:
     starts = MT.offsets([p.data.train for p in s.parts()])
     ends = starts[1:] + [len(s.data.train)]
     return [[j - a for j in union_idx if a <= j < b] for a, b in zip(starts, ends, strict=True)]
+
+
+def fewshot_indices(s: Setup, pc: ProbeConfig, seed: int) -> tuple[list[int], list[int]]:
+    """Few-shot train and validation indices into the training split: each part's few-shot sets,
+    drawn per part, then shifted to where the part starts (a multi-task run's union)."""
+    train, val = [], []
+    parts = [p.data for p in s.parts()]
+    for part, start in zip(parts, MT.offsets([p.train for p in parts]), strict=True):
+        t, v = few_shot(part.train, pc.shots, pc.val_shots, seed, part.label_names, pc.short_classes)
+        train += [start + i for i in t]
+        val += [start + i for i in v]
+    return train, val
 
 
 def few_shot_sets(s: Setup, val_idx: list[int]) -> list[datasets.Dataset]:
