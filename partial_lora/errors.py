@@ -1,13 +1,14 @@
 """The one exception type users see.
 
-A `PlrError` carries a one-line message that names the problem and the fix. The CLI prints
-it without a traceback (unless HYDRA_FULL_ERROR=1) and exits non-zero; the core raises it
-for every bad input a user can type.
+A `PlrError` carries a one-line message that names the problem and the fix. Every command prints
+it without a traceback and exits non-zero (`one_line_errors`, unless HYDRA_FULL_ERROR=1: `full_error`);
+the core raises it for every bad input a user can type.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,3 +62,20 @@ def fail(message: str, code: int = 2) -> None:
     """Print one error line and exit non-zero (a traceback only with HYDRA_FULL_ERROR=1)."""
     print(f"plr: error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def full_error() -> bool:
+    """Whether the user asked for tracebacks instead of one-line errors (`HYDRA_FULL_ERROR=1`, Hydra's switch)."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Every command's error handler: a `PlrError` inside becomes `plr: error: <message>` and exit 2 (with
+    HYDRA_FULL_ERROR=1 it propagates, with its traceback)."""
+    try:
+        yield
+    except PlrError as e:
+        if full_error():
+            raise
+        fail(str(e))
