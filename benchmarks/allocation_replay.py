@@ -22,8 +22,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from partial_lora import artifacts as A
-from partial_lora import config as C
+from partial_lora import artifacts
+from partial_lora import config
 from partial_lora.stages import allocate
 
 
@@ -33,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args(argv)
     src = args.run_dir
-    if not A.is_done(src, "probe") or not (src / A.HYDRA_CONFIG).is_file():
+    if not artifacts.is_done(src, "probe") or not (src / artifacts.HYDRA_CONFIG).is_file():
         print(f"{src} has no finished probe stage and .hydra/config.yaml; run `make demo` first", file=sys.stderr)
         return 2
-    base = OmegaConf.load(src / A.HYDRA_CONFIG)
+    base = OmegaConf.load(src / artifacts.HYDRA_CONFIG)
     times: dict[str, list[float]] = {"full": [], "replay": []}
     found: dict[str, dict] = {}
     shared = 0.0
@@ -44,13 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.rounds):
             for name in (("full", "replay") if i % 2 == 0 else ("replay", "full")):
                 run_dir = Path(tmp) / f"{name}{i}"
-                shutil.copytree(A.stage_dir(src, "probe"), A.stage_dir(run_dir, "probe"))
+                shutil.copytree(artifacts.stage_dir(src, "probe"), artifacts.stage_dir(run_dir, "probe"))
                 cfg = base.copy()
                 if name == "full":
                     cfg.adapter.allocation.replay_mb = 0
-                out = allocate.run(C.validate(cfg), run_dir)
+                out = allocate.run(config.validate(cfg), run_dir)
                 times[name].append(out["search_wall_s"])
-                alloc = json.loads((A.stage_dir(run_dir, "allocate") / A.ALLOCATION).read_text())
+                alloc = json.loads((artifacts.stage_dir(run_dir, "allocate") / artifacts.ALLOCATION).read_text())
                 found[name] = {la["name"]: (la["ratio"], la["tried"]) for la in alloc["layers"]}
                 if name == "replay":
                     shared = out["replayed_share"] or 0.0

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from partial_lora import distributed as D
+from partial_lora import distributed
 from partial_lora.errors import PlrError, first_line
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     Under a multi-process launch only rank 0 writes: the other ranks get a scratch path that
     is thrown away.
     """
-    if not D.is_main():
+    if not distributed.is_main():
         with tempfile.TemporaryDirectory() as scratch:
             yield Path(scratch) / path.name
         return

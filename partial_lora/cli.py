@@ -34,9 +34,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from partial_lora import artifacts as A
-from partial_lora import distributed as D
-from partial_lora import rundir as RD
+from partial_lora import artifacts
+from partial_lora import distributed
+from partial_lora import rundir
 from partial_lora.commands import (Parser, export_command, export_parser, fetch_command, fetch_parser, report_command,
                                    report_parser, study_command, study_parser)
 from partial_lora.errors import Interrupted, PlrError, first_line, full_error, one_line_errors
@@ -58,13 +58,13 @@ class Train:
     """
 
     rerun_from: str | None = None
-    claim: RD.Claim | None = None
+    claim: rundir.Claim | None = None
     members: list[DictConfig] | None = None
     failures: list[str] = field(default_factory=list)
 
-    def claim_of(self, run_dir: Path, sweeping: bool) -> RD.Claim | None:
+    def claim_of(self, run_dir: Path, sweeping: bool) -> rundir.Claim | None:
         """The command's claim, if it is on this run dir (a single run, on the main process)."""
-        if sweeping or self.claim is None or not D.is_main():
+        if sweeping or self.claim is None or not distributed.is_main():
             return None
         return self.claim if self.claim.run_dir.resolve() == run_dir.resolve() else None
 
@@ -79,7 +79,7 @@ class Train:
         claim = self.claim_of(run_dir, sweeping)
         with one_line_errors():  # also inside Hydra's app (sweeps), whose own report is many lines
             try:
-                with RD.locked(run_dir) if D.is_main() else contextlib.nullcontext():
+                with rundir.locked(run_dir) if distributed.is_main() else contextlib.nullcontext():
                     return self._locked(cfg, run_dir, claim, sweeping)
             except PlrError as e:  # the run dir is in use (or the run failed, settled already): touch nothing
                 if claim is not None and not claim.settled:
@@ -90,18 +90,18 @@ class Train:
                 print(f"plr: error: {e} (the sweep goes on)", file=sys.stderr)
                 return None
 
-    def _locked(self, cfg: DictConfig, run_dir: Path, claim: RD.Claim | None, sweeping: bool) -> float | None:
+    def _locked(self, cfg: DictConfig, run_dir: Path, claim: rundir.Claim | None, sweeping: bool) -> float | None:
         from partial_lora.pipeline.results import format_results
         from partial_lora.pipeline.runner import run_pipeline
         from partial_lora.tracking import make_tracker
 
-        (run_dir / A.ERROR).unlink(missing_ok=True)
+        (run_dir / artifacts.ERROR).unlink(missing_ok=True)
 
         def checked(spec: Any) -> Any:  # the run dir is checked: record the run, open its tracker
-            if D.is_main():
+            if distributed.is_main():
                 _write_hydra(run_dir, cfg)
-            A.write_run_info(run_dir)
-            return None if not D.is_main() else make_tracker(  # under torchrun rank 0 alone logs
+            artifacts.write_run_info(run_dir)
+            return None if not distributed.is_main() else make_tracker(  # under torchrun rank 0 alone logs
                 str(cfg.logger.kind), run_dir=run_dir, name=f"{spec.name}-s{spec.seed}", config=dict(spec.settings),
                 **{k: v for k, v in OmegaConf.to_container(cfg.logger, resolve=True).items() if k != "kind"})
 
@@ -126,9 +126,9 @@ class Train:
             # One failed job must not end a sweep of many: record why in the run dir (the report
             # lists it), say so, and go on to the next job. The sweep exits non-zero at the end.
             message = str(e) if isinstance(e, PlrError) else f"{type(e).__name__}: {e}"
-            A.write_text(run_dir / A.ERROR,
+            artifacts.write_text(run_dir / artifacts.ERROR,
                          message + "\n" + ("" if isinstance(e, PlrError) else traceback.format_exc()))
-            if D.is_main() and not (run_dir / A.HYDRA_CONFIG).exists():
+            if distributed.is_main() and not (run_dir / artifacts.HYDRA_CONFIG).exists():
                 _write_hydra(run_dir, cfg)  # so `plr report` lists the failed job with its settings
             self.failures.append(str(run_dir))
             print(f"plr: error: {first_line(message) or type(e).__name__} (run dir {run_dir}; "
@@ -138,10 +138,10 @@ class Train:
         return results["metrics"].get(f"test_{results['main_metric']}")
 
 
-def _settle(run_dir: Path, claim: RD.Claim | None) -> bool:
+def _settle(run_dir: Path, claim: rundir.Claim | None) -> bool:
     """After a failure: keep the run dir when a stage finished or checkpointed (it can be resumed),
     else remove what this command created (`rundir.Claim`). Returns whether it is resumable."""
-    resumable = any(RD.resumable(run_dir, s) for s in A.STAGES)
+    resumable = any(rundir.resumable(run_dir, s) for s in artifacts.STAGES)
     if claim is not None and resumable:
         claim.keep()
     elif claim is not None:
@@ -157,9 +157,9 @@ def _hydra_app(command: Train) -> Any:
 def _write_hydra(run_dir: Path, cfg: DictConfig) -> None:
     """`.hydra/` as Hydra writes it (config.yaml, hydra.yaml, overrides.yaml), once the run dir is checked."""
     hc = HydraConfig.get()
-    A.write_text(run_dir / A.HYDRA_CONFIG, OmegaConf.to_yaml(cfg))
-    A.write_text(run_dir / RD.HYDRA_YAML, OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})))
-    A.write_text(run_dir / A.HYDRA_OVERRIDES, OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))))
+    artifacts.write_text(run_dir / artifacts.HYDRA_CONFIG, OmegaConf.to_yaml(cfg))
+    artifacts.write_text(run_dir / rundir.HYDRA_YAML, OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})))
+    artifacts.write_text(run_dir / artifacts.HYDRA_OVERRIDES, OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))))
 
 
 def resume_parser() -> argparse.ArgumentParser:
@@ -167,8 +167,8 @@ def resume_parser() -> argparse.ArgumentParser:
                     "stages are skipped, an interrupted probe or retrain resumes from its last checkpoint (the same "
                     "as `plr train <its overrides> run_dir=RUN_DIR`).")
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--rerun-from", choices=A.STAGES, metavar="STAGE",
-                        help=f"redo this stage and every later one ({', '.join(A.STAGES)})")
+    parser.add_argument("--rerun-from", choices=artifacts.STAGES, metavar="STAGE",
+                        help=f"redo this stage and every later one ({', '.join(artifacts.STAGES)})")
     return parser
 
 
@@ -176,7 +176,7 @@ def resume(argv: list[str]) -> int:
     """`plr resume RUN_DIR`: rerun `plr train` with the run's own overrides into its run dir."""
     args = resume_parser().parse_args(argv)
     run_dir = args.run_dir
-    overrides_file = run_dir / A.HYDRA_OVERRIDES
+    overrides_file = run_dir / artifacts.HYDRA_OVERRIDES
     if not overrides_file.is_file():
         raise PlrError(f"{run_dir} is not a plr run dir (no {overrides_file.relative_to(run_dir)}); pass the run dir "
                        "of a `plr train` run")
@@ -261,8 +261,8 @@ def _take_rerun_from(args: list[str]) -> tuple[list[str], str | None]:
         if a == "--rerun-from" or a.startswith("--rerun-from="):
             value = a.partition("=")[2] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
             i += 1 if "=" in a else 2
-            if value not in A.STAGES:
-                raise PlrError(f"--rerun-from takes a stage, one of {', '.join(A.STAGES)}; got '{value}'")
+            if value not in artifacts.STAGES:
+                raise PlrError(f"--rerun-from takes a stage, one of {', '.join(artifacts.STAGES)}; got '{value}'")
             stage = value
             continue
         out.append(a)
@@ -271,8 +271,8 @@ def _take_rerun_from(args: list[str]) -> tuple[list[str], str | None]:
 
 
 def _check_launch(overrides: list[str]) -> None:
-    if D.launched() and value_of(overrides, "run_dir") is None:
-        raise PlrError(f"under a multi-process launch (WORLD_SIZE={D.world_size()}) every process must write to the "
+    if distributed.launched() and value_of(overrides, "run_dir") is None:
+        raise PlrError(f"under a multi-process launch (WORLD_SIZE={distributed.world_size()}) every process must write to the "
                        "same run dir; add run_dir=<dir> to the command")
 
 
@@ -296,7 +296,7 @@ def train(rest: list[str]) -> int:
         raise
     if command.failures:
         failed = command.failures
-        print(f"plr: error: {len(failed)} run(s) of the sweep failed (each has {A.ERROR}): "
+        print(f"plr: error: {len(failed)} run(s) of the sweep failed (each has {artifacts.ERROR}): "
               f"{', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}", file=sys.stderr)
         return 1
     return 0
@@ -312,21 +312,21 @@ def _run_once(command: Train, overrides: list[str]) -> None:
     from hydra.core.utils import run_job
     from hydra.types import HydraContext
 
-    from partial_lora import config as C
+    from partial_lora import config
 
     with initialize_config_module("partial_lora.conf", version_base="1.3", job_name="train"):
         app = GlobalHydra.instance().hydra
         assert app is not None
         cfg = compose_run(app, overrides)
-        command.members = C.member_tasks(cfg) if C.is_multi(cfg) else None
+        command.members = config.member_tasks(cfg) if config.is_multi(cfg) else None
         _check_launch(overrides)
         pinned: list[str] = []
-        if D.is_main():  # rank 0 alone: under torchrun the others would find the run dir rank 0 is making
+        if distributed.is_main():  # rank 0 alone: under torchrun the others would find the run dir rank 0 is making
             run_dir, line = _pin_run_dir(overrides, cfg)
             if line is not None:
                 apply_override(cfg, line)
                 pinned.append(line)
-            command.claim = RD.Claim(run_dir) if run_dir is not None else None
+            command.claim = rundir.Claim(run_dir) if run_dir is not None else None
         check_writable([*overrides, *pinned])
         if cfg.hydra.mode is None:
             cfg.hydra.mode = RunMode.RUN
@@ -345,10 +345,10 @@ def _run_hydra_app(command: Train, rest: list[str]) -> None:
     if not any(a in HELP_FLAGS for a in rest):
         cfg = check_keys(rest)
         _check_launch(rest)
-        if not any(a in ("-m", "--multirun") for a in rest) and D.is_main():
+        if not any(a in ("-m", "--multirun") for a in rest) and distributed.is_main():
             run_dir, line = _pin_run_dir(rest, cfg)
             rest = rest + ([line] if line is not None else [])
-            command.claim = RD.Claim(run_dir) if run_dir is not None else None
+            command.claim = rundir.Claim(run_dir) if run_dir is not None else None
         check_writable(rest)
     sys.argv = ["plr train", *rest]
     _hydra_app(command)()
@@ -362,7 +362,7 @@ def train_parser() -> argparse.ArgumentParser:
                     "adapter=lora seed=1`.")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides (group=option, key=value)")
     parser.add_argument("-m", "--multirun", action="store_true", help="a sweep: one run per value of key=a,b")
-    parser.add_argument("--rerun-from", choices=A.STAGES, metavar="STAGE", help="redo STAGE and every later stage "
+    parser.add_argument("--rerun-from", choices=artifacts.STAGES, metavar="STAGE", help="redo STAGE and every later stage "
                         "of run_dir=DIR with these settings (a run dir made with other settings is otherwise refused)")
     parser.add_argument(ALLOW_HYDRA_CODE, action="store_true", help="let hydra.* overrides that import and run "
                         "code through (callbacks, other launchers, sweepers, logging configs, --config-dir)")

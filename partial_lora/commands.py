@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from partial_lora import rundir as RD
+from partial_lora import rundir
 from partial_lora.errors import PlrError, fail
 
 
@@ -34,12 +34,12 @@ def report_parser() -> argparse.ArgumentParser:
 
 
 def report_command(argv: list[str]) -> int:
-    from partial_lora import report as R
+    from partial_lora import report
 
     args = report_parser().parse_args(argv)
-    rep = R.build(args.paths, metric=args.metric)
-    written = R.write(rep, args.out)
-    print(R.markdown(rep), end="")
+    rep = report.build(args.paths, metric=args.metric)
+    written = report.write(rep, args.out)
+    print(report.markdown(rep), end="")
     print(f"[plr] report: wrote {args.out / written[0].name}, {', '.join(p.name for p in written[1:])}")
     return 0
 
@@ -81,18 +81,18 @@ def fetch_parser() -> argparse.ArgumentParser:
 
 
 def fetch_command(argv: list[str]) -> int:
-    from partial_lora.fetch import cache as F
+    from partial_lora.fetch import cache
 
     args = fetch_parser().parse_args(argv)
     if args.list or not args.names:
-        print(F.describe())
+        print(cache.describe())
         if not args.names:
             print("run `plr fetch NAME` (or `plr fetch all`) to fetch one")
         return 0
-    names = list(F.sources()) if args.names == ["all"] else args.names
-    sources = list(dict.fromkeys(F.resolve(n).name for n in names))  # two tasks of one source: once
+    names = list(cache.sources()) if args.names == ["all"] else args.names
+    sources = list(dict.fromkeys(cache.resolve(n).name for n in names))  # two tasks of one source: once
     for name in sources:
-        F.fetch(name, force=args.force)
+        cache.fetch(name, force=args.force)
     return 0
 
 
@@ -184,7 +184,7 @@ def _study_folder(args: argparse.Namespace, suites: list) -> Path:
 def _slots_and_launcher(args: argparse.Namespace, out: Path):
     """The slots of `--jobs`, `--gpus` or `--launcher`, checked, and a function that makes the launcher
     (called only when the study runs: submitit creates its folder)."""
-    from partial_lora.study import schedule as S
+    from partial_lora.study import schedule
 
     if args.jobs is not None and args.jobs < 1:
         raise PlrError(f"--jobs {args.jobs}: run at least one run at a time (--jobs 1 or more)")
@@ -192,30 +192,30 @@ def _slots_and_launcher(args: argparse.Namespace, out: Path):
         if args.gpus is not None:
             raise PlrError(f"--gpus is for runs on this machine; with --launcher {args.launcher} each SLURM job gets "
                            "its GPUs from --slurm gpus_per_node=N")
-        resources, parallel = S.slurm_resources(args.slurm)
-        slots = [S.Slot(f"slurm{i}", {}) for i in range(args.jobs or parallel)]
+        resources, parallel = schedule.slurm_resources(args.slurm)
+        slots = [schedule.Slot(f"slurm{i}", {}) for i in range(args.jobs or parallel)]
         cluster = "slurm" if args.launcher == "slurm" else "local"
         if cluster == "slurm" and not args.dry_run:
-            S.check_slurm()
-        return slots, lambda: S.Submitit(out / ".submitit", resources, cluster=cluster), resources
+            schedule.check_slurm()
+        return slots, lambda: schedule.Submitit(out / ".submitit", resources, cluster=cluster), resources
     if args.slurm:
         raise PlrError("--slurm sets the resources of SLURM jobs; add --launcher slurm")
     if args.gpus is not None:
         if args.jobs is not None:
             raise PlrError("give --jobs or --gpus, not both: with --gpus one run goes to each GPU at a time (list an "
                            "id twice, --gpus 0,0,1,1, for two runs per GPU)")
-        return S.gpu_slots(args.gpus, check=not args.dry_run), S.Processes, None
-    return S.cpu_slots(1 if args.jobs is None else args.jobs), S.Processes, None
+        return schedule.gpu_slots(args.gpus, check=not args.dry_run), schedule.Processes, None
+    return schedule.cpu_slots(1 if args.jobs is None else args.jobs), schedule.Processes, None
 
 
 def _grid_lines(jobs: list) -> list[str]:
     """One line per (task, arm) tuning grid: each value's validation score on the choice seed, and the choice."""
-    from partial_lora.study import grid as G
+    from partial_lora.study import grid
     from partial_lora.study.run import finished, val_score
 
     grids: dict[tuple, list] = {}
     for job in jobs:
-        base, key, value = G.split(job.arm)
+        base, key, value = grid.split(job.arm)
         if key is not None and not job.waits:
             grids.setdefault((job.model, job.task, base, key, job.seed), []).append((value, job.run_dir))
     lines = []
@@ -223,14 +223,14 @@ def _grid_lines(jobs: list) -> list[str]:
         scores = {v: val_score(finished(d)) for v, d in runs}
         done = sum(finished(d) is not None for _, d in runs)
         cells = " · ".join(f"{v} {'-' if scores[v] is None else format(scores[v], '.4f')}" for v, _ in runs)
-        choice = (f"-> {G.choose(scores)}" if done == len(runs) else
+        choice = (f"-> {grid.choose(scores)}" if done == len(runs) else
                   f"-> chosen when the grid has run ({done} of {len(runs)} finished)")
         lines.append(f"tune  {model}/{task}/{arm} {key} on seed {seed} (validation): {cells} {choice}")
     return lines
 
 
 def _print_plan(jobs: list, slots: list, resources: dict | None) -> None:
-    from partial_lora.study import grid as G
+    from partial_lora.study import grid
     from partial_lora.study.run import finished, grid_state, resolve, restored_sources, stale
 
     groups: dict[str, list] = {}
@@ -238,8 +238,8 @@ def _print_plan(jobs: list, slots: list, resources: dict | None) -> None:
         groups.setdefault(job.model, []).append(job)
     for model, js in groups.items():
         tasks, seeds = ({getattr(j, k) for j in js} for k in ("task", "seed"))
-        arms = {G.split(j.arm)[0] for j in js}
-        tuned = any(G.split(j.arm)[1] for j in js)
+        arms = {grid.split(j.arm)[0] for j in js}
+        tuned = any(grid.split(j.arm)[1] for j in js)
         print(f"[plr] study: {model}: {len(tasks)} task(s) x {len(arms)} arm(s) x {len(seeds)} seed(s)"
               + (f", and the tuning grid: {len(js)} runs" if tuned else f" = {len(js)} runs"))
     submit = None if resources is None else "[slurm " + " ".join(f"{k}={v}" for k, v in resources.items()) + "] "
@@ -248,7 +248,7 @@ def _print_plan(jobs: list, slots: list, resources: dict | None) -> None:
     restored = restored_sources(jobs)
     n_done, kinds = 0, {"shared": 0, "grid": 0, "choice": 0}
     for job in jobs:
-        kinds["choice" if job.waits else "shared" if G.split(job.arm)[1] is None else "grid"] += 1
+        kinds["choice" if job.waits else "shared" if grid.split(job.arm)[1] is None else "grid"] += 1
         if job.waits:
             known = resolve(job, complete=True)
             if known is None:
@@ -261,7 +261,7 @@ def _print_plan(jobs: list, slots: list, resources: dict | None) -> None:
         diff = stale(job) if done else {}
         n_done += done
         state = "run  " if not done else "stale" if diff else "reuse"
-        why = (f"   # made with {RD.describe(diff, limit=4)}" if diff else
+        why = (f"   # made with {rundir.describe(diff, limit=4)}" if diff else
                f"   # restored from the ledger: runs again, {restored[job.run_dir]} run(s) reuse its probe and "
                "allocation" if job.run_dir in restored else "")
         print(f"{state} {submit if submit and state != 'reuse' else ''}{' '.join(job.command())}{why}")
@@ -273,7 +273,7 @@ def _print_plan(jobs: list, slots: list, resources: dict | None) -> None:
 
 
 def study_command(argv: list[str]) -> int:
-    from partial_lora import study as ST
+    from partial_lora import study
 
     extra: list[str] = []
     if "--" in argv:
@@ -286,36 +286,36 @@ def study_command(argv: list[str]) -> int:
         if args.suite is not None and args.model is not None:
             raise PlrError("--model is another name for --suite; give one of them")
         named = args.suite if args.suite is not None else args.model
-        from partial_lora.study import grid as G
+        from partial_lora.study import grid
 
-        tune = True if args.tune is None else G.parse(args.tune)
-        sel = ST.Selection(named, args.tasks, args.seeds, args.arms, extra, args.variant, args.variant_overrides, tune)
+        tune = True if args.tune is None else grid.parse(args.tune)
+        sel = study.Selection(named, args.tasks, args.seeds, args.arms, extra, args.variant, args.variant_overrides, tune)
         suites = sel.resolved()
         out = _study_folder(args, suites)
-        jobs = ST.plan(out, sel)
+        jobs = study.plan(out, sel)
         if args.compare:
             from partial_lora.study.claims import collect, comparison_markdown, comparison_rows
 
             models = None if named is None else sorted({j.model for j in jobs})
-            study = collect(out).narrow(models, args.tasks, args.seeds)
-            print(comparison_markdown(comparison_rows(study, args.compare, n_boot=args.bootstrap)), end="")
+            runs = collect(out).narrow(models, args.tasks, args.seeds)
+            print(comparison_markdown(comparison_rows(runs, args.compare, n_boot=args.bootstrap)), end="")
             return 0
         failed = []
         if not args.tables_only:
             slots, launcher, resources = _slots_and_launcher(args, out)
-            ST.check(jobs)
+            study.check(jobs)
             if args.dry_run:
                 _print_plan(jobs, slots, resources)
                 return 0
-            with RD.locked(out, what="study folder", other="give this study another --out"):
-                failed = ST.execute(jobs, launcher=launcher(), slots=slots, keep_stale=args.keep_stale)
-                written = ST.write(out, n_boot=args.bootstrap)
+            with rundir.locked(out, what="study folder", other="give this study another --out"):
+                failed = study.execute(jobs, launcher=launcher(), slots=slots, keep_stale=args.keep_stale)
+                written = study.write(out, n_boot=args.bootstrap)
         else:
             from partial_lora.study.claims import collect
 
             collect(out)  # a folder with no runs is refused before the lock creates it
-            with RD.locked(out, what="study folder", other="give this study another --out"):
-                written = ST.write(out, n_boot=args.bootstrap)
+            with rundir.locked(out, what="study folder", other="give this study another --out"):
+                written = study.write(out, n_boot=args.bootstrap)
     except KeyboardInterrupt:
         return 130
     print(written[0].read_text(), end="")

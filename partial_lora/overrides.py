@@ -233,7 +233,7 @@ def check_run_dir(value: str) -> Path:
     Exits with one line for an empty value, a file, or a folder that holds other files and no plr
     run (plr deletes only what it wrote; a run written into somebody's folder would mix with it).
     """
-    from partial_lora import rundir as RD
+    from partial_lora import rundir
 
     if not value.strip():
         fail("run_dir= is empty; name a folder (run_dir=outputs/my-run), or leave run_dir out for "
@@ -241,7 +241,7 @@ def check_run_dir(value: str) -> Path:
     path = Path(value).expanduser()
     if path.exists() and not path.is_dir():
         fail(f"run_dir={value} is a file; name a new folder, or the run dir of an earlier run to continue it")
-    if path.is_dir() and not RD.is_run_dir(path):
+    if path.is_dir() and not rundir.is_run_dir(path):
         first = next(iter(sorted(p.name for p in path.iterdir())), None)
         if first is not None:
             fail(f"run_dir={value} is a folder that holds other files ({first}, ...) and no plr run; plr writes a run "

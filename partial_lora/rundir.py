@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
-from partial_lora import artifacts as A
+from partial_lora import artifacts
 from partial_lora.errors import PlrError
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ LOCK, HOLDER = ".lock", ".lock.json"
 FINGERPRINT = "fingerprint.json"
 CHECKPOINT = "checkpoint.safetensors"  # checkpoint.FILE (not imported: checkpoint imports torch)
 DATA = "data:"  # fingerprint keys of the data identity: data:<source> -> content digest
-HYDRA_YAML = A.HYDRA_CONFIG.parent / "hydra.yaml"
+HYDRA_YAML = artifacts.HYDRA_CONFIG.parent / "hydra.yaml"
 
 # Keys that never change a stage's output: where and under what name a run goes, how it is
 # logged, shown and scheduled, on which device it resumes. Prefixes end in "."; others are exact.
@@ -67,13 +67,13 @@ _RETRAIN_ONLY = ("retrain.", "trainer.epochs", "trainer.max_steps")
 # SNIP's batches (`adapter.snip`) are read by extract, and by allocate when its search ranks with
 # SNIP; SHiRA's mask (`adapter.shira`) by extract alone.
 LATER: dict[str, tuple[str, ...]] = {
-    A.PROBE: (*_RETRAIN_ONLY, "adapter.sparsity", "adapter.allocation.", "adapter.mask.", "adapter.match.",
+    artifacts.PROBE: (*_RETRAIN_ONLY, "adapter.sparsity", "adapter.allocation.", "adapter.mask.", "adapter.match.",
               "adapter.snip.", "adapter.shira."),
-    A.ALLOCATE: (*_RETRAIN_ONLY, "adapter.mask.shared_input",  # the search ranks each layer on its own
+    artifacts.ALLOCATE: (*_RETRAIN_ONLY, "adapter.mask.shared_input",  # the search ranks each layer on its own
                  "adapter.shira."),
-    A.EXTRACT: _RETRAIN_ONLY,
-    A.RETRAIN: (),
-    A.EVALUATE: (),
+    artifacts.EXTRACT: _RETRAIN_ONLY,
+    artifacts.RETRAIN: (),
+    artifacts.EVALUATE: (),
 }
 
 
@@ -101,19 +101,19 @@ def fingerprint(config: Mapping[str, Any], stage: str, data: Mapping[str, str] |
     identity of its data (`data`: source -> digest, stored as `data:<source>` keys) when given."""
     keep = {k: v for k, v in settings(config).items() if not _matches(k, LATER[stage])}
     keep.update({DATA + str(k): v for k, v in (data or {}).items()})
-    return json.loads(json.dumps(keep, default=A.json_default, sort_keys=True))
+    return json.loads(json.dumps(keep, default=artifacts.json_default, sort_keys=True))
 
 
 def record(run_dir: Path, stage: str, config: Mapping[str, Any], data: Mapping[str, str] | None = None) -> None:
     """Write the stage's fingerprint (when it starts, so a checkpointed stage has one too)."""
-    A.write_json(A.stage_dir(run_dir, stage) / FINGERPRINT, fingerprint(config, stage, data))
+    artifacts.write_json(artifacts.stage_dir(run_dir, stage) / FINGERPRINT, fingerprint(config, stage, data))
 
 
 def _recorded(run_dir: Path, stage: str) -> dict[str, Any] | None:
-    path = A.stage_dir(run_dir, stage) / FINGERPRINT
+    path = artifacts.stage_dir(run_dir, stage) / FINGERPRINT
     if not path.exists():
         return None
-    got = A.read_json(path)
+    got = artifacts.read_json(path)
     if not isinstance(got, dict):
         raise PlrError(f"corrupt artifact {path} (not a JSON object); rerun with --rerun-from {stage}")
     return got
@@ -125,7 +125,7 @@ def made_with(run_dir: Path, stage: str) -> dict[str, Any] | None:
     recorded = _recorded(run_dir, stage)
     if recorded is not None:
         return recorded
-    path = run_dir / A.HYDRA_CONFIG
+    path = run_dir / artifacts.HYDRA_CONFIG
     if not path.is_file():
         return None
     conf = OmegaConf.load(path)
@@ -139,7 +139,7 @@ def made_with(run_dir: Path, stage: str) -> dict[str, Any] | None:
 def saved_values(run_dir: Path, keys: Sequence[str]) -> dict[str, Any] | None:
     """The values of dotted `keys` in a run dir's `.hydra/config.yaml`, each resolved on its own
     (None: the run dir has no saved config)."""
-    path = run_dir / A.HYDRA_CONFIG
+    path = run_dir / artifacts.HYDRA_CONFIG
     if not path.is_file():
         return None
     conf = OmegaConf.load(path)
@@ -212,7 +212,7 @@ def _data(fp: Mapping[str, Any]) -> dict[str, Any]:
 
 def resumable(run_dir: Path, stage: str) -> bool:
     """Whether `stage` finished or left a checkpoint (what a rerun would keep or continue from)."""
-    return A.is_done(run_dir, stage) or (A.stage_dir(run_dir, stage) / CHECKPOINT).exists()
+    return artifacts.is_done(run_dir, stage) or (artifacts.stage_dir(run_dir, stage) / CHECKPOINT).exists()
 
 
 def _show(v: Any) -> str:
@@ -225,7 +225,7 @@ def differences(run_dir: Path, config: Mapping[str, Any],
     """Per stage with a fingerprint that finished or checkpointed: {key: (recorded, now)} for every
     key that differs (the data's identity too, when `data` is given)."""
     out: dict[str, dict[str, tuple[Any, Any]]] = {}
-    for stage in A.STAGES:
+    for stage in artifacts.STAGES:
         theirs = _recorded(run_dir, stage) if resumable(run_dir, stage) else None
         if theirs is not None and (diff := changed(theirs, fingerprint(config, stage, data))):
             out[stage] = diff
@@ -252,7 +252,7 @@ def check(run_dir: Path, config: Mapping[str, Any], data: Mapping[str, str] | No
     diff = differences(run_dir, config, data)
     if not diff:
         return
-    first = next(s for s in A.STAGES if s in diff)
+    first = next(s for s in artifacts.STAGES if s in diff)
     files = {k[len(DATA):]: v for per in diff.values() for k, v in per.items() if k.startswith(DATA)}
     if files:
         (name, (then, now)), more = next(iter(files.items())), len(files) - 1
@@ -268,15 +268,15 @@ def check(run_dir: Path, config: Mapping[str, Any], data: Mapping[str, str] | No
 
 def rerun_from(run_dir: Path, stage: str, echo: Any = print) -> None:
     """Delete `stage` and every stage after it, and the run's results, so they run again."""
-    if stage not in A.STAGES:
-        raise PlrError(f"--rerun-from {stage}: no such stage; choose one of {', '.join(A.STAGES)}")
+    if stage not in artifacts.STAGES:
+        raise PlrError(f"--rerun-from {stage}: no such stage; choose one of {', '.join(artifacts.STAGES)}")
     cleared = []
-    for name in A.STAGES[A.STAGES.index(stage):]:
-        d = A.stage_dir(run_dir, name)
+    for name in artifacts.STAGES[artifacts.STAGES.index(stage):]:
+        d = artifacts.stage_dir(run_dir, name)
         if d.exists():
             shutil.rmtree(d)
             cleared.append(name)
-    (run_dir / A.RESULTS).unlink(missing_ok=True)
+    (run_dir / artifacts.RESULTS).unlink(missing_ok=True)
     if cleared:
         echo(f"[plr] --rerun-from {stage}: cleared {', '.join(cleared)} in {run_dir}")
 
@@ -310,7 +310,7 @@ def locked(run_dir: Path, what: str = "run dir", other: str = "choose another ru
             user = getpass.getuser()
         except (KeyError, OSError):
             user = "?"
-        A.write_json(run_dir / HOLDER, {"pid": os.getpid(), "host": socket.gethostname(), "user": user,
+        artifacts.write_json(run_dir / HOLDER, {"pid": os.getpid(), "host": socket.gethostname(), "user": user,
                                         "started": time.time(), "command": " ".join(sys.argv)[:300]})
         yield
     finally:
@@ -320,7 +320,7 @@ def locked(run_dir: Path, what: str = "run dir", other: str = "choose another ru
 
 def is_run_dir(path: Path) -> bool:
     """Whether a folder is (or was begun as) a plr run dir: its `.hydra/`, lock, results or a stage folder."""
-    return any((path / name).exists() for name in (".hydra", LOCK, A.RESULTS, *A.STAGES))
+    return any((path / name).exists() for name in (".hydra", LOCK, artifacts.RESULTS, *artifacts.STAGES))
 
 
 def _entries(root: Path) -> set[str]:
@@ -332,7 +332,7 @@ def _entries(root: Path) -> set[str]:
     return out
 
 
-REWRITTEN = (str(A.HYDRA_CONFIG), str(HYDRA_YAML), str(A.HYDRA_OVERRIDES), A.GIT, A.ENV)
+REWRITTEN = (str(artifacts.HYDRA_CONFIG), str(HYDRA_YAML), str(artifacts.HYDRA_OVERRIDES), artifacts.GIT, artifacts.ENV)
 
 
 class Claim:
@@ -392,7 +392,7 @@ class Claim:
         for rel, data in self.saved.items():
             path = self.run_dir / rel
             if not path.is_file() or path.read_bytes() != data:
-                A.write_bytes(path, data)
+                artifacts.write_bytes(path, data)
         removed = []
         for rel in sorted(_entries(self.run_dir) - self.before, key=lambda r: (-len(Path(r).parts), r)):
             path = self.run_dir / rel

@@ -94,13 +94,13 @@ class MatchConfig:
 def _run_adapter_params(run: str) -> int:
     from pathlib import Path
 
-    from partial_lora import artifacts as A
+    from partial_lora import artifacts
 
-    path = Path(run).expanduser() / A.RESULTS
+    path = Path(run).expanduser() / artifacts.RESULTS
     if not path.is_file():
-        raise PlrError(f"adapter.match.run={run} has no {A.RESULTS} (not a finished plr run); point it at a finished run "
+        raise PlrError(f"adapter.match.run={run} has no {artifacts.RESULTS} (not a finished plr run); point it at a finished run "
                        "or set adapter.match.budget=<parameters>")
-    results = A.read_json(path)
+    results = artifacts.read_json(path)
     params = (results.get("params") or {}).get("adapter")
     if results.get("status") != "complete" or not params:
         raise PlrError(f"adapter.match.run={run} did not finish (status {results.get('status')!r}); finish it first "

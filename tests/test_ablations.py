@@ -15,7 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from fixtures import load_script
-from partial_lora import config as C
+from partial_lora import config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
@@ -63,7 +63,7 @@ def test_ablation_sweeps_real_keys_into_distinct_valid_runs(name):
     labels = set()
     for values in itertools.product(*sweep.values()):
         cfg = compose_cfg(f"experiment=ablation-{name}", *(f"{k}={v}" for k, v in zip(sweep, values)))
-        C.validate(cfg)
+        config.validate(cfg)
         for key, value in zip(sweep, values):
             assert str(OmegaConf.select(cfg, key)) == value
         labels.add(str(cfg.label))
@@ -91,7 +91,7 @@ def test_fixed_settings_keep_the_allocation_and_the_budget():
     assert rank.adapter.match.rank == 4 and rank.label == "r8-budget-r4"
     ab = load_ablate()
     assert ab.REFERENCES["rank"] == [["adapter.sparsity=0", f"adapter.r={rank.adapter.match.rank}", "label=lora-r4"]]
-    assert C.sparsity(compose_cfg(*ab.REFERENCES["rank"][0])) == 0  # the reference is a dense LoRA at r=4
+    assert config.sparsity(compose_cfg(*ab.REFERENCES["rank"][0])) == 0  # the reference is a dense LoRA at r=4
 
 
 @pytest.mark.parametrize("name", ABLATIONS)

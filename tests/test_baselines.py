@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 
-from partial_lora import config as C
+from partial_lora import config
 from partial_lora.errors import PlrError
 from partial_lora.pipeline.runner import run_pipeline
 
@@ -18,7 +18,7 @@ FAST = ["experiment=smoke", "trainer.max_steps=2"]
 def cfg_of(*overrides: str):
     with initialize_config_module("partial_lora.conf", version_base="1.3"):
         cfg = compose("config", overrides=[*FAST, *overrides])
-    C.validate(cfg)
+    config.validate(cfg)
     return cfg
 
 

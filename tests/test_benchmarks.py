@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fixtures import GLUE, VISION, write_commonsense, write_glue, write_vision
-from partial_lora import config as C
+from partial_lora import config
 from partial_lora.data import TaskSpec, load_task
 from partial_lora.data.split import few_shot, split_task
 from partial_lora.errors import PlrError
@@ -51,7 +51,7 @@ def test_every_benchmark_task_has_a_config_and_a_fixture():
 def test_vision_task_loads_its_hub_schema_under_vtab1k(task, tmp_path):
     root = write_vision(tmp_path, task)
     cfg = cfg_of(f"task={task}", f"task.path={root}", "task.vtab_train=40", "task.vtab_val=10")
-    spec = C.task_spec(cfg)
+    spec = config.task_spec(cfg)
     assert spec.protocol == "vtab1k" and spec.path == str(root)
     data = load_task(spec)
     n_test = 20  # the fixture's test split (food101: its `validation` split) is kept whole
@@ -65,7 +65,7 @@ def test_vision_task_loads_its_hub_schema_under_vtab1k(task, tmp_path):
 @pytest.mark.parametrize("task, val", [("flowers102", 20), ("aircraft", 20), ("dtd", 6), ("camelyon", 20)])
 def test_vision_full_protocol_uses_the_named_val_split_or_carves_one(task, val, tmp_path):
     root = write_vision(tmp_path, task)
-    data = load_task(C.task_spec(cfg_of(f"task={task}", f"task.path={root}", "task.protocol=full")))
+    data = load_task(config.task_spec(cfg_of(f"task={task}", f"task.path={root}", "task.protocol=full")))
     assert len(data.val) == val and len(data.train) == 60 - (0 if val == 20 else val)
 
 
@@ -125,7 +125,7 @@ def test_few_shot_shrinks_short_classes_by_default():
 def test_glue_task_loads_its_hub_schema(task, tmp_path):
     root = write_glue(tmp_path, task)
     cfg = cfg_of(f"task={task}", f"task.path={root}", "task.val_max=10")
-    data = load_task(C.task_spec(cfg))
+    data = load_task(config.task_spec(cfg))
     columns, names, _ = GLUE[task]
     assert data.kind == "text"
     assert data.train.column_names == (["text", "label"] if len(columns) == 1 else ["text", "text_pair", "label"])
@@ -141,15 +141,15 @@ def test_glue_task_loads_its_hub_schema(task, tmp_path):
 
 def test_mnli_keeps_matched_and_mismatched_dev_sets_apart(tmp_path):
     root = write_glue(tmp_path, "mnli", sizes={"validation_matched": 17, "validation_mismatched": 23})
-    data = load_task(C.task_spec(cfg_of("task=mnli", f"task.path={root}")))
+    data = load_task(config.task_spec(cfg_of("task=mnli", f"task.path={root}")))
     assert len(data.test) == 17 and len(data.extra["mismatched"]) == 23
 
 
 def test_glue_val_slice_is_ten_percent_of_train_capped_at_val_max(tmp_path):
     root = write_glue(tmp_path, "rte", sizes={"train": 300})
-    data = load_task(C.task_spec(cfg_of("task=rte", f"task.path={root}")))
+    data = load_task(config.task_spec(cfg_of("task=rte", f"task.path={root}")))
     assert len(data.val) == 30 and len(data.train) == 270  # 10% of 300 < 2000
-    data = load_task(C.task_spec(cfg_of("task=rte", f"task.path={root}", "task.val_max=12")))
+    data = load_task(config.task_spec(cfg_of("task=rte", f"task.path={root}", "task.val_max=12")))
     assert len(data.val) == 12
 
 
@@ -164,7 +164,7 @@ def test_regression_few_shot_spans_the_score_range():
 def test_regression_needs_numeric_scores(tmp_path):
     write_glue(tmp_path, "cola")
     with pytest.raises(PlrError, match="task.regression=true needs numeric scores"):
-        load_task(C.task_spec(cfg_of("task=cola", f"task.path={tmp_path}", "+task.regression=true",
+        load_task(config.task_spec(cfg_of("task=cola", f"task.path={tmp_path}", "+task.regression=true",
                                      "task.label_column=sentence")))
 
 
@@ -268,7 +268,7 @@ def test_experiment_composes_and_runs_one_step(experiment, tmp_path):
                                           *METHOD_EXPERIMENTS) else "lora"
     cfg = cfg_of(f"experiment={experiment}", f"adapter={adapter}", *tiny_overrides(experiment, tmp_path / "data"),
                  *TINY_TRAIN, *(TINY_PROBE if adapter == "partial" else []))
-    C.validate(cfg)
+    config.validate(cfg)
     results = run_pipeline(cfg, tmp_path / "run", echo=lambda s: None)
     assert results["status"] == "complete"
     main = results["main_metric"]

@@ -130,27 +130,27 @@ def test_wandb_without_api_key_falls_back_and_never_crashes(tmp_path):
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
 def test_every_experiment_config_composes(experiment):
-    from partial_lora import config as C
+    from partial_lora import config
 
     with initialize_config_module("partial_lora.conf", version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={experiment}"])
-    C.validate(cfg)
+    config.validate(cfg)
 
 
 def test_every_model_and_task_config_composes():
-    from partial_lora import config as C
+    from partial_lora import config
 
     with initialize_config_module("partial_lora.conf", version_base="1.3"):
         for model in sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")):
-            C.lora_config(compose("config", overrides=[f"model={model}"]))
+            config.lora_config(compose("config", overrides=[f"model={model}"]))
         for task in sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml")):
             if task == "multi":  # a multi-task run needs task.names; its members are the other configs
-                assert len(C.member_tasks(compose("config", overrides=["task=multi", "task.names=[cola,sst2]"]))) == 2
+                assert len(config.member_tasks(compose("config", overrides=["task=multi", "task.names=[cola,sst2]"]))) == 2
                 continue
             cfg = compose("config", overrides=[f"task={task}", "task.path=/x"] if task.startswith("hf-")
                           else [f"task={task}"])
-            for node in C.member_tasks(cfg) if C.is_multi(cfg) else [cfg.task]:
-                C.task_spec(OmegaConf.create({"task": node}))
+            for node in config.member_tasks(cfg) if config.is_multi(cfg) else [cfg.task]:
+                config.task_spec(OmegaConf.create({"task": node}))
 
 
 def test_vision_smoke_with_timm_fused_qkv(tmp_path):

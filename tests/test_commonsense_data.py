@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from fixtures import COMMONSENSE, commonsense_row, write_commonsense, write_commonsense_rows
-from partial_lora import config as C
+from partial_lora import config
 from partial_lora.data import TaskSpec, load_task, make_collate
 from partial_lora.data.collate import ChoiceCollate
 from partial_lora.data.commonsense import FORMATS, clean_hellaswag, load_choice
@@ -28,7 +28,7 @@ def _isolated_datasets_cache(tmp_path_factory, monkeypatch):
 
 def spec_of(*overrides: str) -> TaskSpec:
     with initialize_config_module("partial_lora.conf", version_base="1.3"):
-        return C.task_spec(compose("config", overrides=list(overrides)))
+        return config.task_spec(compose("config", overrides=list(overrides)))
 
 
 def one_line(exc_info) -> str:

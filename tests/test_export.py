@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from partial_lora import artifacts as A
-from partial_lora import config as C
+from partial_lora import artifacts
+from partial_lora import config as plr_config
 from partial_lora.errors import PlrError
 from partial_lora.export import export_run, load_spec, rebuild
 from partial_lora.models.backbones import build_model
@@ -46,7 +46,7 @@ def make_run(run_dir: Path, *overrides: str) -> Path:
     (run_dir / ".hydra").mkdir(exist_ok=True)
     OmegaConf.save(cfg, run_dir / ".hydra/config.yaml")  # unresolved, with ${now:...}, as Hydra writes it
     (run_dir / ".hydra/overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
-    A.write_run_info(run_dir)
+    artifacts.write_run_info(run_dir)
     return run_dir
 
 
@@ -69,7 +69,7 @@ def user_base(out: Path, num_labels: int) -> torch.nn.Module:
     """The model card's recipe for a random-init base: seed, build from plr_config.yaml."""
     cfg = OmegaConf.load(out / "plr_config.yaml")
     set_seed(int(cfg.seed))
-    return build_model(C.model_spec(cfg), num_labels).model.net
+    return build_model(plr_config.model_spec(cfg), num_labels).model.net
 
 
 def assert_exported_logits_match(run_dir: Path, out: Path) -> tuple[torch.Tensor, torch.nn.Module]:

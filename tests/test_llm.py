@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from fixtures import write_commonsense
-from partial_lora import config as C
+from partial_lora import config
 from partial_lora.models.causal_lm import CausalLM
 from partial_lora.data.collate import ChoiceCollate
 from partial_lora.errors import PlrError
@@ -121,14 +121,14 @@ def _cfg(*overrides):
 def test_bad_llm_inputs_fail_in_one_line(overrides, message):
     with pytest.raises(PlrError, match=message):
         cfg = _cfg(*overrides)
-        C.validate(cfg)
-        C.allocation_config(cfg)
+        config.validate(cfg)
+        config.allocation_config(cfg)
 
 
 def test_five_stages_on_tiny_llama(tmp_path):
     data = write_commonsense(tmp_path / "arc", "arc-e")
     cfg = _cfg("task=arc-e", f"task.path={data}", "trainer.lr=0.01")
-    C.validate(cfg)
+    config.validate(cfg)
     results = run_pipeline(cfg, tmp_path / "run", echo=lambda s: None)
     assert results["status"] == "complete" and results["model"] == "tiny-llama"
     assert 0 <= results["metrics"]["test_accuracy"] <= 1 and results["params"]["head"] == 0
@@ -143,7 +143,7 @@ def test_multi_task_commonsense_with_loss_allocation(tmp_path):
     cfg = _cfg("task=multi", "task.names=[arc-e,boolq]", f"+task.members.arc-e.path={arc}",
                f"+task.members.boolq.path={boolq}", "adapter.allocation.metric=loss", "adapter.probe.shots=3",
                "adapter.probe.val_shots=3", "trainer.lr=0.01")
-    C.validate(cfg)
+    config.validate(cfg)
     results = run_pipeline(cfg, tmp_path / "run", echo=lambda s: None)
     m = results["metrics"]
     assert results["members"] == ["arc-e", "boolq"]
@@ -188,21 +188,21 @@ def test_generation_task_loads_prompt_response_rows(tmp_path):
 
     data = _write_generation(tmp_path / "gen.jsonl")
     cfg = _cfg("task=hf-generation", f"task.path={data}", "task.max_train_samples=null", "task.max_eval_samples=null")
-    C.validate(cfg)
-    task = load_task(C.task_spec(cfg))
+    config.validate(cfg)
+    task = load_task(config.task_spec(cfg))
     assert task.kind == "choice" and task.label_names == ["response"]
     assert len(task.train) + len(task.val) + len(task.test) == 120  # the two rows without a response dropped
     row = task.train[0]
     assert row["choices"] == ["the colour is blue"] and row["label"] == 0 and row["prompt"].startswith("Question")
     with pytest.raises(PlrError, match="task.response_column='answer' is not a column"):
-        load_task(C.task_spec(_cfg("task=hf-generation", f"task.path={data}", "task.response_column=answer")))
+        load_task(config.task_spec(_cfg("task=hf-generation", f"task.path={data}", "task.response_column=answer")))
 
 
 def test_generative_fine_tuning_allocates_on_the_few_shot_loss(tmp_path):
     data = _write_generation(tmp_path / "gen.jsonl")
     cfg = _cfg("task=hf-generation", f"task.path={data}", "adapter.allocation.metric=loss", "trainer.lr=0.05",
                "adapter.probe.epochs=5")
-    C.validate(cfg)
+    config.validate(cfg)
     results = run_pipeline(cfg, tmp_path / "run", echo=lambda s: None)
     assert results["main_metric"] == "log_likelihood" and results["metrics"]["test_log_likelihood"] < 0
     alloc = json.loads((tmp_path / "run/allocate/allocation.json").read_text())

@@ -7,8 +7,8 @@ import torch
 from hydra import compose, initialize_config_module
 
 from fixtures import write_glue, write_vision
-from partial_lora import config as C
-from partial_lora.models import multitask as MT
+from partial_lora import config
+from partial_lora.models import multitask
 from partial_lora.models.classifier import Classifier
 from partial_lora.errors import PlrError
 from partial_lora.report import build
@@ -34,8 +34,8 @@ class _Linear(torch.nn.Module):
 
 def test_member_heads_are_slices_and_the_loss_is_each_rows_own():
     torch.manual_seed(0)
-    members = [MT.Member("a", 0, 5), MT.Member("b", 5, 1, regression=True), MT.Member("c", 6, 2)]
-    model = MT.MultiTask(Classifier(_Linear(), "hf-text", ["classifier"]), members)
+    members = [multitask.Member("a", 0, 5), multitask.Member("b", 5, 1, regression=True), multitask.Member("c", 6, 2)]
+    model = multitask.MultiTask(Classifier(_Linear(), "hf-text", ["classifier"]), members)
     x = torch.randn(6, 3)
     batch = {"x": x, "task_id": torch.tensor([0, 1, 0, 2, 1, 0]), "labels": torch.tensor([4.0, 0.5, 1.0, 0.0, -1.0, 0.0])}
     out = model(batch)
@@ -53,8 +53,8 @@ def test_member_heads_are_slices_and_the_loss_is_each_rows_own():
 
 
 def test_mean_of_members_flattens_and_averages_main_metrics():
-    members = [MT.Member("cola", 0, 2, metrics=["mcc"], main="mcc"), MT.Member("sst2", 2, 2)]
-    out = MT.mean_of_members([{"mcc": 0.4, "loss": 1.0}, {"accuracy": 0.9, "loss": 0.5}], members)
+    members = [multitask.Member("cola", 0, 2, metrics=["mcc"], main="mcc"), multitask.Member("sst2", 2, 2)]
+    out = multitask.mean_of_members([{"mcc": 0.4, "loss": 1.0}, {"accuracy": 0.9, "loss": 0.5}], members)
     assert out == {"cola_mcc": 0.4, "cola_loss": 1.0, "sst2_accuracy": 0.9, "sst2_loss": 0.5,
                    "mean": pytest.approx(0.65), "loss": 0.75}
 
@@ -68,7 +68,7 @@ def test_mean_of_members_flattens_and_averages_main_metrics():
 ])
 def test_bad_multi_task_configs_fail_in_one_line(overrides, message):
     with pytest.raises(PlrError, match=message):
-        C.validate(_cfg(*overrides))
+        config.validate(_cfg(*overrides))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def multi_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("multi")
     glue = write_glue(root / "data", "sst2")
     cfg = _cfg("task.names=[bbc-news,sst2]", f"+task.members.sst2.path={glue}", "trainer.lr=0.02")
-    C.validate(cfg)
+    config.validate(cfg)
     return cfg, root / "run", run_pipeline(cfg, root / "run", echo=lambda s: None)
 
 
@@ -115,7 +115,7 @@ def test_vision_multi_task_on_timm_fused_qkv(tmp_path):
         cfg = compose("config", overrides=["experiment=smoke-vision", "task=multi", "task.names=[digits,dtd]",
                                            f"+task.members.dtd.path={dtd}", "+task.members.dtd.vtab_train=40",
                                            "+task.members.dtd.vtab_val=10", "adapter.sparsity=0.5"])
-    C.validate(cfg)
+    config.validate(cfg)
     results = run_pipeline(cfg, tmp_path / "run", echo=lambda s: None)
     m = results["metrics"]
     assert m["test_mean"] == pytest.approx((m["test_digits_accuracy"] + m["test_dtd_accuracy"]) / 2)

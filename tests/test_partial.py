@@ -7,10 +7,10 @@ import torch
 from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 
-from partial_lora.allocation import allocators as AL
-from partial_lora import artifacts as A
-from partial_lora import config as C
-from partial_lora.allocation import search as AS
+from partial_lora.allocation import allocators
+from partial_lora import artifacts
+from partial_lora import config
+from partial_lora.allocation import search
 from partial_lora.errors import PlrError
 from partial_lora.adapter.inject import LoRAConfig, inject_lora, iter_branches
 from partial_lora.adapter.masks import count, element_masks, rank_random, rank_subspace, subspace_k
@@ -31,7 +31,7 @@ def synthetic(penalties):
     return evaluate
 
 
-LAYERS = [AL.Layer("a", 64, 32), AL.Layer("b", 64, 32), AL.Layer("c", 64, 32)]
+LAYERS = [allocators.Layer("a", 64, 32), allocators.Layer("b", 64, 32), allocators.Layer("c", 64, 32)]
 PENALTIES = {
     "a": lambda rho: 0.06 if rho < 0.5 else 0.0,   # mildly sensitive below 1/2
     "b": lambda rho: 0.06 if rho < 0.5 else 0.0,   # the same: only one of a, b can drop below 1/2 jointly
@@ -40,8 +40,8 @@ PENALTIES = {
 
 
 def test_joint_threshold_allocation_has_the_known_answer():
-    cfg = AL.AllocationConfig(tau=0.9, grid=GRID, mode="joint")
-    alloc = AS.threshold(LAYERS, 4, cfg, evaluate=synthetic(PENALTIES), a_ref=1.0, a_0=0.2)
+    cfg = allocators.AllocationConfig(tau=0.9, grid=GRID, mode="joint")
+    alloc = search.threshold(LAYERS, 4, cfg, evaluate=synthetic(PENALTIES), a_ref=1.0, a_0=0.2)
     assert alloc.ratios() == {"a": FLOOR, "b": 0.5, "c": 1.0}
     assert alloc.target == pytest.approx(0.9)
     assert alloc.joint_accuracy == pytest.approx(0.94) and alloc.joint_accuracy >= alloc.target
@@ -52,8 +52,8 @@ def test_joint_threshold_allocation_has_the_known_answer():
 
 
 def test_independent_mode_is_the_literal_reading_and_warns(caplog):
-    cfg = AL.AllocationConfig(tau=0.9, grid=GRID, mode="independent", floor_warning=0.5)
-    alloc = AS.threshold(LAYERS, 4, cfg, evaluate=synthetic(PENALTIES), a_ref=1.0, a_0=0.2)
+    cfg = allocators.AllocationConfig(tau=0.9, grid=GRID, mode="independent", floor_warning=0.5)
+    alloc = search.threshold(LAYERS, 4, cfg, evaluate=synthetic(PENALTIES), a_ref=1.0, a_0=0.2)
     assert alloc.ratios() == {"a": FLOOR, "b": FLOOR, "c": 1.0}
     assert alloc.joint_accuracy == pytest.approx(0.88)  # recorded: the literal reading overshoots the target
     assert alloc.joint_accuracy < alloc.target
@@ -61,9 +61,9 @@ def test_independent_mode_is_the_literal_reading_and_warns(caplog):
 
 
 def test_relative_to_gain_moves_the_target():
-    assert AS.target_accuracy(0.9, 0.5, 0.9, "gain") == pytest.approx(0.5 + 0.9 * 0.4)
-    cfg = AL.AllocationConfig(tau=0.95, grid=GRID, relative_to="gain")
-    alloc = AS.threshold(LAYERS, 4, cfg, evaluate=synthetic(PENALTIES), a_ref=1.0, a_0=0.0)
+    assert search.target_accuracy(0.9, 0.5, 0.9, "gain") == pytest.approx(0.5 + 0.9 * 0.4)
+    cfg = allocators.AllocationConfig(tau=0.95, grid=GRID, relative_to="gain")
+    alloc = search.threshold(LAYERS, 4, cfg, evaluate=synthetic(PENALTIES), a_ref=1.0, a_0=0.0)
     assert alloc.target == pytest.approx(0.95)
     assert alloc.ratios() == {"a": 0.5, "b": 0.5, "c": 1.0}  # 0.94 < 0.95: nobody may drop below 1/2
 
@@ -73,17 +73,17 @@ def test_relative_to_gain_moves_the_target():
                                      ({"relative_to": "x"}, "relative_to"), ({"allocator": "x"}, "allocator")])
 def test_bad_allocation_settings_raise(kw, key):
     with pytest.raises(PlrError, match=key):
-        AL.AllocationConfig(**kw)
+        allocators.AllocationConfig(**kw)
 
 
 @pytest.mark.parametrize("budget", [0.1, 0.3, 0.55, 5000])
 def test_budget_rescaling_lands_within_one_row_or_column_per_layer(budget):
     g = torch.Generator().manual_seed(0)
-    layers = [AL.Layer(f"l{i}", int(d_out), int(d_in)) for i, (d_out, d_in) in
+    layers = [allocators.Layer(f"l{i}", int(d_out), int(d_in)) for i, (d_out, d_in) in
               enumerate(torch.randint(16, 200, (10, 2), generator=g).tolist())]
     ratios = torch.rand(10, generator=g).clamp_min(0.05).tolist()
-    alloc = AL.Allocation("threshold", [AL._layer_alloc(la, rho) for la, rho in zip(layers, ratios)], r=8)
-    out = AL.rescale_to_budget(alloc, budget)
+    alloc = allocators.Allocation("threshold", [allocators.layer_allocation(la, rho) for la, rho in zip(layers, ratios)], r=8)
+    out = allocators.rescale_to_budget(alloc, budget)
     target = budget * alloc.dense_params() if budget <= 1 else budget
     assert abs(out.params() - target) <= 8 * len(layers)  # one row or column (r params) per layer
     # relative allocation is preserved (up to clipping at 1)
@@ -93,9 +93,9 @@ def test_budget_rescaling_lands_within_one_row_or_column_per_layer(budget):
 
 
 def test_budget_outside_reach_raises():
-    alloc = AL.uniform([AL.Layer("a", 10, 10)], 4, 0.5)
+    alloc = allocators.uniform([allocators.Layer("a", 10, 10)], 4, 0.5)
     with pytest.raises(PlrError, match="budget"):
-        AL.rescale_to_budget(alloc, 10_000)
+        allocators.rescale_to_budget(alloc, 10_000)
 
 
 def test_mask_counts_match_ratios_and_subspace_finds_the_signal_rows():
@@ -154,19 +154,19 @@ def compose_cfg(*overrides, probe=True):
 
 
 def test_plans():
-    assert plan(C.validate(compose_cfg())) == ["probe", "allocate", "extract", "retrain", "evaluate"]
-    assert plan(C.validate(compose_cfg("adapter=lora", probe=False))) == ["retrain", "evaluate"]
-    assert plan(C.validate(compose_cfg("adapter=lora", "adapter.sparsity=0.5", probe=False)))[0] == "allocate"
-    assert plan(C.validate(compose_cfg("adapter.sparsity=0.8"))) == ["allocate", "extract", "retrain", "evaluate"]
-    assert plan(C.validate(compose_cfg("adapter.sparsity=0.8", "adapter.mask.method=probe_magnitude")))[0] == "probe"
-    assert plan(C.validate(compose_cfg("adapter.allocation.allocator=spectrum"))) == ["allocate", "extract", "retrain", "evaluate"]
+    assert plan(config.validate(compose_cfg())) == ["probe", "allocate", "extract", "retrain", "evaluate"]
+    assert plan(config.validate(compose_cfg("adapter=lora", probe=False))) == ["retrain", "evaluate"]
+    assert plan(config.validate(compose_cfg("adapter=lora", "adapter.sparsity=0.5", probe=False)))[0] == "allocate"
+    assert plan(config.validate(compose_cfg("adapter.sparsity=0.8"))) == ["allocate", "extract", "retrain", "evaluate"]
+    assert plan(config.validate(compose_cfg("adapter.sparsity=0.8", "adapter.mask.method=probe_magnitude")))[0] == "probe"
+    assert plan(config.validate(compose_cfg("adapter.allocation.allocator=spectrum"))) == ["allocate", "extract", "retrain", "evaluate"]
 
 
 @pytest.fixture(scope="module")
 def five_stage_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("partial")
     cfg = compose_cfg("trainer.lr=0.05")
-    C.validate(cfg)
+    config.validate(cfg)
     lines = []
     results = run_pipeline(cfg, run_dir, echo=lines.append)
     return cfg, run_dir, results, lines
@@ -201,9 +201,9 @@ def test_five_stage_pipeline_writes_every_artifact(five_stage_run):
 
 def test_retrained_update_is_zero_outside_kept_block_and_compact(five_stage_run):
     cfg, run_dir, _, _ = five_stage_run
-    s = setup_run(C.validate(cfg), run_dir)
+    s = setup_run(config.validate(cfg), run_dir)
     state = load_file(str(run_dir / "retrain/adapter.safetensors"))
-    keep, _ = A.read_masks(run_dir, "tiny-bert")
+    keep, _ = artifacts.read_masks(run_dir, "tiny-bert")
     n_params = 0
     for lid, b in iter_branches(s.built.model.net):
         rows, cols = keep[lid]
@@ -274,7 +274,7 @@ def test_uniform_sparsity_runs_without_probe(tmp_path):
 def test_bad_partial_inputs_raise_one_line_errors(tmp_path, overrides, message):
     cfg = compose_cfg(*overrides)
     with pytest.raises(PlrError) as e:
-        C.validate(cfg)
+        config.validate(cfg)
         run_pipeline(cfg, tmp_path, echo=lambda s: None)
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not any(tmp_path.glob("*/done"))
@@ -283,4 +283,4 @@ def test_bad_partial_inputs_raise_one_line_errors(tmp_path, overrides, message):
 def test_masks_from_another_model_are_rejected(five_stage_run, tmp_path):
     _, src, _, _ = five_stage_run
     with pytest.raises(PlrError, match="made for model 'tiny-bert'"):
-        A.read_masks(src, "tiny-roberta")
+        artifacts.read_masks(src, "tiny-roberta")

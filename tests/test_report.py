@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from partial_lora import report as R
+from partial_lora import report
 from partial_lora.cli import main
 from partial_lora.errors import PlrError
 
@@ -89,7 +89,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_report_csv_has_exact_means_and_stds(runs, tmp_path):
-    R.write(R.build([str(runs)]), tmp_path / "rep")
+    report.write(report.build([str(runs)]), tmp_path / "rep")
     rows = {(r["task"], r["label"]): r for r in read_csv(tmp_path / "rep" / "report.csv")}
     assert set(rows) == {*ACC, ("t1", "c")}
     a1 = rows["t1", "a"]
@@ -108,7 +108,7 @@ def test_report_csv_has_exact_means_and_stds(runs, tmp_path):
 
 
 def test_markdown_summary_and_mean_over_tasks(runs):
-    md = R.markdown(R.build([str(runs)]))
+    md = report.markdown(report.build([str(runs)]))
     assert "| method | t1 | t2 | mean over tasks | adapter params |" in md
     assert "| a | 0.9200 ± 0.0200 | 0.7500 ± 0.0500 | 0.8350 | 100 |" in md
     assert "| b | 0.8000 ± 0.0000 | 0.6500 ± 0.0500 | 0.7250 | 800 |" in md
@@ -118,17 +118,17 @@ def test_markdown_summary_and_mean_over_tasks(runs):
 
 
 def test_unfinished_runs_are_listed_not_averaged(runs, tmp_path):
-    rep = R.build([str(runs)])
+    rep = report.build([str(runs)])
     by_seed = {r.seed: r for r in rep.runs if r.task == "t1" and r.label == "a"}
     killed, broken = by_seed[3], by_seed[4]
     assert killed.status == "incomplete" and killed.missing == ["retrain", "evaluate"]
     assert broken.status == "failed" and broken.reason == "unreadable results.json"
     assert rep.group("t1", "a").seeds == [0, 1, 2]
-    md = R.markdown(rep)
+    md = report.markdown(rep)
     section = md.split("## Incomplete or failed runs")[1]
     assert "| incomplete | missing: retrain, evaluate; no results.json |" in section
     assert "| failed | unreadable results.json |" in section
-    R.write(rep, tmp_path / "rep")
+    report.write(rep, tmp_path / "rep")
     rows = {r["run_dir"]: r for r in read_csv(tmp_path / "rep" / "runs.csv")}
     assert len(rows) == 15
     row = next(r for d, r in rows.items() if d.endswith("seed3"))
@@ -141,7 +141,7 @@ def test_stages_expected_by_kind_and_unreadable_config(tmp_path):
     (uniform / "probe").rmdir()  # a uniform run has no probe
     bad = make_run(tmp_path / "bad", results=False)
     (bad / ".hydra" / "config.yaml").write_text("seed: [1, 2\n  label: {")
-    runs = {r.run_dir.name: r for r in R.build([str(tmp_path)]).runs}
+    runs = {r.run_dir.name: r for r in report.build([str(tmp_path)]).runs}
     assert runs["dense"].missing == ["evaluate"] and runs["dense"].label == "lora"  # ${adapter.name} resolved
     assert runs["uniform"].missing == ["allocate", "extract", "retrain", "evaluate"]
     assert runs["bad"].status == "failed" and runs["bad"].reason == "unreadable .hydra/config.yaml"
@@ -150,9 +150,9 @@ def test_stages_expected_by_kind_and_unreadable_config(tmp_path):
 def test_label_falls_back_to_adapter_name_and_repeated_seeds_are_noted(tmp_path):
     for method in ("partial", "partial-rand"):
         make_run(tmp_path / method, label="partial", label_in_results=False)
-    rep = R.build([str(tmp_path)])
+    rep = report.build([str(tmp_path)])
     assert [(g.label, g.seeds) for g in rep.groups] == [("partial", [0, 0])]
-    assert any("seed(s) 0 repeat" in n for n in rep.notes) and "## Notes" in R.markdown(rep)
+    assert any("seed(s) 0 repeat" in n for n in rep.notes) and "## Notes" in report.markdown(rep)
 
 
 def test_globs_multirun_roots_and_dedup(runs, tmp_path):
@@ -160,31 +160,31 @@ def test_globs_multirun_roots_and_dedup(runs, tmp_path):
     for i in range(3):
         make_run(sweep / str(i), seed=i, label="sweep")
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
-    dirs, unmatched = R.find_run_dirs([str(tmp_path / "multirun")])
+    dirs, unmatched = report.find_run_dirs([str(tmp_path / "multirun")])
     assert [d.name for d in dirs] == ["0", "1", "2"] and unmatched == []
-    dirs, _ = R.find_run_dirs([str(runs / "t*" / "a" / "seed0")])
+    dirs, _ = report.find_run_dirs([str(runs / "t*" / "a" / "seed0")])
     assert sorted(d.parent.parent.name for d in dirs) == ["t1", "t2"]
-    dirs, _ = R.find_run_dirs([str(runs / "**" / "results.json")])
+    dirs, _ = report.find_run_dirs([str(runs / "**" / "results.json")])
     assert len(dirs) == 14  # every run with a results.json, the corrupt one included
-    dirs, unmatched = R.find_run_dirs([str(runs), str(runs / "t1"), str(runs / "t1" / "a" / "seed0"), "nope/*"])
+    dirs, unmatched = report.find_run_dirs([str(runs), str(runs / "t1"), str(runs / "t1" / "a" / "seed0"), "nope/*"])
     assert len(dirs) == 15 and unmatched == ["nope/*"]
 
 
 def test_nothing_matched_or_unknown_metric_raises(runs, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PlrError, match="'does/not/exist' does not exist"):
-        R.build(["does/not/exist"])
+        report.build(["does/not/exist"])
     for paths in ([str(tmp_path / "empty")], [str(tmp_path / "nope*")]):
         with pytest.raises(PlrError, match="no run dirs found"):
-            R.build(paths)
+            report.build(paths)
     with pytest.raises(PlrError, match="unknown metric 'f1'.*choose one of: accuracy, macro_f1, mismatched_accuracy"):
-        R.build([str(runs)], metric="f1")
+        report.build([str(runs)], metric="f1")
 
 
 def test_metric_option_switches_the_summary(runs):
-    rep = R.build([str(runs)], metric="macro_f1")
+    rep = report.build([str(runs)], metric="macro_f1")
     assert rep.summary == {"t1": "test_macro_f1", "t2": None}
-    md = R.markdown(rep)
+    md = report.markdown(rep)
     assert "Metric: test_macro_f1 (not reported by t2)." in md
     assert "| a | 0.9100 ± 0.0200 | 0.9100 | 100 |" in md
 
@@ -206,7 +206,7 @@ def test_no_complete_run_writes_tables_but_no_png(tmp_path):
     out = tmp_path / "rep"
     (out).mkdir()
     (out / "report.png").write_bytes(b"stale")
-    written = R.write(R.build([str(tmp_path / "runs")]), out)
+    written = report.write(report.build([str(tmp_path / "runs")]), out)
     assert [p.name for p in written] == ["report.md", "report.csv", "runs.csv"]
     assert not (out / "report.png").exists()
     assert "No complete runs yet." in (out / "report.md").read_text()
@@ -235,12 +235,12 @@ def test_cli_report_errors_are_one_line(tmp_path, args):
 def test_one_method_on_two_backbones_stays_two_rows(tmp_path):
     for model, acc in (("vit-b", 0.9), ("vit-b-timm", 0.8)):
         make_run(tmp_path / model, model=model, acc=acc)
-    rep = R.build([str(tmp_path)])
+    rep = report.build([str(tmp_path)])
     assert [(g.label, g.stat("test_accuracy").mean) for g in rep.groups] == [("a · vit-b", 0.9), ("a · vit-b-timm", 0.8)]
 
 
 def test_failed_sweep_job_shows_its_error(tmp_path):
     run = make_run(tmp_path / "r", done=[], results=False)
     (run / "error.txt").write_text("CUDA out of memory\ntraceback ...")
-    (r,) = R.build([str(tmp_path)]).runs
+    (r,) = report.build([str(tmp_path)]).runs
     assert r.status == "failed" and r.reason == "CUDA out of memory" and r.missing == SPARSE

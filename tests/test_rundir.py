@@ -10,9 +10,9 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from partial_lora import artifacts as A
+from partial_lora import artifacts
 from partial_lora import cli
-from partial_lora import rundir as RD
+from partial_lora import rundir
 from partial_lora.errors import PlrError
 from partial_lora.pipeline.runner import run_pipeline
 from tests.test_reliability import crash_at_step
@@ -48,15 +48,15 @@ def test_fingerprint_leaves_out_free_keys_and_what_only_later_stages_read():
     base = config("experiment=smoke")
     renamed = config("experiment=smoke", "label=x", "out_root=/elsewhere", "trainer.progress=true",
                      "trainer.num_workers=2", "trainer.device=cpu")
-    for stage in A.STAGES:
-        assert RD.fingerprint(base, stage) == RD.fingerprint(renamed, stage)
+    for stage in artifacts.STAGES:
+        assert rundir.fingerprint(base, stage) == rundir.fingerprint(renamed, stage)
     longer = config("experiment=smoke", "trainer.epochs=3")
-    assert [s for s in A.STAGES if RD.fingerprint(base, s) != RD.fingerprint(longer, s)] == ["retrain", "evaluate"]
+    assert [s for s in artifacts.STAGES if rundir.fingerprint(base, s) != rundir.fingerprint(longer, s)] == ["retrain", "evaluate"]
     tau = config("experiment=smoke", "adapter.allocation.tau=0.5")
-    assert [s for s in A.STAGES if RD.fingerprint(base, s) != RD.fingerprint(tau, s)] == [
+    assert [s for s in artifacts.STAGES if rundir.fingerprint(base, s) != rundir.fingerprint(tau, s)] == [
         "allocate", "extract", "retrain", "evaluate"]
     seed = config("experiment=smoke", "seed=1")
-    assert all(RD.fingerprint(base, s)["seed"] == 0 and RD.fingerprint(seed, s)["seed"] == 1 for s in A.STAGES)
+    assert all(rundir.fingerprint(base, s)["seed"] == 0 and rundir.fingerprint(seed, s)["seed"] == 1 for s in artifacts.STAGES)
 
 
 def test_rerun_with_other_settings_is_refused_and_the_run_dir_is_left_as_it_was(tmp_path, capsys):
@@ -69,23 +69,23 @@ def test_rerun_with_other_settings_is_refused_and_the_run_dir_is_left_as_it_was(
     assert "seed 0 -> 1" in err and "trainer.lr 0.005 -> 0.05" in err and "--rerun-from allocate" in err
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "train.log"}
     assert after == before  # .hydra/config.yaml included: a refused rerun rewrites nothing
-    assert "seed: 0" in (run_dir / A.HYDRA_CONFIG).read_text()
+    assert "seed: 0" in (run_dir / artifacts.HYDRA_CONFIG).read_text()
 
 
 def test_rerun_from_redoes_that_stage_and_every_later_one_only(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert train(capsys, *FAST, f"run_dir={run_dir}")[0] == 0
-    masks = (run_dir / "extract" / A.MASKS).read_bytes()
-    extract_done = (run_dir / "extract" / A.DONE).stat().st_mtime_ns
+    masks = (run_dir / "extract" / artifacts.MASKS).read_bytes()
+    extract_done = (run_dir / "extract" / artifacts.DONE).stat().st_mtime_ns
     code, err = train(capsys, *FAST[:-1], "trainer.max_steps=3", f"run_dir={run_dir}")
     assert code == 2 and "trainer.max_steps 2 -> 3" in err and "--rerun-from retrain" in err, err
     code, err = train(capsys, *FAST[:-1], "trainer.max_steps=3", f"run_dir={run_dir}", "--rerun-from", "retrain")
     assert code == 0, err
-    results = json.loads((run_dir / A.RESULTS).read_text())
+    results = json.loads((run_dir / artifacts.RESULTS).read_text())
     assert results["stages"]["retrain"]["steps"] == 3
-    assert (run_dir / "extract" / A.DONE).stat().st_mtime_ns == extract_done  # not redone
-    assert (run_dir / "extract" / A.MASKS).read_bytes() == masks
-    assert "trainer.max_steps=3" in (run_dir / A.HYDRA_OVERRIDES).read_text()
+    assert (run_dir / "extract" / artifacts.DONE).stat().st_mtime_ns == extract_done  # not redone
+    assert (run_dir / "extract" / artifacts.MASKS).read_bytes() == masks
+    assert "trainer.max_steps=3" in (run_dir / artifacts.HYDRA_OVERRIDES).read_text()
     code, err = train(capsys, *FAST, f"run_dir={run_dir}", "--rerun-from=nope")
     assert code == 2 and "--rerun-from takes a stage, one of probe, allocate" in err
 
@@ -95,8 +95,8 @@ def test_a_second_process_on_the_run_dir_is_refused_naming_the_holder(tmp_path, 
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from partial_lora import rundir as RD
-        with RD.locked(Path({str(run_dir)!r})):
+        from partial_lora import rundir
+        with rundir.locked(Path({str(run_dir)!r})):
             print("held", flush=True)
             sys.stdin.readline()
         """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
@@ -105,10 +105,10 @@ def test_a_second_process_on_the_run_dir_is_refused_naming_the_holder(tmp_path, 
         code, err = train(capsys, *FAST, f"run_dir={run_dir}")
         assert code == 2 and "\n" not in err, err
         assert f"is in use by pid {holder.pid} on " in err and "started 20" in err
-        assert not (run_dir / ".hydra").exists() and not any(run_dir.rglob(A.DONE))
+        assert not (run_dir / ".hydra").exists() and not any(run_dir.rglob(artifacts.DONE))
     finally:
         holder.communicate("\n", timeout=30)
-    assert holder.returncode == 0 and not (run_dir / RD.HOLDER).exists()
+    assert holder.returncode == 0 and not (run_dir / rundir.HOLDER).exists()
     assert train(capsys, *FAST, f"run_dir={run_dir}")[0] == 0  # free again once the holder is gone
 
 
@@ -120,7 +120,7 @@ def test_a_stopped_stage_does_not_resume_under_another_seed(tmp_path, monkeypatc
         crash_at_step(m, 4)
         with pytest.raises(KeyboardInterrupt):
             run_pipeline(other, tmp_path, echo=lambda s: None)
-    assert not A.is_done(tmp_path, "retrain")
+    assert not artifacts.is_done(tmp_path, "retrain")
     with pytest.raises(PlrError, match=r"seed 1 -> 0; in retrain\)") as e:
         run_pipeline(first, tmp_path, echo=lambda s: None)
     assert "\n" not in str(e.value)
@@ -128,9 +128,9 @@ def test_a_stopped_stage_does_not_resume_under_another_seed(tmp_path, monkeypatc
 
 def test_a_corrupt_artifact_names_the_way_to_remake_it(tmp_path):
     (tmp_path / "allocate").mkdir()
-    (tmp_path / "allocate" / A.ALLOCATION).write_text("{not json")
+    (tmp_path / "allocate" / artifacts.ALLOCATION).write_text("{not json")
     with pytest.raises(PlrError, match=rf"plr resume {tmp_path} --rerun-from allocate"):
-        A.read_json(tmp_path / "allocate" / A.ALLOCATION)
+        artifacts.read_json(tmp_path / "allocate" / artifacts.ALLOCATION)
 
 
 def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
@@ -138,22 +138,22 @@ def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
     temporary folder; without replace a filled folder is refused; the result has the umask's modes."""
     import os
 
-    from partial_lora import artifacts as A
+    from partial_lora import artifacts
     from partial_lora.errors import PlrError
 
     out = tmp_path / "out"
-    with A.atomic_dir(out, replace=True) as d:
+    with artifacts.atomic_dir(out, replace=True) as d:
         (d / "a.txt").write_text("one")
     assert (out / "a.txt").read_text() == "one"
-    assert oct(os.stat(out).st_mode & 0o777) == oct(0o777 & ~A.UMASK)
-    with pytest.raises(RuntimeError), A.atomic_dir(out, replace=True) as d:
+    assert oct(os.stat(out).st_mode & 0o777) == oct(0o777 & ~artifacts.UMASK)
+    with pytest.raises(RuntimeError), artifacts.atomic_dir(out, replace=True) as d:
         (d / "b.txt").write_text("two")
         raise RuntimeError("fill failed")
     assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
-    with pytest.raises(PlrError, match="busy here"), A.atomic_dir(out, replace=False, busy="busy here") as d:
+    with pytest.raises(PlrError, match="busy here"), artifacts.atomic_dir(out, replace=False, busy="busy here") as d:
         (d / "c.txt").write_text("three")
     assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
-    with A.atomic_dir(out, replace=True) as d:
+    with artifacts.atomic_dir(out, replace=True) as d:
         (d / "c.txt").write_text("three")
     assert sorted(p.name for p in out.iterdir()) == ["c.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from partial_lora import config as C
+from partial_lora import config
 from partial_lora.data.collate import TextCollate, pretokenize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,13 +205,13 @@ def test_two_processes_train_a_multi_task_causal_lm_as_one_process_does(tmp_path
 def test_fsdp_refuses_the_peft_baselines_in_one_line(monkeypatch):
     """trainer.strategy=fsdp shards plr's own layers: a PEFT baseline is refused before any process
     group is joined (so the error reaches the user instead of a hang)."""
-    from partial_lora import distributed as D
+    from partial_lora import distributed
     from partial_lora.errors import PlrError
     from partial_lora.working_set.build import setup
 
     with initialize_config_module("partial_lora.conf", version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", "adapter=peft_lora", "trainer.strategy=fsdp"])
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(D, "_strategy", "fsdp")
+    monkeypatch.setattr(distributed, "_strategy", "fsdp")
     with pytest.raises(PlrError, match="adapter=peft_lora .*runs with trainer.strategy=ddp"):
-        setup(C.validate(cfg))
+        setup(config.validate(cfg))

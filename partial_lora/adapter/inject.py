@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from partial_lora import distributed as D
+from partial_lora import distributed
 from partial_lora.errors import PlrError
 from partial_lora.adapter.lora import LoRABranch, LoRAConv, LoRALinear
 from partial_lora.adapter.masks import lora_parameters
@@ -197,8 +197,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """`{layer_id}.lora_A` / `{layer_id}.lora_B` tensors (compact shapes), whole, detached on CPU."""
     out = {}
     for lid, b in iter_branches(model):
-        out[f"{lid}.lora_A"] = D.full(b.lora_A.detach()).cpu().clone()  # FSDP: gathered from every process
-        out[f"{lid}.lora_B"] = D.full(b.lora_B.detach()).cpu().clone()
+        out[f"{lid}.lora_A"] = distributed.full(b.lora_A.detach()).cpu().clone()  # FSDP: gathered from every process
+        out[f"{lid}.lora_B"] = distributed.full(b.lora_B.detach()).cpu().clone()
     return out
 
 
@@ -221,7 +221,7 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping[str, Tensor], sourc
             if tuple(state[k].shape) != tuple(p.shape):
                 raise PlrError(f"{source}: '{k}' has shape {tuple(state[k].shape)}, the model expects "
                                f"{tuple(p.shape)}; it was written for another model or mask")
-            D.assign(p, state[k])  # FSDP: this process's shard of it
+            distributed.assign(p, state[k])  # FSDP: this process's shard of it
 
 
 def freeze_for_adapter(model: nn.Module, head_modules: Sequence[str] = ()) -> None:
@@ -247,8 +247,8 @@ def rewind(branches: Mapping[str, LoRABranch], init: Mapping[str, Tensor]) -> No
     kept block (`KeptBlock.select`): A[:, C] and B[R]. Under FSDP, this process's shard of each."""
     for lid, b in branches.items():
         lora_b, lora_a = b.kept.select(init[f"{lid}.lora_B"], init[f"{lid}.lora_A"])
-        D.assign(b.lora_A, lora_a.to(b.lora_A.device))
-        D.assign(b.lora_B, lora_b.to(b.lora_B.device))
+        distributed.assign(b.lora_A, lora_a.to(b.lora_A.device))
+        distributed.assign(b.lora_B, lora_b.to(b.lora_B.device))
 
 
 def count_adapter_parameters(model: nn.Module) -> dict[str, int]:
@@ -265,6 +265,6 @@ def base_weights(model: nn.Module) -> dict[str, Tensor]:
     for name, mod in model.named_modules():
         if isinstance(mod, LoRALinear):
             for key, b in mod.branches.items():
-                w = D.full(mod.base_layer.weight.detach())  # FSDP: gathered (one layer at a time)
+                w = distributed.full(mod.base_layer.weight.detach())  # FSDP: gathered (one layer at a time)
                 out[layer_id(name, key)] = w.view(mod.out_features, mod.in_features)[b.offset:b.offset + b.d_out]
     return out

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from partial_lora import distributed as D
+from partial_lora import distributed
 from partial_lora.adapter.masks import KeptBlock, lora_parameters
 from partial_lora.errors import PlrError
 
@@ -127,7 +127,7 @@ class LoRABranch(nn.Module):
 
         Outside a forward pass under FSDP the factors are shards: they are gathered whole.
         """
-        b, a = D.full(self.lora_B), D.full(self.lora_A)
+        b, a = distributed.full(self.lora_B), distributed.full(self.lora_A)
         b = b if self.mask_B is None else b * self.mask_B
         a = a if self.mask_A is None else a * self.mask_A
         return b, a

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from partial_lora.adapter import snip as SN
+from partial_lora.adapter.snip import col_scores, row_scores
 from partial_lora.errors import PlrError
 
 
@@ -155,7 +155,7 @@ def rank_probe_magnitude(delta: Tensor) -> Ranking:
 
 def rank_snip(scores: Tensor) -> Ranking:
     """Rank rows / columns by their summed SNIP importance (`snip.row_scores`, `snip.col_scores`)."""
-    return Ranking(_order(SN.row_scores(scores)).cpu(), _order(SN.col_scores(scores)).cpu())
+    return Ranking(_order(row_scores(scores)).cpu(), _order(col_scores(scores)).cpu())
 
 
 @dataclass(frozen=True)

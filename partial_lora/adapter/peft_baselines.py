@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from partial_lora.adapter import snip as SN
+from partial_lora.adapter import snip
 from partial_lora.adapter.masks import layer_seed
 from partial_lora.errors import PlrError, first_line
 
@@ -132,7 +132,7 @@ def shira_entries(shapes: Mapping[str, tuple[int, int]], counts: Mapping[str, in
     entries of largest SNIP importance (`scores`, `adapter=shira_snip`), else a random draw seeded per
     module from `seed` (`adapter=shira_random`)."""
     if scores is not None:
-        return {name: SN.top_entries(scores[name], counts[name]) for name in shapes}
+        return {name: snip.top_entries(scores[name], counts[name]) for name in shapes}
     return {name: random_entries(*shapes[name], counts[name], layer_seed(seed, name)) for name in shapes}
 
 

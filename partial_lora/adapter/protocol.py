@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from partial_lora.adapter import peft_baselines as PB
+from partial_lora.adapter import peft_baselines
 from partial_lora.models.classifier import Classifier
 from partial_lora.adapter.inject import adapter_state_dict, count_adapter_parameters, load_adapter_state_dict
 from partial_lora.training.loop import Hooks
@@ -65,7 +65,7 @@ class PlrAdapter:
 class PeftAdapter:
     """A PEFT baseline's adapter (`peft_baselines.inject_peft` made `peft`)."""
 
-    def __init__(self, model: Classifier, peft: Any, spec: PB.PeftSpec) -> None:
+    def __init__(self, model: Classifier, peft: Any, spec: peft_baselines.PeftSpec) -> None:
         self.model, self.peft, self.spec = model, peft, spec
 
     def num_parameters(self) -> int:
@@ -73,14 +73,14 @@ class PeftAdapter:
         return sum(p.numel() for p in self.model.net.parameters() if p.requires_grad and id(p) not in head)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return PB.state_dict(self.peft)
+        return peft_baselines.state_dict(self.peft)
 
     def extra_state(self) -> dict[str, Any] | None:
-        return PB.extra_state(self.peft)
+        return peft_baselines.extra_state(self.peft)
 
     def load(self, tensors: Mapping[str, Tensor], extra: Mapping[str, Any] | None, source: str) -> None:
-        PB.load_state_dict(self.peft, tensors, extra or {}, source=source)
+        peft_baselines.load_state_dict(self.peft, tensors, extra or {}, source=source)
 
     def hooks(self, validate: Callable[[], dict[str, float]]) -> Hooks:
-        return Hooks(validate=validate, after_step=PB.step_hook(self.peft, self.spec),
-                     extra_loss=PB.regularizer(self.peft, self.spec))
+        return Hooks(validate=validate, after_step=peft_baselines.step_hook(self.peft, self.spec),
+                     extra_loss=peft_baselines.regularizer(self.peft, self.spec))

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from partial_lora import distributed as D
+from partial_lora import distributed
 from partial_lora.adapter.lora import LoRABranch
 from partial_lora.adapter.masks import KeptBlock, Ranking, count
-from partial_lora.allocation import search as AS
+from partial_lora.allocation.search import proportional, threshold
 from partial_lora.allocation.allocators import Allocation, AllocationConfig, Layer
 from partial_lora.allocation.replay import BlockReplay
 from partial_lora.errors import PlrError
@@ -51,13 +51,13 @@ class MaskedProbe:
                  rankings: Mapping[str, Ranking], scored: Sequence[Scored], device: torch.device,
                  dtype: torch.dtype | None, *, sides: str, truncating: bool, by_loss: bool,
                  replay_mb: float | None) -> None:
-        if truncating and D.sharded():
+        if truncating and distributed.sharded():
             raise PlrError("adapter.allocation.allocator=truncation rewrites W0 in place, and trainer.strategy=fsdp "
                            "shards it; use trainer.strategy=ddp for it (or another allocator)")
         self.branches, self.weights, self.rankings, self.scored = branches, weights, rankings, scored
         self.device, self.dtype, self.sides, self.truncating, self.by_loss = device, dtype, sides, truncating, by_loss
         self.n_batches = sum(len(b) for _, b, _ in scored)
-        self.dense = {lid: (D.full(b.lora_B.detach()).clone(), D.full(b.lora_A.detach()).clone())
+        self.dense = {lid: (distributed.full(b.lora_B.detach()).clone(), distributed.full(b.lora_A.detach()).clone())
                       for lid, b in branches.items()}
         self.multipliers: dict[tuple[str, float], tuple[Tensor, Tensor]] = {}
         self.svd = {lid: torch.linalg.svd(weights[lid].to(device).double(), full_matrices=False)
@@ -80,8 +80,8 @@ class MaskedProbe:
             b, a = self.dense[lid]
             rho = ratios.get(lid, 1.0)
             if self.truncating:  # the adapter stays dense; W0 becomes its rank-k truncation (k from ρ)
-                D.assign(branch.lora_B, torch.zeros_like(b) if zero else b)
-                D.assign(branch.lora_A, a)
+                distributed.assign(branch.lora_B, torch.zeros_like(b) if zero else b)
+                distributed.assign(branch.lora_A, a)
                 w = self.weights[lid]
                 if rho >= 1 or zero:
                     w.copy_(self.original[lid])
@@ -92,12 +92,12 @@ class MaskedProbe:
             elif zero:
                 branch.lora_B.zero_()
             elif rho >= 1:
-                D.assign(branch.lora_B, b)
-                D.assign(branch.lora_A, a)
+                distributed.assign(branch.lora_B, b)
+                distributed.assign(branch.lora_A, a)
             else:
                 rm, cm = self.masks(lid, rho)
-                D.assign(branch.lora_B, b * rm)
-                D.assign(branch.lora_A, a * cm)
+                distributed.assign(branch.lora_B, b * rm)
+                distributed.assign(branch.lora_A, a * cm)
 
     def score(self, ratios: Mapping[str, float], zero: bool = False) -> float:
         """The few-shot main metric (the mean over parts), or the few-shot loss (metric=loss)."""
@@ -121,10 +121,10 @@ class MaskedProbe:
                   f"tau={acfg.tau}, relative_to={acfg.relative_to}, {len(layers)} layers, grid {list(acfg.grid)}")
             if acfg.allocator == "proportional":
                 assert budget is not None
-                alloc = AS.proportional(layers, r, acfg, budget, evaluate=self.score, a_ref=a_ref, a_0=a_0,
+                alloc = proportional(layers, r, acfg, budget, evaluate=self.score, a_ref=a_ref, a_0=a_0,
                                         sides=self.sides)
             else:
-                alloc = AS.threshold(layers, r, acfg, evaluate=self.score, a_ref=a_ref, a_0=a_0,
+                alloc = threshold(layers, r, acfg, evaluate=self.score, a_ref=a_ref, a_0=a_0,
                                      sides=self.sides, allocator=acfg.allocator)
         alloc.replayed_share = self.replay.saved_share
         self.set_ratios({})

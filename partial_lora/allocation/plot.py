@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from partial_lora import artifacts as A
+from partial_lora import artifacts
 from partial_lora.allocation.allocators import Allocation
 
 
@@ -27,7 +27,7 @@ def plot(alloc: Allocation, path: Path, title: str) -> None:
     red = 100.0 * (1 - alloc.params() / max(1, alloc.dense_params()))
     ax.set_title(f"{title} · {alloc.allocator}: {alloc.params():,} params ({red:.1f}% fewer than dense)", fontsize=8)
     fig.tight_layout()
-    with A.atomic_path(path) as tmp:
+    with artifacts.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 

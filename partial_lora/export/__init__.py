@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from partial_lora import artifacts as A
+from partial_lora import artifacts
 from partial_lora.export.card import ExportInfo, model_card
 from partial_lora.export.convert import (ADAPTER, DELTA_ATOL, Target, base_reference, check_deltas, check_extra,
                                          check_plr_adapter, copy_weights, find_targets, fresh_base, layer_table,
@@ -153,10 +153,10 @@ def _fill(tmp: Path, c: ExportInfo, peft_model: Any) -> list[str]:
     """Write every file of the export into `tmp` (the card names the final folder); returns the top-level names."""
     peft_model.save_pretrained(str(tmp), save_embedding_layers=False)  # PEFT's own format and names
     if c.s.sparse:
-        A.save_tensors(tmp / MASKS, mask_tensors(c.targets), {"model": c.spec.name, "format": "plr-masks"})
-    A.write_json(tmp / LAYERS, c.layers)
-    A.write_text(tmp / CONFIG, (c.run_dir / HYDRA_CONFIG).read_text())
+        artifacts.save_tensors(tmp / MASKS, mask_tensors(c.targets), {"model": c.spec.name, "format": "plr-masks"})
+    artifacts.write_json(tmp / LAYERS, c.layers)
+    artifacts.write_text(tmp / CONFIG, (c.run_dir / HYDRA_CONFIG).read_text())
     if c.merged:
         c.notes.extend(save_merged(peft_model, c.s, c.spec, tmp / MERGED))
-    A.write_text(tmp / CARD, model_card(c))  # last: PEFT's save_pretrained writes a stub README.md
+    artifacts.write_text(tmp / CARD, model_card(c))  # last: PEFT's save_pretrained writes a stub README.md
     return sorted(p.name + ("/" if p.is_dir() else "") for p in tmp.iterdir() if not p.name.startswith("."))

@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
-from partial_lora import artifacts as A
-from partial_lora import config as C
+from partial_lora import artifacts
+from partial_lora import config
 from partial_lora.export.convert import Target
 from partial_lora.export.layout import (CONFIG, HYDRA_OVERRIDES, LAYERS, MASKS, MERGED, PEFT_CONFIG, PEFT_WEIGHTS,
                                         read_optional)
@@ -119,10 +119,10 @@ def _ratio_table(layers: Mapping[str, Any]) -> list[str]:
 
 
 def _metric_lines(run_dir: Path) -> list[str]:
-    results = read_optional(run_dir / A.RESULTS) or {}
+    results = read_optional(run_dir / artifacts.RESULTS) or {}
     metrics = results.get("metrics") or {}
     if not metrics:
-        return [f"No evaluation in the run (no {A.RESULTS} with metrics); finish its evaluate stage with `plr train`."]
+        return [f"No evaluation in the run (no {artifacts.RESULTS} with metrics); finish its evaluate stage with `plr train`."]
     names: list[str] = []
     for key in metrics:
         name = key.split("_", 1)[1]
@@ -163,7 +163,7 @@ def _provenance_lines(run_dir: Path) -> list[str]:
         command = "`" + " ".join(["plr", "train", *(shlex.quote(str(a)) for a in args)]) + "`"
     else:
         command = f"not recorded (no {HYDRA_OVERRIDES} in the run dir)"
-    git = read_optional(run_dir / A.GIT) or {}
+    git = read_optional(run_dir / artifacts.GIT) or {}
     sha = git.get("sha") or "unknown"
     dirty = " (with uncommitted changes)" if git.get("dirty") else ""
     return [f"- command: {command}", f"- plr git commit: `{sha}`{dirty}", f"- run dir: `{run_dir}`",
@@ -176,16 +176,16 @@ def _load_snippet(c: ExportInfo) -> list[str]:
     if not c.spec.pretrained:
         return ["from omegaconf import OmegaConf",
                 "from peft import PeftModel",
-                "from partial_lora import config as C",
+                "from partial_lora import config",
                 "from partial_lora.models.backbones import build_model",
                 "from partial_lora.training.runtime import set_seed",
                 "",
                 f'cfg = OmegaConf.load("{out}/{CONFIG}")',
                 "set_seed(int(cfg.seed))  # the random-init base depends on the seed",
-                f"base = build_model(C.model_spec(cfg), num_labels={n}).model.net",
+                f"base = build_model(config.model_spec(cfg), num_labels={n}).model.net",
                 f'model = PeftModel.from_pretrained(base, "{out}").eval()']
     if family == "timm":
-        args = {k: v for k, v in C.plain(c.spec.config).items() if k != "architecture"}
+        args = {k: v for k, v in config.plain(c.spec.config).items() if k != "architecture"}
         extra = "".join(f", {k}={v!r}" for k, v in args.items())
         weights = ""
         if Path(c.base).exists():

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from partial_lora import artifacts as A
+from partial_lora import artifacts
 from partial_lora.spec import RunSpec
 from partial_lora.errors import PlrError, first_line
 from partial_lora.export.layout import read_optional
@@ -219,8 +219,8 @@ def check_deltas(peft_model: Any, targets: Sequence[Target]) -> None:
 
 def layer_table(run_dir: Path, run: RunSpec, targets: Sequence[Target]) -> dict[str, Any]:
     """plr_layers.json: per layer id, where PEFT holds it and what it keeps (from extract/allocate)."""
-    masks = read_optional(A.stage_dir(run_dir, A.EXTRACT) / A.MASKS_JSON)
-    alloc = read_optional(A.stage_dir(run_dir, A.ALLOCATE) / A.ALLOCATION)
+    masks = read_optional(artifacts.stage_dir(run_dir, artifacts.EXTRACT) / artifacts.MASKS_JSON)
+    alloc = read_optional(artifacts.stage_dir(run_dir, artifacts.ALLOCATE) / artifacts.ALLOCATION)
     from_masks = (masks or {}).get("layers", {})
     from_alloc = {la["name"]: la for la in (alloc or {}).get("layers", [])}
     layers: dict[str, Any] = {}

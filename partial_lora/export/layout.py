@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from partial_lora import artifacts as A
+from partial_lora import artifacts
 
-HYDRA_CONFIG, HYDRA_OVERRIDES = A.HYDRA_CONFIG, A.HYDRA_OVERRIDES
+HYDRA_CONFIG, HYDRA_OVERRIDES = artifacts.HYDRA_CONFIG, artifacts.HYDRA_OVERRIDES
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's names
 MASKS, LAYERS, CONFIG = "plr_masks.safetensors", "plr_layers.json", "plr_config.yaml"
 CARD, MERGED = "README.md", "merged"
 
 
 def read_optional(path: Path) -> Any:
-    return A.read_json(path) if path.exists() else None
+    return artifacts.read_json(path) if path.exists() else None

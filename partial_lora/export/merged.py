@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from partial_lora import config as C
+from partial_lora import config
 from partial_lora.models.source import resolve_source
 from partial_lora.models.backbones import ModelSpec
 from partial_lora.working_set.build import Setup
@@ -18,7 +18,7 @@ def save_merged(peft_model: Any, s: Setup, spec: ModelSpec, dest: Path) -> list[
     if spec.family == "timm":
         from timm.models import save_for_hf
 
-        args = {k: v for k, v in C.plain(spec.config).items() if k != "architecture"}
+        args = {k: v for k, v in config.plain(spec.config).items() if k != "architecture"}
         save_for_hf(net, str(dest), model_args=args, safe_serialization=True)
         notes.append("merged/ is a timm checkpoint (config.json + model.safetensors, with its preprocessing config)")
         return notes

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from partial_lora import artifacts as A
+from partial_lora import artifacts
 from partial_lora.errors import PlrError
 from partial_lora.export.layout import CARD, CONFIG, HYDRA_CONFIG, LAYERS, MASKS, MERGED, PEFT_CONFIG, PEFT_WEIGHTS
 
@@ -19,8 +19,8 @@ EXPORT_FILES = (PEFT_CONFIG, PEFT_WEIGHTS, MASKS, LAYERS, CONFIG, CARD, MERGED) 
 
 
 def _is_run_dir(path: Path) -> bool:
-    return (path / HYDRA_CONFIG).exists() or (path / A.RESULTS).exists() or any(
-        A.is_done(path, s) for s in A.STAGES)
+    return (path / HYDRA_CONFIG).exists() or (path / artifacts.RESULTS).exists() or any(
+        artifacts.is_done(path, s) for s in artifacts.STAGES)
 
 
 def check_out_dir(out_dir: Path, run_dir: Path, force: bool) -> None:
@@ -57,6 +57,6 @@ def check_out_dir(out_dir: Path, run_dir: Path, force: bool) -> None:
 def write_folder(out_dir: Path, force: bool, fill: Callable[[Path], list[str]]) -> list[str]:
     """Run `fill` on a temporary folder next to `out_dir`, then rename it into place (`artifacts.atomic_dir`)."""
     # Resolved: `..` or `.` as given have no name to rename the new folder to (os.replace failed on them).
-    with A.atomic_dir(out_dir.resolve(), replace=force, busy=f"out dir '{out_dir}' is not empty; choose a new folder "
+    with artifacts.atomic_dir(out_dir.resolve(), replace=force, busy=f"out dir '{out_dir}' is not empty; choose a new folder "
                                                               "or pass --force to replace the earlier export in it") as tmp:
         return fill(tmp)

@@ -7,8 +7,8 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from partial_lora import artifacts as A
-from partial_lora import config as C
+from partial_lora import artifacts
+from partial_lora import config
 from partial_lora.errors import PlrError, first_line
 from partial_lora.export.layout import HYDRA_CONFIG
 from partial_lora.spec import RunSpec
@@ -23,7 +23,7 @@ def check_run(run_dir: Path) -> None:
         raise PlrError(f"run dir '{run_dir}' does not exist; pass the run dir of a `plr train` run")
     if not (run_dir / HYDRA_CONFIG).is_file():
         raise PlrError(f"'{run_dir}' is not a plr run dir (no {HYDRA_CONFIG}); pass the run dir `plr train` printed")
-    if not A.is_done(run_dir, A.RETRAIN):
+    if not artifacts.is_done(run_dir, artifacts.RETRAIN):
         raise PlrError(f"run '{run_dir}' has no finished retrain stage; finish it first with "
                        f"`plr train run_dir={run_dir} <the run's overrides>`")
 
@@ -42,13 +42,13 @@ def load_config(run_dir: Path) -> DictConfig:
 
 def load_spec(run_dir: Path) -> RunSpec:
     """The run's `RunSpec`, from its saved config (checked as `plr train` checked it)."""
-    return C.validate(C.saved_run(load_config(run_dir), run_dir))
+    return config.validate(config.saved_run(load_config(run_dir), run_dir))
 
 
 def rebuild(spec: RunSpec, run_dir: Path) -> Setup:
     """The run's trained model, exactly as the evaluate stage builds it."""
     set_seed(spec.seed)
     s = setup_run(spec, run_dir)
-    load_trained(s, A.stage_dir(run_dir, A.RETRAIN))
+    load_trained(s, artifacts.stage_dir(run_dir, artifacts.RETRAIN))
     s.built.model.eval()
     return s

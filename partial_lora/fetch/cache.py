@@ -34,7 +34,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from partial_lora import artifacts as A
+from partial_lora import artifacts
 from partial_lora.artifacts import UMASK
 from partial_lora.errors import PlrError, first_line
 from partial_lora.fetch.catalogue import SOURCES, Package, Source
@@ -210,7 +210,7 @@ def fetch(name: str, *, force: bool = False, root: Path | None = None, downloade
         work = Path(tempfile.mkdtemp(prefix=f".partial-{source.name}-", dir=root))
         try:
             downloads = downloader(source.packages, work / "downloads")
-            with A.atomic_dir(final, replace=True) as staged:  # the entry appears whole, or not at all
+            with artifacts.atomic_dir(final, replace=True) as staged:  # the entry appears whole, or not at all
                 echo(f"[plr] fetch {source.name}: extracting")
                 source.build(downloads, staged)
                 _write_manifest(source, staged)

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
-from partial_lora import distributed as D
+from partial_lora import distributed
 from partial_lora.errors import PlrError
 
 
@@ -59,7 +59,7 @@ class Classifier(nn.Module):
 
     def head_state_dict(self) -> dict[str, Tensor]:
         """Head tensors keyed by their names in `net` (e.g. `classifier.weight`)."""
-        return {f"{n}.{k}": D.full(v.detach()).cpu().clone() for n in self.head_modules  # FSDP: gathered
+        return {f"{n}.{k}": distributed.full(v.detach()).cpu().clone() for n in self.head_modules  # FSDP: gathered
                 for k, v in self.net.get_submodule(n).state_dict().items()}
 
     def load_head_state_dict(self, state: Mapping[str, Tensor], source: str = "head") -> None:
@@ -69,7 +69,7 @@ class Classifier(nn.Module):
                            "rerun the stage that wrote it")
         for n in self.head_modules:
             for k, v in self.net.get_submodule(n).state_dict(keep_vars=True).items():
-                D.assign(v, state[f"{n}.{k}"])  # FSDP: this process's shard of it
+                distributed.assign(v, state[f"{n}.{k}"])  # FSDP: this process's shard of it
 
 
 def loss_fn(logits: Tensor, labels: Tensor) -> Tensor:

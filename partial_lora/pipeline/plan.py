@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from partial_lora import artifacts as A
+from partial_lora import artifacts
 from partial_lora.allocation.allocators import NEEDS_PROBE
 from partial_lora.spec import RunSpec
 
@@ -23,8 +23,8 @@ def stages_for(sp: float | str, mask_method: str, allocator: str, shira_mask: st
     mask plr draws (`shira_mask`): extract (the mask), retrain, evaluate.
     """
     if shira_mask is not None:
-        return [A.EXTRACT, A.RETRAIN, A.EVALUATE]
+        return [artifacts.EXTRACT, artifacts.RETRAIN, artifacts.EVALUATE]
     if sp == 0:
-        return [A.RETRAIN, A.EVALUATE]
+        return [artifacts.RETRAIN, artifacts.EVALUATE]
     needs_probe = mask_method == "probe_magnitude" or (sp == "auto" and allocator in NEEDS_PROBE)
-    return ([A.PROBE] if needs_probe else []) + [A.ALLOCATE, A.EXTRACT, A.RETRAIN, A.EVALUATE]
+    return ([artifacts.PROBE] if needs_probe else []) + [artifacts.ALLOCATE, artifacts.EXTRACT, artifacts.RETRAIN, artifacts.EVALUATE]

@@ -7,21 +7,21 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from partial_lora import artifacts as A
+from partial_lora import artifacts
 from partial_lora.pipeline.plan import plan
 from partial_lora.spec import RunSpec
-from partial_lora.training import failed_reading as FR
+from partial_lora.training.failed_reading import constant_line, floor_line
 
 def collect_results(spec: RunSpec, run_dir: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Everything the report needs, from the stages' metrics."""
-    ev = stages.get(A.EVALUATE, {})
-    al = stages.get(A.ALLOCATE, {})
+    ev = stages.get(artifacts.EVALUATE, {})
+    al = stages.get(artifacts.ALLOCATE, {})
     metrics, main = list(spec.metrics), spec.main_metric
     adapter = copy.deepcopy(spec.settings["adapter"])  # the adapter's settings as recorded (results.json)
-    if stages.get(A.RETRAIN, {}).get("rank") is not None:  # lora_matched chooses its rank at run time
-        adapter["r"] = int(stages[A.RETRAIN]["rank"])
+    if stages.get(artifacts.RETRAIN, {}).get("rank") is not None:  # lora_matched chooses its rank at run time
+        adapter["r"] = int(stages[artifacts.RETRAIN]["rank"])
     dense, sparse = ev.get("dense_lora_params"), ev.get("adapter_params")
-    rt = stages.get(A.RETRAIN, {})  # its peak memory: the training's (runtime.peak_memory)
+    rt = stages.get(artifacts.RETRAIN, {})  # its peak memory: the training's (runtime.peak_memory)
     return {
         "status": "complete" if all(s in stages for s in plan(spec)) else "incomplete",
         "run_dir": str(run_dir), "name": spec.name, "label": spec.label,
@@ -34,7 +34,7 @@ def collect_results(spec: RunSpec, run_dir: Path, stages: dict[str, dict[str, An
         "metrics": {k: v for k, v in ev.items() if k.startswith(("val_", "test_"))},
         "params": {"adapter": sparse, "dense_lora_same_rank": dense, "head": ev.get("head_params"),
                    "reduction_pct": 100.0 * (1 - sparse / dense) if dense and sparse is not None else None},
-        "probe_accuracy": stages.get(A.PROBE, {}).get("a_ref"),
+        "probe_accuracy": stages.get(artifacts.PROBE, {}).get("a_ref"),
         "allocation": {k: al.get(k) for k in ("allocator", "metric", "ratio_min", "ratio_median", "ratio_max", "a_ref", "a_0",
                                              "target", "joint_accuracy", "floor_share", "evaluations")} if al else None,
         "wall_s": {s: m.get("wall_s") for s, m in stages.items()},
@@ -49,15 +49,15 @@ def failed_reading(spec: RunSpec, run_dir: Path, stages: dict[str, dict[str, Any
     """One line per sign that the run's reading failed (`partial_lora.training.failed_reading`): an allocation
     with every layer at the grid's floor, a validation score near the constant-prediction level."""
     lines = []
-    al, ev, rt = stages.get(A.ALLOCATE), stages.get(A.EVALUATE, {}), stages.get(A.RETRAIN, {})
-    path = A.stage_dir(run_dir, A.ALLOCATE) / A.ALLOCATION
+    al, ev, rt = stages.get(artifacts.ALLOCATE), stages.get(artifacts.EVALUATE, {}), stages.get(artifacts.RETRAIN, {})
+    path = artifacts.stage_dir(run_dir, artifacts.ALLOCATE) / artifacts.ALLOCATION
     if al and path.exists():
-        grid = A.read_json(path).get("grid") or []
-        lines.append(FR.floor_line(al, grid, ev.get("adapter_params", al.get("params")), spec.allocation.relative_to))
+        grid = artifacts.read_json(path).get("grid") or []
+        lines.append(floor_line(al, grid, ev.get("adapter_params", al.get("params")), spec.allocation.relative_to))
     main = spec.main_metric
     lr, scale, key = ((spec.retrain.lr, None, "retrain.lr") if spec.retrain.lr is not None else
                       (spec.train.lr, rt.get("adapter_lr_scale"), "trainer.lr"))
-    lines.append(FR.constant_line(main, ev.get(f"val_{main}"), ev.get("constant_level"), ev.get("constant_n"),
+    lines.append(constant_line(main, ev.get(f"val_{main}"), ev.get("constant_level"), ev.get("constant_n"),
                                   lr, scale, spec.sparse, lr_key=key))
     return [line for line in lines if line]
 

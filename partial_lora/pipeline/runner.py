@@ -21,10 +21,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from partial_lora import artifacts as A
-from partial_lora import config as C
-from partial_lora import distributed as D
-from partial_lora import rundir as RD
+from partial_lora import artifacts
+from partial_lora import config
+from partial_lora import distributed
+from partial_lora import rundir
 from partial_lora.errors import Interrupted, disk_full_is_one_line
 from partial_lora.pipeline.plan import plan
 from partial_lora.pipeline.results import collect_results
@@ -32,9 +32,9 @@ from partial_lora.pipeline.reuse import reuse_from_run
 from partial_lora.spec import RunSpec
 from partial_lora.stages import allocate, evaluate, extract, probe, retrain
 from partial_lora.tracking import Tracker
-from partial_lora.training import checkpoint as CK
+from partial_lora.training import checkpoint
 from partial_lora.training.runtime import resolve_device
-from partial_lora.working_set import data as B
+from partial_lora.working_set.data import data_identity, data_loaded_once
 
 log = logging.getLogger("plr")
 
@@ -42,7 +42,7 @@ StageFn = Callable[[RunSpec, Path, "Tracker | None"], dict[str, Any]]
 
 # Under a multi-process launch the retrain stage trains data parallel; rank 0 runs the others alone
 # (with trainer.strategy=fsdp every process runs every stage: none holds the whole model).
-DATA_PARALLEL = frozenset({A.RETRAIN})
+DATA_PARALLEL = frozenset({artifacts.RETRAIN})
 
 REGISTRY: dict[str, StageFn] = {
     probe.NAME: probe.run,
@@ -69,20 +69,20 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None,
             `.hydra/`, git.json and env.json and opens its tracker there); the tracker it returns is
             used instead of `tracker`, and finished at the end.
     """
-    spec = C.validate(cfg, members)
-    with B.data_loaded_once():
+    spec = config.validate(cfg, members)
+    with data_loaded_once():
         stages = plan(spec)
-        D.init(resolve_device(spec.train.device))  # under torchrun: join the group before any barrier
-        D.use(spec.train.strategy)  # fsdp: every process runs every stage on its shard of the model
-        data = B.data_identity(spec)  # loads the task (once: the stages reuse it), before anything is written
-        if D.is_main():
+        distributed.init(resolve_device(spec.train.device))  # under torchrun: join the group before any barrier
+        distributed.use(spec.train.strategy)  # fsdp: every process runs every stage on its shard of the model
+        data = data_identity(spec)  # loads the task (once: the stages reuse it), before anything is written
+        if distributed.is_main():
             if rerun_from:
-                RD.rerun_from(run_dir, rerun_from)
-            RD.check(run_dir, spec.settings, data)  # a run dir made with other settings, or other data, is refused
+                rundir.rerun_from(run_dir, rerun_from)
+            rundir.check(run_dir, spec.settings, data)  # a run dir made with other settings, or other data, is refused
         if on_checked is not None:
             tracker = on_checked(spec)
         try:
-            if D.is_main() and spec.from_run:
+            if distributed.is_main() and spec.from_run:
                 reuse_from_run(spec, run_dir, stages, echo, data)
             return _run_stages(spec, run_dir, tracker, echo, stages, data)
         finally:
@@ -96,37 +96,37 @@ def _run_stages(spec: RunSpec, run_dir: Path, tracker: Tracker | None, echo: Cal
     with disk_full_is_one_line(run_dir):
         for name in stages:
             # Read before the barrier: past it, rank 0 may already be finishing the stage.
-            already = A.is_done(run_dir, name)
-            D.barrier()  # every process sees the same finished stages
+            already = artifacts.is_done(run_dir, name)
+            distributed.barrier()  # every process sees the same finished stages
             if already:
-                echo(f"[plr] {name}: done already, skipped ({A.stage_dir(run_dir, name)})")
-                done[name] = A.read_json(A.stage_dir(run_dir, name) / A.METRICS)
+                echo(f"[plr] {name}: done already, skipped ({artifacts.stage_dir(run_dir, name)})")
+                done[name] = artifacts.read_json(artifacts.stage_dir(run_dir, name) / artifacts.METRICS)
                 continue
-            if name not in DATA_PARALLEL and not D.is_main() and not D.sharded():
-                D.barrier()  # rank 0 runs the stage alone; this rank reads what it wrote
-                done[name] = A.read_json(A.stage_dir(run_dir, name) / A.METRICS)
+            if name not in DATA_PARALLEL and not distributed.is_main() and not distributed.sharded():
+                distributed.barrier()  # rank 0 runs the stage alone; this rank reads what it wrote
+                done[name] = artifacts.read_json(artifacts.stage_dir(run_dir, name) / artifacts.METRICS)
                 continue
             echo(f"[plr] {name} ...")
-            if D.is_main():
-                RD.record(run_dir, name, spec.settings, data)
+            if distributed.is_main():
+                rundir.record(run_dir, name, spec.settings, data)
             t0 = time.perf_counter()
             try:
-                with contextlib.nullcontext() if name in DATA_PARALLEL or D.sharded() else D.alone():
+                with contextlib.nullcontext() if name in DATA_PARALLEL or distributed.sharded() else distributed.alone():
                     metrics = REGISTRY[name](spec, run_dir, tracker)
             except Interrupted:
                 raise
             except KeyboardInterrupt:  # outside a training loop (loading, the allocation search...)
                 raise Interrupted(name) from None
             metrics["wall_s"] = time.perf_counter() - t0
-            A.mark_done(run_dir, name, metrics)
-            if D.is_main():
-                (A.stage_dir(run_dir, name) / CK.FILE).unlink(missing_ok=True)  # the stage's results supersede it
-            D.barrier()
+            artifacts.mark_done(run_dir, name, metrics)
+            if distributed.is_main():
+                (artifacts.stage_dir(run_dir, name) / checkpoint.FILE).unlink(missing_ok=True)  # the stage's results supersede it
+            distributed.barrier()
             done[name] = metrics
             echo(f"[plr] {name}: done in {metrics['wall_s']:.1f} s")
         results = collect_results(spec, run_dir, done)
-        A.write_json(run_dir / A.RESULTS, results)
-    for line in results["failed_reading"] if D.is_main() else []:  # the run's log (and the console): never silent
+        artifacts.write_json(run_dir / artifacts.RESULTS, results)
+    for line in results["failed_reading"] if distributed.is_main() else []:  # the run's log (and the console): never silent
         log.warning(line)
     return results
 

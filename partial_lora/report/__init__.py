@@ -26,7 +26,7 @@ import glob
 from collections.abc import Sequence
 from pathlib import Path
 
-from partial_lora import artifacts as A
+from partial_lora import artifacts
 from partial_lora.errors import PlrError
 from partial_lora.report.groups import (DIGITS, Group, Report, Stat, group_runs, natural_key, repeated_seed_notes,
                                         summary_metrics, task_metrics)
@@ -63,7 +63,7 @@ def build(patterns: Sequence[str], metric: str | None = None) -> Report:
             raise PlrError(f"'{missing[0]}' does not exist; pass a run dir written by `plr train`, a dir above "
                            "run dirs, or a quoted glob like 'outputs/**'")
         shown = ", ".join(repr(p) for p in patterns)
-        raise PlrError(f"no run dirs found in {shown} (a run dir holds {HYDRA_CONFIG} or {A.RESULTS}); "
+        raise PlrError(f"no run dirs found in {shown} (a run dir holds {HYDRA_CONFIG} or {artifacts.RESULTS}); "
                        "pass a dir written by `plr train`, a dir above it, or a quoted glob like 'outputs/**'")
     runs = [read_run(d) for d in run_dirs]
     if len({r.model for r in runs if r.status == "complete"}) > 1:
@@ -91,7 +91,7 @@ def write(rep: Report, out: Path) -> list[Path]:
     """
     try:
         out.mkdir(parents=True, exist_ok=True)
-        A.write_text(out / REPORT_MD, markdown(rep))
+        artifacts.write_text(out / REPORT_MD, markdown(rep))
         write_csv(out / REPORT_CSV, *group_rows(rep))
         write_csv(out / RUNS_CSV, *run_rows(rep))
         written = [out / REPORT_MD, out / REPORT_CSV, out / RUNS_CSV]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from partial_lora import artifacts as A
+from partial_lora import artifacts
 from partial_lora.report.groups import Report
 
 
@@ -29,7 +29,7 @@ def plot(rep: Report, path: Path) -> bool:
     for ax in list(axes.flat)[len(tasks):]:
         ax.set_visible(False)
     fig.tight_layout()
-    with A.atomic_path(path) as tmp:
+    with artifacts.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return True

@@ -14,10 +14,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from partial_lora import artifacts as A
+from partial_lora import artifacts
 from partial_lora.errors import PlrError
 
-HYDRA_CONFIG = A.HYDRA_CONFIG
+HYDRA_CONFIG = artifacts.HYDRA_CONFIG
 NOT_METRICS = ("_loss", "_examples")  # endings of test_* keys that are not a reportable metric
 
 
@@ -62,7 +62,7 @@ class Run:
 
 def is_run_dir(path: Path) -> bool:
     """A run dir holds `.hydra/config.yaml` (written first) or `results.json` (written last)."""
-    return (path / HYDRA_CONFIG).is_file() or (path / A.RESULTS).is_file()
+    return (path / HYDRA_CONFIG).is_file() or (path / artifacts.RESULTS).is_file()
 
 
 def find_run_dirs(patterns: Sequence[str]) -> tuple[list[Path], list[str]]:
@@ -96,7 +96,7 @@ def _expand(pattern: str) -> list[Path]:
 def _run_dirs_at(path: Path) -> list[Path]:
     """The run dir a file belongs to, or the run dirs at or below a directory."""
     if path.is_file():
-        if path.name == A.RESULTS:
+        if path.name == artifacts.RESULTS:
             return [path.parent]
         if path.name == HYDRA_CONFIG.name and path.parent.name == HYDRA_CONFIG.parent.name:
             return [path.parent.parent]
@@ -117,15 +117,15 @@ class _Unreadable(Exception):
 
 
 def _load_results(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / A.RESULTS
+    path = run_dir / artifacts.RESULTS
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise _Unreadable(A.RESULTS) from None
+        raise _Unreadable(artifacts.RESULTS) from None
     if not isinstance(data, dict):
-        raise _Unreadable(A.RESULTS)
+        raise _Unreadable(artifacts.RESULTS)
     return data
 
 
@@ -178,18 +178,18 @@ def expected_stages(results: dict[str, Any] | None, cfg: DictConfig | None, run_
     config; with neither (or a config `plan` rejects), the stage dirs that exist.
     """
     if results is not None and isinstance(results.get("stages"), dict) and results["stages"]:
-        return [s for s in A.STAGES if s in results["stages"]]
+        return [s for s in artifacts.STAGES if s in results["stages"]]
     if cfg is not None:
-        from partial_lora import config as C
+        from partial_lora import config
         from partial_lora.pipeline.plan import stages_for
 
         try:  # only what decides the stages: a report reads runs whatever else their config holds
-            peft = C.peft_spec(cfg)
-            return stages_for(C.sparsity(cfg), C.mask_config(cfg).method, C.allocation_config(cfg).allocator,
+            peft = config.peft_spec(cfg)
+            return stages_for(config.sparsity(cfg), config.mask_config(cfg).method, config.allocation_config(cfg).allocator,
                               peft.shira_mask if peft is not None else None)
         except (PlrError, OmegaConfBaseException):
             pass
-    return [s for s in A.STAGES if A.stage_dir(run_dir, s).is_dir()]
+    return [s for s in artifacts.STAGES if artifacts.stage_dir(run_dir, s).is_dir()]
 
 
 def _identity(results: dict[str, Any] | None, cfg: DictConfig | None) -> dict[str, Any]:
@@ -233,7 +233,7 @@ def read_run(run_dir: Path) -> Run:
     except _Unreadable as e:
         cfg, unreadable = None, [*unreadable, str(e)]
     run = Run(run_dir, "incomplete", **_identity(results, cfg),
-              missing=[s for s in expected_stages(results, cfg, run_dir) if not A.is_done(run_dir, s)])
+              missing=[s for s in expected_stages(results, cfg, run_dir) if not artifacts.is_done(run_dir, s)])
     if results is not None:
         params = results.get("params") if isinstance(results.get("params"), dict) else {}
         run.metrics = reportable_metrics(results.get("metrics"))
@@ -244,17 +244,17 @@ def read_run(run_dir: Path) -> Run:
             run.members = {str(k): str(v.get("main")) for k, v in members.items() if isinstance(v, dict)}
     if unreadable:
         run.status, run.reason = "failed", "unreadable " + ", ".join(unreadable)
-    elif (run_dir / A.ERROR).is_file():
-        lines = (run_dir / A.ERROR).read_text(errors="replace").strip().splitlines()
-        run.status, run.reason = "failed", (lines[0][:300] if lines else A.ERROR)
+    elif (run_dir / artifacts.ERROR).is_file():
+        lines = (run_dir / artifacts.ERROR).read_text(errors="replace").strip().splitlines()
+        run.status, run.reason = "failed", (lines[0][:300] if lines else artifacts.ERROR)
     elif results is None:
-        run.reason = f"no {A.RESULTS}"
+        run.reason = f"no {artifacts.RESULTS}"
     elif results.get("status") != "complete":
-        run.reason = f"{A.RESULTS} status {results.get('status')!r}"
+        run.reason = f"{artifacts.RESULTS} status {results.get('status')!r}"
     elif run.missing:
-        run.reason = f"{A.RESULTS} complete but stages not done"
+        run.reason = f"{artifacts.RESULTS} complete but stages not done"
     elif not run.task or not run.label:
-        run.status, run.reason = "failed", f"{A.RESULTS} has no task or label"
+        run.status, run.reason = "failed", f"{artifacts.RESULTS} has no task or label"
     else:
         run.status = "complete"
     return run

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from partial_lora import artifacts as A
+from partial_lora import artifacts
 from partial_lora.report.groups import DIGITS, Report, Stat
 from partial_lora.report.runs import Run, display_path
 
@@ -154,7 +154,7 @@ def run_rows(rep: Report) -> tuple[list[str], list[list[Any]]]:
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """A csv file, written atomically."""
-    with A.atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+    with artifacts.atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)

@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from partial_lora import artifacts as A
-from partial_lora import rundir as RD
+from partial_lora import artifacts
+from partial_lora import rundir
 from partial_lora.adapter.inject import base_weights
 from partial_lora.adapter.masks import lora_parameters
 from partial_lora.adapter.masks import LayerInfo, rank_layer
-from partial_lora.allocation import allocators as AL
+from partial_lora.allocation import allocators
 from partial_lora.allocation.masked_probe import MaskedProbe
 from partial_lora.allocation.plot import plot
 from partial_lora.spec import RunSpec
@@ -28,37 +28,37 @@ from partial_lora.working_set.loaders import few_shot_sets, loader
 from partial_lora.working_set.measure import snip_of_branches
 from partial_lora.working_set.trained import load_trained
 
-NAME = A.ALLOCATE
+NAME = artifacts.ALLOCATE
 
 
 def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
     acfg, r, sides = spec.allocation, spec.lora.r, spec.mask.sides
     set_seed(spec.seed)
     s = setup(spec)
-    layers = [AL.Layer(lid, b.d_out, b.d_in) for lid, b in s.branches.items()]
+    layers = [allocators.Layer(lid, b.d_out, b.d_in) for lid, b in s.branches.items()]
     per_rank = sum(lora_parameters(1, la.d_out, la.d_in) for la in layers)
     budget = float(spec.match.target(per_rank)) if spec.match.active else acfg.budget
     t0 = time.perf_counter()
-    alloc = AL.without_probe(spec.sparsity, acfg, layers, r, sides, budget, lambda: base_weights(s.built.model.net),
+    alloc = allocators.without_probe(spec.sparsity, acfg, layers, r, sides, budget, lambda: base_weights(s.built.model.net),
                              s.device) or search(spec, run_dir, s, layers, budget)
     if budget is not None and alloc.allocator != "proportional":
-        alloc = AL.rescale_to_budget(alloc, budget)  # matched budgets: another run's count, N, or dense LoRA at rank k
+        alloc = allocators.rescale_to_budget(alloc, budget)  # matched budgets: another run's count, N, or dense LoRA at rank k
     search_s = time.perf_counter() - t0
-    out = A.stage_dir(run_dir, NAME)
-    record = {**alloc.to_json(), "settings": RD.allocation_settings(spec), "search_wall_s": search_s}
-    A.write_json(out / A.ALLOCATION, record)
-    plot(alloc, out / A.ALLOCATION_PNG, title=f"{spec.task} · {spec.model.name} · r={r}")
+    out = artifacts.stage_dir(run_dir, NAME)
+    record = {**alloc.to_json(), "settings": rundir.allocation_settings(spec), "search_wall_s": search_s}
+    artifacts.write_json(out / artifacts.ALLOCATION, record)
+    plot(alloc, out / artifacts.ALLOCATION_PNG, title=f"{spec.task} · {spec.model.name} · r={r}")
     return {**alloc.summary(), "search_wall_s": search_s}
 
 
-def search(spec: RunSpec, run_dir: Path, s: Setup, layers: list[AL.Layer], budget: float | None) -> AL.Allocation:
+def search(spec: RunSpec, run_dir: Path, s: Setup, layers: list[allocators.Layer], budget: float | None) -> allocators.Allocation:
     """The allocators that search the trained probe on its few-shot validation set (`masked_probe`)."""
-    probe, acfg, method = A.stage_dir(run_dir, A.PROBE), spec.allocation, spec.search_masks
+    probe, acfg, method = artifacts.stage_dir(run_dir, artifacts.PROBE), spec.allocation, spec.search_masks
     snip = snip_of_branches(spec, s)[0] if method == "snip" else {}  # W0's gradient with no update: before the probe
     load_trained(s, probe)
     s.built.model.to(s.device).eval()
     # Each part (a multi-task run's member) on its own few-shot set, collated once for every evaluation.
-    sets = few_shot_sets(s, A.read_json(probe / A.FEWSHOT)["val"])
+    sets = few_shot_sets(s, artifacts.read_json(probe / artifacts.FEWSHOT)["val"])
     scored = [(p.view, list(loader(s, d, spec.train, train=False)), p.main)
               for p, d in zip(s.parts(), sets, strict=True)]
     weights = base_weights(s.built.model.net)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from partial_lora import artifacts as A
+from partial_lora import artifacts
 from partial_lora.spec import RunSpec
 from partial_lora.tracking import Tracker
 from partial_lora.training.failed_reading import constant_level
@@ -29,13 +29,13 @@ from partial_lora.working_set.build import Part, setup_run
 from partial_lora.working_set.loaders import loader
 from partial_lora.working_set.trained import load_trained
 
-NAME = A.EVALUATE
+NAME = artifacts.EVALUATE
 
 
 def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
     set_seed(spec.seed)
     s = setup_run(spec, run_dir)
-    load_trained(s, A.stage_dir(run_dir, A.RETRAIN))
+    load_trained(s, artifacts.stage_dir(run_dir, artifacts.RETRAIN))
     s.built.model.to(s.device)
     table = Predictions(s.device, autocast_dtype(spec.train, s.device))
     if s.device.type == "cuda":
@@ -59,7 +59,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
     if s.multi is None:  # not prefixed val_: results.json's metrics stay the task's own
         outputs, labels = table.seen["val"]
         out.update(constant_level=constant_level(outputs, labels, spec.main_metric), constant_n=len(labels))
-    A.write_predictions(A.stage_dir(run_dir, NAME) / A.PREDICTIONS, table.columns())
+    artifacts.write_predictions(artifacts.stage_dir(run_dir, NAME) / artifacts.PREDICTIONS, table.columns())
     out.update(adapter_params=s.adapter_params(), dense_lora_params=s.dense_lora_params,
                head_params=sum(p.numel() for p in s.built.model.head_parameters()))
     if tracker is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from partial_lora import artifacts as A
+from partial_lora import artifacts
 from partial_lora.adapter.inject import base_weights, load_adapter_state_dict
 from partial_lora.adapter.masks import LayerInfo, build_masks
 from partial_lora.errors import PlrError
@@ -21,21 +21,21 @@ from partial_lora.training.runtime import set_seed
 from partial_lora.working_set.build import setup
 from partial_lora.working_set.measure import input_groups, snip_of_branches
 
-NAME = A.EXTRACT
+NAME = artifacts.EXTRACT
 
 
 def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
     if spec.peft is not None:  # plan() runs extract for no other PEFT baseline
         return extract_shira.run(spec, run_dir)
-    alloc, mcfg = A.read_allocation(run_dir), spec.mask
+    alloc, mcfg = artifacts.read_allocation(run_dir), spec.mask
     set_seed(spec.seed)
     s = setup(spec)
     snip, snip_record = snip_of_branches(spec, s) if mcfg.method == "snip" else ({}, None)
-    probe = A.stage_dir(run_dir, A.PROBE) / A.ADAPTER
+    probe = artifacts.stage_dir(run_dir, artifacts.PROBE) / artifacts.ADAPTER
     if probe.exists():
-        load_adapter_state_dict(s.built.model.net, A.load_tensors(probe), source=str(probe))
+        load_adapter_state_dict(s.built.model.net, artifacts.load_tensors(probe), source=str(probe))
     if set(alloc.ratios()) != set(s.branches):
-        raise PlrError(f"{A.stage_dir(run_dir, A.ALLOCATE) / A.ALLOCATION} names other layers than this model "
+        raise PlrError(f"{artifacts.stage_dir(run_dir, artifacts.ALLOCATE) / artifacts.ALLOCATION} names other layers than this model "
                        "adapts (another model or target set); rerun the allocate stage")
     weights = base_weights(s.built.model.net)
 
@@ -49,7 +49,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
     extra = {"input_groups": groups} if mcfg.shared_input else {}  # only with the option: masks stay as they were
     extra.update({"snip": snip_record} if snip_record is not None else {})
     meta = {"model": spec.model.name, "method": mcfg.method, "granularity": mcfg.granularity}
-    A.write_masks(run_dir, tensors, meta, layers, r=spec.lora.r, seed=spec.mask_seed, **extra)
+    artifacts.write_masks(run_dir, tensors, meta, layers, r=spec.lora.r, seed=spec.mask_seed, **extra)
     total = sum(la["params"] for la in layers.values())
     dense = sum(b.dense_num_parameters() for b in s.branches.values())
     if mcfg.shared_input:

@@ -11,8 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from partial_lora import artifacts as A
-from partial_lora.adapter import peft_baselines as PB
+from partial_lora import artifacts
+from partial_lora.adapter import peft_baselines
 from partial_lora.adapter.inject import WHOLE, dims, find_targets, params_per_rank
 from partial_lora.errors import PlrError
 from partial_lora.spec import RunSpec
@@ -34,12 +34,12 @@ def run(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
                        f"({list(spec.lora.targets)}); set adapter.targets=[qkv] (or another whole-module list)")
     shapes = {name: dims(net.get_submodule(name)) for name in found}
     target = int(spec.match.target(params_per_rank(net, found)) or 0)  # validate refuses SHiRA without a match
-    counts, info, scores = PB.shira_counts(target, shapes), {}, None
+    counts, info, scores = peft_baselines.shira_counts(target, shapes), {}, None
     if method == "snip":
         scores, info["snip"] = snip_scores(spec, s, {name: (name, 0, shapes[name][0]) for name in found})
-    entries = PB.shira_entries(shapes, counts, spec.seed, scores)
-    A.write_masks(run_dir, {f"{name}.entries": e.long().contiguous() for name, e in entries.items()},
-                  {"model": spec.model.name, "method": method, "granularity": "shira"}, PB.shira_layers(shapes, counts),
+    entries = peft_baselines.shira_entries(shapes, counts, spec.seed, scores)
+    artifacts.write_masks(run_dir, {f"{name}.entries": e.long().contiguous() for name, e in entries.items()},
+                  {"model": spec.model.name, "method": method, "granularity": "shira"}, peft_baselines.shira_layers(shapes, counts),
                   target=target, seed=spec.seed, **info)
     total = sum(counts.values())
     return {"method": method, "granularity": "shira", "params": total, "target": target,

@@ -14,13 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from partial_lora import artifacts as A
-from partial_lora import distributed as D
+from partial_lora import artifacts
+from partial_lora import distributed
 from partial_lora.adapter.inject import rewind
 from partial_lora.spec import RunSpec
 from partial_lora.tracking import Tracker
-from partial_lora.training import checkpoint as CK
-from partial_lora.training import runtime as RT
+from partial_lora.training import checkpoint
+from partial_lora.training import runtime
 from partial_lora.training.curve import JsonlLog
 from partial_lora.training.loop import fit
 from partial_lora.training.recipe import retrain_recipe
@@ -28,17 +28,17 @@ from partial_lora.working_set.build import setup_run
 from partial_lora.working_set.loaders import loader, validator
 from partial_lora.working_set.trained import save_trained
 
-NAME = A.RETRAIN
+NAME = artifacts.RETRAIN
 
 
 def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[str, Any]:
-    out, main = A.stage_dir(run_dir, NAME), spec.main_metric
-    RT.set_seed(spec.seed)
+    out, main = artifacts.stage_dir(run_dir, NAME), spec.main_metric
+    runtime.set_seed(spec.seed)
     s = setup_run(spec, run_dir)
-    init_file, init = A.stage_dir(run_dir, A.PROBE) / A.INIT, "fresh"
+    init_file, init = artifacts.stage_dir(run_dir, artifacts.PROBE) / artifacts.INIT, "fresh"
     if spec.sparse and spec.retrain.init == "rewind":
         if init_file.exists():
-            rewind(s.branches, A.load_tensors(init_file))
+            rewind(s.branches, artifacts.load_tensors(init_file))
             init = "rewind"
         else:  # uniform sparsity runs no probe: nothing to rewind to
             print("[plr] retrain: no probe in this run (uniform sparsity), so retrain.init=rewind starts fresh")
@@ -46,7 +46,7 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
     density = n_adapter / s.dense_lora_params
     tc, per_layer = retrain_recipe(spec.train, spec.retrain, main, n_adapter, density,
                                    {lid: b.num_parameters() / b.dense_num_parameters() for lid, b in s.branches.items()})
-    RT.reset_peak_memory(s.device)
+    runtime.reset_peak_memory(s.device)
     scale = tc.adapter_lr_scale
     if not any(p.requires_grad for p in s.built.model.parameters()):
         # adapter=head on a causal LM: no adapter and no head, so the run scores the model as it is.
@@ -56,19 +56,19 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
         return {f"best_val_{main}": None, "best_epoch": None, "steps": 0, "train_wall_s": 0.0,
                 "adapter_params": 0, "density": 0.0, "adapter_lr_scale": scale, "adapter_lr": None, "init": init,
                 "rank": None, "head_params": 0, "train_examples": len(s.data.train), "history": [],
-                **RT.peak_memory(s.device)}
+                **runtime.peak_memory(s.device)}
     result = fit(s.built.model, loader(s, s.data.train, tc, train=True, seed=spec.seed), tc, device=s.device,
                  hooks=s.train_hooks(validator(s, tc, [p.data.val for p in s.parts()])),
-                 log=JsonlLog(out / A.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, checkpoint=out / CK.FILE,
+                 log=JsonlLog(out / artifacts.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, checkpoint=out / checkpoint.FILE,
                  layer_lr_scales=per_layer)
-    if D.launched():  # each process loaded only its shard of every batch
-        print(f"[plr] {NAME}: rank {D.rank()} of {D.world_size()} trained on {result.examples} examples "
+    if distributed.launched():  # each process loaded only its shard of every batch
+        print(f"[plr] {NAME}: rank {distributed.rank()} of {distributed.world_size()} trained on {result.examples} examples "
               f"in {result.steps} steps", flush=True)
     save_trained(s, out, spec)
     return {f"best_val_{main}": result.best_metric, "best_epoch": result.best_epoch, "steps": result.steps,
             "train_wall_s": result.wall_s, "adapter_params": n_adapter, "density": density,
             "adapter_lr_scale": scale, "adapter_lr": tc.lr * scale if n_adapter else None,
-            "layer_lr_scales": per_layer, "init": init, **RT.peak_memory(s.device),
+            "layer_lr_scales": per_layer, "init": init, **runtime.peak_memory(s.device),
             "rank": next(iter(s.branches.values())).r if s.branches else
             (None if spec.method == "head" else spec.lora.r),
             "head_params": sum(p.numel() for p in s.built.model.head_parameters()),

@@ -24,9 +24,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from partial_lora import artifacts as A
-from partial_lora.study import choice as CH
-from partial_lora.study import methods as M
+from partial_lora import artifacts
+from partial_lora.study import choice
+from partial_lora.study import methods
 from partial_lora.study.claims import arm_rows, change_markdown, claim_rows, collect, markdown
 from partial_lora.study.arms import ARMS
 from partial_lora.study.plan import Selection, plan, split_arm
@@ -42,29 +42,29 @@ __all__ = ["ARMS", "Selection", "check", "execute", "plan", "write"]
 def write(out: Path, n_boot: int = 2000) -> list[Path]:
     """study.md, study.csv, study.png and method-table.md from the finished runs under `out`."""
     full = collect(out)
-    shared = CH.shared_view(full)
-    study = CH.without_unchosen(full)  # every arm: the shared runs and each grid's chosen value
+    shared = choice.shared_view(full)
+    study = choice.without_unchosen(full)  # every arm: the shared runs and each grid's chosen value
     arms = arm_rows(study)
     rows = claim_rows(shared, n_boot=n_boot)
     extra = [*rule_markdown(rule_rows(rows)), *search_markdown(search_rows(shared))]
-    found = CH.choices(full)
-    rates = M.rates_of(found)
+    found = choice.choices(full)
+    rates = methods.rates_of(found)
     tuned_rows: list = []
     by_method, setting = shared, "every arm at the suite's shared setting"
-    for key in CH.keys(full):
-        view = CH.tuned_view(full, key)
+    for key in choice.keys(full):
+        view = choice.tuned_view(full, key)
         tuned = claim_rows(view, n_boot=n_boot)
         tuned_rows += [(key, r) for r in tuned]
-        extra += [*CH.markdown([c for c in found if c.key == key]), *change_markdown(rows, tuned, key, rates)]
+        extra += [*choice.markdown([c for c in found if c.key == key]), *change_markdown(rows, tuned, key, rates)]
         extra += rule_markdown(rule_rows(tuned), title=f"The default rule, each arm at its tuned {key}")
         by_method, setting = view, f"each arm at its tuned {key}; head at the shared setting"
-    methods = M.method_rows(by_method, rates, n_boot=n_boot)
-    extra += ["", "## The method table", "", M.markdown(methods, setting).rstrip()]
-    table = M.write(out, methods, setting)
+    rows = methods.method_rows(by_method, rates, n_boot=n_boot)
+    extra += ["", "## The method table", "", methods.markdown(rows, setting).rstrip()]
+    table = methods.write(out, rows, setting)
     md = out / "study.md"
-    A.write_text(md, markdown(study, rows, arms, extra=extra))
+    artifacts.write_text(md, markdown(study, rows, arms, extra=extra))
     path_csv = out / "study.csv"
-    with A.atomic_path(path_csv) as tmp, open(tmp, "w", newline="") as f:
+    with artifacts.atomic_path(path_csv) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["kind", "model", "task", "arm_or_claim", "metric", "mean", "std", "seeds", "params",
                     "reduction_pct", "ci_low", "ci_high", "verdict"])
@@ -116,6 +116,6 @@ def plot(arms: list[dict], path: Path) -> None:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=7)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    with A.atomic_path(path) as tmp:
+    with artifacts.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from partial_lora.study import grid as G
+from partial_lora.study import grid
 from partial_lora.study.claims import Run, Study
 from partial_lora.study.run import val_score
 
@@ -38,7 +38,7 @@ class Choice:
 
     @property
     def dir(self) -> str | None:
-        return None if self.value is None else G.dir_name(self.arm, self.key, self.value)
+        return None if self.value is None else grid.dir_name(self.arm, self.key, self.value)
 
 
 def _task_dir(run: Run) -> str:
@@ -50,7 +50,7 @@ def choices(study: Study) -> list[Choice]:
     grids: dict[tuple[str, str, str, str], dict[str, dict[int, Run]]] = defaultdict(lambda: defaultdict(dict))
     untuned: dict[tuple[str, str, str, int], Run] = {}
     for r in study.runs:
-        base, key, value = G.split(r.arm)
+        base, key, value = grid.split(r.arm)
         if key is None:
             untuned[r.model, _task_dir(r), r.arm, r.seed] = r
         else:
@@ -64,13 +64,13 @@ def choices(study: Study) -> list[Choice]:
         shared = untuned.get((model, task, arm, seed))
         out.append(Choice(model, task, arm, key, seed, str(any_run.results.get("main_metric")),
                           dict(sorted(scores.items(), key=lambda kv: float(kv[0]))),
-                          val_score(shared.results) if shared is not None else None, G.choose(scores)))
+                          val_score(shared.results) if shared is not None else None, grid.choose(scores)))
     return out
 
 
 def keys(study: Study) -> list[str]:
     """The tuned keys the study holds (one, unless several grids were run into one folder)."""
-    return sorted({k for r in study.runs for k in [G.split(r.arm)[1]] if k})
+    return sorted({k for r in study.runs for k in [grid.split(r.arm)[1]] if k})
 
 
 def tuned_view(study: Study, key: str) -> Study:
@@ -78,7 +78,7 @@ def tuned_view(study: Study, key: str) -> Study:
     chosen = {(c.model, c.task, c.arm): c.value for c in choices(study) if c.key == key and c.value is not None}
     runs = []
     for r in study.runs:
-        base, k, value = G.split(r.arm)
+        base, k, value = grid.split(r.arm)
         where = (r.model, _task_dir(r), base)
         if k is None and where not in chosen:
             runs.append(r)  # no grid for this arm (head): its runs at the shared setting
@@ -89,13 +89,13 @@ def tuned_view(study: Study, key: str) -> Study:
 
 def shared_view(study: Study) -> Study:
     """The study at the shared setting: the tuned runs left out."""
-    return Study([r for r in study.runs if G.split(r.arm)[1] is None], study.missing)
+    return Study([r for r in study.runs if grid.split(r.arm)[1] is None], study.missing)
 
 
 def without_unchosen(study: Study) -> Study:
     """The study less the grid's runs at values that were not chosen (the tuning table shows them)."""
     keep = {(c.model, c.task, c.dir) for c in choices(study) if c.dir is not None}
-    return Study([r for r in study.runs if G.split(r.arm)[1] is None or (r.model, _task_dir(r), r.arm) in keep],
+    return Study([r for r in study.runs if grid.split(r.arm)[1] is None or (r.model, _task_dir(r), r.arm) in keep],
                  study.missing)
 
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from partial_lora import artifacts as A
-from partial_lora.study import stats as ST
+from partial_lora import artifacts
+from partial_lora.study import stats
 from partial_lora.errors import PlrError
 from partial_lora.study.arms import ARMS
 from partial_lora.study.plan import arm_dir_name, split_arm
@@ -133,7 +133,7 @@ def collect(out: Path) -> Study:
 
 @functools.lru_cache(maxsize=None)
 def _test_predictions_of(run_dir: Path, member: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    df = A.read_predictions(run_dir)
+    df = artifacts.read_predictions(run_dir)
     df = df[df["split"] == "test"]
     if member is not None:
         df = df[df["task"] == member]
@@ -146,7 +146,7 @@ def _test_predictions(run: Run) -> tuple[np.ndarray, np.ndarray]:
     return _test_predictions_of(run.dir, run.member)
 
 
-def paired(method: dict[int, Run], control: dict[int, Run]) -> dict[int, ST.Paired]:
+def paired(method: dict[int, Run], control: dict[int, Run]) -> dict[int, stats.Paired]:
     """The seeds both arms finished, as paired test predictions (the same test examples)."""
     out = {}
     for seed in sorted(set(method) & set(control)):
@@ -155,7 +155,7 @@ def paired(method: dict[int, Run], control: dict[int, Run]) -> dict[int, ST.Pair
         if len(ya) != len(yb) or not np.array_equal(ya, yb):
             raise PlrError(f"{method[seed].dir} and {control[seed].dir} were scored on different test sets; "
                            "rerun both with the same task settings")
-        out[seed] = ST.Paired(ya, pa, pb)
+        out[seed] = stats.Paired(ya, pa, pb)
     return out
 
 
@@ -164,7 +164,7 @@ class ClaimRow:
     claim: Claim
     task: str  # a task, or "pooled"
     model: str
-    comparison: ST.Comparison
+    comparison: stats.Comparison
     method_params: float
     control_params: float
     reduction_pct: float | None
@@ -201,7 +201,7 @@ def pair_rows(by: Mapping[tuple[str, str, str], dict[int, Run]], model: str, cla
             continue
         dense = by.get((model, task, "lora"), {})
         metric = next(iter(m.values())).metric
-        comp = ST.compare([pairs], [metric], n_boot=n_boot, seed=seed)
+        comp = stats.compare([pairs], [metric], n_boot=n_boot, seed=seed)
         m_params = statistics.mean(m[s].params for s in pairs)
         c_params = statistics.mean(c[s].params for s in pairs)
         d_params = statistics.mean(r.params for r in dense.values()) if dense else None
@@ -214,7 +214,7 @@ def pair_rows(by: Mapping[tuple[str, str, str], dict[int, Run]], model: str, cla
         if reduction is not None:
             red.append(reduction)
     if len(pooled) > 1:
-        comp = ST.compare(pooled, metrics, n_boot=n_boot, seed=seed)
+        comp = stats.compare(pooled, metrics, n_boot=n_boot, seed=seed)
         rows.append(ClaimRow(claim, "pooled", model, comp, statistics.mean(mp), statistics.mean(cp),
                              statistics.mean(red) if red else None))
     return rows

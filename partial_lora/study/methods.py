@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from partial_lora import artifacts as A
+from partial_lora import artifacts
 from partial_lora.study.claims import Claim, Run, Study, pair_rows
 from partial_lora.study.arms import ARMS
 from partial_lora.study.plan import split_arm
@@ -131,7 +131,7 @@ def markdown(rows: Sequence[MethodRow], setting: str) -> str:
 def write(out: Path, rows: Sequence[MethodRow], setting: str) -> Path:
     """`<out>/method-table.md`: the method table alone."""
     path = out / FILE
-    A.write_text(path, "# Methods at a glance\n\n" + markdown(rows, f"{setting}; study folder {out}"))
+    artifacts.write_text(path, "# Methods at a glance\n\n" + markdown(rows, f"{setting}; study folder {out}"))
     return path
 
 

@@ -33,9 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from partial_lora import artifacts as A
+from partial_lora import artifacts
 from partial_lora.errors import PlrError
-from partial_lora.study import grid as G
+from partial_lora.study import grid
 from partial_lora.study.arms import ARMS, BUDGET_KEYS, MATCHED_CONTROLS, PARTIAL, VARIANT_ARMS
 from partial_lora.study.suite import OFFLINE, Suite, SuiteTask, load
 
@@ -61,7 +61,7 @@ def arm_dir_name(arm: str, variant: str | None) -> str:
 def split_arm(name: str) -> tuple[str, str | None]:
     """A run dir's arm name -> (arm, variant or None); a tuned run's setting (`+key+value`,
     `study.grid.split`) is part of neither: `partial@gain+retrain.lr+0.01` -> (partial, gain)."""
-    arm, _, variant = G.split(name)[0].partition("@")
+    arm, _, variant = grid.split(name)[0].partition("@")
     return arm, variant or None
 
 
@@ -91,7 +91,7 @@ class Job:
     def at(self, value: str) -> "Job":
         """This waiting run at the chosen value."""
         def put(text: str) -> str:
-            return text.replace(G.CHOICE, value)
+            return text.replace(grid.CHOICE, value)
         return Job(self.model, self.task, put(self.arm), self.seed, Path(put(str(self.run_dir))),
                    tuple(map(put, self.overrides)), self.after, None if self.log is None else Path(put(str(self.log))))
 
@@ -107,9 +107,9 @@ class Selection:
     extra: Sequence[str] = field(default_factory=list)
     variant: str | None = None  # a named reading of Partial-LoRA ...
     variant_overrides: Sequence[str] = field(default_factory=list)  # ... and its overrides
-    tune: G.Tune | bool | None = True  # a grid (study.grid); True: each suite's own `tune:`; None: none
+    tune: grid.Tune | bool | None = True  # a grid (study.grid); True: each suite's own `tune:`; None: none
 
-    def tune_of(self, suite: Suite) -> G.Tune | None:
+    def tune_of(self, suite: Suite) -> grid.Tune | None:
         return suite.tune if self.tune is True else self.tune or None
 
     def resolved(self) -> list[Suite]:
@@ -187,14 +187,14 @@ def plan(out: Path, sel: Selection) -> list[Job]:
         read = {a for a in tuned if ARMS[a].probes}  # the untuned runs the grid reads ...
         read |= {PARTIAL} if any(ARMS[a].needs_partial for a in tuned) else set()
         for task in map(suite.task, tasks):
-            grid = {arm: [plan_one.job(task, arm, first, (tune.key, v)) for v in tune.values] for arm in tuned}
+            grid_jobs = {arm: [plan_one.job(task, arm, first, (tune.key, v)) for v in tune.values] for arm in tuned}
             # ... are planned on the choice seed too when --seeds left it out
             jobs += [plan_one.job(task, arm, first) for arm in arms if first not in seeds and arm in read]
-            jobs += [j for arm in tuned for j in grid[arm]]
+            jobs += [j for arm in tuned for j in grid_jobs[arm]]
             for seed in (s for s in seeds if s != first):
                 for arm in tuned:
-                    waiting = plan_one.job(task, arm, seed, (tune.key, G.CHOICE))
-                    jobs.append(replace(waiting, grid=tuple(zip(tune.values, (j.run_dir for j in grid[arm])))))
+                    waiting = plan_one.job(task, arm, seed, (tune.key, grid.CHOICE))
+                    jobs.append(replace(waiting, grid=tuple(zip(tune.values, (j.run_dir for j in grid_jobs[arm])))))
     return _unique(jobs, sel)
 
 
@@ -215,7 +215,7 @@ class _Planner:
         own = list(a.overrides(partial))
         if name != arm:  # the variant's reading
             default = run_dir(out, model, task.name, PARTIAL, seed)
-            if arm == PARTIAL and A.is_done(default, A.PROBE):
+            if arm == PARTIAL and artifacts.is_done(default, artifacts.PROBE):
                 own.append(f"from_run={default}")  # its probe, when the probe's settings match
             # The Partial-LoRA arm takes them as typed (a misspelt key fails there, and the arms that read
             # it are skipped); its controls add any key their adapter lacks (lora_matched has no
@@ -230,7 +230,7 @@ class _Planner:
                 untuned = run_dir(out, model, task.name, name, seed)
                 own = [o for o in own if not o.startswith("from_run=")] + [f"from_run={untuned}"]
                 after = (*after, untuned)
-            name = G.dir_name(name, key, value)
+            name = grid.dir_name(name, key, value)
             tail = (f"{key}={value}",)  # last: the grid's value wins over the overrides after --
         overrides = (f"model={self.suite.model}", *self.suite.recipe_of(task), *task.overrides, *own,
                      *self.suite.arm_overrides.get(arm, ()), f"seed={seed}", f"label={name}", *sel.extra, *tail)

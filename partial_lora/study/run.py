@@ -19,11 +19,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from partial_lora import artifacts as A
-from partial_lora import rundir as RD
+from partial_lora import artifacts
+from partial_lora import rundir
 from partial_lora.errors import PlrError, first_line
-from partial_lora.study import grid as G
-from partial_lora.study import schedule as S
+from partial_lora.study import grid
+from partial_lora.study import schedule
 from partial_lora.study.plan import Job
 
 RESTORED = "RESTORED"  # the mark `experiments/ledger.py --restore` leaves in a slim run dir
@@ -32,14 +32,14 @@ RESTORED = "RESTORED"  # the mark `experiments/ledger.py --restore` leaves in a 
 def _complete(run_dir: Path) -> dict[str, Any] | None:
     """The run's results.json if its status is complete, else None."""
     try:
-        results = json.loads((run_dir / A.RESULTS).read_text())
+        results = json.loads((run_dir / artifacts.RESULTS).read_text())
     except (OSError, ValueError):
         return None
     return results if results.get("status") == "complete" else None
 
 
 def _has_predictions(run_dir: Path) -> bool:
-    return (A.stage_dir(run_dir, A.EVALUATE) / A.PREDICTIONS).exists()
+    return (artifacts.stage_dir(run_dir, artifacts.EVALUATE) / artifacts.PREDICTIONS).exists()
 
 
 def finished(run_dir: Path) -> dict[str, Any] | None:
@@ -72,7 +72,7 @@ def resolve(job: Job, *, complete: bool = False) -> Job | None:
     state = grid_state(job)
     if complete and not all(done for _, done, _ in state):
         return None
-    value = G.choose({v: score for v, done, score in state if done})
+    value = grid.choose({v: score for v, done, score in state if done})
     return None if value is None else job.at(value)
 
 
@@ -92,7 +92,7 @@ def _settings(job: Job) -> dict[str, Any]:
 
 def stale(job: Job) -> dict[str, dict[str, tuple[Any, Any]]]:
     """Per stage of the job's run dir, the settings it was made with that differ from the job's now."""
-    return RD.differences(job.run_dir, _settings(job))
+    return rundir.differences(job.run_dir, _settings(job))
 
 
 def refresh_stale(jobs: Sequence[Job], *, keep: bool = False, echo: Callable[[str], None] = print,
@@ -111,14 +111,14 @@ def refresh_stale(jobs: Sequence[Job], *, keep: bool = False, echo: Callable[[st
             continue
         count += 1
         flagged.add(job.run_dir)
-        why = RD.describe(diff, limit=4) if diff else f"it reads {upstream}, which is stale"
+        why = rundir.describe(diff, limit=4) if diff else f"it reads {upstream}, which is stale"
         if keep:
             echo(f"[plr] study: reusing {job.run_dir} made with other settings ({why}; --keep-stale)")
             continue
-        first = next(s for s in A.STAGES if s in diff) if diff else None
+        first = next(s for s in artifacts.STAGES if s in diff) if diff else None
         echo(f"[plr] study: {job.run_dir} was made with other settings ({why}); it runs again from "
              f"{first or 'the start'}")
-        RD.rerun_from(job.run_dir, first or A.STAGES[0], echo=lambda m: None)
+        rundir.rerun_from(job.run_dir, first or artifacts.STAGES[0], echo=lambda m: None)
     return count
 
 
@@ -147,8 +147,8 @@ def materialise(run_dir: Path) -> None:
     keeps them), so the study runs it in full, with the probe and allocation its readers reuse."""
     import shutil
 
-    (run_dir / A.RESULTS).unlink(missing_ok=True)
-    shutil.rmtree(A.stage_dir(run_dir, A.EVALUATE), ignore_errors=True)
+    (run_dir / artifacts.RESULTS).unlink(missing_ok=True)
+    shutil.rmtree(artifacts.stage_dir(run_dir, artifacts.EVALUATE), ignore_errors=True)
     (run_dir / RESTORED).unlink()
 
 
@@ -163,11 +163,11 @@ def check(jobs: Sequence[Job]) -> None:
     """
     from hydra import compose, initialize_config_module
 
-    from partial_lora import config as C
+    from partial_lora import config
 
     picked: dict[tuple[str, str], Job] = {}
     for job in (j for j in jobs if not j.waits):  # a waiting run is a grid run at another seed
-        base, key, _ = G.split(job.arm)
+        base, key, _ = grid.split(job.arm)
         picked.setdefault(("task", f"{job.model}/{job.task}"), job)
         picked.setdefault(("arm", base) if key is None else ("tuned", base), job)
     with initialize_config_module("partial_lora.conf", version_base="1.3"):
@@ -176,25 +176,25 @@ def check(jobs: Sequence[Job]) -> None:
             try:
                 cfg = compose("config", overrides=[*job.overrides, f"run_dir={job.run_dir}"])
                 if not job.after:
-                    C.validate(cfg)
+                    config.validate(cfg)
             except PlrError as e:
                 raise PlrError(f"{what} of the study: {e}") from None
             except Exception as e:  # noqa: BLE001 - Hydra reports a bad override in many exception types
                 why = first_line(e) or type(e).__name__
                 if kind == "tuned":
-                    _, key, value = G.split(job.arm)
+                    _, key, value = grid.split(job.arm)
                     raise PlrError(f"--tune {key}: {key}={value} does not compose for arm '{name}' "
                                    f"({why.rstrip('.')}); give a key of plr train's config (plr train --help), e.g. "
-                                   f"{G.EXAMPLE_GRID}") from None
+                                   f"{grid.EXAMPLE_GRID}") from None
                 hint = (" (a key this arm's config lacks: set it for the arms that have it, in the suite's "
                         "arm_overrides, or add it with ++key=value)" if why.startswith("Could not override") else "")
                 raise PlrError(f"{what} of the study does not compose ({why.rstrip('.')}){hint}; fix its overrides in "
                                "the suite, or the overrides after --") from None
 
 
-def execute(jobs: Sequence[Job], *, runner: Callable[[Job], int] | None = None, launcher: S.Launcher | None = None,
-            slots: Sequence[S.Slot] | None = None, echo: Callable[[str], None] = print,
-            keep_stale: bool = False) -> list[S.Failure]:
+def execute(jobs: Sequence[Job], *, runner: Callable[[Job], int] | None = None, launcher: schedule.Launcher | None = None,
+            slots: Sequence[schedule.Slot] | None = None, echo: Callable[[str], None] = print,
+            keep_stale: bool = False) -> list[schedule.Failure]:
     """Run every job that has not finished; return the ones that failed or were skipped.
 
     Up to one job per slot runs at once (default: one slot, all the cores), each after the runs it
@@ -216,9 +216,9 @@ def execute(jobs: Sequence[Job], *, runner: Callable[[Job], int] | None = None, 
     for job in todo:
         if _complete_without_predictions(job.run_dir):
             # A run made before evaluate wrote predictions: redo only its evaluate stage.
-            echo(f"[plr] study: {job.run_dir} has no {A.PREDICTIONS}; its evaluate stage runs again")
-            A.clear_done(job.run_dir, A.EVALUATE)
+            echo(f"[plr] study: {job.run_dir} has no {artifacts.PREDICTIONS}; its evaluate stage runs again")
+            artifacts.clear_done(job.run_dir, artifacts.EVALUATE)
     echo(f"[plr] study: {len(jobs)} runs, {len(jobs) - len(todo)} finished already, {len(todo)} to run")
-    chosen = launcher if launcher is not None else S.Inline(runner) if runner is not None else S.Processes()
-    return S.run(todo, chosen, slots or S.cpu_slots(1), ok=lambda j: finished(j.run_dir) is not None,
+    chosen = launcher if launcher is not None else schedule.Inline(runner) if runner is not None else schedule.Processes()
+    return schedule.run(todo, chosen, slots or schedule.cpu_slots(1), ok=lambda j: finished(j.run_dir) is not None,
                  ready=lambda d: finished(d) is not None, echo=echo, resolve=resolve)

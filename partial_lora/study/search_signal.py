@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from partial_lora import artifacts as A
-from partial_lora.study import grid as G
+from partial_lora import artifacts
+from partial_lora.study import grid
 from partial_lora.study.claims import Study
 
 
@@ -48,17 +48,17 @@ def search_rows(study: Study) -> list[SearchRow]:
     out = []
     seen: set = set()
     for run in study.runs:
-        if run.dir in seen or G.SEP in run.arm:
+        if run.dir in seen or grid.SEP in run.arm:
             continue  # a multi-task run's members share its one search; a tuned run reuses its arm's
         seen.add(run.dir)
-        path = A.stage_dir(run.dir, A.ALLOCATE) / A.ALLOCATION
-        probe = A.stage_dir(run.dir, A.PROBE) / A.METRICS
+        path = artifacts.stage_dir(run.dir, artifacts.ALLOCATE) / artifacts.ALLOCATION
+        probe = artifacts.stage_dir(run.dir, artifacts.PROBE) / artifacts.METRICS
         if not (path.exists() and probe.exists()):
             continue
-        alloc = A.read_allocation(run.dir)
+        alloc = artifacts.read_allocation(run.dir)
         if alloc.a_ref is None or alloc.a_0 is None:
             continue  # an allocator that read no probe
-        val_examples = int(A.read_json(probe).get("val_examples") or 0)
+        val_examples = int(artifacts.read_json(probe).get("val_examples") or 0)
         floor = min(alloc.grid) if alloc.grid else None
         task = run.task if run.member is None else run.task.rsplit("/", 1)[0]
         out.append(SearchRow(run.model, task, run.arm, run.seed, alloc.allocator, alloc.metric or "task",

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from partial_lora.errors import PlrError, first_line
-from partial_lora.study import grid as G
+from partial_lora.study import grid
 from partial_lora.study.arms import ARMS
 from partial_lora.typecheck import check_type, from_values
 
@@ -64,7 +64,7 @@ class Suite:
     arm_overrides: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     out: Path | None = None
     source: Path | None = None
-    tune: G.Tune | None = None
+    tune: grid.Tune | None = None
 
     def task(self, name: str) -> SuiteTask:
         return next(t for t in self.tasks if t.name == name)
@@ -171,7 +171,7 @@ def parse(values: Mapping[str, Any], name: str, source: Path | None = None) -> S
         raise PlrError(f"{where}: arms is empty; list at least one of {', '.join(ARMS)} (or leave arms out for all)")
     extra = {a: _overrides(f"{where}.arm_overrides.{a}", o) for a, o in f.arm_overrides.items()}
     try:
-        tune = None if f.tune is None else G.parse(f.tune, where=f"{where}.tune:")
+        tune = None if f.tune is None else grid.parse(f.tune, where=f"{where}.tune:")
     except PlrError as e:
         raise PlrError(f"{e}; fix the suite file") from None
     return Suite(name, f.model, tasks, tuple(f.seeds), arms, _overrides(f"{where}.recipe", f.recipe), extra,

@@ -21,8 +21,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from partial_lora import artifacts as A
-from partial_lora import distributed as D
+from partial_lora import artifacts
+from partial_lora import distributed
 from partial_lora.errors import PlrError
 
 FILE = "checkpoint.safetensors"
@@ -50,12 +50,12 @@ def save(path: Path, *, trainable: dict[str, Tensor], best_state: dict[str, Tens
     Under FSDP every process calls this: the sharded tensors are gathered whole, and rank 0 writes.
     """
     tensors: dict[str, Tensor] = {}
-    tensors.update({f"param.{k}": D.full(v.detach()) for k, v in trainable.items()})
+    tensors.update({f"param.{k}": distributed.full(v.detach()) for k, v in trainable.items()})
     tensors.update({f"best.{k}": v for k, v in best_state.items()})
     opt_state = opt.state_dict()
     for idx, state in opt_state["state"].items():
         for key, value in state.items():
-            tensors[f"opt.{idx}.{key}"] = D.full(value) if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"opt.{idx}.{key}"] = distributed.full(value) if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -70,8 +70,8 @@ def save(path: Path, *, trainable: dict[str, Tensor], best_state: dict[str, Tens
         "python_rng": random.getstate(),
         "fingerprint": fingerprint,
     }
-    A.save_tensors(path, {k: v.contiguous().cpu() for k, v in tensors.items()},
-                   {"plr_checkpoint": json.dumps(meta, default=A.json_default)})
+    artifacts.save_tensors(path, {k: v.contiguous().cpu() for k, v in tensors.items()},
+                   {"plr_checkpoint": json.dumps(meta, default=artifacts.json_default)})
 
 
 def load(path: Path, *, trainable: dict[str, Tensor], opt: torch.optim.Optimizer,
@@ -89,7 +89,7 @@ def load(path: Path, *, trainable: dict[str, Tensor], opt: torch.optim.Optimizer
         raise PlrError(f"checkpoint {path} is unreadable ({e}); delete it to restart the stage from its beginning") from None
     if not isinstance(meta, dict):
         raise PlrError(f"{path} is not a plr checkpoint; delete it to restart the stage from its beginning")
-    ours = json.loads(json.dumps(fingerprint, default=A.json_default))  # as it was stored
+    ours = json.loads(json.dumps(fingerprint, default=artifacts.json_default))  # as it was stored
     if meta.get("fingerprint") != ours:
         theirs = meta.get("fingerprint") or {}
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
@@ -100,7 +100,7 @@ def load(path: Path, *, trainable: dict[str, Tensor], opt: torch.optim.Optimizer
             saved = tensors.get(f"param.{k}")
             if saved is None or saved.shape != p.shape:
                 raise PlrError(f"checkpoint {path} does not fit this model ({k}); delete it to restart the stage")
-            D.assign(p, saved.to(p.device))
+            distributed.assign(p, saved.to(p.device))
     best_state = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
     opt_state: dict[str, Any] = {"state": {}, "param_groups": meta["param_groups"]}
     params = [p for g in opt.param_groups for p in g["params"]]  # the optimizer's index -> its parameter
@@ -109,7 +109,7 @@ def load(path: Path, *, trainable: dict[str, Tensor], opt: torch.optim.Optimizer
             _, idx, key = k.split(".", 2)
             # A moment of a sharded parameter is sharded like it (FSDP); the step count stays whole.
             like = params[int(idx)] if v.shape == params[int(idx)].shape else v
-            opt_state["state"].setdefault(int(idx), {})[key] = D.local_like(v.to(like.device), like)
+            opt_state["state"].setdefault(int(idx), {})[key] = distributed.local_like(v.to(like.device), like)
     opt.load_state_dict(opt_state)
     sched_state = sched.state_dict()
     sched_state.update(meta["scheduler"])
@@ -142,7 +142,7 @@ class Training:
     def snapshot(self) -> dict[str, Tensor]:
         # Everything that learns (adapter and head, plr's or PEFT's) and nothing else: small.
         # Whole tensors (FSDP gathers them), so a checkpoint stores them as they are.
-        return {n: D.full(p.detach()).clone() for n, p in self.trainable.items()}
+        return {n: distributed.full(p.detach()).clone() for n, p in self.trainable.items()}
 
     @classmethod
     def start(cls, path: Path | None, trainable: dict[str, Tensor], opt: torch.optim.Optimizer,
@@ -161,4 +161,4 @@ class Training:
 
     def restore_best(self) -> None:
         for n, v in self.best_state.items():
-            D.assign(self.trainable[n], v)
+            distributed.assign(self.trainable[n], v)

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from partial_lora import artifacts as A
-from partial_lora import distributed as D
+from partial_lora import artifacts
+from partial_lora import distributed
 
 
 class JsonlLog:
@@ -33,11 +33,11 @@ class JsonlLog:
                         kept.append(line + "\n")
                 except json.JSONDecodeError:
                     break  # a line cut by the kill: nothing after it is kept
-        with A.atomic_path(self.path) as tmp:
+        with artifacts.atomic_path(self.path) as tmp:
             tmp.write_text("".join(kept))
 
     def __call__(self, record: dict[str, Any]) -> None:
-        if self.path is not None and D.is_main():
+        if self.path is not None and distributed.is_main():
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.tracker is not None:

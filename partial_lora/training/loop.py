@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
-from partial_lora.training import checkpoint as CK
-from partial_lora import distributed as D
+from partial_lora.training.checkpoint import Training
+from partial_lora import distributed
 from partial_lora.models.classifier import Classifier
 from partial_lora.training.curve import JsonlLog
 from partial_lora.errors import Interrupted, PlrError
@@ -79,21 +79,21 @@ class Hooks:
 def _shares(train_loader: DataLoader, i: int, batch: Mapping[str, Tensor], model: Classifier) -> tuple[int, float]:
     """(this process's rows, the weight of its mean loss) for batch i of the epoch.
 
-    One process: all the rows, weight 1. Data parallel (`D.ShardedBatches`): DDP and FSDP average
+    One process: all the rows, weight 1. Data parallel (`distributed.ShardedBatches`): DDP and FSDP average
     the gradients over the W processes, so a process whose loss is a mean over u of the global
     batch's U units (rows; an LLM's answer tokens, `model.loss_units`) weighs it W·u/U, and the
     average is the gradient of the global batch's mean loss. Rows are counted from the sampler;
     tokens differ per process, so their total is summed over the processes.
     """
     sharded = train_loader.batch_sampler
-    if not isinstance(sharded, D.ShardedBatches):
+    if not isinstance(sharded, distributed.ShardedBatches):
         return len(batch["labels"]), 1.0
     mine, total = sharded.rows(i)
     units = model.loss_units(batch)  # None on every process alike (it depends on the model's kind)
     if units is None:
         return mine, sharded.world * mine / max(1, total)
     units = units if mine else 0  # a lent row counts for nothing
-    return mine, sharded.world * units / max(1, D.sum_int(units))
+    return mine, sharded.world * units / max(1, distributed.sum_int(units))
 
 
 def _backward(model: Classifier, forward: Callable[[dict[str, Tensor]], Any], batch: dict[str, Tensor],
@@ -109,13 +109,13 @@ def _backward(model: Classifier, forward: Callable[[dict[str, Tensor]], Any], ba
     return loss if rows else torch.zeros((), device=device)  # a row lent to keep the processes in step counts for nothing
 
 
-def _guarded_step(t: CK.Training, params: list[nn.Parameter], cfg: TrainConfig, bad: bool,
+def _guarded_step(t: Training, params: list[nn.Parameter], cfg: TrainConfig, bad: bool,
                   after_step: Callable[[int], None] | None, step: int) -> tuple[bool, Tensor | None]:
     """Clip and take the optimizer step, unless a loss or the gradient is non-finite: then the
     gradients are dropped and the weights stay as they were. Returns (stepped, gradient norm)."""
-    bad = D.any_flag(bad)
+    bad = distributed.any_flag(bad)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-    grad_norm = D.full(grad_norm) if grad_norm is not None else None  # FSDP: a DTensor, the same on every process
+    grad_norm = distributed.full(grad_norm) if grad_norm is not None else None  # FSDP: a DTensor, the same on every process
     if bad or (grad_norm is not None and not bool(torch.isfinite(grad_norm))):
         t.opt.zero_grad(set_to_none=True)
         return False, grad_norm
@@ -127,7 +127,7 @@ def _guarded_step(t: CK.Training, params: list[nn.Parameter], cfg: TrainConfig, 
     return True, grad_norm
 
 
-def _select(t: CK.Training, val: dict[str, float], cfg: TrainConfig, epoch: int, step: int, log: JsonlLog) -> None:
+def _select(t: Training, val: dict[str, float], cfg: TrainConfig, epoch: int, step: int, log: JsonlLog) -> None:
     """End of an evaluated epoch: log the validation metrics, keep the state if it is the best so far."""
     if cfg.metric not in val:
         raise PlrError(f"trainer.metric '{cfg.metric}' is not computed for this task; use one of {sorted(val)}")
@@ -138,7 +138,7 @@ def _select(t: CK.Training, val: dict[str, float], cfg: TrainConfig, epoch: int,
         t.progress.best, t.progress.best_epoch, t.best_state = val[cfg.metric], epoch, t.snapshot()
 
 
-def _start_epoch(t: CK.Training, epoch: int, train_loader: DataLoader, resume_epoch: int | None) -> int:
+def _start_epoch(t: Training, epoch: int, train_loader: DataLoader, resume_epoch: int | None) -> int:
     """Set the data order for `epoch` (a resumed epoch replays its order); return the batches to skip."""
     state, gen, skip = t.progress, train_loader.generator, 0
     if gen is not None:
@@ -158,11 +158,11 @@ class _Loop:
     """What one `fit` call's epochs share."""
 
     model: Classifier
-    wrapped: nn.Module  # the model as trained: DDP-wrapped under a launch (`D.wrap`)
+    wrapped: nn.Module  # the model as trained: DDP-wrapped under a launch (`distributed.wrap`)
     forward: Callable[[dict[str, Tensor]], Any]  # `wrapped`, compiled with trainer.compile
     loader: DataLoader
     cfg: TrainConfig
-    t: CK.Training
+    t: Training
     total: int
     device: torch.device
     dtype: torch.dtype | None
@@ -186,7 +186,7 @@ def _train_epoch(lp: _Loop, epoch: int, skip: int) -> None:
     seen, t_epoch, bad = 0, time.perf_counter(), False
     for i, batch in enumerate(lp.loader, start=skip):
         rows, weight = _shares(lp.loader, i, batch, lp.model)
-        with D.sync_unless(lp.wrapped, last_micro_batch=(i + 1) % cfg.grad_accum == 0):
+        with distributed.sync_unless(lp.wrapped, last_micro_batch=(i + 1) % cfg.grad_accum == 0):
             loss = _backward(lp.model, lp.forward, batch, rows, weight, cfg, lp.device, lp.dtype, lp.hooks.extra_loss)
         seen += rows
         lp.examples += rows
@@ -255,7 +255,7 @@ def fit(model: Classifier, train_loader: DataLoader, cfg: TrainConfig, *, device
     if cfg.deterministic:
         use_deterministic_algorithms()
     # Data parallel under a launch: DDP's bucketed all-reduce, overlapped with the backward pass.
-    wrapped = D.wrap(model, device, find_unused=_may_leave_unused(model))
+    wrapped = distributed.wrap(model, device, find_unused=_may_leave_unused(model))
     validate = hooks.validate
     lp = _Loop(model, wrapped, torch.compile(wrapped) if cfg.compile else wrapped, train_loader, cfg, t, total, device, dtype,
                hooks, log, _progress_bar(total, state.step, desc, cfg.progress), desc, checkpoint)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from partial_lora.training import checkpoint as CK
+from partial_lora.training.checkpoint import Training
 from partial_lora.models.classifier import Classifier
 from partial_lora.errors import PlrError
 from partial_lora.adapter.inject import iter_branches
@@ -55,7 +55,7 @@ def step_plan(batches: int, cfg: TrainConfig) -> tuple[int, int]:
 
 
 def start_training(model: Classifier, train_loader: DataLoader, cfg: TrainConfig, device: torch.device,
-                   layer_lr_scales: Mapping[str, float] | None, checkpoint: Path | None) -> tuple[CK.Training, int, int]:
+                   layer_lr_scales: Mapping[str, float] | None, checkpoint: Path | None) -> tuple[Training, int, int]:
     """AdamW, the schedule and the training state, resumed from `checkpoint` when it exists.
     Returns (state, total steps, epochs)."""
     model.to(device)
@@ -67,7 +67,7 @@ def start_training(model: Classifier, train_loader: DataLoader, cfg: TrainConfig
     fingerprint = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in _FREE_TO_CHANGE},
                    "total_steps": total, "examples": len(train_loader.dataset),
                    "trainable": {n: list(p.shape) for n, p in trainable.items()}}
-    return CK.Training.start(checkpoint, trainable, opt, sched, fingerprint), total, max(1, math.ceil(total / steps_per_epoch))
+    return Training.start(checkpoint, trainable, opt, sched, fingerprint), total, max(1, math.ceil(total / steps_per_epoch))
 
 
 # Settings that do not change what training computes: a checkpoint survives changing them.

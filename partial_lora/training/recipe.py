@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
-from partial_lora import distributed as D
+from partial_lora import distributed
 from partial_lora.errors import PlrError
 
 
@@ -93,8 +93,8 @@ class TrainConfig:
             (self.eval_every_epochs >= 1, f"trainer.eval_every_epochs must be >= 1, got {self.eval_every_epochs}"),
             (self.num_workers >= 0, f"trainer.num_workers must be >= 0 (0: load in the main process), "
                                     f"got {self.num_workers}"),
-            (self.strategy in D.STRATEGIES,
-             f"trainer.strategy '{self.strategy}' must be one of {', '.join(D.STRATEGIES)}"),
+            (self.strategy in distributed.STRATEGIES,
+             f"trainer.strategy '{self.strategy}' must be one of {', '.join(distributed.STRATEGIES)}"),
             (_DEVICE.fullmatch(self.device) is not None,
              f"trainer.device '{self.device}' must be auto, cpu, cuda, cuda:<index> or mps"),
         ]

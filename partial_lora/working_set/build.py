@@ -15,16 +15,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from partial_lora import artifacts as A
-from partial_lora import distributed as D
-from partial_lora.adapter import peft_baselines as PB
+from partial_lora import artifacts
+from partial_lora import distributed
+from partial_lora.adapter import peft_baselines
 from partial_lora.adapter.inject import WHOLE, find_targets, freeze_for_adapter, inject_lora, params_per_rank
 from partial_lora.adapter.input_groups import attach as attach_input_groups
 from partial_lora.adapter.lora import LoRABranch
 from partial_lora.adapter.protocol import Adapter, PeftAdapter, PlrAdapter
 from partial_lora.data import TaskData
 from partial_lora.errors import PlrError
-from partial_lora.models import multitask as MT
+from partial_lora.models import multitask
 from partial_lora.models.backbones import Built, build_model
 from partial_lora.models.causal_lm import CausalLM
 from partial_lora.spec import MatchConfig, RunSpec
@@ -70,7 +70,7 @@ class Setup:
     main_metric: str
     dense_lora_params: int = 0
     adapter: Adapter | None = None
-    multi: MT.MultiTaskData | None = None
+    multi: multitask.MultiTaskData | None = None
     run: RunSpec | None = None  # the spec `setup` built it from (None for a working set made by hand)
 
     def __post_init__(self) -> None:
@@ -97,7 +97,7 @@ class Setup:
     def merge(self, per_part: list[dict[str, float]]) -> dict[str, float]:
         """The run's metrics from its parts': a single task's as they are; a multi-task run's as
         `<task>_<metric>` per member, `mean` (of the members' main metrics) and `loss`."""
-        return dict(per_part[0]) if self.multi is None else MT.mean_of_members(per_part, self.multi.members)
+        return dict(per_part[0]) if self.multi is None else multitask.mean_of_members(per_part, self.multi.members)
 
     def test_counts(self) -> dict[str, Any]:
         """The test examples evaluated: in all, per further evaluation set of a single task, or per
@@ -136,9 +136,9 @@ def setup(run: RunSpec, keep: Mapping[str, tuple[Tensor | None, Tensor | None]] 
         built.model.scoring = run.scoring
         # FSDP gathers the root's parameters (embeddings, LM head) in the root's forward: score
         # through it, not through `base_model` and the output embeddings called one by one.
-        built.model.full_logits = built.model.full_logits or D.sharded()
+        built.model.full_logits = built.model.full_logits or distributed.sharded()
     if multi is not None:
-        built.model = MT.MultiTask(built.model, multi.members)
+        built.model = multitask.MultiTask(built.model, multi.members)
     lcfg = run.lora
     net = built.model.net
     found = find_targets(net, lcfg)
@@ -147,16 +147,16 @@ def setup(run: RunSpec, keep: Mapping[str, tuple[Tensor | None, Tensor | None]] 
         lcfg = replace(lcfg, r=matched_rank(run.match, per_rank))
     metrics, main = list(run.metrics), run.main_metric
     pspec = run.peft
-    if pspec is not None and D.sharded():
+    if pspec is not None and distributed.sharded():
         raise PlrError(f"trainer.strategy=fsdp shards plr's own LoRA layers; adapter={pspec.method} (a PEFT "
                        "baseline) runs with trainer.strategy=ddp")
-    device = D.init(resolve_device(run.train.device))
+    device = distributed.init(resolve_device(run.train.device))
     if pspec is not None:
         if any(set(slices) != {WHOLE} for slices in found.values()):
             raise PlrError(f"adapter={pspec.method} adapts whole modules, not slices of a fused projection "
                            f"({lcfg.targets}); set adapter.targets=[qkv] (or another whole-module list)")
         steps = step_plan(math.ceil(len(data.train) / run.train.batch_size), run.train)[1]  # AdaLoRA's schedule
-        model = PB.inject_peft(net, pspec, list(found), spec.head_modules, steps, masks=shira)
+        model = peft_baselines.inject_peft(net, pspec, list(found), spec.head_modules, steps, masks=shira)
         return Setup(data, built, {}, device, metrics, main, per_rank * lcfg.r, PeftAdapter(built.model, model, pspec),
                      multi, run)
     # adapter=head: no LoRA at all, only the head trains (the no-adapter reference).
@@ -164,7 +164,7 @@ def setup(run: RunSpec, keep: Mapping[str, tuple[Tensor | None, Tensor | None]] 
     if groups:
         attach_input_groups(branches, groups)
     freeze_for_adapter(net, spec.head_modules)
-    if D.sharded():
+    if distributed.sharded():
         shard(net, list(found))
     return Setup(data, built, branches, device, metrics, main, per_rank * lcfg.r, multi=multi, run=run)
 
@@ -177,8 +177,8 @@ def shard(net: torch.nn.Module, targets: list[str]) -> None:
     total = sum(p.numel() for p in net.parameters() if not p.requires_grad)
     hit = find_blocks(net, targets) if targets else None
     blocks = [net.get_submodule(name) for name in hit[0]] if hit is not None else []
-    D.shard(net, blocks)
-    print(f"[plr] fsdp: rank {D.rank()} of {D.world_size()} holds {D.owned_numel(net, trainable=False):,} of "
+    distributed.shard(net, blocks)
+    print(f"[plr] fsdp: rank {distributed.rank()} of {distributed.world_size()} holds {distributed.owned_numel(net, trainable=False):,} of "
           f"{total:,} frozen parameters ({len(blocks)} block units and the root)", flush=True)
 
 
@@ -194,11 +194,11 @@ def setup_run(run: RunSpec, run_dir: Path) -> Setup:
     """`setup` with the run's masks (from the extract stage) when the adapter is sparse, and their
     input groups (adapter.mask.shared_input) attached; a SHiRA with plr's mask gets its entries."""
     if run.peft is not None and run.peft.shira_mask is not None:
-        return setup(run, shira=A.read_shira_masks(run_dir, run.model.name))
+        return setup(run, shira=artifacts.read_shira_masks(run_dir, run.model.name))
     if not run.sparse:
         return setup(run)
-    keep, element = A.read_masks(run_dir, run.model.name)
-    s = setup(run, keep, groups=A.read_input_groups(run_dir))
+    keep, element = artifacts.read_masks(run_dir, run.model.name)
+    s = setup(run, keep, groups=artifacts.read_input_groups(run_dir))
     for lid, (mask_b, mask_a) in element.items():
         s.branches[lid].set_element_masks(mask_b, mask_a)
     return s

@@ -12,7 +12,7 @@ from typing import Any
 from partial_lora.data import TaskData, load_task
 from partial_lora.data.base import TaskSpec
 from partial_lora.data.verbalizer import as_choices
-from partial_lora.models import multitask as MT
+from partial_lora.models import multitask
 from partial_lora.spec import RunSpec
 
 # The data loaded by task inside `data_loaded_once` (the pipeline's block); None outside it. A context
@@ -46,11 +46,11 @@ def load_data(run: RunSpec) -> TaskData:
     return load_multi(run).union if run.multi else _load_one(run.parts[0].task, run.causal)
 
 
-def load_multi(run: RunSpec) -> MT.MultiTaskData:
+def load_multi(run: RunSpec) -> multitask.MultiTaskData:
     """Each member task's data, and their union."""
-    def load() -> MT.MultiTaskData:
+    def load() -> multitask.MultiTaskData:
         parts = [_load_one(p.task, run.causal) for p in run.parts]
-        return MT.combine(run.task, parts, [(list(p.metrics), p.main) for p in run.parts])
+        return multitask.combine(run.task, parts, [(list(p.metrics), p.main) for p in run.parts])
 
     return _once(repr(("multi", run.task, run.parts, run.causal)), load)
 

@@ -8,11 +8,11 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from partial_lora import distributed as D
+from partial_lora import distributed
 from partial_lora.data import make_collate
 from partial_lora.data.collate import pretokenize
 from partial_lora.data.split import few_shot
-from partial_lora.models import multitask as MT
+from partial_lora.models import multitask
 from partial_lora.spec import ProbeConfig
 from partial_lora.training.loop import ResumableSampler
 from partial_lora.training.predict import evaluate
@@ -31,15 +31,15 @@ def loader(s: Setup, split: datasets.Dataset, tc: TrainConfig, *, train: bool, s
     collate = make_collate(s.data.kind, tokenizer=s.built.tokenizer, max_length=s.built.max_length,
                            image=s.built.image, train=train)
     if "task_id" in split.column_names:  # a multi-task union: each row says which head it trains
-        collate = MT.TaskIdCollate(collate)
+        collate = multitask.TaskIdCollate(collate)
     gen = torch.Generator().manual_seed(seed)
     common = dict(collate_fn=collate, generator=gen, num_workers=tc.num_workers, pin_memory=s.device.type == "cuda")
     if not train:
         return DataLoader(split, batch_size=tc.eval_batch_size, **common)
     # The same order as `shuffle=True` with this generator, and resumable in mid-epoch.
     sampler = ResumableSampler(split, generator=gen)
-    if D.active():  # data parallel: this process loads only its rows of each of the one-process batches
-        return DataLoader(split, batch_sampler=D.ShardedBatches(sampler, tc.batch_size, D.rank(), D.world_size()),
+    if distributed.active():  # data parallel: this process loads only its rows of each of the one-process batches
+        return DataLoader(split, batch_sampler=distributed.ShardedBatches(sampler, tc.batch_size, distributed.rank(), distributed.world_size()),
                           **common)
     return DataLoader(split, batch_size=tc.batch_size, sampler=sampler, drop_last=False, **common)
 
@@ -57,7 +57,7 @@ def validator(s: Setup, tc: TrainConfig, sets: list[datasets.Dataset]) -> Callab
 
 def member_rows(s: Setup, union_idx: list[int]) -> list[list[int]]:
     """Indices into the train split (a multi-task run's union), as indices into each part's own."""
-    starts = MT.offsets([p.data.train for p in s.parts()])
+    starts = multitask.offsets([p.data.train for p in s.parts()])
     ends = starts[1:] + [len(s.data.train)]
     return [[j - a for j in union_idx if a <= j < b] for a, b in zip(starts, ends, strict=True)]
 
@@ -67,7 +67,7 @@ def fewshot_indices(s: Setup, pc: ProbeConfig, seed: int) -> tuple[list[int], li
     drawn per part, then shifted to where the part starts (a multi-task run's union)."""
     train, val = [], []
     parts = [p.data for p in s.parts()]
-    for part, start in zip(parts, MT.offsets([p.train for p in parts]), strict=True):
+    for part, start in zip(parts, multitask.offsets([p.train for p in parts]), strict=True):
         t, v = few_shot(part.train, pc.shots, pc.val_shots, seed, part.label_names, pc.short_classes)
         train += [start + i for i in t]
         val += [start + i for i in v]

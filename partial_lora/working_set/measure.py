@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from partial_lora import distributed as D
-from partial_lora.adapter import input_groups as IG
-from partial_lora.adapter import snip as SN
+from partial_lora import distributed
+from partial_lora.adapter.input_groups import trace
+from partial_lora.adapter import snip
 from partial_lora.adapter.inject import layer_id
 from partial_lora.adapter.lora import LoRALinear
 from partial_lora.errors import PlrError
@@ -28,7 +28,7 @@ def input_groups(spec: RunSpec, s: Setup) -> list[list[str]]:
     split = s.data.train.select(range(min(2, len(s.data.train))))
     batches = [next(iter(loader(s, split, spec.train, train=False)))]
     model = s.built.model.to(s.device)
-    return IG.trace(s.built.model.net, lambda: predict(model, batches, s.device, autocast_dtype(spec.train, s.device)))
+    return trace(s.built.model.net, lambda: predict(model, batches, s.device, autocast_dtype(spec.train, s.device)))
 
 
 def snip_scores(spec: RunSpec, s: Setup, layers: Mapping[str, tuple[str, int, int]]) -> tuple[dict[str, torch.Tensor],
@@ -43,12 +43,12 @@ def snip_scores(spec: RunSpec, s: Setup, layers: Mapping[str, tuple[str, int, in
         the batches, their size, the seed and the training examples read (indices into the
         training split), in order.
     """
-    if D.sharded():
+    if distributed.sharded():
         raise PlrError("SNIP importance needs each W0 whole on one process, and trainer.strategy=fsdp shards it; "
                        "use trainer.strategy=ddp with adapter.mask.method=snip or adapter=shira_snip")
     cfg, tc = spec.snip, spec.train
     size = cfg.batch_size or tc.batch_size
-    examples = SN.examples(len(s.data.train), cfg.batches, size, spec.seed)
+    examples = snip.examples(len(s.data.train), cfg.batches, size, spec.seed)
     batches = loader(s, s.data.train.select(examples), replace(tc, eval_batch_size=size), train=False)
     model = s.built.model.to(s.device)
     net = model.net
@@ -63,7 +63,7 @@ def snip_scores(spec: RunSpec, s: Setup, layers: Mapping[str, tuple[str, int, in
     was_training = model.training
     model.eval()  # no dropout: the scores depend on the rows read and nothing else
     try:
-        full = SN.importance(loss, weights, batches)
+        full = snip.importance(loss, weights, batches)
     finally:
         model.train(was_training)
     scores = {lid: full[m].reshape(full[m].shape[0], -1)[offset:offset + d_out]
