@@ -1,6 +1,6 @@
 # plr: two commands do all set-up on a fresh clone.
 #   make demo   create .venv if missing, install, run the offline default (MiniLM + BBC News)
-#   make test   same install, then the fast test suite
+#   make test   same install, then `ruff check` and the fast test suite
 # `make help` lists every target.
 
 PYTHON ?= python3
@@ -53,7 +53,8 @@ install: $(STAMP) ## create .venv and install plr with the offline fixtures and 
 demo: $(STAMP) ## run the main job: `plr train` on the built-in offline default
 	$(BIN)/plr train
 
-test: $(STAMP) ## the fast test suite (no network, CPU, a few minutes; one worker per core, a file per worker)
+test: $(STAMP) ## ruff check (lint, import order), then the fast test suite (no network, CPU, a few minutes; one worker per core)
+	$(BIN)/ruff check .
 	WANDB_MODE=disabled $(BIN)/python -m pytest -m "not slow" -q -n auto --dist loadfile $(PYTEST_ARGS)
 
 test-all: $(STAMP) ## every test, slow ones included

@@ -22,8 +22,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from partial_lora import artifacts
-from partial_lora import config
+from partial_lora import artifacts, config
 from partial_lora.stages import allocate
 
 

@@ -25,8 +25,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import datasets  # noqa: E402
 
-from partial_lora.data import identity  # noqa: E402
-from partial_lora.data import offline  # noqa: E402
+from partial_lora.data import (
+    identity,  # noqa: E402
+    offline,  # noqa: E402
+)
 from partial_lora.data.base import TaskSpec  # noqa: E402
 from partial_lora.data.registry import load_task  # noqa: E402
 

@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> list[Rate]:
     from partial_lora.config import validate
     from partial_lora.errors import PlrError, first_line
     from partial_lora.training.runtime import _to, autocast_dtype, set_seed
-    from partial_lora.working_set.loaders import loader
     from partial_lora.working_set.build import setup
+    from partial_lora.working_set.loaders import loader
 
     torch.set_num_threads(args.threads)
     datasets.disable_progress_bars()
@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> list[Rate]:
         print(f"(trainer.eval_batch_size or the split gives {rows} examples per batch: the parts use at most that)")
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.train.lr)
-    dtype = autocast_dtype(spec.train, device)  # as plr computes: bf16 autocast on CUDA, fp32 on CPU (trainer.precision)
+    dtype = autocast_dtype(spec.train,
+                           device)  # as plr computes: bf16 autocast on CUDA, fp32 on CPU (trainer.precision)
 
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)

@@ -206,9 +206,8 @@ def _tail(echo: Callable[[str], None], text: str, n: int = 15) -> None:
 
 def bench_check(echo: Callable[[str], None], device_name: str, size_name: str, batches: Sequence[int],
                 steps: int, warmup: int, dtype: str) -> bool:
-    import torch
-
     import step_time as st
+    import torch
 
     st.quiet_warnings()
     device = torch.device(device_name)

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
             for arm in ratios:
                 ratios[arm].append(got[arm]["process_s"] / got["dense"]["process_s"])
                 retrain[arm].append(got[arm]["stages"]["retrain"] / got["dense"]["stages"]["retrain"])
-                print(f"round {i}: {arm} / dense = {ratios[arm][-1]:.2f}x whole pipeline, {retrain[arm][-1]:.2f}x retrain")
+                print(f"round {i}: {arm} / dense = {ratios[arm][-1]:.2f}x whole pipeline, {retrain[arm][-1]:.2f}x "
+                      "retrain")
     for arm in ratios:
         what = f"{arm} ({' '.join(arms[arm])})" if arms[arm] else arm
         print(f"median over {args.rounds} rounds: {what} / dense = {statistics.median(ratios[arm]):.2f}x whole "

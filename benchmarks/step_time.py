@@ -50,8 +50,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-
 from bench.measure import MiB, Result, Stepper, adapter_limit, measure, measure_interleaved
+
 # DEMO_RUNS is read by bench.report's functions: to point them elsewhere, patch bench.report.DEMO_RUNS.
 from bench.report import (
     ALLOCATION_SHARE,

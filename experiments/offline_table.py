@@ -94,12 +94,14 @@ def table(out: Path, ledger: dict | None = None) -> str:
                 params = statistics.mean(r["params"]["adapter"] for r in runs.values())
                 sd = f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else ""
                 lines.append(f"| {model} | {task} | {metric} | {arm} | {statistics.mean(vals):.4f}{sd} | "
-                             f"{','.join(map(str, sorted(runs)))} | {params:,.0f} | {statistics.mean(walls) / 60:.1f} min |")
+                             f"{','.join(map(str, sorted(runs)))} | {params:,.0f} | {statistics.mean(walls) / 60:.1f} "
+                             "min |")
                 rows.append((model, task, arm, vals))
             if "lora-r8" in per_arm and "lora-r1" in per_arm:
                 common = sorted(set(per_arm["lora-r8"]) & set(per_arm["lora-r1"]))
                 metric = per_arm["lora-r8"][common[0]]["main_metric"] if common else None
-                diffs = [per_arm["lora-r8"][s]["metrics"][f"test_{metric}"] - per_arm["lora-r1"][s]["metrics"][f"test_{metric}"]
+                diffs = [per_arm["lora-r8"][s]["metrics"][f"test_{metric}"]
+                         - per_arm["lora-r1"][s]["metrics"][f"test_{metric}"]
                          for s in common]
                 if diffs:
                     sd = f"{statistics.stdev(diffs):.4f}" if len(diffs) > 1 else "-"

@@ -319,7 +319,8 @@ def read_shira_masks(run_dir: Path, model_name: str) -> dict[str, torch.Tensor]:
     try:
         return {lid: t[f"{lid}.entries"] for lid in info["layers"]}
     except KeyError:
-        raise PlrError(f"{d / MASKS} lacks a layer that masks.json lists (truncated or foreign file); rerun extract") from None
+        raise PlrError(f"{d / MASKS} lacks a layer that masks.json lists (truncated or foreign file); "
+                       "rerun extract") from None
 
 
 def read_input_groups(run_dir: Path) -> list[list[str]]:

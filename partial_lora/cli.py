@@ -24,9 +24,9 @@ import logging
 import re
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import hydra
@@ -34,14 +34,31 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from partial_lora import artifacts
-from partial_lora import distributed
-from partial_lora import rundir
-from partial_lora.commands import (Parser, export_command, export_parser, fetch_command, fetch_parser, report_command,
-                                   report_parser, study_command, study_parser)
+from partial_lora import artifacts, distributed, rundir
+from partial_lora.commands import (
+    Parser,
+    export_command,
+    export_parser,
+    fetch_command,
+    fetch_parser,
+    report_command,
+    report_parser,
+    study_command,
+    study_parser,
+)
 from partial_lora.errors import Interrupted, PlrError, first_line, full_error, one_line_errors
-from partial_lora.overrides import (ALLOW_HYDRA_CODE, check_choices, check_hydra, check_keys, check_run_dir,
-                                   check_writable, compose_run, parse, apply_override, value_of)
+from partial_lora.overrides import (
+    ALLOW_HYDRA_CODE,
+    apply_override,
+    check_choices,
+    check_hydra,
+    check_keys,
+    check_run_dir,
+    check_writable,
+    compose_run,
+    parse,
+    value_of,
+)
 
 HELP_FLAGS = ("--help", "-h", "--cfg", "-c", "--info", "-i", "--hydra-help")
 
@@ -159,7 +176,8 @@ def _write_hydra(run_dir: Path, cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     artifacts.write_text(run_dir / artifacts.HYDRA_CONFIG, OmegaConf.to_yaml(cfg))
     artifacts.write_text(run_dir / rundir.HYDRA_YAML, OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})))
-    artifacts.write_text(run_dir / artifacts.HYDRA_OVERRIDES, OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))))
+    artifacts.write_text(run_dir / artifacts.HYDRA_OVERRIDES,
+                         OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))))
 
 
 def resume_parser() -> argparse.ArgumentParser:
@@ -272,8 +290,8 @@ def _take_rerun_from(args: list[str]) -> tuple[list[str], str | None]:
 
 def _check_launch(overrides: list[str]) -> None:
     if distributed.launched() and value_of(overrides, "run_dir") is None:
-        raise PlrError(f"under a multi-process launch (WORLD_SIZE={distributed.world_size()}) every process must write to the "
-                       "same run dir; add run_dir=<dir> to the command")
+        raise PlrError(f"under a multi-process launch (WORLD_SIZE={distributed.world_size()}) every process must write "
+                       "to the same run dir; add run_dir=<dir> to the command")
 
 
 def train(rest: list[str]) -> int:
@@ -362,8 +380,9 @@ def train_parser() -> argparse.ArgumentParser:
                     "adapter=lora seed=1`.")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra overrides (group=option, key=value)")
     parser.add_argument("-m", "--multirun", action="store_true", help="a sweep: one run per value of key=a,b")
-    parser.add_argument("--rerun-from", choices=artifacts.STAGES, metavar="STAGE", help="redo STAGE and every later stage "
-                        "of run_dir=DIR with these settings (a run dir made with other settings is otherwise refused)")
+    parser.add_argument("--rerun-from", choices=artifacts.STAGES, metavar="STAGE", help="redo STAGE and every later "
+                        "stage of run_dir=DIR with these settings (a run dir made with other settings is otherwise "
+                        "refused)")
     parser.add_argument(ALLOW_HYDRA_CODE, action="store_true", help="let hydra.* overrides that import and run "
                         "code through (callbacks, other launchers, sweepers, logging configs, --config-dir)")
     return parser

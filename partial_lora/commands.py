@@ -122,9 +122,10 @@ def study_parser() -> argparse.ArgumentParser:
                      "an unfinished one resumes; its output goes to <out>/logs/<model>/<task>/<arm>/seed<n>.log), then "
                      "study.md / study.csv / study.png with each claim judged on paired differences (hierarchical "
                      f"bootstrap CI). Built-in suites (partial_lora/study/suites/): {', '.join(builtin())}; without "
-                     f"--suite: {', '.join(OFFLINE)}. Arms: " + "; ".join(f"{a.name} ({a.about})" for a in ARMS.values()),
-                     epilog="Overrides after -- go to every run, e.g. -- trainer.num_workers=16 (-- model=NAME runs the "
-                     "suite on another model, in its own <model> folder)")
+                     f"--suite: {', '.join(OFFLINE)}. Arms: "
+                     + "; ".join(f"{a.name} ({a.about})" for a in ARMS.values()),
+                     epilog="Overrides after -- go to every run, e.g. -- trainer.num_workers=16 (-- model=NAME runs "
+                     "the suite on another model, in its own <model> folder)")
     parser.add_argument("--suite", type=names, metavar="S", help="the suite(s) to run: a built-in name ("
                         + ", ".join(builtin()) + ") or a suite file (path/to/mine.yaml); comma separated")
     parser.add_argument("--model", type=names, metavar="M", help="the same as --suite, for the offline suites "
@@ -160,7 +161,8 @@ def study_parser() -> argparse.ArgumentParser:
                         "SLURM job, e.g. --slurm partition=gpu --slurm timeout_min=240 (repeat for several)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (what runs, what is reused, "
                         "where); run nothing")
-    parser.add_argument("--tables-only", action="store_true", help="write the tables from the finished runs; run nothing")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="write the tables from the finished runs; run nothing")
     parser.add_argument("--keep-stale", action="store_true", help="reuse finished runs made with other settings than "
                         "their arm has now (by default they run again from the first stage that differs)")
     parser.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap replicates (default 2000)")
@@ -289,7 +291,8 @@ def study_command(argv: list[str]) -> int:
         from partial_lora.study import grid
 
         tune = True if args.tune is None else grid.parse(args.tune)
-        sel = study.Selection(named, args.tasks, args.seeds, args.arms, extra, args.variant, args.variant_overrides, tune)
+        sel = study.Selection(named, args.tasks, args.seeds, args.arms, extra, args.variant, args.variant_overrides,
+                              tune)
         suites = sel.resolved()
         out = _study_folder(args, suites)
         jobs = study.plan(out, sel)
@@ -325,6 +328,7 @@ def study_command(argv: list[str]) -> int:
         for f in failed:
             print(f"  {f.job.run_dir}  ({f.why}; log {f.job.log})")
         print(f"plr: error: {len(failed)} run(s) of the study failed or were skipped: "
-              f"{', '.join(str(f.job.run_dir) for f in failed[:3])}{', ...' if len(failed) > 3 else ''}", file=sys.stderr)
+              f"{', '.join(str(f.job.run_dir) for f in failed[:3])}{', ...' if len(failed) > 3 else ''}",
+              file=sys.stderr)
         return 1
     return 0

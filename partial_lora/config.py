@@ -23,17 +23,17 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from partial_lora.adapter.inject import LoRAConfig
+from partial_lora.adapter.masks import MaskConfig
+from partial_lora.adapter.peft_baselines import METHODS as PEFT_METHODS
+from partial_lora.adapter.peft_baselines import PeftSpec, ShiraMaskConfig
+from partial_lora.adapter.snip import SnipConfig
 from partial_lora.allocation.allocators import AllocationConfig
 from partial_lora.data.base import TaskSpec
 from partial_lora.errors import PlrError
-from partial_lora.adapter.inject import LoRAConfig
 from partial_lora.models.backbones import ModelSpec, torch_dtype
-from partial_lora.adapter.peft_baselines import METHODS as PEFT_METHODS
-from partial_lora.adapter.peft_baselines import PeftSpec, ShiraMaskConfig
-from partial_lora.adapter.masks import MaskConfig
 from partial_lora.spec import MatchConfig, ProbeConfig, RunSpec, TaskPart
 from partial_lora.training.recipe import RetrainConfig, TrainConfig
-from partial_lora.adapter.snip import SnipConfig
 from partial_lora.typecheck import check_seed, check_type, from_values
 
 __all__ = ["MaskConfig", "MatchConfig", "ProbeConfig", "RetrainConfig", "RunSpec", "TaskPart", "validate"]
@@ -253,7 +253,8 @@ def _check_verbalized(task: DictConfig) -> None:
                        "task.verbalizer ({<class>: <answer>, ...}); add them to its YAML or the command line")
     check_template(plain(task.prompt), name)
     if not isinstance(plain(task.verbalizer), dict):
-        raise PlrError(f"task.verbalizer of task {name} must map each class to its answer, got {plain(task.verbalizer)!r}")
+        raise PlrError(f"task.verbalizer of task {name} must map each class to its answer, got "
+                       f"{plain(task.verbalizer)!r}")
 
 
 IMAGE_FAMILIES = ("hf-vision", "timm")
@@ -308,7 +309,8 @@ def validate(cfg: DictConfig, members: list[DictConfig] | None = None) -> RunSpe
         causal = spec.family == "hf-causal"
         if not causal and (spec.family in IMAGE_FAMILIES) != (kind == "image"):
             reads = "images" if spec.family in IMAGE_FAMILIES else "text"
-            raise PlrError(f"model '{spec.name}' ({spec.family}) reads {reads}, but task '{task.name}' is a {kind} task; "
+            raise PlrError(f"model '{spec.name}' ({spec.family}) reads {reads}, but task '{task.name}' is a {kind} "
+                           "task; "
                            + ("choose a text model (model=minilm, tiny-bert, roberta-base...)" if kind != "image"
                               else "choose an image model (model=vit-b, tiny-vit, efficientnet-lite0...)")
                            + " or a task of its kind")
@@ -350,14 +352,15 @@ def validate(cfg: DictConfig, members: list[DictConfig] | None = None) -> RunSpe
     if peft is not None and peft.shira_mask is not None and not match.active:
         m = peft.shira_mask
         raise PlrError(f"adapter=shira_{m} (adapter.shira.mask={m}) trains SHiRA at another run's budget and has none "
-                       "to match: set adapter.match.run=<a finished Partial-LoRA run dir> (or adapter.match.budget=<entries>)")
+                       "to match: set adapter.match.run=<a finished Partial-LoRA run dir> (or "
+                       "adapter.match.budget=<entries>)")
     snip = snip_config(cfg)
     if match.active and allocation.budget is not None and sp != 0:
         raise PlrError("adapter.match and adapter.allocation.budget both set a budget; keep one")
     method = str(cfg.adapter.get("method", "lora"))
     if method == "lora_matched" and not match.active:
-        raise PlrError("adapter=lora_matched needs a target: adapter.match.run=<run dir>, adapter.match.budget=<params> "
-                       "or adapter.match.rank=<rank>")
+        raise PlrError("adapter=lora_matched needs a target: adapter.match.run=<run dir>, "
+                       "adapter.match.budget=<params> or adapter.match.rank=<rank>")
     return RunSpec(seed=int(cfg.seed), model=spec, task=str(cfg.task.name), parts=tuple(parts), multi=multi,
                    metrics=tuple(metrics), main_metric=main, scoring=str(cfg.task.get("scoring", "sum")),
                    method=method, lora=lora, sparsity=sp, probe=probe, allocation=allocation, mask=mask,

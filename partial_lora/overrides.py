@@ -30,7 +30,6 @@ from typing import Any
 
 from partial_lora.errors import fail, first_line
 
-
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 GROUPS = ("model", "task", "adapter", "trainer", "logger", "experiment")
 ALLOW_HYDRA_CODE = "--allow-hydra-code"

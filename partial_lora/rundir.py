@@ -202,7 +202,8 @@ def changed(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[str, tup
            if not k.startswith(DATA) and ours.get(k) != theirs[k]}
     mine, yours = _data(theirs), _data(ours)
     if mine and yours:
-        out.update({k: (mine.get(k), yours.get(k)) for k in sorted(set(mine) | set(yours)) if mine.get(k) != yours.get(k)})
+        out.update({k: (mine.get(k), yours.get(k)) for k in sorted(set(mine) | set(yours))
+                    if mine.get(k) != yours.get(k)})
     return out
 
 

@@ -12,15 +12,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from partial_lora.adapter.inject import LoRAConfig
+from partial_lora.adapter.masks import MaskConfig
+from partial_lora.adapter.peft_baselines import PeftSpec
+from partial_lora.adapter.snip import SnipConfig
 from partial_lora.allocation.allocators import AllocationConfig
 from partial_lora.data.base import TaskSpec
 from partial_lora.errors import PlrError
-from partial_lora.adapter.inject import LoRAConfig
-from partial_lora.adapter.masks import MaskConfig
 from partial_lora.models.backbones import ModelSpec
-from partial_lora.adapter.peft_baselines import PeftSpec
 from partial_lora.training.recipe import RetrainConfig, TrainConfig
-from partial_lora.adapter.snip import SnipConfig
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,8 @@ class ProbeConfig:
         if self.shots < 1 or self.val_shots < 1:
             raise PlrError(f"adapter.probe.shots and val_shots must be >= 1, got {self.shots} and {self.val_shots}")
         if self.epochs <= 0 or self.batch_size < 1:
-            raise PlrError(f"adapter.probe.epochs must be positive and adapter.probe.batch_size >= 1, got {self.epochs} "
-                           f"and {self.batch_size}; fix that override")
+            raise PlrError("adapter.probe.epochs must be positive and adapter.probe.batch_size >= 1, got "
+                           f"{self.epochs} and {self.batch_size}; fix that override")
         if self.short_classes not in ("error", "shrink"):
             raise PlrError(f"adapter.probe.short_classes must be error or shrink, got '{self.short_classes}'")
 
@@ -98,8 +98,8 @@ def _run_adapter_params(run: str) -> int:
 
     path = Path(run).expanduser() / artifacts.RESULTS
     if not path.is_file():
-        raise PlrError(f"adapter.match.run={run} has no {artifacts.RESULTS} (not a finished plr run); point it at a finished run "
-                       "or set adapter.match.budget=<parameters>")
+        raise PlrError(f"adapter.match.run={run} has no {artifacts.RESULTS} (not a finished plr run); point it at a "
+                       "finished run or set adapter.match.budget=<parameters>")
     results = artifacts.read_json(path)
     params = (results.get("params") or {}).get("adapter")
     if results.get("status") != "complete" or not params:

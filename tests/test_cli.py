@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from omegaconf import OmegaConf
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
 from partial_lora.overrides import CONF_DIR
 
@@ -145,7 +145,8 @@ def test_every_model_and_task_config_composes():
             config.lora_config(compose("config", overrides=[f"model={model}"]))
         for task in sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml")):
             if task == "multi":  # a multi-task run needs task.names; its members are the other configs
-                assert len(config.member_tasks(compose("config", overrides=["task=multi", "task.names=[cola,sst2]"]))) == 2
+                assert len(config.member_tasks(compose("config",
+                                                       overrides=["task=multi", "task.names=[cola,sst2]"]))) == 2
                 continue
             cfg = compose("config", overrides=[f"task={task}", "task.path=/x"] if task.startswith("hf-")
                           else [f"task={task}"])

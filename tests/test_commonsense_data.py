@@ -8,9 +8,9 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from fixtures import COMMONSENSE, commonsense_row, write_commonsense, write_commonsense_rows
 from hydra import compose, initialize_config_module
 
-from fixtures import COMMONSENSE, commonsense_row, write_commonsense, write_commonsense_rows
 from partial_lora import config
 from partial_lora.data import TaskSpec, load_task, make_collate
 from partial_lora.data.collate import ChoiceCollate

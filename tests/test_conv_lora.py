@@ -13,20 +13,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_export import assert_exported_logits_match, assert_nontrivial_b, make_run
+from test_lora import batch_for
 from torch import nn
 
-from partial_lora.fetch import cache
-from partial_lora.fetch import catalogue
+from partial_lora.adapter.inject import LoRAConfig, base_weights, count_adapter_parameters, inject_lora, iter_branches
+from partial_lora.adapter.lora import LoRABranch, LoRAConv
 from partial_lora.data.base import TaskSpec
 from partial_lora.data.registry import load_task
 from partial_lora.errors import PlrError
 from partial_lora.export import export_run
-from partial_lora.adapter.inject import LoRAConfig, base_weights, count_adapter_parameters, inject_lora, iter_branches
-from partial_lora.adapter.lora import LoRABranch, LoRAConv
+from partial_lora.fetch import cache, catalogue
 from partial_lora.models.backbones import build_model
-
-from test_export import assert_exported_logits_match, assert_nontrivial_b, make_run
-from test_lora import batch_for
 
 
 def cfg_for(spec, targets="pw", r=4):

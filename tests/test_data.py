@@ -19,10 +19,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from partial_lora.fetch import hub  # noqa: E402
 from partial_lora.data import TASKS, ImagePreprocess, TaskSpec, load_task, make_collate  # noqa: E402
 from partial_lora.data.split import split_task  # noqa: E402
 from partial_lora.errors import PlrError  # noqa: E402
+from partial_lora.fetch import hub  # noqa: E402
 
 datasets.disable_progress_bars()
 

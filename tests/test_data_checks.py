@@ -51,7 +51,8 @@ def test_an_empty_text_cell_names_its_row(tmp_path, cell, why, caplog):
     train = rows(["a", "b"] * 15)
     train[7]["text"] = cell
     spec = csv_dir(tmp_path, train, rows(["a", "b"]))
-    with pytest.raises(PlrError, match=rf"task.text_column='text' of split '(train|val)' row \d+ {re.escape(why)}") as e:
+    with pytest.raises(PlrError,
+                       match=rf"task.text_column='text' of split '(train|val)' row \d+ {re.escape(why)}") as e:
         load_task(spec)
     assert "task.bad_text=drop" in one_line(e)
     with caplog.at_level(logging.WARNING):

@@ -26,8 +26,8 @@ from partial_lora import config as plr_config
 from partial_lora.errors import PlrError
 from partial_lora.export import export_run, load_spec, rebuild
 from partial_lora.models.backbones import build_model
-from partial_lora.training.runtime import set_seed
 from partial_lora.pipeline.runner import run_pipeline
+from partial_lora.training.runtime import set_seed
 from partial_lora.working_set.loaders import loader
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
@@ -369,4 +369,5 @@ def test_export_into_the_working_folder_or_above_it_is_one_line_and_deletes_noth
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("plr: error:") and "\n" not in err, err
     assert f"out dir '{out}' is the working folder or holds it" in err
-    assert sorted((p.relative_to(tmp_path), p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*")) == before
+    assert sorted((p.relative_to(tmp_path), p.read_bytes() if p.is_file() else None)
+                  for p in tmp_path.rglob("*")) == before

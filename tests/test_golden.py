@@ -38,11 +38,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import write_commonsense, write_glue
 from hydra import compose, initialize_config_module
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fixtures import write_commonsense, write_glue
 from partial_lora.pipeline.runner import run_pipeline
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -15,14 +15,13 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from fixtures import COMMONSENSE_FEATURES, commonsense_row, write_glue, write_vision
 from hydra import compose, initialize_config_module
 
-from fixtures import COMMONSENSE_FEATURES, commonsense_row, write_glue, write_vision
 from partial_lora import config as plr_config
-from partial_lora.fetch import hub
-from partial_lora.data import TaskSpec, load_task
-from partial_lora.data import source
+from partial_lora.data import TaskSpec, load_task, source
 from partial_lora.errors import PlrError
+from partial_lora.fetch import hub
 
 datasets.disable_progress_bars()
 
@@ -279,16 +278,19 @@ def write_cars_repo(root: Path) -> Path:
 
 def test_unused_splits_of_a_local_hub_layout_are_not_read(tmp_path):
     root = write_cars_repo(tmp_path / "cars")
-    data = load_task(plr_config.task_spec(cfg_of("task=cars", f"task.path={root}", "task.vtab_train=40", "task.vtab_val=10")))
+    data = load_task(plr_config.task_spec(cfg_of("task=cars", f"task.path={root}", "task.vtab_train=40",
+                                                 "task.vtab_val=10")))
     assert (len(data.train), len(data.test), data.num_labels) == (40, 20, 196)
     svhn = write_vision(tmp_path / "svhn", "svhn")
     unreadable(svhn / "cropped_digits" / "extra-00000-of-00001.parquet")
-    data = load_task(plr_config.task_spec(cfg_of("task=svhn", f"task.path={svhn}", "task.vtab_train=40", "task.vtab_val=10")))
+    data = load_task(plr_config.task_spec(cfg_of("task=svhn", f"task.path={svhn}", "task.vtab_train=40",
+                                                 "task.vtab_val=10")))
     assert len(data.test) == 20
     # protocol=vtab1k draws val from train, so aircraft's own `val` split is not read either.
     aircraft = write_vision(tmp_path / "aircraft", "aircraft")
     unreadable(aircraft / "data" / "val-00000-of-00001.parquet")
-    load_task(plr_config.task_spec(cfg_of("task=aircraft", f"task.path={aircraft}", "task.vtab_train=40", "task.vtab_val=10")))
+    load_task(plr_config.task_spec(cfg_of("task=aircraft", f"task.path={aircraft}", "task.vtab_train=40",
+                                          "task.vtab_val=10")))
 
 
 def test_unused_splits_of_a_hub_repo_are_not_downloaded(fake_hub):
@@ -313,7 +315,8 @@ def test_unused_split_of_an_inferred_local_folder_is_not_read(tmp_path):
 
 def test_offline_rerun_reads_the_splits_an_online_run_prepared(fake_hub, monkeypatch):
     write_cars_repo(fake_hub.repo("stanford_cars"))
-    spec = plr_config.task_spec(cfg_of("task=cars", "task.path=stanford_cars", "task.vtab_train=40", "task.vtab_val=10"))
+    spec = plr_config.task_spec(cfg_of("task=cars", "task.path=stanford_cars", "task.vtab_train=40",
+                                       "task.vtab_val=10"))
     monkeypatch.setattr(hub, "hub_reachable", lambda: True)
     online = load_task(spec)
 

@@ -109,7 +109,8 @@ def test_tuned_runs_and_their_peak_memory_go_through_the_ledger_and_the_choice_r
         results = json.loads((run / "results.json").read_text())
         (run / "results.json").write_text(json.dumps({**results, "peak_memory": {"mb": 812.5, "measure": "max_rss"}}))
         (run / "evaluate").mkdir()
-        pd.DataFrame({"split": "test", "index": range(4), "label": [0, 1, 0, 1], "prediction": [0, 1, 1, 1]}).to_parquet(
+        pd.DataFrame({"split": "test", "index": range(4), "label": [0, 1, 0, 1],
+                      "prediction": [0, 1, 1, 1]}).to_parquet(
             run / "evaluate/predictions.parquet", index=False)
     assert ledger.merge(out, into) == (3, 3)
     rec = ledger.read(into)[("minilm", "rt-polarity", "partial+retrain.lr+0.01", 0)]

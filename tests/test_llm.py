@@ -4,19 +4,19 @@ import json
 
 import pytest
 import torch
+from fixtures import write_commonsense
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from fixtures import write_commonsense
 from partial_lora import config
-from partial_lora.models.causal_lm import CausalLM
 from partial_lora.data.collate import ChoiceCollate
 from partial_lora.errors import PlrError
-from partial_lora.training.metrics import compute_metrics
 from partial_lora.models.backbones import ModelSpec, build_model
+from partial_lora.models.causal_lm import CausalLM
 from partial_lora.overrides import CONF_DIR
-from partial_lora.training.predict import predict
 from partial_lora.pipeline.runner import run_pipeline
+from partial_lora.training.metrics import compute_metrics
+from partial_lora.training.predict import predict
 
 ROWS = [
     {"prompt": "Question: Which gas do plants take in?\nChoices: (A) oxygen (B) carbon dioxide (C) helium\nAnswer:",
@@ -65,7 +65,8 @@ def test_the_scorer_picks_the_choice_the_lm_clearly_prefers(llm):
     saved = model.net.get_output_embeddings()
     model.net.set_output_embeddings(head)
     try:
-        rows = [{**ROWS[0], "label": 2}, {"prompt": "Pick one.\nAnswer:", "choices": ["yes", "helium", "no"], "label": 1}]
+        rows = [{**ROWS[0], "label": 2},
+                {"prompt": "Pick one.\nAnswer:", "choices": ["yes", "helium", "no"], "label": 1}]
         logits, labels, _ = predict(model, [ChoiceCollate(tok, 96, train=False)(rows)], torch.device("cpu"))
         assert logits.argmax(-1).tolist() == [2, 1]
         assert compute_metrics(logits, labels, ["accuracy"])["accuracy"] == 1.0
@@ -84,7 +85,8 @@ def test_training_loss_covers_only_the_gold_answer_tokens(llm):
     loss = model(batch)
     with torch.no_grad():
         logits = model.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1),
                                                  ignore_index=-100)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert model.loss(loss, batch) is loss
@@ -108,7 +110,8 @@ def _cfg(*overrides):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["task=bbc-news"], r"task bbc-news on a causal LM needs task.prompt \(a template with \{text\}\) and task.verbalizer"),
+    (["task=bbc-news"],
+     r"task bbc-news on a causal LM needs task.prompt \(a template with \{text\}\) and task.verbalizer"),
     (["task=cifar10"], r"cannot run task .cifar10. \(image\): a causal LM answers multiple-choice tasks .* and text "
                        "classification tasks that give task.prompt and task.verbalizer"),
     (["model=tiny-bert", "task=boolq"], "multiple-choice tasks need a causal LM"),

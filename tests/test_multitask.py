@@ -4,16 +4,16 @@ import json
 
 import pytest
 import torch
+from fixtures import write_glue, write_vision
 from hydra import compose, initialize_config_module
 
-from fixtures import write_glue, write_vision
 from partial_lora import config
+from partial_lora.errors import PlrError
 from partial_lora.models import multitask
 from partial_lora.models.classifier import Classifier
-from partial_lora.errors import PlrError
-from partial_lora.report import build
 from partial_lora.pipeline.results import format_results
 from partial_lora.pipeline.runner import run_pipeline
+from partial_lora.report import build
 
 
 def _cfg(*overrides):
@@ -37,7 +37,8 @@ def test_member_heads_are_slices_and_the_loss_is_each_rows_own():
     members = [multitask.Member("a", 0, 5), multitask.Member("b", 5, 1, regression=True), multitask.Member("c", 6, 2)]
     model = multitask.MultiTask(Classifier(_Linear(), "hf-text", ["classifier"]), members)
     x = torch.randn(6, 3)
-    batch = {"x": x, "task_id": torch.tensor([0, 1, 0, 2, 1, 0]), "labels": torch.tensor([4.0, 0.5, 1.0, 0.0, -1.0, 0.0])}
+    batch = {"x": x, "task_id": torch.tensor([0, 1, 0, 2, 1, 0]),
+             "labels": torch.tensor([4.0, 0.5, 1.0, 0.0, -1.0, 0.0])}
     out = model(batch)
     assert out.shape == (6, 8)
     full = model.inner.net.classifier(x)

@@ -7,18 +7,15 @@ import torch
 from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 
-from partial_lora.allocation import allocators
-from partial_lora import artifacts
-from partial_lora import config
-from partial_lora.allocation import search
-from partial_lora.errors import PlrError
-from partial_lora.adapter.inject import LoRAConfig, inject_lora, iter_branches
+from partial_lora import artifacts, config
+from partial_lora.adapter.inject import LoRAConfig, inject_lora, iter_branches, rewind
 from partial_lora.adapter.masks import count, element_masks, rank_random, rank_subspace, subspace_k
+from partial_lora.allocation import allocators, search
+from partial_lora.errors import PlrError
 from partial_lora.models.backbones import build_model
 from partial_lora.pipeline.plan import plan
 from partial_lora.pipeline.runner import run_pipeline
 from partial_lora.working_set.build import setup_run
-from partial_lora.adapter.inject import rewind
 
 FLOOR = 0.125
 GRID = (1.0, 0.5, 0.25, FLOOR)
@@ -82,7 +79,8 @@ def test_budget_rescaling_lands_within_one_row_or_column_per_layer(budget):
     layers = [allocators.Layer(f"l{i}", int(d_out), int(d_in)) for i, (d_out, d_in) in
               enumerate(torch.randint(16, 200, (10, 2), generator=g).tolist())]
     ratios = torch.rand(10, generator=g).clamp_min(0.05).tolist()
-    alloc = allocators.Allocation("threshold", [allocators.layer_allocation(la, rho) for la, rho in zip(layers, ratios)], r=8)
+    alloc = allocators.Allocation("threshold",
+                                  [allocators.layer_allocation(la, rho) for la, rho in zip(layers, ratios)], r=8)
     out = allocators.rescale_to_budget(alloc, budget)
     target = budget * alloc.dense_params() if budget <= 1 else budget
     assert abs(out.params() - target) <= 8 * len(layers)  # one row or column (r params) per layer
@@ -158,8 +156,10 @@ def test_plans():
     assert plan(config.validate(compose_cfg("adapter=lora", probe=False))) == ["retrain", "evaluate"]
     assert plan(config.validate(compose_cfg("adapter=lora", "adapter.sparsity=0.5", probe=False)))[0] == "allocate"
     assert plan(config.validate(compose_cfg("adapter.sparsity=0.8"))) == ["allocate", "extract", "retrain", "evaluate"]
-    assert plan(config.validate(compose_cfg("adapter.sparsity=0.8", "adapter.mask.method=probe_magnitude")))[0] == "probe"
-    assert plan(config.validate(compose_cfg("adapter.allocation.allocator=spectrum"))) == ["allocate", "extract", "retrain", "evaluate"]
+    assert plan(config.validate(compose_cfg("adapter.sparsity=0.8",
+                                            "adapter.mask.method=probe_magnitude")))[0] == "probe"
+    assert plan(config.validate(compose_cfg("adapter.allocation.allocator=spectrum"))) == [
+        "allocate", "extract", "retrain", "evaluate"]
 
 
 @pytest.fixture(scope="module")

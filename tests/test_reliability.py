@@ -15,10 +15,10 @@ import torch
 from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 
-from partial_lora.training import checkpoint
 from partial_lora import config
 from partial_lora.errors import PlrError
 from partial_lora.pipeline.runner import run_pipeline
+from partial_lora.training import checkpoint
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 # 120 small steps of dense LoRA on the tiny BERT: long enough to be killed in the middle of.
@@ -105,7 +105,8 @@ def test_a_crash_in_the_probe_or_a_sparse_retrain_resumes_to_the_same_tensors(tm
     over = ["trainer.max_steps=7", "trainer.checkpoint_every=2"]
     full = run_pipeline(cfg_of(*over), tmp_path / "full", echo=lambda s: None)
     assert full["params"]["reduction_pct"] > 0  # the retrain is sparse
-    probe_steps = sum("lr" in json.loads(r) for r in (tmp_path / "full" / "probe" / "metrics.jsonl").read_text().splitlines())
+    probe_steps = sum("lr" in json.loads(r)
+                      for r in (tmp_path / "full" / "probe" / "metrics.jsonl").read_text().splitlines())
     assert probe_steps >= 4
     run_dir = tmp_path / "run"
     with monkeypatch.context() as m:
@@ -259,11 +260,13 @@ BATTERY = [
     (["model.source=SRC/no-weights", "model.pretrained=true"], "no file named model.safetensors"),
     (["model.source=SRC/bad-config", "model.pretrained=true"], "is not a valid JSON file"),
     (["model.source=SRC/truncated", "model.pretrained=true"], "Error while deserializing header"),
-    (["model.source=SRC/small-vocab", "model.pretrained=true"], "has 30,522 tokens but model tiny-bert's embeddings hold 100"),
+    (["model.source=SRC/small-vocab", "model.pretrained=true"],
+     "has 30,522 tokens but model tiny-bert's embeddings hold 100"),
     (["model.source=SRC/small-vocab"], "would be ignored: model tiny-bert has pretrained=false"),
     # messages that named the wrong key or said nothing useful
     (["adapter.probe.epochs=0"], "adapter.probe.epochs must be positive"),
-    (["task=hf-text", "task.path=DATA_DIR/blank-label.csv"], "has 2 blank cells (the first at data row 3 of split train)"),
+    (["task=hf-text", "task.path=DATA_DIR/blank-label.csv"], "has 2 blank cells (the first at data row 3 of split "
+                                                             "train)"),
     (["task=hf-text", "task.path=DATA_DIR/latin1.csv"], "is not UTF-8 text (it holds the byte 0xe9)"),
     (["task=hf-text", "task.path=DATA_DIR/empty.csv"], "is an empty file (0 bytes)"),
     (["task=hf-text", "task.path=DATA", "task.data_format=xml"], "task.data_format='xml' is not supported"),
@@ -281,7 +284,8 @@ BATTERY = [
     (["adapter.alpha=nan"], "adapter.alpha=nan is not a finite number"),
     (["adapter.alpha=inf"], "adapter.alpha=inf is not a finite number"),
     (["trainer.weight_decay=inf"], "trainer.weight_decay=inf is not a finite number"),
-    (["adapter.allocation.grid=[0.5,nan]"], "adapter.allocation.grid=[0.5, nan] holds nan, which is not a finite number"),
+    (["adapter.allocation.grid=[0.5,nan]"],
+     "adapter.allocation.grid=[0.5, nan] holds nan, which is not a finite number"),
     (["retrain.lr_scale_cap=0"], "retrain.lr_scale_cap must be positive"),
     (["run_dir="], "run_dir= is empty"),
     (["out_root="], "out_root= is empty"),
@@ -302,7 +306,8 @@ BATTERY = [
     ([*SPLITS, "task.path=DATA_DIR/empty-val"], "empty-val/validation.csv (split validation) is an empty file"),
     ([*SPLITS, "task.path=DATA_DIR/bad-parquet"], "could not read DATA_DIR/bad-parquet/train.parquet of task.path"),
     ([*SPLITS, "task.path=DATA_DIR/bad-jsonl"], "could not read DATA_DIR/bad-jsonl/train.jsonl of task.path"),
-    ([*SPLITS, "task.path=DATA_DIR/inf-score", "+task.regression=true", "task.metrics=[pearson]", "task.metric=pearson"],
+    ([*SPLITS, "task.path=DATA_DIR/inf-score", "+task.regression=true", "task.metrics=[pearson]",
+      "task.metric=pearson"],
      "split 'test' row 0 is inf (1 such row); a regression target must be a finite number"),
     ([*SPLITS, "task.path=DATA_DIR/mixed-types"], "do not agree on their columns' types"),
 ]
@@ -314,7 +319,8 @@ def battery_data(tmp_path_factory):
     (root / "data.csv").write_text("text,label\n" + "".join(f"sample {i},{i % 2}\n" for i in range(40)))
     rows = [f"sample {i},{'' if i in (2, 7) else i % 2}\n" for i in range(40)]
     (root / "blank-label.csv").write_text("text,label\n" + "".join(rows))  # int ids, two cells blank
-    (root / "latin1.csv").write_bytes(("text,label\n" + "".join(f"caf\u00e9 {i},{i % 2}\n" for i in range(40))).encode("latin1"))
+    (root / "latin1.csv").write_bytes(("text,label\n"
+                                       + "".join(f"caf\u00e9 {i},{i % 2}\n" for i in range(40))).encode("latin1"))
     (root / "empty.csv").write_bytes(b"")
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -360,7 +366,8 @@ def _bad_folders(root: Path) -> None:
     import pandas as pd
 
     def rows(n: int, at: int, label: str = "label") -> str:
-        return f"text,{label}\n" + "".join(f"sample {at + i} is {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(n))
+        return f"text,{label}\n" + "".join(f"sample {at + i} is {'good' if i % 2 else 'bad'},{i % 2}\n"
+                                           for i in range(n))
 
     def folder(name: str, train: str = "label") -> Path:
         d = root / name
@@ -404,7 +411,8 @@ def test_bad_input_battery(args, message, battery_data, tmp_path, capsys, monkey
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")  # a case that would write into the working folder writes here
-    args = [a.replace("DATA_DIR", str(battery_data)).replace("DATA", str(battery_data / "data.csv")).replace("SRC", str(battery_data / "src")) for a in args]
+    args = [a.replace("DATA_DIR", str(battery_data)).replace("DATA", str(battery_data / "data.csv"))
+            .replace("SRC", str(battery_data / "src")) for a in args]
     message = message.replace("DATA_DIR", str(battery_data))
     run_dir = None
     if any("CORRUPT" in a for a in args):
@@ -422,15 +430,15 @@ def test_bad_input_battery(args, message, battery_data, tmp_path, capsys, monkey
     assert message in err, err
     assert "Traceback" not in err
     if run_dir is not None:
-        assert not run_dir.exists()  # no half-made run dir (.lock, .hydra, a fingerprint) for the next command to trip on
+        # no half-made run dir (.lock, .hydra, a fingerprint) for the next command to trip on
+        assert not run_dir.exists()
     assert not any((tmp_path / "cwd").iterdir())
 
 
 def test_a_full_disk_is_one_line_leaves_no_partial_file_and_a_rerun_completes(tmp_path, capsys, monkeypatch):
     """ENOSPC while retrain writes (its checkpoint or adapter): exit 2, one line, the finished stages kept,
     no temporary file left behind; once there is space again the same command finishes the run."""
-    from partial_lora import artifacts
-    from partial_lora import cli
+    from partial_lora import artifacts, cli
 
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     real = artifacts.save_file

@@ -9,8 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from partial_lora import artifacts
-from partial_lora import cli
+from partial_lora import artifacts, cli
 from partial_lora.pipeline import runner
 from tests.test_reliability import crash_at_step
 
@@ -132,7 +131,8 @@ def test_the_default_run_dir_is_resolved_once_and_a_failure_removes_it_and_the_f
     code, _, err = plr(capsys, "train", *DENSE)
     assert code == 0, err
     (run_dir,) = (cwd / "outputs" / "bbc-news-tiny-bert-lora").iterdir()
-    assert f"run_dir=outputs/bbc-news-tiny-bert-lora/{run_dir.name}" in (run_dir / artifacts.HYDRA_OVERRIDES).read_text()
+    recorded = (run_dir / artifacts.HYDRA_OVERRIDES).read_text()
+    assert f"run_dir=outputs/bbc-news-tiny-bert-lora/{run_dir.name}" in recorded
 
 
 def test_a_quoted_run_dir_with_spaces_runs_there_and_leaves_no_folder_named_with_the_quotes(tmp_path, capsys):
@@ -266,7 +266,7 @@ def test_a_damaged_allocation_is_one_line_and_rerun_from_allocate_remakes_it(tmp
         artifacts.clear_done(run_dir, stage)
     code, _, err = plr(capsys, "resume", str(run_dir))
     assert code == 2 and "\n" not in err and "Traceback" not in err, err
-    assert f"corrupt artifact {run_dir / 'allocate' / artifacts.ALLOCATION} (no 'layers'); remake it with `plr resume " \
-           f"{run_dir} --rerun-from allocate`" in err
+    assert f"corrupt artifact {run_dir / 'allocate' / artifacts.ALLOCATION} (no 'layers'); remake it with " \
+           f"`plr resume {run_dir} --rerun-from allocate`" in err
     code, _, err = plr(capsys, "resume", str(run_dir), "--rerun-from", "allocate")
     assert code == 0, err

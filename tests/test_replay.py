@@ -6,12 +6,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from partial_lora.allocation.replay import BlockReplay, find_blocks
-from partial_lora.working_set.loaders import loader
-from partial_lora.working_set.build import setup
 from partial_lora import config as plr_config
+from partial_lora.allocation.replay import BlockReplay, find_blocks
 from partial_lora.training.predict import predict
 from partial_lora.training.runtime import set_seed
+from partial_lora.working_set.build import setup
+from partial_lora.working_set.loaders import loader
 
 
 def _setup(*overrides):
@@ -22,7 +22,8 @@ def _setup(*overrides):
     with torch.no_grad():  # a trained-looking adapter: B is zero at init
         for b in s.branches.values():
             b.lora_B.normal_(0, 0.5)
-    batches = list(loader(s, s.data.val.select(range(12)), plr_config.train_config(cfg, eval_batch_size=5), train=False))
+    batches = list(loader(s, s.data.val.select(range(12)), plr_config.train_config(cfg, eval_batch_size=5),
+                          train=False))
     return s, batches
 
 

@@ -236,7 +236,8 @@ def test_one_method_on_two_backbones_stays_two_rows(tmp_path):
     for model, acc in (("vit-b", 0.9), ("vit-b-timm", 0.8)):
         make_run(tmp_path / model, model=model, acc=acc)
     rep = report.build([str(tmp_path)])
-    assert [(g.label, g.stat("test_accuracy").mean) for g in rep.groups] == [("a · vit-b", 0.9), ("a · vit-b-timm", 0.8)]
+    assert [(g.label, g.stat("test_accuracy").mean)
+            for g in rep.groups] == [("a · vit-b", 0.9), ("a · vit-b-timm", 0.8)]
 
 
 def test_failed_sweep_job_shows_its_error(tmp_path):

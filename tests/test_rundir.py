@@ -10,9 +10,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from partial_lora import artifacts
-from partial_lora import cli
-from partial_lora import rundir
+from partial_lora import artifacts, cli, rundir
 from partial_lora.errors import PlrError
 from partial_lora.pipeline.runner import run_pipeline
 from tests.test_reliability import crash_at_step
@@ -51,12 +49,14 @@ def test_fingerprint_leaves_out_free_keys_and_what_only_later_stages_read():
     for stage in artifacts.STAGES:
         assert rundir.fingerprint(base, stage) == rundir.fingerprint(renamed, stage)
     longer = config("experiment=smoke", "trainer.epochs=3")
-    assert [s for s in artifacts.STAGES if rundir.fingerprint(base, s) != rundir.fingerprint(longer, s)] == ["retrain", "evaluate"]
+    assert [s for s in artifacts.STAGES
+            if rundir.fingerprint(base, s) != rundir.fingerprint(longer, s)] == ["retrain", "evaluate"]
     tau = config("experiment=smoke", "adapter.allocation.tau=0.5")
     assert [s for s in artifacts.STAGES if rundir.fingerprint(base, s) != rundir.fingerprint(tau, s)] == [
         "allocate", "extract", "retrain", "evaluate"]
     seed = config("experiment=smoke", "seed=1")
-    assert all(rundir.fingerprint(base, s)["seed"] == 0 and rundir.fingerprint(seed, s)["seed"] == 1 for s in artifacts.STAGES)
+    assert all(rundir.fingerprint(base, s)["seed"] == 0 and rundir.fingerprint(seed, s)["seed"] == 1
+               for s in artifacts.STAGES)
 
 
 def test_rerun_with_other_settings_is_refused_and_the_run_dir_is_left_as_it_was(tmp_path, capsys):

@@ -6,13 +6,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from partial_lora.allocation import allocators
 from partial_lora import config
-from partial_lora.allocation import search
-from partial_lora.errors import PlrError
 from partial_lora.adapter.masks import count, kept, rank_random
-from partial_lora.pipeline.results import format_results
+from partial_lora.allocation import allocators, search
+from partial_lora.errors import PlrError
 from partial_lora.pipeline.plan import plan
+from partial_lora.pipeline.results import format_results
 from partial_lora.pipeline.runner import run_pipeline
 
 LAYERS = [allocators.Layer("a", 64, 32), allocators.Layer("b", 64, 32), allocators.Layer("c", 64, 32)]
@@ -131,8 +130,8 @@ def test_proportional_needs_a_budget(tmp_path):
 def test_truncation_restores_the_pretrained_weights(tmp_path):
     """After the search, W0 is the pretrained weight again (the retrain starts from the real model)."""
     from partial_lora.adapter.inject import base_weights
-    from partial_lora.training.runtime import set_seed
     from partial_lora.stages import allocate
+    from partial_lora.training.runtime import set_seed
     from partial_lora.working_set.build import setup
 
     cfg = _cfg("adapter.allocation.allocator=truncation")

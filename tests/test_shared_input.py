@@ -12,15 +12,12 @@ import torch
 from hydra import compose, initialize_config_module
 from torch import nn
 
-from partial_lora import artifacts
-from partial_lora import config
-from partial_lora import rundir
-from partial_lora.errors import PlrError
+from partial_lora import artifacts, config, rundir
 from partial_lora.adapter.inject import LoRAConfig, inject_lora, iter_branches
-from partial_lora.adapter.input_groups import attach, trace
-from partial_lora.adapter.input_groups import InputGroup
+from partial_lora.adapter.input_groups import InputGroup, attach, trace
 from partial_lora.adapter.lora import LoRABranch, LoRALinear
 from partial_lora.adapter.masks import LayerInfo, MaskConfig, Ranking, rank_group, rank_layer, rank_random
+from partial_lora.errors import PlrError
 from partial_lora.models.backbones import build_model
 from partial_lora.pipeline.runner import run_pipeline
 from partial_lora.working_set.build import setup_run
@@ -282,5 +279,6 @@ def test_shared_input_is_an_extract_setting_not_an_allocation_one():
 ])
 def test_shared_input_config_errors_are_one_line(overrides, message):
     with pytest.raises(PlrError) as e:
-        config.validate(compose_cfg(*overrides, *([] if "shared_input" in overrides[0] else ["adapter.mask.shared_input=true"])))
+        config.validate(compose_cfg(*overrides,
+                                    *([] if "shared_input" in overrides[0] else ["adapter.mask.shared_input=true"])))
     assert message in str(e.value) and "\n" not in str(e.value)

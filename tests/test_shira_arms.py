@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from partial_lora.adapter import peft_baselines
-from partial_lora.training.recipe import lr_scale_auto
 from partial_lora.errors import PlrError
 from partial_lora.pipeline.runner import run_pipeline
+from partial_lora.training.recipe import lr_scale_auto
 
 # tiny-bert, targets q and v: 2 layers x 2 modules, each 32 x 32
 LAYERS, ENTRIES = 4, 32 * 32
@@ -120,21 +120,24 @@ def test_pefts_own_shira_is_unchanged(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["adapter.mask.method=snop"], "unknown adapter.mask.method 'snop'; use one of: subspace, random, probe_magnitude, snip"),
+    (["adapter.mask.method=snop"], "unknown adapter.mask.method 'snop'; use one of: subspace, random, probe_magnitude, "
+                                   "snip"),
     (["adapter=snip", "adapter.snip.batches=0"], "adapter.snip.batches must be >= 1 batch"),
     (["adapter=snip", "adapter.snip.batch_size=0"], "adapter.snip.batch_size must be >= 1"),
     (["adapter=snip", "adapter.snip.batches=2.5"], "adapter.snip.batches=2.5 must be a whole number"),
-    (["adapter=shira_snip", "adapter.snip.batches=-1", "adapter.match.budget=100"], "adapter.snip.batches must be >= 1"),
+    (["adapter=shira_snip", "adapter.snip.batches=-1", "adapter.match.budget=100"],
+     "adapter.snip.batches must be >= 1"),
     (["adapter=shira_random"], "has none to match: set adapter.match.run=<a finished Partial-LoRA run dir>"),
-    (["adapter=shira_snip"], "adapter=shira_snip (adapter.shira.mask=snip) trains SHiRA at another run's budget and has "
-                             "none to match"),
-    (["adapter=shira_random", "adapter.shira.mask=grad", "adapter.match.budget=100"], "unknown adapter.shira.mask 'grad'"),
+    (["adapter=shira_snip"], "adapter=shira_snip (adapter.shira.mask=snip) trains SHiRA at another run's budget and "
+                             "has none to match"),
+    (["adapter=shira_random", "adapter.shira.mask=grad", "adapter.match.budget=100"],
+     "unknown adapter.shira.mask 'grad'"),
     (["adapter=lora", "+adapter.shira.mask=random"], "adapter.shira.mask applies to SHiRA"),
     (["adapter=shira_random", "adapter.match.run=/no/such/run"], "adapter.match.run=/no/such/run has no results.json"),
     (["adapter=shira_random", "adapter.match.budget=100", "+adapter.peft.random_seed=3"],
      "adapter.peft.random_seed does not apply to adapter=shira_random"),
-    (["adapter=shira_random", "adapter.match.budget=5000"], "a SHiRA budget of 5,000 entries is outside what the adapted "
-                                                            "layers hold (1 to 4,096)"),
+    (["adapter=shira_random", "adapter.match.budget=5000"],
+     "a SHiRA budget of 5,000 entries is outside what the adapted layers hold (1 to 4,096)"),
 ])
 def test_bad_input_of_the_new_arms_is_one_line(args, message, tmp_path, capsys, monkeypatch):
     """Exit code 2, one `plr: error:` line naming the fix, no stage done (as tests/test_reliability.py's battery)."""

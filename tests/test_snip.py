@@ -10,11 +10,10 @@ from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 from torch import nn
 
-from partial_lora import artifacts
-from partial_lora import config
+from partial_lora import artifacts, config
 from partial_lora.adapter import snip as snip_importance
-from partial_lora.errors import PlrError
 from partial_lora.adapter.masks import MASKERS, LayerInfo, rank_group, rank_layer
+from partial_lora.errors import PlrError
 from partial_lora.pipeline.runner import run_pipeline
 
 # W0 of a bias-free linear layer y = W0·x, and the loss L = ½‖y − t‖², so ∂L/∂W0 = (W0·x − t)·xᵀ.
@@ -60,7 +59,8 @@ def test_rows_and_columns_rank_by_their_summed_importance():
 
 
 def test_elements_rank_by_their_importance_in_row_major_order():
-    assert snip_importance.top_entries(EXPECTED, 2).tolist() == [[0, 1], [1, 0]]      # 9 at (1, 0), 6 at (0, 1): rows, cols
+    assert snip_importance.top_entries(EXPECTED,
+                                       2).tolist() == [[0, 1], [1, 0]]      # 9 at (1, 0), 6 at (0, 1): rows, cols
     assert snip_importance.top_entries(EXPECTED, 3).tolist() == [[0, 1, 2], [1, 0, 1]]  # and 2 at (2, 1)
     ties = snip_importance.top_entries(torch.zeros(2, 2), 3)  # all equal: the first three in row-major order
     assert ties.tolist() == [[0, 0, 1], [0, 1, 0]]
@@ -133,7 +133,8 @@ def test_snip_rows_at_one_ratio_matched_to_a_partial_run(tmp_path, partial_run):
     again = run(tmp_path / "c", "adapter=snip", "adapter.match.budget=640")
     assert _kept(tmp_path / "b") == _kept(tmp_path / "c")
     other = run(tmp_path / "d", "adapter=snip", "adapter.match.budget=640", "seed=1")
-    assert json.loads((tmp_path / "d" / "extract" / "masks.json").read_text())["snip"]["examples"] != info["snip"]["examples"]
+    assert json.loads((tmp_path / "d" / "extract"
+                       / "masks.json").read_text())["snip"]["examples"] != info["snip"]["examples"]
     assert again["params"]["adapter"] == other["params"]["adapter"] == 640
 
 
@@ -148,7 +149,8 @@ def test_snip_rows_and_columns_differ_from_the_subspace_ones(tmp_path):
 def test_snip_rows_at_partial_lora_allocation_reuse_its_probe_and_allocation(tmp_path, partial_run):
     p_dir, partial = partial_run
     lines = []
-    res = run_pipeline(cfg_of(f"from_run={p_dir}", "adapter.mask.method=snip", "adapter.allocation.search_masks=subspace"),
+    res = run_pipeline(cfg_of(f"from_run={p_dir}", "adapter.mask.method=snip",
+                              "adapter.allocation.search_masks=subspace"),
                        tmp_path / "s", echo=lines.append)
     assert any("reusing probe" in m for m in lines) and any("reusing allocate" in m for m in lines), lines
     # the same per-layer ratios, so the same row and column counts: exactly Partial-LoRA's budget
@@ -167,14 +169,16 @@ def test_snip_settings_are_extract_settings_not_probe_settings():
     a = config.validate(cfg_of("adapter.mask.method=snip")).settings
     b = config.validate(cfg_of("adapter.mask.method=snip", "adapter.snip.batches=2")).settings
     assert rundir.changed(rundir.fingerprint(a, artifacts.PROBE), rundir.fingerprint(b, artifacts.PROBE)) == {}
-    assert set(rundir.changed(rundir.fingerprint(a, artifacts.EXTRACT), rundir.fingerprint(b, artifacts.EXTRACT))) == {"adapter.snip.batches"}
+    assert set(rundir.changed(rundir.fingerprint(a, artifacts.EXTRACT),
+                              rundir.fingerprint(b, artifacts.EXTRACT))) == {"adapter.snip.batches"}
     # a search that ranks with SNIP allocates again when the batches change; one that ranks by subspace does not
     s1 = config.validate(cfg_of("adapter.mask.method=snip"))
     s2 = config.validate(cfg_of("adapter.mask.method=snip", "adapter.snip.batches=2"))
     assert rundir.allocation_settings(s1) != rundir.allocation_settings(s2)
     fixed = ["adapter.allocation.search_masks=subspace"]
-    assert rundir.allocation_settings(config.validate(cfg_of("adapter.mask.method=snip", *fixed))) == \
-           rundir.allocation_settings(config.validate(cfg_of("adapter.mask.method=snip", "adapter.snip.batches=2", *fixed)))
+    s3 = config.validate(cfg_of("adapter.mask.method=snip", *fixed))
+    s4 = config.validate(cfg_of("adapter.mask.method=snip", "adapter.snip.batches=2", *fixed))
+    assert rundir.allocation_settings(s3) == rundir.allocation_settings(s4)
 
 
 def test_a_search_that_ranks_with_snip_runs_end_to_end(tmp_path):

@@ -9,9 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from partial_lora.study import stats
 from partial_lora.errors import PlrError
-from partial_lora.study import Selection, execute, plan
+from partial_lora.study import Selection, execute, plan, stats
 from partial_lora.study.claims import CLAIMS, ClaimRow, arm_rows, claim_rows, collect, markdown
 from partial_lora.study.rule import markdown as rule_markdown
 from partial_lora.study.rule import rule_rows
@@ -55,7 +54,8 @@ def test_the_ci_covers_a_known_zero_and_shrinks_with_more_examples():
     assert small.low < 0 < small.high and large.low < 0 < large.high
     assert (large.high - large.low) < 0.5 * (small.high - small.low)
     data = [{0: noisy(200)}]
-    assert stats.compare(data, ["accuracy"], n_boot=500, seed=3) == stats.compare(data, ["accuracy"], n_boot=500, seed=3)
+    assert stats.compare(data, ["accuracy"], n_boot=500,
+                         seed=3) == stats.compare(data, ["accuracy"], n_boot=500, seed=3)
 
 
 def test_pooled_comparisons_average_tasks_and_regression_uses_correlation():
@@ -291,7 +291,8 @@ def test_plr_study_end_to_end_on_a_tiny_model(tmp_path):
         for split in ("val", "test"):
             part = pred[pred["split"] == split]
             assert len(part) == (results["stages"]["evaluate"]["test_examples"] if split == "test" else len(part))
-            assert (part["label"] == part["prediction"]).mean() == pytest.approx(results["metrics"][f"{split}_accuracy"])
+            assert (part["label"]
+                    == part["prediction"]).mean() == pytest.approx(results["metrics"][f"{split}_accuracy"])
             assert part["score"].between(0, 1).all() and (part["index"].to_numpy() == np.arange(len(part))).all()
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0 and "2 finished already, 0 to run" in again.stdout

@@ -15,8 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from partial_lora.study import Selection, plan
-from partial_lora.study import schedule
+from partial_lora.study import Selection, plan, schedule
 from partial_lora.study.claims import claim_rows, collect
 from partial_lora.study.plan import Job
 
@@ -36,8 +35,10 @@ def user_suite(root: Path, arms: list[str], seeds: tuple[int, ...] = (0,), task_
         for i in range(120):
             words = [*rng.choice(FILLER, 4), *rng.choice(POS if i % 2 else NEG, 2)]
             w.writerow([" ".join(words), "pos" if i % 2 else "neg"])
-    overrides = task_overrides or ["task=hf-text", f"task.path={data}", "task.text_column=review", "task.label_column=y"]
-    lines = ["# tests: a user suite", "model: tiny-bert", "tasks:", "  - name: mine", f"    overrides: [{', '.join(overrides)}]",
+    overrides = task_overrides or ["task=hf-text", f"task.path={data}", "task.text_column=review",
+                                   "task.label_column=y"]
+    lines = ["# tests: a user suite", "model: tiny-bert", "tasks:", "  - name: mine",
+             f"    overrides: [{', '.join(overrides)}]",
              *more_tasks,
              f"seeds: [{', '.join(map(str, seeds))}]", f"arms: [{', '.join(arms)}]",
              "recipe: [trainer.epochs=1, trainer.batch_size=16, trainer.max_steps=3]",
@@ -71,7 +72,8 @@ def complete(run_dir: Path) -> bool:
 def test_a_user_suite_runs_two_runs_at_once_in_dependency_order_and_judges_the_claims(tmp_path):
     arms = ["lora", "partial", "uniform"]
     out = tmp_path / "study"
-    gone = ["  - name: gone", f"    overrides: [task=hf-text, task.path={tmp_path / 'gone.csv'}]"]  # its file is missing
+    gone = ["  - name: gone",
+            f"    overrides: [task=hf-text, task.path={tmp_path / 'gone.csv'}]"]  # its file is missing
     done = study("--suite", str(user_suite(tmp_path, arms, more_tasks=gone)), "--jobs", "2", "--bootstrap", "200",
                  "--out", str(out))
     # The task whose data is missing fails (its uniform run, which reads its partial run, is skipped); the
@@ -98,7 +100,8 @@ def test_a_stopped_study_resumes_reusing_what_finished_and_holds_its_folder_mean
     arms = ["head", "lora", "lora-r1"]  # three independent runs, one after another with --jobs 1
     suite, out = user_suite(tmp_path, arms), tmp_path / "study"
     runs = {a: out / "runs/tiny-bert/mine" / a / "seed0" for a in arms}
-    cmd = [sys.executable, "-m", "partial_lora.cli", "study", "--suite", str(suite), "--bootstrap", "200", "--out", str(out)]
+    cmd = [sys.executable, "-m", "partial_lora.cli", "study", "--suite", str(suite), "--bootstrap", "200", "--out",
+           str(out)]
     printed = tmp_path / "first.txt"
     first = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=printed.open("w"),
                              stderr=subprocess.STDOUT)
@@ -294,7 +297,8 @@ def test_a_multi_task_runs_claims_are_judged_per_member_and_pooled_as_its_mean(t
     run = json.loads((tmp_path / "runs/tiny-llama/commonsense/partial/seed0/results.json").read_text())
     dense = json.loads((tmp_path / "runs/tiny-llama/commonsense/lora/seed0/results.json").read_text())
     # pooled over the members: the difference of the run's mean accuracy
-    assert rows["pooled"].comparison.mean == pytest.approx(100 * (run["metrics"]["test_mean"] - dense["metrics"]["test_mean"]))
+    difference = run["metrics"]["test_mean"] - dense["metrics"]["test_mean"]
+    assert rows["pooled"].comparison.mean == pytest.approx(100 * difference)
     assert collect(tmp_path).narrow(tasks=["commonsense"]).runs == study.runs
 
 
@@ -311,8 +315,8 @@ GOOD = "model: tiny-bert\ntasks: [bbc-news]\nseeds: [0]\n"
 
 @pytest.mark.parametrize("make_args, message", [
     (lambda p: ["--suite", "nosuch"], "unknown suite 'nosuch'; choose one of commonsense, efficientnet-lite0"),
-    (lambda p: ["--suite", _write(p, GOOD.replace("[0]", "'0'"))], "seeds='0' must be a list of whole numbers, got "
-                                                                     "a string; fix the suite file"),
+    (lambda p: ["--suite", _write(p, GOOD.replace("[0]", "'0'"))],
+     "seeds='0' must be a list of whole numbers, got a string; fix the suite file"),
     (lambda p: ["--suite", _write(p, GOOD + "arms: [lora, dora]\n")], "unknown arm 'dora'; choose from: head"),
     (lambda p: ["--suite", _write(p, GOOD.replace("bbc-news", "no-such-task"))], "no task config 'no-such-task'"),
     (lambda p: ["--suite", _write(p, GOOD + "modle: x\n")], "unknown key suite"),
@@ -330,7 +334,8 @@ GOOD = "model: tiny-bert\ntasks: [bbc-news]\nseeds: [0]\n"
      "--slurm partiton: not a resource"),
     (lambda p: ["--suite", _write(p, GOOD), "--launcher", "submitit-local", "--slurm", "mem_gb=lots"],
      "--slurm mem_gb='lots' must be a number, got a string; fix that --slurm"),
-    (lambda p: ["--suite", _write(p, GOOD), "--launcher", "slurm", "--jobs", "0", "--dry-run"], "--jobs 0: run at least"),
+    (lambda p: ["--suite", _write(p, GOOD), "--launcher", "slurm", "--jobs", "0", "--dry-run"],
+     "--jobs 0: run at least"),
     (lambda p: ["--dry-run", "--tasks", "nonexistent"], "no run planned: --tasks nonexistent names no task"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, make_args, message):

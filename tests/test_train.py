@@ -6,18 +6,18 @@ import math
 import pytest
 import torch
 
-from partial_lora.training.curve import JsonlLog
+from partial_lora.adapter.inject import LoRAConfig, adapter_state_dict, freeze_for_adapter, inject_lora
 from partial_lora.data import TaskSpec, load_task
 from partial_lora.errors import PlrError
-from partial_lora.adapter.inject import LoRAConfig, adapter_state_dict, freeze_for_adapter, inject_lora
-from partial_lora.training.metrics import compute_metrics
 from partial_lora.models.backbones import build_model
+from partial_lora.training.curve import JsonlLog
+from partial_lora.training.loop import Hooks, fit
+from partial_lora.training.metrics import compute_metrics
 from partial_lora.training.predict import evaluate
 from partial_lora.training.recipe import TrainConfig, lr_lambda
 from partial_lora.training.runtime import set_seed
 from partial_lora.working_set.build import Setup
 from partial_lora.working_set.loaders import loader, validator
-from partial_lora.training.loop import Hooks, fit
 
 
 def test_warmup_then_cosine_and_linear():

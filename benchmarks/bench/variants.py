@@ -20,8 +20,8 @@ from partial_lora.adapter.inject import (
     inject_lora,
     layer_id,
 )
-from partial_lora.models.classifier import Classifier
 from partial_lora.adapter.input_groups import attach, trace
+from partial_lora.models.classifier import Classifier
 
 from .sizes import Size, make_batch
 

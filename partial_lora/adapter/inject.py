@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from partial_lora import distributed
-from partial_lora.errors import PlrError
 from partial_lora.adapter.lora import LoRABranch, LoRAConv, LoRALinear
 from partial_lora.adapter.masks import lora_parameters
+from partial_lora.errors import PlrError
 
 WHOLE = "lora"  # branch key of an unsliced layer; never appears in layer ids
 

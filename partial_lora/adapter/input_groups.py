@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from partial_lora.errors import PlrError
 from partial_lora.adapter.inject import layer_id
 from partial_lora.adapter.lora import LoRABranch, LoRAConv, LoRALinear
+from partial_lora.errors import PlrError
 
 
 def trace(net: nn.Module, forward: Callable[[], Any]) -> list[list[str]]:

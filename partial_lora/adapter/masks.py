@@ -39,7 +39,6 @@ from torch import Tensor
 from partial_lora.adapter.snip import col_scores, row_scores
 from partial_lora.errors import PlrError
 
-
 Keep = dict[str, tuple[Tensor, Tensor]]  # by layer id: two tensors (kept rows and columns, or element masks)
 
 
@@ -217,7 +216,8 @@ class MaskConfig:
             raise PlrError("adapter.mask.sides applies to row/column masks; drop it with granularity=element")
         if self.shared_input and self.granularity == "element":
             raise PlrError("adapter.mask.shared_input shares the kept columns of layers that read one input, and "
-                           "element masks keep no columns; set adapter.mask.shared_input=false with granularity=element")
+                           "element masks keep no columns; set adapter.mask.shared_input=false with "
+                           "granularity=element")
 
 
 def _need_probe(info: LayerInfo) -> Tensor:

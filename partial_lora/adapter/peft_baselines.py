@@ -69,8 +69,8 @@ class PeftSpec:
                            "adapter=shira_random / adapter=shira_snip")
         ignored = sorted(set(self.options) & {"r", "mask_type", "random_seed"}) if self.shira_mask else []
         if ignored:
-            raise PlrError(f"adapter.peft.{ignored[0]} does not apply to adapter=shira_{self.shira_mask}: plr draws its "
-                           "mask at the matched budget, seeded by the run's seed; drop it")
+            raise PlrError(f"adapter.peft.{ignored[0]} does not apply to adapter=shira_{self.shira_mask}: plr draws "
+                           "its mask at the matched budget, seeded by the run's seed; drop it")
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,8 @@ def shira_counts(target: int, shapes: Mapping[str, tuple[int, int]]) -> dict[str
     sizes = {k: d_out * d_in for k, (d_out, d_in) in shapes.items()}
     total = sum(sizes.values())
     if not 0 < target <= total:
-        raise PlrError(f"a SHiRA budget of {target:,} entries is outside what the adapted layers hold (1 to {total:,}); "
-                       "match another run or set adapter.match.budget within that range")
+        raise PlrError(f"a SHiRA budget of {target:,} entries is outside what the adapted layers hold (1 to "
+                       f"{total:,}); match another run or set adapter.match.budget within that range")
     share = {k: target * n / total for k, n in sizes.items()}
     counts = {k: int(v) for k, v in share.items()}
     left = target - sum(counts.values())

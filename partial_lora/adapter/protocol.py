@@ -13,8 +13,8 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from partial_lora.adapter import peft_baselines
-from partial_lora.models.classifier import Classifier
 from partial_lora.adapter.inject import adapter_state_dict, count_adapter_parameters, load_adapter_state_dict
+from partial_lora.models.classifier import Classifier
 from partial_lora.training.loop import Hooks
 
 

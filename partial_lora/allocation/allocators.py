@@ -37,9 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from partial_lora.adapter.masks import kept, lora_parameters, subspace_k
 from partial_lora.errors import PlrError
-from partial_lora.adapter.masks import lora_parameters
-from partial_lora.adapter.masks import kept, subspace_k
 
 DEFAULT_GRID = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125)
 
@@ -88,7 +87,8 @@ class AllocationConfig:
 
     def __post_init__(self) -> None:
         if self.allocator not in ALLOCATORS:
-            raise PlrError(f"unknown adapter.allocation.allocator '{self.allocator}'; use one of: {', '.join(ALLOCATORS)}")
+            raise PlrError(f"unknown adapter.allocation.allocator '{self.allocator}'; use one of: "
+                           f"{', '.join(ALLOCATORS)}")
         if not 0 < self.tau <= 1:
             raise PlrError(f"adapter.allocation.tau must be in (0, 1], got {self.tau}; the paper uses 0.9")
         if not self.grid:
@@ -113,7 +113,8 @@ class AllocationConfig:
         if self.replay_mb < 0:
             raise PlrError(f"adapter.allocation.replay_mb must be >= 0 (0 turns replay off), got {self.replay_mb}")
         if self.budget is not None and self.budget <= 0:
-            raise PlrError(f"adapter.allocation.budget must be positive (parameters, or a share <= 1), got {self.budget}")
+            raise PlrError("adapter.allocation.budget must be positive (parameters, or a share <= 1), got "
+                           f"{self.budget}")
 
 
 @dataclass(frozen=True)

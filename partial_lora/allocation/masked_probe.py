@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from partial_lora import distributed
 from partial_lora.adapter.lora import LoRABranch
 from partial_lora.adapter.masks import KeptBlock, Ranking, count
-from partial_lora.allocation.search import proportional, threshold
 from partial_lora.allocation.allocators import Allocation, AllocationConfig, Layer
 from partial_lora.allocation.replay import BlockReplay
+from partial_lora.allocation.search import proportional, threshold
 from partial_lora.errors import PlrError
 from partial_lora.training.metrics import compute_metrics
 from partial_lora.training.predict import predict

@@ -110,7 +110,8 @@ class TaskSpec:
                 raise PlrError(f"task.{key} must be in [0, 1), got {v}; fix that override")
         n = self.num_labels
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise PlrError(f"task.num_labels must be a positive number of classes (or null), got {n!r}; fix that override")
+            raise PlrError(f"task.num_labels must be a positive number of classes (or null), got {n!r}; fix that "
+                           "override")
         u = self.unlabelled_value
         if u is not None and (isinstance(u, bool) or not isinstance(u, int | float | str)):
             raise PlrError(f"task.unlabelled_value must be a number, a string or null, got {u!r}; "

@@ -229,7 +229,8 @@ class ChoiceCollate:
         return self._eval_batch(rows, prompts)
 
     def _train_batch(self, rows: list[dict[str, Any]], prompts: list[list[int]]) -> Batch:
-        golds = [self._answers(r["prompt"], p, [r["choices"][r["label"]]])[0] for r, p in zip(rows, prompts, strict=True)]
+        golds = [self._answers(r["prompt"], p, [r["choices"][r["label"]]])[0] for r,
+                 p in zip(rows, prompts, strict=True)]
         seqs, targets = [], []
         for prompt, gold in zip(prompts, golds, strict=True):
             ids, n = self._fit(prompt, gold)

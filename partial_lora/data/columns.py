@@ -49,8 +49,8 @@ def _refuse_blank_ids(dd: datasets.DatasetDict, key: str) -> None:
                 break
     if blank and whole:
         split, row = blank[0]
-        raise PlrError(f"{key} has {len(blank)} blank cells (the first at data row {row + 1} of split {split}) among whole-number "
-                       "class ids; fill them in or remove those rows")
+        raise PlrError(f"{key} has {len(blank)} blank cells (the first at data row {row + 1} of split {split}) among "
+                       "whole-number class ids; fill them in or remove those rows")
 
 
 def encode_labels(dd: datasets.DatasetDict, key: str = "task.label_column", regression: bool = False,
@@ -149,7 +149,8 @@ def _check_ids(dd: datasets.DatasetDict, key: str, n: int | None) -> None:
     for split, ds in dd.items():
         bad = sorted(v for v in ds.unique("label") if v < 0 or (n is not None and v >= n))
         if bad:
-            fix = (f"if {bad[0]} marks unlabelled rows, set task.unlabelled_value={bad[0]}; else " if bad[0] < 0 else "")
+            fix = (f"if {bad[0]} marks unlabelled rows, set task.unlabelled_value={bad[0]}; else " if bad[0] < 0
+                   else "")
             raise PlrError(f"{key} holds the label {bad[0]} in split '{split}', which is no class id"
                            f"{f' of its {n} classes' if n is not None else ''}; {fix}set {key}=<the column holding "
                            "the class ids>")

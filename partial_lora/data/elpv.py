@@ -20,7 +20,6 @@ from partial_lora.data.split import task_data
 from partial_lora.errors import PlrError
 from partial_lora.fetch.elpv import TYPES
 
-
 LABELS: Mapping[str, tuple[str, list[str]]] = {
     "defect": ("defective if the defect probability is at least 1/2", ["functional", "defective"]),
     "type": ("the module's type", list(TYPES)),
@@ -37,7 +36,8 @@ def load_elpv(spec: TaskSpec) -> TaskData:
     names = LABELS[spec.label_column][1]
     labels = (df["probability"] >= 0.5).astype(int) if spec.label_column == "defect" else df["type"].map(names.index)
     if labels.isna().any():
-        raise PlrError(f"{spec.path} has module types other than {'/'.join(TYPES)}; run `plr fetch {spec.name} --force`")
+        raise PlrError(f"{spec.path} has module types other than {'/'.join(TYPES)}; "
+                       f"run `plr fetch {spec.name} --force`")
     features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=names))
     ds = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in df["png"]],
                                     "label": labels.astype(int).tolist()}, features=features)

@@ -64,9 +64,8 @@ def _bbc_root() -> Path:
 
 def load_digits(spec: TaskSpec) -> TaskData:
     """scikit-learn's 1,797 handwritten digits (8x8, 10 classes) as grayscale PIL images."""
-    from sklearn.datasets import load_digits as sk_digits  # here: importing sklearn takes a second or more
-
     import sklearn.datasets
+    from sklearn.datasets import load_digits as sk_digits  # here: importing sklearn takes a second or more
 
     stored = Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"  # what load_digits reads
     if stored.is_file():

@@ -35,8 +35,16 @@ import datasets
 from partial_lora.data import identity
 from partial_lora.data.base import TaskSpec
 from partial_lora.data.split import used_splits
-from partial_lora.data.split_files import (EXTENSIONS, Files, build_splits, check_splits, prepare_files, prepare_splits,
-                                           converted_layout, hub_layout_splits)
+from partial_lora.data.split_files import (
+    EXTENSIONS,
+    Files,
+    build_splits,
+    check_splits,
+    converted_layout,
+    hub_layout_splits,
+    prepare_files,
+    prepare_splits,
+)
 from partial_lora.errors import PlrError, first_line
 from partial_lora.fetch.hub import check_local_path, load_from_hub, looks_local
 
@@ -229,8 +237,9 @@ def _read_error(spec: TaskSpec, path: Path, e: Exception, logs: Sequence[str]) -
     chain = _chain(e)
     cause = next((c for c in chain if isinstance(c, UnicodeDecodeError)), None)
     if cause is not None:
-        return PlrError(f"task.path='{spec.path}' is not UTF-8 text (it holds the byte {cause.object[cause.start]:#04x}); "
-                        "re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT")
+        return PlrError(f"task.path='{spec.path}' is not UTF-8 text (it holds the byte "
+                        f"{cause.object[cause.start]:#04x}); re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8 IN > "
+                        "OUT")
     texts = [str(c) for c in chain] + list(logs)
     columns = next((m for t in texts if (m := _COLUMNS.search(t))), None)
     if columns is not None:
@@ -337,4 +346,5 @@ def _refuse_script_only(spec: TaskSpec, path: Path, force: bool = False) -> None
         return
     raise PlrError(f"task.path='{spec.path}' holds a loading script ({scripts[0]}), which datasets "
                    f"{datasets.__version__} no longer runs; download the Hub's parquet conversion instead "
-                   f"(hf download <id> --repo-type dataset --revision {CONVERTED} --local-dir DIR) and set task.path=DIR")
+                   f"(hf download <id> --repo-type dataset --revision {CONVERTED} --local-dir DIR) and set "
+                   "task.path=DIR")

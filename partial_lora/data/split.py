@@ -85,7 +85,8 @@ def split_task(spec: TaskSpec, splits: Mapping[str, datasets.Dataset]) -> Splits
         PlrError: an unknown or empty split name, or fractions that leave no training data.
     """
     if spec.protocol not in PROTOCOLS:
-        raise PlrError(f"task.protocol='{spec.protocol}' is unknown; set task.protocol=<one of: {', '.join(PROTOCOLS)}>")
+        raise PlrError(f"task.protocol='{spec.protocol}' is unknown; "
+                       f"set task.protocol=<one of: {', '.join(PROTOCOLS)}>")
     train = _named(spec, splits, "train_split", spec.train_split)
     for key in ("val_split", "test_split"):
         if getattr(spec, key) == spec.train_split:

@@ -22,7 +22,6 @@ from partial_lora.data import identity
 from partial_lora.data.split import missing_split
 from partial_lora.errors import PlrError
 
-
 EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 _SHARD = re.compile(r"^(?P<split>\w+?)-\d{5}-of-\d{5}$")  # train-00000-of-00001
 _NUMBERED = re.compile(r"^\d+$")                           # <split>/0000.parquet
@@ -104,7 +103,8 @@ def prepare_splits(builder: datasets.DatasetBuilder, rebuild: Rebuild, wanted: M
     used = {s: files[s] for s in splits if s in files}
     if local and used:
         check_files(used)
-        builder = rebuild(used, builder.info.features, identity.content_cache_dir(f for fs in used.values() for f in fs))
+        builder = rebuild(used, builder.info.features,
+                          identity.content_cache_dir(f for fs in used.values() for f in fs))
     elif files and set(files) != set(splits):
         builder = rebuild(used, builder.info.features, None)
     return build_splits(builder, splits)

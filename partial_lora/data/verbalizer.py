@@ -30,7 +30,8 @@ def check_template(prompt: Any, task: str) -> str:
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(prompt) if f is not None]
     except ValueError as e:
-        raise PlrError(f"task.prompt={prompt!r} is not a valid template ({e}); write literal braces as {{{{ }}}}") from None
+        raise PlrError(f"task.prompt={prompt!r} is not a valid template ({e}); "
+                       "write literal braces as {{ }}") from None
     unknown = [f for f in fields if f not in FIELDS]
     if unknown or "text" not in fields:
         raise PlrError(f"task.prompt={prompt!r} must contain {{text}} (and may contain {{text_pair}}), "
@@ -41,7 +42,8 @@ def check_template(prompt: Any, task: str) -> str:
 def check_verbalizer(verbalizer: Any, label_names: list[str], task: str) -> list[str]:
     """One non-empty answer per class, in label order (no leading space: the scorer adds one)."""
     if not isinstance(verbalizer, Mapping) or not verbalizer:
-        raise PlrError(f"task {task} on a causal LM needs task.verbalizer={{<class>: <answer>, ...}}, got {verbalizer!r}")
+        raise PlrError(f"task {task} on a causal LM needs task.verbalizer={{<class>: <answer>, ...}}, got "
+                       f"{verbalizer!r}")
     missing = [n for n in label_names if n not in verbalizer]
     extra = sorted(set(map(str, verbalizer)) - set(label_names))
     if missing or extra:

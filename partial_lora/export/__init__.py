@@ -40,23 +40,48 @@ from pathlib import Path
 from typing import Any
 
 from partial_lora import artifacts
-from partial_lora.export.card import ExportInfo, model_card
-from partial_lora.export.convert import (ADAPTER, DELTA_ATOL, Target, base_reference, check_deltas, check_extra,
-                                         check_plr_adapter, copy_weights, find_targets, fresh_base, layer_table,
-                                         make_peft_model, mask_tensors, peft_config, plain_state, unreproduced)
-from partial_lora.export.layout import (CARD, CONFIG, HYDRA_CONFIG, HYDRA_OVERRIDES, LAYERS, MASKS, MERGED,
-                                        PEFT_CONFIG, PEFT_WEIGHTS)
-from partial_lora.export.merged import save_merged
-from partial_lora.export.publish import write_folder, check_out_dir
-from partial_lora.export.run import check_run, load_config, load_spec, rebuild
 from partial_lora.adapter.inject import count_adapter_parameters
 from partial_lora.adapter.masks import lora_parameters
+from partial_lora.export.card import ExportInfo, model_card
+from partial_lora.export.convert import (
+    ADAPTER,
+    DELTA_ATOL,
+    Target,
+    base_reference,
+    check_deltas,
+    check_extra,
+    check_plr_adapter,
+    copy_weights,
+    find_targets,
+    fresh_base,
+    layer_table,
+    make_peft_model,
+    mask_tensors,
+    peft_config,
+    plain_state,
+    unreproduced,
+)
+from partial_lora.export.layout import (
+    CARD,
+    CONFIG,
+    HYDRA_CONFIG,
+    HYDRA_OVERRIDES,
+    LAYERS,
+    MASKS,
+    MERGED,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+)
+from partial_lora.export.merged import save_merged
+from partial_lora.export.publish import check_out_dir, write_folder
+from partial_lora.export.run import check_run, load_config, load_spec, rebuild
 
 __all__ = [
     "ADAPTER", "CARD", "CONFIG", "DELTA_ATOL", "HYDRA_CONFIG", "HYDRA_OVERRIDES", "LAYERS", "MASKS", "MERGED",
     "PEFT_CONFIG", "PEFT_WEIGHTS", "ExportInfo", "Exported", "Target", "base_reference", "check_deltas",
     "check_extra", "check_out_dir", "check_plr_adapter", "check_run", "copy_weights", "export_run", "find_targets",
-    "fresh_base", "layer_table", "load_config", "load_spec", "make_peft_model", "mask_tensors", "model_card", "peft_config",
+    "fresh_base", "layer_table", "load_config", "load_spec", "make_peft_model", "mask_tensors", "model_card",
+    "peft_config",
     "plain_state", "rebuild", "save_merged", "unreproduced",
 ]
 
@@ -142,7 +167,8 @@ def export_run(run_dir: Path, out_dir: Path, *, merged: bool = False, force: boo
               "extra": sum(p.numel() for m in extra for p in run_net.get_submodule(m).parameters())}
     stored = sum(lora_parameters(t.rank, t.out_features, t.in_features) for t in targets)
     notes = [f"saved in full as the base checkpoint lacks them: {', '.join(extra)}"] if extra else []
-    info = ExportInfo(out_dir.resolve(), run_dir.resolve(), run, spec, s, reference, targets, layer_table(run_dir, run, targets),
+    info = ExportInfo(out_dir.resolve(), run_dir.resolve(), run, spec, s, reference, targets,
+                      layer_table(run_dir, run, targets),
                     params, stored, extra, merged, notes)
     files = write_folder(out_dir, force, lambda tmp: _fill(tmp, info, peft_model))
     return Exported(out_dir, files, [t.module for t in targets], targets[0].r, targets[0].alpha, params, stored,

@@ -11,11 +11,18 @@ from typing import Any
 
 import yaml
 
-from partial_lora import artifacts
-from partial_lora import config
+from partial_lora import artifacts, config
 from partial_lora.export.convert import Target
-from partial_lora.export.layout import (CONFIG, HYDRA_OVERRIDES, LAYERS, MASKS, MERGED, PEFT_CONFIG, PEFT_WEIGHTS,
-                                        read_optional)
+from partial_lora.export.layout import (
+    CONFIG,
+    HYDRA_OVERRIDES,
+    LAYERS,
+    MASKS,
+    MERGED,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    read_optional,
+)
 from partial_lora.models.backbones import ModelSpec
 from partial_lora.spec import RunSpec
 from partial_lora.working_set.build import Setup
@@ -122,7 +129,8 @@ def _metric_lines(run_dir: Path) -> list[str]:
     results = read_optional(run_dir / artifacts.RESULTS) or {}
     metrics = results.get("metrics") or {}
     if not metrics:
-        return [f"No evaluation in the run (no {artifacts.RESULTS} with metrics); finish its evaluate stage with `plr train`."]
+        return [f"No evaluation in the run (no {artifacts.RESULTS} with metrics); finish its evaluate stage with `plr "
+                "train`."]
     names: list[str] = []
     for key in metrics:
         name = key.split("_", 1)[1]

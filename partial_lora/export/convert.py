@@ -13,13 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from partial_lora import artifacts
-from partial_lora.spec import RunSpec
-from partial_lora.errors import PlrError, first_line
-from partial_lora.export.layout import read_optional
 from partial_lora.adapter.inject import layer_id
 from partial_lora.adapter.lora import LoRABranch, LoRALinear
-from partial_lora.models.source import resolve_source
+from partial_lora.errors import PlrError, first_line
+from partial_lora.export.layout import read_optional
 from partial_lora.models.backbones import ModelSpec, build_model
+from partial_lora.models.source import resolve_source
+from partial_lora.spec import RunSpec
 from partial_lora.training.runtime import set_seed
 from partial_lora.working_set.build import Setup
 

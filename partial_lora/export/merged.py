@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from partial_lora import config
-from partial_lora.models.source import resolve_source
 from partial_lora.models.backbones import ModelSpec
+from partial_lora.models.source import resolve_source
 from partial_lora.working_set.build import Setup
 
 

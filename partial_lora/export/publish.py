@@ -45,18 +45,18 @@ def check_out_dir(out_dir: Path, run_dir: Path, force: bool) -> None:
         held = next((p.parent for p in target.rglob("results.json")), None) or next(
             (p.parent.parent for p in target.rglob(str(HYDRA_CONFIG))), None)
         if held is not None:
-            raise PlrError(f"out dir '{out_dir}' holds the run dir '{held}'; --force would delete it, so choose another "
-                           "folder")
+            raise PlrError(f"out dir '{out_dir}' holds the run dir '{held}'; --force would delete it, so choose "
+                           "another folder")
         other = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES)
         if other or not (out_dir / PEFT_CONFIG).is_file() or not (out_dir / LAYERS).is_file():
             shown = f" ({other[0]}{', ...' if len(other) > 1 else ''})" if other else ""
-            raise PlrError(f"out dir '{out_dir}' holds files that are not a plr export{shown}; --force replaces only an "
-                           "earlier export, never other files: choose a new or empty folder")
+            raise PlrError(f"out dir '{out_dir}' holds files that are not a plr export{shown}; --force replaces only "
+                           "an earlier export, never other files: choose a new or empty folder")
 
 
 def write_folder(out_dir: Path, force: bool, fill: Callable[[Path], list[str]]) -> list[str]:
     """Run `fill` on a temporary folder next to `out_dir`, then rename it into place (`artifacts.atomic_dir`)."""
     # Resolved: `..` or `.` as given have no name to rename the new folder to (os.replace failed on them).
-    with artifacts.atomic_dir(out_dir.resolve(), replace=force, busy=f"out dir '{out_dir}' is not empty; choose a new folder "
-                                                              "or pass --force to replace the earlier export in it") as tmp:
+    busy = f"out dir '{out_dir}' is not empty; choose a new folder or pass --force to replace the earlier export in it"
+    with artifacts.atomic_dir(out_dir.resolve(), replace=force, busy=busy) as tmp:
         return fill(tmp)

@@ -7,8 +7,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from partial_lora import artifacts
-from partial_lora import config
+from partial_lora import artifacts, config
 from partial_lora.errors import PlrError, first_line
 from partial_lora.export.layout import HYDRA_CONFIG
 from partial_lora.spec import RunSpec

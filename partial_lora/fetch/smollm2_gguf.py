@@ -42,7 +42,8 @@ def check_metadata(path: Path, expected: Mapping[str, Any]) -> None:
     found = metadata(path, expected)
     wrong = {k: v for k, v in found.items() if v != expected[k]}
     if wrong:
-        raise ValueError(f"{path.name} is not the expected model: {', '.join(f'{k}={v} (expected {expected[k]})' for k, v in wrong.items())}")
+        raise ValueError(f"{path.name} is not the expected model: "
+                         f"{', '.join(f'{k}={v} (expected {expected[k]})' for k, v in wrong.items())}")
 
 
 def convert(gguf: Path, out: Path, expected: Mapping[str, Any] = SMOLLM2) -> None:

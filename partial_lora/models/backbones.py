@@ -30,12 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from partial_lora.models.causal_lm import CausalLM
-from partial_lora.models.classifier import Classifier
 from partial_lora.data.base import ImagePreprocess
 from partial_lora.errors import PlrError
 from partial_lora.fetch.hub import load_from_hub, looks_local
-from partial_lora.models.source import short_cause, hf_load, load_local, refuse_pickle_only, resolve_source
+from partial_lora.models.causal_lm import CausalLM
+from partial_lora.models.classifier import Classifier
+from partial_lora.models.source import hf_load, load_local, refuse_pickle_only, resolve_source, short_cause
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,8 @@ def _check_vocab(net: nn.Module, tok: Any, spec: ModelSpec) -> None:
     """A tokenizer with more tokens than the model has embeddings would index past them on the first batch."""
     rows = net.get_input_embeddings().num_embeddings
     if len(tok) > rows:
-        raise PlrError(f"the tokenizer ({spec.tokenizer or spec.source}) has {len(tok):,} tokens but model {spec.name}'s "
-                       f"embeddings hold {rows:,}; set model.tokenizer to the model's own tokenizer")
+        raise PlrError(f"the tokenizer ({spec.tokenizer or spec.source}) has {len(tok):,} tokens but model "
+                       f"{spec.name}'s embeddings hold {rows:,}; set model.tokenizer to the model's own tokenizer")
 
 
 def _is_head(key: str, head_modules: Sequence[str]) -> bool:
@@ -220,7 +220,8 @@ def build_timm(spec: ModelSpec, num_labels: int) -> Built:
     kwargs = dict(spec.config)
     arch = kwargs.pop("architecture", None) or spec.source
     if not arch:
-        raise PlrError("timm model has no architecture; set model.source=<timm name, e.g. vit_base_patch16_224.augreg_in21k>")
+        raise PlrError("timm model has no architecture; set model.source=<timm name, e.g. "
+                       "vit_base_patch16_224.augreg_in21k>")
     if not spec.pretrained:
         net = timm.create_model(arch, pretrained=False, num_classes=num_labels, **kwargs)
     elif looks_local(arch) or arch.startswith("fetch:"):

@@ -12,9 +12,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from partial_lora.models.classifier import Classifier
 from partial_lora.errors import PlrError
-
+from partial_lora.models.classifier import Classifier
 
 SCORING = ("sum", "mean")
 

@@ -25,10 +25,10 @@ import datasets
 import torch
 from torch import Tensor, nn
 
-from partial_lora.models.causal_lm import CausalLM
-from partial_lora.models.classifier import Classifier, loss_fn
 from partial_lora.data.base import TaskData
 from partial_lora.errors import PlrError
+from partial_lora.models.causal_lm import CausalLM
+from partial_lora.models.classifier import Classifier, loss_fn
 
 MEAN = "mean"
 

@@ -55,11 +55,12 @@ def refuse_pickle_only(source: str | None, key: str = "model.source", transforme
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLES)
     if pickles:
         convert = (f"from transformers import AutoModel; AutoModel.from_pretrained('{path}').save_pretrained('{path}')"
-                   if transformers else f"import torch, safetensors.torch as st; st.save_file(torch.load('{folder / pickles[0]}', "
-                   f"weights_only=True), '{folder / 'model.safetensors'}')")
+                   if transformers else "import torch, safetensors.torch as st; "
+                   f"st.save_file(torch.load('{folder / pickles[0]}', weights_only=True), "
+                   f"'{folder / 'model.safetensors'}')")
         raise PlrError(f"{key}={source} holds only a pickle checkpoint ({pickles[0]}), and plr never unpickles a file "
-                       f"(it can run code); convert it to safetensors where you trust it, e.g. `python -c \"{convert}\"`, "
-                       "then run again")
+                       "(it can run code); convert it to safetensors where you trust it, e.g. `python -c "
+                       f"\"{convert}\"`, then run again")
 
 
 def hf_load(fn: Callable[..., Any], source: str | None, revision: str | None, key: str, **kw: Any) -> Any:

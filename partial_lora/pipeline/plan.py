@@ -27,4 +27,5 @@ def stages_for(sp: float | str, mask_method: str, allocator: str, shira_mask: st
     if sp == 0:
         return [artifacts.RETRAIN, artifacts.EVALUATE]
     needs_probe = mask_method == "probe_magnitude" or (sp == "auto" and allocator in NEEDS_PROBE)
-    return ([artifacts.PROBE] if needs_probe else []) + [artifacts.ALLOCATE, artifacts.EXTRACT, artifacts.RETRAIN, artifacts.EVALUATE]
+    sparse = [artifacts.ALLOCATE, artifacts.EXTRACT, artifacts.RETRAIN, artifacts.EVALUATE]
+    return ([artifacts.PROBE] if needs_probe else []) + sparse

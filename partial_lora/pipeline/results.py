@@ -12,6 +12,7 @@ from partial_lora.pipeline.plan import plan
 from partial_lora.spec import RunSpec
 from partial_lora.training.failed_reading import constant_line, floor_line
 
+
 def collect_results(spec: RunSpec, run_dir: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Everything the report needs, from the stages' metrics."""
     ev = stages.get(artifacts.EVALUATE, {})
@@ -35,7 +36,8 @@ def collect_results(spec: RunSpec, run_dir: Path, stages: dict[str, dict[str, An
         "params": {"adapter": sparse, "dense_lora_same_rank": dense, "head": ev.get("head_params"),
                    "reduction_pct": 100.0 * (1 - sparse / dense) if dense and sparse is not None else None},
         "probe_accuracy": stages.get(artifacts.PROBE, {}).get("a_ref"),
-        "allocation": {k: al.get(k) for k in ("allocator", "metric", "ratio_min", "ratio_median", "ratio_max", "a_ref", "a_0",
+        "allocation": {k: al.get(k)
+                       for k in ("allocator", "metric", "ratio_min", "ratio_median", "ratio_max", "a_ref", "a_0",
                                              "target", "joint_accuracy", "floor_share", "evaluations")} if al else None,
         "wall_s": {s: m.get("wall_s") for s, m in stages.items()},
         "peak_memory": None if rt.get("peak_memory_mb") is None else
@@ -66,7 +68,8 @@ def format_results(r: dict[str, Any]) -> str:
     """The short table printed at the end of `plr train`."""
     a = r["adapter"]
     names = [r["main_metric"], *[m for m in r["task_metrics"] if m != r["main_metric"]]]
-    lines = [f"plr results  {r['task']} · {r['model']} · {a.get('name', a.get('method'))} (r={a.get('r')}) · seed {r['seed']}",
+    lines = [f"plr results  {r['task']} · {r['model']} · {a.get('name', a.get('method'))} (r={a.get('r')}) · seed "
+             f"{r['seed']}",
              f"  {'metric':<14}{'val':>9}{'test':>9}"]
     for m in names:
         val, test = r["metrics"].get(f"val_{m}"), r["metrics"].get(f"test_{m}")

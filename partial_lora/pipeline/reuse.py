@@ -6,10 +6,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from partial_lora import artifacts
-from partial_lora import rundir
+from partial_lora import artifacts, rundir
 from partial_lora.errors import PlrError
 from partial_lora.spec import RunSpec
+
 
 def reuse_from_run(spec: RunSpec, run_dir: Path, stages: list[str], echo: Callable[[str], None],
                    data: dict[str, str] | None = None) -> None:
@@ -18,7 +18,8 @@ def reuse_from_run(spec: RunSpec, run_dir: Path, stages: list[str], echo: Callab
     assert spec.from_run is not None
     settings = spec.settings
     src = Path(spec.from_run).expanduser()
-    if not (src / artifacts.HYDRA_CONFIG).exists() and not artifacts.is_done(src, artifacts.PROBE) and not artifacts.is_done(src, artifacts.ALLOCATE):
+    finished = artifacts.is_done(src, artifacts.PROBE) or artifacts.is_done(src, artifacts.ALLOCATE)
+    if not (src / artifacts.HYDRA_CONFIG).exists() and not finished:
         raise PlrError(f"from_run={src} is not a plr run dir (no .hydra/config.yaml and no finished probe or "
                        "allocate stage); point from_run at a run dir")
     if src.resolve() == run_dir.resolve():
@@ -38,8 +39,8 @@ def reuse_from_run(spec: RunSpec, run_dir: Path, stages: list[str], echo: Callab
             keys = ("model.name", "task.name", "adapter.r", "adapter.targets", "seed")
             for key, value in (rundir.saved_values(src, keys) or {}).items():
                 if value != rundir.lookup(settings, key):
-                    raise PlrError(f"from_run={src} has {key}={value}, this run {rundir.lookup(settings, key)}; its probe "
-                                   f"does not apply (use a run with the same {key})")
+                    raise PlrError(f"from_run={src} has {key}={value}, this run {rundir.lookup(settings, key)}; its "
+                                   f"probe does not apply (use a run with the same {key})")
             theirs = rundir.made_with(src, name)
             diff = rundir.changed(theirs, rundir.fingerprint(settings, name, data)) if theirs is not None else {}
             if diff:  # e.g. other probe shots or learning rate, or other data: the probe is not this run's

@@ -21,10 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from partial_lora import artifacts
-from partial_lora import config
-from partial_lora import distributed
-from partial_lora import rundir
+from partial_lora import artifacts, config, distributed, rundir
 from partial_lora.errors import Interrupted, disk_full_is_one_line
 from partial_lora.pipeline.plan import plan
 from partial_lora.pipeline.results import collect_results
@@ -111,7 +108,8 @@ def _run_stages(spec: RunSpec, run_dir: Path, tracker: Tracker | None, echo: Cal
                 rundir.record(run_dir, name, spec.settings, data)
             t0 = time.perf_counter()
             try:
-                with contextlib.nullcontext() if name in DATA_PARALLEL or distributed.sharded() else distributed.alone():
+                alone = name not in DATA_PARALLEL and not distributed.sharded()
+                with distributed.alone() if alone else contextlib.nullcontext():
                     metrics = REGISTRY[name](spec, run_dir, tracker)
             except Interrupted:
                 raise
@@ -120,13 +118,15 @@ def _run_stages(spec: RunSpec, run_dir: Path, tracker: Tracker | None, echo: Cal
             metrics["wall_s"] = time.perf_counter() - t0
             artifacts.mark_done(run_dir, name, metrics)
             if distributed.is_main():
-                (artifacts.stage_dir(run_dir, name) / checkpoint.FILE).unlink(missing_ok=True)  # the stage's results supersede it
+                (artifacts.stage_dir(run_dir, name)
+                 / checkpoint.FILE).unlink(missing_ok=True)  # the stage's results supersede it
             distributed.barrier()
             done[name] = metrics
             echo(f"[plr] {name}: done in {metrics['wall_s']:.1f} s")
         results = collect_results(spec, run_dir, done)
         artifacts.write_json(run_dir / artifacts.RESULTS, results)
-    for line in results["failed_reading"] if distributed.is_main() else []:  # the run's log (and the console): never silent
+    # The run's log (and the console): a failed reading is never silent.
+    for line in results["failed_reading"] if distributed.is_main() else []:
         log.warning(line)
     return results
 

@@ -28,11 +28,29 @@ from pathlib import Path
 
 from partial_lora import artifacts
 from partial_lora.errors import PlrError
-from partial_lora.report.groups import (DIGITS, Group, Report, Stat, group_runs, natural_key, repeated_seed_notes,
-                                        summary_metrics, task_metrics)
+from partial_lora.report.groups import (
+    DIGITS,
+    Group,
+    Report,
+    Stat,
+    group_runs,
+    natural_key,
+    repeated_seed_notes,
+    summary_metrics,
+    task_metrics,
+)
 from partial_lora.report.plot import plot
-from partial_lora.report.runs import (HYDRA_CONFIG, NOT_METRICS, Run, expected_stages, find_run_dirs, is_run_dir,
-                                      read_run, reportable_metrics, with_members)
+from partial_lora.report.runs import (
+    HYDRA_CONFIG,
+    NOT_METRICS,
+    Run,
+    expected_stages,
+    find_run_dirs,
+    is_run_dir,
+    read_run,
+    reportable_metrics,
+    with_members,
+)
 from partial_lora.report.tables import group_rows, markdown, run_rows, summary_rows, write_csv
 
 __all__ = ["DIGITS", "HYDRA_CONFIG", "NOT_METRICS", "REPORT_CSV", "REPORT_MD", "REPORT_PNG", "RUNS_CSV", "Group",

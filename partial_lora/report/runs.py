@@ -185,7 +185,8 @@ def expected_stages(results: dict[str, Any] | None, cfg: DictConfig | None, run_
 
         try:  # only what decides the stages: a report reads runs whatever else their config holds
             peft = config.peft_spec(cfg)
-            return stages_for(config.sparsity(cfg), config.mask_config(cfg).method, config.allocation_config(cfg).allocator,
+            return stages_for(config.sparsity(cfg), config.mask_config(cfg).method,
+                              config.allocation_config(cfg).allocator,
                               peft.shira_mask if peft is not None else None)
         except (PlrError, OmegaConfBaseException):
             pass

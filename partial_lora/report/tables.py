@@ -12,7 +12,6 @@ from partial_lora import artifacts
 from partial_lora.report.groups import DIGITS, Report, Stat
 from partial_lora.report.runs import Run, display_path
 
-
 # ----------------------------------------------------------------------------------- markdown
 
 

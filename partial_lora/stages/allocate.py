@@ -12,11 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from partial_lora import artifacts
-from partial_lora import rundir
+from partial_lora import artifacts, rundir
 from partial_lora.adapter.inject import base_weights
-from partial_lora.adapter.masks import lora_parameters
-from partial_lora.adapter.masks import LayerInfo, rank_layer
+from partial_lora.adapter.masks import LayerInfo, lora_parameters, rank_layer
 from partial_lora.allocation import allocators
 from partial_lora.allocation.masked_probe import MaskedProbe
 from partial_lora.allocation.plot import plot
@@ -39,10 +37,12 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
     per_rank = sum(lora_parameters(1, la.d_out, la.d_in) for la in layers)
     budget = float(spec.match.target(per_rank)) if spec.match.active else acfg.budget
     t0 = time.perf_counter()
-    alloc = allocators.without_probe(spec.sparsity, acfg, layers, r, sides, budget, lambda: base_weights(s.built.model.net),
+    alloc = allocators.without_probe(spec.sparsity, acfg, layers, r, sides, budget,
+                                     lambda: base_weights(s.built.model.net),
                              s.device) or search(spec, run_dir, s, layers, budget)
     if budget is not None and alloc.allocator != "proportional":
-        alloc = allocators.rescale_to_budget(alloc, budget)  # matched budgets: another run's count, N, or dense LoRA at rank k
+        # matched budgets: another run's parameter count, N, or dense LoRA at rank k
+        alloc = allocators.rescale_to_budget(alloc, budget)
     search_s = time.perf_counter() - t0
     out = artifacts.stage_dir(run_dir, NAME)
     record = {**alloc.to_json(), "settings": rundir.allocation_settings(spec), "search_wall_s": search_s}
@@ -51,7 +51,8 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
     return {**alloc.summary(), "search_wall_s": search_s}
 
 
-def search(spec: RunSpec, run_dir: Path, s: Setup, layers: list[allocators.Layer], budget: float | None) -> allocators.Allocation:
+def search(spec: RunSpec, run_dir: Path, s: Setup, layers: list[allocators.Layer], budget: float
+           | None) -> allocators.Allocation:
     """The allocators that search the trained probe on its few-shot validation set (`masked_probe`)."""
     probe, acfg, method = artifacts.stage_dir(run_dir, artifacts.PROBE), spec.allocation, spec.search_masks
     snip = snip_of_branches(spec, s)[0] if method == "snip" else {}  # W0's gradient with no update: before the probe

@@ -49,8 +49,8 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
     out: dict[str, Any] = {}
     parts = s.parts()
     for split in ("val", "test"):
-        out.update({f"{split}_{k}": v for k, v in s.merge([score(p, getattr(p.data, split), split)
-                                                           for p in parts]).items()})
+        merged = s.merge([score(p, getattr(p.data, split), split) for p in parts])
+        out.update({f"{split}_{k}": v for k, v in merged.items()})
     for p in parts:  # further evaluation sets (MNLI mismatched): test_[<task>_]<set>_<metric>
         for name, d in p.data.extra.items():
             out.update({f"test_{p.name + '_' if p.name else ''}{name}_{k}": v

@@ -35,8 +35,8 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
     if probe.exists():
         load_adapter_state_dict(s.built.model.net, artifacts.load_tensors(probe), source=str(probe))
     if set(alloc.ratios()) != set(s.branches):
-        raise PlrError(f"{artifacts.stage_dir(run_dir, artifacts.ALLOCATE) / artifacts.ALLOCATION} names other layers than this model "
-                       "adapts (another model or target set); rerun the allocate stage")
+        raise PlrError(f"{artifacts.stage_dir(run_dir, artifacts.ALLOCATE) / artifacts.ALLOCATION} names other layers "
+                       "than this model adapts (another model or target set); rerun the allocate stage")
     weights = base_weights(s.built.model.net)
 
     def info(lid: str) -> LayerInfo:  # W0 on the run's device for the SVD (the model stays where setup put it)

@@ -39,7 +39,8 @@ def run(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         scores, info["snip"] = snip_scores(spec, s, {name: (name, 0, shapes[name][0]) for name in found})
     entries = peft_baselines.shira_entries(shapes, counts, spec.seed, scores)
     artifacts.write_masks(run_dir, {f"{name}.entries": e.long().contiguous() for name, e in entries.items()},
-                  {"model": spec.model.name, "method": method, "granularity": "shira"}, peft_baselines.shira_layers(shapes, counts),
+                  {"model": spec.model.name, "method": method, "granularity": "shira"},
+                  peft_baselines.shira_layers(shapes, counts),
                   target=target, seed=spec.seed, **info)
     total = sum(counts.values())
     return {"method": method, "granularity": "shira", "params": total, "target": target,

@@ -14,13 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from partial_lora import artifacts
-from partial_lora import distributed
+from partial_lora import artifacts, distributed
 from partial_lora.adapter.inject import rewind
 from partial_lora.spec import RunSpec
 from partial_lora.tracking import Tracker
-from partial_lora.training import checkpoint
-from partial_lora.training import runtime
+from partial_lora.training import checkpoint, runtime
 from partial_lora.training.curve import JsonlLog
 from partial_lora.training.loop import fit
 from partial_lora.training.recipe import retrain_recipe
@@ -45,7 +43,8 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
     n_adapter = s.adapter_params()
     density = n_adapter / s.dense_lora_params
     tc, per_layer = retrain_recipe(spec.train, spec.retrain, main, n_adapter, density,
-                                   {lid: b.num_parameters() / b.dense_num_parameters() for lid, b in s.branches.items()})
+                                   {lid: b.num_parameters() / b.dense_num_parameters() for lid,
+                                    b in s.branches.items()})
     runtime.reset_peak_memory(s.device)
     scale = tc.adapter_lr_scale
     if not any(p.requires_grad for p in s.built.model.parameters()):
@@ -59,11 +58,12 @@ def run(spec: RunSpec, run_dir: Path, tracker: Tracker | None = None) -> dict[st
                 **runtime.peak_memory(s.device)}
     result = fit(s.built.model, loader(s, s.data.train, tc, train=True, seed=spec.seed), tc, device=s.device,
                  hooks=s.train_hooks(validator(s, tc, [p.data.val for p in s.parts()])),
-                 log=JsonlLog(out / artifacts.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, checkpoint=out / checkpoint.FILE,
+                 log=JsonlLog(out / artifacts.CURVE, tracker, prefix=f"{NAME}/"), desc=NAME, checkpoint=out
+                 / checkpoint.FILE,
                  layer_lr_scales=per_layer)
     if distributed.launched():  # each process loaded only its shard of every batch
-        print(f"[plr] {NAME}: rank {distributed.rank()} of {distributed.world_size()} trained on {result.examples} examples "
-              f"in {result.steps} steps", flush=True)
+        print(f"[plr] {NAME}: rank {distributed.rank()} of {distributed.world_size()} trained on {result.examples} "
+              f"examples in {result.steps} steps", flush=True)
     save_trained(s, out, spec)
     return {f"best_val_{main}": result.best_metric, "best_epoch": result.best_epoch, "steps": result.steps,
             "train_wall_s": result.wall_s, "adapter_params": n_adapter, "density": density,

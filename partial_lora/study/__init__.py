@@ -25,10 +25,9 @@ import csv
 from pathlib import Path
 
 from partial_lora import artifacts
-from partial_lora.study import choice
-from partial_lora.study import methods
-from partial_lora.study.claims import arm_rows, change_markdown, claim_rows, collect, markdown
+from partial_lora.study import choice, methods
 from partial_lora.study.arms import ARMS
+from partial_lora.study.claims import arm_rows, change_markdown, claim_rows, collect, markdown
 from partial_lora.study.plan import Selection, plan, split_arm
 from partial_lora.study.rule import markdown as rule_markdown
 from partial_lora.study.rule import rule_rows
@@ -104,7 +103,8 @@ def plot(arms: list[dict], path: Path) -> None:
     for ax, (model, task) in zip(axes.flat, panels):
         for a in (a for a in arms if (a["model"], a["task"]) == (model, task)):
             x = max(a["params"], 1.0)  # the head-only arm (0 adapter parameters) sits at the left edge
-            ax.errorbar([x], [a["mean"]], yerr=[a["std"] or 0.0], fmt="o", color=colours.get(split_arm(a["arm"])[0], "k"),
+            ax.errorbar([x], [a["mean"]], yerr=[a["std"] or 0.0], fmt="o",
+                        color=colours.get(split_arm(a["arm"])[0], "k"),
                         label=a["arm"], capsize=3)
         ax.set_xscale("log")
         ax.set_title(f"{task} · {model}", fontsize=9)

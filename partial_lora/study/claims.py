@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from partial_lora import artifacts
-from partial_lora.study import stats
 from partial_lora.errors import PlrError
+from partial_lora.study import stats
 from partial_lora.study.arms import ARMS
 from partial_lora.study.plan import arm_dir_name, split_arm
 from partial_lora.study.run import finished
@@ -47,7 +47,8 @@ class Claim:
 
 CLAIMS = (
     Claim("C1", "a random ticket at Partial-LoRA's ratios matches dense LoRA", "partial-random", "lora", "matches"),
-    Claim("C2a", "Partial-LoRA's per-layer ratios beat uniform ratios at the same budget", "partial", "uniform", "beats"),
+    Claim("C2a", "Partial-LoRA's per-layer ratios beat uniform ratios at the same budget", "partial", "uniform",
+          "beats"),
     Claim("C2b", "random rows/cols at Partial-LoRA's ratios match the subspace ones", "partial-random", "partial",
           "matches"),
     Claim("C3", "Partial-LoRA matches dense LoRA with fewer parameters", "partial", "lora", "matches"),
@@ -183,7 +184,8 @@ def claim_rows(study: Study, n_boot: int = 2000, seed: int = 0) -> list[ClaimRow
         variants = sorted({v for r in study.runs if r.model == model for v in [split_arm(r.arm)[1]] if v})
         for variant, base in ((v, c) for v in [None, *variants] for c in CLAIMS):
             # A variant's claims: its own Partial-LoRA arms against the shared or its own controls.
-            claim = replace(base, method=arm_dir_name(base.method, variant), control=arm_dir_name(base.control, variant))
+            claim = replace(base, method=arm_dir_name(base.method, variant),
+                            control=arm_dir_name(base.control, variant))
             rows += pair_rows(by, model, claim, n_boot=n_boot, seed=seed)
     return rows
 
@@ -235,9 +237,8 @@ def comparison_rows(study: Study, pairs: Sequence[tuple[str, str]], n_boot: int 
     for method, control in pairs:
         for arm in (method, control):
             if arm not in known:
-                raise PlrError(f"--compare: no finished run of arm '{arm}' in this study (within --model/--tasks/--seeds); "
-                               "its arms there are: "
-                               f"{', '.join(sorted(known))}")
+                raise PlrError(f"--compare: no finished run of arm '{arm}' in this study (within "
+                               f"--model/--tasks/--seeds); its arms there are: {', '.join(sorted(known))}")
         claim = Claim("vs", f"{method} against {control}", method, control, "beats")
         found = [row for model in sorted({r.model for r in study.runs})
                  for row in pair_rows(by, model, claim, n_boot, seed)]
@@ -292,10 +293,11 @@ def change_markdown(shared: Sequence[ClaimRow], tuned: Sequence[ClaimRow], key: 
         assert r is not None
         task = r.task.split("/")[0]
         rate = ("-" if r.task == "pooled" else
-                f"{rates.get((r.model, task, r.claim.method), 'shared')} / {rates.get((r.model, task, r.claim.control), 'shared')}")
+                f"{rates.get((r.model, task, r.claim.method), 'shared')} / "
+                f"{rates.get((r.model, task, r.claim.control), 'shared')}")
         verdict = f"{b.verdict if b else '-'} → **{a.verdict if a else '-'}**"
-        lines.append(f"| {r.claim.key} | {r.model} | {r.task} | {r.claim.method} − {r.claim.control} | {r.claim.kind} | "
-                     f"{cell(b)} | {cell(a)} | {verdict} | {rate} |")
+        lines.append(f"| {r.claim.key} | {r.model} | {r.task} | {r.claim.method} − {r.claim.control} | {r.claim.kind} "
+                     f"| {cell(b)} | {cell(a)} | {verdict} | {rate} |")
     return lines
 
 
@@ -341,15 +343,16 @@ def markdown(study: Study, rows: Sequence[ClaimRow], arms: Sequence[dict[str, An
               "examples within each seed; resampling seed 0). **matches** = non-inferiority at −1 point, **beats** "
               "= superiority over 0. **holds**: the CI lies entirely above the margin; **refuted**: entirely below "
               "it; **inconclusive**: otherwise. Pooled rows average the tasks' differences (tasks fixed).", "",
-              "| claim | model | task | method − control | kind | difference (pts) | per seed | 95% CI | params (method / control) | reduction | verdict |",
+              "| claim | model | task | method − control | kind | difference (pts) | per seed | 95% CI | params "
+              "(method / control) | reduction | verdict |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r.comparison
         red = "-" if r.reduction_pct is None else f"{r.reduction_pct:.1f}%"
         per_seed = ", ".join(f"{d:+.2f}" for d in c.per_seed)
-        lines.append(f"| {r.claim.key} | {r.model} | {r.task} | {r.claim.method} − {r.claim.control} | {r.claim.kind} | "
-                     f"{c.mean:+.2f} | {per_seed} | [{c.low:+.2f}, {c.high:+.2f}] | "
-                     f"{r.method_params:,.0f} / {r.control_params:,.0f} | {red} | **{r.verdict}** |")
+        lines.append(f"| {r.claim.key} | {r.model} | {r.task} | {r.claim.method} − {r.claim.control} | {r.claim.kind} "
+                     f"| {c.mean:+.2f} | {per_seed} | [{c.low:+.2f}, {c.high:+.2f}] | {r.method_params:,.0f} / "
+                     f"{r.control_params:,.0f} | {red} | **{r.verdict}** |")
     lines += ["", "Claims: " + "; ".join(f"{c.key}: {c.text}" for c in CLAIMS) + "."]
     lines += extra
     if study.missing:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from partial_lora import artifacts
-from partial_lora.study.claims import Claim, Run, Study, pair_rows
 from partial_lora.study.arms import ARMS
+from partial_lora.study.claims import Claim, Run, Study, pair_rows
 from partial_lora.study.plan import split_arm
 
 DENSE = "lora"

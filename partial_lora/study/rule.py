@@ -67,7 +67,8 @@ def markdown(rules: Sequence[RuleRow], title: str = "The default rule") -> list[
              f"{RULE_VS_DENSE:g} point and (iii) its mean difference against the dense LoRA rank-matched to its "
              f"budget (R) is at least {RULE_VS_MATCHED:g}. The reading that meets it on the most tasks becomes "
              "the default; if none meets it on a majority, the paper's reading stays. '-': not measured.", "",
-             "| model | reading | task | reduction | vs dense (pts) | vs rank-matched (pts) | (i) | (ii) | (iii) | meets |",
+             "| model | reading | task | reduction | vs dense (pts) | vs rank-matched (pts) | (i) | (ii) | (iii) | "
+             "meets |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     def num(x: float | None, fmt: str) -> str:
         return "-" if x is None else format(x, fmt)

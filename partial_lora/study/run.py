@@ -19,11 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from partial_lora import artifacts
-from partial_lora import rundir
+from partial_lora import artifacts, rundir
 from partial_lora.errors import PlrError, first_line
-from partial_lora.study import grid
-from partial_lora.study import schedule
+from partial_lora.study import grid, schedule
 from partial_lora.study.plan import Job
 
 RESTORED = "RESTORED"  # the mark `experiments/ledger.py --restore` leaves in a slim run dir
@@ -192,7 +190,8 @@ def check(jobs: Sequence[Job]) -> None:
                                "the suite, or the overrides after --") from None
 
 
-def execute(jobs: Sequence[Job], *, runner: Callable[[Job], int] | None = None, launcher: schedule.Launcher | None = None,
+def execute(jobs: Sequence[Job], *, runner: Callable[[Job], int] | None = None, launcher: schedule.Launcher
+            | None = None,
             slots: Sequence[schedule.Slot] | None = None, echo: Callable[[str], None] = print,
             keep_stale: bool = False) -> list[schedule.Failure]:
     """Run every job that has not finished; return the ones that failed or were skipped.
@@ -219,6 +218,7 @@ def execute(jobs: Sequence[Job], *, runner: Callable[[Job], int] | None = None, 
             echo(f"[plr] study: {job.run_dir} has no {artifacts.PREDICTIONS}; its evaluate stage runs again")
             artifacts.clear_done(job.run_dir, artifacts.EVALUATE)
     echo(f"[plr] study: {len(jobs)} runs, {len(jobs) - len(todo)} finished already, {len(todo)} to run")
-    chosen = launcher if launcher is not None else schedule.Inline(runner) if runner is not None else schedule.Processes()
-    return schedule.run(todo, chosen, slots or schedule.cpu_slots(1), ok=lambda j: finished(j.run_dir) is not None,
+    if launcher is None:
+        launcher = schedule.Inline(runner) if runner is not None else schedule.Processes()
+    return schedule.run(todo, launcher, slots or schedule.cpu_slots(1), ok=lambda j: finished(j.run_dir) is not None,
                  ready=lambda d: finished(d) is not None, echo=echo, resolve=resolve)

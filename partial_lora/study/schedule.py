@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from partial_lora.errors import PlrError, first_line
-from partial_lora.typecheck import check_type
 from partial_lora.study.plan import Job
+from partial_lora.typecheck import check_type
 
 SLURM_YAML = Path(__file__).resolve().parents[1] / "conf" / "hydra" / "launcher" / "slurm.yaml"
 STAMP = "%Y-%m-%dT%H:%M:%S.%f"  # the logs' start and end marks

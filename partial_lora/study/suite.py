@@ -196,5 +196,6 @@ def load(name_or_path: str) -> Suite:
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as e:  # noqa: BLE001 - a YAML or interpolation error: one line, with the file
-        raise PlrError(f"suite file {path} does not read as YAML ({first_line(e) or type(e).__name__}); fix it") from None
+        raise PlrError(f"suite file {path} does not read as YAML ({first_line(e) or type(e).__name__}); "
+                       "fix it") from None
     return parse(raw, path.stem, source=path)  # type: ignore[arg-type]

@@ -21,8 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from partial_lora import artifacts
-from partial_lora import distributed
+from partial_lora import artifacts, distributed
 from partial_lora.errors import PlrError
 
 FILE = "checkpoint.safetensors"
@@ -75,7 +74,8 @@ def save(path: Path, *, trainable: dict[str, Tensor], best_state: dict[str, Tens
 
 
 def load(path: Path, *, trainable: dict[str, Tensor], opt: torch.optim.Optimizer,
-         sched: torch.optim.lr_scheduler.LRScheduler, fingerprint: dict[str, Any]) -> tuple[Progress, dict[str, Tensor]]:
+         sched: torch.optim.lr_scheduler.LRScheduler,
+         fingerprint: dict[str, Any]) -> tuple[Progress, dict[str, Tensor]]:
     """Restore a checkpoint into the live objects; return the progress and the best state.
 
     Raises:
@@ -86,7 +86,8 @@ def load(path: Path, *, trainable: dict[str, Tensor], opt: torch.optim.Optimizer
             meta = json.loads((f.metadata() or {}).get("plr_checkpoint", "null"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, json.JSONDecodeError) as e:
-        raise PlrError(f"checkpoint {path} is unreadable ({e}); delete it to restart the stage from its beginning") from None
+        raise PlrError(f"checkpoint {path} is unreadable ({e}); delete it to restart the stage from its "
+                       "beginning") from None
     if not isinstance(meta, dict):
         raise PlrError(f"{path} is not a plr checkpoint; delete it to restart the stage from its beginning")
     ours = json.loads(json.dumps(fingerprint, default=artifacts.json_default))  # as it was stored

@@ -10,8 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from partial_lora import artifacts
-from partial_lora import distributed
+from partial_lora import artifacts, distributed
 
 
 class JsonlLog:

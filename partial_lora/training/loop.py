@@ -22,15 +22,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
-from partial_lora.training.checkpoint import Training
 from partial_lora import distributed
-from partial_lora.models.classifier import Classifier
-from partial_lora.training.curve import JsonlLog
-from partial_lora.errors import Interrupted, PlrError
 from partial_lora.adapter.inject import iter_branches
+from partial_lora.errors import Interrupted, PlrError
+from partial_lora.models.classifier import Classifier
+from partial_lora.training.checkpoint import Training
+from partial_lora.training.curve import JsonlLog
 from partial_lora.training.optimizer import start_training
 from partial_lora.training.recipe import TrainConfig
-from partial_lora.training.runtime import to_device, autocast_dtype, use_deterministic_algorithms
+from partial_lora.training.runtime import autocast_dtype, to_device, use_deterministic_algorithms
 
 __all__ = ["FitResult", "Hooks", "fit"]
 
@@ -106,7 +106,8 @@ def _backward(model: Classifier, forward: Callable[[dict[str, Tensor]], Any], ba
         if extra_loss is not None:
             loss = loss + extra_loss()
     (loss * (weight / cfg.grad_accum)).backward()
-    return loss if rows else torch.zeros((), device=device)  # a row lent to keep the processes in step counts for nothing
+    # A row lent to keep the processes in step counts for nothing.
+    return loss if rows else torch.zeros((), device=device)
 
 
 def _guarded_step(t: Training, params: list[nn.Parameter], cfg: TrainConfig, bad: bool,
@@ -115,7 +116,8 @@ def _guarded_step(t: Training, params: list[nn.Parameter], cfg: TrainConfig, bad
     gradients are dropped and the weights stay as they were. Returns (stepped, gradient norm)."""
     bad = distributed.any_flag(bad)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-    grad_norm = distributed.full(grad_norm) if grad_norm is not None else None  # FSDP: a DTensor, the same on every process
+    # FSDP: a DTensor, the same on every process.
+    grad_norm = distributed.full(grad_norm) if grad_norm is not None else None
     if bad or (grad_norm is not None and not bool(torch.isfinite(grad_norm))):
         t.opt.zero_grad(set_to_none=True)
         return False, grad_norm
@@ -257,7 +259,8 @@ def fit(model: Classifier, train_loader: DataLoader, cfg: TrainConfig, *, device
     # Data parallel under a launch: DDP's bucketed all-reduce, overlapped with the backward pass.
     wrapped = distributed.wrap(model, device, find_unused=_may_leave_unused(model))
     validate = hooks.validate
-    lp = _Loop(model, wrapped, torch.compile(wrapped) if cfg.compile else wrapped, train_loader, cfg, t, total, device, dtype,
+    lp = _Loop(model, wrapped, torch.compile(wrapped) if cfg.compile else wrapped, train_loader, cfg, t, total, device,
+               dtype,
                hooks, log, _progress_bar(total, state.step, desc, cfg.progress), desc, checkpoint)
     t0 = time.perf_counter()
     model.train()

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from partial_lora.training.checkpoint import Training
-from partial_lora.models.classifier import Classifier
-from partial_lora.errors import PlrError
 from partial_lora.adapter.inject import iter_branches
+from partial_lora.errors import PlrError
+from partial_lora.models.classifier import Classifier
+from partial_lora.training.checkpoint import Training
 from partial_lora.training.recipe import TrainConfig, lr_lambda
 
 
@@ -67,7 +67,8 @@ def start_training(model: Classifier, train_loader: DataLoader, cfg: TrainConfig
     fingerprint = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in _FREE_TO_CHANGE},
                    "total_steps": total, "examples": len(train_loader.dataset),
                    "trainable": {n: list(p.shape) for n, p in trainable.items()}}
-    return Training.start(checkpoint, trainable, opt, sched, fingerprint), total, max(1, math.ceil(total / steps_per_epoch))
+    return Training.start(checkpoint, trainable, opt, sched,
+                          fingerprint), total, max(1, math.ceil(total / steps_per_epoch))
 
 
 # Settings that do not change what training computes: a checkpoint survives changing them.

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from partial_lora.models.classifier import Classifier
 from partial_lora.errors import PlrError
+from partial_lora.models.classifier import Classifier
 from partial_lora.training.metrics import compute_metrics
 from partial_lora.training.runtime import to_device
 

@@ -83,8 +83,10 @@ class TrainConfig:
             (0 <= self.warmup_ratio < 1, f"trainer.warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
             (self.warmup_steps is None or self.warmup_steps >= 0,
              f"trainer.warmup_steps must be >= 0 (or null), got {self.warmup_steps}"),
-            (self.schedule in SCHEDULES, f"trainer.schedule '{self.schedule}' is unknown; use one of {list(SCHEDULES)}"),
-            (self.precision in ("auto", "bf16", "fp32"), f"trainer.precision '{self.precision}' must be auto, bf16 or fp32"),
+            (self.schedule in SCHEDULES,
+             f"trainer.schedule '{self.schedule}' is unknown; use one of {list(SCHEDULES)}"),
+            (self.precision in ("auto", "bf16", "fp32"),
+             f"trainer.precision '{self.precision}' must be auto, bf16 or fp32"),
             (self.weight_decay >= 0, f"trainer.weight_decay must be >= 0, got {self.weight_decay}"),
             (self.checkpoint_every >= 0, f"trainer.checkpoint_every must be >= 0, got {self.checkpoint_every}"),
             (self.max_bad_steps >= 0, f"trainer.max_bad_steps must be >= 0, got {self.max_bad_steps}"),
@@ -162,7 +164,7 @@ class RetrainConfig:
         if s != "auto" and (isinstance(s, str) or s <= 0):
             raise PlrError(f"retrain.adapter_lr_scale must be a positive number or auto, got '{s}'")
         if self.lr_scale_cap <= 0:
-            raise PlrError(f"retrain.lr_scale_cap must be positive (the largest scale adapter_lr_scale=auto gives), got "
+            raise PlrError("retrain.lr_scale_cap must be positive (the largest scale adapter_lr_scale=auto gives), got "
                            f"{self.lr_scale_cap}; e.g. retrain.lr_scale_cap=8")
 
 

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from partial_lora import artifacts
-from partial_lora import distributed
+from partial_lora import artifacts, distributed
 from partial_lora.adapter import peft_baselines
 from partial_lora.adapter.inject import WHOLE, find_targets, freeze_for_adapter, inject_lora, params_per_rank
 from partial_lora.adapter.input_groups import attach as attach_input_groups
@@ -178,8 +177,9 @@ def shard(net: torch.nn.Module, targets: list[str]) -> None:
     hit = find_blocks(net, targets) if targets else None
     blocks = [net.get_submodule(name) for name in hit[0]] if hit is not None else []
     distributed.shard(net, blocks)
-    print(f"[plr] fsdp: rank {distributed.rank()} of {distributed.world_size()} holds {distributed.owned_numel(net, trainable=False):,} of "
-          f"{total:,} frozen parameters ({len(blocks)} block units and the root)", flush=True)
+    print(f"[plr] fsdp: rank {distributed.rank()} of {distributed.world_size()} holds "
+          f"{distributed.owned_numel(net, trainable=False):,} of {total:,} frozen parameters ({len(blocks)} block "
+          "units and the root)", flush=True)
 
 
 def matched_rank(match: MatchConfig, per_rank: int) -> int:

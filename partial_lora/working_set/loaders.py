@@ -20,6 +20,7 @@ from partial_lora.training.recipe import TrainConfig
 from partial_lora.training.runtime import autocast_dtype
 from partial_lora.working_set.build import Setup
 
+
 def loader(s: Setup, split: datasets.Dataset, tc: TrainConfig, *, train: bool, seed: int = 0) -> DataLoader:
     """A DataLoader over `split` with the model's own processor.
 
@@ -39,8 +40,8 @@ def loader(s: Setup, split: datasets.Dataset, tc: TrainConfig, *, train: bool, s
     # The same order as `shuffle=True` with this generator, and resumable in mid-epoch.
     sampler = ResumableSampler(split, generator=gen)
     if distributed.active():  # data parallel: this process loads only its rows of each of the one-process batches
-        return DataLoader(split, batch_sampler=distributed.ShardedBatches(sampler, tc.batch_size, distributed.rank(), distributed.world_size()),
-                          **common)
+        batches = distributed.ShardedBatches(sampler, tc.batch_size, distributed.rank(), distributed.world_size())
+        return DataLoader(split, batch_sampler=batches, **common)
     return DataLoader(split, batch_size=tc.batch_size, sampler=sampler, drop_last=False, **common)
 
 

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from partial_lora import distributed
-from partial_lora.adapter.input_groups import trace
 from partial_lora.adapter import snip
 from partial_lora.adapter.inject import layer_id
+from partial_lora.adapter.input_groups import trace
 from partial_lora.adapter.lora import LoRALinear
 from partial_lora.errors import PlrError
 from partial_lora.spec import RunSpec
@@ -31,8 +31,8 @@ def input_groups(spec: RunSpec, s: Setup) -> list[list[str]]:
     return trace(s.built.model.net, lambda: predict(model, batches, s.device, autocast_dtype(spec.train, s.device)))
 
 
-def snip_scores(spec: RunSpec, s: Setup, layers: Mapping[str, tuple[str, int, int]]) -> tuple[dict[str, torch.Tensor],
-                                                                                              dict[str, Any]]:
+def snip_scores(spec: RunSpec, s: Setup,
+                layers: Mapping[str, tuple[str, int, int]]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """SNIP importance (`partial_lora.adapter.snip.importance`) of the W0 slice of each layer, and what was read.
 
     Args:

@@ -8,6 +8,7 @@ from partial_lora import artifacts
 from partial_lora.spec import RunSpec
 from partial_lora.working_set.build import Setup
 
+
 def save_trained(s: Setup, out: Path, spec: RunSpec) -> None:
     """Write a stage's trained adapter and head (probe, retrain)."""
     meta = {"model": spec.model.name, "task": spec.task}
