@@ -144,7 +144,7 @@ class Train:
             # lists it), say so, and go on to the next job. The sweep exits non-zero at the end.
             message = str(e) if isinstance(e, PlrError) else f"{type(e).__name__}: {e}"
             artifacts.write_text(run_dir / artifacts.ERROR,
-                         message + "\n" + ("" if isinstance(e, PlrError) else traceback.format_exc()))
+                                 message + "\n" + ("" if isinstance(e, PlrError) else traceback.format_exc()))
             if distributed.is_main() and not (run_dir / artifacts.HYDRA_CONFIG).exists():
                 _write_hydra(run_dir, cfg)  # so `plr report` lists the failed job with its settings
             self.failures.append(str(run_dir))

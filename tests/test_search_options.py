@@ -40,7 +40,7 @@ def test_budget_rescaling_honours_the_sides():
 def test_threshold_search_records_its_name_and_sides():
     cfg = allocators.AllocationConfig(tau=0.9, grid=(1.0, 0.5, 0.25))
     alloc = search.threshold(LAYERS, 4, cfg, evaluate=lambda ratios: 1.0, a_ref=1.0, a_0=0.5, sides="cols",
-                         allocator="truncation")
+                             allocator="truncation")
     assert alloc.allocator == "truncation" and alloc.sides == "cols"
     assert all((la.rows, la.cols) == (64, count(0.25, 32)) for la in alloc.layers)
 
@@ -54,7 +54,7 @@ def test_proportional_splits_the_budget_by_sensitivity():
     cfg = allocators.AllocationConfig(allocator="proportional", grid=(1.0, 0.5, 0.125))
     budget = 0.3 * 4 * 3 * (64 + 32)
     alloc = search.proportional(LAYERS, 4, cfg, budget, evaluate=sensitive({"a": 0.3, "b": 0.1, "c": 0.0}),
-                            a_ref=1.0, a_0=0.4)
+                                a_ref=1.0, a_0=0.4)
     la = {x.name: x for x in alloc.layers}
     assert la["a"].sensitivity == pytest.approx(0.3) and la["c"].sensitivity == pytest.approx(0.0)
     params = {k: 4 * (x.rows + x.cols) for k, x in la.items()}

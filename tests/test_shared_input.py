@@ -260,7 +260,7 @@ def test_pipeline_with_shared_input_records_nested_groups_and_retrains_through_t
 
 def test_masks_without_groups_read_as_none(tmp_path):
     artifacts.write_masks(tmp_path, {"l.rows": torch.tensor([0]), "l.cols": torch.tensor([1])}, {"model": "m"},
-                  {"l": {"rows": 1, "cols": 1}})
+                          {"l": {"rows": 1, "cols": 1}})
     assert artifacts.read_input_groups(tmp_path) == []  # a masks file from before the option, or made without it
     assert MaskConfig().shared_input is False
 

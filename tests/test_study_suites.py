@@ -250,14 +250,14 @@ def test_the_scheduler_fills_its_slots_keeps_the_order_and_skips_what_reads_a_fa
                                     arms=["lora", "head", "uniform", "lora-matched"]))
     fake = Fake({"partial": 1})  # Partial-LoRA fails on every seed
     failures = schedule.run([j for j in jobs if j.seed == 0], fake, schedule.cpu_slots(2, total=4), ok=lambda j: True,
-                     ready=lambda d: False, echo=lambda m: None, poll_s=0)
+                            ready=lambda d: False, echo=lambda m: None, poll_s=0)
     assert fake.most == 2 and {t for _, _, t in fake.order} == {"2"}  # 2 at once, 4 cores: 2 threads each
     assert [a for a, _, _ in fake.order] == ["partial", "head", "lora"]  # the arms that read partial never start
     assert {(f.job.arm, f.why.split(":")[0]) for f in failures} == {
         ("partial", "exit 1"), ("uniform", "skipped"), ("lora-matched", "skipped")}
     fake = Fake({})
     assert schedule.run(jobs, fake, schedule.cpu_slots(3, total=3), ok=lambda j: True, ready=lambda d: False,
-                 echo=lambda m: None, poll_s=0) == []
+                        echo=lambda m: None, poll_s=0) == []
     assert fake.most == 3 and len(fake.order) == len(jobs)
     for seed in (0, 1):  # each seed's matched controls start after that seed's Partial-LoRA run
         arms = [a for a, s, _ in fake.order if s == seed]

@@ -293,8 +293,8 @@ def test_a_grids_other_seeds_start_as_soon_as_it_ends_while_another_grid_still_r
             fake(j.run_dir, 0.5)  # the shared-rate runs finished before
     launcher = _Slow({("vader-movies", "0.002"): 5, ("vader-movies", "0.01"): 60})
     failed = schedule.run([j for j in jobs if finished(j.run_dir) is None], launcher, schedule.cpu_slots(2, total=2),
-                   ok=lambda j: finished(j.run_dir) is not None, ready=lambda d: finished(d) is not None,
-                   echo=lambda m: None, poll_s=0.0, resolve=resolve)
+                          ok=lambda j: finished(j.run_dir) is not None, ready=lambda d: finished(d) is not None,
+                          echo=lambda m: None, poll_s=0.0, resolve=resolve)
     assert failed == []
     order = [s[:3] for s in launcher.started]
     start = launcher.started[order.index(("rt-polarity", "lora+retrain.lr+0.01", 1))]

@@ -122,10 +122,10 @@ class MaskedProbe:
             if acfg.allocator == "proportional":
                 assert budget is not None
                 alloc = proportional(layers, r, acfg, budget, evaluate=self.score, a_ref=a_ref, a_0=a_0,
-                                        sides=self.sides)
+                                     sides=self.sides)
             else:
                 alloc = threshold(layers, r, acfg, evaluate=self.score, a_ref=a_ref, a_0=a_0,
-                                     sides=self.sides, allocator=acfg.allocator)
+                                  sides=self.sides, allocator=acfg.allocator)
         alloc.replayed_share = self.replay.saved_share
         self.set_ratios({})
         return alloc

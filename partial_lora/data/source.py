@@ -327,7 +327,7 @@ def _read_local(spec: TaskSpec, path: Path, wanted: Mapping[str, str]) -> datase
         return datasets.load_dataset_builder(packaged, data_files=files, features=features, cache_dir=cache)
 
     return prepare_splits(datasets.load_dataset_builder(fmt, data_dir=str(path)), rebuild_packaged, wanted, where,
-                    local=True)
+                          local=True)
 
 
 def _chain(e: BaseException) -> list[BaseException]:

@@ -87,7 +87,7 @@ def check_splits(wanted: Mapping[str, str], available: Sequence[str], where: str
 
 
 def prepare_splits(builder: datasets.DatasetBuilder, rebuild: Rebuild, wanted: Mapping[str, str],
-             where: str, local: bool = False) -> datasets.DatasetDict:
+                   where: str, local: bool = False) -> datasets.DatasetDict:
     """Download and prepare only the used splits of a resolved builder.
 
     When the builder knows more splits than the run uses, a second builder of just their data
@@ -122,7 +122,7 @@ def build_splits(builder: datasets.DatasetBuilder, splits: Sequence[str]) -> dat
 
 
 def prepare_files(fmt: str, files: Mapping[str, list[str]], wanted: Mapping[str, str],
-                where: str) -> datasets.DatasetDict:
+                  where: str) -> datasets.DatasetDict:
     """A packaged builder (`parquet`, `csv`, ...) on the used splits' local files of a known layout,
     prepared into a cache folder named by their content."""
     check_splits(wanted, list(files), where)

@@ -60,7 +60,7 @@ def failed_reading(spec: RunSpec, run_dir: Path, stages: dict[str, dict[str, Any
     lr, scale, key = ((spec.retrain.lr, None, "retrain.lr") if spec.retrain.lr is not None else
                       (spec.train.lr, rt.get("adapter_lr_scale"), "trainer.lr"))
     lines.append(constant_line(main, ev.get(f"val_{main}"), ev.get("constant_level"), ev.get("constant_n"),
-                                  lr, scale, spec.sparse, lr_key=key))
+                               lr, scale, spec.sparse, lr_key=key))
     return [line for line in lines if line]
 
 

@@ -70,7 +70,7 @@ def save(path: Path, *, trainable: dict[str, Tensor], best_state: dict[str, Tens
         "fingerprint": fingerprint,
     }
     artifacts.save_tensors(path, {k: v.contiguous().cpu() for k, v in tensors.items()},
-                   {"plr_checkpoint": json.dumps(meta, default=artifacts.json_default)})
+                           {"plr_checkpoint": json.dumps(meta, default=artifacts.json_default)})
 
 
 def load(path: Path, *, trainable: dict[str, Tensor], opt: torch.optim.Optimizer,
