@@ -4,11 +4,14 @@ This is where user input is checked: each bad value becomes one `PlrError` line 
 key and the fix, raised before any work starts. Beyond types: no number may be nan or inf
 (`typecheck`), seeds lie in [0, 2^32-1], a group may not be replaced by one value
 (`adapter.allocation=5`), the model must read the task's kind of input, and a task's metrics
-must be known and of its kind (correlations for regression). `validate(cfg)` returns the run's `RunSpec`,
-and the stages read that; the core modules never see a DictConfig.
+must be known and of its kind (correlations for regression). `validate(cfg, members)` returns the run's
+`RunSpec`, once per run (`pipeline.runner.run_pipeline`), and the stages read that; the core modules
+never see a DictConfig. A multi-task run's member task configs are composed by `member_tasks`, at the
+CLI's edge beside the run's own config (or here, for a library caller that did not).
 
 The schemas are the dataclasses themselves (`schemas()`: one per config group, each beside the
-code it configures). Each group's values are checked against the field annotations by
+code it configures), and so are their range checks (each dataclass's `__post_init__`); this module
+keeps the checks across fields. Each group's values are checked against the field annotations by
 `typecheck.check_type`, which never coerces. That is why they are not registered as Hydra structured
 configs in the ConfigStore: OmegaConf's typed nodes convert what they can (measured with
 omegaconf 2.3: `'3'` becomes 3 in an int field, `'yes'` and 1 become True in a bool field), and a

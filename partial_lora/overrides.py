@@ -16,7 +16,7 @@ dir (a config found there could hold any of these), any `_target_`, and Hydra's
 `--experimental-rerun` (it unpickles). Allowed: `hydra/launcher=<plr's>` and its options, the
 sweep dirs, `hydra.sweeper.params`, `hydra.verbose`, `hydra.job.*` and Hydra's own logging
 presets (`hydra/job_logging=disabled`); `hydra.run.dir` is refused in favour of `run_dir`, which
-plr checks. `cli.main` runs the checks.
+plr checks. `cli.train` runs the checks.
 """
 
 from __future__ import annotations
