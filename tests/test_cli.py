@@ -79,6 +79,21 @@ def test_multirun_over_seeds(tmp_path):
     assert sorted(json.loads(p.read_text())["seed"] for p in results) == [0, 1]
 
 
+def test_usage_is_built_from_each_commands_parser(capsys):
+    """`plr --help`: one line per command of the table, with the usage its own parser prints."""
+    from partial_lora import cli
+
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name, command in cli.COMMANDS.items():
+        assert f"  {name:<8} {command.summary}" in out
+        assert command.parser().format_usage().removeprefix("usage: ").splitlines()[0].strip() in out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["nope"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == (
+        "plr: error: unknown command 'nope'; run `plr --help` for the commands")
+
+
 def test_help_lists_groups_and_options(tmp_path):
     res = plr("train", "--help", cwd=tmp_path)
     assert res.returncode == 0

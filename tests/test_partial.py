@@ -114,6 +114,29 @@ def test_mask_counts_match_ratios_and_subspace_finds_the_signal_rows():
     assert subspace_k(torch.tensor([3.0, 1.0, 1.0, 1.0]), 0.8) == 2
 
 
+def test_one_mask_form_gives_the_same_update_in_the_search_the_layer_and_export():
+    """A `KeptBlock` is the one mask: the search's 0/1 multipliers on the dense factors, the layer's
+    compact factors on its index buffers, and export's zero-padded factors give one ΔW."""
+    from partial_lora.adapter.lora import LoRABranch
+    from partial_lora.adapter.masks import KeptBlock
+
+    gen = torch.Generator().manual_seed(0)
+    d_out, d_in, r = 12, 10, 3
+    b, a = torch.randn(d_out, r, generator=gen), torch.randn(r, d_in, generator=gen)
+    rows, cols = rank_random(d_out, d_in, seed=1, layer="l").keep(0.5)
+    block = KeptBlock(rows, cols, d_out, d_in)
+    rm, cm = block.multipliers(torch.device("cpu"))
+    searched = (b * rm) @ (a * cm)  # the allocation search: dense factors, masked
+    branch = LoRABranch(d_in, d_out, r, alpha=r, rows=rows, cols=cols)  # scale 1
+    with torch.no_grad():
+        branch.lora_B.copy_(block.select(b, a)[0])
+        branch.lora_A.copy_(block.select(b, a)[1])
+    assert torch.equal(branch.kept.rows, rows) and torch.equal(branch.kept.cols, cols)
+    padded_b, padded_a = branch.kept.pad(*branch.factors())  # export: PEFT's dense factors
+    assert torch.allclose(branch.delta_weight(), searched) and torch.allclose(padded_b @ padded_a, searched)
+    assert int((padded_b != 0).any(1).sum()) == len(rows) and int((padded_a != 0).any(0).sum()) == len(cols)
+
+
 def test_random_masks_are_deterministic_per_seed():
     a, b, c = rank_random(50, 40, 0, "layer.q"), rank_random(50, 40, 0, "layer.q"), rank_random(50, 40, 1, "layer.q")
     assert torch.equal(a.rows, b.rows) and torch.equal(a.cols, b.cols)

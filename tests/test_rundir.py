@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from partial_lora import artifacts, cli, rundir
 from partial_lora.errors import PlrError
 from partial_lora.pipeline.runner import run_pipeline
+from tests.fixtures import write_glue
 from tests.test_reliability import crash_at_step
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
@@ -157,3 +158,37 @@ def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
         (d / "c.txt").write_text("three")
     assert sorted(p.name for p in out.iterdir()) == ["c.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
+
+
+def test_train_composes_validates_and_checks_the_run_dir_once(tmp_path, capsys, monkeypatch):
+    """`plr train` composes its config once (a multi-task run's members beside it, at the edge),
+    validates it once into the RunSpec and checks the run dir's fingerprints once."""
+    import hydra._internal.hydra as hydra_app
+
+    from partial_lora import config as plr_config
+    from partial_lora.pipeline import runner
+
+    calls = {"compose": 0, "validate": 0, "check": 0}
+
+    def counted(key, fn):
+        def wrapper(*a, **kw):
+            calls[key] += 1
+            return fn(*a, **kw)
+        return wrapper
+
+    monkeypatch.setattr(hydra_app.Hydra, "compose_config", counted("compose", hydra_app.Hydra.compose_config))
+    monkeypatch.setattr(plr_config, "validate", counted("validate", plr_config.validate))
+    monkeypatch.setattr(rundir, "check", counted("check", rundir.check))
+    assert train(capsys, "experiment=smoke", "adapter=lora", "trainer.max_steps=1", f"run_dir={tmp_path / 'a'}")[0] == 0
+    assert calls == {"compose": 1, "validate": 1, "check": 1}
+
+    def stop(spec):  # a multi-task run: stop before the data loads, once the config is validated
+        raise PlrError("stopped after validation")
+
+    monkeypatch.setattr(runner, "data_identity", stop)
+    calls.update(compose=0, validate=0, check=0)
+    glue = write_glue(tmp_path / "glue", "sst2")
+    code, err = train(capsys, "experiment=smoke", "task=multi", "task.names=[bbc-news,sst2]",
+                      f"+task.members.sst2.path={glue}", f"run_dir={tmp_path / 'b'}")
+    assert code == 2 and "stopped after validation" in err
+    assert calls == {"compose": 3, "validate": 1, "check": 0}  # the run's config and its two members
