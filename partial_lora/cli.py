@@ -1,6 +1,6 @@
 """`plr`: the command line's edge. `COMMANDS` is the one table of subcommands (each a parser and a
-function from its arguments to an exit code), `main` runs one inside the one error handler
-(`errors.one_line_errors`), and `plr --help` is made from the parsers (`usage`).
+function from its arguments to an exit code, each run inside the one error handler,
+`errors.one_line_errors`), `main` dispatches to them, and `plr --help` is made from the parsers (`usage`).
 
 `plr train` and `plr resume` live here (the other commands in `partial_lora.commands`, the checks on
 train's overrides in `partial_lora.overrides`): a single run's config is composed once, with its
@@ -46,7 +46,7 @@ from partial_lora.commands import (
     study_command,
     study_parser,
 )
-from partial_lora.errors import Interrupted, PlrError, first_line, full_error, one_line_errors
+from partial_lora.errors import Interrupted, PlrError, fail, first_line, full_error, one_line_errors
 from partial_lora.overrides import (
     ALLOW_HYDRA_CODE,
     apply_override,
@@ -190,6 +190,7 @@ def resume_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_errors()
 def resume(argv: list[str]) -> int:
     """`plr resume RUN_DIR`: rerun `plr train` with the run's own overrides into its run dir."""
     args = resume_parser().parse_args(argv)
@@ -294,6 +295,7 @@ def _check_launch(overrides: list[str]) -> None:
                        "to the same run dir; add run_dir=<dir> to the command")
 
 
+@one_line_errors()
 def train(rest: list[str]) -> int:
     """`plr train`: the overrides checked, the config composed once and validated once (in the pipeline),
     the run dir claimed and checked once; Hydra's own app for its flags and for sweeps."""
@@ -432,10 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     command = COMMANDS.get(argv[0])
-    with one_line_errors():
-        if command is None:
-            raise PlrError(f"unknown command '{argv[0]}'; run `plr --help` for the commands")
-        return command.run(argv[1:])
+    if command is None:
+        fail(f"unknown command '{argv[0]}'; run `plr --help` for the commands")
+    return command.run(argv[1:])  # each command runs inside the one error handler, `one_line_errors`
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`plr report|export|fetch|study`: the subcommands beside `plr train` and `plr resume`, each an argparse
-parser and a function from its arguments to an exit code. `cli.COMMANDS` lists them, `cli.main` runs
-them inside the one error handler (`errors.one_line_errors`), and `plr --help` is made from their parsers."""
+parser and a function from its arguments to an exit code that runs inside the one error handler
+(`errors.one_line_errors`). `cli.COMMANDS` lists them, and `plr --help` is made from their parsers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from partial_lora import rundir
-from partial_lora.errors import PlrError, fail
+from partial_lora.errors import PlrError, fail, one_line_errors
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,6 +33,7 @@ def report_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_errors()
 def report_command(argv: list[str]) -> int:
     from partial_lora import report
 
@@ -58,6 +59,7 @@ def export_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_errors()
 def export_command(argv: list[str]) -> int:
     from partial_lora.export import export_run
 
@@ -80,6 +82,7 @@ def fetch_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_errors()
 def fetch_command(argv: list[str]) -> int:
     from partial_lora.fetch import cache
 
@@ -274,6 +277,7 @@ def _print_plan(jobs: list, slots: list, resources: dict | None) -> None:
     print(f"[plr] study: {len(jobs)} runs planned{tuned}, {n_done} finished already")
 
 
+@one_line_errors()
 def study_command(argv: list[str]) -> int:
     from partial_lora import study
 
