@@ -339,7 +339,7 @@ REWRITTEN = (str(artifacts.HYDRA_CONFIG), str(HYDRA_YAML), str(artifacts.HYDRA_O
 class Claim:
     """What a `plr train` command may delete: only what it created.
 
-    Made before the command creates anything (`cli.train`): it records whether the run dir existed,
+    Made before the command creates anything (`commands.train.train`): it records whether the run dir existed,
     which of its parent folders did not, and every entry under it. `undo` removes, deepest first,
     the files and links that were not there then and the folders that were not there then and
     are empty by now; then the run dir and the parents it created, if empty. The files a run

@@ -15,10 +15,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from partial_lora import config
+from partial_lora.commands.overrides import CONF_DIR
 from partial_lora.data import TaskSpec, load_task
 from partial_lora.data.split import few_shot, split_task
 from partial_lora.errors import PlrError
-from partial_lora.overrides import CONF_DIR
 from partial_lora.pipeline.runner import run_pipeline
 from partial_lora.training.metrics import compute_metrics
 

