@@ -310,7 +310,7 @@ GOOD = "model: tiny-bert\ntasks: [bbc-news]\nseeds: [0]\n"
 
 
 @pytest.mark.parametrize("make_args, message", [
-    (lambda p: ["--suite", "nosuch"], "unknown suite 'nosuch'; choose one of commonsense, efficientnet-lite0"),
+    (lambda p: ["--suite", "nosuch"], "unknown suite 'nosuch'; choose one of commonsense, dinov2-vits, efficientnet-lite0"),
     (lambda p: ["--suite", _write(p, GOOD.replace("[0]", "'0'"))], "seeds='0' must be a list of whole numbers, got "
                                                                      "a string; fix the suite file"),
     (lambda p: ["--suite", _write(p, GOOD + "arms: [lora, dora]\n")], "unknown arm 'dora'; choose from: head"),
