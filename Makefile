@@ -71,6 +71,10 @@ offline-table-dry: $(STAMP) ## print the offline-table plan (plr study --dry-run
 	$(BIN)/python experiments/offline_table.py --dry-run
 
 STUDY_ARGS ?=
+.PHONY: results
+results: $(STAMP) ## docs/results.md and the README's results block, generated from the ledger (docs/results/study-runs.jsonl)
+	$(BIN)/python experiments/results.py
+
 .PHONY: study study-dry
 study: $(STAMP) ## the claims study of the offline suites (MiniLM, EfficientNet-Lite0, Gemma), resumable -> outputs/study/study.md (needs make fetch; STUDY_ARGS="--jobs 2 --tasks ...")
 	$(BIN)/plr study $(STUDY_ARGS)

@@ -196,8 +196,8 @@ def test_the_paper_suites_dry_runs_list_every_task_arm_and_seed_with_its_recipe(
 def test_every_builtin_suite_loads_and_says_how_to_run_it():
     from partial_lora.study.suite import SUITE_DIR, builtin, load
 
-    assert builtin() == ["commonsense", "efficientnet-lite0", "fair-effnet", "fair-minilm", "gemma3-270m", "glue",
-                         "minilm", "vtab"]
+    assert builtin() == ["commonsense", "dinov2-vits", "efficientnet-lite0", "fair-effnet", "fair-minilm",
+                         "gemma3-270m", "glue", "minilm", "smollm2-135m", "vtab"]
     for name in builtin():
         suite = load(name)
         assert suite.tasks and suite.seeds and suite.arms and suite.source == SUITE_DIR / f"{name}.yaml"
@@ -314,7 +314,8 @@ GOOD = "model: tiny-bert\ntasks: [bbc-news]\nseeds: [0]\n"
 
 
 @pytest.mark.parametrize("make_args, message", [
-    (lambda p: ["--suite", "nosuch"], "unknown suite 'nosuch'; choose one of commonsense, efficientnet-lite0"),
+    (lambda p: ["--suite", "nosuch"],
+     "unknown suite 'nosuch'; choose one of commonsense, dinov2-vits, efficientnet-lite0"),
     (lambda p: ["--suite", _write(p, GOOD.replace("[0]", "'0'"))],
      "seeds='0' must be a list of whole numbers, got a string; fix the suite file"),
     (lambda p: ["--suite", _write(p, GOOD + "arms: [lora, dora]\n")], "unknown arm 'dora'; choose from: head"),

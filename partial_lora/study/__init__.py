@@ -57,9 +57,9 @@ def write(out: Path, n_boot: int = 2000) -> list[Path]:
         extra += [*choice.markdown([c for c in found if c.key == key]), *change_markdown(rows, tuned, key, rates)]
         extra += rule_markdown(rule_rows(tuned), title=f"The default rule, each arm at its tuned {key}")
         by_method, setting = view, f"each arm at its tuned {key}; head at the shared setting"
-    rows = methods.method_rows(by_method, rates, n_boot=n_boot)
-    extra += ["", "## The method table", "", methods.markdown(rows, setting).rstrip()]
-    table = methods.write(out, rows, setting)
+    by_arm = methods.method_rows(by_method, rates, n_boot=n_boot)
+    extra += ["", "## The method table", "", methods.markdown(by_arm, setting).rstrip()]
+    table = methods.write(out, by_arm, setting)
     md = out / "study.md"
     artifacts.write_text(md, markdown(study, rows, arms, extra=extra))
     path_csv = out / "study.csv"

@@ -1,0 +1,74 @@
+"""experiments/results.py: docs/results.md and the README's results block are generated from the ledger."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from fixtures import load_script
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_committed_results_and_readme_block_were_made_from_the_committed_ledger():
+    results = load_script("results")
+    want = results.digest(results.LEDGER)
+    assert results.recorded_digest(results.RESULTS) == want, "docs/results.md is stale: run `make results`"
+    readme = results.README.read_text()
+    block = readme.split(results.BEGIN, 1)[1].split(results.END, 1)[0]
+    assert f"{results.DIGEST}{want}" in block, "the README's results block is stale: run `make results`"
+
+
+def _ledger(tmp_path: Path) -> Path:
+    """A ledger of two tasks x three seeds x {lora, partial, uniform}, with predictions: partial always
+    right on the first half of the test examples and wrong on the rest, lora right on 90%."""
+    into = tmp_path / "docs" / "results" / "study-runs.jsonl"
+    rng = np.random.default_rng(0)
+    lines = []
+    for task in ("a", "b"):
+        labels = rng.integers(0, 2, 200)
+        for arm, right in (("lora", 0.9), ("partial", 0.5), ("uniform", 0.9)):
+            for seed in range(3):
+                ok = np.arange(200) < int(right * 200)
+                pred = np.where(ok, labels, 1 - labels)
+                rel = Path("predictions") / "m" / task / arm / f"seed{seed}.parquet"
+                (into.parent / rel).parent.mkdir(parents=True, exist_ok=True)
+                pd.DataFrame({"split": "test", "task": "", "index": np.arange(200), "label": labels,
+                              "prediction": pred, "score": np.ones(200, dtype=np.float32)}).to_parquet(
+                    into.parent / rel, index=False)
+                lines.append({"model": "m", "task": task, "arm": arm, "seed": seed, "main_metric": "accuracy",
+                              "metrics": {"test_accuracy": float(ok.mean()), "val_accuracy": float(ok.mean())},
+                              "params": {"adapter": 1000 if arm == "lora" else 250, "dense_lora_same_rank": 1000,
+                                         "reduction_pct": 0.0 if arm == "lora" else 75.0},
+                              "wall_s": {"retrain": 10.0}, "predictions": rel.as_posix()})
+    into.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in lines))
+    return into
+
+
+def test_generate_writes_the_tables_and_only_the_readme_block(tmp_path):
+    results = load_script("results")
+    ledger = _ledger(tmp_path)
+    out, readme = tmp_path / "docs" / "results.md", tmp_path / "README.md"
+    readme.write_text(f"# manual\nkept above\n{results.BEGIN}\nold figures\n{results.END}\nkept below\n")
+    results.ROOT = tmp_path  # paths in the header are relative to the project
+    results.generate(ledger, out, readme)
+    text = out.read_text()
+    key = results.digest(ledger)
+    assert results.recorded_digest(out) == key and "18 runs" in text
+    assert "partial − lora" in text or "partial - lora" in text
+    block = readme.read_text()
+    assert block.startswith("# manual\nkept above\n") and block.endswith("kept below\n")
+    assert "old figures" not in block and f"{results.DIGEST}{key}" in block
+    # C3 pooled: partial is 40 points below lora on every example pair, so the claim is refuted.
+    c3 = next(line for line in block.splitlines() if "C3" in line)
+    assert "-40.00" in c3 and "refuted" in c3
+    assert (out.parent / "results" / "study.png").exists()
+
+
+def test_check_fails_on_a_changed_ledger(tmp_path):
+    results = load_script("results")
+    ledger = _ledger(tmp_path)
+    before = results.digest(ledger)
+    rows = ledger.read_text().splitlines()
+    ledger.write_text("\n".join(rows[1:]) + "\n")
+    assert results.digest(ledger) != before
