@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> list[Rate]:
 
     from partial_lora.config import validate
     from partial_lora.errors import PlrError, first_line
-    from partial_lora.training.runtime import _to, autocast_dtype, set_seed
+    from partial_lora.training.runtime import autocast_dtype, set_seed, to_device
     from partial_lora.working_set.build import setup
     from partial_lora.working_set.loaders import loader
 
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> list[Rate]:
     model, device = s.built.model.to(s.device), s.device
     n = min(len(s.data.train), max(args.batch, args.train_batch))
     examples = s.data.train.select(range(n))
-    batch = _to(next(iter(loader(s, examples, spec.train, train=False))), device)  # eval_batch_size rows
+    batch = to_device(next(iter(loader(s, examples, spec.train, train=False))), device)  # eval_batch_size rows
     rows = len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
     eval_batch = {k: v[:args.batch] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     train_batch = {k: v[:args.train_batch] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -100,7 +100,7 @@ def test_header_gives_the_commands_the_claim_and_the_probe_reuse(name):
     header = "\n".join(itertools.takewhile(lambda ln: ln.startswith("#"), text.splitlines()))
     assert text.startswith("# @package _global_\n")
     assert f"python experiments/ablate.py {name}" in header and f"plr train -m experiment=ablation-{name}" in header
-    assert "PAPER.md" in header
+    assert "docs/method.md" in header
     assert load_ablate().Ablation.load(name).reuses_probe == (name not in NEW_PROBE)
     assert ("from_run reuses" in header) == (name not in NEW_PROBE)
 

@@ -72,3 +72,19 @@ def test_check_fails_on_a_changed_ledger(tmp_path):
     rows = ledger.read_text().splitlines()
     ledger.write_text("\n".join(rows[1:]) + "\n")
     assert results.digest(ledger) != before
+
+
+def test_no_tracked_file_cites_a_file_outside_the_repository():
+    """docs/method.md is the project's own account of the method: nothing points a user at notes they cannot open."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    outside = ["../" + "shared", "PAPER" + ".md", "PEERS" + ".md", "DESIGN" + ".md"]
+    cited = []
+    for name in files:
+        path = ROOT / name
+        if path.suffix not in {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".cfg", ""} or not path.is_file():
+            continue
+        text = path.read_text(errors="replace")
+        cited += [f"{name}: {needle}" for needle in outside if needle in text]
+    assert not cited

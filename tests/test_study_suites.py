@@ -25,7 +25,8 @@ POS, NEG, FILLER = "good great fine nice happy".split(), "bad awful poor sad dul
 
 
 def user_suite(root: Path, arms: list[str], seeds: tuple[int, ...] = (0,), task_overrides: list[str] | None = None,
-               more_tasks: tuple[str, ...] = (), **keys: str) -> Path:
+               more_tasks: tuple[str, ...] = (), arm_overrides: dict[str, list[str]] | None = None,
+               **keys: str) -> Path:
     """A suite of the user's own: tiny BERT on a generated CSV task (review -> y), given as an override list."""
     rng = np.random.default_rng(0)
     data = root / "mine.csv"
@@ -43,6 +44,7 @@ def user_suite(root: Path, arms: list[str], seeds: tuple[int, ...] = (0,), task_
              f"seeds: [{', '.join(map(str, seeds))}]", f"arms: [{', '.join(arms)}]",
              "recipe: [trainer.epochs=1, trainer.batch_size=16, trainer.max_steps=3]",
              "arm_overrides:", "  partial: [adapter.probe.shots=4, adapter.probe.val_shots=4, adapter.probe.epochs=1]",
+             *(f"  {arm}: [{', '.join(values)}]" for arm, values in (arm_overrides or {}).items()),
              *(f"{k}: {v}" for k, v in keys.items())]
     path = root / "mine.yaml"
     path.write_text("\n".join(lines) + "\n")
@@ -98,7 +100,9 @@ def test_a_user_suite_runs_two_runs_at_once_in_dependency_order_and_judges_the_c
 
 def test_a_stopped_study_resumes_reusing_what_finished_and_holds_its_folder_meanwhile(tmp_path):
     arms = ["head", "lora", "lora-r1"]  # three independent runs, one after another with --jobs 1
-    suite, out = user_suite(tmp_path, arms), tmp_path / "study"
+    # the two LoRA runs train 300 steps, so the study is still busy after `head` however loaded the machine
+    longer = ["trainer.epochs=100", "trainer.max_steps=300"]
+    suite, out = user_suite(tmp_path, arms, arm_overrides={"lora": longer, "lora-r1": longer}), tmp_path / "study"
     runs = {a: out / "runs/tiny-bert/mine" / a / "seed0" for a in arms}
     cmd = [sys.executable, "-m", "partial_lora.cli", "study", "--suite", str(suite), "--bootstrap", "200", "--out",
            str(out)]

@@ -1,7 +1,7 @@
 """The study's tables: every arm's results, and each claim judged on paired differences.
 
-Claims (PAPER.md §1, the claims 1, 2, 3 and 5, and the reviewers' control of §6), each a method
-arm against a control arm on the same tasks and seeds:
+Claims (docs/method.md, "The claims": the paper's claims 1, 2, 3 and 5, and the reviewers' control R), each a
+method arm against a control arm on the same tasks and seeds:
 
 - C1 winning tickets exist: a random ticket at Partial-LoRA's per-layer ratios, retrained,
   matches dense LoRA;

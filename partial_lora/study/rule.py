@@ -1,4 +1,4 @@
-"""The protocol's rule for plr's default reading of Partial-LoRA (docs/study.md), read off the claims.
+"""The protocol's rule for plr's default reading of Partial-LoRA (docs/lab-log.md), read off the claims.
 
 On a task, a reading meets the rule when it has (i) at least 60% fewer adapter parameters than dense
 LoRA r=8, (ii) a mean difference against dense LoRA (claim C3) of -1 point or better and (iii) a mean
