@@ -28,6 +28,21 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
+def cfg_of(*overrides: str):
+    """The composed `plr train` config for these overrides (not validated)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("partial_lora.conf", version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def one_line(exc_info) -> str:
+    """A raised error's message, which must be one line."""
+    msg = str(exc_info.value)
+    assert "\n" not in msg
+    return msg
+
+
 # name -> (text columns, label names or None for a float score, split names)
 GLUE: dict[str, tuple[tuple[str, ...], list[str] | None, tuple[str, ...]]] = {
     "cola": (("sentence",), ["unacceptable", "acceptable"], ("train", "validation", "test")),

@@ -9,8 +9,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from fixtures import GLUE, VISION, write_commonsense, write_glue, write_vision
-from hydra import compose, initialize_config_module
+from fixtures import GLUE, VISION, cfg_of, write_commonsense, write_glue, write_vision
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -31,11 +30,6 @@ VISION_MORE = ["cifar10", "cars", "aircraft", "food101", "sun397", "gtsrb", "mni
 @pytest.fixture(autouse=True)
 def _isolated_datasets_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_cache"))
-
-
-def cfg_of(*overrides: str):
-    with initialize_config_module("partial_lora.conf", version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 def test_every_benchmark_task_has_a_config_and_a_fixture():

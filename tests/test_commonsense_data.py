@@ -8,7 +8,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from fixtures import COMMONSENSE, commonsense_row, write_commonsense, write_commonsense_rows
+from fixtures import COMMONSENSE, commonsense_row, one_line, write_commonsense, write_commonsense_rows
 from hydra import compose, initialize_config_module
 
 from partial_lora import config
@@ -29,12 +29,6 @@ def _isolated_datasets_cache(tmp_path_factory, monkeypatch):
 def spec_of(*overrides: str) -> TaskSpec:
     with initialize_config_module("partial_lora.conf", version_base="1.3"):
         return config.task_spec(compose("config", overrides=list(overrides)))
-
-
-def one_line(exc_info) -> str:
-    msg = str(exc_info.value)
-    assert "\n" not in msg
-    return msg
 
 
 # task -> (a raw row in the real schema, its prompt, choices, label), placed first in the reported split

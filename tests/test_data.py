@@ -17,6 +17,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from fixtures import one_line
 from PIL import Image  # noqa: E402
 
 from partial_lora.data import TASKS, ImagePreprocess, TaskSpec, load_task, make_collate  # noqa: E402
@@ -52,12 +53,6 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def bbc():
     return load_task(TaskSpec(name="bbc-news", loader="bbc-news"))
-
-
-def one_line_error(exc_info) -> str:
-    msg = str(exc_info.value)
-    assert "\n" not in msg
-    return msg
 
 
 def png(rng: np.random.Generator, size=(10, 8)) -> Image.Image:
@@ -199,7 +194,7 @@ def test_hf_text_unlabelled_test_split_is_refused(glue_dir):
     datasets.Dataset.from_dict(rows, features=features).to_parquet(glue_dir / "test-00000-of-00001.parquet")
     with pytest.raises(PlrError) as e:
         load_task(glue_spec(glue_dir))
-    assert "task.test_split='test'" in one_line_error(e)
+    assert "task.test_split='test'" in one_line(e)
     data = load_task(glue_spec(glue_dir, test_split=None))  # carved from train instead
     assert (len(data.train), len(data.test)) == (32, 8)
 
@@ -316,35 +311,35 @@ def test_split_falls_back_to_random_when_a_class_is_too_small():
 def test_error_missing_local_path(tmp_path):
     with pytest.raises(PlrError) as e:
         load_task(TaskSpec(name="t", loader="hf-text", path=str(tmp_path / "no-such-dir")))
-    msg = one_line_error(e)
+    msg = one_line(e)
     assert "no-such-dir" in msg and "task.path" in msg
 
 
 def test_error_missing_column(glue_dir):
     with pytest.raises(PlrError) as e:
         load_task(glue_spec(glue_dir, text_column="sentence"))
-    msg = one_line_error(e)
+    msg = one_line(e)
     assert "task.text_column='sentence'" in msg and "sentence1, sentence2, label, idx" in msg
 
 
 def test_error_unknown_split(glue_dir):
     with pytest.raises(PlrError) as e:
         load_task(glue_spec(glue_dir, val_split="dev"))
-    msg = one_line_error(e)
+    msg = one_line(e)
     assert "task.val_split='dev'" in msg and "train, validation, test" in msg
 
 
 def test_error_unknown_loader():
     with pytest.raises(PlrError) as e:
         load_task(TaskSpec(name="t", loader="glu"))
-    msg = one_line_error(e)
+    msg = one_line(e)
     assert "'glu'" in msg and "task.loader" in msg and "hf-text" in msg
 
 
 def test_error_kind_mismatch():
     with pytest.raises(PlrError) as e:
         load_task(TaskSpec(name="digits", loader="digits", kind="text"))
-    assert "task.kind=image" in one_line_error(e)
+    assert "task.kind=image" in one_line(e)
 
 
 def test_error_float_labels(tmp_path):
@@ -352,7 +347,7 @@ def test_error_float_labels(tmp_path):
     datasets.Dataset.from_dict({"text": ["a", "b", "c"], "score": [0.5, 1.5, 4.0]}).to_csv(path, index=False)
     with pytest.raises(PlrError) as e:
         load_task(TaskSpec(name="s", loader="hf-text", path=str(path), label_column="score"))
-    assert "task.label_column" in one_line_error(e)
+    assert "task.label_column" in one_line(e)
 
 
 def test_error_hub_id_offline(monkeypatch):
@@ -360,6 +355,6 @@ def test_error_hub_id_offline(monkeypatch):
     hub.hub_reachable.cache_clear()
     with pytest.raises(PlrError) as e:
         load_task(TaskSpec(name="t", loader="hf-text", path="nonexistent-org/nonexistent-ds"))
-    msg = one_line_error(e)
+    msg = one_line(e)
     assert "nonexistent-org/nonexistent-ds" in msg and "set task.path=" in msg
     hub.hub_reachable.cache_clear()

@@ -5,6 +5,7 @@ import re
 
 import datasets
 import pytest
+from fixtures import one_line
 
 from partial_lora.data import TaskSpec, load_task
 from partial_lora.errors import PlrError
@@ -18,12 +19,6 @@ def csv_dir(tmp_path, train, test):
 
 def rows(labels, text=lambda i: f"sample text {i}"):
     return [{"text": text(i), "label": y} for i, y in enumerate(labels)]
-
-
-def one_line(e) -> str:
-    msg = str(e.value)
-    assert "\n" not in msg
-    return msg
 
 
 def test_one_class_in_train_is_refused(tmp_path):

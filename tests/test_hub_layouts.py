@@ -15,8 +15,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from fixtures import COMMONSENSE_FEATURES, commonsense_row, write_glue, write_vision
-from hydra import compose, initialize_config_module
+from fixtures import COMMONSENSE_FEATURES, cfg_of, commonsense_row, one_line, write_glue, write_vision
 
 from partial_lora import config as plr_config
 from partial_lora.data import TaskSpec, load_task, source
@@ -64,17 +63,6 @@ def fake_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(source, "hub_builder", h.builder)
     monkeypatch.setattr(source, "hub_files", h.files)
     return h
-
-
-def cfg_of(*overrides: str):
-    with initialize_config_module("partial_lora.conf", version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
-def one_line(exc_info) -> str:
-    msg = str(exc_info.value)
-    assert "\n" not in msg
-    return msg
 
 
 TEXT = datasets.Features(text=datasets.Value("string"), label=datasets.ClassLabel(names=["neg", "pos"]))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from fixtures import cfg_of, one_line
 from torch import nn
 
 from partial_lora import config
@@ -32,17 +32,6 @@ from partial_lora.models.backbones import build_model
 TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 4,
             "image_size": 24, "mlp_ratio": 4, "layerscale_value": 0.5}
 TRACED, TIMM_PX = 16, 12  # the tiny graph's fixed input (4 x 4 patches) and the timm grid's size (3 x 3)
-
-
-def cfg_of(*overrides):
-    with initialize_config_module("partial_lora.conf", version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
-def one_line(exc_info) -> str:
-    msg = str(exc_info.value)
-    assert "\n" not in msg
-    return msg
 
 
 def local_downloader(archives):
