@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 LOCK, HOLDER = ".lock", ".lock.json"
 FINGERPRINT = "fingerprint.json"
+JOB_LOG = "train.log"  # Hydra's job log (`hydra.job.name` is `train`), opened by every process of a run
 CHECKPOINT = "checkpoint.safetensors"  # checkpoint.FILE (not imported: checkpoint imports torch)
 DATA = "data:"  # fingerprint keys of the data identity: data:<source> -> content digest
 HYDRA_YAML = artifacts.HYDRA_CONFIG.parent / "hydra.yaml"

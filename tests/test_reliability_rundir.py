@@ -89,6 +89,27 @@ def test_a_folder_of_the_users_is_refused_as_run_dir_and_left_byte_for_byte(tmp_
     assert tree(tmp_path) == before
 
 
+def test_under_a_launch_the_job_log_of_a_peer_rank_is_not_a_users_file(tmp_path, monkeypatch):
+    """torchrun starts the ranks at their own pace: one may find the train.log another rank's Hydra just opened.
+    Every rank checks before it writes; the log alone is not the user's, anything else still is."""
+    from partial_lora.commands.overrides import check_run_dir
+
+    run_dir = tmp_path / "two"
+    run_dir.mkdir()
+    (run_dir / "train.log").write_text("[plr] probe ...\n")  # what the faster rank has written by then
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert check_run_dir(str(run_dir)) == run_dir
+    (run_dir / "notes.txt").write_text("mine\n")
+    with pytest.raises(SystemExit):
+        check_run_dir(str(run_dir))
+    (run_dir / "notes.txt").unlink()
+    monkeypatch.delenv("WORLD_SIZE")  # one process: a folder with a log of unknown origin is not taken over
+    with pytest.raises(SystemExit):
+        check_run_dir(str(run_dir))
+
+
 @pytest.mark.parametrize("case", ["new nested", "empty", "half-made run dir"])
 def test_ctrl_c_before_the_first_stage_finishes_removes_only_what_the_run_wrote(tmp_path, capsys, monkeypatch, case):
     def interrupted(*args, **kwargs):

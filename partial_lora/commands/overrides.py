@@ -231,8 +231,11 @@ def check_run_dir(value: str) -> Path:
 
     Exits with one line for an empty value, a file, or a folder that holds other files and no plr
     run (plr deletes only what it wrote; a run written into somebody's folder would mix with it).
+    Under a multi-process launch every rank makes the same check before it writes, and the job log
+    (`train.log`) is not counted: the ranks start at their own pace, and one may find the log that
+    another rank's Hydra has just opened there.
     """
-    from partial_lora import rundir
+    from partial_lora import distributed, rundir
 
     if not value.strip():
         fail("run_dir= is empty; name a folder (run_dir=outputs/my-run), or leave run_dir out for "
@@ -241,7 +244,8 @@ def check_run_dir(value: str) -> Path:
     if path.exists() and not path.is_dir():
         fail(f"run_dir={value} is a file; name a new folder, or the run dir of an earlier run to continue it")
     if path.is_dir() and not rundir.is_run_dir(path):
-        first = next(iter(sorted(p.name for p in path.iterdir())), None)
+        peers = {rundir.JOB_LOG} if distributed.launched() else set()
+        first = next(iter(sorted(p.name for p in path.iterdir() if p.name not in peers)), None)
         if first is not None:
             fail(f"run_dir={value} is a folder that holds other files ({first}, ...) and no plr run; plr writes a run "
                  "into a new or empty folder, or continues one in its own run dir: choose a new run_dir")
