@@ -491,12 +491,11 @@ def test_tensors_json_and_tables_share_one_file_mode(tmp_path):
 
 def test_ctrl_c_prints_one_line_with_the_way_back_and_exits_130(tmp_path):
     run_dir = tmp_path / "run"
-    # 5,000 steps (LONG's 120 are over in a second or two): the run is still training when the signal lands,
-    # however loaded the machine; it stops at once
-    proc = subprocess.Popen([sys.executable, "-m", "partial_lora.cli", "train", *LONG, "trainer.max_steps=5000",
-                             "trainer.epochs=400",
+    # SIGINT as a terminal sends it, also when the tests run as a background job (which starts with it ignored)
+    proc = subprocess.Popen([sys.executable, "-m", "partial_lora.cli", "train", *LONG,
                              f"run_dir={run_dir}"], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpt = run_dir / "retrain" / checkpoint.FILE
     deadline = time.time() + 300
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:

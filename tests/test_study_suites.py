@@ -100,15 +100,18 @@ def test_a_user_suite_runs_two_runs_at_once_in_dependency_order_and_judges_the_c
 
 def test_a_stopped_study_resumes_reusing_what_finished_and_holds_its_folder_meanwhile(tmp_path):
     arms = ["head", "lora", "lora-r1"]  # three independent runs, one after another with --jobs 1
-    # the two LoRA runs train 300 steps, so the study is still busy after `head` however loaded the machine
+    # the two LoRA runs train 300 steps: the study is still busy after `head` however loaded the machine, and
+    # a run that did not stop when asked would finish
     longer = ["trainer.epochs=100", "trainer.max_steps=300"]
     suite, out = user_suite(tmp_path, arms, arm_overrides={"lora": longer, "lora-r1": longer}), tmp_path / "study"
     runs = {a: out / "runs/tiny-bert/mine" / a / "seed0" for a in arms}
     cmd = [sys.executable, "-m", "partial_lora.cli", "study", "--suite", str(suite), "--bootstrap", "200", "--out",
            str(out)]
     printed = tmp_path / "first.txt"
+    # started as a shell starts a background job (`plr study ... &`, nohup): SIGINT ignored, which its runs
+    # must not inherit, since SIGINT is how the study stops them
     first = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=printed.open("w"),
-                             stderr=subprocess.STDOUT)
+                             stderr=subprocess.STDOUT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline = time.monotonic() + 300
         while not complete(runs["head"]) and time.monotonic() < deadline and first.poll() is None:
@@ -358,3 +361,22 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, make_args, m
     assert e.value.code == 2 and err.startswith("plr: error: ") and len(err.strip().splitlines()) == 1, err
     assert message in err, err
     assert not out.exists()
+
+
+def test_a_run_started_by_a_study_in_the_background_can_still_be_stopped_with_sigint():
+    """A shell starts background jobs (`plr study ... &`, nohup) with SIGINT ignored, and children inherit that.
+    SIGINT is how the study stops its runs (and what they get when the study dies), so each run starts with
+    it restored: the run's Python then turns it into plr train's Ctrl-C."""
+    from partial_lora.study import schedule
+
+    probe = [sys.executable, "-c", "import signal; h = signal.getsignal(signal.SIGINT); "
+             "print('ignored' if h == signal.SIG_IGN else 'ctrl-c' if h is signal.default_int_handler else h)"]
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # this process, as a background job
+    try:
+        inherited = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+        started = subprocess.run(probe, capture_output=True, text=True, check=True,
+                                 preexec_fn=schedule._die_with_parent).stdout.strip()
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert inherited == "ignored"  # what a run would get without the study's reset
+    assert started == "ctrl-c"

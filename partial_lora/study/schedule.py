@@ -148,7 +148,13 @@ def run_logged(argv: list[str], env: Mapping[str, str], log: str) -> int:
 # --- launchers ------------------------------------------------------------------------------------
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child, before exec
-    """The run gets SIGINT (plr train's Ctrl-C: it stops where it can resume) if the study dies."""
+    """The run gets SIGINT (plr train's Ctrl-C: it stops where it can resume) if the study dies.
+
+    SIGINT is how the study stops a run, so the run must not inherit it ignored: a shell starts
+    background jobs (`plr study ... &` in a script, nohup) with SIGINT ignored, and a run that
+    ignores it would train on after the study was stopped.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
