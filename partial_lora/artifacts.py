@@ -54,6 +54,7 @@ ERROR = "error.txt"              # why a job of a sweep failed (the sweep went o
 GIT, ENV = "git.json", "env.json"
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"        # the composed run config (as Hydra writes it; see rundir)
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"  # the command-line overrides
+HYDRA_YAML = Path(".hydra") / "hydra.yaml"          # the Hydra settings of the run (plr writes it)
 
 VERSIONED = ("plr", "torch", "torchvision", "transformers", "datasets", "timm", "peft", "hydra-core",
              "omegaconf", "safetensors", "accelerate", "wandb", "numpy", "scikit-learn")

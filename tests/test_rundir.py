@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from partial_lora import artifacts, cli, rundir
+from partial_lora import artifacts, cli, ownership, rundir
 from partial_lora.errors import PlrError
 from partial_lora.pipeline.runner import run_pipeline
 from tests.fixtures import write_glue
@@ -96,8 +96,8 @@ def test_a_second_process_on_the_run_dir_is_refused_naming_the_holder(tmp_path, 
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from partial_lora import rundir
-        with rundir.locked(Path({str(run_dir)!r})):
+        from partial_lora import ownership
+        with ownership.locked(Path({str(run_dir)!r})):
             print("held", flush=True)
             sys.stdin.readline()
         """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
@@ -109,7 +109,7 @@ def test_a_second_process_on_the_run_dir_is_refused_naming_the_holder(tmp_path, 
         assert not (run_dir / ".hydra").exists() and not any(run_dir.rglob(artifacts.DONE))
     finally:
         holder.communicate("\n", timeout=30)
-    assert holder.returncode == 0 and not (run_dir / rundir.HOLDER).exists()
+    assert holder.returncode == 0 and not (run_dir / ownership.HOLDER).exists()
     assert train(capsys, *FAST, f"run_dir={run_dir}")[0] == 0  # free again once the holder is gone
 
 

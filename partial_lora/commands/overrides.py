@@ -235,7 +235,7 @@ def check_run_dir(value: str) -> Path:
     (`train.log`) is not counted: the ranks start at their own pace, and one may find the log that
     another rank's Hydra has just opened there.
     """
-    from partial_lora import distributed, rundir
+    from partial_lora import distributed, ownership, rundir
 
     if not value.strip():
         fail("run_dir= is empty; name a folder (run_dir=outputs/my-run), or leave run_dir out for "
@@ -243,7 +243,7 @@ def check_run_dir(value: str) -> Path:
     path = Path(value).expanduser()
     if path.exists() and not path.is_dir():
         fail(f"run_dir={value} is a file; name a new folder, or the run dir of an earlier run to continue it")
-    if path.is_dir() and not rundir.is_run_dir(path):
+    if path.is_dir() and not ownership.is_run_dir(path):
         peers = {rundir.JOB_LOG} if distributed.launched() else set()
         first = next(iter(sorted(p.name for p in path.iterdir() if p.name not in peers)), None)
         if first is not None:

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from partial_lora import rundir
+from partial_lora import ownership, rundir
 from partial_lora.commands import Parser
 from partial_lora.errors import PlrError, fail, one_line_errors
 
@@ -227,14 +227,14 @@ def study_command(argv: list[str]) -> int:
             if args.dry_run:
                 _print_plan(jobs, slots, resources)
                 return 0
-            with rundir.locked(out, what="study folder", other="give this study another --out"):
+            with ownership.locked(out, what="study folder", other="give this study another --out"):
                 failed = study.execute(jobs, launcher=launcher(), slots=slots, keep_stale=args.keep_stale)
                 written = study.write(out, n_boot=args.bootstrap)
         else:
             from partial_lora.study.claims import collect
 
             collect(out)  # a folder with no runs is refused before the lock creates it
-            with rundir.locked(out, what="study folder", other="give this study another --out"):
+            with ownership.locked(out, what="study folder", other="give this study another --out"):
                 written = study.write(out, n_boot=args.bootstrap)
     except KeyboardInterrupt:
         return 130

@@ -4,7 +4,7 @@ multi-task members and run as Hydra runs a job (`_run_once`), Hydra's own app fo
 once (`pipeline.runner.run_pipeline`).
 
 A failed or interrupted `plr train` removes what it wrote itself and nothing else: the command makes
-a `rundir.Claim` on the run dir before anything is created (the default `outputs/<name>/<time>` is
+a `ownership.Claim` on the run dir before anything is created (the default `outputs/<name>/<time>` is
 resolved once and applied as `run_dir=`, so the claim and Hydra agree on it), and the run settles it:
 kept when a stage finished or checkpointed (resumable), undone otherwise.
 """
@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from partial_lora import artifacts, distributed, rundir
+from partial_lora import artifacts, distributed, ownership, rundir
 from partial_lora.commands import Parser
 from partial_lora.commands.overrides import (
     ALLOW_HYDRA_CODE,
@@ -51,17 +51,17 @@ class Train:
 
     Attributes:
         rerun_from: `--rerun-from STAGE`: that stage and the later ones run again.
-        claim: what this command may delete on failure (only what it created; `rundir.Claim`).
+        claim: what this command may delete on failure (only what it created; `ownership.Claim`).
         members: a multi-task run's member task configs, composed at the edge with the run's config.
         failures: the run dirs of a sweep's jobs that failed (the sweep goes on).
     """
 
     rerun_from: str | None = None
-    claim: rundir.Claim | None = None
+    claim: ownership.Claim | None = None
     members: list[DictConfig] | None = None
     failures: list[str] = field(default_factory=list)
 
-    def claim_of(self, run_dir: Path, sweeping: bool) -> rundir.Claim | None:
+    def claim_of(self, run_dir: Path, sweeping: bool) -> ownership.Claim | None:
         """The command's claim, if it is on this run dir (a single run, on the main process)."""
         if sweeping or self.claim is None or not distributed.is_main():
             return None
@@ -78,7 +78,7 @@ class Train:
         claim = self.claim_of(run_dir, sweeping)
         with one_line_errors():  # also inside Hydra's app (sweeps), whose own report is many lines
             try:
-                with rundir.locked(run_dir) if distributed.is_main() else contextlib.nullcontext():
+                with ownership.locked(run_dir) if distributed.is_main() else contextlib.nullcontext():
                     return self._locked(cfg, run_dir, claim, sweeping)
             except PlrError as e:  # the run dir is in use (or the run failed, settled already): touch nothing
                 if claim is not None and not claim.settled:
@@ -89,7 +89,7 @@ class Train:
                 print(f"plr: error: {e} (the sweep goes on)", file=sys.stderr)
                 return None
 
-    def _locked(self, cfg: DictConfig, run_dir: Path, claim: rundir.Claim | None, sweeping: bool) -> float | None:
+    def _locked(self, cfg: DictConfig, run_dir: Path, claim: ownership.Claim | None, sweeping: bool) -> float | None:
         from partial_lora.pipeline.results import format_results
         from partial_lora.pipeline.runner import run_pipeline
         from partial_lora.tracking import make_tracker
@@ -137,9 +137,9 @@ class Train:
         return results["metrics"].get(f"test_{results['main_metric']}")
 
 
-def _settle(run_dir: Path, claim: rundir.Claim | None) -> bool:
+def _settle(run_dir: Path, claim: ownership.Claim | None) -> bool:
     """After a failure: keep the run dir when a stage finished or checkpointed (it can be resumed),
-    else remove what this command created (`rundir.Claim`). Returns whether it is resumable."""
+    else remove what this command created (`ownership.Claim`). Returns whether it is resumable."""
     resumable = any(rundir.resumable(run_dir, s) for s in artifacts.STAGES)
     if claim is not None and resumable:
         claim.keep()
@@ -157,7 +157,7 @@ def _write_hydra(run_dir: Path, cfg: DictConfig) -> None:
     """`.hydra/` as Hydra writes it (config.yaml, hydra.yaml, overrides.yaml), once the run dir is checked."""
     hc = HydraConfig.get()
     artifacts.write_text(run_dir / artifacts.HYDRA_CONFIG, OmegaConf.to_yaml(cfg))
-    artifacts.write_text(run_dir / rundir.HYDRA_YAML, OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})))
+    artifacts.write_text(run_dir / artifacts.HYDRA_YAML, OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})))
     artifacts.write_text(run_dir / artifacts.HYDRA_OVERRIDES,
                          OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))))
 
@@ -264,7 +264,7 @@ def _run_once(command: Train, overrides: list[str]) -> None:
             if line is not None:
                 apply_override(cfg, line)
                 pinned.append(line)
-            command.claim = rundir.Claim(run_dir) if run_dir is not None else None
+            command.claim = ownership.Claim(run_dir) if run_dir is not None else None
         check_writable([*overrides, *pinned])
         if cfg.hydra.mode is None:
             cfg.hydra.mode = RunMode.RUN
@@ -286,7 +286,7 @@ def _run_hydra_app(command: Train, rest: list[str]) -> None:
         if not any(a in ("-m", "--multirun") for a in rest) and distributed.is_main():
             run_dir, line = _pin_run_dir(rest, cfg)
             rest = rest + ([line] if line is not None else [])
-            command.claim = rundir.Claim(run_dir) if run_dir is not None else None
+            command.claim = ownership.Claim(run_dir) if run_dir is not None else None
         check_writable(rest)
     sys.argv = ["plr train", *rest]
     _hydra_app(command)()
