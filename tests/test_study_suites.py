@@ -203,8 +203,8 @@ def test_the_paper_suites_dry_runs_list_every_task_arm_and_seed_with_its_recipe(
 def test_every_builtin_suite_loads_and_says_how_to_run_it():
     from partial_lora.study.suite import SUITE_DIR, builtin, load
 
-    assert builtin() == ["commonsense", "dinov2-vits", "efficientnet-lite0", "fair-effnet", "fair-minilm",
-                         "gemma3-270m", "glue", "minilm", "smollm2-135m", "vtab"]
+    assert builtin() == ["commonsense", "dinov2-vits", "efficientnet-lite0", "fair-dinov2", "fair-effnet",
+                         "fair-minilm", "fair-smollm2", "gemma3-270m", "glue", "minilm", "smollm2-135m", "vtab"]
     for name in builtin():
         suite = load(name)
         assert suite.tasks and suite.seeds and suite.arms and suite.source == SUITE_DIR / f"{name}.yaml"
