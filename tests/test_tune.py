@@ -345,6 +345,21 @@ def test_the_tables_show_the_grid_each_claim_shared_to_tuned_and_the_method_tabl
         "lora retrain.lr=0.01", "partial retrain.lr=0.01", "lora-matched retrain.lr=0.01"}
 
 
+def test_a_grid_still_running_shows_its_choice_as_so_far_not_as_chosen():
+    """Mid-study, `--tables-only` reads the grids as they stand: a (task, arm) whose grid has not scored every value
+    the study's grids hold is not shown (or written to study.csv) as chosen."""
+    from partial_lora.study.choice import Choice, markdown, so_far, values_of
+
+    done = Choice("m", "t", "lora", "retrain.lr", 0, "accuracy", {"0.002": 0.7, "0.01": 0.8}, 0.75, "0.01")
+    going = Choice("m", "t", "partial", "retrain.lr", 0, "accuracy", {"0.002": 0.9}, 0.75, "0.002")
+    values = values_of([done, going], "retrain.lr")
+    assert values == ["0.002", "0.01"]
+    assert so_far(done, values) is None and so_far(going, values) == "1 of 2"
+    md = "\n".join(markdown([done, going]))
+    assert "| m | t | lora | accuracy | 0.7500 | 0.7000 | **0.8000** | **0.01** |" in md
+    assert "| m | t | partial | accuracy | 0.7500 | 0.9000 | - | 0.002 so far (1 of 2) |" in md
+
+
 # --- retrain.lr -------------------------------------------------------------------------------
 
 FAST = ["experiment=smoke", "trainer.max_steps=1", "trainer.head_lr=0.004"]

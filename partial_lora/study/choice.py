@@ -99,28 +99,43 @@ def without_unchosen(study: Study) -> Study:
                  study.missing)
 
 
+def values_of(found: Sequence[Choice], key: str) -> list[str]:
+    """The grid's values for `key`: every value any (task, arm) of the study ran, smallest first."""
+    return sorted({v for c in found if c.key == key for v in c.scores}, key=float)
+
+
+def so_far(choice: Choice, values: Sequence[str]) -> str | None:
+    """`'k of n'` when this grid scored fewer of the study's values than it has (its runs are still going, or a
+    value failed): its choice may still change. None when every value scored."""
+    k = sum(choice.scores.get(v) is not None for v in values)
+    return None if k == len(values) else f"{k} of {len(values)}"
+
+
 def markdown(found: Sequence[Choice]) -> list[str]:
     """The tuning table(s), one per tuned key."""
     lines: list[str] = []
     for key in sorted({c.key for c in found}):
         mine = [c for c in found if c.key == key]
-        values = sorted({v for c in mine for v in c.scores}, key=float)
+        values = values_of(found, key)
         seeds = sorted({c.seed for c in mine})
         lines += ["", f"## The tuning grid: {key}", "",
                   f"Per task and arm, each value's validation score (the task's main metric on the validation split) "
                   f"on the choice seed ({', '.join(map(str, seeds))}); the chosen value in bold: the best validation "
                   "score, ties to the smaller value. The other seeds ran at the chosen value. 'shared': the arm's own "
                   "run at the suite's shared setting, on the same seed (for reference; it is not a grid value). "
-                  "No test number chose anything. '-': no finished run.", "",
+                  "No test number chose anything. '-': no finished run. 'so far (k of n)': only k of the grid's n "
+                  "values have a finished run (the study is still running, or a value failed), so the choice may "
+                  "still change.", "",
                   "| model | task | arm | metric | shared | " + " | ".join(values) + " | chosen |",
                   "|---|---|---|---|---|" + "---|" * len(values) + "---|"]
         for c in mine:
+            pending = so_far(c, values)
             cells = []
             for v in values:
                 score = c.scores.get(v)
                 text = "-" if score is None else f"{score:.4f}"
-                cells.append(f"**{text}**" if v == c.value else text)
+                cells.append(f"**{text}**" if v == c.value and pending is None else text)
             shared = "-" if c.shared is None else f"{c.shared:.4f}"
-            lines.append(f"| {c.model} | {c.task} | {c.arm} | {c.metric} | {shared} | {' | '.join(cells)} | "
-                         f"**{c.value or '-'}** |")
+            chosen = f"**{c.value or '-'}**" if pending is None else f"{c.value or '-'} so far ({pending})"
+            lines.append(f"| {c.model} | {c.task} | {c.arm} | {c.metric} | {shared} | {' | '.join(cells)} | {chosen} |")
     return lines
