@@ -13,7 +13,8 @@ predictions beside it; `experiments/ledger.py` writes it) is the only source. Th
    and study.md, under a header naming the ledger's digest, and copies the plot to
    `docs/results/study.png`;
 4. rewrites the README's block between `<!-- results:begin -->` and `<!-- results:end -->`: the
-   pooled claims of each model (at the shared learning rate, and at the tuned one where a grid ran)
+   pooled claims of each model (at the shared learning rate, and, in the same row, at each arm's tuned one
+   where a grid ran)
    and the method table, read from study.csv and method-table.md.
 
 The bootstrap's resampling seed is fixed, so the same ledger gives the same files. `--check` only
@@ -72,21 +73,25 @@ def _shown(arm: str) -> bool:
 
 def _pooled(study_csv: Path) -> list[str]:
     """The claim rows of study.csv for the README's readings, pooled over each model's tasks (a model with
-    one task: that task's rows), as a markdown table (shared rate, then tuned where a grid ran)."""
+    one task: that task's rows), as a markdown table: one row per claim, at the shared rate and, where a
+    grid ran, at each arm's tuned rate."""
     with study_csv.open() as f:
         rows = [r for r in csv.DictReader(f) if r["kind"].startswith("claim")
                 and _shown(r["arm_or_claim"].split(": ", 1)[1].split(" - ")[0])]
     pooled = {r["model"] for r in rows if r["task"] == "pooled"}
-    lines = ["| model | task | setting | claim: method − control | difference (pts) | 95% CI | verdict | seeds |",
-             "|---|---|---|---|---|---|---|---|"]
+    cells: dict[tuple[str, str, str], dict[str, str]] = {}
     for row in rows:
         if (row["task"] == "pooled") != (row["model"] in pooled):
             continue
-        setting = "shared lr" if row["kind"] == "claim" else row["kind"].removeprefix("claim ")
-        lines.append(f"| {row['model']} | {row['task']} | {setting} | {row['arm_or_claim']} | "
-                     f"{float(row['mean']):+.2f} | "
-                     f"[{float(row['ci_low']):+.2f}, {float(row['ci_high']):+.2f}] | {row['verdict']} | "
-                     f"{row['seeds']} |")
+        setting = "shared" if row["kind"] == "claim" else "tuned"
+        cells.setdefault((row["model"], row["task"], row["arm_or_claim"]), {})[setting] = (
+            f"{float(row['mean']):+.2f} [{float(row['ci_low']):+.2f}, {float(row['ci_high']):+.2f}] | "
+            f"{row['verdict']} | {row['seeds']}")
+    lines = ["| model | task | claim: method − control | shared lr: difference (pts) [95% CI] | verdict | seeds | "
+             "each at its tuned lr | verdict | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+    for (model, task, claim), at in cells.items():
+        lines.append(f"| {model} | {task} | {claim} | {at.get('shared', '- | - | -')} | "
+                     f"{at.get('tuned', '- | - | -')} |")
     return lines
 
 

@@ -19,15 +19,19 @@ def test_the_committed_results_and_readme_block_were_made_from_the_committed_led
     assert f"{results.DIGEST}{want}" in block, "the README's results block is stale: run `make results`"
 
 
-def _ledger(tmp_path: Path) -> Path:
+def _ledger(tmp_path: Path, tuned: bool = False) -> Path:
     """A ledger of two tasks x three seeds x {lora, partial, uniform}, with predictions: partial always
-    right on the first half of the test examples and wrong on the rest, lora right on 90%."""
+    right on the first half of the test examples and wrong on the rest, lora right on 90%. `tuned`: lora
+    and partial also at `retrain.lr` 0.01 (a one-value grid), where partial is right on 90% too."""
     into = tmp_path / "docs" / "results" / "study-runs.jsonl"
     rng = np.random.default_rng(0)
     lines = []
     for task in ("a", "b"):
         labels = rng.integers(0, 2, 200)
-        for arm, right in (("lora", 0.9), ("partial", 0.5), ("uniform", 0.9)):
+        arms = [("lora", 0.9), ("partial", 0.5), ("uniform", 0.9)]
+        if tuned:
+            arms += [("lora+retrain.lr+0.01", 0.9), ("partial+retrain.lr+0.01", 0.9)]
+        for arm, right in arms:
             for seed in range(3):
                 ok = np.arange(200) < int(right * 200)
                 pred = np.where(ok, labels, 1 - labels)
@@ -38,8 +42,9 @@ def _ledger(tmp_path: Path) -> Path:
                     into.parent / rel, index=False)
                 lines.append({"model": "m", "task": task, "arm": arm, "seed": seed, "main_metric": "accuracy",
                               "metrics": {"test_accuracy": float(ok.mean()), "val_accuracy": float(ok.mean())},
-                              "params": {"adapter": 1000 if arm == "lora" else 250, "dense_lora_same_rank": 1000,
-                                         "reduction_pct": 0.0 if arm == "lora" else 75.0},
+                              "params": {"adapter": 1000 if arm.startswith("lora") else 250,
+                                         "dense_lora_same_rank": 1000,
+                                         "reduction_pct": 0.0 if arm.startswith("lora") else 75.0},
                               "wall_s": {"retrain": 10.0}, "predictions": rel.as_posix()})
     into.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in lines))
     return into
@@ -63,6 +68,19 @@ def test_generate_writes_the_tables_and_only_the_readme_block(tmp_path):
     c3 = next(line for line in block.splitlines() if "C3" in line)
     assert "-40.00" in c3 and "refuted" in c3
     assert (out.parent / "results" / "study.png").exists()
+
+
+def test_the_readme_block_shows_each_claim_at_the_shared_and_the_tuned_rate_in_one_row(tmp_path):
+    results = load_script("results")
+    ledger = _ledger(tmp_path, tuned=True)
+    out, readme = tmp_path / "docs" / "results.md", tmp_path / "README.md"
+    readme.write_text(f"{results.BEGIN}\n{results.END}\n")
+    results.ROOT = tmp_path
+    results.generate(ledger, out, readme)
+    c3 = [line for line in readme.read_text().splitlines() if "C3" in line]
+    assert len(c3) == 1, c3  # one row: shared, then tuned
+    shared, tuned = c3[0].split("refuted", 1)
+    assert "-40.00" in shared and "+0.00 [+0.00, +0.00] | holds | 0 1 2" in tuned
 
 
 def test_check_fails_on_a_changed_ledger(tmp_path):
