@@ -319,6 +319,9 @@ def test_the_tables_show_the_grid_each_claim_shared_to_tuned_and_the_method_tabl
         base, _, value = study_grid.split(j.arm)
         val, wrong = {None: (0.75, shared[base]), "0.002": (0.7, shared[base]), "0.01": (0.8, tuned.get(base))}[value]
         fake(j.run_dir, val, wrong, params=params[base], mem=800 + 10 * len(base))
+    for arm, wrong in (("lora", 5), ("partial", 10)):  # another model of the folder, with no grid: no tuned rows
+        for seed in (0, 1):
+            fake(tmp_path / f"runs/dinov2-vits/mnist-5k/{arm}/seed{seed}", 0.75, wrong, params=params[arm])
     paths = write(tmp_path, n_boot=200)
     assert [p.name for p in paths] == ["study.md", "study.csv", "study.png", "method-table.md"]
     md = (tmp_path / "study.md").read_text()
@@ -329,6 +332,8 @@ def test_the_tables_show_the_grid_each_claim_shared_to_tuned_and_the_method_tabl
     assert re.search(rf"\| R \| minilm \| pooled \| partial − lora-matched \| beats \| \+2\.00 \[{num}, {num}\] \| "
                      rf"\+4\.00 \[{num}, {num}\] \| holds → \*\*holds\*\* \| - \|", md)
     assert "## The default rule, each arm at its tuned retrain.lr" in md
+    assert "| C3 | dinov2-vits | mnist-5k | partial − lora | matches | -5.00" in md  # at the shared rate only:
+    assert "dinov2-vits" not in md.split("## Claims: shared setting")[1].split("## The method table")[0]
     assert "| minilm | partial | vader-tweets | 80.0% | +0.00 | +4.00 | yes | yes | yes | **yes** |" in md
     # every arm: the shared runs and the chosen value's, not the values the grid passed over
     assert "| partial+retrain.lr+0.01 |" in md and "partial+retrain.lr+0.002 |" not in md.split("## Claims")[0]
@@ -340,6 +345,7 @@ def test_the_tables_show_the_grid_each_claim_shared_to_tuned_and_the_method_tabl
     assert "| minilm | head | 2 (2+ seeds) | shared | 0 | 0.7000 (accuracy) | -25.00 |" in table
     assert "| minilm | lora-matched | 2 (2+ seeds) | 0.01 | 250 | 0.9100 (accuracy) | -4.00 |" in table
     rows = pd.read_csv(tmp_path / "study.csv")
+    assert set(rows[rows["kind"] == "claim tuned retrain.lr"]["model"]) == {"minilm"}
     tune = rows[rows["kind"] == "tune retrain.lr"]
     assert len(tune) == 2 * 3 * 2 and set(tune[tune["verdict"] == "chosen"]["arm_or_claim"]) == {
         "lora retrain.lr=0.01", "partial retrain.lr=0.01", "lora-matched retrain.lr=0.01"}

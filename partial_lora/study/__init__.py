@@ -27,7 +27,7 @@ from pathlib import Path
 from partial_lora import artifacts
 from partial_lora.study import choice, methods
 from partial_lora.study.arms import ARMS
-from partial_lora.study.claims import arm_rows, change_markdown, claim_rows, collect, markdown
+from partial_lora.study.claims import ClaimRow, arm_rows, change_markdown, claim_rows, collect, markdown
 from partial_lora.study.plan import Selection, plan, split_arm
 from partial_lora.study.rule import markdown as rule_markdown
 from partial_lora.study.rule import rule_rows
@@ -36,6 +36,13 @@ from partial_lora.study.search_signal import markdown as search_markdown
 from partial_lora.study.search_signal import search_rows
 
 __all__ = ["ARMS", "Selection", "check", "execute", "plan", "write"]
+
+
+def _tuned(row: ClaimRow, grids: set[tuple[str, str, str]]) -> bool:
+    """Whether a claim row at the tuned setting has a tuned arm: its method or control ran a grid on its task (on
+    any of the model's tasks, for a pooled row). A model or task with no grid has no tuned row."""
+    arms, task = {row.claim.method, row.claim.control}, row.task.split("/")[0]
+    return any(m == row.model and a in arms and (row.task == "pooled" or t == task) for m, t, a in grids)
 
 
 def write(out: Path, n_boot: int = 2000) -> list[Path]:
@@ -52,9 +59,11 @@ def write(out: Path, n_boot: int = 2000) -> list[Path]:
     by_method, setting = shared, "every arm at the suite's shared setting"
     for key in choice.keys(full):
         view = choice.tuned_view(full, key)
-        tuned = claim_rows(view, n_boot=n_boot)
+        grids = {(c.model, c.task, c.arm) for c in found if c.key == key}
+        tuned = [r for r in claim_rows(view, n_boot=n_boot) if _tuned(r, grids)]
         tuned_rows += [(key, r) for r in tuned]
-        extra += [*choice.markdown([c for c in found if c.key == key]), *change_markdown(rows, tuned, key, rates)]
+        before = [r for r in rows if _tuned(r, grids)]  # the claims a grid can change
+        extra += [*choice.markdown([c for c in found if c.key == key]), *change_markdown(before, tuned, key, rates)]
         extra += rule_markdown(rule_rows(tuned), title=f"The default rule, each arm at its tuned {key}")
         by_method, setting = view, f"each arm at its tuned {key}; head at the shared setting"
     by_arm = methods.method_rows(by_method, rates, n_boot=n_boot)
