@@ -358,12 +358,16 @@ def test_a_grid_still_running_shows_its_choice_as_so_far_not_as_chosen():
 
     done = Choice("m", "t", "lora", "retrain.lr", 0, "accuracy", {"0.002": 0.7, "0.01": 0.8}, 0.75, "0.01")
     going = Choice("m", "t", "partial", "retrain.lr", 0, "accuracy", {"0.002": 0.9}, 0.75, "0.002")
-    values = values_of([done, going], "retrain.lr")
-    assert values == ["0.002", "0.01"]
-    assert so_far(done, values) is None and so_far(going, values) == "1 of 2"
-    md = "\n".join(markdown([done, going]))
-    assert "| m | t | lora | accuracy | 0.7500 | 0.7000 | **0.8000** | **0.01** |" in md
-    assert "| m | t | partial | accuracy | 0.7500 | 0.9000 | - | 0.002 so far (1 of 2) |" in md
+    # another model in the same study folder, with a grid of its own: finished, and not judged on m's values
+    other = Choice("v", "t", "lora", "retrain.lr", 0, "accuracy", {"0.0004": 0.6, "0.001": 0.7}, 0.7, "0.001")
+    found = [done, going, other]
+    assert values_of(found, "retrain.lr", "m") == ["0.002", "0.01"]
+    assert values_of(found, "retrain.lr") == ["0.0004", "0.001", "0.002", "0.01"]
+    assert so_far(done, found) is None and so_far(going, found) == "1 of 2" and so_far(other, found) is None
+    md = "\n".join(markdown(found))
+    assert "| v | t | lora | accuracy | 0.7000 | 0.6000 | **0.7000** | - | - | **0.001** |" in md
+    assert "| m | t | lora | accuracy | 0.7500 | - | - | 0.7000 | **0.8000** | **0.01** |" in md
+    assert "| m | t | partial | accuracy | 0.7500 | - | - | 0.9000 | - | 0.002 so far (1 of 2) |" in md
 
 
 # --- retrain.lr -------------------------------------------------------------------------------

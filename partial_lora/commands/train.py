@@ -4,7 +4,7 @@ multi-task members and run as Hydra runs a job (`_run_once`), Hydra's own app fo
 once (`pipeline.runner.run_pipeline`).
 
 A failed or interrupted `plr train` removes what it wrote itself and nothing else: the command makes
-a `ownership.Claim` on the run dir before anything is created (the default `outputs/<name>/<time>` is
+an `ownership.Claim` on the run dir before anything is created (the default `outputs/<name>/<time>` is
 resolved once and applied as `run_dir=`, so the claim and Hydra agree on it), and the run settles it:
 kept when a stage finished or checkpointed (resumable), undone otherwise.
 """

@@ -88,7 +88,7 @@ def write(out: Path, n_boot: int = 2000) -> list[Path]:
                         "" if r.reduction_pct is None else f"{r.reduction_pct:.2f}", f"{c.low:.4f}", f"{c.high:.4f}",
                         r.verdict])
         for ch in found:  # the tuning grid: each value's validation score; the chosen one's verdict column says so
-            pending = choice.so_far(ch, choice.values_of(found, ch.key))
+            pending = choice.so_far(ch, found)
             for value, score in ch.scores.items():
                 w.writerow([f"tune {ch.key}", ch.model, ch.task, f"{ch.arm} {ch.key}={value}", f"val_{ch.metric}",
                             "" if score is None else f"{score:.6f}", "", str(ch.seed), "", "", "", "",

@@ -99,14 +99,17 @@ def without_unchosen(study: Study) -> Study:
                  study.missing)
 
 
-def values_of(found: Sequence[Choice], key: str) -> list[str]:
-    """The grid's values for `key`: every value any (task, arm) of the study ran, smallest first."""
-    return sorted({v for c in found if c.key == key for v in c.scores}, key=float)
+def values_of(found: Sequence[Choice], key: str, model: str | None = None) -> list[str]:
+    """The grid's values for `key` (of one model's grids, when `model` is given): every value any (task, arm)
+    ran, smallest first."""
+    return sorted({v for c in found if c.key == key and model in (None, c.model) for v in c.scores}, key=float)
 
 
-def so_far(choice: Choice, values: Sequence[str]) -> str | None:
-    """`'k of n'` when this grid scored fewer of the study's values than it has (its runs are still going, or a
-    value failed): its choice may still change. None when every value scored."""
+def so_far(choice: Choice, found: Sequence[Choice]) -> str | None:
+    """`'k of n'` when this grid scored fewer values than its model's grids ran for the key (its runs are still
+    going, or a value failed): its choice may still change. None when every value scored. Per model, because
+    suites of several models share a study folder, each with its own grid."""
+    values = values_of(found, choice.key, choice.model)
     k = sum(choice.scores.get(v) is not None for v in values)
     return None if k == len(values) else f"{k} of {len(values)}"
 
@@ -123,13 +126,13 @@ def markdown(found: Sequence[Choice]) -> list[str]:
                   f"on the choice seed ({', '.join(map(str, seeds))}); the chosen value in bold: the best validation "
                   "score, ties to the smaller value. The other seeds ran at the chosen value. 'shared': the arm's own "
                   "run at the suite's shared setting, on the same seed (for reference; it is not a grid value). "
-                  "No test number chose anything. '-': no finished run. 'so far (k of n)': only k of the grid's n "
-                  "values have a finished run (the study is still running, or a value failed), so the choice may "
-                  "still change.", "",
+                  "No test number chose anything. '-': no finished run. 'so far (k of n)': only k of the n values "
+                  "its model's grids ran have a finished run (the study is still running, or a value failed), so "
+                  "the choice may still change.", "",
                   "| model | task | arm | metric | shared | " + " | ".join(values) + " | chosen |",
                   "|---|---|---|---|---|" + "---|" * len(values) + "---|"]
         for c in mine:
-            pending = so_far(c, values)
+            pending = so_far(c, found)
             cells = []
             for v in values:
                 score = c.scores.get(v)
