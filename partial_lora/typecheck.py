@@ -100,13 +100,17 @@ def check_type(key: str, value: Any, hint: Any, fix: str = "fix that override") 
 
 def from_values(cls: type, values: Mapping[str, Any], group: str, extra: tuple[str, ...] = (),
                 fix: str = "fix that override") -> Any:
-    """Instantiate a dataclass from a config group, rejecting keys it does not know and values of
-    the wrong type (checked against the field annotations)."""
+    """Instantiate a dataclass from a config group, rejecting keys it does not know, keys it needs and
+    lacks, and values of the wrong type (checked against the field annotations)."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names - set(extra))
     if unknown:
         raise PlrError(f"unknown key {group}.{unknown[0]}; known keys: {', '.join(sorted(names | set(extra)))}"
                        + ("" if fix == "fix that override" else f"; {fix}"))
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise PlrError(f"{group} has no {missing[0]}: give {group}.{missing[0]}; {fix}")
     hints = typing.get_type_hints(cls)
     for k, v in values.items():
         if k in names:

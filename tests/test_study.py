@@ -347,6 +347,29 @@ def test_a_variant_runs_its_own_partial_family_and_shares_the_rest(tmp_path):
             plan(tmp_path, bad)
 
 
+def test_a_suites_variant_plans_as_the_command_line_one_and_the_command_line_replaces_it(tmp_path):
+    from partial_lora.study.suite import load
+
+    path = tmp_path / "el.yaml"
+    path.write_text("model: minilm\ntasks: [rt-polarity]\nseeds: [0, 1]\narms: [partial, uniform, lora-matched]\n"
+                    "variant: {name: el, set: [adapter.mask.granularity=element, adapter.allocation.budget=0.25]}\n"
+                    "tune: retrain.lr=1e-3,1e-2\n")
+    suite = load(str(path))
+    assert suite.variant is not None and suite.variant.name == "el"
+    by_suite = plan(tmp_path, Selection(suites=[suite]))
+    by_flags = plan(tmp_path, Selection(suites=[suite], variant="el", variant_overrides=list(suite.variant.overrides)))
+    assert by_suite == by_flags  # the same jobs, run dirs and overrides as --variant el --set ...
+    dirs = {j.run_dir.relative_to(tmp_path / "runs/minilm/rt-polarity").parts[0] for j in by_suite}
+    assert dirs == {f"{a}@el{v}" for a in ("partial", "uniform", "lora-matched")
+                    for v in ("", "+retrain.lr+0.001", "+retrain.lr+0.01", "+retrain.lr+{choice}")}
+    uniform = next(j for j in by_suite if j.arm == "uniform@el" and j.seed == 1)
+    assert "++adapter.mask.granularity=element" in uniform.overrides
+    assert not [o for o in uniform.overrides if "budget" in o]  # matched to partial@el's run, not the budget
+    other = plan(tmp_path, Selection(suites=[suite], variant="gain", variant_overrides=["adapter.allocation.tau=0.8"]))
+    assert {j.arm.split("+")[0] for j in other} == {"partial@gain", "uniform@gain", "lora-matched@gain"}
+    assert not [o for j in other for o in j.overrides if "granularity" in o]  # --variant replaces the suite's
+
+
 def test_a_finished_run_made_with_other_settings_runs_again_from_the_stage_that_differs(tmp_path):
     """A default that changed since a run finished (here an arm's overrides) makes the run stale: its
     first differing stage and the later ones run again, and so does the run that reads it."""

@@ -204,7 +204,8 @@ def test_every_builtin_suite_loads_and_says_how_to_run_it():
     from partial_lora.study.suite import SUITE_DIR, builtin, load
 
     assert builtin() == ["commonsense", "dinov2-vits", "efficientnet-lite0", "fair-dinov2", "fair-effnet",
-                         "fair-minilm", "fair-smollm2", "gemma3-270m", "glue", "minilm", "smollm2-135m", "vtab"]
+                         "fair-minilm", "fair-minilm-element", "fair-smollm2", "gemma3-270m", "glue", "minilm",
+                         "smollm2-135m", "vtab"]
     for name in builtin():
         suite = load(name)
         assert suite.tasks and suite.seeds and suite.arms and suite.source == SUITE_DIR / f"{name}.yaml"
@@ -334,6 +335,12 @@ GOOD = "model: tiny-bert\ntasks: [bbc-news]\nseeds: [0]\n"
      "task 'mine' of the study does not compose (Could not override 'task.lable_column'"),
     (lambda p: ["--suite", _write(p, GOOD.replace("[bbc-news]", "[{name: mine, overrides: [task=hf-text]}]"))],
      "task 'mine' of the study: task.path is required"),
+    (lambda p: ["--suite", _write(p, GOOD + "variant: {name: El!, set: [a=1]}\n")], "variant.name 'El!' must be"),
+    (lambda p: ["--suite", _write(p, GOOD + "variant: {name: el, set: []}\n")], "variant.set is empty"),
+    (lambda p: ["--suite", _write(p, GOOD + "variant: {name: el, set: [oops]}\n")], "'oops' is not an override"),
+    (lambda p: ["--suite", _write(p, GOOD + "variant: {name: el}\n")], "variant has no set: give suite"),
+    (lambda p: ["--suite", _write(p, GOOD + "arms: [lora]\nvariant: {name: el, set: [a=1]}\n")],
+     "none of the suite's arms takes a variant"),
     (lambda p: ["--suite", _write(p, GOOD), "--jobs", "0"], "--jobs 0: run at least one run at a time"),
     (lambda p: ["--suite", _write(p, GOOD), "--gpus", "0"], "--gpus: this machine has no CUDA device"),
     (lambda p: ["--suite", _write(p, GOOD), "--jobs", "2", "--gpus", "0"], "give --jobs or --gpus, not both"),

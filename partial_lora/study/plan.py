@@ -10,12 +10,12 @@ Arms that reuse Partial-LoRA's probe and allocation (`from_run`) or match its pa
 (`adapter.match.run`) depend on the `partial` run of the same task and seed, and run after it.
 
 A **variant** is another reading of Partial-LoRA under a name (`plr study --variant gain --set
-adapter.allocation.relative_to=gain`): its overrides go to the arms that are built on
-Partial-LoRA's settings (`VARIANT_ARMS`), whose run dirs become `<arm>@<name>`, and its matched
-controls (uniform, lora_matched) match the variant's own budget. The arms that do not depend on
-Partial-LoRA (head, dense LoRA, ...) are shared with the default reading and run once. The
-variant's Partial-LoRA run reuses the default one's probe (`from_run`) when the probe's
-settings are the same.
+adapter.allocation.relative_to=gain`, or a suite's `variant:`, which `--variant` replaces): its
+overrides go to the arms that are built on Partial-LoRA's settings (`VARIANT_ARMS`), whose run dirs
+become `<arm>@<name>`, and its matched controls (uniform, lora_matched) match the variant's own
+budget. The arms that do not depend on Partial-LoRA (head, dense LoRA, ...) are shared with the
+default reading and run once. The variant's Partial-LoRA run reuses the default one's probe
+(`from_run`) when the probe's settings are the same.
 
 A **tuning grid** (`plr study --tune retrain.lr=...`, `study.grid`) adds, per task and tuned arm,
 a run per value on the choice seed (`<arm dir>+<key>+<value>/seed<n>`) and, per other seed, a run
@@ -28,7 +28,6 @@ of the grid trains the very same masks.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,9 +36,7 @@ from partial_lora import artifacts
 from partial_lora.errors import PlrError
 from partial_lora.study import grid
 from partial_lora.study.arms import ARMS, BUDGET_KEYS, MATCHED_CONTROLS, PARTIAL, VARIANT_ARMS
-from partial_lora.study.suite import OFFLINE, Suite, SuiteTask, load
-
-VARIANT_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,39}")
+from partial_lora.study.suite import OFFLINE, VARIANT_NAME, Suite, SuiteTask, load
 
 
 def _key(override: str) -> str:
@@ -112,6 +109,12 @@ class Selection:
     def tune_of(self, suite: Suite) -> grid.Tune | None:
         return suite.tune if self.tune is True else self.tune or None
 
+    def for_suite(self, suite: Suite) -> Selection:
+        """This selection with the suite's variant when it names none itself (`--variant` replaces a suite's)."""
+        if self.variant is not None or suite.variant is None:
+            return self
+        return replace(self, variant=suite.variant.name, variant_overrides=list(suite.variant.overrides))
+
     def resolved(self) -> list[Suite]:
         return [s if isinstance(s, Suite) else load(s) for s in (self.suites or OFFLINE)]
 
@@ -176,7 +179,7 @@ def plan(out: Path, sel: Selection) -> list[Job]:
             arms.insert(0, PARTIAL)  # the arms that read it need it: run it too
         arms.sort(key=lambda a: (a != PARTIAL, ARMS[a].needs_partial))
         seeds = list(sel.seeds if sel.seeds is not None else suite.seeds)
-        plan_one = _Planner(out, suite, model, sel)
+        plan_one = _Planner(out, suite, model, sel.for_suite(suite))
         jobs += [plan_one.job(task, arm, seed) for seed in seeds for task in map(suite.task, tasks) for arm in arms]
         tune = sel.tune_of(suite)
         if tune is None:

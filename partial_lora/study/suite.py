@@ -15,6 +15,9 @@ The keys (each file's comments say what its values are and where they come from)
     arm_overrides: {partial: [adapter.allocation.tau=0.8]}   added to that arm's runs
     out: outputs/study             the study folder when --out is not given (default outputs/study-<name>)
     tune: retrain.lr=2e-3,5e-3,1e-2   a tuning grid, as `--tune` takes it (study/grid.py; --tune overrides it)
+    variant: {name: p25elem, set: [adapter.mask.granularity=element, ...]}
+                                   a reading of Partial-LoRA, as `--variant NAME --set KEY=VALUE ...` give it
+                                   (study/plan.py; --variant overrides it): its arms run as <arm>@<name>
 
 A file is checked once where it is read (a wrong type is refused, never coerced; an unknown key,
 arm or task config is one line) and becomes a frozen `Suite`. The files live beside this module,
@@ -32,7 +35,7 @@ from typing import Any
 
 from partial_lora.errors import PlrError, first_line
 from partial_lora.study import grid
-from partial_lora.study.arms import ARMS
+from partial_lora.study.arms import ARMS, VARIANT_ARMS
 from partial_lora.typecheck import check_type, from_values
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -40,6 +43,7 @@ SUITE_DIR = Path(__file__).resolve().parent / "suites"
 # What `plr study` runs when no suite is named: the offline suites, on the CPU.
 OFFLINE = ("minilm", "efficientnet-lite0", "gemma3-270m")
 TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,59}")
+VARIANT_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,39}")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,14 @@ class SuiteTask:
     name: str
     overrides: tuple[str, ...]
     recipe: tuple[str, ...] | None = None  # None: the suite's recipe
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named reading of Partial-LoRA: the overrides its arms add (`<arm>@<name>` run dirs)."""
+
+    name: str
+    overrides: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,7 @@ class Suite:
     out: Path | None = None
     source: Path | None = None
     tune: grid.Tune | None = None
+    variant: Variant | None = None
 
     def task(self, name: str) -> SuiteTask:
         return next(t for t in self.tasks if t.name == name)
@@ -90,6 +103,13 @@ class _File:
     arm_overrides: dict[str, list[str]] = field(default_factory=dict)
     out: str | None = None
     tune: str | None = None
+    variant: dict[str, Any] | None = None
+
+
+@dataclass
+class _Variant:
+    name: str
+    set: list[str]
 
 
 @dataclass
@@ -174,8 +194,22 @@ def parse(values: Mapping[str, Any], name: str, source: Path | None = None) -> S
         tune = None if f.tune is None else grid.parse(f.tune, where=f"{where}.tune:")
     except PlrError as e:
         raise PlrError(f"{e}; fix the suite file") from None
+    variant = None if f.variant is None else _variant(f"{where}.variant", f.variant, arms)
     return Suite(name, f.model, tasks, tuple(f.seeds), arms, _overrides(f"{where}.recipe", f.recipe), extra,
-                 None if f.out is None else Path(f.out), source, tune)
+                 None if f.out is None else Path(f.out), source, tune, variant)
+
+
+def _variant(where: str, raw: dict[str, Any], arms: Sequence[str]) -> Variant:
+    v = from_values(_Variant, raw, where, fix="fix the suite file")
+    if not VARIANT_NAME.fullmatch(v.name):
+        raise PlrError(f"{where}.name '{v.name}' must be 1-40 lowercase letters, digits, '_', '.' or '-' (it names "
+                       "the variant's run dirs, <arm>@<name>); fix the suite file")
+    if not v.set:
+        raise PlrError(f"{where}.set is empty: a variant is its overrides (set: [key=value, ...]); fix the suite file")
+    if not any(a in VARIANT_ARMS for a in arms):
+        raise PlrError(f"{where}: none of the suite's arms takes a variant; list one of {', '.join(VARIANT_ARMS)} "
+                       "in arms, or drop the variant")
+    return Variant(v.name, _overrides(f"{where}.set", v.set))
 
 
 def load(name_or_path: str) -> Suite:
