@@ -72,24 +72,31 @@ def _shown(arm: str) -> bool:
 
 
 def _pooled(study_csv: Path) -> list[str]:
-    """The claim rows of study.csv for the README's readings, pooled over each model's tasks (a model with
-    one task: that task's rows), as a markdown table: one row per claim, at the shared rate and, where a
-    grid ran, at each arm's tuned rate."""
+    """The claim rows of study.csv for the README's readings, as a markdown table: one row per claim, pooled
+    over a model's tasks (a model with one task: that task's row), at the shared rate and, where a grid ran,
+    at each arm's tuned rate. The shared -> tuned rows cover the tasks the grid ran on, pooled over those
+    alone; where they are not all the model's tasks, the model's pooled row at the shared rate is its own row."""
     with study_csv.open() as f:
         rows = [r for r in csv.DictReader(f) if r["kind"].startswith("claim")
                 and _shown(r["arm_or_claim"].split(": ", 1)[1].split(" - ")[0])]
-    pooled = {r["model"] for r in rows if r["task"] == "pooled"}
-    cells: dict[tuple[str, str, str], dict[str, str]] = {}
+    groups: dict[tuple[str, str], list[dict[str, str]]] = {}  # (model, kind) -> its rows
     for row in rows:
-        if (row["task"] == "pooled") != (row["model"] in pooled):
-            continue
-        setting = "shared" if row["kind"] == "claim" else "tuned"
-        cells.setdefault((row["model"], row["task"], row["arm_or_claim"]), {})[setting] = (
-            f"{float(row['mean']):+.2f} [{float(row['ci_low']):+.2f}, {float(row['ci_high']):+.2f}] | "
-            f"{row['verdict']} | {row['seeds']}")
+        groups.setdefault((row["model"], row["kind"]), []).append(row)
+    cells: dict[tuple[str, str, str], dict[str, str]] = {}
+    for (model, kind), group in groups.items():
+        tasks = sorted({r["task"] for r in group if r["task"] != "pooled"})
+        pooled = len(tasks) > 1 and any(r["task"] == "pooled" for r in group)
+        for row in group:
+            if (row["task"] == "pooled") != pooled:
+                continue
+            where = f"pooled ({len(tasks)} tasks)" if pooled else row["task"]
+            setting = "tuned" if kind.startswith("claim tuned") else "shared"
+            cells.setdefault((model, where, row["arm_or_claim"]), {})[setting] = (
+                f"{float(row['mean']):+.2f} [{float(row['ci_low']):+.2f}, {float(row['ci_high']):+.2f}] | "
+                f"{row['verdict']} | {row['seeds']}")
     lines = ["| model | task | claim: method − control | shared lr: difference (pts) [95% CI] | verdict | seeds | "
              "each at its tuned lr | verdict | seeds |", "|---|---|---|---|---|---|---|---|---|"]
-    for (model, task, claim), at in cells.items():
+    for (model, task, claim), at in sorted(cells.items(), key=lambda kv: kv[0][0]):  # stable: the CSV's order
         lines.append(f"| {model} | {task} | {claim} | {at.get('shared', '- | - | -')} | "
                      f"{at.get('tuned', '- | - | -')} |")
     return lines

@@ -19,17 +19,18 @@ def test_the_committed_results_and_readme_block_were_made_from_the_committed_led
     assert f"{results.DIGEST}{want}" in block, "the README's results block is stale: run `make results`"
 
 
-def _ledger(tmp_path: Path, tuned: bool = False) -> Path:
+def _ledger(tmp_path: Path, tuned: bool = False, tuned_tasks: tuple[str, ...] = ("a", "b")) -> Path:
     """A ledger of two tasks x three seeds x {lora, partial, uniform}, with predictions: partial always
     right on the first half of the test examples and wrong on the rest, lora right on 90%. `tuned`: lora
-    and partial also at `retrain.lr` 0.01 (a one-value grid), where partial is right on 90% too."""
+    and partial also at `retrain.lr` 0.01 (a one-value grid) on `tuned_tasks`, where partial is right on
+    90% too."""
     into = tmp_path / "docs" / "results" / "study-runs.jsonl"
     rng = np.random.default_rng(0)
     lines = []
     for task in ("a", "b"):
         labels = rng.integers(0, 2, 200)
         arms = [("lora", 0.9), ("partial", 0.5), ("uniform", 0.9)]
-        if tuned:
+        if tuned and task in tuned_tasks:
             arms += [("lora+retrain.lr+0.01", 0.9), ("partial+retrain.lr+0.01", 0.9)]
         for arm, right in arms:
             for seed in range(3):
@@ -81,6 +82,22 @@ def test_the_readme_block_shows_each_claim_at_the_shared_and_the_tuned_rate_in_o
     assert len(c3) == 1, c3  # one row: shared, then tuned
     shared, tuned = c3[0].split("refuted", 1)
     assert "-40.00" in shared and "+0.00 [+0.00, +0.00] | holds | 0 1 2" in tuned
+
+
+def test_a_grid_on_some_tasks_is_judged_on_those_tasks_alone_beside_the_pooled_shared_row(tmp_path):
+    results = load_script("results")
+    ledger = _ledger(tmp_path, tuned=True, tuned_tasks=("a",))
+    out, readme = tmp_path / "docs" / "results.md", tmp_path / "README.md"
+    readme.write_text(f"{results.BEGIN}\n{results.END}\n")
+    results.ROOT = tmp_path
+    results.generate(ledger, out, readme)
+    c3 = [line.split(" | ") for line in readme.read_text().splitlines() if "C3" in line]
+    assert [row[1] for row in c3] == ["pooled (2 tasks)", "a"], c3
+    pooled, on_a = c3
+    assert pooled[3].startswith("-40.00") and pooled[6:8] == ["-", "-"]  # b had no grid: no tuned pooled row
+    assert on_a[3].startswith("-40.00") and on_a[6] == "+0.00 [+0.00, +0.00]" and on_a[7] == "holds"
+    change = out.read_text().split("shared → tuned", 1)[-1]
+    assert "| C3 | m | a |" in change and "| m | pooled |" not in change and "| m | b |" not in change
 
 
 def test_check_fails_on_a_changed_ledger(tmp_path):

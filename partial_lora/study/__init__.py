@@ -55,14 +55,15 @@ def write(out: Path, n_boot: int = 2000) -> list[Path]:
     extra = [*rule_markdown(rule_rows(rows)), *search_markdown(search_rows(shared))]
     found = choice.choices(full)
     rates = methods.rates_of(found)
-    tuned_rows: list = []
+    tuned_rows: list[tuple[str, ClaimRow]] = []  # (the CSV's kind, the row)
     by_method, setting = shared, "every arm at the suite's shared setting"
     for key in choice.keys(full):
         view = choice.tuned_view(full, key)
         grids = {(c.model, c.task, c.arm) for c in found if c.key == key}
-        tuned = [r for r in claim_rows(view, n_boot=n_boot) if _tuned(r, grids)]
-        tuned_rows += [(key, r) for r in tuned]
-        before = [r for r in rows if _tuned(r, grids)]  # the claims a grid can change
+        # the claims a grid can change, on the tasks it ran on (pooled over those alone, on both sides)
+        tuned = [r for r in claim_rows(choice.grid_tasks(view, found, key), n_boot=n_boot) if _tuned(r, grids)]
+        before = [r for r in claim_rows(choice.grid_tasks(shared, found, key), n_boot=n_boot) if _tuned(r, grids)]
+        tuned_rows += [*((f"claim shared {key}", r) for r in before), *((f"claim tuned {key}", r) for r in tuned)]
         extra += [*choice.markdown([c for c in found if c.key == key]), *change_markdown(before, tuned, key, rates)]
         extra += rule_markdown(rule_rows(tuned), title=f"The default rule, each arm at its tuned {key}")
         by_method, setting = view, f"each arm at its tuned {key}; head at the shared setting"
@@ -81,7 +82,7 @@ def write(out: Path, n_boot: int = 2000) -> list[Path]:
             w.writerow(["arm", a["model"], a["task"], a["arm"], a["metric"], f"{a['mean']:.6f}", sd,
                         " ".join(map(str, a["seeds"])), f"{a['params']:.0f}",
                         "" if a["reduction_pct"] is None else f"{a['reduction_pct']:.2f}", "", "", ""])
-        for kind, r in [*(("claim", r) for r in rows), *((f"claim tuned {k}", r) for k, r in tuned_rows)]:
+        for kind, r in [*(("claim", r) for r in rows), *tuned_rows]:
             c = r.comparison
             w.writerow([kind, r.model, r.task, f"{r.claim.key}: {r.claim.method} - {r.claim.control}", "points",
                         f"{c.mean:.4f}", "", " ".join(map(str, c.seeds)), f"{r.method_params:.0f}",

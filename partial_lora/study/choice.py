@@ -87,6 +87,14 @@ def tuned_view(study: Study, key: str) -> Study:
     return Study(runs, study.missing)
 
 
+def grid_tasks(study: Study, found: Sequence[Choice], key: str) -> Study:
+    """The study's runs on the (model, task)s where a grid for `key` ran: the claims shared -> tuned compare
+    these tasks only, so a pooled row pools the same tasks on both sides and no task pools at its shared setting
+    as if it were tuned."""
+    tasks = {(c.model, c.task) for c in found if c.key == key}
+    return Study([r for r in study.runs if (r.model, _task_dir(r)) in tasks], study.missing)
+
+
 def shared_view(study: Study) -> Study:
     """The study at the shared setting: the tuned runs left out."""
     return Study([r for r in study.runs if grid.split(r.arm)[1] is None], study.missing)
