@@ -325,7 +325,7 @@ def test_the_tables_show_the_grid_each_claim_shared_to_tuned_and_the_method_tabl
     paths = write(tmp_path, n_boot=200)
     assert [p.name for p in paths] == ["study.md", "study.csv", "study.png", "method-table.md"]
     md = (tmp_path / "study.md").read_text()
-    assert "| minilm | rt-polarity | partial | accuracy | 0.7500 | 0.7000 | **0.8000** | **0.01** |" in md
+    assert "| minilm | rt-polarity | partial | accuracy | 0.7500 | 0.7000 | **0.8000** | **0.01** (highest) |" in md
     num = r"[+-]\d+\.\d\d"
     assert re.search(rf"\| C3 \| minilm \| rt-polarity \| partial − lora \| matches \| -5\.00 \[{num}, {num}\] \| "
                      r"\+0\.00 \[\+0\.00, \+0\.00\] \| refuted → \*\*holds\*\* \| 0\.01 / 0\.01 \|", md)
@@ -365,9 +365,26 @@ def test_a_grid_still_running_shows_its_choice_as_so_far_not_as_chosen():
     assert values_of(found, "retrain.lr") == ["0.0004", "0.001", "0.002", "0.01"]
     assert so_far(done, found) is None and so_far(going, found) == "1 of 2" and so_far(other, found) is None
     md = "\n".join(markdown(found))
-    assert "| v | t | lora | accuracy | 0.7000 | 0.6000 | **0.7000** | - | - | **0.001** |" in md
-    assert "| m | t | lora | accuracy | 0.7500 | - | - | 0.7000 | **0.8000** | **0.01** |" in md
+    assert "| v | t | lora | accuracy | 0.7000 | 0.6000 | **0.7000** | - | - | **0.001** (highest) |" in md
+    assert "| m | t | lora | accuracy | 0.7500 | - | - | 0.7000 | **0.8000** | **0.01** (highest) |" in md
     assert "| m | t | partial | accuracy | 0.7500 | - | - | 0.9000 | - | 0.002 so far (1 of 2) |" in md
+
+
+def test_a_choice_at_the_grids_edge_says_so():
+    """A value beyond the grid was not tried: a choice at its smallest or largest value is marked, one inside it
+    is not, and neither is a one-value grid (it has no inside)."""
+    from partial_lora.study.choice import Choice, markdown
+
+    def at(value: str, scores: dict[str, float | None]) -> Choice:
+        return Choice("m", "t", f"a{value}", "retrain.lr", 0, "accuracy", scores, None, value)
+
+    grid = {"0.002": 0.7, "0.005": 0.8, "0.01": 0.6}
+    assert at("0.002", grid).edge == "lowest" and at("0.01", grid).edge == "highest"
+    assert at("0.005", grid).edge is None and at("0.002", {"0.002": 0.7}).edge is None
+    # a value whose run failed is still part of the grid: the choice below it is not at the top
+    assert at("0.005", {**grid, "0.01": None}).edge is None
+    md = "\n".join(markdown([at("0.002", grid), at("0.005", grid)]))
+    assert "| **0.002** (lowest) |" in md and "| **0.005** |" in md and "(highest)" not in md.split("|---|")[-1]
 
 
 # --- retrain.lr -------------------------------------------------------------------------------

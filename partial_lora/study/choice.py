@@ -40,6 +40,15 @@ class Choice:
     def dir(self) -> str | None:
         return None if self.value is None else grid.dir_name(self.arm, self.key, self.value)
 
+    @property
+    def edge(self) -> str | None:
+        """'lowest' or 'highest' when the choice is the grid's smallest or largest value (a value beyond it was
+        not tried, and might score better), else None."""
+        ordered = sorted(self.scores, key=float)
+        if self.value is None or len(ordered) < 2:
+            return None
+        return "lowest" if self.value == ordered[0] else "highest" if self.value == ordered[-1] else None
+
 
 def _task_dir(run: Run) -> str:
     return run.task if run.member is None else run.task.rsplit("/", 1)[0]
@@ -136,7 +145,9 @@ def markdown(found: Sequence[Choice]) -> list[str]:
                   "run at the suite's shared setting, on the same seed (for reference; it is not a grid value). "
                   "No test number chose anything. '-': no finished run. 'so far (k of n)': only k of the n values "
                   "its model's grids ran have a finished run (the study is still running, or a value failed), so "
-                  "the choice may still change.", "",
+                  "the choice may still change. '(lowest)', '(highest)': the choice is the grid's smallest or "
+                  "largest value, so a value beyond it, not tried, might score better (a wider `--tune` grid "
+                  "tells).", "",
                   "| model | task | arm | metric | shared | " + " | ".join(values) + " | chosen |",
                   "|---|---|---|---|---|" + "---|" * len(values) + "---|"]
         for c in mine:
@@ -148,5 +159,6 @@ def markdown(found: Sequence[Choice]) -> list[str]:
                 cells.append(f"**{text}**" if v == c.value and pending is None else text)
             shared = "-" if c.shared is None else f"{c.shared:.4f}"
             chosen = f"**{c.value or '-'}**" if pending is None else f"{c.value or '-'} so far ({pending})"
+            chosen += f" ({c.edge})" if c.edge else ""
             lines.append(f"| {c.model} | {c.task} | {c.arm} | {c.metric} | {shared} | {' | '.join(cells)} | {chosen} |")
     return lines
