@@ -364,6 +364,11 @@ def test_a_grid_still_running_shows_its_choice_as_so_far_not_as_chosen():
     assert values_of(found, "retrain.lr", "m") == ["0.002", "0.01"]
     assert values_of(found, "retrain.lr") == ["0.0004", "0.001", "0.002", "0.01"]
     assert so_far(done, found) is None and so_far(going, found) == "1 of 2" and so_far(other, found) is None
+    # a task whose grid was widened on its own (a choice at the edge) leaves the model's other tasks finished
+    wide = Choice("m", "u", "lora", "retrain.lr", 0, "accuracy", {"0.002": 0.7, "0.01": 0.8, "0.02": 0.9}, 0.7, "0.02")
+    narrow = Choice("m", "u", "partial", "retrain.lr", 0, "accuracy", {"0.002": 0.7, "0.01": 0.8}, 0.7, "0.01")
+    assert values_of([*found, wide, narrow], "retrain.lr", "m", "u") == ["0.002", "0.01", "0.02"]
+    assert so_far(done, [*found, wide, narrow]) is None and so_far(narrow, [*found, wide, narrow]) == "2 of 3"
     md = "\n".join(markdown(found))
     assert "| v | t | lora | accuracy | 0.7000 | 0.6000 | **0.7000** | - | - | **0.001** (highest) |" in md
     assert "| m | t | lora | accuracy | 0.7500 | - | - | 0.7000 | **0.8000** | **0.01** (highest) |" in md

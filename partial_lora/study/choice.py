@@ -116,17 +116,20 @@ def without_unchosen(study: Study) -> Study:
                  study.missing)
 
 
-def values_of(found: Sequence[Choice], key: str, model: str | None = None) -> list[str]:
-    """The grid's values for `key` (of one model's grids, when `model` is given): every value any (task, arm)
-    ran, smallest first."""
-    return sorted({v for c in found if c.key == key and model in (None, c.model) for v in c.scores}, key=float)
+def values_of(found: Sequence[Choice], key: str, model: str | None = None, task: str | None = None) -> list[str]:
+    """The grid's values for `key` (of one model's grids, or one (model, task)'s, when given): every value any
+    arm ran, smallest first."""
+    return sorted({v for c in found if c.key == key and model in (None, c.model) and task in (None, c.task)
+                   for v in c.scores}, key=float)
 
 
 def so_far(choice: Choice, found: Sequence[Choice]) -> str | None:
-    """`'k of n'` when this grid scored fewer values than its model's grids ran for the key (its runs are still
-    going, or a value failed): its choice may still change. None when every value scored. Per model, because
-    suites of several models share a study folder, each with its own grid."""
-    values = values_of(found, choice.key, choice.model)
+    """`'k of n'` when this grid scored fewer values than the grids of its (model, task) ran for the key (its runs
+    are still going, or a value failed): its choice may still change. None when every value scored. Per (model,
+    task): suites of several models share a study folder, each with its own grid, and a task's grid may be
+    widened on its own (a choice at the grid's edge, docs/method.md) without making the other tasks' choices
+    unfinished."""
+    values = values_of(found, choice.key, choice.model, choice.task)
     k = sum(choice.scores.get(v) is not None for v in values)
     return None if k == len(values) else f"{k} of {len(values)}"
 
