@@ -147,8 +147,9 @@ def _grid_lines(jobs: list) -> list[str]:
     return lines
 
 
-def _print_plan(jobs: list, slots: list, resources: dict | None) -> None:
+def _print_plan(jobs: list, slots: list, resources: dict | None, out: Path) -> None:
     from partial_lora.study import grid
+    from partial_lora.study.estimate import estimate
     from partial_lora.study.run import finished, grid_state, resolve, restored_sources, stale
 
     groups: dict[str, list] = {}
@@ -164,12 +165,13 @@ def _print_plan(jobs: list, slots: list, resources: dict | None) -> None:
     print(f"[plr] study: {len(slots)} at a time" + (f" ({', '.join(s.name for s in slots)})" if submit is None else
                                                      ", each run one SLURM job with the resources shown"))
     restored = restored_sources(jobs)
-    n_done, kinds = 0, {"shared": 0, "grid": 0, "choice": 0}
+    n_done, kinds, todo = 0, {"shared": 0, "grid": 0, "choice": 0}, []
     for job in jobs:
         kinds["choice" if job.waits else "shared" if grid.split(job.arm)[1] is None else "grid"] += 1
         if job.waits:
             known = resolve(job, complete=True)
             if known is None:
+                todo.append(job)
                 state = grid_state(job)
                 print(f"wait  {' '.join(job.command())}   # at the grid's choice ({sum(d for _, d, _ in state)} of "
                       f"{len(state)} grid runs finished)")
@@ -178,6 +180,7 @@ def _print_plan(jobs: list, slots: list, resources: dict | None) -> None:
         done = finished(job.run_dir) is not None and job.run_dir not in restored
         diff = stale(job) if done else {}
         n_done += done
+        todo += [job] if not done or diff else []
         state = "run  " if not done else "stale" if diff else "reuse"
         why = (f"   # made with {rundir.describe(diff, limit=4)}" if diff else
                f"   # restored from the ledger: runs again, {restored[job.run_dir]} run(s) reuse its probe and "
@@ -188,6 +191,7 @@ def _print_plan(jobs: list, slots: list, resources: dict | None) -> None:
     tuned = (f" ({kinds['shared']} at the shared setting, {kinds['grid']} on the tuning grid, {kinds['choice']} at "
              "the grid's choice)" if kinds["grid"] else "")
     print(f"[plr] study: {len(jobs)} runs planned{tuned}, {n_done} finished already")
+    print(estimate(todo, out / "logs").line(1 if submit else len(slots)))
 
 
 @one_line_errors()
@@ -225,10 +229,10 @@ def study_command(argv: list[str]) -> int:
             slots, launcher, resources = _slots_and_launcher(args, out)
             study.check(jobs)
             if args.dry_run:
-                _print_plan(jobs, slots, resources)
+                _print_plan(jobs, slots, resources, out)
                 return 0
             with ownership.locked(out, what="study folder", other="give this study another --out"):
-                failed = study.execute(jobs, launcher=launcher(), slots=slots, keep_stale=args.keep_stale)
+                failed = study.execute(jobs, launcher=launcher(), slots=slots, keep_stale=args.keep_stale, out=out)
                 written = study.write(out, n_boot=args.bootstrap)
         else:
             from partial_lora.study.claims import collect

@@ -6,7 +6,8 @@
 
 A suite (`study.suite`, a YAML file) names a model, tasks, seeds, arms and the recipe; `plan`
 lays out tasks × seeds × arms (`study.plan`), `execute` runs what has not finished, several runs
-at once and in dependency order (`study.run`, `study.schedule`), and `write` turns the finished
+at once and in dependency order (`study.run`, `study.schedule`; `study.estimate` says how long
+the runs left take, from the logs of finished runs like them), and `write` turns the finished
 runs into `study.md` (every arm, the claims table with paired bootstrap CIs and verdicts, the
 default rule of `study.rule`, and what each allocation search saw: `study.search`), `study.csv`
 and `study.png` (`study.claims`). `--compare` pairs any two finished arms the same way

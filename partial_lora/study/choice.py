@@ -147,10 +147,10 @@ def markdown(found: Sequence[Choice]) -> list[str]:
                   "score, ties to the smaller value. The other seeds ran at the chosen value. 'shared': the arm's own "
                   "run at the suite's shared setting, on the same seed (for reference; it is not a grid value). "
                   "No test number chose anything. '-': no finished run. 'so far (k of n)': only k of the n values "
-                  "the grids of its model and task ran have a finished run (the study is still running, or a value failed), so "
-                  "the choice may still change. '(lowest)', '(highest)': the choice is the grid's smallest or "
-                  "largest value, so a value beyond it, not tried, might score better (a wider `--tune` grid "
-                  "tells).", "",
+                  "the grids of its model and task ran have a finished run (the study is still running, or a value "
+                  "failed), so the choice may still change. '(lowest)', '(highest)': the choice is the grid's "
+                  "smallest or largest value, so a value beyond it, not tried, might score better (a wider `--tune` "
+                  "grid tells).", "",
                   "| model | task | arm | metric | shared | " + " | ".join(values) + " | chosen |",
                   "|---|---|---|---|---|" + "---|" * len(values) + "---|"]
         for c in mine:

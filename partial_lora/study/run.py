@@ -193,13 +193,14 @@ def check(jobs: Sequence[Job]) -> None:
 def execute(jobs: Sequence[Job], *, runner: Callable[[Job], int] | None = None, launcher: schedule.Launcher
             | None = None,
             slots: Sequence[schedule.Slot] | None = None, echo: Callable[[str], None] = print,
-            keep_stale: bool = False) -> list[schedule.Failure]:
+            keep_stale: bool = False, out: Path | None = None) -> list[schedule.Failure]:
     """Run every job that has not finished; return the ones that failed or were skipped.
 
     Up to one job per slot runs at once (default: one slot, all the cores), each after the runs it
     reads; a job whose run failed is skipped. A failed job does not stop the others; its run dir keeps
     whatever it wrote (`plr train` resumes it from its checkpoint when the study runs again).
-    `runner` runs each job in this process instead (tests).
+    `runner` runs each job in this process instead (tests). With the study folder `out`, it first says how
+    long the runs left will take, from the logs of finished runs like them (`study.estimate`).
     """
     for src, readers in restored_sources(jobs).items():
         echo(f"[plr] study: {src} was restored from the ledger (no probe or allocation); it runs again, for "
@@ -218,6 +219,10 @@ def execute(jobs: Sequence[Job], *, runner: Callable[[Job], int] | None = None, 
             echo(f"[plr] study: {job.run_dir} has no {artifacts.PREDICTIONS}; its evaluate stage runs again")
             artifacts.clear_done(job.run_dir, artifacts.EVALUATE)
     echo(f"[plr] study: {len(jobs)} runs, {len(jobs) - len(todo)} finished already, {len(todo)} to run")
+    if out is not None:
+        from partial_lora.study.estimate import estimate
+
+        echo(estimate(todo, out / "logs").line(len(slots or [None])))
     if launcher is None:
         launcher = schedule.Inline(runner) if runner is not None else schedule.Processes()
     return schedule.run(todo, launcher, slots or schedule.cpu_slots(1), ok=lambda j: finished(j.run_dir) is not None,
