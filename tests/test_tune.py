@@ -85,6 +85,50 @@ def test_a_suites_tune_is_checked_where_the_file_is_read():
         parse({**suite, "tune": "retrain.lr=1e-2,x"}, "mine")
 
 
+def test_a_tasks_own_tune_replaces_the_suites_grid_on_that_task_and_the_command_lines_replaces_both(tmp_path):
+    """A task whose choice sat at the grid's edge gets a wider grid of its own in the suite file (the fair study's
+    rule), so the one suite command reruns the study as it was run; --tune still sets every task's grid."""
+    from partial_lora.study.suite import parse
+
+    raw = {"model": "minilm", "seeds": [0, 1], "arms": ["lora"], "tune": "retrain.lr=2e-3,5e-3",
+           "tasks": ["rt-polarity", {"name": "vader-tweets", "tune": "retrain.lr=1e-3,2e-3,5e-3"}, "vader-movies"]}
+    suite = parse(raw, "mine")
+    assert suite.task("vader-tweets").tune == study_grid.Tune("retrain.lr", ("0.001", "0.002", "0.005"))
+    assert suite.task("rt-polarity").tune is None
+
+    def grids(tune) -> dict[str, set[str]]:
+        jobs = plan(tmp_path, Selection(suites=[suite], tune=tune))
+        out: dict[str, set[str]] = {}
+        for j in jobs:
+            _, key, value = study_grid.split(j.arm)
+            if key is not None and not j.waits:
+                out.setdefault(j.task, set()).add(value)
+            if j.waits:  # the other seed waits on its own task's grid
+                assert {v for v, _ in j.grid} == out[j.task]
+                assert all(study_grid.split(d.parent.name)[2] == v for v, d in j.grid)
+        return out
+
+    assert grids(True) == {"rt-polarity": {"0.002", "0.005"}, "vader-tweets": {"0.001", "0.002", "0.005"},
+                           "vader-movies": {"0.002", "0.005"}}
+    assert grids(study_grid.parse("retrain.lr=1e-2,2e-2")) == {t: {"0.01", "0.02"} for t in
+                                                               ("rt-polarity", "vader-tweets", "vader-movies")}
+    assert grids(None) == {}
+    # a task's grid alone, with no suite grid: only that task is tuned
+    assert grids_of_one(tmp_path, {k: v for k, v in raw.items() if k != "tune"}) == {"vader-tweets"}
+    with pytest.raises(PlrError, match=r"suite mine.tasks\[1\].tune: retrain.lr: 'x' is not a number.*; fix the "
+                                       r"suite file"):
+        parse({**raw, "tasks": ["rt-polarity", {"name": "vader-tweets", "tune": "retrain.lr=x"}]}, "mine")
+    with pytest.raises(PlrError, match=r"suite mine.tasks\[0\].tune=\[0.001\] must be a string"):
+        parse({**raw, "tasks": [{"name": "vader-tweets", "tune": [1e-3]}]}, "mine")
+
+
+def grids_of_one(out, raw) -> set[str]:
+    from partial_lora.study.suite import parse
+
+    jobs = plan(out, Selection(suites=[parse(raw, "mine")]))
+    return {j.task for j in jobs if study_grid.split(j.arm)[1] is not None}
+
+
 def test_bad_grids_and_unknown_arms_are_one_plr_error_line_each(tmp_path, capsys):
     from partial_lora.commands.study import study_command
 

@@ -106,8 +106,11 @@ class Selection:
     variant_overrides: Sequence[str] = field(default_factory=list)  # ... and its overrides
     tune: grid.Tune | bool | None = True  # a grid (study.grid); True: each suite's own `tune:`; None: none
 
-    def tune_of(self, suite: Suite) -> grid.Tune | None:
-        return suite.tune if self.tune is True else self.tune or None
+    def tune_of(self, suite: Suite, task: SuiteTask | None = None) -> grid.Tune | None:
+        """The grid of a suite's task: `--tune` for every task; else the task's own `tune:`, else the suite's."""
+        if self.tune is not True:
+            return self.tune or None
+        return task.tune if task is not None and task.tune is not None else suite.tune
 
     def for_suite(self, suite: Suite) -> Selection:
         """This selection with the suite's variant when it names none itself (`--variant` replaces a suite's)."""
@@ -181,15 +184,15 @@ def plan(out: Path, sel: Selection) -> list[Job]:
         seeds = list(sel.seeds if sel.seeds is not None else suite.seeds)
         plan_one = _Planner(out, suite, model, sel.for_suite(suite))
         jobs += [plan_one.job(task, arm, seed) for seed in seeds for task in map(suite.task, tasks) for arm in arms]
-        tune = sel.tune_of(suite)
-        if tune is None:
-            continue
         first = min(suite.seeds)  # the choice seed
         asked = sel.arms if sel.arms is not None else suite.arms  # not a Partial-LoRA run added for its readers
         tuned = [a for a in arms if ARMS[a].tuned and a in asked]
         read = {a for a in tuned if ARMS[a].probes}  # the untuned runs the grid reads ...
         read |= {PARTIAL} if any(ARMS[a].needs_partial for a in tuned) else set()
         for task in map(suite.task, tasks):
+            tune = sel.tune_of(suite, task)
+            if tune is None:
+                continue
             grid_jobs = {arm: [plan_one.job(task, arm, first, (tune.key, v)) for v in tune.values] for arm in tuned}
             # ... are planned on the choice seed too when --seeds left it out
             jobs += [plan_one.job(task, arm, first) for arm in arms if first not in seeds and arm in read]

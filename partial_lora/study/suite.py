@@ -9,12 +9,14 @@ The keys (each file's comments say what its values are and where they come from)
     tasks:                         a task config name, or a mapping for a task of your own:
       - rt-polarity                  {name: mine, overrides: [task=hf-text, task.path=/data/mine.csv]}
       - {name: bbc-news, recipe: []}   a task's own recipe replaces the suite's `recipe`
+      - {name: vader-tweets, tune: "retrain.lr=1e-3,2e-3,5e-3"}   a task's own grid replaces the suite's `tune`
     seeds: [0, 1, 2]
     arms: [head, lora, partial]    arms of partial_lora/study/arms.py ARMS (default: every arm)
     recipe: [experiment=offline-minilm]   overrides of every run, before the task's and the arm's
     arm_overrides: {partial: [adapter.allocation.tau=0.8]}   added to that arm's runs
     out: outputs/study             the study folder when --out is not given (default outputs/study-<name>)
-    tune: retrain.lr=2e-3,5e-3,1e-2   a tuning grid, as `--tune` takes it (study/grid.py; --tune overrides it)
+    tune: retrain.lr=2e-3,5e-3,1e-2   a tuning grid, as `--tune` takes it (study/grid.py; --tune overrides it,
+                                   on every task)
     variant: {name: p25elem, set: [adapter.mask.granularity=element, ...]}
                                    a reading of Partial-LoRA, as `--variant NAME --set KEY=VALUE ...` give it
                                    (study/plan.py; --variant overrides it): its arms run as <arm>@<name>
@@ -53,6 +55,7 @@ class SuiteTask:
     name: str
     overrides: tuple[str, ...]
     recipe: tuple[str, ...] | None = None  # None: the suite's recipe
+    tune: grid.Tune | None = None          # None: the suite's grid
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class _Task:
     name: str
     overrides: list[str] | None = None
     recipe: list[str] | None = None
+    tune: str | None = None
 
 
 def builtin() -> list[str]:
@@ -153,7 +157,11 @@ def _task(where: str, raw: str | dict[str, Any]) -> SuiteTask:
                        "task.path=...]) or name a task config; fix the suite file")
     overrides = _overrides(f"{where}.overrides", t.overrides) if t.overrides is not None else (f"task={t.name}",)
     recipe = None if t.recipe is None else _overrides(f"{where}.recipe", t.recipe)
-    return SuiteTask(t.name, overrides, recipe)
+    try:
+        tune = None if t.tune is None else grid.parse(t.tune, where=f"{where}.tune:")
+    except PlrError as e:
+        raise PlrError(f"{e}; fix the suite file") from None
+    return SuiteTask(t.name, overrides, recipe, tune)
 
 
 def parse(values: Mapping[str, Any], name: str, source: Path | None = None) -> Suite:
