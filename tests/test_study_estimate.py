@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from partial_lora.study.estimate import Estimate, estimate, run_time, times
 from partial_lora.study.plan import Job
+from partial_lora.study.schedule import duration
 
 STAMP = "[plr] study: 2026-12-08T02:00:00.000000"
 
@@ -74,3 +76,7 @@ def test_the_dry_run_and_the_study_say_how_long_the_runs_left_take(tmp_path, cap
     lines: list[str] = []
     execute(jobs, runner=lambda job: 1, echo=lines.append, out=out)
     assert "[plr] study: about 20 min of run time left for 2 runs" in "\n".join(lines)
+    # and it ends with the time it took
+    assert re.fullmatch(r"\[plr\] study: 0 run\(s\) finished in \d+ s of wall clock, \d+ s of run time in all; "
+                        r"2 failed or skipped", lines[-1]), lines[-1]
+    assert (duration(59.6), duration(600), duration(5399), duration(5400)) == ("60 s", "10 min", "90 min", "1.5 h")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from partial_lora.study import grid
 from partial_lora.study.plan import Job
-from partial_lora.study.schedule import marks
+from partial_lora.study.schedule import duration, marks
 
 _END = re.compile(r"end exit (-?\d+) after ([0-9.]+) s")
 
@@ -79,17 +79,13 @@ class Estimate:
                     "to time them by (the first runs' logs will)")
         untimed = (f"; {self.runs - self.timed} with no finished run like them, not counted"
                    if self.timed < self.runs else "")
-        at = f"; about {_hours(self.seconds / slots)} at {slots} at a time" if slots > 1 else ""
-        return (f"[plr] study: about {_hours(self.seconds)} of run time left for {_n(self.timed, 'run')} (from the "
+        at = f"; about {duration(self.seconds / slots)} at {slots} at a time" if slots > 1 else ""
+        return (f"[plr] study: about {duration(self.seconds)} of run time left for {_n(self.timed, 'run')} (from the "
                 f"logs of {_n(self.evidence, 'finished run')} like them{untimed}){at}")
 
 
 def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
 
 
 def estimate(todo: Iterable[Job], logs: Path) -> Estimate:

@@ -346,6 +346,7 @@ def run(jobs: Sequence[Job], launcher: Launcher, slots: Sequence[Slot], *, ok: C
     free = list(slots)
     running: dict[Path, tuple[Job, Slot, Handle, float]] = {}
     n, started = len(jobs), 0
+    t_study, run_s, ran = time.perf_counter(), 0.0, 0
     with _term_is_interrupt():
         try:
             while pending or running:
@@ -399,8 +400,10 @@ def run(jobs: Sequence[Job], launcher: Launcher, slots: Sequence[Slot], *, ok: C
                     del running[key]
                     free.insert(0, slot)
                     progressed = True
+                    run_s += time.perf_counter() - t0
                     if code == 0 and ok(job):
                         good.add(job.run_dir)
+                        ran += 1
                         echo(f"[plr] study: done {job.run_dir} in {time.perf_counter() - t0:.0f} s")
                     else:
                         bad.add(job.run_dir)
@@ -420,4 +423,15 @@ def run(jobs: Sequence[Job], launcher: Launcher, slots: Sequence[Slot], *, ok: C
             echo(f"[plr] study: stopped; {len(good)} run(s) finished this time. Run the same command again to "
                  "resume: finished runs are reused, stopped ones continue from their checkpoints")
             raise
+    if started:
+        what = f"; {len(failures)} failed or skipped" if failures else ""
+        echo(f"[plr] study: {ran} run(s) finished in {duration(time.perf_counter() - t_study)} of wall clock, "
+             f"{duration(run_s)} of run time in all{what}")
     return failures
+
+
+def duration(seconds: float) -> str:
+    """A time as the study prints it: seconds under two minutes, minutes under 90, else hours."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
