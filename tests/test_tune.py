@@ -277,7 +277,7 @@ def test_the_grid_runs_on_seed_0_and_the_other_seeds_at_its_choice_made_on_valid
     assert "tune  minilm/rt-polarity/lora retrain.lr on seed 0 (validation): 0.002 0.7000 · 0.005 0.8000 · " \
            "0.01 0.7500 -> 0.005" in out
     assert "tune  minilm/rt-polarity/partial retrain.lr on seed 0 (validation): 0.002 0.8000 · 0.005 0.8000 · " \
-           "0.01 0.7000 -> 0.002" in out
+           "0.01 0.7000 -> 0.002 (the grid's lowest value: widen the grid below it)" in out
     assert "19 runs planned (9 at the shared setting, 6 on the tuning grid, 4 at the grid's choice), 19 finished " \
            "already" in out
     assert "reuse plr train" in out and "wait " not in out and f"run_dir={runs}/lora+retrain.lr+0.005/seed2" in out

@@ -141,7 +141,12 @@ def _grid_lines(jobs: list) -> list[str]:
         scores = {v: val_score(finished(d)) for v, d in runs}
         done = sum(finished(d) is not None for _, d in runs)
         cells = " · ".join(f"{v} {'-' if scores[v] is None else format(scores[v], '.4f')}" for v, _ in runs)
-        choice = (f"-> {grid.choose(scores)}" if done == len(runs) else
+        chosen = grid.choose(scores)
+        ordered = sorted(scores, key=float)
+        edge = ("" if chosen is None or len(ordered) < 2 else
+                " (the grid's lowest value: widen the grid below it)" if chosen == ordered[0] else
+                " (the grid's highest value: widen the grid above it)" if chosen == ordered[-1] else "")
+        choice = (f"-> {chosen}{edge}" if done == len(runs) else
                   f"-> chosen when the grid has run ({done} of {len(runs)} finished)")
         lines.append(f"tune  {model}/{task}/{arm} {key} on seed {seed} (validation): {cells} {choice}")
     return lines
