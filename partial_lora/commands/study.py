@@ -142,10 +142,9 @@ def _grid_lines(jobs: list) -> list[str]:
         done = sum(finished(d) is not None for _, d in runs)
         cells = " · ".join(f"{v} {'-' if scores[v] is None else format(scores[v], '.4f')}" for v, _ in runs)
         chosen = grid.choose(scores)
-        ordered = sorted(scores, key=float)
-        edge = ("" if chosen is None or len(ordered) < 2 else
-                " (the grid's lowest value: widen the grid below it)" if chosen == ordered[0] else
-                " (the grid's highest value: widen the grid above it)" if chosen == ordered[-1] else "")
+        side = grid.edge(scores, chosen)
+        edge = "" if side is None else \
+            f" (the grid's {side} value: widen the grid {'below' if side == 'lowest' else 'above'} it)"
         choice = (f"-> {chosen}{edge}" if done == len(runs) else
                   f"-> chosen when the grid has run ({done} of {len(runs)} finished)")
         lines.append(f"tune  {model}/{task}/{arm} {key} on seed {seed} (validation): {cells} {choice}")

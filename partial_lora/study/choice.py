@@ -44,10 +44,7 @@ class Choice:
     def edge(self) -> str | None:
         """'lowest' or 'highest' when the choice is the grid's smallest or largest value (a value beyond it was
         not tried, and might score better), else None."""
-        ordered = sorted(self.scores, key=float)
-        if self.value is None or len(ordered) < 2:
-            return None
-        return "lowest" if self.value == ordered[0] else "highest" if self.value == ordered[-1] else None
+        return grid.edge(self.scores, self.value)
 
 
 def _task_dir(run: Run) -> str:

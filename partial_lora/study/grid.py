@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from partial_lora.errors import PlrError
@@ -121,6 +121,15 @@ def split(name: str) -> tuple[str, str | None, str | None]:
     if len(parts) < 3:
         return name, None, None
     return parts[0], parts[1], parts[2]
+
+
+def edge(values: Iterable[str], value: str | None) -> str | None:
+    """'lowest' or 'highest' when `value` is the grid's smallest or largest of `values` (a value beyond it was not
+    tried, and might score better), else None (a value inside the grid, no value, or a one-value grid)."""
+    ordered = sorted(values, key=float)
+    if value is None or len(ordered) < 2:
+        return None
+    return "lowest" if value == ordered[0] else "highest" if value == ordered[-1] else None
 
 
 def choose(scores: Mapping[str, float | None]) -> str | None:

@@ -400,11 +400,12 @@ def run(jobs: Sequence[Job], launcher: Launcher, slots: Sequence[Slot], *, ok: C
                     del running[key]
                     free.insert(0, slot)
                     progressed = True
-                    run_s += time.perf_counter() - t0
+                    elapsed = time.perf_counter() - t0
+                    run_s += elapsed
                     if code == 0 and ok(job):
                         good.add(job.run_dir)
                         ran += 1
-                        echo(f"[plr] study: done {job.run_dir} in {time.perf_counter() - t0:.0f} s")
+                        echo(f"[plr] study: done {job.run_dir} in {elapsed:.0f} s")
                     else:
                         bad.add(job.run_dir)
                         failures.append(Failure(job, f"exit {code}"))
